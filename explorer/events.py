@@ -1,0 +1,104 @@
+"""Typed trace events: frozen dataclasses holding plain Python values only (no tensors past the engine).
+
+Every event kind has a unique `kind` string; `to_dict` / `from_dict` turn events into plain dicts and back,
+which is all that the store and exports need: a new event kind needs no change there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+STATUS_OK, STATUS_FAILED, STATUS_CANCELLED, STATUS_RUNNING = "ok", "failed", "cancelled", "running"
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """Everything needed to reproduce the run."""
+
+    kind: ClassVar[str] = "run_started"
+    run_id: str
+    strategy: str
+    config: dict[str, Any]
+    model_id: str
+    weights_hash: str
+    dtype: str
+    device: str
+    seed: int
+    versions: dict[str, str]
+    prompt: str
+    chat: bool
+    system_prompt: str | None
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stop_strings: list[str]
+    created_at: str
+
+
+@dataclass(frozen=True)
+class TokenStep:
+    """One committed token with the distribution it came from.
+
+    `logprob`, `rank` and `entropy` describe the model's raw distribution (log-softmax of the logits, natural
+    log). `top_ids`/`top_logprobs` are the raw top-k; `kept_top_ids`/`kept_top_logprobs` the top-k of the
+    distribution the strategy actually drew from (after its transforms), whose support has `kept_count`
+    tokens. `details` holds strategy-specific scalars (Mirostat's mu, Top-H's bound, ...).
+    """
+
+    kind: ClassVar[str] = "token_step"
+    step: int
+    position: int
+    token_id: int
+    token_text: str
+    logprob: float
+    rank: int
+    entropy: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+    top_texts: list[str]
+    kept_top_ids: list[int]
+    kept_top_logprobs: list[float]
+    kept_count: int
+    kept_logprob: float
+    details: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    """How the run ended; `status` is ok, failed or cancelled."""
+
+    kind: ClassVar[str] = "run_finished"
+    status: str
+    stop_reason: str
+    error: str | None
+    text: str
+    new_tokens: int
+    wall_time_s: float
+    prefill_time_s: float
+    target_forward_passes: int
+
+
+Event = RunStarted | TokenStep | RunFinished
+EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in (RunStarted, TokenStep, RunFinished)}
+
+
+def register_event(cls: type) -> type:
+    """Class decorator for event kinds defined by later modules (drafts, beams, ...)."""
+    if cls.kind in EVENT_TYPES and EVENT_TYPES[cls.kind] is not cls:
+        raise ValueError(f"event kind {cls.kind!r} is registered twice")
+    EVENT_TYPES[cls.kind] = cls
+    return cls
+
+
+def to_dict(event: Any) -> dict[str, Any]:
+    """Plain dict of an event's fields (shallow: values are already plain)."""
+    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+
+
+def from_dict(kind: str, data: dict[str, Any]) -> Any:
+    try:
+        cls = EVENT_TYPES[kind]
+    except KeyError:
+        raise ValueError(f"unknown event kind {kind!r}") from None
+    return cls(**data)

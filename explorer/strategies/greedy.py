@@ -1,0 +1,24 @@
+"""Greedy decoding: the argmax token at every step (the baseline every other method is measured against)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from explorer.strategies.base import Choice, autoregressive, register
+
+
+@dataclass(frozen=True)
+class GreedyConfig:
+    """Greedy decoding has no parameters."""
+
+
+@register("greedy", GreedyConfig, "argmax token at every step")
+def run(model: Any, prompt_ids: Sequence[int], config: GreedyConfig, rng: torch.Generator) -> Iterator[Any]:
+    def choose(logits: torch.Tensor, context: list[int]) -> Choice:
+        return Choice(int(torch.argmax(logits)))
+
+    yield from autoregressive(model, prompt_ids, choose)

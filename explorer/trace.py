@@ -1,0 +1,116 @@
+"""`Trace`: the one object that viz, store and export consume. It holds events and derives everything else."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from explorer.events import RunFinished, RunStarted, TokenStep
+
+
+@dataclass
+class Trace:
+    """Events of one run in order: a RunStarted, the steps, and (once it ended) a RunFinished."""
+
+    started: RunStarted
+    events: list[Any] = field(default_factory=list)
+    finished: RunFinished | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.started.run_id
+
+    @property
+    def status(self) -> str:
+        return self.finished.status if self.finished else "running"
+
+    def add(self, event: Any) -> None:
+        if isinstance(event, RunStarted):
+            raise ValueError("a trace has exactly one RunStarted")
+        if isinstance(event, RunFinished):
+            if self.finished is not None:
+                raise ValueError("a trace has at most one RunFinished")
+            self.finished = event
+        else:
+            self.events.append(event)
+
+    def all_events(self) -> list[Any]:
+        return [self.started, *self.events, *([self.finished] if self.finished else [])]
+
+    # --------------------------------------------------------------------------------------- derived
+    @property
+    def token_steps(self) -> list[TokenStep]:
+        return [e for e in self.events if isinstance(e, TokenStep)]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [s.token_id for s in self.token_steps]
+
+    @property
+    def text(self) -> str:
+        """The decoded output (exact once finished; the concatenated pieces while running)."""
+        if self.finished is not None:
+            return self.finished.text
+        return "".join(s.token_text for s in self.token_steps)
+
+    def token_text(self, token_id: int) -> str:
+        """Text of a token id seen anywhere in this trace (chosen or among the top-k)."""
+        for step in self.token_steps:
+            if step.token_id == token_id:
+                return step.token_text
+            if token_id in step.top_ids:
+                return step.top_texts[step.top_ids.index(token_id)]
+        return f"#{token_id}"
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per committed token: the per-step table."""
+        return [
+            {
+                "step": s.step,
+                "position": s.position,
+                "token_id": s.token_id,
+                "token": s.token_text,
+                "logprob": s.logprob,
+                "prob": math.exp(s.logprob),
+                "rank": s.rank,
+                "entropy": s.entropy,
+                "kept_count": s.kept_count,
+                **s.details,
+            }
+            for s in self.token_steps
+        ]
+
+    @property
+    def perplexity(self) -> float:
+        """exp of the mean negative log-likelihood of the chosen tokens under the raw model."""
+        steps = self.token_steps
+        if not steps:
+            return float("nan")
+        return math.exp(-sum(s.logprob for s in steps) / len(steps))
+
+    @property
+    def mean_entropy(self) -> float:
+        steps = self.token_steps
+        return sum(s.entropy for s in steps) / len(steps) if steps else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        if self.finished is None or self.finished.wall_time_s <= 0:
+            return float("nan")
+        return self.finished.new_tokens / self.finished.wall_time_s
+
+    def metrics(self) -> dict[str, Any]:
+        finished = self.finished
+        new_tokens = len(self.token_steps)
+        passes = finished.target_forward_passes if finished else 0
+        return {
+            "status": self.status,
+            "new_tokens": new_tokens,
+            "wall_time_s": finished.wall_time_s if finished else None,
+            "tokens_per_s": self.tokens_per_s,
+            "target_forward_passes": passes,
+            "forward_passes_per_token": passes / new_tokens if new_tokens else None,
+            "mean_entropy": self.mean_entropy,
+            "perplexity": self.perplexity,
+        }

@@ -1,0 +1,68 @@
+"""Toy language models: fixed or scripted next-token distributions, no neural network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from explorer.models import ModelInfo
+
+
+class FakeSession:
+    def __init__(self, lm: FakeLM):
+        self.lm = lm
+        self.tokens: list[int] = []
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def forward(self, token_ids: Sequence[int], *, parents=None, all_logits: bool = True, hidden_states=False):
+        rows = []
+        for token in token_ids:
+            self.tokens.append(int(token))
+            rows.append(self.lm.logits_for(self.tokens))
+        self.lm.forward_passes += 1
+        logits = torch.stack(rows)
+        return logits if all_logits else logits[-1:]
+
+    def crop(self, length: int) -> None:
+        del self.tokens[length:]
+
+
+class FakeLM:
+    """`logits_for(context) -> (vocab,)` defines the model; tokens print as `<id>`."""
+
+    def __init__(self, logits_for: Callable[[list[int]], torch.Tensor], vocab: int, eos: int | None = None):
+        self.logits_for = logits_for
+        self.vocab_size = vocab
+        self.eos_token_ids = frozenset() if eos is None else frozenset({eos})
+        self.has_chat_template = False
+        self.forward_passes = 0
+        self.device = torch.device("cpu")
+        self.info = ModelInfo("fake", "none", "float32", "cpu")
+
+    def session(self) -> FakeSession:
+        return FakeSession(self)
+
+    def encode_prompt(self, prompt: str, *, chat: bool = False, system_prompt=None) -> list[int]:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty: type some text to continue")
+        return [ord(c) % self.vocab_size for c in prompt]
+
+    def piece(self, token_id: int) -> str:
+        return f"<{token_id}>"
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.piece(i) for i in ids)
+
+
+def fixed(logits: torch.Tensor, eos: int | None = None) -> FakeLM:
+    """The same next-token distribution at every step."""
+    return FakeLM(lambda context: logits.clone(), len(logits), eos)
+
+
+def zipf_logits(vocab: int = 200, exponent: float = 1.1) -> torch.Tensor:
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float32)
+    return -exponent * ranks.log()

@@ -1,0 +1,40 @@
+"""Integration tests on the embedded SmolLM2-135M-Instruct (select with `-m integration`)."""
+
+import pytest
+import torch
+
+from explorer.models import EMBEDDED_MODEL_ID
+from explorer.runner import run_to_end
+from explorer.strategies import make_config
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain recursion in one sentence.",
+]
+
+
+def test_embedded_model_identity(embedded):
+    assert embedded.info.model_id == EMBEDDED_MODEL_ID
+    assert len(embedded.info.weights_hash) == 64  # sha256 of the GGUF file
+    assert embedded.has_chat_template and 2 in embedded.eos_token_ids
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_is_token_identical_to_generate(embedded, prompt):
+    trace = run_to_end(embedded, "greedy", make_config("greedy", {}), prompt, chat=True, max_new_tokens=64)
+    ids = torch.tensor([trace.started.prompt_ids])
+    reference = embedded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                        max_new_tokens=64)[0, ids.shape[1]:].tolist()
+    assert trace.token_ids == reference
+    assert trace.text == embedded.decode(reference)
+
+
+def test_sampling_run_on_embedded_model(embedded):
+    trace = run_to_end(embedded, "sample", make_config("sample", {"top_p": 0.9, "temperature": 0.7}),
+                       "Tell me a fact about owls.", chat=True, max_new_tokens=24, seed=5)
+    assert trace.status == "ok" and 0 < len(trace.token_ids) <= 24 and trace.text.strip()
+    assert all(s.kept_count < 49152 for s in trace.token_steps)
