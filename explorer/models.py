@@ -12,6 +12,7 @@ local cache (`$DECODING_EXPLORER_CACHE`, default `~/.cache/decoding-explorer`) a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -87,6 +88,11 @@ class LanguageModel:
 
     def session(self) -> KVSession:
         return KVSession(self)
+
+    def for_run(self) -> LanguageModel:
+        """A view sharing weights, tokenizer and piece cache, with its own forward-pass counter, so that runs
+        interleaved on one model (lanes, concurrent users) count only their own passes."""
+        return dataclasses.replace(self, forward_passes=0)
 
     def encode_prompt(self, prompt: str, *, chat: bool = False, system_prompt: str | None = None) -> list[int]:
         """Token ids of the prompt, through the chat template when `chat` is true."""

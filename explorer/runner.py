@@ -66,6 +66,7 @@ def run_strategy(
     if seed < 0:
         raise ValueError("seed must be >= 0")
     stops = [s for s in stop_strings if s]
+    model = model.for_run()  # count this run's forward passes only
     if chat is None:
         chat = model.has_chat_template
     prompt_ids = model.encode_prompt(prompt, chat=chat, system_prompt=system_prompt)

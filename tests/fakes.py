@@ -43,6 +43,9 @@ class FakeLM:
         self.device = torch.device("cpu")
         self.info = ModelInfo("fake", "none", "float32", "cpu")
 
+    def for_run(self) -> FakeLM:
+        return self
+
     def session(self) -> FakeSession:
         return FakeSession(self)
 

@@ -67,12 +67,14 @@ def test_ancestor_mask_and_depths():
         tree_depths([-1, 2, 0])
 
 
-def test_forward_pass_counter(tiny):
-    before = tiny.forward_passes
-    session = tiny.session()
-    session.forward(PREFIX)
-    session.forward([1])
-    assert tiny.forward_passes - before == 2
+def test_forward_pass_counter_is_per_run(tiny):
+    run_a, run_b = tiny.for_run(), tiny.for_run()
+    session_a, session_b = run_a.session(), run_b.session()
+    session_a.forward(PREFIX)
+    session_b.forward(PREFIX)
+    session_a.forward([1])
+    assert (run_a.forward_passes, run_b.forward_passes) == (2, 1)
+    assert run_a.model is tiny.model
 
 
 def test_vocabulary_check():

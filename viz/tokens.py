@@ -1,0 +1,71 @@
+"""A run's output as HTML: one span per token, coloured by probability or entropy, with its top-k alternatives
+on hover. Model output is untrusted: every piece of text is escaped here, before it becomes HTML."""
+
+from __future__ import annotations
+
+import html
+import math
+
+from explorer.trace import Trace
+from viz.theme import readable_text_color, sequential_rgb
+
+COLOR_MODES = ("probability", "entropy")
+
+
+def token_tooltip(trace: Trace, index: int) -> str:
+    step = trace.token_steps[index]
+    lines = [f"step {step.step} · {step.token_text!r} · p={math.exp(step.logprob):.3f} · rank {step.rank}",
+             f"entropy {step.entropy:.3f} nats · kept {step.kept_count} tokens"]
+    lines += [f"{k}: {v:.3f}" for k, v in step.details.items()]
+    lines.append("top alternatives:")
+    for token_id, logprob, text in zip(step.top_ids, step.top_logprobs, step.top_texts, strict=True):
+        marker = "▶" if token_id == step.token_id else " "
+        lines.append(f"{marker} {text!r} {math.exp(logprob):.3f}")
+    return "\n".join(lines)
+
+
+def tokens_html(trace: Trace | None, color_by: str = "probability") -> str:
+    if color_by not in COLOR_MODES:
+        raise ValueError(f"color_by must be one of {', '.join(COLOR_MODES)}")
+    if trace is None or not trace.token_steps:
+        return '<div class="tokens empty">No tokens yet.</div>'
+    steps = trace.token_steps
+    top_entropy = max((s.entropy for s in steps), default=1.0) or 1.0
+    spans = []
+    for index, step in enumerate(steps):
+        # colour = how sure the model was: bright for likely tokens / low entropy
+        value = math.exp(step.logprob) if color_by == "probability" else 1.0 - step.entropy / top_entropy
+        rgb = sequential_rgb(value)
+        text = html.escape(step.token_text).replace("\n", "↵<br>")
+        title = html.escape(token_tooltip(trace, index), quote=True)
+        spans.append(
+            f'<span class="tok" data-step="{step.step}" title="{title}" style="background: rgb{rgb}; '
+            f'color: {readable_text_color(rgb)}">{text}</span>'
+        )
+    status = ""
+    if trace.finished is not None and trace.finished.status != "ok":
+        status = (f'<div class="run-status">{html.escape(trace.finished.status)}: '
+                  f"{html.escape(trace.finished.error or '')}</div>")
+    return f'<div class="tokens" style="white-space: pre-wrap; line-height: 1.9">{"".join(spans)}</div>{status}'
+
+
+def metrics_html(trace: Trace | None, baseline: Trace | None = None) -> str:
+    if trace is None:
+        return ""
+    m = trace.metrics()
+
+    def number(value: object, fmt: str) -> str:
+        return format(value, fmt) if isinstance(value, (int, float)) and math.isfinite(value) else "–"
+
+    cells = [
+        ("tokens", str(m["new_tokens"])),
+        ("tokens/s", number(m["tokens_per_s"], ".1f")),
+        ("forward passes", str(m["target_forward_passes"])),
+        ("mean entropy", number(m["mean_entropy"], ".3f")),
+        ("perplexity", number(m["perplexity"], ".3f")),
+    ]
+    if baseline is not None and baseline.finished and trace.finished and trace.finished.wall_time_s > 0:
+        cells.append(("speedup", f"{baseline.finished.wall_time_s / trace.finished.wall_time_s:.2f}x"))
+    cells.append(("run", html.escape(trace.run_id)))
+    body = "".join(f"<td><b>{html.escape(k)}</b><br>{v}</td>" for k, v in cells)
+    return f'<table class="lane-metrics"><tr>{body}</tr></table>'
