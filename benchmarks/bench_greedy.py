@@ -77,7 +77,7 @@ def main() -> None:
 
     print(f"device={lm.info.device} dtype={lm.info.dtype} threads={torch.get_num_threads()} "
           f"new_tokens<={args.new_tokens} repeats={args.repeats} (median)")
-    print(f"| prompt | tokens | generate tok/s | recorded greedy tok/s | ratio |")
+    print("| prompt | tokens | generate tok/s | recorded greedy tok/s | ratio |")
     print("|---|---:|---:|---:|---:|")
     for prompt, n, a, b, r in rows:
         print(f"| {prompt}… | {n} | {a:.1f} | {b:.1f} | {r:.2f}x |")

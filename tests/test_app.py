@@ -1,0 +1,160 @@
+"""The app: builds without weights, answers gradio_client, and works in a real headless Chromium."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from explorer.recorder import Recorder
+from explorer.runner import run_to_end
+from explorer.strategies import make_config
+from store import Store
+from tests.test_viz import hostile_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def test_import_builds_blocks_without_loading_weights():
+    import app
+
+    assert app.demo is not None and app.MODELS._models == {}
+    assert {name for name, _ in app.CONTROL_KEYS} == set(app.STRATEGY_NAMES) - {"greedy"}  # greedy has no params
+
+
+def test_lane_specs_come_from_the_registry():
+    import app
+
+    width = 1 + len(app.CONTROL_KEYS)
+    values = []
+    for strategy in ("sample", "mirostat"):
+        lane = [strategy] + [f"{name}.{field}" for name, field in app.CONTROL_KEYS]
+        values += lane
+    specs = app.lane_specs(2, values + ["greedy"] * width)
+    assert specs[0].strategy == "sample" and specs[0].params["top_p"] == "sample.top_p"
+    assert set(specs[1].params) == {"tau", "eta", "temperature"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    db = f"sqlite:///{tmp_path_factory.mktemp('appdb') / 'runs.sqlite'}"
+    port = free_port()
+    env = {**os.environ, "DECODING_EXPLORER_MODEL": str(tiny_dir), "DECODING_EXPLORER_DB": db,
+           "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+           "DECODING_EXPLORER_MAX_NEW_TOKENS": "200"}
+    log = open(tmp_path_factory.mktemp("applog") / "app.log", "w")
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(f"the app exited: {Path(log.name).read_text()[-3000:]}") from None
+            time.sleep(0.5)
+    else:
+        process.kill()
+        raise RuntimeError("the app did not start within 90 s")
+    yield url, db
+    process.terminate()
+    process.wait(timeout=20)
+    log.close()
+
+
+def test_gradio_client_generate(server):
+    from gradio_client import Client
+
+    url, db = server
+    client = Client(url, verbose=False)
+    result = client.predict("Hello there", "sample", '{"top_p": 0.9}', "", 4, 12, True, api_name="/generate")
+    assert isinstance(result["text"], str) and len(result["token_ids"]) == 12
+    stored = Store(db).load_trace(result["run_id"])
+    assert stored.token_ids == result["token_ids"] and stored.started.config["top_p"] == 0.9
+    with pytest.raises(Exception, match="top_p must be in"):
+        client.predict("Hello", "sample", '{"top_p": 2}', "", 0, 5, True, api_name="/generate")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-dev-shm-usage"],
+        )
+        yield instance
+        instance.close()
+
+
+@pytest.mark.browser
+def test_browser_two_lanes_heatmap_and_permalink(server, browser, tmp_path):
+    url, db = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.locator("#prompt textarea").fill("Once upon a time")
+    page.locator("#run").click()
+    page.wait_for_selector("#permalink a", timeout=60_000)  # appears when every lane has finished
+    for lane in (1, 2):
+        assert page.locator(f"#lane{lane}-output .tok").count() > 0
+        assert "tokens/s" in page.locator(f"#lane{lane}-metrics").inner_text()
+    page.wait_for_selector("#heatmap .js-plotly-plot", timeout=30_000)
+    link = page.locator("#permalink a").get_attribute("href")
+    assert link.startswith("?compare=") and len(link.split("=", 1)[1].split(",")) == 2
+    run_ids = link.split("=", 1)[1].split(",")
+    stored = Store(db).load_traces(run_ids)
+    assert [t.started.strategy for t in stored] == ["greedy", "sample"]
+    assert page.locator("#lane1-output .tok").count() == len(stored[0].token_ids)
+    shot = Path(os.environ.get("DECODING_EXPLORER_SCREENSHOT", tmp_path / "app.png"))
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+    permalink = browser.new_page(viewport={"width": 1400, "height": 1000})
+    permalink.goto(url + link)
+    permalink.wait_for_function(
+        "document.querySelector('#lane2-output') && document.querySelectorAll('#lane2-output .tok').length > 0",
+        timeout=30_000)
+    assert permalink.locator("#lane1-output .tok").count() == len(stored[0].token_ids)
+    assert stored[1].run_id in permalink.locator("#lane2-metrics").inner_text()
+
+
+@pytest.mark.browser
+def test_browser_escapes_hostile_output(server, browser, tiny):
+    url, db = server
+    base = run_to_end(tiny, "greedy", make_config("greedy", {}), "x", max_new_tokens=2, recorder=Recorder())
+    trace = hostile_trace(base)
+    Store(db).save_trace(trace)
+    page = browser.new_page()
+    page.goto(f"{url}?run={trace.run_id}")
+    page.wait_for_function("document.querySelectorAll('#lane1-output .tok').length === 4", timeout=30_000)
+    text = page.locator("#lane1-output").inner_text()
+    assert '<script>alert("x")</script>' in text and '<img src=x onerror="window.__xss=1">' in text
+    assert page.locator("#lane1-output script").count() == 0 and page.locator("#lane1-output img").count() == 0
+    assert page.evaluate("typeof window.__xss") == "undefined"
+
+
+@pytest.mark.browser
+def test_browser_bad_input_shows_a_message_not_a_trace(server, browser):
+    url, _ = server
+    page = browser.new_page()
+    page.goto(url)
+    page.locator("#prompt textarea").fill("   ")
+    page.locator("#run").click()
+    page.wait_for_selector("text=the prompt is empty", timeout=30_000)
+    assert "Traceback" not in page.content()

@@ -1,0 +1,93 @@
+"""Every view builds from fixture traces; divergence is computed right; model output is escaped."""
+
+import math
+
+import plotly.graph_objects as go
+import pytest
+
+from explorer.events import RunFinished, TokenStep
+from explorer.runner import run_to_end
+from explorer.strategies import make_config
+from explorer.trace import Trace
+from viz import (
+    divergence_figure,
+    entropy_curves,
+    first_divergence,
+    metrics_html,
+    mirostat_figure,
+    tokens_html,
+    top_h_figure,
+    topk_heatmap,
+)
+
+HOSTILE = ['<script>alert("x")</script>', '<img src=x onerror="window.__xss=1">', "\"quoted\" & 'single'", "\n"]
+
+
+@pytest.fixture(scope="module")
+def lanes(tiny_flat):
+    runs = [("greedy", {}), ("sample", {"top_p": 0.9}), ("mirostat", {"tau": 4.0}), ("top_h", {"alpha": 0.5})]
+    return [run_to_end(tiny_flat, name, make_config(name, params), "Hello", max_new_tokens=15, seed=3)
+            for name, params in runs]
+
+
+def hostile_trace(base: Trace) -> Trace:
+    trace = Trace(base.started)
+    for index, text in enumerate(HOSTILE):
+        trace.add(TokenStep(step=index, position=10 + index, token_id=index, token_text=text, logprob=-0.5, rank=0,
+                            entropy=1.0, top_ids=[index, 99], top_logprobs=[-0.5, -1.0], top_texts=[text, "<b>"],
+                            kept_top_ids=[index], kept_top_logprobs=[0.0], kept_count=1, kept_logprob=0.0))
+    trace.add(RunFinished(status="failed", stop_reason="error", error="<script>bad()</script>", text="".join(HOSTILE),
+                          new_tokens=4, wall_time_s=1.0, prefill_time_s=0.1, target_forward_passes=4))
+    return trace
+
+
+def test_every_view_builds(lanes):
+    figures = [topk_heatmap(lanes[0]), entropy_curves(lanes), divergence_figure(lanes), mirostat_figure(lanes),
+               top_h_figure(lanes)]
+    for figure in figures:
+        assert isinstance(figure, go.Figure) and len(figure.data) > 0
+        assert figure.layout.title.text
+    heat = figures[0].data[0]
+    assert len(heat.x) == 15 and heat.zmax == 1
+    assert figures[0].layout.xaxis.title.text == "step" and figures[0].layout.yaxis.title.text == "rank"
+
+
+def test_views_have_empty_states():
+    for figure in [topk_heatmap(None), entropy_curves([]), divergence_figure([]), mirostat_figure([]),
+                   top_h_figure([])]:
+        assert figure.layout.annotations[0].text
+
+
+def test_first_divergence_and_margin(lanes):
+    greedy, sampled = lanes[0], lanes[1]
+    found = first_divergence(greedy, sampled)
+    index = next(i for i, (a, b) in enumerate(zip(greedy.token_ids, sampled.token_ids, strict=False)) if a != b)
+    assert found.step == index
+    ref = greedy.token_steps[index]
+    other = sampled.token_steps[index].token_id
+    if other in ref.top_ids:
+        expected = math.exp(ref.logprob) - math.exp(ref.top_logprobs[ref.top_ids.index(other)])
+        assert found.margin == pytest.approx(expected)
+        assert found.margin >= 0  # greedy's token is the argmax
+    assert first_divergence(greedy, greedy) is None
+
+
+def test_tokens_html_escapes_model_output(lanes):
+    page = tokens_html(hostile_trace(lanes[0]))
+    assert "<script" not in page and "<img" not in page and "<b>" not in page
+    assert "<script" not in metrics_html(hostile_trace(lanes[0]))
+    assert "&lt;script&gt;" in page and "&lt;img src=x onerror=&quot;window.__xss=1&quot;&gt;" in page
+    assert "&#x27;single&#x27;" in page
+
+
+def test_tokens_html_colour_modes(lanes):
+    by_p = tokens_html(lanes[1], "probability")
+    by_h = tokens_html(lanes[1], "entropy")
+    assert by_p.count('class="tok"') == 15 and by_p != by_h
+    with pytest.raises(ValueError, match="color_by"):
+        tokens_html(lanes[1], "rainbow")
+
+
+def test_metrics_html_speedup(lanes):
+    html = metrics_html(lanes[1], baseline=lanes[0])
+    assert "speedup" in html and "tokens/s" in html and lanes[1].run_id in html
