@@ -66,7 +66,8 @@ class TokenStep:
 
 @dataclass(frozen=True)
 class RunFinished:
-    """How the run ended; `status` is ok, failed or cancelled."""
+    """How the run ended; `status` is ok, failed or cancelled. `wall_time_s` counts only the time this run
+    spent computing (not the time its consumer held it, e.g. while other lanes ran)."""
 
     kind: ClassVar[str] = "run_finished"
     status: str

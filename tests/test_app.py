@@ -51,7 +51,10 @@ def free_port() -> int:
 def server(tiny_dir, tmp_path_factory):
     db = f"sqlite:///{tmp_path_factory.mktemp('appdb') / 'runs.sqlite'}"
     port = free_port()
-    env = {**os.environ, "DECODING_EXPLORER_MODEL": str(tiny_dir), "DECODING_EXPLORER_DB": db,
+    # DECODING_EXPLORER_TEST_MODEL=embedded (with DECODING_EXPLORER_SCREENSHOT=assets/screenshot.png) makes the
+    # README's screenshot on the real model; by default the tests use the tiny random model.
+    model = os.environ.get("DECODING_EXPLORER_TEST_MODEL", str(tiny_dir))
+    env = {**os.environ, "DECODING_EXPLORER_MODEL": model, "DECODING_EXPLORER_DB": db,
            "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
            "DECODING_EXPLORER_MAX_NEW_TOKENS": "200"}
     log = open(tmp_path_factory.mktemp("applog") / "app.log", "w")

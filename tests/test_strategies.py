@@ -180,3 +180,22 @@ def test_abandoned_run_is_stored_as_cancelled(store, tiny):
     events.close()  # what a Stop button does
     stored = store.load_trace(recorder.trace.run_id)
     assert stored.status == "cancelled" and len(stored.token_steps) == 5
+
+
+def test_interleaved_lanes_count_their_own_passes_and_time(tiny_flat, store):
+    import time
+
+    from explorer.compare import LaneSpec, run_lanes
+
+    t0 = time.perf_counter()
+    results = None
+    for results in run_lanes(tiny_flat, [LaneSpec("greedy"), LaneSpec("sample", {"top_k": 5})], "Hi",
+                             max_new_tokens=20, seed=1, store=store):
+        pass
+    elapsed = time.perf_counter() - t0
+    traces = [r.trace for r in results]
+    assert all(t.status == "ok" and t.finished.target_forward_passes == 20 for t in traces)
+    assert sum(t.finished.wall_time_s for t in traces) <= elapsed
+    assert [store.load_trace(t.run_id) for t in traces] == traces
+    with pytest.raises(ValueError, match="top_p must be in"):
+        next(run_lanes(tiny_flat, [LaneSpec("greedy"), LaneSpec("sample", {"top_p": 3})], "Hi"))

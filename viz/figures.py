@@ -25,7 +25,8 @@ def topk_heatmap(trace: Trace | None, max_steps: int = 200) -> go.Figure:
     hover = [[f"step {s.step}<br>rank {r}: {s.top_texts[r]!r}<br>p = {math.exp(s.top_logprobs[r]):.4f}"
               if r < len(s.top_ids) else "" for s in steps] for r in range(k)]
     figure = go.Figure(go.Heatmap(
-        z=z, x=[s.step for s in steps], y=list(range(k)), text=text, texttemplate="%{text}",
+        z=z, x=[s.step for s in steps], y=list(range(k)), text=text,
+        texttemplate="%{text}" if len(steps) <= 40 else None,  # labels stay readable; hover has them always
         textfont=dict(size=9), hovertext=hover, hoverinfo="text", colorscale=SEQUENTIAL, zmin=0, zmax=1,
         colorbar=dict(title="p"),
     ))
