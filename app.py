@@ -17,7 +17,8 @@ from typing import Any
 
 import gradio as gr
 
-from explorer.compare import LaneSpec, ModelCache, run_lanes
+from explorer.compare import LaneSpec, run_lanes
+from explorer.models import MODEL_CACHE
 from explorer.recorder import Recorder
 from explorer.runner import run_to_end
 from explorer.strategies import REGISTRY, make_config
@@ -42,7 +43,7 @@ DEFAULT_MODEL = os.environ.get("DECODING_EXPLORER_MODEL", "embedded")
 STRATEGY_NAMES = sorted(REGISTRY)
 DEFAULT_LANES = ["greedy", "sample", "mirostat", "top_h"]
 STREAM_EVERY_S = 0.12
-MODELS = ModelCache()
+MODELS = MODEL_CACHE
 _STORE: Store | None = None
 _STORE_LOCK = threading.Lock()
 CSS = """
@@ -67,6 +68,8 @@ def make_control(config: type, spec: dataclasses.Field) -> gr.components.Compone
     label, info = spec.name, meta.get("help")
     if kind is bool:
         return gr.Checkbox(value=spec.default, label=label, info=info)
+    if kind is str and "choices" not in meta:
+        return gr.Textbox(value=spec.default, label=label, info=info)
     if "choices" in meta:
         return gr.Dropdown(choices=list(meta["choices"]), value=spec.default, label=label, info=info)
     if kind in (int, float) and "minimum" in meta and "maximum" in meta:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from explorer.models import LanguageModel, load_model
 from explorer.recorder import Recorder
 from explorer.runner import run_strategy
 from explorer.strategies import make_config
@@ -66,24 +64,3 @@ def run_lanes(
     finally:
         for run in runs:
             run.close()  # a lane still running when the consumer stops is stored as cancelled
-
-
-class ModelCache:
-    """Loaded models by (id, dtype, device), shared read-only by all sessions; keeps the most recent few."""
-
-    def __init__(self, capacity: int = 2):
-        self.capacity = capacity
-        self._models: dict[tuple[str, str, str], LanguageModel] = {}
-        self._lock = threading.Lock()
-
-    def get(self, model_id: str | None, dtype: str = "auto", device: str = "auto") -> LanguageModel:
-        key = ((model_id or "embedded").strip() or "embedded", dtype, device)
-        with self._lock:
-            if key in self._models:
-                self._models[key] = self._models.pop(key)  # most recently used last
-                return self._models[key]
-            model = load_model(key[0], dtype=dtype, device=device)
-            self._models[key] = model
-            while len(self._models) > self.capacity:
-                self._models.pop(next(iter(self._models)))
-            return model

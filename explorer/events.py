@@ -43,7 +43,8 @@ class TokenStep:
     `logprob`, `rank` and `entropy` describe the model's raw distribution (log-softmax of the logits, natural
     log). `top_ids`/`top_logprobs` are the raw top-k; `kept_top_ids`/`kept_top_logprobs` the top-k of the
     distribution the strategy actually drew from (after its transforms), whose support has `kept_count`
-    tokens. `details` holds strategy-specific scalars (Mirostat's mu, Top-H's bound, ...).
+    tokens. `details` holds strategy-specific scalars (Mirostat's mu, Top-H's bound, ...). `origin` says where
+    the token came from in draft-verify strategies.
     """
 
     kind: ClassVar[str] = "token_step"
@@ -62,6 +63,7 @@ class TokenStep:
     kept_count: int
     kept_logprob: float
     details: dict[str, float] = field(default_factory=dict)
+    origin: str = "plain"  # plain | draft (an accepted draft token) | bonus (the target's token after a round)
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,41 @@ class RunFinished:
     target_forward_passes: int
 
 
-Event = RunStarted | TokenStep | RunFinished
-EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in (RunStarted, TokenStep, RunFinished)}
+@dataclass(frozen=True)
+class DraftRound:
+    """One propose -> verify -> accept round of a draft-verify strategy.
+
+    The draft is a tree in one representation: `draft_tokens[i]` with parent `parents[i]` (-1: the committed
+    prefix); a chain has parents [-1, 0, 1, ...]. Per node: `q` = draft probability of the token (1.0 for
+    deterministic drafters), `p` = target probability of it, `u` = the uniform draw of the sampling rule (None
+    under the greedy rule or when the node was not reached), `verdicts` = accepted | rejected | unreached.
+    `accepted_count` draft tokens were committed, then `bonus_token` (a correction after a rejection, or a
+    free token after full acceptance). The committed tokens follow as TokenStep events.
+    """
+
+    kind: ClassVar[str] = "draft_round"
+    round: int
+    position: int
+    drafter: str
+    rule: str
+    draft_tokens: list[int]
+    draft_texts: list[str]
+    parents: list[int]
+    q: list[float]
+    p: list[float]
+    u: list[float | None]
+    verdicts: list[str]
+    accepted_count: int
+    bonus_token: int
+    bonus_text: str
+    bonus_kind: str
+    draft_time_s: float
+    verify_time_s: float
+    details: dict[str, float | str] = field(default_factory=dict)
+
+
+Event = RunStarted | TokenStep | RunFinished | DraftRound
+EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in (RunStarted, TokenStep, RunFinished, DraftRound)}
 
 
 def register_event(cls: type) -> type:

@@ -145,8 +145,8 @@ class KVSession:
         With `parents`, the new tokens form a tree: `parents[i]` is the index (among the new tokens) of node
         i's parent, -1 when its parent is the last cached token. Each node then attends to the cache and its
         own ancestors only, at position `length + depth(i)`. With `all_logits=False` only the last token's
-        logits come back, `(1, vocab)`. With `hidden_states=True` the last layer's hidden states `(n, hidden)`
-        come back too.
+        logits come back, `(1, vocab)`. With `hidden_states=True` every layer's hidden states come back too,
+        `(layers + 1, n, hidden)` (index 0 = embeddings, index l + 1 = output of layer l).
         """
         device = self.lm.device
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=device).reshape(1, -1)  # (1, n)
@@ -173,7 +173,7 @@ class KVSession:
         self.length += n
         logits = out.logits[0].float()  # (n or 1, vocab)
         if hidden_states:
-            return logits, out.hidden_states[-1][0]
+            return logits, torch.stack([h[0] for h in out.hidden_states])
         return logits
 
     def crop(self, length: int) -> None:
@@ -342,6 +342,31 @@ def _weights_fingerprint(model: torch.nn.Module, path: Path | None) -> str:
     for weight in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         digest.update(f"{weight.name}:{weight.stat().st_size};".encode())
     return f"files:{digest.hexdigest()[:16]}"
+
+
+class ModelCache:
+    """Loaded models by (id, dtype, device), shared read-only by all sessions and runs; keeps the most recent
+    few. Runs take `for_run()` views of them, so sharing never mixes up their counters."""
+
+    def __init__(self, capacity: int = 3):
+        self.capacity = capacity
+        self._models: dict[tuple[str, str, str], LanguageModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model_id: str | None, dtype: str = "auto", device: str = "auto") -> LanguageModel:
+        key = ((model_id or "embedded").strip() or "embedded", dtype, device)
+        with self._lock:
+            if key in self._models:
+                self._models[key] = self._models.pop(key)  # most recently used last
+                return self._models[key]
+            model = load_model(key[0], dtype=dtype, device=device)
+            self._models[key] = model
+            while len(self._models) > self.capacity:
+                self._models.pop(next(iter(self._models)))
+            return model
+
+
+MODEL_CACHE = ModelCache()
 
 
 def check_same_vocabulary(target: LanguageModel, draft: LanguageModel) -> None:

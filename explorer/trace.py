@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from explorer.events import RunFinished, RunStarted, TokenStep
+from explorer.events import DraftRound, RunFinished, RunStarted, TokenStep
+from explorer.models import tree_depths
 
 
 @dataclass
@@ -63,6 +64,37 @@ class Trace:
                 return step.top_texts[step.top_ids.index(token_id)]
         return f"#{token_id}"
 
+    @property
+    def rounds(self) -> list[DraftRound]:
+        return [e for e in self.events if isinstance(e, DraftRound)]
+
+    @property
+    def verification_rounds(self) -> int:
+        """Target verification passes that committed tokens: draft rounds plus plain one-token steps."""
+        return len(self.rounds) + sum(1 for s in self.token_steps if s.origin == "plain")
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Committed tokens per verification round, bonus included (1.0 for plain decoding)."""
+        rounds = self.verification_rounds
+        return len(self.token_steps) / rounds if rounds else float("nan")
+
+    def acceptance_by_depth(self) -> list[float]:
+        """Per-position acceptance rate: accepted draft tokens at depth d / rounds that drafted depth d."""
+        drafted: list[int] = []
+        accepted: list[int] = []
+        for round_ in self.rounds:
+            seen: set[int] = set()
+            for depth, verdict in zip(tree_depths(round_.parents), round_.verdicts, strict=True):
+                while len(drafted) <= depth:
+                    drafted.append(0)
+                    accepted.append(0)
+                if depth not in seen:
+                    drafted[depth] += 1
+                    seen.add(depth)
+                accepted[depth] += verdict == "accepted"
+        return [a / d for a, d in zip(accepted, drafted, strict=True)]
+
     def table(self) -> list[dict[str, Any]]:
         """One row per committed token: the per-step table."""
         return [
@@ -76,6 +108,7 @@ class Trace:
                 "rank": s.rank,
                 "entropy": s.entropy,
                 "kept_count": s.kept_count,
+                "origin": s.origin,
                 **s.details,
             }
             for s in self.token_steps
@@ -113,4 +146,8 @@ class Trace:
             "forward_passes_per_token": passes / new_tokens if new_tokens else None,
             "mean_entropy": self.mean_entropy,
             "perplexity": self.perplexity,
+            "mean_accepted_tokens": self.mean_accepted_tokens,
+            "verification_rounds": self.verification_rounds,
+            "draft_rounds": len(self.rounds),
+            "acceptance_by_position": self.acceptance_by_depth(),
         }

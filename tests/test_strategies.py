@@ -189,8 +189,8 @@ def test_interleaved_lanes_count_their_own_passes_and_time(tiny_flat, store):
 
     t0 = time.perf_counter()
     results = None
-    for results in run_lanes(tiny_flat, [LaneSpec("greedy"), LaneSpec("sample", {"top_k": 5})], "Hi",
-                             max_new_tokens=20, seed=1, store=store):
+    lanes = [LaneSpec("greedy"), LaneSpec("sample", {"top_k": 5})]
+    for results in run_lanes(tiny_flat, lanes, "Hi", max_new_tokens=20, seed=1, store=store):  # noqa: B007
         pass
     elapsed = time.perf_counter() - t0
     traces = [r.trace for r in results]

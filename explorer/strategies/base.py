@@ -110,7 +110,7 @@ class Choice:
 
 
 def token_step(model: Any, step: int, position: int, token_id: int, stats: StepStats,
-               details: dict[str, float]) -> TokenStep:
+               details: dict[str, float], origin: str = "plain") -> TokenStep:
     return TokenStep(
         step=step,
         position=position,
@@ -127,6 +127,7 @@ def token_step(model: Any, step: int, position: int, token_id: int, stats: StepS
         kept_count=stats.kept_count,
         kept_logprob=stats.kept_logprob,
         details=details,
+        origin=origin,
     )
 
 

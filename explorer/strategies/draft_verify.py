@@ -1,0 +1,237 @@
+"""The draft-verify engine shared by every drafter: propose -> verify -> accept -> commit.
+
+Speculative sampling (Leviathan, Kalman, Matias 2023, "Fast Inference from Transformers via Speculative
+Decoding", arXiv:2211.17192, Algorithm 1; Chen et al. 2023, arXiv:2302.01318). Notation: p = target
+distribution, q = draft distribution, gamma = draft length, u ~ U(0, 1).
+  For i = 1..gamma: accept draft token x_i if u_i < min(1, p_i(x_i) / q_i(x_i)); otherwise sample the
+  correction from residual(p_i, q_i) = norm(max(0, p_i - q_i)) and stop. After full acceptance, sample the
+  bonus token from p_{gamma+1}. The output is distributed exactly as p.
+Greedy rule: accept x_i while it equals argmax of the target's logits; the first mismatch is replaced by the
+target's argmax (so the output is token-identical to greedy decoding).
+
+Drafters implement `propose(context) -> DraftTree` and optionally `observe(verdict)`. A deterministic drafter
+(prompt lookup, Jacobi) gives no q distributions: its q is a point mass on the drafted token, for which the
+rule above still gives exactly p.
+
+KV cache discipline: the target's cache holds every committed token but the last; a round runs the target once
+over [last committed token, draft...] (gamma + 1 positions), then crops the cache back to the committed prefix
+plus the accepted draft tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from explorer.events import DraftRound
+from explorer.sampling import SamplingFilters, step_stats
+from explorer.strategies.base import RECORD_TOP_K, param, token_step
+
+RULES = ("greedy", "sampling")
+
+
+# ------------------------------------------------------------------------------------------- the math
+def accept_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """min(1, p / q) elementwise (1 where q = 0: such tokens are never drafted)."""
+    return torch.where(q > 0, torch.clamp(p / q.clamp_min(1e-30), max=1.0), torch.ones_like(p))
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)): where to sample the correction after a rejection (p itself if p <= q everywhere)."""
+    excess = torch.clamp(p - q, min=0.0)
+    total = excess.sum()
+    return excess / total if total > 0 else p
+
+
+# ------------------------------------------------------------------------------------------ the draft
+@dataclass
+class DraftTree:
+    """Draft tokens with one parent index each (-1: the committed prefix). `scores` are the draft's q of each
+    token; `q_dists` the full q rows `(n, vocab)`, or None for deterministic drafters (point masses)."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    q_dists: torch.Tensor | None = None
+    details: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def chain(cls, tokens: Sequence[int], scores: Sequence[float] | None = None,
+              q_dists: torch.Tensor | None = None, **details: float) -> DraftTree:
+        tokens = list(tokens)
+        return cls(tokens, list(range(-1, len(tokens) - 1)), list(scores or [1.0] * len(tokens)), q_dists,
+                   dict(details))
+
+
+@dataclass
+class Verdict:
+    accepted_count: int
+    bonus_token: int
+    bonus_kind: str  # "correction" after a rejection, "bonus" after full acceptance
+    p: list[float]
+    q: list[float]
+    u: list[float | None]
+    verdicts: list[str]
+    target_argmax: list[int]  # the target's argmax at every verified position (Jacobi's next guesses)
+    hidden_states: torch.Tensor | None = None  # (layers + 1, gamma + 1, hidden) when the drafter asks for them
+
+
+class Drafter(Protocol):
+    name: str
+
+    def propose(self, context: Sequence[int]) -> DraftTree: ...
+
+    def observe(self, verdict: Verdict) -> None: ...
+
+
+# --------------------------------------------------------------------------------------- verification
+def verify_chain(logits: torch.Tensor, draft: DraftTree, rule: str, filters: SamplingFilters,
+                 context: Sequence[int], rng: torch.Generator) -> Verdict:
+    """Verify a chain draft against target logits `(gamma + 1, vocab)` (row i predicts draft token i)."""
+    gamma = len(draft.tokens)
+    argmax = logits.argmax(dim=-1).tolist()
+    u_list: list[float | None] = [None] * gamma
+    verdicts = ["unreached"] * gamma
+    if rule == "greedy":
+        raw_probs = torch.softmax(logits, dim=-1)
+        p_list = [float(raw_probs[i, t]) for i, t in enumerate(draft.tokens)]
+        accepted = 0
+        while accepted < gamma and draft.tokens[accepted] == argmax[accepted]:
+            verdicts[accepted] = "accepted"
+            accepted += 1
+        if accepted < gamma:
+            verdicts[accepted] = "rejected"
+        kind = "bonus" if accepted == gamma else "correction"
+        return Verdict(accepted, argmax[accepted], kind, p_list, draft.scores, u_list, verdicts, argmax)
+
+    # Sampling rule: p_i from the filtered target logits, with the drafts before i in the context.
+    history = list(context)
+    p_rows = []
+    for i in range(gamma + 1):
+        p_rows.append(torch.softmax(filters.apply(logits[i], history), dim=-1))
+        if i < gamma:
+            history.append(draft.tokens[i])
+    p_list = [float(p_rows[i][t]) for i, t in enumerate(draft.tokens)]
+    for i, token in enumerate(draft.tokens):
+        p_i = p_rows[i]
+        q_i = draft.q_dists[i] if draft.q_dists is not None else _point_mass(token, p_i)
+        u = float(torch.rand((), generator=rng, device=rng.device))
+        u_list[i] = u
+        if u < float(accept_probability(p_i[token], q_i[token])):
+            verdicts[i] = "accepted"
+            continue
+        verdicts[i] = "rejected"
+        correction = int(torch.multinomial(residual(p_i, q_i), 1, generator=rng))
+        return Verdict(i, correction, "correction", p_list, draft.scores, u_list, verdicts, argmax)
+    bonus = int(torch.multinomial(p_rows[gamma], 1, generator=rng))
+    return Verdict(gamma, bonus, "bonus", p_list, draft.scores, u_list, verdicts, argmax)
+
+
+def _point_mass(token: int, like: torch.Tensor) -> torch.Tensor:
+    mass = torch.zeros_like(like)
+    mass[token] = 1.0
+    return mass
+
+
+# ------------------------------------------------------------------------------------------ the loop
+@dataclass(frozen=True)
+class SpeculativeConfig(SamplingFilters):
+    """Fields every draft-verify strategy shares: the acceptance rule and (for the sampling rule) the
+    sampling filters, applied to both p and q."""
+
+    rule: str = param("greedy", "acceptance rule: greedy (exact match) or sampling (min(1, p/q))",
+                      choices=RULES)
+    temperature: float = param(1.0, "sampling rule: divide logits by this (> 0)", minimum=0.05, maximum=3.0,
+                               step=0.05)
+    top_k: int = param(0, "sampling rule: top-k (0 = off)", minimum=0, maximum=200, step=1)
+    top_p: float = param(1.0, "sampling rule: top-p (1 = off)", minimum=0.01, maximum=1.0, step=0.01)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}")
+
+
+def choose_plain(logits: torch.Tensor, config: SpeculativeConfig, context: Sequence[int],
+                 rng: torch.Generator) -> tuple[int, torch.Tensor | None]:
+    """One ordinary decoding step (no draft): argmax, or a draw from the filtered distribution."""
+    if config.rule == "greedy":
+        return int(torch.argmax(logits)), None
+    kept = config.apply(logits, context)
+    return int(torch.multinomial(torch.softmax(kept, dim=-1), 1, generator=rng)), kept
+
+
+def draft_verify(model: Any, prompt_ids: Sequence[int], drafter: Drafter, config: SpeculativeConfig,
+                 rng: torch.Generator) -> Iterator[Any]:
+    """Yield a DraftRound per verification and a TokenStep per committed token."""
+    session = model.session()
+    context = list(prompt_ids)
+    if len(context) > 1:
+        session.forward(context[:-1], all_logits=False)  # the last committed token goes in with the draft
+    step = 0
+    for round_index in range(10**9):
+        t0 = time.perf_counter()
+        draft = drafter.propose(context)  # 1. propose
+        t1 = time.perf_counter()
+        wants_hidden = bool(draft.tokens) and getattr(drafter, "wants_hidden_states", False)
+        out = session.forward([context[-1], *draft.tokens], hidden_states=wants_hidden)  # 2. verify
+        logits, hidden = out if wants_hidden else (out, None)  # logits: (gamma + 1, vocab)
+        if not draft.tokens:
+            token, kept = choose_plain(logits[0], config, context, rng)
+            yield _committed(model, step, context, logits[0], kept, token, "plain")
+            step += 1
+            context.append(token)
+            continue
+        verdict = verify_chain(logits, draft, config.rule, config, context, rng)  # 3. accept
+        verdict.hidden_states = hidden
+        t2 = time.perf_counter()
+        accepted = draft.tokens[: verdict.accepted_count]
+        session.crop(len(context) + verdict.accepted_count)  # 4. commit: drop the rejected drafts' KV
+        drafter.observe(verdict)
+        draft.details.update(getattr(drafter, "round_details", dict)())
+        yield DraftRound(
+            round=round_index, position=len(context), drafter=drafter.name, rule=config.rule,
+            draft_tokens=list(draft.tokens), draft_texts=[model.piece(t) for t in draft.tokens],
+            parents=list(draft.parents), q=[float(x) for x in verdict.q], p=verdict.p, u=verdict.u,
+            verdicts=verdict.verdicts, accepted_count=verdict.accepted_count, bonus_token=verdict.bonus_token,
+            bonus_text=model.piece(verdict.bonus_token), bonus_kind=verdict.bonus_kind, draft_time_s=t1 - t0,
+            verify_time_s=t2 - t1, details=dict(draft.details),
+        )
+        for i, token in enumerate([*accepted, verdict.bonus_token]):
+            origin = "draft" if i < len(accepted) else "bonus"
+            kept = None if config.rule == "greedy" else config.apply(logits[i], context)
+            yield _committed(model, step, context, logits[i], kept, token, origin)
+            step += 1
+            context.append(token)
+
+
+def _committed(model: Any, step: int, context: list[int], raw: torch.Tensor, kept: torch.Tensor | None,
+               token: int, origin: str) -> Any:
+    stats = step_stats(raw, kept, token, RECORD_TOP_K)
+    return token_step(model, step, len(context), token, stats, {}, origin)
+
+
+# ---------------------------------------------------------------------------------- adaptive lengths
+@dataclass
+class DraftLength:
+    """Draft length gamma that grows by one after a fully accepted draft and falls back to the accepted count
+    plus one after a rejection (never below 1 or above the maximum)."""
+
+    maximum: int
+    adaptive: bool = True
+    current: int = 0
+
+    def __post_init__(self) -> None:
+        self.current = self.current or self.maximum
+
+    def update(self, verdict: Verdict, drafted: int) -> None:
+        if not self.adaptive or drafted == 0:
+            return
+        if verdict.accepted_count == drafted:
+            self.current = min(self.current + 1, self.maximum)
+        else:
+            self.current = max(1, min(self.current - 1, verdict.accepted_count + 1))

@@ -1,0 +1,73 @@
+"""Prompt lookup decoding (Saxena 2023, "Prompt Lookup Decoding"; the copy drafter of CopySpec, Dumitru et al.
+2025, arXiv:2502.08923): draft by copying what followed the latest earlier occurrence of the last n tokens.
+
+Each round: for n = max_ngram down to min_ngram, find the latest earlier match of the context's last n tokens
+in prompt + output and propose the (up to gamma) tokens that followed it; no match, no draft (a plain step, so
+text with nothing to copy pays almost nothing). The draft is deterministic (q = a point mass), verified by the
+greedy rule or exactly by the sampling rule. gamma adapts to recent acceptance (see DraftLength).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from explorer.strategies.base import param, register
+from explorer.strategies.draft_verify import DraftLength, DraftTree, SpeculativeConfig, Verdict, draft_verify
+
+
+@dataclass(frozen=True)
+class PromptLookupConfig(SpeculativeConfig):
+    max_ngram: int = param(3, "longest n-gram to match", minimum=1, maximum=8, step=1)
+    min_ngram: int = param(2, "shortest n-gram to match", minimum=1, maximum=8, step=1)
+    draft_length: int = param(10, "maximum number of tokens copied per round", minimum=1, maximum=32, step=1)
+    adaptive: bool = param(True, "adapt the draft length to recent acceptance")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError("need 1 <= min_ngram <= max_ngram")
+        if self.draft_length < 1:
+            raise ValueError("draft_length must be >= 1")
+
+
+def find_continuation(context: Sequence[int], max_ngram: int, min_ngram: int, length: int
+                      ) -> tuple[list[int], int, int]:
+    """(continuation, n, match start) of the latest earlier match of the last n tokens, longest n first."""
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if len(context) <= n:
+            continue
+        pattern = list(context[-n:])
+        last = pattern[-1]
+        for start in range(len(context) - n - 1, -1, -1):  # latest first; the suffix itself is excluded
+            if context[start + n - 1] == last and list(context[start:start + n]) == pattern:
+                continuation = list(context[start + n:start + n + length])
+                if continuation:
+                    return continuation, n, start
+    return [], 0, -1
+
+
+class PromptLookupDrafter:
+    name = "prompt lookup"
+
+    def __init__(self, config: PromptLookupConfig):
+        self.config = config
+        self.length = DraftLength(config.draft_length, config.adaptive)
+        self._drafted = 0
+
+    def propose(self, context: Sequence[int]) -> DraftTree:
+        tokens, n, start = find_continuation(context, self.config.max_ngram, self.config.min_ngram,
+                                             self.length.current)
+        self._drafted = len(tokens)
+        return DraftTree.chain(tokens, ngram=float(n), match_position=float(start)) if tokens else DraftTree()
+
+    def observe(self, verdict: Verdict) -> None:
+        self.length.update(verdict, self._drafted)
+
+
+@register("prompt_lookup", PromptLookupConfig, "prompt lookup: copy the continuation of the latest n-gram match")
+def run(model: Any, prompt_ids: Sequence[int], config: PromptLookupConfig, rng: torch.Generator) -> Iterator[Any]:
+    yield from draft_verify(model, prompt_ids, PromptLookupDrafter(config), config, rng)
