@@ -59,3 +59,11 @@ def test_bad_input_is_one_clear_line(tiny_dir, db, args, message):
 def test_unknown_run_id(db):
     result = cli("show", "deadbeef", db=db, check=False)
     assert result.returncode == 2 and "no run with id" in result.stderr
+
+
+def test_prompt_lookup_from_the_cli(tiny_dir, db):
+    out = cli("run", "--strategy", "prompt_lookup", "--param", "min_ngram=1", "--prompt", "ab ab ab ab ab ab",
+              "--no-chat", "--model", str(tiny_dir), "--max-new-tokens", "20", "--json", "--quiet", db=db)
+    metrics = json.loads(out.stdout)["metrics"]
+    assert metrics["mean_accepted_tokens"] >= 1.0 and metrics["target_forward_passes"] >= 1
+    assert "acceptance_by_position" in metrics and "draft_rounds" in metrics

@@ -38,3 +38,29 @@ def test_sampling_run_on_embedded_model(embedded):
                        "Tell me a fact about owls.", chat=True, max_new_tokens=24, seed=5)
     assert trace.status == "ok" and 0 < len(trace.token_ids) <= 24 and trace.text.strip()
     assert all(s.kept_count < 49152 for s in trace.token_steps)
+
+
+COPY_PROMPT = ("Repeat this sentence exactly, then say why it is true: The quick brown fox jumps over the lazy dog "
+               "because the dog is lazy and the fox is quick.")
+
+
+@pytest.mark.parametrize("name, params", [
+    ("prompt_lookup", {}),
+    ("jacobi", {"window": 6}),
+    ("speculative", {"draft_length": 4}),
+    ("self_speculative", {"skip": "12-17"}),
+    ("self_speculative", {"exit_after": 10}),
+])
+def test_draft_verify_methods_are_token_identical_to_greedy(embedded, name, params):
+    for prompt in (COPY_PROMPT, PROMPTS[1]):
+        reference = run_to_end(embedded, "greedy", make_config("greedy", {}), prompt, chat=True, max_new_tokens=48)
+        trace = run_to_end(embedded, name, make_config(name, params), prompt, chat=True, max_new_tokens=48)
+        assert trace.token_ids == reference.token_ids, (name, prompt)
+        assert trace.rounds, "no verification round ran"
+
+
+def test_prompt_lookup_copies_on_the_embedded_model(embedded):
+    trace = run_to_end(embedded, "prompt_lookup", make_config("prompt_lookup", {}), COPY_PROMPT, chat=True,
+                       max_new_tokens=48)
+    assert trace.mean_accepted_tokens > 1.3
+    assert trace.finished.target_forward_passes < len(trace.token_ids)

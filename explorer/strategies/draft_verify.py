@@ -218,20 +218,21 @@ def _committed(model: Any, step: int, context: list[int], raw: torch.Tensor, kep
 # ---------------------------------------------------------------------------------- adaptive lengths
 @dataclass
 class DraftLength:
-    """Draft length gamma that grows by one after a fully accepted draft and falls back to the accepted count
-    plus one after a rejection (never below 1 or above the maximum)."""
+    """Draft length gamma: doubles after a fully accepted draft and falls back to the accepted count plus one
+    after a rejection (never below 1 or above the maximum). Starts at `start` (default: the maximum)."""
 
     maximum: int
     adaptive: bool = True
-    current: int = 0
+    start: int = 0
+    current: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
-        self.current = self.current or self.maximum
+        self.current = min(self.start, self.maximum) if self.adaptive and self.start else self.maximum
 
     def update(self, verdict: Verdict, drafted: int) -> None:
         if not self.adaptive or drafted == 0:
             return
         if verdict.accepted_count == drafted:
-            self.current = min(self.current + 1, self.maximum)
+            self.current = min(2 * self.current, self.maximum)
         else:
             self.current = max(1, min(self.current - 1, verdict.accepted_count + 1))

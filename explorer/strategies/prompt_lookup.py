@@ -3,7 +3,8 @@
 
 Each round: for n = max_ngram down to min_ngram, find the latest earlier match of the context's last n tokens
 in prompt + output and propose the (up to gamma) tokens that followed it; no match, no draft (a plain step, so
-text with nothing to copy pays almost nothing). The draft is deterministic (q = a point mass), verified by the
+text with nothing to copy pays almost nothing). After a draft that is rejected outright, lookups pause for
+1, 2, 4, ... (up to `backoff`) steps, so chance matches in free text cost little. The draft is deterministic (q = a point mass), verified by the
 greedy rule or exactly by the sampling rule. gamma adapts to recent acceptance (see DraftLength).
 """
 
@@ -25,6 +26,8 @@ class PromptLookupConfig(SpeculativeConfig):
     min_ngram: int = param(2, "shortest n-gram to match", minimum=1, maximum=8, step=1)
     draft_length: int = param(10, "maximum number of tokens copied per round", minimum=1, maximum=32, step=1)
     adaptive: bool = param(True, "adapt the draft length to recent acceptance")
+    backoff: int = param(8, "after a fully rejected draft, skip drafting for 1, 2, 4 ... up to this many steps "
+                            "(0 = off)", minimum=0, maximum=64, step=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -32,6 +35,8 @@ class PromptLookupConfig(SpeculativeConfig):
             raise ValueError("need 1 <= min_ngram <= max_ngram")
         if self.draft_length < 1:
             raise ValueError("draft_length must be >= 1")
+        if self.backoff < 0:
+            raise ValueError("backoff must be >= 0")
 
 
 def find_continuation(context: Sequence[int], max_ngram: int, min_ngram: int, length: int
@@ -55,10 +60,16 @@ class PromptLookupDrafter:
 
     def __init__(self, config: PromptLookupConfig):
         self.config = config
-        self.length = DraftLength(config.draft_length, config.adaptive)
+        self.length = DraftLength(config.draft_length, config.adaptive, start=2)  # copies earn longer drafts
         self._drafted = 0
+        self.cooldown = 0  # plain steps left before the next lookup
+        self.penalty = 0  # the next cooldown after a failure (doubles up to config.backoff)
 
     def propose(self, context: Sequence[int]) -> DraftTree:
+        if self.cooldown > 0:
+            self.cooldown -= 1
+            self._drafted = 0
+            return DraftTree()
         tokens, n, start = find_continuation(context, self.config.max_ngram, self.config.min_ngram,
                                              self.length.current)
         self._drafted = len(tokens)
@@ -66,6 +77,11 @@ class PromptLookupDrafter:
 
     def observe(self, verdict: Verdict) -> None:
         self.length.update(verdict, self._drafted)
+        if verdict.accepted_count == 0 and self.config.backoff:
+            self.penalty = min(max(1, 2 * self.penalty), self.config.backoff)
+            self.cooldown = self.penalty
+        else:
+            self.penalty = 0
 
 
 @register("prompt_lookup", PromptLookupConfig, "prompt lookup: copy the continuation of the latest n-gram match")

@@ -4,7 +4,7 @@ arXiv:2302.01318), with an adaptive draft length and an optional Big Little Deco
 
 Notation: p = target, q = draft, gamma = draft length. Each round the draft model proposes gamma tokens
 autoregressively (argmax under the greedy rule, a draw from the filtered q under the sampling rule); the target
-verifies them in one pass (see draft_verify). gamma grows by one after a fully accepted draft and falls to
+verifies them in one pass (see draft_verify). gamma doubles after a fully accepted draft and falls to
 the accepted count + 1 after a rejection. Fallback (BiLD): drafting stops early when the draft's top
 probability is below `fallback_threshold`, handing the step to the target.
 Departure from BiLD: its rollback policy (re-checking the small model's tokens by distance) is replaced by the

@@ -1,0 +1,229 @@
+"""Draft-verify strategies: token-identical to greedy under the greedy rule, exactly the target distribution
+under the sampling rule, and the bookkeeping (rounds, acceptance, stop inside a round)."""
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from explorer.events import DraftRound, TokenStep
+from explorer.runner import run_to_end
+from explorer.strategies import make_config
+from explorer.strategies.draft_verify import (
+    DraftLength,
+    DraftTree,
+    SpeculativeConfig,
+    Verdict,
+    accept_probability,
+    draft_verify,
+    residual,
+    verify_chain,
+)
+from explorer.strategies.prompt_lookup import find_continuation
+from explorer.strategies.self_speculative import layer_skip_view, most_skippable, parse_layers
+from explorer.strategies.speculative import ModelDrafter
+from explorer.testing import save_tiny_model, tiny_model
+from tests.fakes import FakeLM
+
+PROMPTS = ["Hello world hello world hello", "abc abc abc abd", "The cat sat on the mat. The cat"]
+GREEDY_RULE_METHODS = [
+    ("prompt_lookup", {}),
+    ("prompt_lookup", {"min_ngram": 1, "draft_length": 4, "adaptive": False, "backoff": 0}),
+    ("jacobi", {"window": 5}),
+    ("speculative", {}),  # the target drafts for itself: everything is accepted
+    ("speculative", {"draft_length": 3, "adaptive": False, "fallback_threshold": 0.3}),
+    ("self_speculative", {"skip": "1"}),
+    ("self_speculative", {}),  # searched skip set
+]
+
+
+@pytest.fixture(scope="module")
+def random_drafter_dir(tmp_path_factory):
+    return str(save_tiny_model(tmp_path_factory.mktemp("drafter") / "m", seed=7, scale=3.0))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name, params", GREEDY_RULE_METHODS)
+def test_greedy_rule_is_token_identical_to_greedy(seed, name, params):
+    lm = tiny_model(seed, scale=8.0 + 6 * seed)
+    for prompt in PROMPTS:
+        reference = run_to_end(lm, "greedy", make_config("greedy", {}), prompt, max_new_tokens=40)
+        trace = run_to_end(lm, name, make_config(name, params), prompt, max_new_tokens=40)
+        assert trace.token_ids == reference.token_ids, (name, params, prompt)
+        for round_ in trace.rounds:
+            assert round_.accepted_count <= len(round_.draft_tokens)
+            assert round_.verdicts.count("accepted") == round_.accepted_count
+
+
+def test_target_as_its_own_drafter_accepts_everything(tiny):
+    trace = run_to_end(tiny, "speculative", make_config("speculative", {"draft_length": 4, "adaptive": False}),
+                       "Hello", max_new_tokens=40)
+    assert all(r.accepted_count == len(r.draft_tokens) == 4 for r in trace.rounds)
+    assert trace.mean_accepted_tokens == 5.0  # 8 rounds of 4 accepted drafts + 1 bonus
+    assert trace.finished.target_forward_passes == 1 + 8  # prefill + one pass per round
+
+
+def test_random_drafter_is_still_greedy_and_mostly_rejected(tiny, random_drafter_dir):
+    reference = run_to_end(tiny, "greedy", make_config("greedy", {}), "Hello world", max_new_tokens=40)
+    config = make_config("speculative", {"draft_model": random_drafter_dir, "adaptive": False})
+    trace = run_to_end(tiny, "speculative", config, "Hello world", max_new_tokens=40)
+    assert trace.token_ids == reference.token_ids
+    accepted = sum(r.accepted_count for r in trace.rounds)
+    drafted = sum(len(r.draft_tokens) for r in trace.rounds)
+    assert accepted < 0.3 * drafted
+    assert trace.rounds[0].drafter.startswith("draft model")
+
+
+def test_mismatched_vocabulary_is_a_clear_error(tiny, tmp_path):
+    other = tiny_model(3)
+    other.tokenizer.add_tokens(["<new>"])
+    other.model.resize_token_embeddings(len(other.tokenizer))
+    other.model.save_pretrained(tmp_path / "other")
+    other.tokenizer.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="different vocabularies"):
+        run_to_end(tiny, "speculative", make_config("speculative", {"draft_model": str(tmp_path / "other")}),
+                   "Hi", max_new_tokens=5)
+
+
+# --------------------------------------------------------------------------------- the sampling rule
+def test_one_step_output_is_exactly_p_for_any_q():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        p = torch.softmax(torch.randn(6, generator=g, dtype=torch.float64) * 2, 0)
+        q = torch.softmax(torch.randn(6, generator=g, dtype=torch.float64) * 2, 0)
+        accept = accept_probability(p, q)
+        # enumerate the drafted token x ~ q: keep x with prob min(1, p/q), else draw from the residual
+        output = sum(q[x] * (accept[x] * torch.eye(6, dtype=torch.float64)[x] + (1 - accept[x]) * residual(p, q))
+                     for x in range(6))
+        torch.testing.assert_close(output, p)
+        point = torch.eye(6, dtype=torch.float64)[2]  # a deterministic drafter
+        output = p[2] * point + (1 - p[2]) * residual(p, point)
+        torch.testing.assert_close(output, p)
+
+
+def test_verify_chain_one_step_frequencies_match_p():
+    p_logits = torch.tensor([[1.5, 0.2, -0.5, 0.8], [0.0, 0.0, 0.0, 0.0]])
+    q = torch.softmax(torch.tensor([-1.0, 1.0, 1.2, 0.0]), 0)
+    g = torch.Generator().manual_seed(1)
+    config = SpeculativeConfig(rule="sampling")
+    counts = torch.zeros(4)
+    n = 20000
+    for _ in range(n):
+        x = int(torch.multinomial(q, 1, generator=g))
+        draft = DraftTree.chain([x], [float(q[x])], q.unsqueeze(0))
+        verdict = verify_chain(p_logits, draft, "sampling", config, [0], g)
+        first = x if verdict.accepted_count else verdict.bonus_token
+        counts[first] += 1
+    target = torch.softmax(p_logits[0], 0)
+    assert 0.5 * (counts / n - target).abs().sum() < 0.015
+    assert 0.5 * (q - target).abs().sum() > 0.3  # the draft alone is far from p: the test could fail
+
+
+def toy_pair():
+    """A 3-token target and a very different drafter, both depending on the last token."""
+    target_table = torch.tensor([[2.0, 0.0, -1.0], [-1.0, 1.5, 0.5], [0.3, -0.3, 1.0]])
+    draft_table = torch.tensor([[-1.0, 1.0, 2.0], [1.0, -1.0, 1.0], [2.0, 0.5, -2.0]])
+    target = FakeLM(lambda ctx: target_table[ctx[-1]].clone(), 3)
+    draft = FakeLM(lambda ctx: draft_table[ctx[-1]].clone(), 3)
+    return target, draft, target_table, draft_table
+
+
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_monte_carlo_joint_distribution_over_three_tokens(gamma):
+    target, draft, table, draft_table = toy_pair()
+    config = SpeculativeConfig(rule="sampling")
+    draft_config = make_config("speculative", {"rule": "sampling", "draft_length": gamma, "adaptive": False})
+    counts: dict[tuple[int, ...], int] = {}
+    runs = 4000
+    for seed in range(runs):
+        rng = torch.Generator().manual_seed(seed)
+        drafter = ModelDrafter(draft, draft_config, rng, "toy")
+        steps = (e for e in draft_verify(target, [0], drafter, config, rng) if isinstance(e, TokenStep))
+        key = tuple(s.token_id for s in itertools.islice(steps, 3))
+        counts[key] = counts.get(key, 0) + 1
+    exact, drafted = {}, {}
+    for seq in itertools.product(range(3), repeat=3):
+        prob = dprob = 1.0
+        last = 0
+        for token in seq:
+            prob *= float(torch.softmax(table[last], 0)[token])
+            dprob *= float(torch.softmax(draft_table[last], 0)[token])
+            last = token
+        exact[seq], drafted[seq] = prob, dprob
+    tv = 0.5 * sum(abs(counts.get(s, 0) / runs - exact[s]) for s in exact)
+    assert tv < 0.05
+    assert 0.5 * sum(abs(drafted[s] - exact[s]) for s in exact) > 0.3
+
+
+def test_sampling_rule_on_a_tiny_model_runs_and_records_draws(tiny_flat):
+    config = make_config("speculative", {"rule": "sampling", "top_p": 0.9, "temperature": 0.8})
+    trace = run_to_end(tiny_flat, "speculative", config, "Hello", max_new_tokens=30, seed=3)
+    again = run_to_end(tiny_flat, "speculative", config, "Hello", max_new_tokens=30, seed=3)
+    untimed = [dataclasses.replace(e, draft_time_s=0.0, verify_time_s=0.0) if isinstance(e, DraftRound) else e
+               for e in trace.events]
+    assert untimed == [dataclasses.replace(e, draft_time_s=0.0, verify_time_s=0.0) if isinstance(e, DraftRound)
+                       else e for e in again.events]  # same seed, same trace (timings aside)
+    for round_ in trace.rounds:
+        reached = [u for u, v in zip(round_.u, round_.verdicts, strict=True) if v != "unreached"]
+        assert all(u is not None and 0 <= u < 1 for u in reached)
+    steps = trace.token_steps
+    assert all(s.kept_count < 100 for s in steps)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def test_stop_inside_a_round_truncates_exactly(tiny):
+    trace = run_to_end(tiny, "speculative", make_config("speculative", {"draft_length": 8, "adaptive": False}),
+                       "Hello", max_new_tokens=6)
+    assert len(trace.token_ids) == 6 and trace.finished.stop_reason == "max_new_tokens"
+    origins = [s.origin for s in trace.token_steps]
+    assert origins[0] == "draft" and set(origins) <= {"draft", "bonus", "plain"}
+
+
+def test_find_continuation_prefers_long_and_latest_matches():
+    context = [1, 2, 3, 9, 1, 2, 3, 7, 5, 2, 3]
+    assert find_continuation(context, 3, 1, 4) == ([7, 5, 2, 3], 2, 5)  # "2 3" latest earlier match at 5
+    assert find_continuation([1, 2, 3, 4], 3, 1, 4) == ([], 0, -1)
+    assert find_continuation([5, 6, 5, 6, 5], 2, 2, 3) == ([6, 5], 2, 1)  # may run into the suffix
+
+
+def test_draft_length_adapts():
+    length = DraftLength(8, True, start=2)
+    full = Verdict(2, 0, "bonus", [], [], [], [], [])
+    length.update(full, 2)
+    assert length.current == 4
+    length.update(Verdict(1, 0, "correction", [], [], [], [], []), 4)
+    assert length.current == 2
+    fixed = DraftLength(5, adaptive=False, start=2)
+    fixed.update(full, 5)
+    assert fixed.current == 5
+
+
+def test_layer_skip_view_shares_weights_and_skips(tiny):
+    view = layer_skip_view(tiny, {1})
+    assert len(view.model.model.layers) == 1 and len(tiny.model.model.layers) == 2
+    assert view.model.lm_head.weight is tiny.model.lm_head.weight
+    full, skipped = tiny.session().forward([5, 6, 7]), view.session().forward([5, 6, 7])
+    assert not torch.allclose(full, skipped)
+    torch.testing.assert_close(tiny.session().forward([5, 6, 7]), full)  # the target is untouched
+    with pytest.raises(ValueError, match="layer 0 always runs"):
+        layer_skip_view(tiny, {0})
+    assert parse_layers("3, 5-7") == {3, 5, 6, 7}
+    with pytest.raises(ValueError, match="skip must list layers"):
+        parse_layers("5-x")
+
+
+def test_most_skippable_picks_the_layers_that_change_least():
+    hidden = torch.randn(7, 4, 16)  # 6 layers
+    hidden[3] = hidden[2] * 1.01  # layer 2 barely changes its input
+    hidden[5] = hidden[4] + 0.01  # nor does layer 4
+    assert most_skippable(hidden, 2) == {2, 4}
+
+
+def test_draft_round_round_trips_through_the_store(store, tiny):
+    from explorer.recorder import Recorder
+
+    trace = run_to_end(tiny, "prompt_lookup", make_config("prompt_lookup", {"min_ngram": 1}),
+                       "ab ab ab ab ab", max_new_tokens=20, recorder=Recorder(store))
+    assert any(isinstance(e, DraftRound) for e in trace.events)
+    assert store.load_trace(trace.run_id) == trace
