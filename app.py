@@ -25,10 +25,17 @@ from explorer.strategies import REGISTRY, make_config
 from explorer.strategies.base import field_type
 from store import Store
 from viz import (
+    acceptance_by_position_figure,
+    acceptance_heatmap,
+    accepted_length_histogram,
     divergence_figure,
     entropy_curves,
+    jacobi_graph_figure,
+    jacobi_grid,
+    layer_skip_figure,
     metrics_html,
     mirostat_figure,
+    round_timeline,
     tokens_html,
     top_h_figure,
     topk_heatmap,
@@ -104,11 +111,25 @@ def render_lanes(traces: list[Any], color_by: str) -> list[str]:
     return html_out + metrics_out
 
 
-def render_views(traces: list[Any], heatmap_lane: str) -> list[Any]:
-    lane = int(heatmap_lane) - 1
+def _pick(traces: list[Any], lane: int, wanted: Any) -> Any:
+    """The chosen lane if it fits the view, else the first lane that does."""
+    if 0 <= lane < len(traces) and traces[lane] is not None and wanted(traces[lane]):
+        return traces[lane]
+    return next((t for t in traces if t is not None and wanted(t)), None)
+
+
+VIEW_COUNT = 12
+
+
+def render_views(traces: list[Any], view_lane: str) -> list[Any]:
+    lane = int(view_lane) - 1
     chosen = traces[lane] if 0 <= lane < len(traces) else None
+    drafted = _pick(traces, lane, lambda t: bool(t.rounds))
+    jacobi = _pick(traces, lane, lambda t: t.started.strategy == "jacobi")
     return [topk_heatmap(chosen), entropy_curves(traces), divergence_figure(traces), mirostat_figure(traces),
-            top_h_figure(traces)]
+            top_h_figure(traces), acceptance_heatmap(drafted), round_timeline(drafted),
+            accepted_length_histogram(traces), acceptance_by_position_figure(traces), layer_skip_figure(traces),
+            jacobi_grid(jacobi), jacobi_graph_figure(jacobi)]
 
 
 def permalink(traces: list[Any]) -> str:
@@ -135,7 +156,7 @@ def run_handler(prompt: str, chat: bool, system: str, model_id: str, seed: float
             if time.perf_counter() - last >= STREAM_EVERY_S:
                 last = time.perf_counter()
                 traces = [r.trace for r in results]
-                yield *render_lanes(traces, color_by), *[gr.skip()] * 5, gr.skip(), gr.skip()
+                yield *render_lanes(traces, color_by), *[gr.skip()] * VIEW_COUNT, gr.skip(), gr.skip()
     except ValueError as error:
         raise gr.Error(str(error), print_exception=False) from None
     for result in results:
@@ -164,7 +185,7 @@ def open_runs(run_ids: str, color_by: str, heatmap_lane: str):
             *lane_visibility(len(traces)), *strategies, gr.Tabs(selected="compare"))
 
 
-OPENED_COUNT = 2 * MAX_LANES + 5 + 3 + 2 * MAX_LANES + 1  # see `opened` in build()
+OPENED_COUNT = 2 * MAX_LANES + VIEW_COUNT + 3 + 2 * MAX_LANES + 1  # see `opened` in build()
 
 
 def nothing_opened() -> tuple[Any, ...]:
@@ -190,6 +211,15 @@ def lane_visibility(count: int) -> list[Any]:
 def change_lanes(count: int, delta: int):
     count = min(max(int(count) + delta, 1), MAX_LANES)
     return count, *lane_visibility(count)
+
+
+def add_greedy_baseline(count: int):
+    """Open one more lane set to greedy: the baseline that speedups are measured against."""
+    if int(count) >= MAX_LANES:
+        raise gr.Error(f"all {MAX_LANES} lanes are in use: remove one first", print_exception=False)
+    count = int(count) + 1
+    dropdowns = [gr.update(value="greedy") if lane == count - 1 else gr.skip() for lane in range(MAX_LANES)]
+    return count, *lane_visibility(count), *dropdowns
 
 
 def strategy_groups(strategy: str) -> list[Any]:
@@ -270,7 +300,9 @@ def build() -> gr.Blocks:
                 with gr.Row():
                     add_btn = gr.Button("+ lane", size="sm")
                     remove_btn = gr.Button("− lane", size="sm")
-                    color_by = gr.Radio(["probability", "entropy"], value="probability", label="colour tokens by")
+                    baseline_btn = gr.Button("+ greedy baseline", size="sm")
+                    color_by = gr.Radio(["probability", "entropy", "origin"], value="probability",
+                                        label="colour tokens by (origin: plain / accepted draft / bonus)")
                 lane_columns, lane_inputs, lane_html, lane_metrics, strategy_dropdowns = [], [], [], [], []
                 with gr.Row(equal_height=False):
                     for lane in range(MAX_LANES):
@@ -292,8 +324,9 @@ def build() -> gr.Blocks:
                         strategy_dropdowns.append(dropdown)
                         lane_inputs += [dropdown, *controls]
                 link = gr.Markdown("", elem_id="permalink")
+                heatmap_lane = gr.Radio([str(i + 1) for i in range(MAX_LANES)], value="1",
+                                        label="lane shown in the per-lane views")
                 with gr.Tab("Top-k heatmap"):
-                    heatmap_lane = gr.Radio([str(i + 1) for i in range(MAX_LANES)], value="1", label="lane")
                     heatmap = gr.Plot(label="per-step top-k", elem_id="heatmap")
                 with gr.Tab("Entropy"):
                     entropy_plot = gr.Plot(label="entropy and confidence", elem_id="entropy")
@@ -303,6 +336,16 @@ def build() -> gr.Blocks:
                     mirostat_plot = gr.Plot(label="mirostat", elem_id="mirostat")
                 with gr.Tab("Top-H"):
                     top_h_plot = gr.Plot(label="top-h", elem_id="top_h")
+                with gr.Tab("Speculative"):
+                    acceptance_plot = gr.Plot(label="acceptance per round", elem_id="acceptance")
+                    timeline_plot = gr.Plot(label="draft vs verify time", elem_id="timeline")
+                    with gr.Row():
+                        lengths_plot = gr.Plot(label="accepted lengths", elem_id="accepted-lengths")
+                        by_position_plot = gr.Plot(label="per-position acceptance", elem_id="by-position")
+                    layer_skip_plot = gr.Plot(label="layer skip", elem_id="layer-skip")
+                with gr.Tab("Jacobi"):
+                    jacobi_plot = gr.Plot(label="iteration x position", elem_id="jacobi-grid")
+                    jacobi_graph_plot = gr.Plot(label="convergence dependencies", elem_id="jacobi-graph")
             with gr.Tab("History", id="history"):
                 with gr.Row():
                     history_strategy = gr.Dropdown(["(any)", *STRATEGY_NAMES], value="(any)", label="strategy")
@@ -315,7 +358,9 @@ def build() -> gr.Blocks:
                     open_btn = gr.Button("Open side by side", variant="primary")
                     delete_btn = gr.Button("Delete", variant="stop")
 
-        views = [heatmap, entropy_plot, divergence_plot, mirostat_plot, top_h_plot]
+        views = [heatmap, entropy_plot, divergence_plot, mirostat_plot, top_h_plot, acceptance_plot, timeline_plot,
+                 lengths_plot, by_position_plot, layer_skip_plot, jacobi_plot, jacobi_graph_plot]
+        assert len(views) == VIEW_COUNT
         lane_outputs = lane_html + lane_metrics
         run_event = run_btn.click(
             run_handler,
@@ -327,7 +372,9 @@ def build() -> gr.Blocks:
         add_btn.click(lambda n: change_lanes(n, +1), lane_count, [lane_count, *lane_columns], queue=False)
         remove_btn.click(lambda n: change_lanes(n, -1), lane_count, [lane_count, *lane_columns], queue=False)
         color_by.change(lambda t, c: render_lanes(t, c), [traces_state, color_by], lane_outputs, queue=False)
-        heatmap_lane.change(lambda t, lane: render_views(t, lane)[0], [traces_state, heatmap_lane], heatmap)
+        heatmap_lane.change(render_views, [traces_state, heatmap_lane], views)
+        baseline_btn.click(add_greedy_baseline, lane_count, [lane_count, *lane_columns, *strategy_dropdowns],
+                           queue=False)
 
         history_filters = [history_strategy, history_model, history_search]
         refresh_btn.click(history_rows, history_filters, history)

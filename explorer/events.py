@@ -115,8 +115,78 @@ class DraftRound:
     details: dict[str, float | str] = field(default_factory=dict)
 
 
-Event = RunStarted | TokenStep | RunFinished | DraftRound
-EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in (RunStarted, TokenStep, RunFinished, DraftRound)}
+@dataclass(frozen=True)
+class BeamStep:
+    """One expansion of a beam group: every candidate considered (a continuation of running beam `parents[i]`
+    by `tokens[i]`, cumulative log-probability `scores[i]`) and what became of it: kept (in new slot
+    `slots[i]`), finished (with length-normalised score `finished_scores[i]`), or pruned. Kept candidates are
+    the tree nodes (step, slot); the root is the prompt."""
+
+    kind: ClassVar[str] = "beam_step"
+    step: int
+    group: int
+    parents: list[int]
+    tokens: list[int]
+    texts: list[str]
+    scores: list[float]
+    statuses: list[str]
+    slots: list[int]
+    finished_scores: list[float | None]
+
+
+@dataclass(frozen=True)
+class BeamResult:
+    """The n-best list of a beam search, best first: token ids, length-normalised scores, the group, and where
+    each hypothesis ended (the step and candidate index of its finishing BeamStep entry)."""
+
+    kind: ClassVar[str] = "beam_result"
+    hypotheses: list[list[int]]
+    texts: list[str]
+    scores: list[float]
+    groups: list[int]
+    end_steps: list[int]
+    end_candidates: list[int]
+
+
+@dataclass(frozen=True)
+class CandidateStep:
+    """A re-ranked step (contrastive search, momentum decoding): the top candidates with their model
+    probability, a penalty, the resulting score and the chosen index. `features` is the per-candidate value the
+    penalty came from (`feature_name`: max cosine similarity, repeated n-gram length, ...)."""
+
+    kind: ClassVar[str] = "candidate_step"
+    step: int
+    position: int
+    tokens: list[int]
+    texts: list[str]
+    probs: list[float]
+    penalties: list[float]
+    scores: list[float]
+    chosen: int
+    feature_name: str
+    features: list[float]
+
+
+@dataclass(frozen=True)
+class TrialBranch:
+    """Cautious next-token prediction at an uncertain step: the trials sampled from here to the next
+    punctuation, their perplexities, and the chosen (lowest-perplexity) trial."""
+
+    kind: ClassVar[str] = "trial_branch"
+    step: int
+    position: int
+    entropy: float
+    trials: list[list[int]]
+    trial_texts: list[str]
+    perplexities: list[float]
+    chosen: int
+
+
+Event = RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch
+EVENT_TYPES: dict[str, type] = {
+    cls.kind: cls
+    for cls in (RunStarted, TokenStep, RunFinished, DraftRound, BeamStep, BeamResult, CandidateStep, TrialBranch)
+}
 
 
 def register_event(cls: type) -> type:

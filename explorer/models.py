@@ -176,6 +176,40 @@ class KVSession:
             return logits, torch.stack([h[0] for h in out.hidden_states])
         return logits
 
+    @torch.inference_mode()
+    def forward_rows(self, token_ids: Sequence[int], *, hidden_states: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One new token per row of a batched cache (after `repeat`): logits `(rows, vocab)` and, with
+        `hidden_states`, the last layer's hidden states `(rows, hidden)`."""
+        device = self.lm.device
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=device).reshape(-1, 1)  # (rows, 1)
+        positions = torch.full_like(ids, self.length)
+        out = self.lm.model(input_ids=ids, past_key_values=self.cache, use_cache=True, position_ids=positions,
+                            output_hidden_states=hidden_states)
+        self.lm.forward_passes += 1
+        self.length += 1
+        logits = out.logits[:, -1].float()
+        return (logits, out.hidden_states[-1][:, -1]) if hidden_states else logits
+
+    def repeat(self, copies: int) -> None:
+        """Turn a one-sequence cache into `copies` identical rows (beam search)."""
+        self.cache.batch_repeat_interleave(copies)
+
+    def reorder(self, rows: Sequence[int]) -> None:
+        """Keep cache rows in this order (row i of the result is old row rows[i])."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.lm.device)
+        self.cache.reorder_cache(index)
+
+    def keep(self, positions: Sequence[int]) -> None:
+        """Compact the cache along the sequence: keep these cached positions, in order (e.g. one path of a
+        verified tree, or one of several candidates run side by side)."""
+        index = torch.as_tensor(list(positions), dtype=torch.long, device=self.lm.device)
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None:
+                layer.keys = layer.keys.index_select(-2, index)
+                layer.values = layer.values.index_select(-2, index)
+        self.length = len(index)
+
     def crop(self, length: int) -> None:
         """Roll the cache back so that only the first `length` tokens stay."""
         if not 0 <= length <= self.length:

@@ -98,7 +98,8 @@ def run_strategy(
     busy = 0.0
     prefill_time = 0.0
     status, stop_reason, error = STATUS_OK, "max_new_tokens", None
-    events = spec.run(model, prompt_ids, config, rng)
+    budget = {"max_new_tokens": max_new_tokens} if spec.needs_budget else {}
+    events = spec.run(model, prompt_ids, config, rng, **budget)
 
     def finish() -> RunFinished:
         finished = RunFinished(

@@ -91,3 +91,59 @@ def test_tokens_html_colour_modes(lanes):
 def test_metrics_html_speedup(lanes):
     html = metrics_html(lanes[1], baseline=lanes[0])
     assert "speedup" in html and "tokens/s" in html and lanes[1].run_id in html
+
+
+# ----------------------------------------------------------------------------------- draft-verify views
+from viz import (  # noqa: E402
+    acceptance_by_position_figure,
+    acceptance_heatmap,
+    accepted_length_histogram,
+    jacobi_dependency_graph,
+    jacobi_graph_figure,
+    jacobi_grid,
+    layer_skip_figure,
+    round_timeline,
+)
+from viz.speculative import jacobi_cells  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def drafted(tiny):
+    runs = [("greedy", {}), ("prompt_lookup", {"min_ngram": 1}), ("jacobi", {"window": 5}),
+            ("self_speculative", {"skip": "1"}), ("speculative", {"draft_length": 3})]
+    return [run_to_end(tiny, name, make_config(name, params), "ab ab ab ab ab ab", max_new_tokens=30, chat=False)
+            for name, params in runs]
+
+
+def test_speculative_views_build(drafted):
+    for figure in [acceptance_heatmap(drafted[1]), round_timeline(drafted[4]), accepted_length_histogram(drafted),
+                   acceptance_by_position_figure(drafted), layer_skip_figure(drafted), jacobi_grid(drafted[2]),
+                   jacobi_graph_figure(drafted[2])]:
+        assert isinstance(figure, go.Figure) and len(figure.data) > 0 and figure.layout.title.text
+    heat = acceptance_heatmap(drafted[4]).data[0]
+    assert len(heat.y) == len(drafted[4].rounds)
+    # the speculative lane drafts with the target itself: every reached cell is accepted
+    assert all(v in (1.0, None) for row in heat.z for v in row)
+    assert acceptance_heatmap(drafted[0]).layout.annotations  # greedy has no rounds: an empty state
+
+
+def test_jacobi_convergence_is_consistent(drafted):
+    trace = drafted[2]
+    cells, converged = jacobi_cells(trace)
+    committed = {s.position for s in trace.token_steps}
+    assert set(converged) == committed
+    commit_round = {}
+    for round_ in trace.rounds:
+        for offset in range(round_.accepted_count + 1):
+            commit_round.setdefault(round_.position + offset, round_.round)
+    assert all(converged[p] <= commit_round[p] for p in converged)
+    graph = jacobi_dependency_graph(trace)
+    assert graph.number_of_nodes() == len(committed) and graph.number_of_edges() == len(committed) - 1
+    assert all(converged[b] >= converged[a] for a, b in graph.edges)  # causal: never before its predecessor
+
+
+def test_origin_colouring_and_round_hover(drafted):
+    page = tokens_html(drafted[1], "origin")
+    assert "accepted draft token" in page or "target&#x27;s token after a round" in page
+    assert "round 0: draft" in page
+    assert "mean accepted" in metrics_html(drafted[1])

@@ -8,7 +8,19 @@ from viz.figures import (
     top_h_figure,
     topk_heatmap,
 )
+from viz.speculative import (
+    acceptance_by_position_figure,
+    acceptance_heatmap,
+    accepted_length_histogram,
+    jacobi_dependency_graph,
+    jacobi_graph_figure,
+    jacobi_grid,
+    layer_skip_figure,
+    round_timeline,
+)
 from viz.tokens import metrics_html, tokens_html
 
-__all__ = ["divergence_figure", "entropy_curves", "first_divergence", "metrics_html", "mirostat_figure",
-           "top_h_figure", "tokens_html", "topk_heatmap"]
+__all__ = ["acceptance_by_position_figure", "acceptance_heatmap", "accepted_length_histogram", "divergence_figure",
+           "entropy_curves", "first_divergence", "jacobi_dependency_graph", "jacobi_graph_figure", "jacobi_grid",
+           "layer_skip_figure", "metrics_html", "mirostat_figure", "round_timeline", "top_h_figure", "tokens_html",
+           "topk_heatmap"]

@@ -9,13 +9,32 @@ import math
 from explorer.trace import Trace
 from viz.theme import readable_text_color, sequential_rgb
 
-COLOR_MODES = ("probability", "entropy")
+COLOR_MODES = ("probability", "entropy", "origin")
+ORIGIN_COLORS = {"plain": (221, 221, 221), "draft": (86, 180, 233), "bonus": (230, 159, 0)}
+ORIGIN_NAMES = {"plain": "plain step", "draft": "accepted draft token", "bonus": "target's token after a round"}
 
 
-def token_tooltip(trace: Trace, index: int) -> str:
+def round_notes(trace: Trace) -> dict[int, list[str]]:
+    """Per position: what the draft-verify rounds said there (accepted drafts, rejected drafts with p, q, u)."""
+    notes: dict[int, list[str]] = {}
+    for round_ in trace.rounds:
+        for i, (text, verdict) in enumerate(zip(round_.draft_texts, round_.verdicts, strict=True)):
+            if verdict == "unreached":
+                continue
+            u = "–" if round_.u[i] is None else f"{round_.u[i]:.3f}"
+            position = round_.position + i
+            notes.setdefault(position, []).append(
+                f"round {round_.round}: draft {text!r} {verdict} (p={round_.p[i]:.3f}, q={round_.q[i]:.3f}, u={u})")
+    return notes
+
+
+def token_tooltip(trace: Trace, index: int, notes: dict[int, list[str]] | None = None) -> str:
     step = trace.token_steps[index]
     lines = [f"step {step.step} · {step.token_text!r} · p={math.exp(step.logprob):.3f} · rank {step.rank}",
              f"entropy {step.entropy:.3f} nats · kept {step.kept_count} tokens"]
+    if step.origin != "plain":
+        lines.append(ORIGIN_NAMES.get(step.origin, step.origin))
+    lines += (notes or {}).get(step.position, [])
     lines += [f"{k}: {v:.3f}" for k, v in step.details.items()]
     lines.append("top alternatives:")
     for token_id, logprob, text in zip(step.top_ids, step.top_logprobs, step.top_texts, strict=True):
@@ -31,13 +50,16 @@ def tokens_html(trace: Trace | None, color_by: str = "probability") -> str:
         return '<div class="tokens empty">No tokens yet.</div>'
     steps = trace.token_steps
     top_entropy = max((s.entropy for s in steps), default=1.0) or 1.0
+    notes = round_notes(trace)
     spans = []
     for index, step in enumerate(steps):
-        # colour = how sure the model was: bright for likely tokens / low entropy
-        value = math.exp(step.logprob) if color_by == "probability" else 1.0 - step.entropy / top_entropy
-        rgb = sequential_rgb(value)
+        if color_by == "origin":
+            rgb = ORIGIN_COLORS.get(step.origin, ORIGIN_COLORS["plain"])
+        else:  # how sure the model was: bright for likely tokens / low entropy
+            value = math.exp(step.logprob) if color_by == "probability" else 1.0 - step.entropy / top_entropy
+            rgb = sequential_rgb(value)
         text = html.escape(step.token_text).replace("\n", "↵<br>")
-        title = html.escape(token_tooltip(trace, index), quote=True)
+        title = html.escape(token_tooltip(trace, index, notes), quote=True)
         spans.append(
             f'<span class="tok" data-step="{step.step}" title="{title}" style="background: rgb{rgb}; '
             f'color: {readable_text_color(rgb)}">{text}</span>'
@@ -64,6 +86,8 @@ def metrics_html(trace: Trace | None, baseline: Trace | None = None) -> str:
         ("mean entropy", number(m["mean_entropy"], ".3f")),
         ("perplexity", number(m["perplexity"], ".3f")),
     ]
+    if trace.rounds:
+        cells.append(("mean accepted", number(m["mean_accepted_tokens"], ".2f")))
     if baseline is not None and baseline.finished and trace.finished and trace.finished.wall_time_s > 0:
         cells.append(("speedup", f"{baseline.finished.wall_time_s / trace.finished.wall_time_s:.2f}x"))
     cells.append(("run", html.escape(trace.run_id)))

@@ -1,9 +1,14 @@
 """Decoding strategies. Importing this package fills the registry; each module is one strategy."""
 
 from explorer.strategies import (  # noqa: F401  (importing registers them)
+    beam,
+    cautious,
+    contrastive,
+    diverse_beam,
     greedy,
     jacobi,
     mirostat,
+    momentum,
     prompt_lookup,
     sample,
     self_speculative,

@@ -27,16 +27,18 @@ class StrategySpec:
     run: Callable[..., Iterator[Any]]
     config: type
     summary: str
+    needs_budget: bool = False  # search strategies get `max_new_tokens=` (they commit only at the end)
 
 
 REGISTRY: dict[str, StrategySpec] = {}
 
 
-def register(name: str, config: type, summary: str) -> Callable[[Callable], Callable]:
+def register(name: str, config: type, summary: str, *, needs_budget: bool = False
+             ) -> Callable[[Callable], Callable]:
     def decorate(run: Callable) -> Callable:
         if name in REGISTRY:
             raise ValueError(f"strategy {name!r} is registered twice")
-        REGISTRY[name] = StrategySpec(name, run, config, summary)
+        REGISTRY[name] = StrategySpec(name, run, config, summary, needs_budget)
         return run
 
     return decorate

@@ -4,8 +4,9 @@
 Each round: for n = max_ngram down to min_ngram, find the latest earlier match of the context's last n tokens
 in prompt + output and propose the (up to gamma) tokens that followed it; no match, no draft (a plain step, so
 text with nothing to copy pays almost nothing). After a draft that is rejected outright, lookups pause for
-1, 2, 4, ... (up to `backoff`) steps, so chance matches in free text cost little. The draft is deterministic (q = a point mass), verified by the
-greedy rule or exactly by the sampling rule. gamma adapts to recent acceptance (see DraftLength).
+1, 2, 4, ... (up to `backoff`) steps, so chance matches in free text cost little. The draft is deterministic
+(q = a point mass), verified by the greedy rule or exactly by the sampling rule. gamma starts at 2 and adapts
+to recent acceptance (see DraftLength).
 """
 
 from __future__ import annotations

@@ -1,0 +1,125 @@
+"""Draft-verify methods against greedy on the embedded model, per prompt category, in one process.
+
+Usage: python benchmarks/bench_speculative.py [--new-tokens 64] [--repeats 3] [--prompts assets/prompts.jsonl]
+       [--methods greedy,prompt_lookup,...]
+For every method and prompt: median wall time over the repeats; speedup = greedy's time / the method's time on
+the same prompt (same process, same machine); mean accepted tokens per verification round. transformers'
+`generate` with prompt_lookup_num_tokens=10 and with an assistant model are in the table as references. The
+draft model for `speculative` and for transformers' assistant is the same: the embedded model cut to its first
+8 layers (no smaller model with this vocabulary is available offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from explorer.models import load_model  # noqa: E402
+from explorer.runner import run_to_end  # noqa: E402
+from explorer.strategies import make_config  # noqa: E402
+
+DRAFT_LAYERS = 8
+
+
+def truncated_copy(lm, layers: int, path: Path) -> Path:
+    """Save the target cut to its first `layers` layers (a same-vocabulary draft model)."""
+    from transformers import AutoModelForCausalLM
+
+    config = lm.model.config.__class__.from_dict(lm.model.config.to_dict())
+    config.num_hidden_layers = layers
+    draft = AutoModelForCausalLM.from_config(config)
+    state = {k: v for k, v in lm.model.state_dict().items()
+             if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    draft.load_state_dict(state, strict=False)
+    draft.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompts", default=str(ROOT / "assets" / "prompts.jsonl"))
+    parser.add_argument("--methods", default="")
+    parser.add_argument("--json-out", default="")
+    args = parser.parse_args()
+
+    lm = load_model(None, dtype="float32", device="cpu")
+    draft_dir = truncated_copy(lm, DRAFT_LAYERS, Path(tempfile.mkdtemp()) / "draft")
+    from transformers import AutoModelForCausalLM
+
+    assistant = AutoModelForCausalLM.from_pretrained(draft_dir).eval()
+    prompts = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+
+    ours = {
+        "greedy": ("greedy", {}),
+        "prompt_lookup": ("prompt_lookup", {}),
+        "jacobi": ("jacobi", {"window": 8}),
+        "self_speculative": ("self_speculative", {}),
+        "self_spec_exit10": ("self_speculative", {"exit_after": 10}),
+        f"speculative_{DRAFT_LAYERS}L": ("speculative", {"draft_model": str(draft_dir), "draft_length": 4}),
+    }
+    references = {"hf_greedy": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10},
+                  f"hf_assistant_{DRAFT_LAYERS}L": {"assistant_model": assistant}}
+    chosen = [m for m in args.methods.split(",") if m] or [*ours, *references]
+
+    def run_ours(method: str, prompt: str) -> tuple[float, int, float]:
+        name, params = ours[method]
+        trace = run_to_end(lm, name, make_config(name, params), prompt, chat=True, max_new_tokens=args.new_tokens)
+        return trace.finished.wall_time_s, len(trace.token_ids), trace.mean_accepted_tokens
+
+    def run_hf(method: str, prompt: str) -> tuple[float, int, float]:
+        ids = torch.tensor([lm.encode_prompt(prompt, chat=True)])
+        t0 = time.perf_counter()
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=args.new_tokens, **references[method])
+        return time.perf_counter() - t0, out.shape[1] - ids.shape[1], float("nan")
+
+    run_ours("greedy", prompts[0]["prompt"])  # warm-up
+    results: dict[str, dict[str, tuple[float, int, float]]] = defaultdict(dict)
+    for item in prompts:
+        for method in chosen:
+            runner = run_ours if method in ours else run_hf
+            runs = [runner(method, item["prompt"]) for _ in range(args.repeats)]
+            wall = statistics.median(r[0] for r in runs)
+            results[method][item["name"]] = (wall, runs[0][1], runs[0][2])
+            print(f"  {item['name']:14} {method:22} {runs[0][1] / wall:6.1f} tok/s  mat={runs[0][2]:.2f}",
+                  file=sys.stderr, flush=True)
+
+    categories = list(dict.fromkeys(item["category"] for item in prompts))
+    print(f"embedded SmolLM2-135M-Instruct, cpu fp32, {torch.get_num_threads()} threads, {args.new_tokens} new tokens, "
+          f"median of {args.repeats}; speedup = greedy time / method time on the same prompt (geometric mean "
+          f"over the category's prompts); MAT = mean accepted tokens per verification round")
+    header = "| method | " + " | ".join(f"{c}: tok/s, speedup, MAT" for c in categories) + " | all: speedup |"
+    print(header)
+    print("|---|" + "---:|" * (len(categories) + 1))
+    for method in chosen:
+        cells, all_ratios = [], []
+        for category in categories:
+            names = [i["name"] for i in prompts if i["category"] == category]
+            ratios = [results["greedy"][n][0] / results[method][n][0] for n in names] if "greedy" in results else []
+            all_ratios += ratios
+            tps = statistics.mean(results[method][n][1] / results[method][n][0] for n in names)
+            mat = statistics.mean(results[method][n][2] for n in names)
+            speed = f"{statistics.geometric_mean(ratios):.2f}x" if ratios else "–"
+            cells.append(f"{tps:.1f}, {speed}, {'–' if mat != mat else f'{mat:.2f}'}")
+        overall = f"{statistics.geometric_mean(all_ratios):.2f}x" if all_ratios else "–"
+        print(f"| {method} | " + " | ".join(cells) + f" | {overall} |")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Diverse Beam Search (Vijayakumar et al. 2016/2018, "Diverse Beam Search: Decoding Diverse Solutions from
+Neural Sequence Models", arXiv:1610.02424, Algorithm 1 with Hamming diversity).
+
+Notation: B beams split into G groups of B/G, lambda = diversity strength. At each step the groups expand in
+order; group g scores its continuations with log p(v | beam) - lambda * (number of times v was chosen by
+groups 1..g-1 at this step), then runs an ordinary beam step (see beam.BeamGroup). All groups share one
+batched forward pass. With lambda = 0 every group is an independent beam search of width B/G.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from explorer.strategies.base import param, register
+from explorer.strategies.beam import EARLY_STOPPING, BeamGroup, beam_loop
+
+
+@dataclass(frozen=True)
+class DiverseBeamConfig:
+    num_beams: int = param(4, "beams B in all", minimum=2, maximum=16, step=1)
+    groups: int = param(2, "groups G (must divide B)", minimum=1, maximum=16, step=1)
+    diversity: float = param(0.5, "Hamming diversity strength lambda (>= 0)", minimum=0.0, maximum=5.0, step=0.1)
+    length_penalty: float = param(1.0, "score / length ** lp", minimum=-2.0, maximum=3.0, step=0.1)
+    early_stopping: str = param("false", "stop rule per group: false, true, never", choices=EARLY_STOPPING)
+    num_return: int = param(4, "size of the n-best list (<= beams)", minimum=1, maximum=16, step=1)
+
+    def __post_init__(self) -> None:
+        if self.groups < 1 or self.num_beams % self.groups:
+            raise ValueError("groups must divide num_beams (e.g. 4 beams in 2 groups)")
+        if self.diversity < 0:
+            raise ValueError("diversity must be >= 0")
+        if self.early_stopping not in EARLY_STOPPING:
+            raise ValueError(f"early_stopping must be one of {', '.join(EARLY_STOPPING)}")
+        if not 1 <= self.num_return <= self.num_beams:
+            raise ValueError("num_return must be between 1 and num_beams")
+
+
+@register("diverse_beam", DiverseBeamConfig, "diverse beam search: G groups with a Hamming diversity penalty",
+          needs_budget=True)
+def run(model: Any, prompt_ids: Sequence[int], config: DiverseBeamConfig, rng: torch.Generator, *,
+        max_new_tokens: int) -> Iterator[Any]:
+    width = config.num_beams // config.groups
+    groups = [BeamGroup(width, model.eos_token_ids, len(prompt_ids), len(prompt_ids) + max_new_tokens,
+                        config.length_penalty, config.early_stopping, group=g) for g in range(config.groups)]
+    yield from beam_loop(model, prompt_ids, groups, max_new_tokens, config.num_return, config.diversity)

@@ -1,0 +1,93 @@
+"""Momentum decoding (Lan, Su, Liu, Huang, Mao 2022, "Momentum Decoding: Open-ended Text Generation As Graph
+Exploration", arXiv:2212.02175).
+
+Generation explores a directed graph whose nodes are tokens and whose edges are the transitions made so far
+(prompt included); degeneration is a walk around a loop. Among the top-k candidates, a token that is new to
+the graph is taken greedily; returning to an existing node is allowed, with its momentum lowered by a
+resistance that grows with the length L of the loop it would repeat, L = the longest n <= max_ngram such that
+(last n - 1 tokens, v) already occurred.
+  x_t = argmax over v in V(k) of  p(v | x_<t) - alpha * R(L(v)),   R(L) = max(0, L - free_length) (linear)
+Departure: the authors' released code uses hand-set lookup tables for R; we use this one linear resistance
+with two parameters. With alpha = 0 it is greedy decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from explorer.events import CandidateStep
+from explorer.sampling import step_stats
+from explorer.strategies.base import RECORD_TOP_K, param, register, token_step
+
+
+@dataclass(frozen=True)
+class MomentumConfig:
+    top_k: int = param(5, "candidates k", minimum=1, maximum=50, step=1)
+    alpha: float = param(1.0, "resistance scale alpha (>= 0)", minimum=0.0, maximum=5.0, step=0.1)
+    free_length: int = param(2, "loops up to this n-gram length repeat freely", minimum=0, maximum=8, step=1)
+    max_ngram: int = param(6, "longest loop length looked for", minimum=1, maximum=16, step=1)
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.max_ngram < 1 or self.free_length < 0:
+            raise ValueError("need top_k >= 1, max_ngram >= 1 and free_length >= 0")
+        if self.alpha < 0:
+            raise ValueError("alpha must be >= 0")
+
+
+class NgramGraph:
+    """The n-grams (n <= max_n) seen so far, to measure the loop a candidate would close."""
+
+    def __init__(self, tokens: Sequence[int], max_n: int):
+        self.max_n = max_n
+        self.tokens: list[int] = []
+        self.seen: list[set[tuple[int, ...]]] = [set() for _ in range(max_n + 1)]
+        for token in tokens:
+            self.add(token)
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        for n in range(1, min(self.max_n, len(self.tokens)) + 1):
+            self.seen[n].add(tuple(self.tokens[-n:]))
+
+    def loop_length(self, token: int) -> int:
+        """0 for a new node, else the longest n such that (last n - 1 tokens, token) was seen."""
+        if (token,) not in self.seen[1]:
+            return 0
+        for n in range(min(self.max_n, len(self.tokens) + 1), 1, -1):
+            if (*self.tokens[len(self.tokens) - n + 1:], token) in self.seen[n]:
+                return n
+        return 1
+
+
+def resistance(length: int, free_length: int) -> float:
+    return float(max(0, length - free_length))
+
+
+@register("momentum", MomentumConfig, "momentum decoding: greedy exploration with a resistance on loops")
+def run(model: Any, prompt_ids: Sequence[int], config: MomentumConfig, rng: torch.Generator) -> Iterator[Any]:
+    session = model.session()
+    graph = NgramGraph(prompt_ids, config.max_ngram)
+    logits = session.forward(list(prompt_ids), all_logits=False)[-1]
+    position = len(prompt_ids)
+    for step in range(10**9):
+        probs = torch.softmax(logits, dim=-1)
+        top_p, top_ids = torch.topk(probs, min(config.top_k, probs.shape[-1]))
+        lengths = [graph.loop_length(int(t)) for t in top_ids]
+        penalties = [config.alpha * resistance(n, config.free_length) for n in lengths]
+        scores = [float(p) - r for p, r in zip(top_p, penalties, strict=True)]
+        chosen = max(range(len(scores)), key=scores.__getitem__)
+        token = int(top_ids[chosen])
+        yield CandidateStep(
+            step=step, position=position, tokens=top_ids.tolist(), texts=[model.piece(int(t)) for t in top_ids],
+            probs=top_p.tolist(), penalties=penalties, scores=scores, chosen=chosen, feature_name="loop length",
+            features=[float(n) for n in lengths],
+        )
+        details = {"loop_length": float(lengths[chosen]), "resistance": penalties[chosen]}
+        yield token_step(model, step, position, token, step_stats(logits, None, token, RECORD_TOP_K), details)
+        graph.add(token)
+        logits = session.forward([token])[-1]
+        position += 1

@@ -1,0 +1,225 @@
+"""Views of draft-verify runs: per-round acceptance, accepted lengths, per-position acceptance, draft vs verify
+time, layer-skip agreement, and Jacobi's iteration x position grid with its convergence dependency graph."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from explorer.models import tree_depths
+from explorer.trace import Trace
+from viz.labels import lane_name, show_token
+from viz.theme import base_layout, empty_figure, lane_color
+
+VERDICT_VALUE = {"accepted": 1.0, "rejected": 0.0}
+ACCEPTED, REJECTED, UNREACHED = "#0072B2", "#D55E00", "#DDDDDD"
+
+
+def _has_rounds(trace: Trace | None) -> bool:
+    return trace is not None and bool(trace.rounds)
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def acceptance_heatmap(trace: Trace | None, max_rounds: int = 150) -> go.Figure:
+    """Round x draft position: accepted (blue), rejected (red), not reached (grey); hover gives p, q, u."""
+    if not _has_rounds(trace):
+        return empty_figure("Run a draft-verify strategy (speculative, prompt_lookup, jacobi, ...) to see rounds.")
+    rounds = trace.rounds[:max_rounds]
+    width = max(max(tree_depths(r.parents), default=0) + 1 for r in rounds)
+    z = [[None] * width for _ in rounds]
+    hover = [[""] * width for _ in rounds]
+    for row, round_ in enumerate(rounds):
+        for i, depth in enumerate(tree_depths(round_.parents)):
+            verdict = round_.verdicts[i]
+            if z[row][depth] is None or verdict == "accepted":
+                z[row][depth] = VERDICT_VALUE.get(verdict, 0.5)
+                hover[row][depth] = (f"round {round_.round}, position {depth}: {round_.draft_texts[i]!r} {verdict}"
+                                     f"<br>p = {_fmt(round_.p[i])}, q = {_fmt(round_.q[i])}, u = {_fmt(round_.u[i])}")
+    colorscale = [[0.0, REJECTED], [0.5, UNREACHED], [1.0, ACCEPTED]]
+    figure = go.Figure(go.Heatmap(
+        z=z, x=list(range(width)), y=[r.round for r in rounds], hovertext=hover, hoverinfo="text",
+        colorscale=colorscale, zmin=0, zmax=1, xgap=1, ygap=1,
+        colorbar=dict(title="verdict", tickvals=[0, 0.5, 1], ticktext=["rejected", "not reached", "accepted"]),
+    ))
+    figure.update_yaxes(autorange="reversed")
+    return base_layout(figure, f"Acceptance per round — {lane_name(trace, 0)}", "draft position", "round",
+                       height=min(900, 200 + 8 * len(rounds)))
+
+
+def accepted_length_histogram(traces: Sequence[Trace]) -> go.Figure:
+    lanes = [(i, t) for i, t in enumerate(traces) if _has_rounds(t)]
+    if not lanes:
+        return empty_figure("No draft-verify lanes yet.")
+    figure = go.Figure()
+    for index, trace in lanes:
+        figure.add_trace(go.Histogram(x=[r.accepted_count for r in trace.rounds], name=lane_name(trace, index),
+                                      marker_color=lane_color(index), opacity=0.75, xbins=dict(size=1),
+                                      hovertemplate="accepted %{x}: %{y} rounds"))
+    figure.update_layout(barmode="group")
+    return base_layout(figure, "Accepted draft tokens per round", "accepted tokens", "rounds")
+
+
+def acceptance_by_position_figure(traces: Sequence[Trace]) -> go.Figure:
+    lanes = [(i, t) for i, t in enumerate(traces) if _has_rounds(t)]
+    if not lanes:
+        return empty_figure("No draft-verify lanes yet.")
+    figure = go.Figure()
+    for index, trace in lanes:
+        rates = trace.acceptance_by_depth()
+        name = f"{lane_name(trace, index)} (MAT {trace.mean_accepted_tokens:.2f})"
+        figure.add_trace(go.Scatter(x=list(range(len(rates))), y=rates, mode="lines+markers", name=name,
+                                    line=dict(color=lane_color(index)),
+                                    hovertemplate="position %{x}: %{y:.1%} accepted"))
+    figure.update_yaxes(range=[0, 1.02], tickformat=".0%")
+    return base_layout(figure, "Per-position acceptance rate (accepted at i / rounds that drafted i)",
+                       "draft position", "acceptance rate")
+
+
+def round_timeline(trace: Trace | None, max_rounds: int = 200) -> go.Figure:
+    if not _has_rounds(trace):
+        return empty_figure("Run a draft-verify strategy to see draft and verify time per round.")
+    rounds = trace.rounds[:max_rounds]
+    x = [r.round for r in rounds]
+    figure = go.Figure([
+        go.Bar(x=x, y=[1000 * r.draft_time_s for r in rounds], name="draft", marker_color="#E69F00",
+               hovertemplate="round %{x}: draft %{y:.1f} ms"),
+        go.Bar(x=x, y=[1000 * r.verify_time_s for r in rounds], name="verify", marker_color="#0072B2",
+               hovertemplate="round %{x}: verify %{y:.1f} ms"),
+    ])
+    figure.update_layout(barmode="stack")
+    return base_layout(figure, f"Draft vs verify time per round — {lane_name(trace, 0)}", "round", "ms")
+
+
+def layer_skip_figure(traces: Sequence[Trace]) -> go.Figure:
+    """Per skipped-layer set: how often its drafts agreed with the full model, and what a draft token cost."""
+    lanes = [(i, t) for i, t in enumerate(traces) if _has_rounds(t) and t.started.strategy == "self_speculative"]
+    if not lanes:
+        return empty_figure("Add a self_speculative lane to see agreement per skipped-layer set.")
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("first-token agreement with the full model",
+                                                           "draft cost per token (ms)"))
+    for index, trace in lanes:
+        stats: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0, 0])
+        for round_ in trace.rounds:
+            entry = stats[str(round_.details.get("skipped_layers", "?"))]
+            entry[0] += 1
+            entry[1] += round_.verdicts[0] == "accepted"
+            entry[2] += round_.draft_time_s
+            entry[3] += len(round_.draft_tokens)
+        labels = [f"[{key}]" for key in stats]
+        color = lane_color(index)
+        figure.add_trace(go.Bar(x=labels, y=[v[1] / v[0] for v in stats.values()], name=lane_name(trace, index),
+                                marker_color=color, customdata=[v[0] for v in stats.values()],
+                                hovertemplate="skip %{x}: %{y:.1%} over %{customdata} rounds"), row=1, col=1)
+        figure.add_trace(go.Bar(x=labels, y=[1000 * v[2] / max(v[3], 1) for v in stats.values()],
+                                marker_color=color, showlegend=False,
+                                hovertemplate="skip %{x}: %{y:.1f} ms per draft token"), row=1, col=2)
+    base_layout(figure, "Layer skip: agreement and cost per skipped set", "", "", height=420)
+    figure.update_yaxes(tickformat=".0%", range=[0, 1.02], row=1, col=1)
+    figure.update_xaxes(title_text="skipped layers", row=1, col=1)
+    figure.update_xaxes(title_text="skipped layers", row=1, col=2)
+    return figure
+
+
+# ----------------------------------------------------------------------------------------------- Jacobi
+@dataclass(frozen=True)
+class JacobiCell:
+    iteration: int
+    position: int
+    token_text: str
+    final: bool  # equals the token finally committed at this position
+
+
+def jacobi_cells(trace: Trace) -> tuple[list[JacobiCell], dict[int, int]]:
+    """The iteration x position grid and, per committed position, the iteration it converged at: the first
+    iteration from which its guess stayed equal to the committed token (its commit iteration if never)."""
+    committed = {s.position: s.token_id for s in trace.token_steps}
+    commit_iteration: dict[int, int] = {}
+    guesses: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    cells = []
+    for round_ in trace.rounds:
+        for i, token in enumerate(round_.draft_tokens):
+            position = round_.position + i
+            guesses[position].append((round_.round, token))
+            cells.append(JacobiCell(round_.round, position, round_.draft_texts[i], committed.get(position) == token))
+        for offset in range(round_.accepted_count + 1):
+            commit_iteration.setdefault(round_.position + offset, round_.round)
+    converged = {}
+    for position, iteration in commit_iteration.items():
+        first = iteration
+        for guess_iteration, token in reversed(guesses.get(position, [])):
+            if guess_iteration > iteration:
+                continue
+            if token != committed.get(position):
+                break
+            first = guess_iteration
+        converged[position] = first
+    return cells, converged
+
+
+def jacobi_grid(trace: Trace | None, max_positions: int = 80) -> go.Figure:
+    if not _has_rounds(trace) or trace.started.strategy != "jacobi":
+        return empty_figure("Run a jacobi lane to see its iteration x position grid.")
+    cells, converged = jacobi_cells(trace)
+    first = min(c.position for c in cells)
+    cells = [c for c in cells if c.position < first + max_positions]
+    figure = go.Figure(go.Scatter(
+        x=[c.position for c in cells], y=[c.iteration for c in cells], mode="markers+text",
+        text=[show_token(c.token_text, 5) for c in cells], textfont=dict(size=9),
+        marker=dict(symbol="square", size=16, color=[ACCEPTED if c.final else UNREACHED for c in cells]),
+        hovertext=[f"iteration {c.iteration}, position {c.position}: {c.token_text!r}"
+                   f"{' (final)' if c.final else ''}" for c in cells], hoverinfo="text", name="guess",
+    ))
+    shown = {p: i for p, i in converged.items() if p < first + max_positions}
+    figure.add_trace(go.Scatter(x=list(shown), y=list(shown.values()), mode="markers", name="converged",
+                                marker=dict(symbol="diamond-open", size=20, color="#D55E00", line=dict(width=2)),
+                                hovertemplate="position %{x} converged at iteration %{y}"))
+    figure.update_yaxes(autorange="reversed")
+    return base_layout(figure, "Jacobi: guesses per iteration (blue = the final token)", "position", "iteration",
+                       height=min(900, 220 + 18 * len({c.iteration for c in cells})))
+
+
+def jacobi_dependency_graph(trace: Trace) -> nx.DiGraph:
+    """Positions as nodes (with their convergence iteration); an edge i-1 -> i says i converged no earlier
+    than i-1, marked `parallel` when both converged in the same iteration."""
+    _, converged = jacobi_cells(trace)
+    graph = nx.DiGraph()
+    texts = {s.position: s.token_text for s in trace.token_steps}
+    for position in sorted(converged):
+        graph.add_node(position, iteration=converged[position], token=texts.get(position, ""))
+        if position - 1 in converged:
+            graph.add_edge(position - 1, position, parallel=converged[position] == converged[position - 1])
+    return graph
+
+
+def jacobi_graph_figure(trace: Trace | None, max_positions: int = 80) -> go.Figure:
+    if not _has_rounds(trace) or trace.started.strategy != "jacobi":
+        return empty_figure("Run a jacobi lane to see which positions converged after which.")
+    graph = jacobi_dependency_graph(trace)
+    nodes = sorted(graph.nodes)[:max_positions]
+    keep = set(nodes)
+    figure = go.Figure()
+    for kind, color, dash in ((True, "#0072B2", "solid"), (False, "#999999", "dot")):
+        xs, ys = [], []
+        for a, b, data in graph.edges(data=True):
+            if a in keep and b in keep and data["parallel"] == kind:
+                xs += [a, b, None]
+                ys += [graph.nodes[a]["iteration"], graph.nodes[b]["iteration"], None]
+        figure.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, dash=dash),
+                                    name="same iteration" if kind else "waited for an earlier position",
+                                    hoverinfo="skip"))
+    figure.add_trace(go.Scatter(
+        x=nodes, y=[graph.nodes[n]["iteration"] for n in nodes], mode="markers+text", name="position",
+        text=[show_token(graph.nodes[n]["token"], 5) for n in nodes], textposition="top center",
+        marker=dict(size=10, color="#E69F00"), textfont=dict(size=9),
+        hovertext=[f"position {n} {graph.nodes[n]['token']!r} converged at iteration {graph.nodes[n]['iteration']}"
+                   for n in nodes], hoverinfo="text",
+    ))
+    return base_layout(figure, "Jacobi: convergence dependencies", "position", "converged at iteration")
