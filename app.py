@@ -28,6 +28,9 @@ from viz import (
     acceptance_by_position_figure,
     acceptance_heatmap,
     accepted_length_histogram,
+    beam_tree_figure,
+    cautious_figure,
+    contrastive_figure,
     divergence_figure,
     entropy_curves,
     jacobi_graph_figure,
@@ -35,6 +38,8 @@ from viz import (
     layer_skip_figure,
     metrics_html,
     mirostat_figure,
+    momentum_figure,
+    repetition_figure,
     round_timeline,
     tokens_html,
     top_h_figure,
@@ -118,7 +123,9 @@ def _pick(traces: list[Any], lane: int, wanted: Any) -> Any:
     return next((t for t in traces if t is not None and wanted(t)), None)
 
 
-VIEW_COUNT = 12
+VIEW_COUNT = 17
+BEAM_VIEW = 12  # index of the beam tree, which also updates while a search runs
+BEAM_STRATEGIES = ("beam", "diverse_beam")
 
 
 def render_views(traces: list[Any], view_lane: str) -> list[Any]:
@@ -129,7 +136,15 @@ def render_views(traces: list[Any], view_lane: str) -> list[Any]:
     return [topk_heatmap(chosen), entropy_curves(traces), divergence_figure(traces), mirostat_figure(traces),
             top_h_figure(traces), acceptance_heatmap(drafted), round_timeline(drafted),
             accepted_length_histogram(traces), acceptance_by_position_figure(traces), layer_skip_figure(traces),
-            jacobi_grid(jacobi), jacobi_graph_figure(jacobi)]
+            jacobi_grid(jacobi), jacobi_graph_figure(jacobi), beam_tree_figure(_beam_lane(traces, lane)),
+            contrastive_figure(_pick(traces, lane, lambda t: t.started.strategy == "contrastive")),
+            momentum_figure(_pick(traces, lane, lambda t: t.started.strategy == "momentum")),
+            cautious_figure(_pick(traces, lane, lambda t: t.started.strategy == "cautious")),
+            repetition_figure(traces)]
+
+
+def _beam_lane(traces: list[Any], lane: int) -> Any:
+    return _pick(traces, lane, lambda t: t.started.strategy in BEAM_STRATEGIES)
 
 
 def permalink(traces: list[Any]) -> str:
@@ -150,13 +165,18 @@ def run_handler(prompt: str, chat: bool, system: str, model_id: str, seed: float
         model = MODELS.get(model_id or DEFAULT_MODEL)
         lanes = run_lanes(model, specs, prompt, chat=chat, system_prompt=system or None,
                           max_new_tokens=max_new_tokens, seed=int(seed), store=store())
-        last = 0.0
+        last = last_tree = 0.0
         results = []
+        searching = any(spec.strategy in BEAM_STRATEGIES for spec in specs)
         for results in lanes:
             if time.perf_counter() - last >= STREAM_EVERY_S:
                 last = time.perf_counter()
                 traces = [r.trace for r in results]
-                yield *render_lanes(traces, color_by), *[gr.skip()] * VIEW_COUNT, gr.skip(), gr.skip()
+                views: list[Any] = [gr.skip()] * VIEW_COUNT
+                if searching and last - last_tree >= 0.6:  # the beam tree grows live
+                    last_tree = last
+                    views[BEAM_VIEW] = beam_tree_figure(_beam_lane(traces, int(heatmap_lane) - 1))
+                yield *render_lanes(traces, color_by), *views, gr.skip(), gr.skip()
     except ValueError as error:
         raise gr.Error(str(error), print_exception=False) from None
     for result in results:
@@ -346,6 +366,16 @@ def build() -> gr.Blocks:
                 with gr.Tab("Jacobi"):
                     jacobi_plot = gr.Plot(label="iteration x position", elem_id="jacobi-grid")
                     jacobi_graph_plot = gr.Plot(label="convergence dependencies", elem_id="jacobi-graph")
+                with gr.Tab("Beam tree"):
+                    beam_plot = gr.Plot(label="beam tree", elem_id="beam-tree")
+                with gr.Tab("Contrastive"):
+                    contrastive_plot = gr.Plot(label="contrastive candidates", elem_id="contrastive")
+                with gr.Tab("Momentum"):
+                    momentum_plot = gr.Plot(label="momentum graph", elem_id="momentum")
+                with gr.Tab("Cautious"):
+                    cautious_plot = gr.Plot(label="cautious trials", elem_id="cautious")
+                with gr.Tab("Repetition"):
+                    repetition_plot = gr.Plot(label="repetition", elem_id="repetition")
             with gr.Tab("History", id="history"):
                 with gr.Row():
                     history_strategy = gr.Dropdown(["(any)", *STRATEGY_NAMES], value="(any)", label="strategy")
@@ -359,7 +389,8 @@ def build() -> gr.Blocks:
                     delete_btn = gr.Button("Delete", variant="stop")
 
         views = [heatmap, entropy_plot, divergence_plot, mirostat_plot, top_h_plot, acceptance_plot, timeline_plot,
-                 lengths_plot, by_position_plot, layer_skip_plot, jacobi_plot, jacobi_graph_plot]
+                 lengths_plot, by_position_plot, layer_skip_plot, jacobi_plot, jacobi_graph_plot, beam_plot,
+                 contrastive_plot, momentum_plot, cautious_plot, repetition_plot]
         assert len(views) == VIEW_COUNT
         lane_outputs = lane_html + lane_metrics
         run_event = run_btn.click(

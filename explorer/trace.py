@@ -95,6 +95,12 @@ class Trace:
                 accepted[depth] += verdict == "accepted"
         return [a / d for a, d in zip(accepted, drafted, strict=True)]
 
+    def repetition_rate(self, n: int) -> float:
+        """Share of the output's n-grams that repeat an earlier n-gram of the output (0 = none repeat)."""
+        ids = self.token_ids
+        grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+        return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
     def table(self) -> list[dict[str, Any]]:
         """One row per committed token: the per-step table."""
         return [
@@ -150,4 +156,6 @@ class Trace:
             "verification_rounds": self.verification_rounds,
             "draft_rounds": len(self.rounds),
             "acceptance_by_position": self.acceptance_by_depth(),
+            "repetition_2": self.repetition_rate(2),
+            "repetition_4": self.repetition_rate(4),
         }

@@ -147,3 +147,66 @@ def test_origin_colouring_and_round_hover(drafted):
     assert "accepted draft token" in page or "target&#x27;s token after a round" in page
     assert "round 0: draft" in page
     assert "mean accepted" in metrics_html(drafted[1])
+
+
+# --------------------------------------------------------------------------------------- search views
+from viz import (  # noqa: E402
+    beam_tree,
+    beam_tree_figure,
+    cautious_figure,
+    contrastive_figure,
+    momentum_figure,
+    momentum_graph,
+    repetition_figure,
+)
+from viz.search import tree_layout  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_flat):
+    runs = [("beam", {"num_beams": 3, "num_return": 3}), ("diverse_beam", {"num_beams": 4, "groups": 2}),
+            ("contrastive", {}), ("momentum", {"alpha": 2.0}), ("cautious", {"threshold": 0.5})]
+    return [run_to_end(tiny_flat, name, make_config(name, params), "Hello", max_new_tokens=12, seed=1)
+            for name, params in runs]
+
+
+def test_search_views_build(searched):
+    for figure in [beam_tree_figure(searched[0]), beam_tree_figure(searched[1]), contrastive_figure(searched[2]),
+                   momentum_figure(searched[3]), cautious_figure(searched[4]), repetition_figure(searched)]:
+        assert isinstance(figure, go.Figure) and len(figure.data) > 0 and figure.layout.title.text
+    assert beam_tree_figure(searched[2]).layout.annotations  # not a beam run: empty state
+
+
+def test_beam_tree_marks_the_n_best_paths_and_lays_out_deterministically(searched):
+    graph = beam_tree(searched[0])
+    best = [n for n, d in graph.nodes(data=True) if d["best"]]
+    assert "root" in best and len([n for n in best if graph.out_degree(n) == 0]) == 3  # three n-best leaves
+    assert tree_layout(graph) == tree_layout(beam_tree(searched[0]))
+    assert all(graph.in_degree(n) == 1 for n in graph.nodes if n != "root")  # a tree
+
+
+def test_momentum_graph_marks_revisits(searched):
+    graph = momentum_graph(searched[3])
+    assert graph.number_of_nodes() > 0
+    revisits = [d for _, _, d in graph.edges(data=True) if d.get("revisit")]
+    assert all(d["count"] >= 1 for d in revisits)
+
+
+def test_repetition_rate():
+    from explorer.trace import Trace
+
+    trace = Trace(searched_started())
+    for i, token in enumerate([1, 2, 1, 2, 1, 2]):
+        trace.add(TokenStep(step=i, position=i, token_id=token, token_text=str(token), logprob=-1.0, rank=0,
+                            entropy=1.0, top_ids=[token], top_logprobs=[-1.0], top_texts=[str(token)],
+                            kept_top_ids=[token], kept_top_logprobs=[-1.0], kept_count=1, kept_logprob=-1.0))
+    assert trace.repetition_rate(2) == pytest.approx(1 - 2 / 5)  # (1,2) and (2,1) only
+    assert trace.repetition_rate(6) == 0.0
+
+
+def searched_started():
+    from explorer.events import RunStarted
+
+    return RunStarted(run_id="r", strategy="greedy", config={}, model_id="m", weights_hash="", dtype="float32",
+                      device="cpu", seed=0, versions={}, prompt="p", chat=False, system_prompt=None, prompt_ids=[0],
+                      max_new_tokens=6, stop_strings=[], created_at="2026-01-01T00:00:00")

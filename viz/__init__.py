@@ -8,6 +8,15 @@ from viz.figures import (
     top_h_figure,
     topk_heatmap,
 )
+from viz.search import (
+    beam_tree,
+    beam_tree_figure,
+    cautious_figure,
+    contrastive_figure,
+    momentum_figure,
+    momentum_graph,
+    repetition_figure,
+)
 from viz.speculative import (
     acceptance_by_position_figure,
     acceptance_heatmap,
@@ -20,7 +29,8 @@ from viz.speculative import (
 )
 from viz.tokens import metrics_html, tokens_html
 
-__all__ = ["acceptance_by_position_figure", "acceptance_heatmap", "accepted_length_histogram", "divergence_figure",
-           "entropy_curves", "first_divergence", "jacobi_dependency_graph", "jacobi_graph_figure", "jacobi_grid",
-           "layer_skip_figure", "metrics_html", "mirostat_figure", "round_timeline", "top_h_figure", "tokens_html",
-           "topk_heatmap"]
+__all__ = ["acceptance_by_position_figure", "acceptance_heatmap", "accepted_length_histogram", "beam_tree",
+    "beam_tree_figure", "cautious_figure", "contrastive_figure", "divergence_figure", "entropy_curves",
+    "first_divergence", "jacobi_dependency_graph", "jacobi_graph_figure", "jacobi_grid", "layer_skip_figure",
+    "metrics_html", "mirostat_figure", "momentum_figure", "momentum_graph", "repetition_figure", "round_timeline",
+    "tokens_html", "top_h_figure", "topk_heatmap"]

@@ -1,0 +1,227 @@
+"""Views of search strategies: the beam tree, contrastive candidates, momentum's token graph, cautious
+branching, and the repetition rate every lane can be compared on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import networkx as nx
+import plotly.graph_objects as go
+
+from explorer.events import BeamResult, BeamStep, CandidateStep, TrialBranch
+from explorer.trace import Trace
+from viz.labels import lane_name, show_token
+from viz.theme import base_layout, empty_figure, lane_color
+
+STATUS_STYLE = {"kept": ("circle", "#0072B2"), "finished": ("star", "#E69F00"), "pruned": ("x", "#BBBBBB")}
+ROOT = "root"
+
+
+def _events(trace: Trace | None, kind: type) -> list:
+    return [e for e in trace.events if isinstance(e, kind)] if trace is not None else []
+
+
+def beam_tree(trace: Trace) -> nx.DiGraph:
+    """Every candidate a beam search considered, as a tree rooted at the prompt. Node ids are
+    'step:group:index'; attributes: step, group, token, text, score, status, finished_score, best (on an
+    n-best path)."""
+    graph = nx.DiGraph()
+    graph.add_node(ROOT, step=-1, group=-1, text="<prompt>", score=0.0, status="kept", best=False)
+    slot_nodes: dict[tuple[int, int, int], str] = {}  # (step, group, slot) -> node of the kept candidate
+    for event in _events(trace, BeamStep):
+        for i, token in enumerate(event.tokens):
+            node = f"{event.step}:{event.group}:{i}"
+            parent = ROOT if event.step == 0 else slot_nodes[(event.step - 1, event.group, event.parents[i])]
+            graph.add_node(node, step=event.step, group=event.group, token=token, text=event.texts[i],
+                           score=event.scores[i], status=event.statuses[i],
+                           finished_score=event.finished_scores[i], best=False)
+            graph.add_edge(parent, node)
+            if event.statuses[i] == "kept":
+                slot_nodes[(event.step, event.group, event.slots[i])] = node
+    result = next(iter(_events(trace, BeamResult)), None)
+    if result is not None:
+        for step, group, candidate in zip(result.end_steps, result.groups, result.end_candidates, strict=True):
+            node = f"{step}:{group}:{candidate}"
+            while node in graph:
+                graph.nodes[node]["best"] = True
+                node = next(iter(graph.predecessors(node)), None)
+    return graph
+
+
+def tree_layout(graph: nx.DiGraph) -> dict[str, tuple[float, float]]:
+    """Depth on x; on y, siblings in score order under their parent, parents in their own order (tidy and
+    deterministic, no random spring layout)."""
+    positions: dict[str, tuple[float, float]] = {ROOT: (0.0, 0.0)}
+    order: dict[str, int] = {ROOT: 0}
+    by_step: dict[int, list[str]] = {}
+    for node, data in graph.nodes(data=True):
+        if node != ROOT:
+            by_step.setdefault(data["step"], []).append(node)
+    for step in sorted(by_step):
+        nodes = sorted(by_step[step], key=lambda n: (order[next(iter(graph.predecessors(n)))],
+                                                       -graph.nodes[n]["score"]))
+        for rank, node in enumerate(nodes):
+            order[node] = rank
+            positions[node] = (float(step + 1), -float(rank))
+    return positions
+
+
+def beam_tree_figure(trace: Trace | None, max_steps: int = 60) -> go.Figure:
+    if trace is None or not _events(trace, BeamStep):
+        return empty_figure("Run a beam or diverse_beam lane to see its search tree grow.")
+    graph = beam_tree(trace)
+    keep = [n for n, d in graph.nodes(data=True) if d["step"] < max_steps]
+    graph = graph.subgraph(keep)
+    positions = tree_layout(graph)
+    figure = go.Figure()
+    for best in (False, True):
+        xs, ys = [], []
+        for a, b in graph.edges:
+            if graph.nodes[b]["best"] == best:
+                xs += [positions[a][0], positions[b][0], None]
+                ys += [positions[a][1], positions[b][1], None]
+        figure.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip",
+                                    name="n-best path" if best else "expansion",
+                                    line=dict(color="#D55E00" if best else "#CCCCCC", width=3 if best else 1)))
+    groups = sorted({d["group"] for _, d in graph.nodes(data=True) if d["group"] >= 0})
+    for status, (symbol, color) in STATUS_STYLE.items():
+        nodes = [n for n, d in graph.nodes(data=True) if d["status"] == status and n != ROOT]
+        if not nodes:
+            continue
+        colors = [lane_color(graph.nodes[n]["group"]) if len(groups) > 1 and status != "pruned" else color
+                  for n in nodes]
+        figure.add_trace(go.Scatter(
+            x=[positions[n][0] for n in nodes], y=[positions[n][1] for n in nodes], mode="markers+text",
+            name=status, marker=dict(symbol=symbol, size=11 if status != "pruned" else 7, color=colors),
+            text=[show_token(graph.nodes[n]["text"], 6) if status != "pruned" else "" for n in nodes],
+            textposition="middle right", textfont=dict(size=9),
+            hovertext=[_node_hover(graph.nodes[n]) for n in nodes], hoverinfo="text",
+        ))
+    figure.add_trace(go.Scatter(x=[0], y=[0], mode="markers+text", text=["prompt"], name="prompt",
+                                textposition="middle left", marker=dict(size=12, color="#000000"), hoverinfo="skip"))
+    figure.update_yaxes(showticklabels=False)
+    rows = max((-p[1] for p in positions.values()), default=1)
+    return base_layout(figure, f"Beam tree — {lane_name(trace, 0)}", "step", "candidates (sibling order)",
+                       height=int(min(1200, 260 + 22 * rows)))
+
+
+def _node_hover(data: dict) -> str:
+    text = f"step {data['step']} · {data['text']!r} · cumulative log p = {data['score']:.3f} · {data['status']}"
+    if data["group"] >= 0:
+        text += f" · group {data['group']}"
+    if data.get("finished_score") is not None:
+        text += f"<br>finished, score {data['finished_score']:.3f}"
+    return text + ("<br>on an n-best path" if data.get("best") else "")
+
+
+def contrastive_figure(trace: Trace | None) -> go.Figure:
+    steps = [e for e in _events(trace, CandidateStep) if e.feature_name == "max cosine similarity"]
+    if not steps:
+        return empty_figure("Run a contrastive lane to see model probability against degeneration penalty.")
+    figure = go.Figure()
+    for chosen in (False, True):
+        xs, ys, hover = [], [], []
+        for step in steps:
+            for i, token in enumerate(step.texts):
+                if (i == step.chosen) == chosen:
+                    xs.append(step.probs[i])
+                    ys.append(step.features[i])
+                    hover.append(f"step {step.step}: {token!r}, p={step.probs[i]:.3f}, "
+                                 f"max cos={step.features[i]:.3f}, score={step.scores[i]:.3f}")
+        figure.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="chosen" if chosen else "candidate",
+                                    marker=dict(size=9 if chosen else 6, symbol="diamond" if chosen else "circle",
+                                                color="#D55E00" if chosen else "#56B4E9"),
+                                    hovertext=hover, hoverinfo="text"))
+    return base_layout(figure, f"Contrastive search candidates — {lane_name(trace, 0)}", "model probability p(v)",
+                       "degeneration penalty: max cosine similarity to the context")
+
+
+def momentum_graph(trace: Trace) -> nx.DiGraph:
+    """Tokens as nodes, transitions as edges (prompt included); `revisit` marks edges into a node the walk had
+    already visited, with the loop length and resistance paid."""
+    steps = {e.step: e for e in _events(trace, CandidateStep) if e.feature_name == "loop length"}
+    graph = nx.DiGraph()
+    tokens = [(t, None) for t in trace.started.prompt_ids] + [(s.token_id, s) for s in trace.token_steps]
+    previous = None
+    for token, step in tokens:
+        revisit = token in graph
+        if not revisit:
+            graph.add_node(token, text=step.token_text if step else trace.token_text(token), first=step is not None)
+        if previous is not None:
+            event = steps.get(step.step) if step else None
+            data = graph.get_edge_data(previous, token) or {"count": 0, "penalty": 0.0, "loop": 0}
+            data["count"] += 1
+            if event is not None:
+                data["penalty"] = max(data["penalty"], event.penalties[event.chosen])
+                data["loop"] = max(data["loop"], int(event.features[event.chosen]))
+            data["revisit"] = data.get("revisit", False) or (revisit and step is not None)
+            graph.add_edge(previous, token, **data)
+        previous = token
+    return graph
+
+
+def momentum_figure(trace: Trace | None, max_nodes: int = 120) -> go.Figure:
+    if trace is None or not any(e.feature_name == "loop length" for e in _events(trace, CandidateStep)):
+        return empty_figure("Run a momentum lane to see its token graph and loop penalties.")
+    graph = momentum_graph(trace)
+    nodes = list(graph.nodes)[:max_nodes]
+    graph = graph.subgraph(nodes)
+    positions = nx.circular_layout(nodes)  # nodes in first-visit order: deterministic
+    figure = go.Figure()
+    for revisit, color, name in ((False, "#CCCCCC", "transition"), (True, "#D55E00", "revisit (loop)")):
+        xs, ys = [], []
+        for a, b, data in graph.edges(data=True):
+            if bool(data.get("revisit")) == revisit:
+                xs += [positions[a][0], positions[b][0], None]
+                ys += [positions[a][1], positions[b][1], None]
+        figure.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, hoverinfo="skip",
+                                    line=dict(color=color, width=2 if revisit else 1)))
+    penalties = {b: d["penalty"] for _, b, d in graph.edges(data=True)}
+    figure.add_trace(go.Scatter(
+        x=[positions[n][0] for n in nodes], y=[positions[n][1] for n in nodes], mode="markers+text",
+        text=[show_token(graph.nodes[n]["text"], 6) for n in nodes], textfont=dict(size=9), name="token",
+        marker=dict(size=8, color=["#0072B2" if graph.nodes[n]["first"] else "#999999" for n in nodes]),
+        hovertext=[f"{graph.nodes[n]['text']!r} · in-degree {graph.in_degree(n)} · max resistance paid "
+                   f"{penalties.get(n, 0.0):.2f}" for n in nodes], hoverinfo="text",
+    ))
+    figure.update_xaxes(visible=False)
+    figure.update_yaxes(visible=False, scaleanchor="x")
+    return base_layout(figure, f"Momentum decoding: token graph — {lane_name(trace, 0)}", "", "", height=560)
+
+
+def cautious_figure(trace: Trace | None) -> go.Figure:
+    branches = _events(trace, TrialBranch)
+    if not branches:
+        return empty_figure("Run a cautious lane (with a low enough threshold) to see its branching.")
+    figure = go.Figure()
+    for chosen in (False, True):
+        xs, ys, hover = [], [], []
+        for branch in branches:
+            for i, (ppl, text) in enumerate(zip(branch.perplexities, branch.trial_texts, strict=True)):
+                if (i == branch.chosen) == chosen:
+                    xs.append(branch.step)
+                    ys.append(ppl)
+                    hover.append(f"step {branch.step} (entropy {branch.entropy:.2f}): {text!r} perplexity {ppl:.2f}")
+        figure.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="chosen trial" if chosen else "trial",
+                                    marker=dict(size=11 if chosen else 7, symbol="star" if chosen else "circle",
+                                                color="#D55E00" if chosen else "#56B4E9"),
+                                    hovertext=hover, hoverinfo="text"))
+    figure.update_yaxes(type="log")
+    return base_layout(figure, f"Cautious decoding: trials at uncertain steps — {lane_name(trace, 0)}", "step",
+                       "trial perplexity")
+
+
+def repetition_figure(traces: Sequence[Trace]) -> go.Figure:
+    """Repeated n-gram rate (1 - distinct / total n-grams of the output) per lane, n = 2, 3, 4."""
+    lanes = [(i, t) for i, t in enumerate(traces) if t is not None and len(t.token_steps) > 1]
+    if not lanes:
+        return empty_figure("Run some lanes to compare their repetition.")
+    figure = go.Figure()
+    for index, trace in lanes:
+        rates = [trace.repetition_rate(n) for n in (2, 3, 4)]
+        figure.add_trace(go.Bar(x=["2-grams", "3-grams", "4-grams"], y=rates, name=lane_name(trace, index),
+                                marker_color=lane_color(index), hovertemplate="%{x}: %{y:.1%} repeated"))
+    figure.update_layout(barmode="group")
+    figure.update_yaxes(tickformat=".0%", range=[0, 1])
+    return base_layout(figure, "Repetition: share of the output's n-grams that repeat an earlier one", "n-gram",
+                       "repeated n-gram rate")
