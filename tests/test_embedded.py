@@ -64,3 +64,21 @@ def test_prompt_lookup_copies_on_the_embedded_model(embedded):
                        max_new_tokens=48)
     assert trace.mean_accepted_tokens > 1.3
     assert trace.finished.target_forward_passes < len(trace.token_ids)
+
+
+@pytest.mark.parametrize("beams, length_penalty", [(2, 1.0), (4, 1.0), (4, 0.5)])
+def test_beam_search_matches_transformers(embedded, beams, length_penalty):
+    from explorer.events import BeamResult
+
+    for prompt in ("What is 2 + 2?", PROMPTS[2]):
+        config = make_config("beam", {"num_beams": beams, "length_penalty": length_penalty, "num_return": beams})
+        trace = run_to_end(embedded, "beam", config, prompt, chat=True, max_new_tokens=32)
+        result = next(e for e in trace.events if isinstance(e, BeamResult))
+        ids = torch.tensor([trace.started.prompt_ids])
+        out = embedded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=beams,
+                                      max_new_tokens=32, length_penalty=length_penalty, num_return_sequences=beams,
+                                      output_scores=True, return_dict_in_generate=True)
+        pad = embedded.tokenizer.pad_token_id
+        for ours, theirs in zip(result.hypotheses, out.sequences[:, ids.shape[1]:].tolist(), strict=True):
+            assert theirs[:len(ours)] == ours and all(t == pad for t in theirs[len(ours):])
+        assert result.scores == pytest.approx(out.sequences_scores.tolist(), abs=1e-3)
