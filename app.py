@@ -61,7 +61,7 @@ _STORE_LOCK = threading.Lock()
 CSS = """
 .tokens { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 14px; }
 .tok { border-radius: 3px; padding: 1px 0; cursor: help; }
-.lane-metrics td { padding: 2px 8px; font-size: 12px; border: none; }
+.lane-metrics { display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 12px; }
 .run-status { color: #D55E00; font-weight: bold; margin-top: 4px; }
 """
 

@@ -43,13 +43,15 @@ def acceptance_heatmap(trace: Trace | None, max_rounds: int = 150) -> go.Figure:
                 z[row][depth] = VERDICT_VALUE.get(verdict, 0.5)
                 hover[row][depth] = (f"round {round_.round}, position {depth}: {round_.draft_texts[i]!r} {verdict}"
                                      f"<br>p = {_fmt(round_.p[i])}, q = {_fmt(round_.q[i])}, u = {_fmt(round_.u[i])}")
-    colorscale = [[0.0, REJECTED], [0.5, UNREACHED], [1.0, ACCEPTED]]
+    colorscale = [[0.0, REJECTED], [0.33, REJECTED], [0.33, UNREACHED], [0.67, UNREACHED], [0.67, ACCEPTED],
+                  [1.0, ACCEPTED]]
     figure = go.Figure(go.Heatmap(
         z=z, x=list(range(width)), y=[r.round for r in rounds], hovertext=hover, hoverinfo="text",
         colorscale=colorscale, zmin=0, zmax=1, xgap=1, ygap=1,
         colorbar=dict(title="verdict", tickvals=[0, 0.5, 1], ticktext=["rejected", "not reached", "accepted"]),
     ))
-    figure.update_yaxes(autorange="reversed")
+    figure.update_yaxes(autorange="reversed", type="category")
+    figure.update_xaxes(dtick=1)
     return base_layout(figure, f"Acceptance per round — {lane_name(trace, 0)}", "draft position", "round",
                        height=min(900, 200 + 8 * len(rounds)))
 

@@ -91,5 +91,5 @@ def metrics_html(trace: Trace | None, baseline: Trace | None = None) -> str:
     if baseline is not None and baseline.finished and trace.finished and trace.finished.wall_time_s > 0:
         cells.append(("speedup", f"{baseline.finished.wall_time_s / trace.finished.wall_time_s:.2f}x"))
     cells.append(("run", html.escape(trace.run_id)))
-    body = "".join(f"<td><b>{html.escape(k)}</b><br>{v}</td>" for k, v in cells)
-    return f'<table class="lane-metrics"><tr>{body}</tr></table>'
+    body = "".join(f'<div class="metric"><b>{html.escape(k)}</b><br>{v}</div>' for k, v in cells)
+    return f'<div class="lane-metrics">{body}</div>'
