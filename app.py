@@ -123,8 +123,26 @@ def _pick(traces: list[Any], lane: int, wanted: Any) -> Any:
     return next((t for t in traces if t is not None and wanted(t)), None)
 
 
-VIEW_COUNT = 17
-BEAM_VIEW = 12  # index of the beam tree, which also updates while a search runs
+# Tabs of views under the lanes, in the order render_views returns their figures.
+VIEW_TABS = [
+    ("Top-k heatmap", [("per-step top-k", "heatmap")]),
+    ("Entropy", [("entropy and confidence", "entropy")]),
+    ("Divergence", [("divergence from lane 1", "divergence")]),
+    ("Mirostat", [("mirostat", "mirostat")]),
+    ("Top-H", [("top-h", "top_h")]),
+    ("Speculative", [("acceptance per round", "acceptance"), ("draft vs verify time", "timeline"),
+                     ("accepted lengths", "accepted-lengths"), ("per-position acceptance", "by-position"),
+                     ("layer skip", "layer-skip")]),
+    ("Jacobi", [("iteration x position", "jacobi-grid"), ("convergence dependencies", "jacobi-graph")]),
+    ("Beam tree", [("beam tree", "beam-tree")]),
+    ("Contrastive", [("contrastive candidates", "contrastive")]),
+    ("Momentum", [("momentum graph", "momentum")]),
+    ("Cautious", [("cautious trials", "cautious")]),
+    ("Repetition", [("repetition", "repetition")]),
+]
+VIEW_IDS = [elem_id for _, plots in VIEW_TABS for _, elem_id in plots]
+VIEW_COUNT = len(VIEW_IDS)
+BEAM_VIEW = VIEW_IDS.index("beam-tree")  # the beam tree also updates while a search runs
 BEAM_STRATEGIES = ("beam", "diverse_beam")
 
 
@@ -346,36 +364,10 @@ def build() -> gr.Blocks:
                 link = gr.Markdown("", elem_id="permalink")
                 heatmap_lane = gr.Radio([str(i + 1) for i in range(MAX_LANES)], value="1",
                                         label="lane shown in the per-lane views")
-                with gr.Tab("Top-k heatmap"):
-                    heatmap = gr.Plot(label="per-step top-k", elem_id="heatmap")
-                with gr.Tab("Entropy"):
-                    entropy_plot = gr.Plot(label="entropy and confidence", elem_id="entropy")
-                with gr.Tab("Divergence"):
-                    divergence_plot = gr.Plot(label="divergence from lane 1", elem_id="divergence")
-                with gr.Tab("Mirostat"):
-                    mirostat_plot = gr.Plot(label="mirostat", elem_id="mirostat")
-                with gr.Tab("Top-H"):
-                    top_h_plot = gr.Plot(label="top-h", elem_id="top_h")
-                with gr.Tab("Speculative"):
-                    acceptance_plot = gr.Plot(label="acceptance per round", elem_id="acceptance")
-                    timeline_plot = gr.Plot(label="draft vs verify time", elem_id="timeline")
-                    with gr.Row():
-                        lengths_plot = gr.Plot(label="accepted lengths", elem_id="accepted-lengths")
-                        by_position_plot = gr.Plot(label="per-position acceptance", elem_id="by-position")
-                    layer_skip_plot = gr.Plot(label="layer skip", elem_id="layer-skip")
-                with gr.Tab("Jacobi"):
-                    jacobi_plot = gr.Plot(label="iteration x position", elem_id="jacobi-grid")
-                    jacobi_graph_plot = gr.Plot(label="convergence dependencies", elem_id="jacobi-graph")
-                with gr.Tab("Beam tree"):
-                    beam_plot = gr.Plot(label="beam tree", elem_id="beam-tree")
-                with gr.Tab("Contrastive"):
-                    contrastive_plot = gr.Plot(label="contrastive candidates", elem_id="contrastive")
-                with gr.Tab("Momentum"):
-                    momentum_plot = gr.Plot(label="momentum graph", elem_id="momentum")
-                with gr.Tab("Cautious"):
-                    cautious_plot = gr.Plot(label="cautious trials", elem_id="cautious")
-                with gr.Tab("Repetition"):
-                    repetition_plot = gr.Plot(label="repetition", elem_id="repetition")
+                views = []
+                for tab, plots in VIEW_TABS:
+                    with gr.Tab(tab):
+                        views += [gr.Plot(label=label, elem_id=elem_id) for label, elem_id in plots]
             with gr.Tab("History", id="history"):
                 with gr.Row():
                     history_strategy = gr.Dropdown(["(any)", *STRATEGY_NAMES], value="(any)", label="strategy")
@@ -388,10 +380,6 @@ def build() -> gr.Blocks:
                     open_btn = gr.Button("Open side by side", variant="primary")
                     delete_btn = gr.Button("Delete", variant="stop")
 
-        views = [heatmap, entropy_plot, divergence_plot, mirostat_plot, top_h_plot, acceptance_plot, timeline_plot,
-                 lengths_plot, by_position_plot, layer_skip_plot, jacobi_plot, jacobi_graph_plot, beam_plot,
-                 contrastive_plot, momentum_plot, cautious_plot, repetition_plot]
-        assert len(views) == VIEW_COUNT
         lane_outputs = lane_html + lane_metrics
         run_event = run_btn.click(
             run_handler,

@@ -189,14 +189,6 @@ EVENT_TYPES: dict[str, type] = {
 }
 
 
-def register_event(cls: type) -> type:
-    """Class decorator for event kinds defined by later modules (drafts, beams, ...)."""
-    if cls.kind in EVENT_TYPES and EVENT_TYPES[cls.kind] is not cls:
-        raise ValueError(f"event kind {cls.kind!r} is registered twice")
-    EVENT_TYPES[cls.kind] = cls
-    return cls
-
-
 def to_dict(event: Any) -> dict[str, Any]:
     """Plain dict of an event's fields (shallow: values are already plain)."""
     return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}

@@ -41,6 +41,16 @@ def test_lane_specs_come_from_the_registry():
     assert set(specs[1].params) == {"tau", "eta", "temperature"}
 
 
+def test_render_views_fills_every_tab(tiny_flat):
+    import app
+
+    traces = [run_to_end(tiny_flat, name, make_config(name, {}), "Hi", max_new_tokens=6)
+              for name in ("beam", "prompt_lookup", "jacobi", "momentum")]
+    figures = app.render_views(traces, "1")
+    assert len(figures) == app.VIEW_COUNT == len(app.VIEW_IDS)
+    assert figures[app.BEAM_VIEW].layout.title.text.startswith("Beam tree")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,3 +171,29 @@ def test_browser_bad_input_shows_a_message_not_a_trace(server, browser):
     page.locator("#run").click()
     page.wait_for_selector("text=the prompt is empty", timeout=30_000)
     assert "Traceback" not in page.content()
+
+
+def choose_strategy(page, lane: int, name: str) -> None:
+    box = page.locator(f"#lane{lane}-strategy input")
+    box.click()
+    box.fill(name)
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"document.querySelector('#lane{lane}-strategy input').value === '{name}'")
+
+
+@pytest.mark.browser
+def test_browser_beam_tree_and_draft_lanes(server, browser):
+    url, db = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.locator("#prompt textarea").fill("ab ab ab ab")
+    choose_strategy(page, 1, "beam")
+    choose_strategy(page, 2, "prompt_lookup")
+    page.locator("#run").click()
+    page.wait_for_selector("#permalink a", timeout=60_000)
+    page.get_by_role("tab", name="Beam tree").click()
+    page.wait_for_selector("#beam-tree .js-plotly-plot", timeout=30_000)
+    run_ids = page.locator("#permalink a").get_attribute("href").split("=", 1)[1].split(",")
+    stored = Store(db).load_traces(run_ids)
+    assert [t.started.strategy for t in stored] == ["beam", "prompt_lookup"]
+    assert page.locator("#lane1-output .tok").count() == len(stored[0].token_ids) > 0
