@@ -11,8 +11,11 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -24,27 +27,8 @@ from explorer.runner import run_to_end
 from explorer.strategies import REGISTRY, make_config
 from explorer.strategies.base import field_type
 from store import Store
-from viz import (
-    acceptance_by_position_figure,
-    acceptance_heatmap,
-    accepted_length_histogram,
-    beam_tree_figure,
-    cautious_figure,
-    contrastive_figure,
-    divergence_figure,
-    entropy_curves,
-    jacobi_graph_figure,
-    jacobi_grid,
-    layer_skip_figure,
-    metrics_html,
-    mirostat_figure,
-    momentum_figure,
-    repetition_figure,
-    round_timeline,
-    tokens_html,
-    top_h_figure,
-    topk_heatmap,
-)
+from viz import metrics_html, tokens_html
+from viz.catalog import BEAM_STRATEGIES, VIEW_NAMES, VIEWS, render_all
 
 log = logging.getLogger("decoding_explorer.app")
 
@@ -116,53 +100,12 @@ def render_lanes(traces: list[Any], color_by: str) -> list[str]:
     return html_out + metrics_out
 
 
-def _pick(traces: list[Any], lane: int, wanted: Any) -> Any:
-    """The chosen lane if it fits the view, else the first lane that does."""
-    if 0 <= lane < len(traces) and traces[lane] is not None and wanted(traces[lane]):
-        return traces[lane]
-    return next((t for t in traces if t is not None and wanted(t)), None)
-
-
-# Tabs of views under the lanes, in the order render_views returns their figures.
-VIEW_TABS = [
-    ("Top-k heatmap", [("per-step top-k", "heatmap")]),
-    ("Entropy", [("entropy and confidence", "entropy")]),
-    ("Divergence", [("divergence from lane 1", "divergence")]),
-    ("Mirostat", [("mirostat", "mirostat")]),
-    ("Top-H", [("top-h", "top_h")]),
-    ("Speculative", [("acceptance per round", "acceptance"), ("draft vs verify time", "timeline"),
-                     ("accepted lengths", "accepted-lengths"), ("per-position acceptance", "by-position"),
-                     ("layer skip", "layer-skip")]),
-    ("Jacobi", [("iteration x position", "jacobi-grid"), ("convergence dependencies", "jacobi-graph")]),
-    ("Beam tree", [("beam tree", "beam-tree")]),
-    ("Contrastive", [("contrastive candidates", "contrastive")]),
-    ("Momentum", [("momentum graph", "momentum")]),
-    ("Cautious", [("cautious trials", "cautious")]),
-    ("Repetition", [("repetition", "repetition")]),
-]
-VIEW_IDS = [elem_id for _, plots in VIEW_TABS for _, elem_id in plots]
-VIEW_COUNT = len(VIEW_IDS)
-BEAM_VIEW = VIEW_IDS.index("beam-tree")  # the beam tree also updates while a search runs
-BEAM_STRATEGIES = ("beam", "diverse_beam")
+VIEW_COUNT = len(VIEWS)
+BEAM_VIEW = VIEW_NAMES.index("beam-tree")  # the beam tree also updates while a search runs
 
 
 def render_views(traces: list[Any], view_lane: str) -> list[Any]:
-    lane = int(view_lane) - 1
-    chosen = traces[lane] if 0 <= lane < len(traces) else None
-    drafted = _pick(traces, lane, lambda t: bool(t.rounds))
-    jacobi = _pick(traces, lane, lambda t: t.started.strategy == "jacobi")
-    return [topk_heatmap(chosen), entropy_curves(traces), divergence_figure(traces), mirostat_figure(traces),
-            top_h_figure(traces), acceptance_heatmap(drafted), round_timeline(drafted),
-            accepted_length_histogram(traces), acceptance_by_position_figure(traces), layer_skip_figure(traces),
-            jacobi_grid(jacobi), jacobi_graph_figure(jacobi), beam_tree_figure(_beam_lane(traces, lane)),
-            contrastive_figure(_pick(traces, lane, lambda t: t.started.strategy == "contrastive")),
-            momentum_figure(_pick(traces, lane, lambda t: t.started.strategy == "momentum")),
-            cautious_figure(_pick(traces, lane, lambda t: t.started.strategy == "cautious")),
-            repetition_figure(traces)]
-
-
-def _beam_lane(traces: list[Any], lane: int) -> Any:
-    return _pick(traces, lane, lambda t: t.started.strategy in BEAM_STRATEGIES)
+    return render_all(traces, int(view_lane) - 1)
 
 
 def permalink(traces: list[Any]) -> str:
@@ -193,7 +136,7 @@ def run_handler(prompt: str, chat: bool, system: str, model_id: str, seed: float
                 views: list[Any] = [gr.skip()] * VIEW_COUNT
                 if searching and last - last_tree >= 0.6:  # the beam tree grows live
                     last_tree = last
-                    views[BEAM_VIEW] = beam_tree_figure(_beam_lane(traces, int(heatmap_lane) - 1))
+                    views[BEAM_VIEW] = VIEWS[BEAM_VIEW].render(traces, int(heatmap_lane) - 1)
                 yield *render_lanes(traces, color_by), *views, gr.skip(), gr.skip()
     except ValueError as error:
         raise gr.Error(str(error), print_exception=False) from None
@@ -292,6 +235,45 @@ def delete_runs(run_ids: str, strategy: str, model: str, search: str):
     return "", history_rows(strategy, model, search)
 
 
+EXPORTERS = {"CSV": ("steps.csv", "write_csv"), "Parquet": ("steps.parquet", "write_parquet"),
+             "JSONL": ("events.jsonl", "write_jsonl")}
+
+
+def export_runs(run_ids: str, kind: str) -> list[str]:
+    """Write the selected runs in one of the export formats; return the files to download."""
+    from explorer import export
+
+    ids = [part.strip() for part in (run_ids or "").split(",") if part.strip()]
+    if not ids:
+        raise gr.Error("select or type the run ids to export first", print_exception=False)
+    try:
+        traces = store().load_traces(ids)
+        folder = Path(tempfile.mkdtemp(prefix="explorer-export-"))
+        if kind == "Bundle":
+            return [str(export.write_bundle(t, folder / f"run-{t.run_id}.zip")) for t in traces]
+        name, writer = EXPORTERS[kind]
+        return [str(getattr(export, writer)(traces, folder / name))]
+    except ValueError as error:
+        raise gr.Error(str(error), print_exception=False) from None
+
+
+def export_views(traces: list[Any], view_lane: str, width: str) -> str:
+    """Every view of the shown lanes in the paper theme, as SVG, PDF and PNG, in one zip."""
+    from viz.paper import FORMATS, save_figure
+
+    if not traces:
+        raise gr.Error("run or open some lanes first", print_exception=False)
+    folder = Path(tempfile.mkdtemp(prefix="explorer-figures-"))
+    try:
+        for view, figure in zip(VIEWS, render_views(traces, view_lane), strict=True):
+            for fmt in FORMATS:
+                save_figure(figure, folder / f"{view.name}.{fmt}", width=width)
+    except ValueError as error:
+        raise gr.Error(str(error), print_exception=False) from None
+    archive = shutil.make_archive(str(folder.parent / f"{folder.name}-views"), "zip", folder)
+    return archive
+
+
 def generate(prompt: str, strategy: str = "greedy", params: str = "{}", model: str = "", seed: int = 0,
              max_new_tokens: int = 64, chat: bool = True) -> dict:
     """API: one run with one strategy; returns its run id, text, generated token ids and metrics."""
@@ -361,13 +343,17 @@ def build() -> gr.Blocks:
                         lane_columns.append(column)
                         strategy_dropdowns.append(dropdown)
                         lane_inputs += [dropdown, *controls]
-                link = gr.Markdown("", elem_id="permalink")
+                with gr.Row():
+                    link = gr.Markdown("", elem_id="permalink")
+                    figure_width = gr.Radio(["one", "two"], value="one", label="paper column width")
+                    figures_btn = gr.Button("Export all views (SVG, PDF, PNG)", size="sm")
+                    figures_file = gr.File(label="views", interactive=False, elem_id="figures-zip")
                 heatmap_lane = gr.Radio([str(i + 1) for i in range(MAX_LANES)], value="1",
                                         label="lane shown in the per-lane views")
                 views = []
-                for tab, plots in VIEW_TABS:
+                for tab in dict.fromkeys(view.tab for view in VIEWS):
                     with gr.Tab(tab):
-                        views += [gr.Plot(label=label, elem_id=elem_id) for label, elem_id in plots]
+                        views += [gr.Plot(label=v.label, elem_id=v.name) for v in VIEWS if v.tab == tab]
             with gr.Tab("History", id="history"):
                 with gr.Row():
                     history_strategy = gr.Dropdown(["(any)", *STRATEGY_NAMES], value="(any)", label="strategy")
@@ -379,6 +365,11 @@ def build() -> gr.Blocks:
                     selected_ids = gr.Textbox(label="run ids (click rows to add)", scale=3, elem_id="run-ids")
                     open_btn = gr.Button("Open side by side", variant="primary")
                     delete_btn = gr.Button("Delete", variant="stop")
+                with gr.Row():
+                    export_kind = gr.Radio(["CSV", "Parquet", "JSONL", "Bundle"], value="CSV",
+                                           label="export the selected runs (per-step table, events, run bundles)")
+                    export_btn = gr.Button("Export")
+                exported = gr.File(label="download", file_count="multiple", interactive=False, elem_id="exported")
 
         lane_outputs = lane_html + lane_metrics
         run_event = run_btn.click(
@@ -402,6 +393,8 @@ def build() -> gr.Blocks:
         opened = [*lane_outputs, *views, traces_state, link, lane_count, *lane_columns, *strategy_dropdowns, tabs]
         open_btn.click(open_runs, [selected_ids, color_by, heatmap_lane], opened)
         delete_btn.click(delete_runs, [selected_ids, *history_filters], [selected_ids, history])
+        export_btn.click(export_runs, [selected_ids, export_kind], exported)
+        figures_btn.click(export_views, [traces_state, heatmap_lane, figure_width], figures_file)
         demo.load(on_load, [color_by, heatmap_lane], opened)
         gr.api(generate, api_name="generate")
     return demo

@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -62,6 +63,40 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
 
     sub.add_parser("strategies", help="list strategies and their parameters")
+
+    export = sub.add_parser("export", help="export runs: per-step table (csv, parquet), events (jsonl), bundles")
+    export.add_argument("run_ids", nargs="*", help="run ids (default with --all: every stored run)")
+    export.add_argument("--all", action="store_true", help="export every stored run")
+    export.add_argument("--format", required=True, choices=["csv", "parquet", "jsonl", "bundle"])
+    export.add_argument("--out", required=True, help="output file (a directory for several bundles)")
+    export.add_argument("--db", default=None)
+
+    imp = sub.add_parser("import", help="load a run bundle (zip) into a database")
+    imp.add_argument("bundle")
+    imp.add_argument("--db", default=None)
+
+    figure = sub.add_parser("figure", help="export a view of stored runs as SVG, PDF or PNG (paper theme)")
+    figure.add_argument("run_ids", nargs="+", help="one run per lane")
+    figure.add_argument("--view", required=True, help="view name, e.g. heatmap, entropy, beam-tree")
+    figure.add_argument("--out", required=True, help="file name ending in .svg, .pdf or .png")
+    figure.add_argument("--width", default="one", choices=["one", "two"], help="one- or two-column width")
+    figure.add_argument("--lane", type=int, default=1, help="lane shown by per-lane views")
+    figure.add_argument("--db", default=None)
+
+    sweep = sub.add_parser("sweep", help="run prompts x strategies x seeds into a database (resumable)")
+    sweep.add_argument("--prompts", required=True, help="JSON lines {category, name, prompt} or one per line")
+    sweep.add_argument("--strategies", required=True, help="e.g. 'greedy; sample:top_p=0.9; prompt_lookup'")
+    sweep.add_argument("--seeds", type=int, default=1)
+    sweep.add_argument("--model", default=None)
+    sweep.add_argument("--max-new-tokens", type=int, default=64)
+    sweep.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None)
+    sweep.add_argument("--db", default=None)
+    sweep.add_argument("--quiet", action="store_true")
+
+    report = sub.add_parser("report", help="write LaTeX/Markdown tables and figures of a sweep's runs")
+    report.add_argument("--db", default=None)
+    report.add_argument("--out", required=True, help="output directory")
+    report.add_argument("--formats", default="svg,pdf,png", help="figure formats, comma-separated")
     return parser
 
 
@@ -69,9 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     try:
-        return {"run": cmd_run, "runs": cmd_runs, "show": cmd_show, "strategies": cmd_strategies}[args.command](
-            args
-        )
+        commands = {"run": cmd_run, "runs": cmd_runs, "show": cmd_show, "strategies": cmd_strategies,
+                    "export": cmd_export, "import": cmd_import, "figure": cmd_figure, "sweep": cmd_sweep,
+                    "report": cmd_report}
+        return commands[args.command](args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -176,6 +212,89 @@ def cmd_strategies(args: argparse.Namespace) -> int:
         print(f"{name}: {spec.summary}")
         for field in dataclasses.fields(spec.config):
             print(f"    {field.name} = {field.default!r}  {field.metadata.get('help', '')}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from explorer import export
+    from store import Store
+
+    store = Store(args.db)
+    ids = store.run_ids() if args.all else list(args.run_ids)
+    if not ids:
+        raise ValueError("name the runs to export (run ids) or pass --all")
+    traces = store.load_traces(ids)
+    out = Path(args.out)
+    if args.format == "bundle":
+        if len(traces) == 1 and out.suffix == ".zip":
+            paths = [export.write_bundle(traces[0], out)]
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            paths = [export.write_bundle(t, out / f"{t.run_id}.zip") for t in traces]
+    else:
+        writer = {"csv": export.write_csv, "parquet": export.write_parquet, "jsonl": export.write_jsonl}[args.format]
+        paths = [writer(traces, out)]
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from explorer.export import read_bundle
+    from store import Store
+
+    trace = read_bundle(args.bundle)
+    store = Store(args.db)
+    if trace.run_id in set(store.run_ids()):
+        raise ValueError(f"run {trace.run_id} is already in {store.url}: delete it there first or use another --db")
+    store.save_trace(trace)
+    print(f"imported run {trace.run_id} ({trace.started.strategy}, {len(trace.token_steps)} tokens) into {store.url}")
+    return 0
+
+
+def cmd_figure(args: argparse.Namespace) -> int:
+    from store import Store
+    from viz.catalog import get_view
+    from viz.paper import save_figure
+
+    view = get_view(args.view)
+    traces = Store(args.db).load_traces(args.run_ids)
+    print(save_figure(view.render(traces, args.lane - 1), args.out, width=args.width))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from explorer.models import load_model
+    from explorer.sweep import load_prompts, parse_strategies, run_sweep
+    from store import Store
+
+    items, methods = load_prompts(args.prompts), parse_strategies(args.strategies)
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    store = Store(args.db)
+    model = load_model(args.model)
+    total = len(items) * len(methods) * max(args.seeds, 0)
+    with tqdm(total=total, unit="run", desc="sweep", disable=args.quiet, file=sys.stderr) as bar:
+        report = run_sweep(model, items, methods, args.seeds, store, max_new_tokens=args.max_new_tokens,
+                           chat=args.chat, progress=lambda what: bar.update(1))
+    print(f"sweep: {report.done} runs done, {report.skipped} already done (skipped), {len(report.failed)} failed; "
+          f"stored in {store.url}")
+    for what, error in report.failed:
+        print(f"failed: {what}: {error}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from explorer.sweep import write_report
+    from store import Store
+
+    store = Store(args.db)
+    traces = store.load_traces(store.run_ids(sweep_only=True))
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    for path in write_report(traces, args.out, formats):
+        print(path)
     return 0
 
 

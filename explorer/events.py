@@ -34,6 +34,7 @@ class RunStarted:
     max_new_tokens: int
     stop_strings: list[str]
     created_at: str
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. a sweep's prompt category and resume key
 
 
 @dataclass(frozen=True)

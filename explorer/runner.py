@@ -56,6 +56,7 @@ def run_strategy(
     seed: int = 0,
     stop_strings: Sequence[str] = (),
     recorder: Recorder | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Iterator[Any]:
     """Yield every event of one run; the last one is its RunFinished (unless the run raised)."""
     spec = get_strategy(strategy)
@@ -88,6 +89,7 @@ def run_strategy(
         max_new_tokens=max_new_tokens,
         stop_strings=stops,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        tags=dict(tags or {}),
     )
     recorder.start(started)
 

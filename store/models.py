@@ -9,7 +9,7 @@ from __future__ import annotations
 from sqlalchemy import ForeignKey, Index, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: runs.sweep_key (resumable sweeps)
 
 
 class Base(DeclarativeBase):
@@ -37,6 +37,7 @@ class RunRow(Base):
     text: Mapped[str] = mapped_column(Text, default="")
     new_tokens: Mapped[int] = mapped_column(default=0)
     wall_time_s: Mapped[float | None]
+    sweep_key: Mapped[str | None] = mapped_column(String(64), index=True)  # from RunStarted.tags
     started: Mapped[str] = mapped_column(Text)  # RunStarted as JSON
     finished: Mapped[str | None] = mapped_column(Text)  # RunFinished as JSON
 

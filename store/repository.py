@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, or_, select
+from sqlalchemy import Engine, create_engine, delete, event, func, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from explorer.events import STATUS_RUNNING, RunFinished, RunStarted, from_dict, to_dict
@@ -63,6 +63,7 @@ def begin_run(session: Session, started: RunStarted) -> None:
             text="",
             new_tokens=0,
             wall_time_s=None,
+            sweep_key=started.tags.get("sweep_key"),
             started=dumps(to_dict(started)),
             finished=None,
         )
@@ -129,6 +130,24 @@ def list_runs(
     return [_summary(row) for row in session.scalars(query)]
 
 
+def completed_sweep_keys(session: Session, keys: Iterable[str]) -> set[str]:
+    """Which of these sweep keys already have a run that finished ok."""
+    keys = list(keys)
+    found: set[str] = set()
+    for start in range(0, len(keys), 500):
+        query = select(RunRow.sweep_key).where(RunRow.sweep_key.in_(keys[start:start + 500]),
+                                               RunRow.status == "ok")
+        found.update(k for k in session.scalars(query) if k)
+    return found
+
+
+def run_ids(session: Session, *, sweep_only: bool = False) -> list[str]:
+    query = select(RunRow.id).order_by(RunRow.created_at, RunRow.id)
+    if sweep_only:
+        query = query.where(RunRow.sweep_key.is_not(None))
+    return list(session.scalars(query))
+
+
 def delete_run(session: Session, run_id: str) -> bool:
     session.execute(delete(EventRow).where(EventRow.run_id == run_id))
     return session.execute(delete(RunRow).where(RunRow.id == run_id)).rowcount > 0
@@ -192,6 +211,14 @@ class Store:
         with self._tx() as session:
             return delete_run(session, run_id)
 
+    def completed_sweep_keys(self, keys: Iterable[str]) -> set[str]:
+        with self._tx() as session:
+            return completed_sweep_keys(session, keys)
+
+    def run_ids(self, *, sweep_only: bool = False) -> list[str]:
+        with self._tx() as session:
+            return run_ids(session, sweep_only=sweep_only)
+
     def count_runs(self) -> int:
         with self._tx() as session:
             return int(session.scalar(select(func.count()).select_from(RunRow)) or 0)
@@ -219,13 +246,26 @@ def _make_engine(url: str) -> Engine:
     return create_engine(url)
 
 
+MIGRATIONS = {
+    # version -> statements that bring a database of that version to the next one
+    1: ["ALTER TABLE runs ADD COLUMN sweep_key VARCHAR(64)", "CREATE INDEX ix_runs_sweep_key ON runs (sweep_key)"],
+}
+
+
 def _prepare_schema(engine: Engine) -> None:
     Base.metadata.create_all(engine)
     with Session(engine) as session, session.begin():
         row = session.get(MetaRow, "schema_version")
         if row is None:
             session.add(MetaRow(key="schema_version", value=str(SCHEMA_VERSION)))
-        elif row.value != str(SCHEMA_VERSION):
+            return
+        version = int(row.value) if row.value.isdigit() else -1
+        while version in MIGRATIONS and version < SCHEMA_VERSION:
+            for statement in MIGRATIONS[version]:
+                session.execute(text(statement))
+            version += 1
+            row.value = str(version)
+        if row.value != str(SCHEMA_VERSION):
             raise ValueError(
                 f"the database was written with schema version {row.value}, this program uses "
                 f"{SCHEMA_VERSION}: open another database (--db) or export and re-import its runs"

@@ -47,7 +47,7 @@ def test_render_views_fills_every_tab(tiny_flat):
     traces = [run_to_end(tiny_flat, name, make_config(name, {}), "Hi", max_new_tokens=6)
               for name in ("beam", "prompt_lookup", "jacobi", "momentum")]
     figures = app.render_views(traces, "1")
-    assert len(figures) == app.VIEW_COUNT == len(app.VIEW_IDS)
+    assert len(figures) == app.VIEW_COUNT == len(app.VIEW_NAMES)
     assert figures[app.BEAM_VIEW].layout.title.text.startswith("Beam tree")
 
 
@@ -197,3 +197,20 @@ def test_browser_beam_tree_and_draft_lanes(server, browser):
     stored = Store(db).load_traces(run_ids)
     assert [t.started.strategy for t in stored] == ["beam", "prompt_lookup"]
     assert page.locator("#lane1-output .tok").count() == len(stored[0].token_ids) > 0
+
+
+def test_export_handlers_write_files(tiny_flat, tmp_path, monkeypatch):
+    import zipfile
+
+    import app
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    monkeypatch.setattr(app, "_STORE", store)
+    traces = [run_to_end(tiny_flat, "greedy", make_config("greedy", {}), "Hi", max_new_tokens=5,
+                         recorder=Recorder(store)) for _ in range(2)]
+    ids = ",".join(t.run_id for t in traces)
+    assert app.export_runs(ids, "CSV")[0].endswith("steps.csv")
+    assert len(app.export_runs(ids, "Bundle")) == 2
+    archive = app.export_views(traces, "1", "two")
+    names = zipfile.ZipFile(archive).namelist()
+    assert {f"{v}.{fmt}" for v in app.VIEW_NAMES for fmt in ("svg", "pdf", "png")} == set(names)

@@ -1,0 +1,276 @@
+"""Exports for papers and reviewers: per-step tables (Parquet, CSV), the raw event stream (JSONL), run bundles
+(zip: manifest + events) that import into any database, and metric tables across runs (LaTeX booktabs and
+Markdown)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import zipfile
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from explorer.events import RunStarted, from_dict, to_dict
+from explorer.trace import Trace
+
+BUNDLE_FORMAT = "decoding-explorer-bundle/1"
+STEP_COLUMNS = [
+    "run_id", "strategy", "step", "position", "token_id", "token_text", "logprob", "prob", "rank", "entropy",
+    "kept_count", "origin", "round", "draft_p", "draft_q", "draft_u", "verdict",
+]
+
+
+# ------------------------------------------------------------------------------------------ step tables
+def step_rows(traces: Iterable[Trace]) -> list[dict[str, Any]]:
+    """One row per committed token of every run; draft/verify fields where the token went through a round."""
+    rows = []
+    for trace in traces:
+        verified: dict[int, tuple[int, float | None, float | None, float | None, str]] = {}
+        for round_ in trace.rounds:
+            for i, verdict in enumerate(round_.verdicts):
+                if verdict == "accepted":
+                    verified[round_.position + i] = (round_.round, round_.p[i], round_.q[i], round_.u[i], verdict)
+            bonus_position = round_.position + round_.accepted_count
+            verified.setdefault(bonus_position, (round_.round, None, None, None, round_.bonus_kind))
+        for step in trace.token_steps:
+            round_index, p, q, u, verdict = verified.get(step.position, (None, None, None, None, None))
+            rows.append({
+                "run_id": trace.run_id, "strategy": trace.started.strategy, "step": step.step,
+                "position": step.position, "token_id": step.token_id, "token_text": step.token_text,
+                "logprob": step.logprob, "prob": math.exp(step.logprob), "rank": step.rank, "entropy": step.entropy,
+                "kept_count": step.kept_count, "origin": step.origin, "round": round_index, "draft_p": p,
+                "draft_q": q, "draft_u": u, "verdict": verdict,
+            })
+    return rows
+
+
+def write_csv(traces: Iterable[Trace], path: str | Path) -> Path:
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=STEP_COLUMNS)
+        writer.writeheader()
+        writer.writerows(step_rows(traces))
+    return path
+
+
+def write_parquet(traces: Iterable[Trace], path: str | Path) -> Path:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as error:
+        raise ValueError("Parquet export needs pyarrow: pip install pyarrow") from error
+    rows = step_rows(traces)
+    schema = pa.schema([
+        ("run_id", pa.string()), ("strategy", pa.string()), ("step", pa.int64()), ("position", pa.int64()),
+        ("token_id", pa.int64()), ("token_text", pa.string()), ("logprob", pa.float64()), ("prob", pa.float64()),
+        ("rank", pa.int64()), ("entropy", pa.float64()), ("kept_count", pa.int64()), ("origin", pa.string()),
+        ("round", pa.int64()), ("draft_p", pa.float64()), ("draft_q", pa.float64()), ("draft_u", pa.float64()),
+        ("verdict", pa.string()),
+    ])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, Path(path))
+    return Path(path)
+
+
+def event_lines(traces: Iterable[Trace]) -> Iterable[str]:
+    for trace in traces:
+        for seq, event in enumerate(trace.all_events()):
+            yield json.dumps({"run_id": trace.run_id, "seq": seq, "kind": event.kind, **to_dict(event)},
+                             ensure_ascii=False, allow_nan=True)
+
+
+def write_jsonl(traces: Iterable[Trace], path: str | Path) -> Path:
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as handle:
+        for line in event_lines(traces):
+            handle.write(line + "\n")
+    return path
+
+
+def read_jsonl(lines: Iterable[str]) -> list[Trace]:
+    """Traces back from an event stream written by `write_jsonl` (or a bundle's events.jsonl)."""
+    traces: dict[str, Trace] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        data = json.loads(line)
+        run_id, kind = data.pop("run_id"), data.pop("kind")
+        data.pop("seq", None)
+        if kind == RunStarted.kind:
+            data["run_id"] = run_id  # a field of the event itself, also used as the line's key
+        event = from_dict(kind, data)
+        if isinstance(event, RunStarted):
+            traces[run_id] = Trace(event)
+        elif run_id not in traces:
+            raise ValueError(f"event stream for run {run_id} does not start with its run_started event")
+        else:
+            traces[run_id].add(event)
+    return list(traces.values())
+
+
+# -------------------------------------------------------------------------------------------- bundles
+def manifest(trace: Trace) -> dict[str, Any]:
+    started = trace.started
+    return {
+        "format": BUNDLE_FORMAT, "run_id": trace.run_id, "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model_id": started.model_id, "weights_hash": started.weights_hash, "dtype": started.dtype,
+        "device": started.device, "versions": started.versions, "seed": started.seed, "strategy": started.strategy,
+        "config": started.config, "prompt": started.prompt, "chat": started.chat,
+        "system_prompt": started.system_prompt, "max_new_tokens": started.max_new_tokens, "status": trace.status,
+        "reproduce": (f"python -m explorer run --strategy {started.strategy} "
+                      + " ".join(f"--param {k}={v}" for k, v in started.config.items())
+                      + f" --seed {started.seed} --max-new-tokens {started.max_new_tokens} "
+                      + ("--chat" if started.chat else "--no-chat") + " --prompt PROMPT"),
+    }
+
+
+def write_bundle(trace: Trace, path: str | Path) -> Path:
+    path = Path(path)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr("manifest.json", json.dumps(manifest(trace), indent=2, ensure_ascii=False))
+        bundle.writestr("events.jsonl", "\n".join(event_lines([trace])) + "\n")
+    return path
+
+
+def read_bundle(path: str | Path) -> Trace:
+    try:
+        with zipfile.ZipFile(path) as bundle:
+            meta = json.loads(bundle.read("manifest.json"))
+            lines = bundle.read("events.jsonl").decode("utf-8").splitlines()
+    except (OSError, KeyError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a run bundle (a zip with manifest.json and events.jsonl): {error}") from None
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path} has bundle format {meta.get('format')!r}; this program reads {BUNDLE_FORMAT}")
+    traces = read_jsonl(lines)
+    if len(traces) != 1 or traces[0].run_id != meta.get("run_id"):
+        raise ValueError(f"{path}: the events do not match the manifest's run {meta.get('run_id')}")
+    return traces[0]
+
+
+# --------------------------------------------------------------------------------------- metric tables
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(finite) if finite else float("nan")
+
+
+def method_label(trace: Trace) -> str:
+    return trace.started.tags.get("method") or trace.started.strategy
+
+
+def distinct_n(trace: Trace, n: int) -> float:
+    ids = trace.token_ids
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def specbench_table(traces: Sequence[Trace], baseline: str = "greedy") -> tuple[list[str], dict[str, dict]]:
+    """Method x prompt category: speedup (baseline wall time / method wall time on the same prompt, seed and
+    model, geometric mean) and mean accepted tokens. Returns (categories, {method: {category: (speedup, mat)}})."""
+    ok = [t for t in traces if t.status == "ok" and t.finished is not None and t.finished.wall_time_s > 0]
+    base = {(t.started.prompt, t.started.seed, t.started.model_id): t.finished.wall_time_s
+            for t in ok if method_label(t) == baseline}
+    cells: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for trace in ok:
+        category = trace.started.tags.get("category", "all")
+        key = (trace.started.prompt, trace.started.seed, trace.started.model_id)
+        speedup = base[key] / trace.finished.wall_time_s if key in base else float("nan")
+        cells[method_label(trace)][category].append((speedup, trace.mean_accepted_tokens))
+    categories = sorted({c for per in cells.values() for c in per})
+    table = {
+        method: {c: (_geomean([s for s, _ in v]), _mean([m for _, m in v])) for c, v in per.items()}
+        for method, per in sorted(cells.items())
+    }
+    return categories, table
+
+
+def _geomean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    return statistics.geometric_mean(finite) if finite else float("nan")
+
+
+def sampling_table(traces: Sequence[Trace]) -> dict[str, dict[str, float]]:
+    """Method x (mean entropy, perplexity, repetition rate of 4-grams, distinct-2), averaged over runs."""
+    grouped: dict[str, list[Trace]] = defaultdict(list)
+    for trace in traces:
+        if trace.status == "ok" and trace.token_steps:
+            grouped[method_label(trace)].append(trace)
+    return {
+        method: {
+            "runs": len(runs),
+            "entropy": _mean([t.mean_entropy for t in runs]),
+            "perplexity": _mean([t.perplexity for t in runs]),
+            "repetition": _mean([t.repetition_rate(4) for t in runs]),
+            "distinct_2": _mean([distinct_n(t, 2) for t in runs]),
+        }
+        for method, runs in sorted(grouped.items())
+    }
+
+
+def _fmt(value: float, spec: str, suffix: str = "") -> str:
+    return "--" if value is None or not math.isfinite(value) else f"{value:{spec}}{suffix}"
+
+
+def _latex_escape(text: str) -> str:
+    for char, replacement in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"),
+                              ("#", r"\#"), ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"),
+                              ("^", r"\textasciicircum{}")):
+        text = text.replace(char, replacement)
+    return text
+
+
+def specbench_latex(traces: Sequence[Trace]) -> str:
+    categories, table = specbench_table(traces)
+    columns = "l" + "rr" * len(categories)
+    head = " & ".join(rf"\multicolumn{{2}}{{c}}{{{_latex_escape(c)}}}" for c in categories)
+    sub = " & ".join(["speedup & MAT"] * len(categories))
+    lines = [rf"\begin{{tabular}}{{{columns}}}", r"\toprule", f"Method & {head} " + r"\\",
+             f" & {sub} " + r"\\", r"\midrule"]
+    times = r"$\times$"
+    for method, per in table.items():
+        missing = (math.nan, math.nan)
+        cells = [_fmt(per.get(c, missing)[0], ".2f", times) + " & " + _fmt(per.get(c, missing)[1], ".2f")
+                 for c in categories]
+        lines.append(_latex_escape(method) + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def specbench_markdown(traces: Sequence[Trace]) -> str:
+    categories, table = specbench_table(traces)
+    lines = ["| method | " + " | ".join(f"{c}: speedup, MAT" for c in categories) + " |",
+             "|---|" + "---:|" * len(categories)]
+    for method, per in table.items():
+        cells = [f"{_fmt(per.get(c, (math.nan, math.nan))[0], '.2f', 'x')}, "
+                 f"{_fmt(per.get(c, (math.nan, math.nan))[1], '.2f')}" for c in categories]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+SAMPLING_COLUMNS = [("runs", "runs", "d"), ("entropy", "mean entropy", ".3f"), ("perplexity", "perplexity", ".2f"),
+                    ("repetition", "rep-4", ".3f"), ("distinct_2", "distinct-2", ".3f")]
+
+
+def sampling_latex(traces: Sequence[Trace]) -> str:
+    table = sampling_table(traces)
+    lines = [r"\begin{tabular}{l" + "r" * len(SAMPLING_COLUMNS) + "}", r"\toprule",
+             "Method & " + " & ".join(title for _, title, _ in SAMPLING_COLUMNS) + r" \\", r"\midrule"]
+    for method, values in table.items():
+        lines.append(_latex_escape(method) + " & "
+                     + " & ".join(_fmt(values[key], spec) for key, _, spec in SAMPLING_COLUMNS) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def sampling_markdown(traces: Sequence[Trace]) -> str:
+    table = sampling_table(traces)
+    lines = ["| method | " + " | ".join(title for _, title, _ in SAMPLING_COLUMNS) + " |",
+             "|---|" + "---:|" * len(SAMPLING_COLUMNS)]
+    for method, values in table.items():
+        lines.append(f"| {method} | " + " | ".join(_fmt(values[key], spec) for key, _, spec in SAMPLING_COLUMNS)
+                     + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,136 @@
+"""Sweeps: every prompt x strategy x seed, resumable, failures recorded; and the report (tables + figures).
+
+A prompt file is JSON lines (`{"category": ..., "name": ..., "prompt": ...}`) or plain text (one prompt per
+line). A strategy spec lists strategies separated by ';', each with optional parameters:
+`greedy; sample:top_p=0.9,temperature=0.8; prompt_lookup:min_ngram=1`. Each run is tagged with its prompt's
+category and a sweep key (a hash of model, prompt, strategy, parameters, seed, length, chat), so a sweep that
+is started again skips what already finished ok.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from explorer.recorder import Recorder
+from explorer.runner import run_to_end
+from explorer.strategies import config_dict, make_config
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    category: str
+    name: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str
+    strategy: str
+    params: dict[str, str]
+
+
+@dataclass
+class SweepReport:
+    done: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (what, error)
+
+
+def load_prompts(path: str | Path) -> list[PromptItem]:
+    path = Path(path)
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as error:
+        raise ValueError(f"cannot read the prompt file {path}: {error.strerror}") from None
+    items = []
+    for number, line in enumerate(lines, start=1):
+        if line.lstrip().startswith("{"):
+            try:
+                data = json.loads(line)
+                items.append(PromptItem(str(data.get("category", "all")), str(data.get("name", f"p{number}")),
+                                        str(data["prompt"])))
+            except (json.JSONDecodeError, KeyError):
+                raise ValueError(f"{path}:{number}: expected a JSON object with a \"prompt\" field") from None
+        else:
+            items.append(PromptItem("all", f"p{number}", line.strip()))
+    if not items:
+        raise ValueError(f"{path} has no prompts")
+    return items
+
+
+def parse_strategies(spec: str) -> list[MethodSpec]:
+    methods = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, rest = part.partition(":")
+        params = {}
+        for pair in filter(None, (p.strip() for p in rest.split(","))):
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise ValueError(f"in {part!r}: parameters are key=value, separated by commas")
+            params[key.strip()] = value.strip()
+        make_config(name.strip(), params)  # validate now, not in the middle of the sweep
+        label = name.strip() + (f"({','.join(f'{k}={v}' for k, v in params.items())})" if params else "")
+        methods.append(MethodSpec(label, name.strip(), params))
+    if not methods:
+        raise ValueError("no strategies given: e.g. --strategies 'greedy; sample:top_p=0.9'")
+    return methods
+
+
+def sweep_key(model_id: str, item: PromptItem, method: MethodSpec, seed: int, max_new_tokens: int,
+              chat: bool | None) -> str:
+    config = config_dict(make_config(method.strategy, method.params))
+    raw = json.dumps([model_id, item.prompt, method.strategy, config, seed, max_new_tokens, chat], sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def run_sweep(model: Any, items: Sequence[PromptItem], methods: Sequence[MethodSpec], seeds: int, store: Any, *,
+              max_new_tokens: int = 64, chat: bool | None = None,
+              progress: Callable[[str], None] | None = None) -> SweepReport:
+    if seeds < 1:
+        raise ValueError("--seeds must be >= 1")
+    matrix = [(item, method, seed) for item in items for method in methods for seed in range(seeds)]
+    keys = [sweep_key(model.info.model_id, item, method, seed, max_new_tokens, chat) for item, method, seed in matrix]
+    finished = store.completed_sweep_keys(keys)
+    report = SweepReport()
+    for (item, method, seed), key in zip(matrix, keys, strict=True):
+        what = f"{item.name} / {method.label} / seed {seed}"
+        if key in finished:
+            report.skipped += 1
+        else:
+            tags = {"category": item.category, "prompt_name": item.name, "method": method.label, "sweep_key": key}
+            try:
+                run_to_end(model, method.strategy, make_config(method.strategy, method.params), item.prompt,
+                           chat=chat, max_new_tokens=max_new_tokens, seed=seed, recorder=Recorder(store), tags=tags)
+                report.done += 1
+            except Exception as error:  # stored as failed by the runner; report it at the end and go on
+                report.failed.append((what, f"{type(error).__name__}: {error}"))
+        if progress is not None:
+            progress(what)
+    return report
+
+
+def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] = ("svg", "pdf", "png")) -> list[Path]:
+    """Tables (LaTeX and Markdown) and figures of the given runs into `out`."""
+    from explorer.export import sampling_latex, sampling_markdown, specbench_latex, specbench_markdown
+    from viz.paper import save_figure
+    from viz.report import quality_figure, speedup_figure
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not traces:
+        raise ValueError("no runs to report on: run a sweep first")
+    written = []
+    for name, content in (("specbench.tex", specbench_latex(traces)), ("specbench.md", specbench_markdown(traces)),
+                          ("sampling.tex", sampling_latex(traces)), ("sampling.md", sampling_markdown(traces))):
+        (out / name).write_text(content, encoding="utf-8")
+        written.append(out / name)
+    for name, figure in (("speedup", speedup_figure(traces)), ("quality", quality_figure(traces))):
+        for fmt in formats:
+            written.append(save_figure(figure, out / f"{name}.{fmt}", width="two" if name == "speedup" else "one"))
+    return written

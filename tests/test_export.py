@@ -1,0 +1,174 @@
+"""Exports for papers: tables read back equal the traces, bundles round-trip into a fresh database, figures
+are valid files, sweeps resume and report, and the LaTeX tables carry the stored runs' numbers."""
+
+import csv
+import json
+import math
+import sqlite3
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from explorer import export
+from explorer.runner import run_to_end
+from explorer.strategies import make_config
+from explorer.sweep import load_prompts, parse_strategies, run_sweep, write_report
+from store import Store
+from viz.catalog import VIEWS, render_all
+from viz.paper import save_figure
+
+
+@pytest.fixture(scope="module")
+def traces(tiny):
+    return [run_to_end(tiny, "prompt_lookup", make_config("prompt_lookup", {"min_ngram": 1}), "ab ab ab ab",
+                       max_new_tokens=16, chat=False),
+            run_to_end(tiny, "sample", make_config("sample", {"top_p": 0.9}), "Hello", max_new_tokens=8, seed=2)]
+
+
+def expected_rows(traces):
+    return [{k: v for k, v in row.items()} for row in export.step_rows(traces)]
+
+
+def test_parquet_and_csv_read_back_the_same_rows(traces, tmp_path):
+    rows = expected_rows(traces)
+    assert len(rows) == sum(len(t.token_steps) for t in traces)
+    assert any(r["verdict"] == "accepted" and r["draft_p"] is not None for r in rows)  # draft fields present
+    table = pq.read_table(export.write_parquet(traces, tmp_path / "steps.parquet")).to_pylist()
+    assert table == rows
+    with open(export.write_csv(traces, tmp_path / "steps.csv"), newline="", encoding="utf-8") as handle:
+        back = list(csv.DictReader(handle))
+    assert [r["token_text"] for r in back] == [r["token_text"] for r in rows]
+    for ours, theirs in zip(rows, back, strict=True):
+        assert int(theirs["token_id"]) == ours["token_id"] and float(theirs["logprob"]) == ours["logprob"]
+        assert theirs["run_id"] == ours["run_id"] and theirs["origin"] == ours["origin"]
+
+
+def test_jsonl_is_the_event_stream(traces, tmp_path):
+    path = export.write_jsonl(traces, tmp_path / "events.jsonl")
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == sum(len(t.all_events()) for t in traces)
+    assert lines[0]["kind"] == "run_started" and lines[-1]["kind"] == "run_finished"
+    assert export.read_jsonl(path.read_text(encoding="utf-8").splitlines()) == traces
+
+
+def test_bundle_round_trip_into_a_fresh_database(traces, tmp_path, store):
+    for trace in traces:
+        store.save_trace(trace)
+    bundle = export.write_bundle(store.load_trace(traces[0].run_id), tmp_path / "run.zip")
+    manifest = json.loads(__import__("zipfile").ZipFile(bundle).read("manifest.json"))
+    assert manifest["seed"] == traces[0].started.seed and manifest["config"] == traces[0].started.config
+    assert manifest["weights_hash"] == traces[0].started.weights_hash and "torch" in manifest["versions"]
+    db = f"sqlite:///{tmp_path / 'fresh.sqlite'}"
+    result = subprocess.run([sys.executable, "-m", "explorer", "import", str(bundle), "--db", db],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert Store(db).load_trace(traces[0].run_id) == traces[0]
+    again = subprocess.run([sys.executable, "-m", "explorer", "import", str(bundle), "--db", db],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already in" in again.stderr
+    (tmp_path / "bad.zip").write_text("not a zip")
+    with pytest.raises(ValueError, match="not a run bundle"):
+        export.read_bundle(tmp_path / "bad.zip")
+
+
+@pytest.mark.parametrize("fmt, header", [("svg", b"<svg"), ("pdf", b"%PDF"), ("png", b"\x89PNG")])
+def test_figures_export_as_valid_files(traces, tmp_path, fmt, header):
+    figure = VIEWS[0].render(traces, 0)
+    path = save_figure(figure, tmp_path / f"heatmap.{fmt}", width="two")
+    data = path.read_bytes()
+    assert data.startswith(header) and len(data) > 1000
+    if fmt == "svg":
+        assert "serif" in data.decode("utf-8")
+
+
+def test_every_view_exports(traces, tmp_path):
+    for view, figure in zip(VIEWS, render_all(traces, 0), strict=True):
+        assert save_figure(figure, tmp_path / f"{view.name}.svg").read_bytes().startswith(b"<svg")
+
+
+def test_bad_figure_name_is_a_clear_error(traces, tmp_path):
+    with pytest.raises(ValueError, match="use a .svg, .pdf or .png"):
+        save_figure(VIEWS[0].render(traces, 0), tmp_path / "x.gif")
+
+
+PROMPTS = [
+    {"category": "copy", "name": "abab", "prompt": "ab ab ab ab ab"},
+    {"category": "free", "name": "hello", "prompt": "Hello there"},
+]
+
+
+def test_sweep_resumes_records_failures_and_reports(tiny, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in PROMPTS))
+    store = Store(f"sqlite:///{tmp_path / 'sweep.sqlite'}")
+    methods = parse_strategies("greedy; prompt_lookup:min_ngram=1; sample:top_p=0.9; self_speculative:skip=5")
+    report = run_sweep(tiny, load_prompts(prompts), methods, 2, store, max_new_tokens=10, chat=False)
+    assert (report.done, report.skipped, len(report.failed)) == (12, 0, 4)
+    assert all("cannot skip layers" in error for _, error in report.failed)
+    assert sum(r.status == "failed" for r in store.list_runs(limit=100)) == 4
+    again = run_sweep(tiny, load_prompts(prompts), methods, 2, store, max_new_tokens=10, chat=False)
+    assert (again.done, again.skipped) == (0, 12)  # completed runs are skipped; the failed ones are retried
+
+    traces = store.load_traces(store.run_ids(sweep_only=True))
+    latex = export.specbench_latex(traces)
+    body = [line for line in latex.splitlines() if line.endswith(r"\\") and not line.startswith(("Method", " &"))]
+    assert [line.split(" & ")[0] for line in body] == sorted(["greedy", r"prompt\_lookup(min\_ngram=1)",
+                                                              r"sample(top\_p=0.9)"])
+    categories, table = export.specbench_table(traces)
+    assert categories == ["copy", "free"]
+    lookup = [t for t in traces if t.started.tags["method"] == "prompt_lookup(min_ngram=1)"
+              and t.started.tags["category"] == "copy" and t.status == "ok"]
+    mat = sum(t.mean_accepted_tokens for t in lookup) / len(lookup)
+    assert f"{mat:.2f}" in body[1] and table["greedy"]["copy"][0] == pytest.approx(1.0)
+    sampling = export.sampling_table(traces)
+    assert sampling["greedy"]["runs"] == 4
+    assert f"{sampling['greedy']['perplexity']:.2f}" in export.sampling_latex(traces)
+
+    written = write_report(traces, tmp_path / "report", formats=("svg",))
+    names = {p.name for p in written}
+    assert {"specbench.tex", "specbench.md", "sampling.tex", "sampling.md", "speedup.svg", "quality.svg"} <= names
+    assert math.isfinite(table["sample(top_p=0.9)"]["free"][0])
+
+
+def test_bad_sweep_specs_say_how_to_fix(tmp_path):
+    with pytest.raises(ValueError, match="unknown strategy"):
+        parse_strategies("greedy; nope")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_strategies("sample:top_p")
+    with pytest.raises(ValueError, match="cannot read the prompt file"):
+        load_prompts(tmp_path / "missing.jsonl")
+
+
+def test_schema_v1_database_is_migrated(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.executescript("""
+            CREATE TABLE meta (key VARCHAR(64) PRIMARY KEY, value TEXT);
+            INSERT INTO meta VALUES ('schema_version', '1');
+            CREATE TABLE runs (id VARCHAR(32) PRIMARY KEY, created_at VARCHAR(32), strategy VARCHAR(64),
+                model_id VARCHAR(512), prompt TEXT, seed INTEGER, status VARCHAR(16), error TEXT, text TEXT,
+                new_tokens INTEGER, wall_time_s FLOAT, started TEXT, finished TEXT);
+            CREATE TABLE events (run_id VARCHAR(32), seq INTEGER, kind VARCHAR(64), fields TEXT, arrays BLOB,
+                PRIMARY KEY (run_id, seq));
+        """)
+    store = Store(f"sqlite:///{path}")
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT value FROM meta").fetchone()[0] == "2"
+    assert store.run_ids() == []
+
+
+def test_export_cli(traces, tmp_path):
+    db = f"sqlite:///{tmp_path / 'cli.sqlite'}"
+    Store(db).save_trace(traces[0])
+    for fmt, name in (("csv", "steps.csv"), ("jsonl", "events.jsonl"), ("bundle", "bundles")):
+        result = subprocess.run([sys.executable, "-m", "explorer", "export", "--all", "--format", fmt, "--out",
+                                 str(tmp_path / name), "--db", db], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+    assert (tmp_path / "bundles" / f"{traces[0].run_id}.zip").exists()
+    result = subprocess.run([sys.executable, "-m", "explorer", "figure", traces[0].run_id, "--view", "acceptance",
+                             "--out", str(tmp_path / "acc.pdf"), "--db", db], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "acc.pdf").read_bytes().startswith(b"%PDF")

@@ -1,0 +1,97 @@
+"""Every view in one list: its name, the app tab it sits in, and how it renders from a set of lanes.
+
+`render(traces, lane)` gets all lanes' traces and the index of the lane chosen for per-lane views; a per-lane
+view falls back to the first lane it applies to. The app builds its tabs from this list and the CLI's
+`figure` command exports any entry by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import plotly.graph_objects as go
+
+from explorer.trace import Trace
+from viz.figures import divergence_figure, entropy_curves, mirostat_figure, top_h_figure, topk_heatmap
+from viz.search import beam_tree_figure, cautious_figure, contrastive_figure, momentum_figure, repetition_figure
+from viz.speculative import (
+    acceptance_by_position_figure,
+    acceptance_heatmap,
+    accepted_length_histogram,
+    jacobi_graph_figure,
+    jacobi_grid,
+    layer_skip_figure,
+    round_timeline,
+)
+
+BEAM_STRATEGIES = ("beam", "diverse_beam")
+
+
+def pick(traces: Sequence[Trace | None], lane: int, wanted: Callable[[Trace], bool] = lambda t: True
+         ) -> Trace | None:
+    """The chosen lane if the view applies to it, else the first lane it applies to."""
+    if 0 <= lane < len(traces) and traces[lane] is not None and wanted(traces[lane]):
+        return traces[lane]
+    return next((t for t in traces if t is not None and wanted(t)), None)
+
+
+def _strategy(*names: str) -> Callable[[Trace], bool]:
+    return lambda t: t.started.strategy in names
+
+
+def _drafted(t: Trace) -> bool:
+    return bool(t.rounds)
+
+
+@dataclass(frozen=True)
+class View:
+    name: str
+    tab: str
+    label: str
+    render: Callable[[Sequence[Trace | None], int], go.Figure]
+
+
+def _chosen(traces: Sequence[Trace | None], lane: int) -> Trace | None:
+    return traces[lane] if 0 <= lane < len(traces) else None
+
+
+def _all(function: Callable[[Sequence[Trace]], go.Figure]) -> Callable[[Sequence[Trace | None], int], go.Figure]:
+    return lambda traces, lane: function([t for t in traces if t is not None])
+
+
+def _one(function: Callable[[Trace | None], go.Figure], wanted: Callable[[Trace], bool]
+         ) -> Callable[[Sequence[Trace | None], int], go.Figure]:
+    return lambda traces, lane: function(pick(traces, lane, wanted))
+
+
+VIEWS = [
+    View("heatmap", "Top-k heatmap", "per-step top-k", lambda traces, lane: topk_heatmap(_chosen(traces, lane))),
+    View("entropy", "Entropy", "entropy and confidence", _all(entropy_curves)),
+    View("divergence", "Divergence", "divergence from lane 1", _all(divergence_figure)),
+    View("mirostat", "Mirostat", "mirostat", _all(mirostat_figure)),
+    View("top_h", "Top-H", "top-h", _all(top_h_figure)),
+    View("acceptance", "Speculative", "acceptance per round", _one(acceptance_heatmap, _drafted)),
+    View("timeline", "Speculative", "draft vs verify time", _one(round_timeline, _drafted)),
+    View("accepted-lengths", "Speculative", "accepted lengths", _all(accepted_length_histogram)),
+    View("by-position", "Speculative", "per-position acceptance", _all(acceptance_by_position_figure)),
+    View("layer-skip", "Speculative", "layer skip", _all(layer_skip_figure)),
+    View("jacobi-grid", "Jacobi", "iteration x position", _one(jacobi_grid, _strategy("jacobi"))),
+    View("jacobi-graph", "Jacobi", "convergence dependencies", _one(jacobi_graph_figure, _strategy("jacobi"))),
+    View("beam-tree", "Beam tree", "beam tree", _one(beam_tree_figure, _strategy(*BEAM_STRATEGIES))),
+    View("contrastive", "Contrastive", "contrastive candidates", _one(contrastive_figure, _strategy("contrastive"))),
+    View("momentum", "Momentum", "momentum graph", _one(momentum_figure, _strategy("momentum"))),
+    View("cautious", "Cautious", "cautious trials", _one(cautious_figure, _strategy("cautious"))),
+    View("repetition", "Repetition", "repetition", _all(repetition_figure)),
+]
+VIEW_NAMES = [view.name for view in VIEWS]
+
+
+def get_view(name: str) -> View:
+    for view in VIEWS:
+        if view.name == name:
+            return view
+    raise ValueError(f"unknown view {name!r}: choose one of {', '.join(VIEW_NAMES)}")
+
+
+def render_all(traces: Sequence[Trace | None], lane: int = 0) -> list[go.Figure]:
+    return [view.render(traces, lane) for view in VIEWS]
