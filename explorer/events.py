@@ -183,10 +183,27 @@ class TrialBranch:
     chosen: int
 
 
-Event = RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch
+@dataclass(frozen=True)
+class PoolUpdate:
+    """What a pool-based drafter learned in one round (lookahead's n-gram pool, Token Recycling's adjacency
+    table): each entry maps a head token to the continuation it now holds for it."""
+
+    kind: ClassVar[str] = "pool_update"
+    round: int
+    source: str
+    heads: list[int]
+    head_texts: list[str]
+    continuations: list[list[int]]
+    continuation_texts: list[list[str]]
+    pool_size: int
+
+
+Event = (RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch
+         | PoolUpdate)
 EVENT_TYPES: dict[str, type] = {
     cls.kind: cls
-    for cls in (RunStarted, TokenStep, RunFinished, DraftRound, BeamStep, BeamResult, CandidateStep, TrialBranch)
+    for cls in (RunStarted, TokenStep, RunFinished, DraftRound, BeamStep, BeamResult, CandidateStep, TrialBranch,
+                PoolUpdate)
 }
 
 

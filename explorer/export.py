@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from explorer.events import RunStarted, from_dict, to_dict
+from explorer.models import tree_depths
 from explorer.trace import Trace
 
 BUNDLE_FORMAT = "decoding-explorer-bundle/1"
@@ -32,9 +33,11 @@ def step_rows(traces: Iterable[Trace]) -> list[dict[str, Any]]:
     for trace in traces:
         verified: dict[int, tuple[int, float | None, float | None, float | None, str]] = {}
         for round_ in trace.rounds:
+            depths = tree_depths(round_.parents)
             for i, verdict in enumerate(round_.verdicts):
                 if verdict == "accepted":
-                    verified[round_.position + i] = (round_.round, round_.p[i], round_.q[i], round_.u[i], verdict)
+                    verified[round_.position + depths[i]] = (round_.round, round_.p[i], round_.q[i], round_.u[i],
+                                                             verdict)
             bonus_position = round_.position + round_.accepted_count
             verified.setdefault(bonus_position, (round_.round, None, None, None, round_.bonus_kind))
         for step in trace.token_steps:

@@ -137,6 +137,7 @@ class KVSession:
         token_ids: Sequence[int] | torch.Tensor,
         *,
         parents: Sequence[int] | None = None,
+        tree_base: int | None = None,
         all_logits: bool = True,
         hidden_states: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +145,10 @@ class KVSession:
 
         With `parents`, the new tokens form a tree: `parents[i]` is the index (among the new tokens) of node
         i's parent, -1 when its parent is the last cached token. Each node then attends to the cache and its
-        own ancestors only, at position `length + depth(i)`. With `all_logits=False` only the last token's
+        own ancestors only, at position `length + depth(i)`. A tree can also be grown level by level: with
+        `tree_base`, the cached positions from `tree_base` on are the tree's earlier nodes, and `parents` covers
+        them and the new ones (indices into the whole tree); new nodes then sit at `tree_base + depth`.
+        With `all_logits=False` only the last token's
         logits come back, `(1, vocab)`. With `hidden_states=True` every layer's hidden states come back too,
         `(layers + 1, n, hidden)` (index 0 = embeddings, index l + 1 = output of layer l).
         """
@@ -155,9 +159,13 @@ class KVSession:
             raise ValueError("forward needs at least one new token")
         kwargs: dict[str, object] = {}
         if parents is not None:
-            depth = tree_depths(parents)
-            kwargs["position_ids"] = (self.length + torch.tensor(depth, device=device)).reshape(1, -1)
-            kwargs["attention_mask"] = tree_attention_mask(parents, self.length, self.lm.model.dtype, device)
+            base = self.length if tree_base is None else tree_base
+            old = self.length - base  # tree nodes already cached
+            if len(parents) != old + n:
+                raise ValueError(f"parents must describe the {old} cached tree nodes and the {n} new ones")
+            depth = tree_depths(parents)[old:]
+            kwargs["position_ids"] = (base + torch.tensor(depth, device=device)).reshape(1, -1)
+            kwargs["attention_mask"] = tree_attention_mask(parents, base, self.lm.model.dtype, device, new=n)
         else:
             kwargs["position_ids"] = torch.arange(self.length, self.length + n, device=device).reshape(1, -1)
         if not all_logits:
@@ -242,15 +250,18 @@ def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:
 
 
 def tree_attention_mask(
-    parents: Sequence[int], past_length: int, dtype: torch.dtype, device: torch.device
+    parents: Sequence[int], past_length: int, dtype: torch.dtype, device: torch.device, new: int | None = None
 ) -> torch.Tensor:
-    """Additive 4-D mask `(1, 1, n, past + n)`: 0 where a node may attend, the dtype's minimum elsewhere."""
-    n = len(parents)
-    allowed = torch.ones(n, past_length + n, dtype=torch.bool)
-    allowed[:, past_length:] = ancestor_mask(parents)
-    mask = torch.zeros(n, past_length + n, dtype=dtype)
+    """Additive 4-D mask `(1, 1, new, past + tree)` for the last `new` nodes of a tree of `len(parents)` nodes
+    that follows `past_length` prefix positions: 0 where a node may attend (the prefix, itself, its
+    ancestors), the dtype's minimum elsewhere."""
+    total = len(parents)
+    new = total if new is None else new
+    allowed = torch.ones(new, past_length + total, dtype=torch.bool)
+    allowed[:, past_length:] = ancestor_mask(parents)[total - new:]
+    mask = torch.zeros(new, past_length + total, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask.reshape(1, 1, n, past_length + n).to(device)
+    return mask.reshape(1, 1, new, past_length + total).to(device)
 
 
 # ----------------------------------------------------------------------------------------------- loading

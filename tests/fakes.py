@@ -18,17 +18,32 @@ class FakeSession:
     def length(self) -> int:
         return len(self.tokens)
 
-    def forward(self, token_ids: Sequence[int], *, parents=None, all_logits: bool = True, hidden_states=False):
+    def forward(self, token_ids: Sequence[int], *, parents=None, tree_base=None, all_logits: bool = True,
+                hidden_states=False):
         rows = []
-        for token in token_ids:
-            self.tokens.append(int(token))
-            rows.append(self.lm.logits_for(self.tokens))
+        if parents is None:
+            for token in token_ids:
+                self.tokens.append(int(token))
+                rows.append(self.lm.logits_for(self.tokens))
+        else:  # a tree after the prefix: each node sees the prefix and its own ancestors
+            base = len(self.tokens) if tree_base is None else tree_base
+            tree = self.tokens[base:] + [int(t) for t in token_ids]
+            for node in range(len(tree) - len(token_ids), len(tree)):
+                path, cursor = [], node
+                while cursor >= 0:
+                    path.append(tree[cursor])
+                    cursor = parents[cursor]
+                rows.append(self.lm.logits_for(self.tokens[:base] + path[::-1]))
+            self.tokens.extend(int(t) for t in token_ids)
         self.lm.forward_passes += 1
         logits = torch.stack(rows)
         return logits if all_logits else logits[-1:]
 
     def crop(self, length: int) -> None:
         del self.tokens[length:]
+
+    def keep(self, positions: Sequence[int]) -> None:
+        self.tokens = [self.tokens[i] for i in positions]
 
 
 class FakeLM:

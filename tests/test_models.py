@@ -104,3 +104,24 @@ def test_chat_template_and_empty_prompt(tiny):
     assert len(chat) > len(plain) and tiny.decode(chat).count("hi") == 1
     with pytest.raises(ValueError, match="prompt is empty"):
         tiny.encode_prompt("   ")
+
+
+def test_tree_grown_level_by_level_equals_each_path(tiny):
+    tokens = [30, 31, 32, 33, 34, 35]
+    parents = [-1, -1, 0, 0, 1, 2]  # two levels, then a third
+    session = tiny.session()
+    session.forward(PREFIX)
+    base = session.length
+    first = session.forward(tokens[:2], parents=parents[:2], tree_base=base)
+    second = session.forward(tokens[2:5], parents=parents[:5], tree_base=base)
+    third = session.forward(tokens[5:], parents=parents, tree_base=base)
+    rows = torch.cat([first, second, third])
+    for node in range(len(tokens)):
+        path, cursor = [], node
+        while cursor >= 0:
+            path.append(tokens[cursor])
+            cursor = parents[cursor]
+        torch.testing.assert_close(rows[node], fresh_logits(tiny, PREFIX + path[::-1])[-1], atol=1e-4, rtol=1e-4)
+    session.keep([*range(base), base + 0, base + 2, base + 5])  # compact to the path 30 -> 32 -> 35
+    torch.testing.assert_close(session.forward([9]), fresh_logits(tiny, PREFIX + [30, 32, 35, 9])[-1:],
+                               atol=1e-4, rtol=1e-4)

@@ -7,13 +7,16 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     diverse_beam,
     greedy,
     jacobi,
+    lookahead,
     mirostat,
     momentum,
     prompt_lookup,
     sample,
     self_speculative,
     speculative,
+    token_recycling,
     top_h,
+    tree_speculative,
 )
 from explorer.strategies.base import REGISTRY, StrategySpec, config_dict, get_strategy, make_config
 

@@ -58,6 +58,11 @@ class DraftTree:
     scores: list[float] = field(default_factory=list)
     q_dists: torch.Tensor | None = None
     details: dict[str, float] = field(default_factory=dict)
+    mode: str = "iid"  # how siblings were drawn from q: iid, without_replacement, or point (deterministic)
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents == list(range(-1, len(self.tokens) - 1))
 
     @classmethod
     def chain(cls, tokens: Sequence[int], scores: Sequence[float] | None = None,
@@ -78,6 +83,10 @@ class Verdict:
     verdicts: list[str]
     target_argmax: list[int]  # the target's argmax at every verified position (Jacobi's next guesses)
     hidden_states: torch.Tensor | None = None  # (layers + 1, gamma + 1, hidden) when the drafter asks for them
+    path: list[int] = field(default_factory=list)  # accepted draft nodes, root to leaf
+
+    def __post_init__(self) -> None:
+        self.path = self.path or list(range(self.accepted_count))
 
 
 class Drafter(Protocol):
@@ -131,6 +140,73 @@ def verify_chain(logits: torch.Tensor, draft: DraftTree, rule: str, filters: Sam
     return Verdict(gamma, bonus, "bonus", p_list, draft.scores, u_list, verdicts, argmax)
 
 
+def verify_tree(logits: torch.Tensor, draft: DraftTree, rule: str, filters: SamplingFilters,
+                context: Sequence[int], rng: torch.Generator) -> Verdict:
+    """Verify a draft tree against target logits `(nodes + 1, vocab)`: row 0 predicts the root's children, row
+    i + 1 the children of node i. Walks down from the root, accepting at most one child per node.
+
+    Greedy rule: follow the child equal to the target's argmax. Sampling rule (multi-draft recursive rejection
+    sampling; SpecInfer, Miao et al. 2024, arXiv:2305.09781; Recursive Speculative Decoding, Jeon et al. 2024,
+    arXiv:2402.14160): try the children in order; child x is accepted with probability min(1, p(x) / q(x));
+    after a rejection p <- norm(max(0, p - q)), and for children drawn without replacement q also loses x
+    (renormalised). If every child is rejected the correction is drawn from what is left of p. Deterministic
+    children (mode point) have q = a point mass, so the output is distributed exactly as p in every mode."""
+    n = len(draft.tokens)
+    children: dict[int, list[int]] = {}
+    for node, parent in enumerate(draft.parents):
+        children.setdefault(parent, []).append(node)
+    argmax = logits.argmax(dim=-1).tolist()
+    p_list: list[float] = [float("nan")] * n
+    u_list: list[float | None] = [None] * n
+    q_list = [float(x) for x in draft.scores]
+    verdicts = ["unreached"] * n
+    path: list[int] = []
+    history = list(context)
+    current = -1
+    while True:
+        row = logits[current + 1]
+        kids = children.get(current, [])
+        if rule == "greedy":
+            probs = torch.softmax(row, dim=-1)
+            for kid in kids:
+                p_list[kid] = float(probs[draft.tokens[kid]])
+            match = next((k for k in kids if draft.tokens[k] == argmax[current + 1]), None)
+            for kid in kids:
+                verdicts[kid] = "accepted" if kid == match else "rejected"
+            if match is None:
+                bonus = argmax[current + 1]
+                break
+            path.append(match)
+            current = match
+            continue
+        p = torch.softmax(filters.apply(row, history), dim=-1)
+        q = None if draft.q_dists is None or draft.mode == "point" or not kids else draft.q_dists[kids[0]].clone()
+        accepted = None
+        for kid in kids:
+            token = draft.tokens[kid]
+            q_kid = q if q is not None else _point_mass(token, p)
+            p_list[kid], q_list[kid] = float(p[token]), float(q_kid[token])
+            u = float(torch.rand((), generator=rng, device=rng.device))
+            u_list[kid] = u
+            if u < float(accept_probability(p[token], q_kid[token])):
+                accepted = kid
+                break
+            verdicts[kid] = "rejected"
+            p = residual(p, q_kid)
+            if q is not None and draft.mode == "without_replacement":
+                q[token] = 0.0
+                q = q / q.sum() if q.sum() > 0 else q
+        if accepted is None:
+            bonus = int(torch.multinomial(p, 1, generator=rng))
+            break
+        verdicts[accepted] = "accepted"
+        path.append(accepted)
+        history.append(draft.tokens[accepted])
+        current = accepted
+    kind = "bonus" if not children.get(current) else "correction"
+    return Verdict(len(path), bonus, kind, p_list, q_list, u_list, verdicts, argmax, path=path)
+
+
 def _point_mass(token: int, like: torch.Tensor) -> torch.Tensor:
     mass = torch.zeros_like(like)
     mass[token] = 1.0
@@ -170,27 +246,38 @@ def draft_verify(model: Any, prompt_ids: Sequence[int], drafter: Drafter, config
     """Yield a DraftRound per verification and a TokenStep per committed token."""
     session = model.session()
     context = list(prompt_ids)
+    watching = hasattr(drafter, "observe_logits")  # drafters that learn from every target pass
     if len(context) > 1:
-        session.forward(context[:-1], all_logits=False)  # the last committed token goes in with the draft
+        prefill = session.forward(context[:-1], all_logits=watching)  # the last token goes in with the draft
+        if watching:
+            drafter.observe_logits(context[:-1], prefill, None)
     step = 0
     for round_index in range(10**9):
         t0 = time.perf_counter()
         draft = drafter.propose(context)  # 1. propose
         t1 = time.perf_counter()
         wants_hidden = bool(draft.tokens) and getattr(drafter, "wants_hidden_states", False)
-        out = session.forward([context[-1], *draft.tokens], hidden_states=wants_hidden)  # 2. verify
-        logits, hidden = out if wants_hidden else (out, None)  # logits: (gamma + 1, vocab)
+        chain = draft.is_chain
+        parents = None if chain else [-1] + [parent + 1 for parent in draft.parents]  # the last token is the root
+        out = session.forward([context[-1], *draft.tokens], parents=parents, hidden_states=wants_hidden)  # 2.
+        logits, hidden = out if wants_hidden else (out, None)  # logits: (nodes + 1, vocab)
+        if watching:
+            drafter.observe_logits([context[-1], *draft.tokens], logits, parents)
         if not draft.tokens:
             token, kept = choose_plain(logits[0], config, context, rng)
             yield _committed(model, step, context, logits[0], kept, token, "plain")
             step += 1
             context.append(token)
             continue
-        verdict = verify_chain(logits, draft, config.rule, config, context, rng)  # 3. accept
+        verify = verify_chain if chain else verify_tree
+        verdict = verify(logits, draft, config.rule, config, context, rng)  # 3. accept
         verdict.hidden_states = hidden
         t2 = time.perf_counter()
-        accepted = draft.tokens[: verdict.accepted_count]
-        session.crop(len(context) + verdict.accepted_count)  # 4. commit: drop the rejected drafts' KV
+        accepted = [draft.tokens[node] for node in verdict.path]
+        if chain:
+            session.crop(len(context) + verdict.accepted_count)  # 4. commit: drop the rejected drafts' KV
+        else:  # keep the prefix (with the last token) and the accepted path's nodes
+            session.keep([*range(len(context)), *(len(context) + node for node in verdict.path)])
         drafter.observe(verdict)
         draft.details.update(getattr(drafter, "round_details", dict)())
         yield DraftRound(
@@ -201,10 +288,13 @@ def draft_verify(model: Any, prompt_ids: Sequence[int], drafter: Drafter, config
             bonus_text=model.piece(verdict.bonus_token), bonus_kind=verdict.bonus_kind, draft_time_s=t1 - t0,
             verify_time_s=t2 - t1, details=dict(draft.details),
         )
+        if hasattr(drafter, "drain_events"):  # what the drafter learned this round (e.g. pool updates)
+            yield from drafter.drain_events(round_index, model.piece)
+        rows = [0, *(node + 1 for node in verdict.path)]  # the logits row each committed token was drawn from
         for i, token in enumerate([*accepted, verdict.bonus_token]):
             origin = "draft" if i < len(accepted) else "bonus"
-            kept = None if config.rule == "greedy" else config.apply(logits[i], context)
-            yield _committed(model, step, context, logits[i], kept, token, origin)
+            kept = None if config.rule == "greedy" else config.apply(logits[rows[i]], context)
+            yield _committed(model, step, context, logits[rows[i]], kept, token, origin)
             step += 1
             context.append(token)
 

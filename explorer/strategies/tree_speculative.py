@@ -1,0 +1,175 @@
+"""Tree speculation: the drafter proposes a tree of candidates, the target verifies the whole tree in one pass
+(tree attention mask) and keeps the longest accepted root-to-leaf path plus a bonus token.
+
+Tree shapes (notation: q = draft distribution at a node, k = children per node, D = depth, B = node budget):
+- `topk`: the k most likely tokens of q under every node, D levels (SpecInfer-style fixed trees; Miao et al.
+  2024, arXiv:2305.09781). Deterministic children: verified as point masses.
+- `sample`: k i.i.d. draws from q under every node ("Multi-Candidate Speculative Decoding", Yang et al. 2024,
+  arXiv:2401.06706); verified by multi-draft speculative sampling.
+- `gumbel`: k draws without replacement (Gumbel-top-k: the k largest log q + Gumbel noise), as in "Recursive
+  Speculative Decoding" (Jeon et al. 2024, arXiv:2402.14160); verified by recursive rejection sampling.
+- `dynamic`: grow the tree greedily: always expand the frontier candidate with the highest path probability
+  (product of q along the path) until B nodes (DySpec, Xiong et al. 2024, arXiv:2410.11744). Deterministic.
+  Departure: DySpec expands in batches with a threshold; we add one node per draft pass.
+The drafter is a draft model ('target' = the model itself) or the model with layers skipped. The draft builds
+each level in one pass of its own (tree mask over its KV cache), and drops the tree from its cache afterwards.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from explorer.models import MODEL_CACHE, check_same_vocabulary
+from explorer.strategies.base import param, register
+from explorer.strategies.draft_verify import DraftTree, SpeculativeConfig, Verdict, draft_verify
+from explorer.strategies.self_speculative import layer_skip_view, parse_layers
+from explorer.strategies.speculative import SELF, common_prefix
+
+MODES = ("topk", "sample", "gumbel", "dynamic")
+SIBLING_MODE = {"topk": "point", "sample": "iid", "gumbel": "without_replacement", "dynamic": "point"}
+
+
+@dataclass(frozen=True)
+class TreeConfig(SpeculativeConfig):
+    mode: str = param("topk", "tree shape: topk, sample (i.i.d.), gumbel (without replacement), dynamic",
+                      choices=MODES)
+    branching: int = param(2, "children per node k (topk, sample, gumbel)", minimum=1, maximum=8, step=1)
+    depth: int = param(3, "tree depth D (topk, sample, gumbel)", minimum=1, maximum=8, step=1)
+    budget: int = param(8, "nodes of a dynamic tree", minimum=1, maximum=64, step=1)
+    draft_model: str = param("target", "HF id or local path sharing the target's vocabulary ('target' = itself)")
+    skip: str = param("", "draft with the target minus these layers instead, e.g. '10-14' (overrides draft_model)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if self.branching < 1 or self.depth < 1 or self.budget < 1:
+            raise ValueError("branching, depth and budget must be >= 1")
+        parse_layers(self.skip)
+
+
+def gumbel_top_k(log_q: torch.Tensor, k: int, rng: torch.Generator) -> list[int]:
+    """k distinct tokens, distributed as sampling from q without replacement (Gumbel-top-k trick)."""
+    uniform = torch.rand(log_q.shape, generator=rng, device=log_q.device).clamp(1e-20, 1.0)
+    return torch.topk(log_q - torch.log(-torch.log(uniform)), k).indices.tolist()
+
+
+class TreeDrafter:
+    name = "tree"
+
+    def __init__(self, lm: Any, config: TreeConfig, rng: torch.Generator, name: str):
+        self.lm, self.config, self.rng, self.name = lm, config, rng, name
+        self.session = lm.session()
+        self.cached: list[int] = []
+
+    def _sync(self, context: Sequence[int]) -> torch.Tensor:
+        """Bring the draft's cache to the committed context; return its next-token logits."""
+        keep = min(common_prefix(self.cached, context), len(context) - 1)
+        self.session.crop(keep)
+        logits = self.session.forward(list(context[keep:]), all_logits=False)[-1]
+        self.cached = list(context)
+        return logits
+
+    def _q(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        sampling = self.config.rule == "sampling"
+        return torch.softmax(self.config.apply(logits, history) if sampling else logits, dim=-1)
+
+    def propose(self, context: Sequence[int]) -> DraftTree:
+        base = len(context)
+        root = self._q(self._sync(context), context)
+        passes = self.lm.forward_passes
+        tree = self._dynamic(context, root, base) if self.config.mode == "dynamic" else self._levels(context, root,
+                                                                                                    base)
+        self.session.crop(base)  # the tree leaves the draft's cache; accepted tokens come back via _sync
+        tree.details.update(nodes=float(len(tree.tokens)), draft_forward_passes=float(self.lm.forward_passes - passes))
+        return tree
+
+    def _paths(self, parents: list[int], tokens: list[int], node: int) -> list[int]:
+        path = []
+        while node >= 0:
+            path.append(tokens[node])
+            node = parents[node]
+        return path[::-1]
+
+    def _levels(self, context: Sequence[int], root: torch.Tensor, base: int) -> DraftTree:
+        config, k = self.config, self.config.branching
+        tokens: list[int] = []
+        parents: list[int] = []
+        scores: list[float] = []
+        rows: list[torch.Tensor] = []
+        frontier = [(-1, root)]  # (node, its q)
+        for level in range(config.depth):
+            new: list[int] = []
+            for node, q in frontier:
+                if config.mode == "topk":
+                    chosen = torch.topk(q, min(k, q.shape[-1])).indices.tolist()
+                elif config.mode == "sample":
+                    chosen = torch.multinomial(q, k, replacement=True, generator=self.rng).tolist()
+                else:
+                    chosen = gumbel_top_k(torch.log(q.clamp_min(1e-30)), min(k, int((q > 0).sum())), self.rng)
+                for token in chosen:
+                    tokens.append(int(token))
+                    parents.append(node)
+                    scores.append(float(q[token]))
+                    rows.append(q)
+                    new.append(len(tokens) - 1)
+            if level + 1 == config.depth or not new:
+                break
+            logits = self.session.forward([tokens[i] for i in new], parents=parents, tree_base=base)  # one pass
+            frontier = [(node, self._q(logits[j], [*context, *self._paths(parents, tokens, node)]))
+                        for j, node in enumerate(new)]
+        mode = SIBLING_MODE[config.mode]
+        q_dists = torch.stack(rows) if rows and mode != "point" else None  # point masses need no q rows
+        return DraftTree(tokens, parents, scores, q_dists, mode=mode)
+
+    def _dynamic(self, context: Sequence[int], root: torch.Tensor, base: int) -> DraftTree:
+        """Best-first growth: the candidate (parent, token) with the highest path probability goes in next."""
+        tokens: list[int] = []
+        parents: list[int] = []
+        scores: list[float] = []
+        heap: list[tuple[float, int, int, int]] = []  # (-path prob, parent, rank among the parent's q, tiebreak)
+        sorted_q: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+        def offer(parent: int, q: torch.Tensor, path_prob: float) -> None:
+            values, ids = torch.sort(q, descending=True)
+            sorted_q[parent] = (values, ids, path_prob)
+            heapq.heappush(heap, (-path_prob * float(values[0]), parent, 0, len(sorted_q)))
+
+        offer(-1, root, 1.0)
+        while heap and len(tokens) < self.config.budget:
+            neg_prob, parent, rank, _ = heapq.heappop(heap)
+            values, ids, parent_prob = sorted_q[parent]
+            token = int(ids[rank])
+            tokens.append(token)
+            parents.append(parent)
+            scores.append(float(values[rank]))
+            node = len(tokens) - 1
+            if rank + 1 < len(values) and float(values[rank + 1]) > 0:  # the parent's next best child
+                heapq.heappush(heap, (-parent_prob * float(values[rank + 1]), parent, rank + 1, node + 10**6))
+            if len(tokens) < self.config.budget:  # this node's own children need its draft distribution
+                logits = self.session.forward([token], parents=parents, tree_base=base)[-1]
+                offer(node, self._q(logits, [*context, *self._paths(parents, tokens, node)]), -neg_prob)
+        return DraftTree(tokens, parents, scores, None, mode="point")
+
+    def observe(self, verdict: Verdict) -> None:
+        return None
+
+
+def tree_drafter(model: Any, config: TreeConfig, rng: torch.Generator) -> TreeDrafter:
+    if config.skip.strip():
+        return TreeDrafter(layer_skip_view(model, parse_layers(config.skip)), config, rng, "layer-skip tree")
+    if config.draft_model.strip() in SELF:
+        return TreeDrafter(model.for_run(), config, rng, f"{config.mode} tree (self)")
+    draft = MODEL_CACHE.get(config.draft_model, dtype=model.info.dtype, device=model.info.device).for_run()
+    check_same_vocabulary(model, draft)
+    return TreeDrafter(draft, config, rng, f"{config.mode} tree from {draft.info.model_id}")
+
+
+@register("tree_speculative", TreeConfig, "tree speculation: topk / sample / gumbel / dynamic draft trees")
+def run(model: Any, prompt_ids: Sequence[int], config: TreeConfig, rng: torch.Generator) -> Iterator[Any]:
+    yield from draft_verify(model, prompt_ids, tree_drafter(model, config, rng), config, rng)

@@ -1,0 +1,200 @@
+"""Tree speculation: token-identical to greedy under the greedy rule; exactly the target distribution under
+the sampling rule for every way of drawing siblings; pools and views."""
+
+import itertools
+
+import pytest
+import torch
+
+from explorer.events import PoolUpdate, TokenStep
+from explorer.runner import run_to_end
+from explorer.strategies import make_config
+from explorer.strategies.draft_verify import (
+    DraftTree,
+    SpeculativeConfig,
+    accept_probability,
+    draft_verify,
+    residual,
+    verify_tree,
+)
+from explorer.strategies.lookahead import LookaheadConfig, LookaheadDrafter
+from explorer.strategies.token_recycling import parse_widths
+from explorer.strategies.tree_speculative import TreeDrafter, gumbel_top_k
+from explorer.testing import tiny_model
+from tests.fakes import FakeLM
+
+TREE_METHODS = [
+    ("tree_speculative", {"mode": "topk"}),
+    ("tree_speculative", {"mode": "sample", "branching": 3, "depth": 2}),
+    ("tree_speculative", {"mode": "gumbel"}),
+    ("tree_speculative", {"mode": "dynamic", "budget": 6}),
+    ("tree_speculative", {"skip": "1"}),
+    ("token_recycling", {}),
+    ("token_recycling", {"widths": "3,1"}),
+    ("lookahead", {}),
+    ("lookahead", {"window": 3, "ngram": 2, "guesses": 5}),
+]
+PROMPTS = ["Hello world hello world", "abc abc abc", "The cat sat on the mat. The cat"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name, params", TREE_METHODS)
+def test_greedy_rule_tree_methods_are_token_identical_to_greedy(seed, name, params):
+    lm = tiny_model(seed, scale=8.0 + 8 * seed)
+    for prompt in PROMPTS:
+        reference = run_to_end(lm, "greedy", make_config("greedy", {}), prompt, max_new_tokens=36)
+        trace = run_to_end(lm, name, make_config(name, params), prompt, max_new_tokens=36)
+        assert trace.token_ids == reference.token_ids, (name, params, prompt)
+        for round_ in trace.rounds:
+            assert round_.verdicts.count("accepted") == round_.accepted_count <= len(round_.draft_tokens)
+
+
+def test_target_drafting_its_own_topk_tree_accepts_the_whole_depth(tiny):
+    config = make_config("tree_speculative", {"mode": "topk", "branching": 2, "depth": 3})
+    trace = run_to_end(tiny, "tree_speculative", config, "Hello", max_new_tokens=40)
+    assert all(r.accepted_count == 3 and len(r.draft_tokens) == 2 + 4 + 8 for r in trace.rounds)
+    assert trace.mean_accepted_tokens == 4.0 and trace.acceptance_by_depth() == [1.0, 1.0, 1.0]
+
+
+def test_greedy_tree_verification_follows_the_argmax_path():
+    logits = torch.full((6, 5), -5.0)
+    for row, best in enumerate([2, 3, 0, 0, 1, 4]):  # row 0 = root, row i + 1 = after node i
+        logits[row, best] = 5.0
+    # root -> {2 (node 0), 1 (node 1)}; node 0 -> {4 (node 2), 3 (node 3)}; node 3 -> {1 (node 4)}
+    draft = DraftTree([2, 1, 4, 3, 1], [-1, -1, 0, 0, 3], [1.0] * 5, None, mode="point")
+    verdict = verify_tree(logits, draft, "greedy", SpeculativeConfig(), [0], torch.Generator())
+    assert verdict.path == [0, 3, 4] and verdict.bonus_token == 4 and verdict.bonus_kind == "bonus"
+    assert verdict.verdicts == ["accepted", "rejected", "rejected", "accepted", "accepted"]
+    logits[5] = 0.0
+    logits[1, 2] = 9.0  # now node 0's best child is token 2, which was not drafted: a correction
+    verdict = verify_tree(logits, draft, "greedy", SpeculativeConfig(), [0], torch.Generator())
+    assert verdict.path == [0] and verdict.bonus_token == 2 and verdict.bonus_kind == "correction"
+
+
+def exact_output(p, q, children, mode):
+    """The output distribution of recursive rejection over `children` (one draw), from the pure helpers."""
+    out = torch.zeros_like(p)
+    stay = 1.0
+    q = q.clone()
+    for token in children:
+        q_token = torch.eye(len(p), dtype=p.dtype)[token] if mode == "point" else q
+        a = accept_probability(p[token], q_token[token])
+        out[token] += stay * a
+        stay = stay * (1 - a)
+        p = residual(p, q_token)
+        if mode == "without_replacement":
+            q[token] = 0
+            q = q / q.sum() if q.sum() > 0 else q
+    return out + stay * p
+
+
+def draws(q, k, mode):
+    """Every way the drafter can pick k children, with its probability."""
+    v = len(q)
+    if mode == "point":
+        yield 1.0, torch.topk(q, k).indices.tolist()
+    elif mode == "iid":
+        for combo in itertools.product(range(v), repeat=k):
+            yield float(torch.prod(q[list(combo)])), list(combo)
+    else:
+        for combo in itertools.permutations(range(v), k):
+            prob, left = 1.0, 1.0
+            for token in combo:
+                prob *= float(q[token]) / left
+                left -= float(q[token])
+            yield prob, list(combo)
+
+
+@pytest.mark.parametrize("mode", ["point", "iid", "without_replacement"])
+def test_one_step_output_is_exactly_p_for_every_sibling_mode(mode):
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        p = torch.softmax(torch.randn(4, generator=g, dtype=torch.float64) * 2, 0)
+        q = torch.softmax(torch.randn(4, generator=g, dtype=torch.float64) * 2, 0)
+        for k in (1, 2, 3):
+            total = sum(weight * exact_output(p, q, kids, mode) for weight, kids in draws(q, k, mode))
+            torch.testing.assert_close(total, p)
+
+
+@pytest.mark.parametrize("mode", ["point", "iid", "without_replacement"])
+def test_verify_tree_frequencies_match_p(mode):
+    p_logits = torch.tensor([1.2, 0.1, -0.6, 0.7])
+    q = torch.softmax(torch.tensor([-1.0, 1.1, 1.3, 0.0]), 0)
+    g = torch.Generator().manual_seed(5)
+    counts = torch.zeros(4)
+    n = 12000
+    logits = torch.stack([p_logits, torch.zeros(4), torch.zeros(4)])
+    for _ in range(n):
+        if mode == "point":
+            kids = torch.topk(q, 2).indices.tolist()
+        elif mode == "iid":
+            kids = torch.multinomial(q, 2, replacement=True, generator=g).tolist()
+        else:
+            kids = gumbel_top_k(q.log(), 2, g)
+        draft = DraftTree(kids, [-1, -1], [float(q[t]) for t in kids], q.expand(2, -1), mode=mode)
+        verdict = verify_tree(logits, draft, "sampling", SpeculativeConfig(rule="sampling"), [0], g)
+        first = kids[verdict.path[0]] if verdict.path else verdict.bonus_token
+        counts[first] += 1
+    target = torch.softmax(p_logits, 0)
+    assert 0.5 * (counts / n - target).abs().sum() < 0.02
+    assert 0.5 * (q - target).abs().sum() > 0.3
+
+
+def toy_pair():
+    target_table = torch.tensor([[2.0, 0.0, -1.0], [-1.0, 1.5, 0.5], [0.3, -0.3, 1.0]])
+    draft_table = torch.tensor([[-1.0, 1.0, 2.0], [1.0, -1.0, 1.0], [2.0, 0.5, -2.0]])
+    return (FakeLM(lambda ctx: target_table[ctx[-1]].clone(), 3), FakeLM(lambda ctx: draft_table[ctx[-1]].clone(), 3),
+            target_table)
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample", "gumbel", "dynamic"])
+def test_monte_carlo_tree_sampling_keeps_the_joint_distribution(mode):
+    target, draft, table = toy_pair()
+    config = make_config("tree_speculative", {"rule": "sampling", "mode": mode, "branching": 2, "depth": 2,
+                                              "budget": 4})
+    counts: dict[tuple[int, ...], int] = {}
+    runs = 3000
+    for seed in range(runs):
+        rng = torch.Generator().manual_seed(seed)
+        events = draft_verify(target, [0], TreeDrafter(draft, config, rng, "toy"), config, rng)
+        steps = (e for e in events if isinstance(e, TokenStep))
+        key = tuple(s.token_id for s in itertools.islice(steps, 3))
+        counts[key] = counts.get(key, 0) + 1
+    tv = 0.0
+    for seq in itertools.product(range(3), repeat=3):
+        prob, last = 1.0, 0
+        for token in seq:
+            prob *= float(torch.softmax(table[last], 0)[token])
+            last = token
+        tv += abs(counts.get(seq, 0) / runs - prob)
+    assert tv / 2 < 0.06
+
+
+def test_pools_record_what_they_learn(tiny):
+    trace = run_to_end(tiny, "lookahead", make_config("lookahead", {}), "ab ab ab ab", max_new_tokens=30)
+    updates = [e for e in trace.events if isinstance(e, PoolUpdate)]
+    assert updates and all(len(c) == 2 for u in updates for c in u.continuations)  # n - 1 = 2 tokens each
+    assert updates[-1].pool_size >= len(updates[-1].heads) or updates[-1].pool_size > 0
+    recycled = run_to_end(tiny, "token_recycling", make_config("token_recycling", {}), "Hello", max_new_tokens=20)
+    updates = [e for e in recycled.events if isinstance(e, PoolUpdate)]
+    assert updates and all(len(c) == 8 for u in updates for c in u.continuations)
+
+
+def test_lookahead_window_moves_by_the_jacobi_update():
+    drafter = LookaheadDrafter(LookaheadConfig(window=3, ngram=2, guesses=1))
+    tree = drafter.propose([5, 6, 7, 8])
+    assert tree.tokens[:3] == [6, 7, 8] and tree.parents[:3] == [-1, 0, 1]
+    from explorer.strategies.draft_verify import Verdict
+
+    drafter.observe(Verdict(0, 9, "correction", [], [], [], [], [9, 1, 2, 3]))
+    assert drafter.window == [1, 2, 3]
+    assert (1,) in drafter.pool[6] and (3,) in drafter.pool[8]  # (w_j, o_(j+1)) bigrams
+
+
+def test_bad_tree_parameters(tiny):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make_config("tree_speculative", {"mode": "forest"})
+    with pytest.raises(ValueError, match="widths must be comma-separated"):
+        parse_widths("2,x")
+    with pytest.raises(ValueError, match="cannot exceed"):
+        make_config("token_recycling", {"widths": "9", "candidates": 4})
