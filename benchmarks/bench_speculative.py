@@ -70,6 +70,11 @@ def main() -> None:
         "self_speculative": ("self_speculative", {}),
         "self_spec_exit10": ("self_speculative", {"exit_after": 10}),
         f"speculative_{DRAFT_LAYERS}L": ("speculative", {"draft_model": str(draft_dir), "draft_length": 4}),
+        "self_spec_skip4": ("self_speculative", {"skip": "13-16"}),
+        "tree_topk_skip4": ("tree_speculative", {"mode": "topk", "branching": 2, "depth": 3, "skip": "13-16"}),
+        "tree_dynamic_skip4": ("tree_speculative", {"mode": "dynamic", "budget": 8, "skip": "13-16"}),
+        "token_recycling": ("token_recycling", {}),
+        "lookahead": ("lookahead", {}),
     }
     references = {"hf_greedy": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10},
                   f"hf_assistant_{DRAFT_LAYERS}L": {"assistant_model": assistant}}

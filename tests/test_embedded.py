@@ -82,3 +82,16 @@ def test_beam_search_matches_transformers(embedded, beams, length_penalty):
         for ours, theirs in zip(result.hypotheses, out.sequences[:, ids.shape[1]:].tolist(), strict=True):
             assert theirs[:len(ours)] == ours and all(t == pad for t in theirs[len(ours):])
         assert result.scores == pytest.approx(out.sequences_scores.tolist(), abs=1e-3)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("tree_speculative", {"mode": "topk", "skip": "13-16"}),
+    ("tree_speculative", {"mode": "dynamic", "budget": 6, "skip": "13-16"}),
+    ("token_recycling", {}),
+    ("lookahead", {}),
+])
+def test_tree_methods_are_token_identical_to_greedy(embedded, name, params):
+    for prompt in (COPY_PROMPT, PROMPTS[1]):
+        reference = run_to_end(embedded, "greedy", make_config("greedy", {}), prompt, chat=True, max_new_tokens=40)
+        trace = run_to_end(embedded, name, make_config(name, params), prompt, chat=True, max_new_tokens=40)
+        assert trace.token_ids == reference.token_ids, (name, prompt)

@@ -198,3 +198,20 @@ def test_bad_tree_parameters(tiny):
         parse_widths("2,x")
     with pytest.raises(ValueError, match="cannot exceed"):
         make_config("token_recycling", {"widths": "9", "candidates": 4})
+
+
+def test_tree_views(tiny):
+    from viz.speculative import draft_tree_figure, pool_figure, pool_graph, tree_size_figure
+
+    tree = run_to_end(tiny, "tree_speculative", make_config("tree_speculative", {}), "Hello", max_new_tokens=20)
+    figure = draft_tree_figure(tree)
+    assert len(figure.layout.sliders[0].steps) == len(tree.rounds)
+    assert len(figure.data) == 2 * len(tree.rounds) and figure.data[1].visible and not figure.data[3].visible
+    assert len(tree_size_figure([tree]).data) == 2
+    recycled = run_to_end(tiny, "token_recycling", make_config("token_recycling", {}), "ab ab ab ab ab",
+                          max_new_tokens=30)
+    graph = pool_graph(recycled)
+    assert graph.number_of_edges() > 0
+    if sum(r.accepted_count for r in recycled.rounds):
+        assert any(d["accepted"] for _, _, d in graph.edges(data=True))
+    assert pool_figure(recycled).data and pool_figure(tree).layout.annotations  # tree has no pool

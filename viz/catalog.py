@@ -18,10 +18,13 @@ from viz.speculative import (
     acceptance_by_position_figure,
     acceptance_heatmap,
     accepted_length_histogram,
+    draft_tree_figure,
     jacobi_graph_figure,
     jacobi_grid,
     layer_skip_figure,
+    pool_figure,
     round_timeline,
+    tree_size_figure,
 )
 
 BEAM_STRATEGIES = ("beam", "diverse_beam")
@@ -41,6 +44,10 @@ def _strategy(*names: str) -> Callable[[Trace], bool]:
 
 def _drafted(t: Trace) -> bool:
     return bool(t.rounds)
+
+
+def _pooled(t: Trace) -> bool:
+    return any(e.kind == "pool_update" for e in t.events)
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,9 @@ VIEWS = [
     View("accepted-lengths", "Speculative", "accepted lengths", _all(accepted_length_histogram)),
     View("by-position", "Speculative", "per-position acceptance", _all(acceptance_by_position_figure)),
     View("layer-skip", "Speculative", "layer skip", _all(layer_skip_figure)),
+    View("draft-tree", "Draft trees", "draft tree per round (slider)", _one(draft_tree_figure, _drafted)),
+    View("tree-size", "Draft trees", "tree size vs accepted length", _all(tree_size_figure)),
+    View("pool", "Draft trees", "n-gram pool / adjacency graph", _one(pool_figure, _pooled)),
     View("jacobi-grid", "Jacobi", "iteration x position", _one(jacobi_grid, _strategy("jacobi"))),
     View("jacobi-graph", "Jacobi", "convergence dependencies", _one(jacobi_graph_figure, _strategy("jacobi"))),
     View("beam-tree", "Beam tree", "beam tree", _one(beam_tree_figure, _strategy(*BEAM_STRATEGIES))),

@@ -225,3 +225,142 @@ def jacobi_graph_figure(trace: Trace | None, max_positions: int = 80) -> go.Figu
                    for n in nodes], hoverinfo="text",
     ))
     return base_layout(figure, "Jacobi: convergence dependencies", "position", "converged at iteration")
+
+
+# ------------------------------------------------------------------------------------------ draft trees
+VERDICT_COLORS = {"accepted": ACCEPTED, "rejected": REJECTED, "unreached": UNREACHED, "bonus": "#E69F00"}
+
+
+def _tree_positions(parents: list[int]) -> list[tuple[float, float]]:
+    """Depth on x; on y, nodes in drafting order within their depth (deterministic)."""
+    depths = tree_depths(parents)
+    seen: dict[int, int] = defaultdict(int)
+    positions = []
+    for depth in depths:
+        positions.append((float(depth + 1), -float(seen[depth])))
+        seen[depth] += 1
+    return positions
+
+
+def draft_tree_figure(trace: Trace | None, max_rounds: int = 60) -> go.Figure:
+    """One draft tree per round with a slider: nodes coloured by verdict, the bonus token after the accepted
+    path, hover with token, q, p and u."""
+    rounds = [r for r in (trace.rounds if trace is not None else []) if len(r.draft_tokens) > 0][:max_rounds]
+    if not rounds:
+        return empty_figure("Run a draft-verify lane (tree_speculative, token_recycling, lookahead, ...) to see "
+                            "its draft trees.")
+    figure = go.Figure()
+    for index, round_ in enumerate(rounds):
+        positions = _tree_positions(round_.parents)
+        xs, ys = [], []
+        for node, parent in enumerate(round_.parents):
+            start = (0.0, 0.0) if parent < 0 else positions[parent]
+            xs += [start[0], positions[node][0], None]
+            ys += [start[1], positions[node][1], None]
+        path = [i for i, v in enumerate(round_.verdicts) if v == "accepted"]
+        end = positions[path[-1]] if path else (0.0, 0.0)
+        bonus = (end[0] + 1, end[1])
+        visible = index == 0
+        figure.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="#CCCCCC"), hoverinfo="skip",
+                                    showlegend=False, visible=visible))
+        figure.add_trace(go.Scatter(
+            x=[0.0] + [p[0] for p in positions] + [bonus[0]], y=[0.0] + [p[1] for p in positions] + [bonus[1]],
+            mode="markers+text", showlegend=False, visible=visible, textposition="middle right",
+            text=["▶"] + [show_token(t, 6) for t in round_.draft_texts] + [show_token(round_.bonus_text, 6)],
+            marker=dict(size=12, color=["#000000"] + [VERDICT_COLORS[v] for v in round_.verdicts]
+                        + [VERDICT_COLORS["bonus"]], symbol=["circle"] * (len(positions) + 1) + ["star"]),
+            hovertext=["committed context"] + [
+                f"{t!r} {v}<br>q = {_fmt(q)}, p = {_fmt(p)}, u = {_fmt(u)}"
+                for t, v, q, p, u in zip(round_.draft_texts, round_.verdicts, round_.q, round_.p, round_.u,
+                                         strict=True)] + [f"{round_.bonus_kind}: {round_.bonus_text!r}"],
+            hoverinfo="text",
+        ))
+    steps = []
+    for index, round_ in enumerate(rounds):
+        visible = [i // 2 == index for i in range(2 * len(rounds))]
+        steps.append(dict(method="update", label=str(round_.round),
+                          args=[{"visible": visible},
+                                {"title.text": f"Draft tree, round {round_.round}: {len(round_.draft_tokens)} "
+                                               f"nodes, {round_.accepted_count} accepted + {round_.bonus_kind}"}]))
+    figure.update_layout(sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="round "), pad=dict(t=40))])
+    figure.update_yaxes(showticklabels=False)
+    first = rounds[0]
+    return base_layout(figure, f"Draft tree, round {first.round}: {len(first.draft_tokens)} nodes, "
+                       f"{first.accepted_count} accepted + {first.bonus_kind}", "depth", "siblings", height=480)
+
+
+def tree_size_figure(traces: Sequence[Trace]) -> go.Figure:
+    """Per round: how many nodes were drafted and how many were accepted."""
+    lanes = [(i, t) for i, t in enumerate(traces) if _has_rounds(t)]
+    if not lanes:
+        return empty_figure("No draft-verify lanes yet.")
+    figure = go.Figure()
+    for index, trace in lanes:
+        x = [r.round for r in trace.rounds]
+        name = lane_name(trace, index)
+        figure.add_trace(go.Scatter(x=x, y=[len(r.draft_tokens) for r in trace.rounds], mode="lines",
+                                    name=f"{name}: drafted", line=dict(color=lane_color(index), dash="dot"),
+                                    hovertemplate="round %{x}: %{y} drafted"))
+        figure.add_trace(go.Scatter(x=x, y=[r.accepted_count for r in trace.rounds], mode="lines+markers",
+                                    name=f"{name}: accepted", line=dict(color=lane_color(index)),
+                                    hovertemplate="round %{x}: %{y} accepted"))
+    return base_layout(figure, "Tree size vs accepted length per round", "round", "tokens")
+
+
+def pool_graph(trace: Trace) -> nx.DiGraph:
+    """Tokens as nodes; an edge a -> b for every recorded continuation step (head -> first token, and along
+    each continuation); `accepted` marks edges that accepted draft tokens walked."""
+    graph = nx.DiGraph()
+    for update in (e for e in trace.events if e.kind == "pool_update"):
+        for head, head_text, tokens, texts in zip(update.heads, update.head_texts, update.continuations,
+                                                  update.continuation_texts, strict=True):
+            graph.add_node(head, text=head_text)
+            previous = head
+            for token, text in zip(tokens, texts, strict=True):
+                graph.add_node(token, text=text)
+                if graph.has_edge(previous, token):
+                    graph[previous][token]["count"] += 1
+                else:
+                    graph.add_edge(previous, token, count=1, accepted=False)
+                previous = token
+    committed = {s.position: s.token_id for s in trace.token_steps}
+    prompt = trace.started.prompt_ids
+    for round_ in trace.rounds:
+        before = round_.position - 1  # the last committed token, the root of the round's tree
+        previous = committed.get(before, prompt[before] if 0 <= before < len(prompt) else None)
+        for node in (i for i, v in enumerate(round_.verdicts) if v == "accepted"):
+            token = round_.draft_tokens[node]
+            if previous is not None and graph.has_edge(previous, token):
+                graph[previous][token]["accepted"] = True
+            previous = token
+    return graph
+
+
+def pool_figure(trace: Trace | None, max_nodes: int = 150) -> go.Figure:
+    if trace is None or not any(e.kind == "pool_update" for e in trace.events):
+        return empty_figure("Run a lookahead or token_recycling lane to see its n-gram pool / adjacency graph.")
+    graph = pool_graph(trace)
+    nodes = sorted(graph.nodes, key=lambda n: -graph.degree(n))[:max_nodes]
+    graph = graph.subgraph(nodes)
+    positions = nx.circular_layout(sorted(graph.nodes))  # sorted ids: deterministic
+    figure = go.Figure()
+    styles = ((False, "#DDDDDD", "recorded continuation"), (True, "#0072B2", "produced an accepted draft"))
+    for accepted, color, name in styles:
+        xs, ys = [], []
+        for a, b, data in graph.edges(data=True):
+            if data["accepted"] == accepted:
+                xs += [positions[a][0], positions[b][0], None]
+                ys += [positions[a][1], positions[b][1], None]
+        figure.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, hoverinfo="skip",
+                                    line=dict(color=color, width=2.5 if accepted else 0.8)))
+    ordered = list(graph.nodes)
+    figure.add_trace(go.Scatter(
+        x=[positions[n][0] for n in ordered], y=[positions[n][1] for n in ordered], mode="markers+text",
+        text=[show_token(graph.nodes[n].get("text", ""), 5) for n in ordered], textfont=dict(size=8),
+        marker=dict(size=7, color="#E69F00"), name="token",
+        hovertext=[f"{graph.nodes[n].get('text', '')!r}: {graph.out_degree(n)} continuations" for n in ordered],
+        hoverinfo="text",
+    ))
+    figure.update_xaxes(visible=False)
+    figure.update_yaxes(visible=False, scaleanchor="x")
+    return base_layout(figure, f"Pool / adjacency graph — {lane_name(trace, 0)}", "", "", height=560)
