@@ -199,3 +199,18 @@ def test_interleaved_lanes_count_their_own_passes_and_time(tiny_flat, store):
     assert [store.load_trace(t.run_id) for t in traces] == traces
     with pytest.raises(ValueError, match="top_p must be in"):
         next(run_lanes(tiny_flat, [LaneSpec("greedy"), LaneSpec("sample", {"top_p": 3})], "Hi"))
+
+
+def test_ctrl_c_stores_the_run_as_cancelled(store):
+    def interrupted(context):
+        if len(context) > 5:
+            raise KeyboardInterrupt
+        return torch.arange(6, dtype=torch.float32)
+
+    recorder = Recorder(store, batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in run_strategy(FakeLM(interrupted, 6), "greedy", make_config("greedy", {}), "xx", max_new_tokens=10,
+                              recorder=recorder):
+            pass
+    stored = store.load_trace(recorder.trace.run_id)
+    assert stored.status == "cancelled" and len(stored.token_steps) == 4
