@@ -89,8 +89,9 @@ class DraftRound:
 
     The draft is a tree in one representation: `draft_tokens[i]` with parent `parents[i]` (-1: the committed
     prefix); a chain has parents [-1, 0, 1, ...]. Per node: `q` = draft probability of the token (1.0 for
-    deterministic drafters), `p` = target probability of it, `u` = the uniform draw of the sampling rule (None
-    under the greedy rule or when the node was not reached), `verdicts` = accepted | rejected | unreached.
+    deterministic drafters), `p` = target probability of it (None if not reached), `u` = the uniform draw of
+    the sampling rule (None under the greedy rule or when the node was not reached), `verdicts` = accepted |
+    rejected | unreached.
     `accepted_count` draft tokens were committed, then `bonus_token` (a correction after a rejection, or a
     free token after full acceptance). The committed tokens follow as TokenStep events.
     """
@@ -104,7 +105,7 @@ class DraftRound:
     draft_texts: list[str]
     parents: list[int]
     q: list[float]
-    p: list[float]
+    p: list[float | None]
     u: list[float | None]
     verdicts: list[str]
     accepted_count: int

@@ -18,7 +18,7 @@ from explorer.strategies.draft_verify import (
     accept_probability,
     draft_verify,
     residual,
-    verify_chain,
+    verify_tree,
 )
 from explorer.strategies.prompt_lookup import find_continuation
 from explorer.strategies.self_speculative import layer_skip_view, most_skippable, parse_layers
@@ -102,7 +102,7 @@ def test_one_step_output_is_exactly_p_for_any_q():
         torch.testing.assert_close(output, p)
 
 
-def test_verify_chain_one_step_frequencies_match_p():
+def test_verify_one_step_frequencies_match_p_for_a_chain():
     p_logits = torch.tensor([[1.5, 0.2, -0.5, 0.8], [0.0, 0.0, 0.0, 0.0]])
     q = torch.softmax(torch.tensor([-1.0, 1.0, 1.2, 0.0]), 0)
     g = torch.Generator().manual_seed(1)
@@ -112,7 +112,7 @@ def test_verify_chain_one_step_frequencies_match_p():
     for _ in range(n):
         x = int(torch.multinomial(q, 1, generator=g))
         draft = DraftTree.chain([x], [float(q[x])], q.unsqueeze(0))
-        verdict = verify_chain(p_logits, draft, "sampling", config, [0], g)
+        verdict = verify_tree(p_logits, draft, "sampling", config, [0], g)
         first = x if verdict.accepted_count else verdict.bonus_token
         counts[first] += 1
     target = torch.softmax(p_logits[0], 0)

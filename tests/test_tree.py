@@ -215,3 +215,13 @@ def test_tree_views(tiny):
     if sum(r.accepted_count for r in recycled.rounds):
         assert any(d["accepted"] for _, _, d in graph.edges(data=True))
     assert pool_figure(recycled).data and pool_figure(tree).layout.annotations  # tree has no pool
+
+
+def test_tree_rounds_round_trip_through_the_store(tiny_flat, store):
+    from explorer.recorder import Recorder
+
+    config = make_config("tree_speculative", {"rule": "sampling", "mode": "gumbel"})
+    trace = run_to_end(tiny_flat, "tree_speculative", config, "Hello", max_new_tokens=20, seed=1,
+                       recorder=Recorder(store))
+    assert any(v == "unreached" for r in trace.rounds for v in r.verdicts)
+    assert store.load_trace(trace.run_id) == trace

@@ -9,6 +9,7 @@ distribution, q = draft distribution, gamma = draft length, u ~ U(0, 1).
 Greedy rule: accept x_i while it equals argmax of the target's logits; the first mismatch is replaced by the
 target's argmax (so the output is token-identical to greedy decoding).
 
+A chain is a tree with one child per node: `verify_tree` verifies both, in one pass of the target.
 Drafters implement `propose(context) -> DraftTree` and optionally `observe(verdict)`. A deterministic drafter
 (prompt lookup, Jacobi) gives no q distributions: its q is a point mass on the drafted token, for which the
 rule above still gives exactly p.
@@ -98,48 +99,6 @@ class Drafter(Protocol):
 
 
 # --------------------------------------------------------------------------------------- verification
-def verify_chain(logits: torch.Tensor, draft: DraftTree, rule: str, filters: SamplingFilters,
-                 context: Sequence[int], rng: torch.Generator) -> Verdict:
-    """Verify a chain draft against target logits `(gamma + 1, vocab)` (row i predicts draft token i)."""
-    gamma = len(draft.tokens)
-    argmax = logits.argmax(dim=-1).tolist()
-    u_list: list[float | None] = [None] * gamma
-    verdicts = ["unreached"] * gamma
-    if rule == "greedy":
-        raw_probs = torch.softmax(logits, dim=-1)
-        p_list = [float(raw_probs[i, t]) for i, t in enumerate(draft.tokens)]
-        accepted = 0
-        while accepted < gamma and draft.tokens[accepted] == argmax[accepted]:
-            verdicts[accepted] = "accepted"
-            accepted += 1
-        if accepted < gamma:
-            verdicts[accepted] = "rejected"
-        kind = "bonus" if accepted == gamma else "correction"
-        return Verdict(accepted, argmax[accepted], kind, p_list, draft.scores, u_list, verdicts, argmax)
-
-    # Sampling rule: p_i from the filtered target logits, with the drafts before i in the context.
-    history = list(context)
-    p_rows = []
-    for i in range(gamma + 1):
-        p_rows.append(torch.softmax(filters.apply(logits[i], history), dim=-1))
-        if i < gamma:
-            history.append(draft.tokens[i])
-    p_list = [float(p_rows[i][t]) for i, t in enumerate(draft.tokens)]
-    for i, token in enumerate(draft.tokens):
-        p_i = p_rows[i]
-        q_i = draft.q_dists[i] if draft.q_dists is not None else _point_mass(token, p_i)
-        u = float(torch.rand((), generator=rng, device=rng.device))
-        u_list[i] = u
-        if u < float(accept_probability(p_i[token], q_i[token])):
-            verdicts[i] = "accepted"
-            continue
-        verdicts[i] = "rejected"
-        correction = int(torch.multinomial(residual(p_i, q_i), 1, generator=rng))
-        return Verdict(i, correction, "correction", p_list, draft.scores, u_list, verdicts, argmax)
-    bonus = int(torch.multinomial(p_rows[gamma], 1, generator=rng))
-    return Verdict(gamma, bonus, "bonus", p_list, draft.scores, u_list, verdicts, argmax)
-
-
 def verify_tree(logits: torch.Tensor, draft: DraftTree, rule: str, filters: SamplingFilters,
                 context: Sequence[int], rng: torch.Generator) -> Verdict:
     """Verify a draft tree against target logits `(nodes + 1, vocab)`: row 0 predicts the root's children, row
@@ -156,7 +115,7 @@ def verify_tree(logits: torch.Tensor, draft: DraftTree, rule: str, filters: Samp
     for node, parent in enumerate(draft.parents):
         children.setdefault(parent, []).append(node)
     argmax = logits.argmax(dim=-1).tolist()
-    p_list: list[float] = [float("nan")] * n
+    p_list: list[float | None] = [None] * n
     u_list: list[float | None] = [None] * n
     q_list = [float(x) for x in draft.scores]
     verdicts = ["unreached"] * n
@@ -269,8 +228,7 @@ def draft_verify(model: Any, prompt_ids: Sequence[int], drafter: Drafter, config
             step += 1
             context.append(token)
             continue
-        verify = verify_chain if chain else verify_tree
-        verdict = verify(logits, draft, config.rule, config, context, rng)  # 3. accept
+        verdict = verify_tree(logits, draft, config.rule, config, context, rng)  # 3. accept
         verdict.hidden_states = hidden
         t2 = time.perf_counter()
         accepted = [draft.tokens[node] for node in verdict.path]
