@@ -38,7 +38,7 @@ CONCURRENCY = int(os.environ.get("DECODING_EXPLORER_CONCURRENCY", "1"))
 DEFAULT_MODEL = os.environ.get("DECODING_EXPLORER_MODEL", "embedded")
 STRATEGY_NAMES = sorted(REGISTRY)
 DEFAULT_LANES = ["greedy", "sample", "mirostat", "top_h"]
-STREAM_EVERY_S = 0.12
+STREAM_EVERY_S = 0.25
 MODELS = MODEL_CACHE
 _STORE: Store | None = None
 _STORE_LOCK = threading.Lock()
@@ -343,11 +343,12 @@ def build() -> gr.Blocks:
                         lane_columns.append(column)
                         strategy_dropdowns.append(dropdown)
                         lane_inputs += [dropdown, *controls]
-                with gr.Row():
-                    link = gr.Markdown("", elem_id="permalink")
-                    figure_width = gr.Radio(["one", "two"], value="one", label="paper column width")
-                    figures_btn = gr.Button("Export all views (SVG, PDF, PNG)", size="sm")
-                    figures_file = gr.File(label="views", interactive=False, elem_id="figures-zip")
+                link = gr.Markdown("", elem_id="permalink")
+                with gr.Accordion("Export every view for a paper (SVG, PDF, PNG)", open=False):
+                    with gr.Row():
+                        figure_width = gr.Radio(["one", "two"], value="one", label="paper column width")
+                        figures_btn = gr.Button("Export all views", size="sm")
+                        figures_file = gr.File(label="views (zip)", interactive=False, elem_id="figures-zip")
                 heatmap_lane = gr.Radio([str(i + 1) for i in range(MAX_LANES)], value="1",
                                         label="lane shown in the per-lane views")
                 views = []

@@ -49,9 +49,14 @@ def run_lanes(
         for lane, config, recorder in zip(lanes, configs, recorders, strict=True)
     ]
     active = list(range(len(lanes)))
+    turn = 0
     try:
         while active:
-            for index in list(active):
+            # Rotate which lane goes first: whatever the consumer does between rounds (rendering, streaming)
+            # then slows every lane alike instead of always the first one.
+            turn += 1
+            shift = turn % len(active)
+            for index in active[shift:] + active[:shift]:
                 try:
                     next(runs[index])
                 except StopIteration:
