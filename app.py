@@ -348,7 +348,8 @@ def build() -> gr.Blocks:
                     with gr.Row():
                         figure_width = gr.Radio(["one", "two"], value="one", label="paper column width")
                         figures_btn = gr.Button("Export all views", size="sm")
-                        figures_file = gr.File(label="views (zip)", interactive=False, elem_id="figures-zip")
+                        figures_file = gr.File(label="views (zip)", interactive=False, elem_id="figures-zip",
+                                               height=90)
                 heatmap_lane = gr.Radio([str(i + 1) for i in range(MAX_LANES)], value="1",
                                         label="lane shown in the per-lane views")
                 views = []
@@ -370,7 +371,8 @@ def build() -> gr.Blocks:
                     export_kind = gr.Radio(["CSV", "Parquet", "JSONL", "Bundle"], value="CSV",
                                            label="export the selected runs (per-step table, events, run bundles)")
                     export_btn = gr.Button("Export")
-                exported = gr.File(label="download", file_count="multiple", interactive=False, elem_id="exported")
+                exported = gr.File(label="download", file_count="multiple", interactive=False, elem_id="exported",
+                                   height=110)
 
         lane_outputs = lane_html + lane_metrics
         run_event = run_btn.click(
