@@ -179,3 +179,10 @@ def test_trial_count_grows_as_confidence_falls():
     config = CautiousConfig(threshold=2.0, min_trials=2, max_trials=6)
     counts = [trial_count(h, config) for h in (2.0, 2.5, 3.0, 3.5, 4.0, 6.0)]
     assert counts == sorted(counts) and counts[0] == 2 and counts[-1] == 6
+
+
+def test_beam_defaults_work_for_any_width(tiny):
+    for beams in (1, 2, 3):
+        trace = run_to_end(tiny, "beam", make_config("beam", {"num_beams": beams}), "Hi", max_new_tokens=5)
+        result = next(e for e in trace.events if isinstance(e, BeamResult))
+        assert len(result.hypotheses) == beams  # n-best defaults to one per beam

@@ -36,15 +36,15 @@ class BeamConfig:
                                   step=0.1)
     early_stopping: str = param("false", "stop rule: false (heuristic), true (B finished), never",
                                 choices=EARLY_STOPPING)
-    num_return: int = param(4, "size of the n-best list (<= beams)", minimum=1, maximum=16, step=1)
+    num_return: int = param(0, "size of the n-best list (0 = one per beam)", minimum=0, maximum=16, step=1)
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
             raise ValueError("num_beams must be >= 1")
         if self.early_stopping not in EARLY_STOPPING:
             raise ValueError(f"early_stopping must be one of {', '.join(EARLY_STOPPING)}")
-        if not 1 <= self.num_return <= self.num_beams:
-            raise ValueError("num_return must be between 1 and num_beams")
+        if not 0 <= self.num_return <= self.num_beams:
+            raise ValueError("num_return must be between 0 (one per beam) and num_beams")
 
 
 @dataclass
@@ -211,4 +211,4 @@ def run(model: Any, prompt_ids: Sequence[int], config: BeamConfig, rng: torch.Ge
         max_new_tokens: int) -> Iterator[Any]:
     group = BeamGroup(config.num_beams, model.eos_token_ids, len(prompt_ids), len(prompt_ids) + max_new_tokens,
                       config.length_penalty, config.early_stopping)
-    yield from beam_loop(model, prompt_ids, [group], max_new_tokens, config.num_return)
+    yield from beam_loop(model, prompt_ids, [group], max_new_tokens, config.num_return or config.num_beams)

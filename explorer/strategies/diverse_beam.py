@@ -26,7 +26,7 @@ class DiverseBeamConfig:
     diversity: float = param(0.5, "Hamming diversity strength lambda (>= 0)", minimum=0.0, maximum=5.0, step=0.1)
     length_penalty: float = param(1.0, "score / length ** lp", minimum=-2.0, maximum=3.0, step=0.1)
     early_stopping: str = param("false", "stop rule per group: false, true, never", choices=EARLY_STOPPING)
-    num_return: int = param(4, "size of the n-best list (<= beams)", minimum=1, maximum=16, step=1)
+    num_return: int = param(0, "size of the n-best list (0 = one per beam)", minimum=0, maximum=16, step=1)
 
     def __post_init__(self) -> None:
         if self.groups < 1 or self.num_beams % self.groups:
@@ -35,8 +35,8 @@ class DiverseBeamConfig:
             raise ValueError("diversity must be >= 0")
         if self.early_stopping not in EARLY_STOPPING:
             raise ValueError(f"early_stopping must be one of {', '.join(EARLY_STOPPING)}")
-        if not 1 <= self.num_return <= self.num_beams:
-            raise ValueError("num_return must be between 1 and num_beams")
+        if not 0 <= self.num_return <= self.num_beams:
+            raise ValueError("num_return must be between 0 (one per beam) and num_beams")
 
 
 @register("diverse_beam", DiverseBeamConfig, "diverse beam search: G groups with a Hamming diversity penalty",
@@ -46,4 +46,5 @@ def run(model: Any, prompt_ids: Sequence[int], config: DiverseBeamConfig, rng: t
     width = config.num_beams // config.groups
     groups = [BeamGroup(width, model.eos_token_ids, len(prompt_ids), len(prompt_ids) + max_new_tokens,
                         config.length_penalty, config.early_stopping, group=g) for g in range(config.groups)]
-    yield from beam_loop(model, prompt_ids, groups, max_new_tokens, config.num_return, config.diversity)
+    n_best = config.num_return or config.num_beams
+    yield from beam_loop(model, prompt_ids, groups, max_new_tokens, n_best, config.diversity)
