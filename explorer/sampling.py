@@ -65,7 +65,7 @@ def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
     p = logp.exp()
     ent = -(p * logp).nansum(-1, keepdim=True)
     distance = (-logp - ent).abs()
-    sorted_distance, order = torch.sort(distance, dim=-1)
+    order = torch.sort(distance, dim=-1).indices
     sorted_p = p.gather(-1, order)
     mass_before = sorted_p.cumsum(dim=-1) - sorted_p
     remove_sorted = mass_before >= mass

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, or_, select, text
+from sqlalchemy import Engine, create_engine, delete, event, func, or_, select
+from sqlalchemy import text as sql_text
 from sqlalchemy.orm import Session, sessionmaker
 
 from explorer.events import STATUS_RUNNING, RunFinished, RunStarted, from_dict, to_dict
@@ -262,7 +263,7 @@ def _prepare_schema(engine: Engine) -> None:
         version = int(row.value) if row.value.isdigit() else -1
         while version in MIGRATIONS and version < SCHEMA_VERSION:
             for statement in MIGRATIONS[version]:
-                session.execute(text(statement))
+                session.execute(sql_text(statement))
             version += 1
             row.value = str(version)
         if row.value != str(SCHEMA_VERSION):

@@ -51,6 +51,25 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def load_draft_model(model: Any, draft_model: str) -> Any:
+    """The drafting model for a run: the target itself ('target'), or a model sharing its vocabulary."""
+    if draft_model.strip() in SELF:
+        return model.for_run()
+    draft = MODEL_CACHE.get(draft_model, dtype=model.info.dtype, device=model.info.device).for_run()
+    check_same_vocabulary(model, draft)
+    return draft
+
+
+def sync_cache(session: Any, cached: list[int], context: Sequence[int]) -> torch.Tensor:
+    """Bring a draft's KV cache (holding the tokens `cached`) to the committed context: keep the common prefix,
+    run the rest, and return the draft's next-token logits `(vocab,)`. `cached` becomes the context."""
+    keep = min(common_prefix(cached, context), len(context) - 1)
+    session.crop(keep)
+    logits = session.forward(list(context[keep:]), all_logits=False)[-1]
+    cached[:] = context
+    return logits
+
+
 class ModelDrafter:
     """Drafts with any language model that has its own KV cache, kept in sync with the committed context."""
 
@@ -66,12 +85,8 @@ class ModelDrafter:
 
     def propose(self, context: Sequence[int]) -> DraftTree:
         gamma = self.length.current
-        keep = min(common_prefix(self.cached, context), len(context) - 1)
-        self.session.crop(keep)
-        del self.cached[keep:]
         passes = self.lm.forward_passes
-        logits = self.session.forward(list(context[keep:]), all_logits=False)[-1]  # (vocab,)
-        self.cached = list(context)
+        logits = sync_cache(self.session, self.cached, context)  # (vocab,)
         tokens: list[int] = []
         scores: list[float] = []
         rows: list[torch.Tensor] = []
@@ -100,10 +115,6 @@ class ModelDrafter:
 
 @register("speculative", DraftModelConfig, "speculative decoding with a draft model (greedy or sampling rule)")
 def run(model: Any, prompt_ids: Sequence[int], config: DraftModelConfig, rng: torch.Generator) -> Iterator[Any]:
-    if config.draft_model.strip() in SELF:
-        draft = model.for_run()
-    else:
-        draft = MODEL_CACHE.get(config.draft_model, dtype=model.info.dtype, device=model.info.device).for_run()
-        check_same_vocabulary(model, draft)
+    draft = load_draft_model(model, config.draft_model)
     drafter = ModelDrafter(draft, config, rng, name=f"draft model {draft.info.model_id}")
     yield from draft_verify(model, prompt_ids, drafter, config, rng)

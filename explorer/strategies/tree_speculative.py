@@ -24,11 +24,10 @@ from typing import Any
 
 import torch
 
-from explorer.models import MODEL_CACHE, check_same_vocabulary
 from explorer.strategies.base import param, register
 from explorer.strategies.draft_verify import DraftTree, SpeculativeConfig, Verdict, draft_verify
 from explorer.strategies.self_speculative import layer_skip_view, parse_layers
-from explorer.strategies.speculative import SELF, common_prefix
+from explorer.strategies.speculative import SELF, load_draft_model, sync_cache
 
 MODES = ("topk", "sample", "gumbel", "dynamic")
 SIBLING_MODE = {"topk": "point", "sample": "iid", "gumbel": "without_replacement", "dynamic": "point"}
@@ -67,21 +66,13 @@ class TreeDrafter:
         self.session = lm.session()
         self.cached: list[int] = []
 
-    def _sync(self, context: Sequence[int]) -> torch.Tensor:
-        """Bring the draft's cache to the committed context; return its next-token logits."""
-        keep = min(common_prefix(self.cached, context), len(context) - 1)
-        self.session.crop(keep)
-        logits = self.session.forward(list(context[keep:]), all_logits=False)[-1]
-        self.cached = list(context)
-        return logits
-
     def _q(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         sampling = self.config.rule == "sampling"
         return torch.softmax(self.config.apply(logits, history) if sampling else logits, dim=-1)
 
     def propose(self, context: Sequence[int]) -> DraftTree:
         base = len(context)
-        root = self._q(self._sync(context), context)
+        root = self._q(sync_cache(self.session, self.cached, context), context)
         passes = self.lm.forward_passes
         tree = self._dynamic(context, root, base) if self.config.mode == "dynamic" else self._levels(context, root,
                                                                                                     base)
@@ -165,8 +156,7 @@ def tree_drafter(model: Any, config: TreeConfig, rng: torch.Generator) -> TreeDr
         return TreeDrafter(layer_skip_view(model, parse_layers(config.skip)), config, rng, "layer-skip tree")
     if config.draft_model.strip() in SELF:
         return TreeDrafter(model.for_run(), config, rng, f"{config.mode} tree (self)")
-    draft = MODEL_CACHE.get(config.draft_model, dtype=model.info.dtype, device=model.info.device).for_run()
-    check_same_vocabulary(model, draft)
+    draft = load_draft_model(model, config.draft_model)
     return TreeDrafter(draft, config, rng, f"{config.mode} tree from {draft.info.model_id}")
 
 
