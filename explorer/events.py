@@ -66,6 +66,12 @@ class TokenStep:
     details: dict[str, float] = field(default_factory=dict)
     origin: str = "plain"  # plain | draft (an accepted draft token) | bonus (the target's token after a round)
 
+    @classmethod
+    def from_stats(cls, stats: Any, **fields: Any) -> TokenStep:
+        """A TokenStep from a step's statistics (a dataclass whose fields are TokenStep's logprob ... kept_logprob,
+        e.g. explorer.sampling.StepStats) and the remaining fields."""
+        return cls(**{f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}, **fields)
+
 
 @dataclass(frozen=True)
 class RunFinished:

@@ -1,23 +1,22 @@
 """Exports for papers and reviewers: per-step tables (Parquet, CSV), the raw event stream (JSONL), run bundles
-(zip: manifest + events) that import into any database, and metric tables across runs (LaTeX booktabs and
-Markdown)."""
+(zip: manifest + events) that import into any database, and the metric tables of explorer.metrics written as
+LaTeX booktabs and Markdown."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
-import statistics
 import zipfile
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from explorer.events import RunStarted, from_dict, to_dict
-from explorer.models import tree_depths
+from explorer.metrics import SamplingTable, SpeedTable
 from explorer.trace import Trace
+from explorer.trees import node_positions
 
 BUNDLE_FORMAT = "decoding-explorer-bundle/1"
 STEP_COLUMNS = [
@@ -33,10 +32,10 @@ def step_rows(traces: Iterable[Trace]) -> list[dict[str, Any]]:
     for trace in traces:
         verified: dict[int, tuple[int, float | None, float | None, float | None, str]] = {}
         for round_ in trace.rounds:
-            depths = tree_depths(round_.parents)
+            positions = node_positions(round_.position, round_.parents)
             for i, verdict in enumerate(round_.verdicts):
                 if verdict == "accepted":
-                    verified[round_.position + depths[i]] = (round_.round, round_.p[i], round_.q[i], round_.u[i],
+                    verified[positions[i]] = (round_.round, round_.p[i], round_.q[i], round_.u[i],
                                                              verdict)
             bonus_position = round_.position + round_.accepted_count
             verified.setdefault(bonus_position, (round_.round, None, None, None, round_.bonus_kind))
@@ -156,64 +155,6 @@ def read_bundle(path: str | Path) -> Trace:
 
 
 # --------------------------------------------------------------------------------------- metric tables
-def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.fmean(finite) if finite else float("nan")
-
-
-def method_label(trace: Trace) -> str:
-    return trace.started.tags.get("method") or trace.started.strategy
-
-
-def distinct_n(trace: Trace, n: int) -> float:
-    ids = trace.token_ids
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else float("nan")
-
-
-def specbench_table(traces: Sequence[Trace], baseline: str = "greedy") -> tuple[list[str], dict[str, dict]]:
-    """Method x prompt category: speedup (baseline wall time / method wall time on the same prompt, seed and
-    model, geometric mean) and mean accepted tokens. Returns (categories, {method: {category: (speedup, mat)}})."""
-    ok = [t for t in traces if t.status == "ok" and t.finished is not None and t.finished.wall_time_s > 0]
-    base = {(t.started.prompt, t.started.seed, t.started.model_id): t.finished.wall_time_s
-            for t in ok if method_label(t) == baseline}
-    cells: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-    for trace in ok:
-        category = trace.started.tags.get("category", "all")
-        key = (trace.started.prompt, trace.started.seed, trace.started.model_id)
-        speedup = base[key] / trace.finished.wall_time_s if key in base else float("nan")
-        cells[method_label(trace)][category].append((speedup, trace.mean_accepted_tokens))
-    categories = sorted({c for per in cells.values() for c in per})
-    table = {
-        method: {c: (_geomean([s for s, _ in v]), _mean([m for _, m in v])) for c, v in per.items()}
-        for method, per in sorted(cells.items())
-    }
-    return categories, table
-
-
-def _geomean(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v) and v > 0]
-    return statistics.geometric_mean(finite) if finite else float("nan")
-
-
-def sampling_table(traces: Sequence[Trace]) -> dict[str, dict[str, float]]:
-    """Method x (mean entropy, perplexity, repetition rate of 4-grams, distinct-2), averaged over runs."""
-    grouped: dict[str, list[Trace]] = defaultdict(list)
-    for trace in traces:
-        if trace.status == "ok" and trace.token_steps:
-            grouped[method_label(trace)].append(trace)
-    return {
-        method: {
-            "runs": len(runs),
-            "entropy": _mean([t.mean_entropy for t in runs]),
-            "perplexity": _mean([t.perplexity for t in runs]),
-            "repetition": _mean([t.repetition_rate(4) for t in runs]),
-            "distinct_2": _mean([distinct_n(t, 2) for t in runs]),
-        }
-        for method, runs in sorted(grouped.items())
-    }
-
-
 def _fmt(value: float, spec: str, suffix: str = "") -> str:
     return "--" if value is None or not math.isfinite(value) else f"{value:{spec}}{suffix}"
 
@@ -226,8 +167,8 @@ def _latex_escape(text: str) -> str:
     return text
 
 
-def specbench_latex(traces: Sequence[Trace]) -> str:
-    categories, table = specbench_table(traces)
+def specbench_latex(speed: SpeedTable) -> str:
+    categories, table = speed
     columns = "l" + "rr" * len(categories)
     head = " & ".join(rf"\multicolumn{{2}}{{c}}{{{_latex_escape(c)}}}" for c in categories)
     sub = " & ".join(["speedup & MAT"] * len(categories))
@@ -243,8 +184,8 @@ def specbench_latex(traces: Sequence[Trace]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def specbench_markdown(traces: Sequence[Trace]) -> str:
-    categories, table = specbench_table(traces)
+def specbench_markdown(speed: SpeedTable) -> str:
+    categories, table = speed
     lines = ["| method | " + " | ".join(f"{c}: speedup, MAT" for c in categories) + " |",
              "|---|" + "---:|" * len(categories)]
     for method, per in table.items():
@@ -258,8 +199,7 @@ SAMPLING_COLUMNS = [("runs", "runs", "d"), ("entropy", "mean entropy", ".3f"), (
                     ("repetition", "rep-4", ".3f"), ("distinct_2", "distinct-2", ".3f")]
 
 
-def sampling_latex(traces: Sequence[Trace]) -> str:
-    table = sampling_table(traces)
+def sampling_latex(table: SamplingTable) -> str:
     lines = [r"\begin{tabular}{l" + "r" * len(SAMPLING_COLUMNS) + "}", r"\toprule",
              "Method & " + " & ".join(title for _, title, _ in SAMPLING_COLUMNS) + r" \\", r"\midrule"]
     for method, values in table.items():
@@ -269,8 +209,7 @@ def sampling_latex(traces: Sequence[Trace]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sampling_markdown(traces: Sequence[Trace]) -> str:
-    table = sampling_table(traces)
+def sampling_markdown(table: SamplingTable) -> str:
     lines = ["| method | " + " | ".join(title for _, title, _ in SAMPLING_COLUMNS) + " |",
              "|---|" + "---:|" * len(SAMPLING_COLUMNS)]
     for method, values in table.items():

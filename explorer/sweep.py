@@ -116,21 +116,24 @@ def run_sweep(model: Any, items: Sequence[PromptItem], methods: Sequence[MethodS
 
 
 def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] = ("svg", "pdf", "png")) -> list[Path]:
-    """Tables (LaTeX and Markdown) and figures of the given runs into `out`."""
+    """Tables (LaTeX and Markdown) and figures of the given runs into `out`; each table is computed once."""
     from explorer.export import sampling_latex, sampling_markdown, specbench_latex, specbench_markdown
+    from explorer.metrics import sampling_table, specbench_table
     from viz.paper import save_figure
     from viz.report import quality_figure, speedup_figure
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if not traces:
         raise ValueError("no runs to report on: run a sweep first")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    speed, sampling = specbench_table(traces), sampling_table(traces)
     written = []
-    for name, content in (("specbench.tex", specbench_latex(traces)), ("specbench.md", specbench_markdown(traces)),
-                          ("sampling.tex", sampling_latex(traces)), ("sampling.md", sampling_markdown(traces))):
+    for name, content in (("specbench.tex", specbench_latex(speed)), ("specbench.md", specbench_markdown(speed)),
+                          ("sampling.tex", sampling_latex(sampling)), ("sampling.md", sampling_markdown(sampling))):
         (out / name).write_text(content, encoding="utf-8")
         written.append(out / name)
-    for name, figure in (("speedup", speedup_figure(traces)), ("quality", quality_figure(traces))):
+    figures = (("speedup", speedup_figure(speed), "two"), ("quality", quality_figure(sampling), "one"))
+    for name, figure, width in figures:
         for fmt in formats:
-            written.append(save_figure(figure, out / f"{name}.{fmt}", width="two" if name == "speedup" else "one"))
+            written.append(save_figure(figure, out / f"{name}.{fmt}", width=width))
     return written

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from explorer.events import DraftRound, RunFinished, RunStarted, TokenStep
-from explorer.models import tree_depths
+from explorer.trees import tree_depths
 
 
 @dataclass

@@ -18,6 +18,7 @@ from sqlalchemy import text as sql_text
 from sqlalchemy.orm import Session, sessionmaker
 
 from explorer.events import STATUS_RUNNING, RunFinished, RunStarted, from_dict, to_dict
+from explorer.paths import cache_root
 from explorer.trace import Trace
 from store.codec import decode, dumps, encode
 from store.models import SCHEMA_VERSION, Base, EventRow, MetaRow, RunRow
@@ -28,8 +29,6 @@ def default_url() -> str:
     env = os.environ.get("DECODING_EXPLORER_DB")
     if env:
         return env
-    from explorer.models import cache_root
-
     path = cache_root() / "runs.sqlite"
     return f"sqlite:///{path}"
 

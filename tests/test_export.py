@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from explorer import export
+from explorer.metrics import sampling_table, specbench_table
 from explorer.runner import run_to_end
 from explorer.strategies import make_config
 from explorer.sweep import load_prompts, parse_strategies, run_sweep, write_report
@@ -112,19 +113,19 @@ def test_sweep_resumes_records_failures_and_reports(tiny, tmp_path):
     assert (again.done, again.skipped) == (0, 12)  # completed runs are skipped; the failed ones are retried
 
     traces = store.load_traces(store.run_ids(sweep_only=True))
-    latex = export.specbench_latex(traces)
+    latex = export.specbench_latex(specbench_table(traces))
     body = [line for line in latex.splitlines() if line.endswith(r"\\") and not line.startswith(("Method", " &"))]
     assert [line.split(" & ")[0] for line in body] == sorted(["greedy", r"prompt\_lookup(min\_ngram=1)",
                                                               r"sample(top\_p=0.9)"])
-    categories, table = export.specbench_table(traces)
+    categories, table = specbench_table(traces)
     assert categories == ["copy", "free"]
     lookup = [t for t in traces if t.started.tags["method"] == "prompt_lookup(min_ngram=1)"
               and t.started.tags["category"] == "copy" and t.status == "ok"]
     mat = sum(t.mean_accepted_tokens for t in lookup) / len(lookup)
     assert f"{mat:.2f}" in body[1] and table["greedy"]["copy"][0] == pytest.approx(1.0)
-    sampling = export.sampling_table(traces)
+    sampling = sampling_table(traces)
     assert sampling["greedy"]["runs"] == 4
-    assert f"{sampling['greedy']['perplexity']:.2f}" in export.sampling_latex(traces)
+    assert f"{sampling['greedy']['perplexity']:.2f}" in export.sampling_latex(sampling)
 
     written = write_report(traces, tmp_path / "report", formats=("svg",))
     names = {p.name for p in written}

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from explorer.models import ancestor_mask, check_same_vocabulary, load_model, tree_depths
+from explorer.models import ancestor_mask, check_same_vocabulary, load_model
 from explorer.testing import tiny_model
+from explorer.trees import tree_depths
 
 PREFIX = [5, 40, 41, 42, 17, 23]
 

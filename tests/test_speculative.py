@@ -10,6 +10,7 @@ import torch
 from explorer.events import DraftRound, TokenStep
 from explorer.runner import run_to_end
 from explorer.strategies import make_config
+from explorer.strategies.draft_models import ModelDrafter, layer_skip_view, parse_layers
 from explorer.strategies.draft_verify import (
     DraftLength,
     DraftTree,
@@ -21,8 +22,7 @@ from explorer.strategies.draft_verify import (
     verify_tree,
 )
 from explorer.strategies.prompt_lookup import find_continuation
-from explorer.strategies.self_speculative import layer_skip_view, most_skippable, parse_layers
-from explorer.strategies.speculative import ModelDrafter
+from explorer.strategies.self_speculative import most_skippable
 from explorer.testing import save_tiny_model, tiny_model
 from tests.fakes import FakeLM
 

@@ -64,7 +64,7 @@ def test_greedy_tree_verification_follows_the_argmax_path():
     draft = DraftTree([2, 1, 4, 3, 1], [-1, -1, 0, 0, 3], [1.0] * 5, None, mode="point")
     verdict = verify_tree(logits, draft, "greedy", SpeculativeConfig(), [0], torch.Generator())
     assert verdict.path == [0, 3, 4] and verdict.bonus_token == 4 and verdict.bonus_kind == "bonus"
-    assert verdict.verdicts == ["accepted", "rejected", "rejected", "accepted", "accepted"]
+    assert verdict.node_verdicts == ["accepted", "rejected", "rejected", "accepted", "accepted"]
     logits[5] = 0.0
     logits[1, 2] = 9.0  # now node 0's best child is token 2, which was not drafted: a correction
     verdict = verify_tree(logits, draft, "greedy", SpeculativeConfig(), [0], torch.Generator())

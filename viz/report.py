@@ -1,19 +1,18 @@
-"""Figures across many runs (a sweep): speedup per method and prompt category, and a quality map."""
+"""Figures across many runs (a sweep), drawn from the tables of explorer.metrics: speedup per method and prompt
+category, and a quality map."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import plotly.graph_objects as go
 
-from explorer.export import sampling_table, specbench_table
-from explorer.trace import Trace
+from explorer.metrics import SamplingTable, SpeedTable
 from viz.theme import base_layout, empty_figure, lane_color, lane_dash
 
 
-def speedup_figure(traces: Sequence[Trace]) -> go.Figure:
-    categories, table = specbench_table(traces)
+def speedup_figure(speed: SpeedTable) -> go.Figure:
+    categories, table = speed
     if not table:
         return empty_figure("No finished runs.")
     figure = go.Figure()
@@ -27,8 +26,7 @@ def speedup_figure(traces: Sequence[Trace]) -> go.Figure:
     return base_layout(figure, "Speedup over greedy by prompt category", "prompt category", "speedup (x)")
 
 
-def quality_figure(traces: Sequence[Trace]) -> go.Figure:
-    table = sampling_table(traces)
+def quality_figure(table: SamplingTable) -> go.Figure:
     if not table:
         return empty_figure("No finished runs.")
     figure = go.Figure()

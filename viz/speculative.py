@@ -11,8 +11,8 @@ import networkx as nx
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from explorer.models import tree_depths
 from explorer.trace import Trace
+from explorer.trees import tree_depths
 from viz.labels import lane_name, show_token
 from viz.theme import base_layout, empty_figure, lane_color
 

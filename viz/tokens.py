@@ -6,8 +6,8 @@ from __future__ import annotations
 import html
 import math
 
-from explorer.models import tree_depths
 from explorer.trace import Trace
+from explorer.trees import node_positions
 from viz.theme import readable_text_color, sequential_rgb
 
 COLOR_MODES = ("probability", "entropy", "origin")
@@ -19,13 +19,12 @@ def round_notes(trace: Trace) -> dict[int, list[str]]:
     """Per position: what the draft-verify rounds said there (accepted drafts, rejected drafts with p, q, u)."""
     notes: dict[int, list[str]] = {}
     for round_ in trace.rounds:
-        depths = tree_depths(round_.parents)
+        positions = node_positions(round_.position, round_.parents)
         for i, (text, verdict) in enumerate(zip(round_.draft_texts, round_.verdicts, strict=True)):
             if verdict == "unreached":
                 continue
             u = "–" if round_.u[i] is None else f"{round_.u[i]:.3f}"
-            position = round_.position + depths[i]
-            notes.setdefault(position, []).append(
+            notes.setdefault(positions[i], []).append(
                 f"round {round_.round}: draft {text!r} {verdict} (p={round_.p[i]:.3f}, q={round_.q[i]:.3f}, u={u})")
     return notes
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from explorer.events import TokenStep
+from explorer.events import Event, TokenStep
 from explorer.sampling import StepStats, step_stats
 
 RECORD_TOP_K = 10
@@ -24,7 +24,7 @@ RECORD_TOP_K = 10
 @dataclass(frozen=True)
 class StrategySpec:
     name: str
-    run: Callable[..., Iterator[Any]]
+    run: Callable[..., Iterator[Event]]
     config: type
     summary: str
     needs_budget: bool = False  # search strategies get `max_new_tokens=` (they commit only at the end)
@@ -49,11 +49,6 @@ def get_strategy(name: str) -> StrategySpec:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(sorted(REGISTRY))}") from None
-
-
-def param(default: Any, help: str, **limits: Any) -> Any:
-    """A config field with a help text (and optional `minimum`, `maximum`, `step`, `choices`) for UIs."""
-    return field(default=default, metadata={"help": help, **limits})
 
 
 def field_type(config: type, name: str) -> type:
@@ -93,7 +88,7 @@ def _coerce(kind: type, key: str, raw: Any) -> Any:
         if kind is float:
             return float(raw)
         return kind(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{key} must be a {kind.__name__}, got {raw!r}") from None
 
 
@@ -111,26 +106,18 @@ class Choice:
     details: dict[str, float] = field(default_factory=dict)
 
 
-def token_step(model: Any, step: int, position: int, token_id: int, stats: StepStats,
-               details: dict[str, float], origin: str = "plain") -> TokenStep:
-    return TokenStep(
-        step=step,
-        position=position,
-        token_id=token_id,
-        token_text=model.piece(token_id),
-        logprob=stats.logprob,
-        rank=stats.rank,
-        entropy=stats.entropy,
-        top_ids=stats.top_ids,
-        top_logprobs=stats.top_logprobs,
-        top_texts=[model.piece(i) for i in stats.top_ids],
-        kept_top_ids=stats.kept_top_ids,
-        kept_top_logprobs=stats.kept_top_logprobs,
-        kept_count=stats.kept_count,
-        kept_logprob=stats.kept_logprob,
-        details=details,
-        origin=origin,
-    )
+def commit_token(model: Any, step: int, position: int, token_id: int, raw: torch.Tensor | None = None,
+                 kept: torch.Tensor | None = None, *, stats: StepStats | None = None,
+                 details: dict[str, float] | None = None, origin: str = "plain") -> TokenStep:
+    """The TokenStep of a committed token: from the raw logits `(vocab,)` it was chosen from (and the
+    transformed logits it was drawn from, None: the raw ones), or from `stats` computed earlier."""
+    if stats is None:
+        if raw is None:
+            raise ValueError("commit_token needs the raw logits or precomputed stats")
+        stats = step_stats(raw, kept, token_id, RECORD_TOP_K)
+    return TokenStep.from_stats(stats, step=step, position=position, token_id=token_id,
+                                token_text=model.piece(token_id), top_texts=[model.piece(i) for i in stats.top_ids],
+                                details=dict(details or {}), origin=origin)
 
 
 def autoregressive(
@@ -143,8 +130,8 @@ def autoregressive(
     step = 0
     while True:
         choice = choose(logits, context)
-        stats = step_stats(logits, choice.kept_logits, choice.token_id, RECORD_TOP_K)
-        yield token_step(model, step, len(context), choice.token_id, stats, choice.details)
+        yield commit_token(model, step, len(context), choice.token_id, logits, choice.kept_logits,
+                           details=choice.details)
         context.append(choice.token_id)
         step += 1
         logits = session.forward([choice.token_id])[-1]

@@ -21,16 +21,17 @@ from typing import Any
 
 import torch
 
-from explorer.events import BeamResult, BeamStep
+from explorer.events import BeamResult, BeamStep, Event
+from explorer.params import Checked, param
 from explorer.sampling import StepStats, step_stats
-from explorer.strategies.base import RECORD_TOP_K, param, register, token_step
+from explorer.strategies.base import RECORD_TOP_K, commit_token, register
 
 EARLY_STOPPING = ("false", "true", "never")
 NEG = -1.0e9
 
 
 @dataclass(frozen=True)
-class BeamConfig:
+class BeamConfig(Checked):
     num_beams: int = param(4, "beams B", minimum=1, maximum=16, step=1)
     length_penalty: float = param(1.0, "score / length ** lp (> 0 favours longer)", minimum=-2.0, maximum=3.0,
                                   step=0.1)
@@ -39,11 +40,8 @@ class BeamConfig:
     num_return: int = param(0, "size of the n-best list (0 = one per beam)", minimum=0, maximum=16, step=1)
 
     def __post_init__(self) -> None:
-        if self.num_beams < 1:
-            raise ValueError("num_beams must be >= 1")
-        if self.early_stopping not in EARLY_STOPPING:
-            raise ValueError(f"early_stopping must be one of {', '.join(EARLY_STOPPING)}")
-        if not 0 <= self.num_return <= self.num_beams:
+        super().__post_init__()
+        if self.num_return > self.num_beams:
             raise ValueError("num_return must be between 0 (one per beam) and num_beams")
 
 
@@ -163,7 +161,7 @@ class BeamGroup:
 
 
 def beam_loop(model: Any, prompt_ids: Sequence[int], groups: list[BeamGroup], max_new_tokens: int,
-              num_return: int, diversity: float = 0.0) -> Iterator[Any]:
+              num_return: int, diversity: float = 0.0) -> Iterator[Event]:
     """Run beam groups over one batched cache (rows = the groups' beams, in order); yield BeamSteps, then the
     n-best BeamResult and the best hypothesis as TokenSteps. With `diversity` > 0, each group's log-probs are
     lowered by diversity x (how often previous groups chose the token at this step): Hamming diversity."""
@@ -203,12 +201,12 @@ def beam_loop(model: Any, prompt_ids: Sequence[int], groups: list[BeamGroup], ma
     if best:
         winner = best[0][0]
         for i, (token, stats) in enumerate(zip(winner.tokens, winner.stats, strict=True)):
-            yield token_step(model, i, len(prompt_ids) + i, token, stats, {})
+            yield commit_token(model, i, len(prompt_ids) + i, token, stats=stats)
 
 
 @register("beam", BeamConfig, "beam search (recorded tree; matches transformers' num_beams)", needs_budget=True)
 def run(model: Any, prompt_ids: Sequence[int], config: BeamConfig, rng: torch.Generator, *,
-        max_new_tokens: int) -> Iterator[Any]:
+        max_new_tokens: int) -> Iterator[Event]:
     group = BeamGroup(config.num_beams, model.eos_token_ids, len(prompt_ids), len(prompt_ids) + max_new_tokens,
                       config.length_penalty, config.early_stopping)
     yield from beam_loop(model, prompt_ids, [group], max_new_tokens, config.num_return or config.num_beams)

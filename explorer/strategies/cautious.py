@@ -19,15 +19,16 @@ from typing import Any
 
 import torch
 
-from explorer.events import TrialBranch
+from explorer.events import Event, TrialBranch
+from explorer.params import Checked, param
 from explorer.sampling import StepStats, entropy, sample, step_stats
-from explorer.strategies.base import RECORD_TOP_K, param, register, token_step
+from explorer.strategies.base import RECORD_TOP_K, commit_token, register
 
 PUNCTUATION = set(".,;:!?\n")
 
 
 @dataclass(frozen=True)
-class CautiousConfig:
+class CautiousConfig(Checked):
     threshold: float = param(2.0, "entropy (nats) above which a step branches", minimum=0.0, maximum=10.0,
                              step=0.1)
     min_trials: int = param(2, "trials at the threshold", minimum=1, maximum=16, step=1)
@@ -36,10 +37,9 @@ class CautiousConfig:
     temperature: float = param(1.0, "sampling temperature (> 0)", minimum=0.05, maximum=3.0, step=0.05)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_trials <= self.max_trials:
-            raise ValueError("need 1 <= min_trials <= max_trials")
-        if self.max_trial_tokens < 1 or self.temperature <= 0 or self.threshold < 0:
-            raise ValueError("need max_trial_tokens >= 1, temperature > 0 and threshold >= 0")
+        super().__post_init__()
+        if self.min_trials > self.max_trials:
+            raise ValueError("need min_trials <= max_trials")
 
 
 def trial_count(step_entropy: float, config: CautiousConfig) -> int:
@@ -54,7 +54,7 @@ def ends_trial(text: str) -> bool:
 
 @register("cautious", CautiousConfig, "cautious next-token prediction: branch at uncertain steps, keep the "
                                       "lowest-perplexity trial")
-def run(model: Any, prompt_ids: Sequence[int], config: CautiousConfig, rng: torch.Generator) -> Iterator[Any]:
+def run(model: Any, prompt_ids: Sequence[int], config: CautiousConfig, rng: torch.Generator) -> Iterator[Event]:
     session = model.session()
     logits = session.forward(list(prompt_ids), all_logits=False)[-1]
     eos = model.eos_token_ids
@@ -69,14 +69,13 @@ def run(model: Any, prompt_ids: Sequence[int], config: CautiousConfig, rng: torc
         step_entropy = float(entropy(logits))
         if step_entropy < config.threshold:
             token, kept = draw(logits)
-            yield token_step(model, step, len(context), token, step_stats(logits, kept, token, RECORD_TOP_K),
-                             {"entropy_trigger": 0.0})
+            yield commit_token(model, step, len(context), token, logits, kept, details={"entropy_trigger": 0.0})
             context.append(token)
             step += 1
             logits = session.forward([token])[-1]
             continue
         base = session.length
-        trials: list[tuple[list[int], list[StepStats], float, torch.Tensor]] = []
+        trials: list[tuple[list[int], list[StepStats], float]] = []
         for _ in range(trial_count(step_entropy, config)):
             tokens, stats, raw = [], [], logits
             for _ in range(config.max_trial_tokens):
@@ -87,15 +86,15 @@ def run(model: Any, prompt_ids: Sequence[int], config: CautiousConfig, rng: torc
                 if token in eos or ends_trial(model.piece(token)):
                     break
             perplexity = math.exp(-sum(s.logprob for s in stats) / len(stats))
-            trials.append((tokens, stats, perplexity, raw))
+            trials.append((tokens, stats, perplexity))
             session.crop(base)
         chosen = min(range(len(trials)), key=lambda i: trials[i][2])
-        tokens, stats, _, _ = trials[chosen]
+        tokens, stats, _ = trials[chosen]
         yield TrialBranch(step=step, position=len(context), entropy=step_entropy, trials=[t[0] for t in trials],
                           trial_texts=[model.decode(t[0]) for t in trials], perplexities=[t[2] for t in trials],
                           chosen=chosen)
         logits = session.forward(tokens)[-1]  # rebuild the cache along the chosen trial
         for token, token_stats in zip(tokens, stats, strict=True):
-            yield token_step(model, step, len(context), token, token_stats, {"entropy_trigger": 1.0})
+            yield commit_token(model, step, len(context), token, stats=token_stats, details={"entropy_trigger": 1.0})
             context.append(token)
             step += 1

@@ -11,27 +11,22 @@ With alpha = 0 it is greedy decoding.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from explorer.events import CandidateStep
-from explorer.sampling import step_stats
-from explorer.strategies.base import RECORD_TOP_K, param, register, token_step
+from explorer.events import CandidateStep, Event
+from explorer.params import Checked, param
+from explorer.strategies.base import commit_token, register
 
 
 @dataclass(frozen=True)
-class ContrastiveConfig:
+class ContrastiveConfig(Checked):
     top_k: int = param(4, "candidates k", minimum=1, maximum=20, step=1)
     alpha: float = param(0.6, "degeneration penalty weight in [0, 1]", minimum=0.0, maximum=1.0, step=0.05)
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        if not 0 <= self.alpha <= 1:
-            raise ValueError("alpha must be in [0, 1]")
 
 
 def degeneration_penalty(candidates: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -42,13 +37,13 @@ def degeneration_penalty(candidates: torch.Tensor, context: torch.Tensor) -> tor
 
 
 @register("contrastive", ContrastiveConfig, "contrastive search: probability minus similarity to the context")
-def run(model: Any, prompt_ids: Sequence[int], config: ContrastiveConfig, rng: torch.Generator) -> Iterator[Any]:
+def run(model: Any, prompt_ids: Sequence[int], config: ContrastiveConfig, rng: torch.Generator) -> Iterator[Event]:
     session = model.session()
     logits, hidden = session.forward(list(prompt_ids), hidden_states=True)
     context_hidden = hidden[-1]  # (t, hidden): last layer
     logits = logits[-1]
     position = len(prompt_ids)
-    for step in range(10**9):
+    for step in itertools.count():
         probs = torch.softmax(logits, dim=-1)
         top_p, top_ids = torch.topk(probs, min(config.top_k, probs.shape[-1]))
         k = len(top_ids)
@@ -63,8 +58,8 @@ def run(model: Any, prompt_ids: Sequence[int], config: ContrastiveConfig, rng: t
             probs=top_p.tolist(), penalties=(config.alpha * similarity).tolist(), scores=scores.tolist(),
             chosen=chosen, feature_name="max cosine similarity", features=similarity.tolist(),
         )
-        stats = step_stats(logits, None, token, RECORD_TOP_K)
-        yield token_step(model, step, position, token, stats, {"degeneration_penalty": float(similarity[chosen])})
+        yield commit_token(model, step, position, token, logits,
+                           details={"degeneration_penalty": float(similarity[chosen])})
         session.keep([*range(position), position + chosen])  # drop the other candidates' KV
         context_hidden = torch.cat([context_hidden, cand_hidden[-1][chosen:chosen + 1]])
         logits = cand_logits[chosen]

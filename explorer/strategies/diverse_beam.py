@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 
-from explorer.strategies.base import param, register
+from explorer.events import Event
+from explorer.params import Checked, param
+from explorer.strategies.base import register
 from explorer.strategies.beam import EARLY_STOPPING, BeamGroup, beam_loop
 
 
 @dataclass(frozen=True)
-class DiverseBeamConfig:
+class DiverseBeamConfig(Checked):
     num_beams: int = param(4, "beams B in all", minimum=2, maximum=16, step=1)
     groups: int = param(2, "groups G (must divide B)", minimum=1, maximum=16, step=1)
     diversity: float = param(0.5, "Hamming diversity strength lambda (>= 0)", minimum=0.0, maximum=5.0, step=0.1)
@@ -29,20 +31,17 @@ class DiverseBeamConfig:
     num_return: int = param(0, "size of the n-best list (0 = one per beam)", minimum=0, maximum=16, step=1)
 
     def __post_init__(self) -> None:
-        if self.groups < 1 or self.num_beams % self.groups:
+        super().__post_init__()
+        if self.num_beams % self.groups:
             raise ValueError("groups must divide num_beams (e.g. 4 beams in 2 groups)")
-        if self.diversity < 0:
-            raise ValueError("diversity must be >= 0")
-        if self.early_stopping not in EARLY_STOPPING:
-            raise ValueError(f"early_stopping must be one of {', '.join(EARLY_STOPPING)}")
-        if not 0 <= self.num_return <= self.num_beams:
+        if self.num_return > self.num_beams:
             raise ValueError("num_return must be between 0 (one per beam) and num_beams")
 
 
 @register("diverse_beam", DiverseBeamConfig, "diverse beam search: G groups with a Hamming diversity penalty",
           needs_budget=True)
 def run(model: Any, prompt_ids: Sequence[int], config: DiverseBeamConfig, rng: torch.Generator, *,
-        max_new_tokens: int) -> Iterator[Any]:
+        max_new_tokens: int) -> Iterator[Event]:
     width = config.num_beams // config.groups
     groups = [BeamGroup(width, model.eos_token_ids, len(prompt_ids), len(prompt_ids) + max_new_tokens,
                         config.length_penalty, config.early_stopping, group=g) for g in range(config.groups)]

@@ -10,27 +10,31 @@ Greedy rule: accept x_i while it equals argmax of the target's logits; the first
 target's argmax (so the output is token-identical to greedy decoding).
 
 A chain is a tree with one child per node: `verify_tree` verifies both, in one pass of the target.
-Drafters implement `propose(context) -> DraftTree` and optionally `observe(verdict)`. A deterministic drafter
-(prompt lookup, Jacobi) gives no q distributions: its q is a point mass on the drafted token, for which the
-rule above still gives exactly p.
+Drafters subclass `Drafter`: `propose(context) -> DraftTree` is required, the other hooks have no-op defaults.
+A deterministic drafter (prompt lookup, Jacobi) gives no q distributions: its q is a point mass on the drafted
+token, for which the rule above still gives exactly p.
 
 KV cache discipline: the target's cache holds every committed token but the last; a round runs the target once
 over [last committed token, draft...] (gamma + 1 positions), then crops the cache back to the committed prefix
-plus the accepted draft tokens.
+plus the accepted draft tokens (`commit_cache`).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterator, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from explorer.events import DraftRound
-from explorer.sampling import SamplingFilters, step_stats
-from explorer.strategies.base import RECORD_TOP_K, param, token_step
+from explorer.events import DraftRound, Event
+from explorer.params import param
+from explorer.sampling import SamplingFilters
+from explorer.strategies.base import commit_token
+from explorer.trees import children
 
 RULES = ("greedy", "sampling")
 
@@ -51,12 +55,13 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ the draft
 @dataclass
 class DraftTree:
-    """Draft tokens with one parent index each (-1: the committed prefix). `scores` are the draft's q of each
-    token; `q_dists` the full q rows `(n, vocab)`, or None for deterministic drafters (point masses)."""
+    """Draft tokens with one parent index each (-1: the committed prefix). `draft_probs` holds the draft's
+    probability q of each token; `q_dists` the full q rows `(n, vocab)`, or None for deterministic drafters
+    (point masses)."""
 
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
+    draft_probs: list[float] = field(default_factory=list)
     q_dists: torch.Tensor | None = None
     details: dict[str, float] = field(default_factory=dict)
     mode: str = "iid"  # how siblings were drawn from q: iid, without_replacement, or point (deterministic)
@@ -66,41 +71,70 @@ class DraftTree:
         return self.parents == list(range(-1, len(self.tokens) - 1))
 
     @classmethod
-    def chain(cls, tokens: Sequence[int], scores: Sequence[float] | None = None,
+    def chain(cls, tokens: Sequence[int], draft_probs: Sequence[float] | None = None,
               q_dists: torch.Tensor | None = None, **details: float) -> DraftTree:
         tokens = list(tokens)
-        return cls(tokens, list(range(-1, len(tokens) - 1)), list(scores or [1.0] * len(tokens)), q_dists,
+        return cls(tokens, list(range(-1, len(tokens) - 1)), list(draft_probs or [1.0] * len(tokens)), q_dists,
                    dict(details))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Verdict:
+    """What the target said about one draft: per node p, q, u and an accepted / rejected / unreached verdict,
+    the accepted path (node indices, root to leaf), and the bonus token that follows it."""
+
     accepted_count: int
     bonus_token: int
     bonus_kind: str  # "correction" after a rejection, "bonus" after full acceptance
-    p: list[float]
+    p: list[float | None]
     q: list[float]
     u: list[float | None]
-    verdicts: list[str]
+    node_verdicts: list[str]
     target_argmax: list[int]  # the target's argmax at every verified position (Jacobi's next guesses)
-    hidden_states: torch.Tensor | None = None  # (layers + 1, gamma + 1, hidden) when the drafter asks for them
+    hidden_states: torch.Tensor | None = None  # (layers + 1, nodes + 1, hidden) for drafters that want them
     path: list[int] = field(default_factory=list)  # accepted draft nodes, root to leaf
 
     def __post_init__(self) -> None:
-        self.path = self.path or list(range(self.accepted_count))
+        if not self.path:
+            object.__setattr__(self, "path", list(range(self.accepted_count)))
 
 
-class Drafter(Protocol):
-    name: str
+class Drafter(ABC):
+    """What the draft-verify engine needs from a drafter. Only `propose` is required; every other hook has a
+    no-op default, and capabilities are declared as class attributes (override them, never probe for them).
 
-    def propose(self, context: Sequence[int]) -> DraftTree: ...
+    Per round the engine calls: propose -> (one target pass) -> observe_logits (if `watches_logits`) ->
+    observe(verdict) -> round_details -> drain_events."""
 
-    def observe(self, verdict: Verdict) -> None: ...
+    name: str = "drafter"
+    wants_hidden_states: bool = False  # the verification pass returns hidden states in Verdict.hidden_states
+    watches_logits: bool = False  # observe_logits sees every target pass (the prefill too)
+
+    @abstractmethod
+    def propose(self, context: Sequence[int]) -> DraftTree:
+        """The draft for the next positions after `context` (an empty tree: a plain step)."""
+
+    def observe(self, verdict: Verdict) -> None:
+        """Learn from the target's verdict on the last draft."""
+        return None  # a no-op by default
+
+    def observe_logits(self, inputs: Sequence[int], logits: torch.Tensor, parents: Sequence[int] | None) -> None:
+        """See a target pass over `inputs` (`parents`: its tree, None for a chain): logits `(len(inputs),
+        vocab)`."""
+        return None  # a no-op by default
+
+    def round_details(self) -> dict[str, float | str]:
+        """Scalars recorded with the round that was just verified (e.g. the skipped layers)."""
+        return {}
+
+    def drain_events(self, round_index: int, piece: Callable[[int], str]) -> list[Event]:
+        """Events about what the drafter learned this round (e.g. pool updates), handed over once."""
+        return []
 
 
 # --------------------------------------------------------------------------------------- verification
 def verify_tree(logits: torch.Tensor, draft: DraftTree, rule: str, filters: SamplingFilters,
-                context: Sequence[int], rng: torch.Generator) -> Verdict:
+                context: Sequence[int], rng: torch.Generator, hidden_states: torch.Tensor | None = None) -> Verdict:
     """Verify a draft tree against target logits `(nodes + 1, vocab)`: row 0 predicts the root's children, row
     i + 1 the children of node i. Walks down from the root, accepting at most one child per node.
 
@@ -109,22 +143,21 @@ def verify_tree(logits: torch.Tensor, draft: DraftTree, rule: str, filters: Samp
     arXiv:2402.14160): try the children in order; child x is accepted with probability min(1, p(x) / q(x));
     after a rejection p <- norm(max(0, p - q)), and for children drawn without replacement q also loses x
     (renormalised). If every child is rejected the correction is drawn from what is left of p. Deterministic
-    children (mode point) have q = a point mass, so the output is distributed exactly as p in every mode."""
+    children (mode point) have q = a point mass, so the output is distributed exactly as p in every mode.
+    `hidden_states` of the same pass are handed on in the Verdict."""
     n = len(draft.tokens)
-    children: dict[int, list[int]] = {}
-    for node, parent in enumerate(draft.parents):
-        children.setdefault(parent, []).append(node)
+    kids_of = children(draft.parents)
     argmax = logits.argmax(dim=-1).tolist()
     p_list: list[float | None] = [None] * n
     u_list: list[float | None] = [None] * n
-    q_list = [float(x) for x in draft.scores]
+    q_list = [float(x) for x in draft.draft_probs]
     verdicts = ["unreached"] * n
     path: list[int] = []
     history = list(context)
     current = -1
     while True:
         row = logits[current + 1]
-        kids = children.get(current, [])
+        kids = kids_of.get(current, [])
         if rule == "greedy":
             probs = torch.softmax(row, dim=-1)
             for kid in kids:
@@ -162,8 +195,8 @@ def verify_tree(logits: torch.Tensor, draft: DraftTree, rule: str, filters: Samp
         path.append(accepted)
         history.append(draft.tokens[accepted])
         current = accepted
-    kind = "bonus" if not children.get(current) else "correction"
-    return Verdict(len(path), bonus, kind, p_list, q_list, u_list, verdicts, argmax, path=path)
+    kind = "bonus" if not kids_of.get(current) else "correction"
+    return Verdict(len(path), bonus, kind, p_list, q_list, u_list, verdicts, argmax, hidden_states, path)
 
 
 def _point_mass(token: int, like: torch.Tensor) -> torch.Tensor:
@@ -185,11 +218,6 @@ class SpeculativeConfig(SamplingFilters):
     top_k: int = param(0, "sampling rule: top-k (0 = off)", minimum=0, maximum=200, step=1)
     top_p: float = param(1.0, "sampling rule: top-p (1 = off)", minimum=0.01, maximum=1.0, step=0.01)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {', '.join(RULES)}")
-
 
 def choose_plain(logits: torch.Tensor, config: SpeculativeConfig, context: Sequence[int],
                  rng: torch.Generator) -> tuple[int, torch.Tensor | None]:
@@ -201,66 +229,79 @@ def choose_plain(logits: torch.Tensor, config: SpeculativeConfig, context: Seque
 
 
 def draft_verify(model: Any, prompt_ids: Sequence[int], drafter: Drafter, config: SpeculativeConfig,
-                 rng: torch.Generator) -> Iterator[Any]:
+                 rng: torch.Generator) -> Iterator[Event]:
     """Yield a DraftRound per verification and a TokenStep per committed token."""
     session = model.session()
     context = list(prompt_ids)
-    watching = hasattr(drafter, "observe_logits")  # drafters that learn from every target pass
-    if len(context) > 1:
-        prefill = session.forward(context[:-1], all_logits=watching)  # the last token goes in with the draft
-        if watching:
+    if len(context) > 1:  # the last prompt token goes in with the first draft
+        prefill = session.forward(context[:-1], all_logits=drafter.watches_logits)
+        if drafter.watches_logits:
             drafter.observe_logits(context[:-1], prefill, None)
     step = 0
-    for round_index in range(10**9):
+    for round_index in itertools.count():
         t0 = time.perf_counter()
         draft = drafter.propose(context)  # 1. propose
         t1 = time.perf_counter()
-        wants_hidden = bool(draft.tokens) and getattr(drafter, "wants_hidden_states", False)
-        chain = draft.is_chain
-        parents = None if chain else [-1] + [parent + 1 for parent in draft.parents]  # the last token is the root
-        out = session.forward([context[-1], *draft.tokens], parents=parents, hidden_states=wants_hidden)  # 2.
-        logits, hidden = out if wants_hidden else (out, None)  # logits: (nodes + 1, vocab)
-        if watching:
-            drafter.observe_logits([context[-1], *draft.tokens], logits, parents)
-        if not draft.tokens:
+        logits, hidden = target_pass(session, context[-1], draft, drafter)  # 2. verify: logits (nodes + 1, vocab)
+        if not draft.tokens:  # nothing drafted: an ordinary step
             token, kept = choose_plain(logits[0], config, context, rng)
-            yield _committed(model, step, context, logits[0], kept, token, "plain")
+            yield commit_token(model, step, len(context), token, logits[0], kept)
             step += 1
             context.append(token)
             continue
-        verdict = verify_tree(logits, draft, config.rule, config, context, rng)  # 3. accept
-        verdict.hidden_states = hidden
+        verdict = verify_tree(logits, draft, config.rule, config, context, rng, hidden)  # 3. accept
         t2 = time.perf_counter()
-        accepted = [draft.tokens[node] for node in verdict.path]
-        if chain:
-            session.crop(len(context) + verdict.accepted_count)  # 4. commit: drop the rejected drafts' KV
-        else:  # keep the prefix (with the last token) and the accepted path's nodes
-            session.keep([*range(len(context)), *(len(context) + node for node in verdict.path)])
+        commit_cache(session, len(context), draft, verdict)  # 4. commit
+        details = {**draft.details, **drafter.round_details()}  # what drafted this round, before it learns
         drafter.observe(verdict)
-        draft.details.update(getattr(drafter, "round_details", dict)())
-        yield DraftRound(
-            round=round_index, position=len(context), drafter=drafter.name, rule=config.rule,
-            draft_tokens=list(draft.tokens), draft_texts=[model.piece(t) for t in draft.tokens],
-            parents=list(draft.parents), q=[float(x) for x in verdict.q], p=verdict.p, u=verdict.u,
-            verdicts=verdict.verdicts, accepted_count=verdict.accepted_count, bonus_token=verdict.bonus_token,
-            bonus_text=model.piece(verdict.bonus_token), bonus_kind=verdict.bonus_kind, draft_time_s=t1 - t0,
-            verify_time_s=t2 - t1, details=dict(draft.details),
-        )
-        if hasattr(drafter, "drain_events"):  # what the drafter learned this round (e.g. pool updates)
-            yield from drafter.drain_events(round_index, model.piece)
+        yield draft_round(model, round_index, context, drafter.name, config.rule, draft, verdict, details,
+                          draft_time_s=t1 - t0, verify_time_s=t2 - t1)
+        yield from drafter.drain_events(round_index, model.piece)
         rows = [0, *(node + 1 for node in verdict.path)]  # the logits row each committed token was drawn from
+        accepted = [draft.tokens[node] for node in verdict.path]
         for i, token in enumerate([*accepted, verdict.bonus_token]):
-            origin = "draft" if i < len(accepted) else "bonus"
             kept = None if config.rule == "greedy" else config.apply(logits[rows[i]], context)
-            yield _committed(model, step, context, logits[rows[i]], kept, token, origin)
+            origin = "draft" if i < len(accepted) else "bonus"
+            yield commit_token(model, step, len(context), token, logits[rows[i]], kept, origin=origin)
             step += 1
             context.append(token)
 
 
-def _committed(model: Any, step: int, context: list[int], raw: torch.Tensor, kept: torch.Tensor | None,
-               token: int, origin: str) -> Any:
-    stats = step_stats(raw, kept, token, RECORD_TOP_K)
-    return token_step(model, step, len(context), token, stats, {}, origin)
+def target_pass(session: Any, last_token: int, draft: DraftTree, drafter: Drafter
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The target's one pass over [last committed token, draft...] (the tree under the last token): logits
+    `(nodes + 1, vocab)` and, when the drafter wants them, hidden states `(layers + 1, nodes + 1, hidden)`."""
+    wants_hidden = bool(draft.tokens) and drafter.wants_hidden_states
+    parents = None if draft.is_chain else [-1] + [parent + 1 for parent in draft.parents]
+    inputs = [last_token, *draft.tokens]
+    out = session.forward(inputs, parents=parents, hidden_states=wants_hidden)
+    logits, hidden = out if wants_hidden else (out, None)
+    if drafter.watches_logits:
+        drafter.observe_logits(inputs, logits, parents)
+    return logits, hidden
+
+
+def commit_cache(session: Any, committed: int, draft: DraftTree, verdict: Verdict) -> None:
+    """Drop the rejected drafts' KV: keep the `committed` prefix (its last token included) and the accepted
+    path's nodes."""
+    if draft.is_chain:
+        session.crop(committed + verdict.accepted_count)
+    else:
+        session.keep([*range(committed), *(committed + node for node in verdict.path)])
+
+
+def draft_round(model: Any, round_index: int, context: Sequence[int], drafter_name: str, rule: str,
+                draft: DraftTree, verdict: Verdict, details: dict[str, float | str], *, draft_time_s: float,
+                verify_time_s: float) -> DraftRound:
+    """The event of one round: every draft node with q, p, u and its verdict, and the bonus token."""
+    return DraftRound(
+        round=round_index, position=len(context), drafter=drafter_name, rule=rule,
+        draft_tokens=list(draft.tokens), draft_texts=[model.piece(t) for t in draft.tokens],
+        parents=list(draft.parents), q=list(verdict.q), p=list(verdict.p), u=list(verdict.u),
+        verdicts=list(verdict.node_verdicts), accepted_count=verdict.accepted_count,
+        bonus_token=verdict.bonus_token, bonus_text=model.piece(verdict.bonus_token), bonus_kind=verdict.bonus_kind,
+        draft_time_s=draft_time_s, verify_time_s=verify_time_s, details=details,
+    )
 
 
 # ---------------------------------------------------------------------------------- adaptive lengths

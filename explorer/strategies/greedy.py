@@ -8,16 +8,18 @@ from typing import Any
 
 import torch
 
+from explorer.events import Event
+from explorer.params import Checked
 from explorer.strategies.base import Choice, autoregressive, register
 
 
 @dataclass(frozen=True)
-class GreedyConfig:
+class GreedyConfig(Checked):
     """Greedy decoding has no parameters."""
 
 
 @register("greedy", GreedyConfig, "argmax token at every step")
-def run(model: Any, prompt_ids: Sequence[int], config: GreedyConfig, rng: torch.Generator) -> Iterator[Any]:
+def run(model: Any, prompt_ids: Sequence[int], config: GreedyConfig, rng: torch.Generator) -> Iterator[Event]:
     def choose(logits: torch.Tensor, context: list[int]) -> Choice:
         return Choice(int(torch.argmax(logits)))
 

@@ -19,21 +19,18 @@ from typing import Any
 
 import torch
 
-from explorer.strategies.base import param, register
-from explorer.strategies.draft_verify import DraftTree, SpeculativeConfig, Verdict, draft_verify
+from explorer.events import Event
+from explorer.params import param
+from explorer.strategies.base import register
+from explorer.strategies.draft_verify import Drafter, DraftTree, SpeculativeConfig, Verdict, draft_verify
 
 
 @dataclass(frozen=True)
 class JacobiConfig(SpeculativeConfig):
     window: int = param(8, "number of future positions iterated in parallel", minimum=1, maximum=32, step=1)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.window < 1:
-            raise ValueError("window must be >= 1")
 
-
-class JacobiDrafter:
+class JacobiDrafter(Drafter):
     name = "jacobi"
 
     def __init__(self, window: int):
@@ -54,5 +51,5 @@ class JacobiDrafter:
 
 
 @register("jacobi", JacobiConfig, "Jacobi decoding: fixed-point iteration over a window of future tokens")
-def run(model: Any, prompt_ids: Sequence[int], config: JacobiConfig, rng: torch.Generator) -> Iterator[Any]:
+def run(model: Any, prompt_ids: Sequence[int], config: JacobiConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, JacobiDrafter(config.window), config, rng)

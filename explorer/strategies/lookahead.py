@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
-from explorer.events import PoolUpdate
-from explorer.strategies.base import param, register
-from explorer.strategies.draft_verify import DraftTree, SpeculativeConfig, Verdict, draft_verify
+from explorer.events import Event, PoolUpdate
+from explorer.params import param
+from explorer.strategies.base import register
+from explorer.strategies.draft_verify import Drafter, DraftTree, SpeculativeConfig, Verdict, draft_verify
 
 POOL_PER_HEAD = 16
 
@@ -39,13 +40,8 @@ class LookaheadConfig(SpeculativeConfig):
     ngram: int = param(3, "n-gram size N (>= 2)", minimum=2, maximum=8, step=1)
     guesses: int = param(3, "n-grams verified per step G", minimum=0, maximum=16, step=1)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.window < 1 or self.ngram < 2 or self.guesses < 0:
-            raise ValueError("need window >= 1, ngram >= 2 and guesses >= 0")
 
-
-class LookaheadDrafter:
+class LookaheadDrafter(Drafter):
     name = "lookahead"
 
     def __init__(self, config: LookaheadConfig):
@@ -89,7 +85,7 @@ class LookaheadDrafter:
         shift = verdict.accepted_count + 1  # positions now committed
         self.window = outputs[shift:]  # the Jacobi update, moved past the committed tokens
 
-    def drain_events(self, round_index: int, piece: Callable[[int], str]) -> list[PoolUpdate]:
+    def drain_events(self, round_index: int, piece: Callable[[int], str]) -> list[Event]:
         added, self._added = self._added, []
         if not added:
             return []
@@ -99,5 +95,5 @@ class LookaheadDrafter:
 
 
 @register("lookahead", LookaheadConfig, "lookahead decoding: Jacobi window + n-gram pool, verified in one pass")
-def run(model: Any, prompt_ids: Sequence[int], config: LookaheadConfig, rng: torch.Generator) -> Iterator[Any]:
+def run(model: Any, prompt_ids: Sequence[int], config: LookaheadConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, LookaheadDrafter(config), config, rng)

@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 
+from explorer.events import Event
+from explorer.params import Checked, param
 from explorer.sampling import NEG_INF, sample
-from explorer.strategies.base import Choice, autoregressive, param, register
+from explorer.strategies.base import Choice, autoregressive, register
 
 
 @dataclass(frozen=True)
-class MirostatConfig:
+class MirostatConfig(Checked):
     tau: float = param(3.0, "target surprise in bits (> 0)", minimum=0.1, maximum=10.0, step=0.1)
     eta: float = param(0.1, "learning rate of mu (> 0)", minimum=0.01, maximum=1.0, step=0.01)
     temperature: float = param(1.0, "divide logits by this (> 0)", minimum=0.05, maximum=3.0, step=0.05)
@@ -30,10 +32,7 @@ class MirostatConfig:
     def __post_init__(self) -> None:
         if self.tau <= 0:
             raise ValueError("tau must be > 0 (the target surprise in bits)")
-        if self.eta <= 0:
-            raise ValueError("eta must be > 0 (the learning rate)")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
+        super().__post_init__()
 
 
 def surprise_bits(logits: torch.Tensor) -> torch.Tensor:
@@ -50,7 +49,7 @@ def mirostat_truncate(logits: torch.Tensor, mu: float) -> torch.Tensor:
 
 
 @register("mirostat", MirostatConfig, "Mirostat v2: adaptive truncation toward a target surprise")
-def run(model: Any, prompt_ids: Sequence[int], config: MirostatConfig, rng: torch.Generator) -> Iterator[Any]:
+def run(model: Any, prompt_ids: Sequence[int], config: MirostatConfig, rng: torch.Generator) -> Iterator[Event]:
     mu = 2.0 * config.tau
 
     def choose(logits: torch.Tensor, context: list[int]) -> Choice:

@@ -13,29 +13,24 @@ with two parameters. With alpha = 0 it is greedy decoding.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from explorer.events import CandidateStep
-from explorer.sampling import step_stats
-from explorer.strategies.base import RECORD_TOP_K, param, register, token_step
+from explorer.events import CandidateStep, Event
+from explorer.params import Checked, param
+from explorer.strategies.base import commit_token, register
 
 
 @dataclass(frozen=True)
-class MomentumConfig:
+class MomentumConfig(Checked):
     top_k: int = param(5, "candidates k", minimum=1, maximum=50, step=1)
     alpha: float = param(1.0, "resistance scale alpha (>= 0)", minimum=0.0, maximum=5.0, step=0.1)
     free_length: int = param(2, "loops up to this n-gram length repeat freely", minimum=0, maximum=8, step=1)
     max_ngram: int = param(6, "longest loop length looked for", minimum=1, maximum=16, step=1)
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1 or self.max_ngram < 1 or self.free_length < 0:
-            raise ValueError("need top_k >= 1, max_ngram >= 1 and free_length >= 0")
-        if self.alpha < 0:
-            raise ValueError("alpha must be >= 0")
 
 
 class NgramGraph:
@@ -68,12 +63,12 @@ def resistance(length: int, free_length: int) -> float:
 
 
 @register("momentum", MomentumConfig, "momentum decoding: greedy exploration with a resistance on loops")
-def run(model: Any, prompt_ids: Sequence[int], config: MomentumConfig, rng: torch.Generator) -> Iterator[Any]:
+def run(model: Any, prompt_ids: Sequence[int], config: MomentumConfig, rng: torch.Generator) -> Iterator[Event]:
     session = model.session()
     graph = NgramGraph(prompt_ids, config.max_ngram)
     logits = session.forward(list(prompt_ids), all_logits=False)[-1]
     position = len(prompt_ids)
-    for step in range(10**9):
+    for step in itertools.count():
         probs = torch.softmax(logits, dim=-1)
         top_p, top_ids = torch.topk(probs, min(config.top_k, probs.shape[-1]))
         lengths = [graph.loop_length(int(t)) for t in top_ids]
@@ -87,7 +82,7 @@ def run(model: Any, prompt_ids: Sequence[int], config: MomentumConfig, rng: torc
             features=[float(n) for n in lengths],
         )
         details = {"loop_length": float(lengths[chosen]), "resistance": penalties[chosen]}
-        yield token_step(model, step, position, token, step_stats(logits, None, token, RECORD_TOP_K), details)
+        yield commit_token(model, step, position, token, logits, details=details)
         graph.add(token)
         logits = session.forward([token])[-1]
         position += 1

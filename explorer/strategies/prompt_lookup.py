@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-from explorer.strategies.base import param, register
-from explorer.strategies.draft_verify import DraftLength, DraftTree, SpeculativeConfig, Verdict, draft_verify
+from explorer.events import Event
+from explorer.params import param
+from explorer.strategies.base import register
+from explorer.strategies.draft_verify import Drafter, DraftLength, DraftTree, SpeculativeConfig, Verdict, draft_verify
 
 
 @dataclass(frozen=True)
@@ -32,12 +34,8 @@ class PromptLookupConfig(SpeculativeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 1 <= self.min_ngram <= self.max_ngram:
-            raise ValueError("need 1 <= min_ngram <= max_ngram")
-        if self.draft_length < 1:
-            raise ValueError("draft_length must be >= 1")
-        if self.backoff < 0:
-            raise ValueError("backoff must be >= 0")
+        if self.min_ngram > self.max_ngram:
+            raise ValueError("need min_ngram <= max_ngram")
 
 
 def find_continuation(context: Sequence[int], max_ngram: int, min_ngram: int, length: int
@@ -56,7 +54,7 @@ def find_continuation(context: Sequence[int], max_ngram: int, min_ngram: int, le
     return [], 0, -1
 
 
-class PromptLookupDrafter:
+class PromptLookupDrafter(Drafter):
     name = "prompt lookup"
 
     def __init__(self, config: PromptLookupConfig):
@@ -86,5 +84,5 @@ class PromptLookupDrafter:
 
 
 @register("prompt_lookup", PromptLookupConfig, "prompt lookup: copy the continuation of the latest n-gram match")
-def run(model: Any, prompt_ids: Sequence[int], config: PromptLookupConfig, rng: torch.Generator) -> Iterator[Any]:
+def run(model: Any, prompt_ids: Sequence[int], config: PromptLookupConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, PromptLookupDrafter(config), config, rng)

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from explorer.events import Event
+from explorer.params import param
 from explorer.sampling import SamplingFilters, sample
-from explorer.strategies.base import Choice, autoregressive, param, register
+from explorer.strategies.base import Choice, autoregressive, register
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class SampleConfig(SamplingFilters):
 
 
 @register("sample", SampleConfig, "sampling with temperature, top-k/p, min-p, typical, epsilon, eta")
-def run(model: Any, prompt_ids: Sequence[int], config: SampleConfig, rng: torch.Generator) -> Iterator[Any]:
+def run(model: Any, prompt_ids: Sequence[int], config: SampleConfig, rng: torch.Generator) -> Iterator[Event]:
     def choose(logits: torch.Tensor, context: list[int]) -> Choice:
         kept = config.apply(logits, context)  # (vocab,), -inf outside the kept set
         return Choice(sample(kept, rng), kept)

@@ -14,73 +14,31 @@ version of that search), re-searched every `search_every` rounds. Layer 0 is nev
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from explorer.strategies.base import param, register
-from explorer.strategies.draft_verify import SpeculativeConfig, Verdict, draft_verify
-from explorer.strategies.speculative import ModelDrafter
+from explorer.events import Event
+from explorer.params import param
+from explorer.strategies.base import register
+from explorer.strategies.draft_models import ChainDraftConfig, ModelDrafter, layer_skip_view, parse_layers
+from explorer.strategies.draft_verify import Verdict, draft_verify
 
 
 @dataclass(frozen=True)
-class SelfSpeculativeConfig(SpeculativeConfig):
+class SelfSpeculativeConfig(ChainDraftConfig):
     skip: str = param("", "layers to skip, e.g. '10-14,20' (0-based; overrides the two below)")
     exit_after: int = param(0, "early exit: keep only the first N layers (0 = off; overrides auto_skip)",
                             minimum=0, maximum=64, step=1)
     auto_skip: int = param(4, "otherwise: skip this many layers, searched from the hidden states", minimum=1,
                            maximum=64, step=1)
     search_every: int = param(8, "rounds between skip-set searches", minimum=1, maximum=64, step=1)
-    draft_length: int = param(4, "maximum draft length gamma", minimum=1, maximum=16, step=1)
-    adaptive: bool = param(True, "grow gamma after full acceptance, shrink it after a rejection")
-    fallback_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_layers(self.skip)
-        if self.exit_after < 0 or self.auto_skip < 1:
-            raise ValueError("exit_after must be >= 0 and auto_skip >= 1")
-        if self.draft_length < 1:
-            raise ValueError("draft_length must be >= 1")
-
-
-def parse_layers(text: str) -> set[int]:
-    """'3,5-7' -> {3, 5, 6, 7}."""
-    layers: set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            if "-" in part:
-                first, last = (int(x) for x in part.split("-", 1))
-                if last < first:
-                    raise ValueError
-                layers.update(range(first, last + 1))
-            else:
-                layers.add(int(part))
-        except ValueError:
-            raise ValueError(f"skip must list layers like '10-14,20', got {part!r}") from None
-    return layers
-
-
-def layer_skip_view(lm: Any, skip: set[int]) -> Any:
-    """A LanguageModel sharing the weights of `lm` whose decoder runs every layer but those in `skip`."""
-    decoder = lm.model.model
-    total = len(decoder.layers)
-    bad = sorted(i for i in skip if not 0 < i < total)
-    if bad:
-        raise ValueError(f"cannot skip layers {bad}: this model has layers 0-{total - 1} and layer 0 always runs")
-    outer = copy.copy(lm.model)  # shallow: shares parameters, but gets its own module table
-    outer._modules = dict(lm.model._modules)
-    inner = copy.copy(decoder)
-    inner._modules = dict(decoder._modules)
-    inner.layers = torch.nn.ModuleList(layer for i, layer in enumerate(decoder.layers) if i not in skip)
-    outer._modules["model"] = inner
-    label = ",".join(str(i) for i in sorted(skip))
-    info = dataclasses.replace(lm.info, model_id=f"{lm.info.model_id} skipping [{label}]")
-    return dataclasses.replace(lm, model=outer, info=info, forward_passes=0)
 
 
 def most_skippable(hidden: torch.Tensor, count: int) -> set[int]:
@@ -93,6 +51,9 @@ def most_skippable(hidden: torch.Tensor, count: int) -> set[int]:
 
 
 class LayerSkipDrafter(ModelDrafter):
+    """A ModelDrafter over a layer-skip view of the target; with a searched skip set it asks the engine for the
+    verification pass's hidden states and re-searches every `search_every` rounds."""
+
     def __init__(self, model: Any, config: SelfSpeculativeConfig, rng: torch.Generator):
         total = len(model.model.model.layers)
         searching = False
@@ -104,9 +65,10 @@ class LayerSkipDrafter(ModelDrafter):
             count = min(config.auto_skip, total - 1)
             first = max(1, (total - count) // 2)
             skip, searching = set(range(first, first + count)), True
-        self.target, self.skip, self.rounds = model, skip, 0
-        self.wants_hidden_states = searching
         super().__init__(layer_skip_view(model, skip), config, rng, name="layer skip")
+        self.target, self.skip, self.rounds = model, skip, 0
+        self.search_every, self.auto_skip = config.search_every, config.auto_skip
+        self.wants_hidden_states = searching
 
     def round_details(self) -> dict[str, float | str]:
         return {"skipped_layers": ",".join(str(i) for i in sorted(self.skip)), "skip_count": float(len(self.skip))}
@@ -114,10 +76,10 @@ class LayerSkipDrafter(ModelDrafter):
     def observe(self, verdict: Verdict) -> None:
         super().observe(verdict)
         self.rounds += 1
-        due = self.rounds % self.config.search_every == 0
+        due = self.rounds % self.search_every == 0
         if self.wants_hidden_states and verdict.hidden_states is not None and due:
             accepted = verdict.hidden_states[:, : verdict.accepted_count + 1]  # positions the target committed
-            chosen = most_skippable(accepted, self.config.auto_skip)
+            chosen = most_skippable(accepted, self.auto_skip)
             if chosen != self.skip:
                 self.skip = chosen
                 self.reset(layer_skip_view(self.target, chosen))  # the draft's cache is rebuilt next round
@@ -125,5 +87,5 @@ class LayerSkipDrafter(ModelDrafter):
 
 @register("self_speculative", SelfSpeculativeConfig, "layer-skip self-speculation (CLaSp-style skip search)")
 def run(model: Any, prompt_ids: Sequence[int], config: SelfSpeculativeConfig, rng: torch.Generator
-        ) -> Iterator[Any]:
+        ) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, LayerSkipDrafter(model, config, rng), config, rng)

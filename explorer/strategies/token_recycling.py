@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from explorer.events import PoolUpdate
-from explorer.strategies.base import param, register
-from explorer.strategies.draft_verify import DraftTree, SpeculativeConfig, Verdict, draft_verify
+from explorer.events import Event, PoolUpdate
+from explorer.params import param
+from explorer.strategies.base import register
+from explorer.strategies.draft_verify import Drafter, DraftTree, SpeculativeConfig, draft_verify
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,9 @@ def parse_widths(text: str) -> list[int]:
     return widths
 
 
-class RecyclingDrafter:
+class RecyclingDrafter(Drafter):
     name = "token recycling"
+    watches_logits = True  # every target pass refreshes the adjacency table
 
     def __init__(self, config: TokenRecyclingConfig):
         self.widths = parse_widths(config.widths)
@@ -61,7 +63,7 @@ class RecyclingDrafter:
                 self.adjacency[int(token)] = candidates
                 self._changed[int(token)] = candidates
 
-    def drain_events(self, round_index: int, piece: Callable[[int], str]) -> list[PoolUpdate]:
+    def drain_events(self, round_index: int, piece: Callable[[int], str]) -> list[Event]:
         changed, self._changed = self._changed, {}
         if not changed:
             return []
@@ -86,11 +88,8 @@ class RecyclingDrafter:
         tree.details.update(nodes=float(len(tokens)), table_entries=float(len(self.adjacency)))
         return tree
 
-    def observe(self, verdict: Verdict) -> None:
-        return None
-
 
 @register("token_recycling", TokenRecyclingConfig, "Token Recycling: draft trees from recycled top-k candidates")
 def run(model: Any, prompt_ids: Sequence[int], config: TokenRecyclingConfig, rng: torch.Generator
-        ) -> Iterator[Any]:
+        ) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, RecyclingDrafter(config), config, rng)

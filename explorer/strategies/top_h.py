@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 
+from explorer.events import Event
+from explorer.params import Checked, param
 from explorer.sampling import NEG_INF, sample
-from explorer.strategies.base import Choice, autoregressive, param, register
+from explorer.strategies.base import Choice, autoregressive, register
 
 
 @dataclass(frozen=True)
-class TopHConfig:
+class TopHConfig(Checked):
     alpha: float = param(0.4, "entropy bound as a fraction of H(p), in (0, 1]", minimum=0.01, maximum=1.0,
                          step=0.01)
     temperature: float = param(1.0, "divide logits by this (> 0)", minimum=0.05, maximum=3.0, step=0.05)
@@ -32,8 +34,7 @@ class TopHConfig:
     def __post_init__(self) -> None:
         if not 0 < self.alpha <= 1:
             raise ValueError("alpha must be in (0, 1]")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
+        super().__post_init__()
 
 
 def top_h_filter(logits: torch.Tensor, alpha: float) -> tuple[torch.Tensor, float, float]:
@@ -54,7 +55,7 @@ def top_h_filter(logits: torch.Tensor, alpha: float) -> tuple[torch.Tensor, floa
 
 
 @register("top_h", TopHConfig, "Top-H: keep tokens while the kept set's entropy stays under alpha * H")
-def run(model: Any, prompt_ids: Sequence[int], config: TopHConfig, rng: torch.Generator) -> Iterator[Any]:
+def run(model: Any, prompt_ids: Sequence[int], config: TopHConfig, rng: torch.Generator) -> Iterator[Event]:
     def choose(logits: torch.Tensor, context: list[int]) -> Choice:
         kept, bound, kept_entropy = top_h_filter(logits / config.temperature, config.alpha)
         return Choice(sample(kept, rng), kept, {"bound": bound, "kept_entropy": kept_entropy})

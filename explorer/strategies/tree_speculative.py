@@ -24,10 +24,12 @@ from typing import Any
 
 import torch
 
-from explorer.strategies.base import param, register
-from explorer.strategies.draft_verify import DraftTree, SpeculativeConfig, Verdict, draft_verify
-from explorer.strategies.self_speculative import layer_skip_view, parse_layers
-from explorer.strategies.speculative import SELF, load_draft_model, sync_cache
+from explorer.events import Event
+from explorer.params import param
+from explorer.strategies.base import register
+from explorer.strategies.draft_models import SELF, layer_skip_view, load_draft_model, parse_layers, sync_cache
+from explorer.strategies.draft_verify import Drafter, DraftTree, SpeculativeConfig, draft_verify
+from explorer.trees import path_to
 
 MODES = ("topk", "sample", "gumbel", "dynamic")
 SIBLING_MODE = {"topk": "point", "sample": "iid", "gumbel": "without_replacement", "dynamic": "point"}
@@ -45,10 +47,6 @@ class TreeConfig(SpeculativeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}")
-        if self.branching < 1 or self.depth < 1 or self.budget < 1:
-            raise ValueError("branching, depth and budget must be >= 1")
         parse_layers(self.skip)
 
 
@@ -58,8 +56,9 @@ def gumbel_top_k(log_q: torch.Tensor, k: int, rng: torch.Generator) -> list[int]
     return torch.topk(log_q - torch.log(-torch.log(uniform)), k).indices.tolist()
 
 
-class TreeDrafter:
-    name = "tree"
+class TreeDrafter(Drafter):
+    """Grows a draft tree with a model (a draft model, the target itself, or a layer-skip view of it), one
+    draft pass per level (or per node for dynamic trees), and drops the tree from its cache afterwards."""
 
     def __init__(self, lm: Any, config: TreeConfig, rng: torch.Generator, name: str):
         self.lm, self.config, self.rng, self.name = lm, config, rng, name
@@ -76,22 +75,20 @@ class TreeDrafter:
         passes = self.lm.forward_passes
         tree = self._dynamic(context, root, base) if self.config.mode == "dynamic" else self._levels(context, root,
                                                                                                     base)
-        self.session.crop(base)  # the tree leaves the draft's cache; accepted tokens come back via _sync
+        self.session.crop(base)  # the tree leaves the draft's cache; accepted tokens come back with sync_cache
         tree.details.update(nodes=float(len(tree.tokens)), draft_forward_passes=float(self.lm.forward_passes - passes))
         return tree
 
-    def _paths(self, parents: list[int], tokens: list[int], node: int) -> list[int]:
-        path = []
-        while node >= 0:
-            path.append(tokens[node])
-            node = parents[node]
-        return path[::-1]
+    @staticmethod
+    def _path_tokens(parents: list[int], tokens: list[int], node: int) -> list[int]:
+        """The drafted tokens from the root down to `node`."""
+        return [tokens[i] for i in path_to(parents, node)]
 
     def _levels(self, context: Sequence[int], root: torch.Tensor, base: int) -> DraftTree:
         config, k = self.config, self.config.branching
         tokens: list[int] = []
         parents: list[int] = []
-        scores: list[float] = []
+        draft_probs: list[float] = []
         rows: list[torch.Tensor] = []
         frontier = [(-1, root)]  # (node, its q)
         for level in range(config.depth):
@@ -106,23 +103,23 @@ class TreeDrafter:
                 for token in chosen:
                     tokens.append(int(token))
                     parents.append(node)
-                    scores.append(float(q[token]))
+                    draft_probs.append(float(q[token]))
                     rows.append(q)
                     new.append(len(tokens) - 1)
             if level + 1 == config.depth or not new:
                 break
             logits = self.session.forward([tokens[i] for i in new], parents=parents, tree_base=base)  # one pass
-            frontier = [(node, self._q(logits[j], [*context, *self._paths(parents, tokens, node)]))
+            frontier = [(node, self._q(logits[j], [*context, *self._path_tokens(parents, tokens, node)]))
                         for j, node in enumerate(new)]
         mode = SIBLING_MODE[config.mode]
         q_dists = torch.stack(rows) if rows and mode != "point" else None  # point masses need no q rows
-        return DraftTree(tokens, parents, scores, q_dists, mode=mode)
+        return DraftTree(tokens, parents, draft_probs, q_dists, mode=mode)
 
     def _dynamic(self, context: Sequence[int], root: torch.Tensor, base: int) -> DraftTree:
         """Best-first growth: the candidate (parent, token) with the highest path probability goes in next."""
         tokens: list[int] = []
         parents: list[int] = []
-        scores: list[float] = []
+        draft_probs: list[float] = []
         heap: list[tuple[float, int, int, int]] = []  # (-path prob, parent, rank among the parent's q, tiebreak)
         sorted_q: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
@@ -138,17 +135,14 @@ class TreeDrafter:
             token = int(ids[rank])
             tokens.append(token)
             parents.append(parent)
-            scores.append(float(values[rank]))
+            draft_probs.append(float(values[rank]))
             node = len(tokens) - 1
             if rank + 1 < len(values) and float(values[rank + 1]) > 0:  # the parent's next best child
                 heapq.heappush(heap, (-parent_prob * float(values[rank + 1]), parent, rank + 1, node + 10**6))
             if len(tokens) < self.config.budget:  # this node's own children need its draft distribution
                 logits = self.session.forward([token], parents=parents, tree_base=base)[-1]
-                offer(node, self._q(logits, [*context, *self._paths(parents, tokens, node)]), -neg_prob)
-        return DraftTree(tokens, parents, scores, None, mode="point")
-
-    def observe(self, verdict: Verdict) -> None:
-        return None
+                offer(node, self._q(logits, [*context, *self._path_tokens(parents, tokens, node)]), -neg_prob)
+        return DraftTree(tokens, parents, draft_probs, None, mode="point")
 
 
 def tree_drafter(model: Any, config: TreeConfig, rng: torch.Generator) -> TreeDrafter:
@@ -161,5 +155,5 @@ def tree_drafter(model: Any, config: TreeConfig, rng: torch.Generator) -> TreeDr
 
 
 @register("tree_speculative", TreeConfig, "tree speculation: topk / sample / gumbel / dynamic draft trees")
-def run(model: Any, prompt_ids: Sequence[int], config: TreeConfig, rng: torch.Generator) -> Iterator[Any]:
+def run(model: Any, prompt_ids: Sequence[int], config: TreeConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, tree_drafter(model, config, rng), config, rng)

@@ -1,0 +1,139 @@
+"""Plumbing shared by the drafters that run a model (a separate draft model, or the target with layers
+skipped): loading a draft model, keeping its KV cache in step with the committed context, layer-skip views of
+the target, and the chain drafter they all use. Strategies import this module; it imports no strategy.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from explorer.models import MODEL_CACHE, check_same_vocabulary
+from explorer.params import param
+from explorer.strategies.draft_verify import Drafter, DraftLength, DraftTree, SpeculativeConfig, Verdict
+
+SELF = ("", "target")
+
+
+@dataclass(frozen=True)
+class ChainDraftConfig(SpeculativeConfig):
+    """Fields of a model that drafts a chain of up to gamma tokens, one draft pass each."""
+
+    draft_length: int = param(4, "maximum draft length gamma", minimum=1, maximum=16, step=1)
+    adaptive: bool = param(True, "grow gamma after full acceptance, shrink it after a rejection")
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def load_draft_model(model: Any, draft_model: str) -> Any:
+    """The drafting model for a run: the target itself ('target'), or a model sharing its vocabulary."""
+    if draft_model.strip() in SELF:
+        return model.for_run()
+    draft = MODEL_CACHE.get(draft_model, dtype=model.info.dtype, device=model.info.device).for_run()
+    check_same_vocabulary(model, draft)
+    return draft
+
+
+def sync_cache(session: Any, cached: list[int], context: Sequence[int]) -> torch.Tensor:
+    """Bring a draft's KV cache (holding the tokens `cached`) to the committed context: keep the common prefix,
+    run the rest, and return the draft's next-token logits `(vocab,)`. `cached` becomes the context."""
+    keep = min(common_prefix(cached, context), len(context) - 1)
+    session.crop(keep)
+    logits = session.forward(list(context[keep:]), all_logits=False)[-1]
+    cached[:] = context
+    return logits
+
+
+def parse_layers(text: str) -> set[int]:
+    """'3,5-7' -> {3, 5, 6, 7}."""
+    layers: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            if "-" in part:
+                first, last = (int(x) for x in part.split("-", 1))
+                if last < first:
+                    raise ValueError
+                layers.update(range(first, last + 1))
+            else:
+                layers.add(int(part))
+        except ValueError:
+            raise ValueError(f"skip must list layers like '10-14,20', got {part!r}") from None
+    return layers
+
+
+def layer_skip_view(lm: Any, skip: set[int]) -> Any:
+    """A LanguageModel sharing the weights of `lm` whose decoder runs every layer but those in `skip`."""
+    decoder = lm.model.model
+    total = len(decoder.layers)
+    bad = sorted(i for i in skip if not 0 < i < total)
+    if bad:
+        raise ValueError(f"cannot skip layers {bad}: this model has layers 0-{total - 1} and layer 0 always runs")
+    outer = copy.copy(lm.model)  # shallow: shares parameters, but gets its own module table
+    outer._modules = dict(lm.model._modules)
+    inner = copy.copy(decoder)
+    inner._modules = dict(decoder._modules)
+    inner.layers = torch.nn.ModuleList(layer for i, layer in enumerate(decoder.layers) if i not in skip)
+    outer._modules["model"] = inner
+    label = ",".join(str(i) for i in sorted(skip))
+    info = dataclasses.replace(lm.info, model_id=f"{lm.info.model_id} skipping [{label}]")
+    return dataclasses.replace(lm, model=outer, info=info, forward_passes=0)
+
+
+class ModelDrafter(Drafter):
+    """Drafts a chain autoregressively with any language model that has its own KV cache, kept in sync with
+    the committed context: argmax under the greedy rule, a draw from the filtered q under the sampling rule.
+    With `fallback_threshold` > 0, drafting stops early when the draft's top probability falls below it."""
+
+    def __init__(self, lm: Any, config: ChainDraftConfig, rng: torch.Generator, name: str,
+                 fallback_threshold: float = 0.0):
+        self.lm, self.config, self.rng, self.name = lm, config, rng, name
+        self.fallback_threshold = fallback_threshold
+        self.length = DraftLength(config.draft_length, config.adaptive)
+        self.session = lm.session()
+        self.cached: list[int] = []  # the tokens in the draft's KV cache
+        self._drafted = 0
+
+    def reset(self, lm: Any) -> None:
+        """Draft with another model from the next round on (its cache is rebuilt then)."""
+        self.lm, self.session, self.cached = lm, lm.session(), []
+
+    def propose(self, context: Sequence[int]) -> DraftTree:
+        gamma = self.length.current
+        passes = self.lm.forward_passes
+        logits = sync_cache(self.session, self.cached, context)  # (vocab,)
+        tokens: list[int] = []
+        draft_probs: list[float] = []
+        rows: list[torch.Tensor] = []
+        fell_back = 0.0
+        sampling = self.config.rule == "sampling"
+        for i in range(gamma):
+            q = torch.softmax(self.config.apply(logits, [*context, *tokens]) if sampling else logits, dim=-1)
+            if self.fallback_threshold and float(q.max()) < self.fallback_threshold:
+                fell_back = 1.0  # the draft is unsure: hand the step to the target
+                break
+            token = int(torch.multinomial(q, 1, generator=self.rng)) if sampling else int(q.argmax())
+            tokens.append(token)
+            draft_probs.append(float(q[token]))
+            rows.append(q)
+            if i + 1 < gamma:
+                logits = self.session.forward([token])[-1]
+                self.cached.append(token)
+        self._drafted = len(tokens)
+        q_dists = torch.stack(rows) if sampling and rows else None
+        return DraftTree.chain(tokens, draft_probs, q_dists, gamma=float(gamma), fallback=fell_back,
+                               draft_forward_passes=float(self.lm.forward_passes - passes))
+
+    def observe(self, verdict: Verdict) -> None:
+        self.length.update(verdict, self._drafted)
