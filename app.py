@@ -1,5 +1,8 @@
 """Decoding Explorer, the Gradio app: layout and wiring only. The work happens in explorer/, viz/ and store/.
 
+Every handler takes and returns `{component: value}` dicts, so nothing depends on the order of a flat list of
+components; a `Lane` owns its column and the controls of every strategy, generated from the registry.
+
 Settings (environment): DECODING_EXPLORER_MODEL (default model: "embedded", an HF id or a local path),
 DECODING_EXPLORER_DB (SQLAlchemy URL), DECODING_EXPLORER_MAX_NEW_TOKENS (cap, default 512),
 DECODING_EXPLORER_CONCURRENCY (runs decoding at once, default 1), GRADIO_SERVER_PORT / GRADIO_SERVER_NAME.
@@ -15,17 +18,22 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from explorer.compare import LaneSpec, run_lanes
+from explorer.lanes import run_lanes
+from explorer.metrics import jsonable
 from explorer.models import MODEL_CACHE
 from explorer.recorder import Recorder
+from explorer.request import RunRequest, check_max_new_tokens, parse_run_ids
 from explorer.runner import run_to_end
-from explorer.strategies import REGISTRY, make_config
+from explorer.strategies import REGISTRY
 from explorer.strategies.base import field_type
+from explorer.trace import Trace
 from store import Store
 from viz import metrics_html, tokens_html
 from viz.catalog import BEAM_STRATEGIES, VIEW_NAMES, VIEWS, render_all
@@ -39,6 +47,7 @@ DEFAULT_MODEL = os.environ.get("DECODING_EXPLORER_MODEL", "embedded")
 STRATEGY_NAMES = sorted(REGISTRY)
 DEFAULT_LANES = ["greedy", "sample", "mirostat", "top_h"]
 STREAM_EVERY_S = 0.25
+BEAM_TREE_EVERY_S = 0.6
 MODELS = MODEL_CACHE
 _STORE: Store | None = None
 _STORE_LOCK = threading.Lock()
@@ -48,6 +57,11 @@ CSS = """
 .lane-metrics { display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 12px; }
 .run-status { color: #D55E00; font-weight: bold; margin-top: 4px; }
 """
+VIEW_COUNT = len(VIEWS)
+BEAM_VIEW = VIEW_NAMES.index("beam-tree")  # the beam tree also updates while a search runs
+HISTORY_HEADERS = ["run_id", "created (UTC)", "strategy", "model", "status", "tokens", "prompt", "output"]
+EXPORTERS = {"CSV": ("steps.csv", "write_csv"), "Parquet": ("steps.parquet", "write_parquet"),
+             "JSONL": ("events.jsonl", "write_jsonl")}
 
 
 def store() -> Store:
@@ -58,156 +72,20 @@ def store() -> Store:
         return _STORE
 
 
-# --------------------------------------------------------------------------------- controls from configs
-def make_control(config: type, spec: dataclasses.Field) -> gr.components.Component:
-    kind, meta = field_type(config, spec.name), spec.metadata
-    label, info = spec.name, meta.get("help")
-    if kind is bool:
-        return gr.Checkbox(value=spec.default, label=label, info=info)
-    if kind is str and "choices" not in meta:
-        return gr.Textbox(value=spec.default, label=label, info=info)
-    if "choices" in meta:
-        return gr.Dropdown(choices=list(meta["choices"]), value=spec.default, label=label, info=info)
-    if kind in (int, float) and "minimum" in meta and "maximum" in meta:
-        return gr.Slider(meta["minimum"], meta["maximum"], value=spec.default, step=meta.get("step"),
-                         label=label, info=info)
-    return gr.Number(value=spec.default, label=label, info=info, precision=0 if kind is int else None)
+def fail(error: Exception | str) -> gr.Error:
+    """A one-line message in the page, never a traceback."""
+    return gr.Error(str(error), print_exception=False)
 
 
-CONTROL_KEYS = [(name, f.name) for name in STRATEGY_NAMES for f in dataclasses.fields(REGISTRY[name].config)]
-
-
-def lane_specs(lane_count: int, lane_values: list[Any]) -> list[LaneSpec]:
-    """Turn the flat list of lane inputs (strategy, then every control) into LaneSpecs."""
-    width = 1 + len(CONTROL_KEYS)
-    specs = []
-    for lane in range(lane_count):
-        values = lane_values[lane * width:(lane + 1) * width]
-        strategy, controls = values[0], dict(zip(CONTROL_KEYS, values[1:], strict=True))
-        params = {field: controls[(name, field)] for name, field in CONTROL_KEYS if name == strategy}
-        specs.append(LaneSpec(strategy, params))
-    return specs
-
-
-# ------------------------------------------------------------------------------------------ rendering
-def render_lanes(traces: list[Any], color_by: str) -> list[str]:
-    baseline = next((t for t in traces if t is not None and t.started.strategy == "greedy"), None)
-    html_out, metrics_out = [], []
-    for lane in range(MAX_LANES):
-        trace = traces[lane] if lane < len(traces) else None
-        html_out.append(tokens_html(trace, color_by))
-        metrics_out.append(metrics_html(trace, baseline if baseline is not trace else None))
-    return html_out + metrics_out
-
-
-VIEW_COUNT = len(VIEWS)
-BEAM_VIEW = VIEW_NAMES.index("beam-tree")  # the beam tree also updates while a search runs
-
-
+# ------------------------------------------------------------------------------------- pure rendering
 def render_views(traces: list[Any], view_lane: str) -> list[Any]:
+    """Every view of the catalog, in order, for these lanes (per-lane views show lane `view_lane`)."""
     return render_all(traces, int(view_lane) - 1)
 
 
 def permalink(traces: list[Any]) -> str:
     ids = ",".join(t.run_id for t in traces if t is not None)
     return f"Permalink: [?compare={ids}](?compare={ids})" if ids else ""
-
-
-# ----------------------------------------------------------------------------------------------- handlers
-def run_handler(prompt: str, chat: bool, system: str, model_id: str, seed: float, max_new: float, color_by: str,
-                heatmap_lane: str, lane_count: int, *lane_values: Any):
-    try:
-        max_new_tokens = int(max_new)
-        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_CAP:
-            raise ValueError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_CAP}")
-        if seed is None or seed < 0:
-            raise ValueError("seed must be a whole number >= 0")
-        specs = lane_specs(int(lane_count), list(lane_values))
-        model = MODELS.get(model_id or DEFAULT_MODEL)
-        lanes = run_lanes(model, specs, prompt, chat=chat, system_prompt=system or None,
-                          max_new_tokens=max_new_tokens, seed=int(seed), store=store())
-        last = last_tree = 0.0
-        results = []
-        searching = any(spec.strategy in BEAM_STRATEGIES for spec in specs)
-        for results in lanes:
-            if time.perf_counter() - last >= STREAM_EVERY_S:
-                last = time.perf_counter()
-                traces = [r.trace for r in results]
-                views: list[Any] = [gr.skip()] * VIEW_COUNT
-                if searching and last - last_tree >= 0.6:  # the beam tree grows live
-                    last_tree = last
-                    views[BEAM_VIEW] = VIEWS[BEAM_VIEW].render(traces, int(heatmap_lane) - 1)
-                yield *render_lanes(traces, color_by), *views, gr.skip(), gr.skip()
-    except ValueError as error:
-        raise gr.Error(str(error), print_exception=False) from None
-    for result in results:
-        if result.error:
-            gr.Warning(f"a lane failed: {result.error} (stored as failed)")
-    traces = [r.trace for r in results]
-    yield *render_lanes(traces, color_by), *render_views(traces, heatmap_lane), traces, permalink(traces)
-
-
-def rerender(traces: list[Any], color_by: str, heatmap_lane: str):
-    return *render_lanes(traces, color_by), *render_views(traces, heatmap_lane)
-
-
-def open_runs(run_ids: str, color_by: str, heatmap_lane: str):
-    ids = [part.strip() for part in (run_ids or "").replace(" ", ",").split(",") if part.strip()]
-    if not ids:
-        raise gr.Error("select or type one or more run ids first", print_exception=False)
-    if len(ids) > MAX_LANES:
-        raise gr.Error(f"open at most {MAX_LANES} runs side by side", print_exception=False)
-    try:
-        traces = store().load_traces(ids)
-    except ValueError as error:
-        raise gr.Error(str(error), print_exception=False) from None
-    strategies = [gr.update(value=t.started.strategy) for t in traces] + [gr.skip()] * (MAX_LANES - len(traces))
-    return (*rerender(traces, color_by, heatmap_lane), traces, permalink(traces), len(traces),
-            *lane_visibility(len(traces)), *strategies, gr.Tabs(selected="compare"))
-
-
-OPENED_COUNT = 2 * MAX_LANES + VIEW_COUNT + 3 + 2 * MAX_LANES + 1  # see `opened` in build()
-
-
-def nothing_opened() -> tuple[Any, ...]:
-    return (gr.skip(),) * OPENED_COUNT
-
-
-def on_load(color_by: str, heatmap_lane: str, request: gr.Request):
-    params = dict(request.query_params) if request is not None else {}
-    ids = params.get("compare") or params.get("run")
-    if not ids:
-        return nothing_opened()
-    try:
-        return open_runs(ids, color_by, heatmap_lane)
-    except gr.Error as error:
-        gr.Warning(f"permalink: {error.message}")
-        return nothing_opened()
-
-
-def lane_visibility(count: int) -> list[Any]:
-    return [gr.Column(visible=lane < count) for lane in range(MAX_LANES)]
-
-
-def change_lanes(count: int, delta: int):
-    count = min(max(int(count) + delta, 1), MAX_LANES)
-    return count, *lane_visibility(count)
-
-
-def add_greedy_baseline(count: int):
-    """Open one more lane set to greedy: the baseline that speedups are measured against."""
-    if int(count) >= MAX_LANES:
-        raise gr.Error(f"all {MAX_LANES} lanes are in use: remove one first", print_exception=False)
-    count = int(count) + 1
-    dropdowns = [gr.update(value="greedy") if lane == count - 1 else gr.skip() for lane in range(MAX_LANES)]
-    return count, *lane_visibility(count), *dropdowns
-
-
-def strategy_groups(strategy: str) -> list[Any]:
-    return [gr.Group(visible=name == strategy) for name in STRATEGY_NAMES]
-
-
-HISTORY_HEADERS = ["run_id", "created (UTC)", "strategy", "model", "status", "tokens", "prompt", "output"]
 
 
 def history_rows(strategy: str, model: str, search: str) -> list[list[Any]]:
@@ -217,35 +95,25 @@ def history_rows(strategy: str, model: str, search: str) -> list[list[Any]]:
              r.prompt[:80], r.text[:80]] for r in rows]
 
 
-def pick_history_row(table: Any, current: str, event: gr.SelectData) -> str:
-    row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
-    run_id = str(table.iloc[row, 0]) if hasattr(table, "iloc") else str(table[row][0])
-    ids = [part.strip() for part in (current or "").split(",") if part.strip()]
-    if run_id not in ids:
-        ids.append(run_id)
-    return ",".join(ids[-MAX_LANES:])
-
-
-def delete_runs(run_ids: str, strategy: str, model: str, search: str):
-    ids = [part.strip() for part in (run_ids or "").split(",") if part.strip()]
+def load_runs(run_ids: str) -> list[Trace]:
+    ids = parse_run_ids(run_ids)
     if not ids:
-        raise gr.Error("select or type the run ids to delete first", print_exception=False)
-    deleted = sum(store().delete_run(run_id) for run_id in ids)
-    gr.Info(f"deleted {deleted} run(s)")
-    return "", history_rows(strategy, model, search)
-
-
-EXPORTERS = {"CSV": ("steps.csv", "write_csv"), "Parquet": ("steps.parquet", "write_parquet"),
-             "JSONL": ("events.jsonl", "write_jsonl")}
+        raise fail("select or type one or more run ids first")
+    if len(ids) > MAX_LANES:
+        raise fail(f"open at most {MAX_LANES} runs side by side")
+    try:
+        return store().load_traces(ids)
+    except ValueError as error:
+        raise fail(error) from None
 
 
 def export_runs(run_ids: str, kind: str) -> list[str]:
     """Write the selected runs in one of the export formats; return the files to download."""
     from explorer import export
 
-    ids = [part.strip() for part in (run_ids or "").split(",") if part.strip()]
+    ids = parse_run_ids(run_ids)
     if not ids:
-        raise gr.Error("select or type the run ids to export first", print_exception=False)
+        raise fail("select or type the run ids to export first")
     try:
         traces = store().load_traces(ids)
         folder = Path(tempfile.mkdtemp(prefix="explorer-export-"))
@@ -254,7 +122,7 @@ def export_runs(run_ids: str, kind: str) -> list[str]:
         name, writer = EXPORTERS[kind]
         return [str(getattr(export, writer)(traces, folder / name))]
     except ValueError as error:
-        raise gr.Error(str(error), print_exception=False) from None
+        raise fail(error) from None
 
 
 def export_views(traces: list[Any], view_lane: str, width: str) -> str:
@@ -262,16 +130,15 @@ def export_views(traces: list[Any], view_lane: str, width: str) -> str:
     from viz.paper import FORMATS, save_figure
 
     if not traces:
-        raise gr.Error("run or open some lanes first", print_exception=False)
+        raise fail("run or open some lanes first")
     folder = Path(tempfile.mkdtemp(prefix="explorer-figures-"))
     try:
         for view, figure in zip(VIEWS, render_views(traces, view_lane), strict=True):
             for fmt in FORMATS:
                 save_figure(figure, folder / f"{view.name}.{fmt}", width=width)
     except ValueError as error:
-        raise gr.Error(str(error), print_exception=False) from None
-    archive = shutil.make_archive(str(folder.parent / f"{folder.name}-views"), "zip", folder)
-    return archive
+        raise fail(error) from None
+    return shutil.make_archive(str(folder.parent / f"{folder.name}-views"), "zip", folder)
 
 
 def generate(prompt: str, strategy: str = "greedy", params: str = "{}", model: str = "", seed: int = 0,
@@ -281,129 +148,307 @@ def generate(prompt: str, strategy: str = "greedy", params: str = "{}", model: s
         parsed = json.loads(params or "{}")
         if not isinstance(parsed, dict):
             raise ValueError('params must be a JSON object, e.g. {"top_p": 0.9}')
-        if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS_CAP:
-            raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_CAP}")
-        config = make_config(strategy, parsed)
+        request = RunRequest.build(strategy, parsed, prompt, seed=int(seed),
+                                   max_new_tokens=check_max_new_tokens(max_new_tokens, MAX_NEW_TOKENS_CAP))
         lm = MODELS.get(model or DEFAULT_MODEL)
-        trace = run_to_end(lm, strategy, config, prompt, chat=chat if lm.has_chat_template else False,
-                           max_new_tokens=int(max_new_tokens), seed=int(seed), recorder=Recorder(store()))
+        trace = run_to_end(lm, request.replace(chat=chat and lm.has_chat_template), recorder=Recorder(store()))
     except json.JSONDecodeError as error:
-        raise gr.Error(f"params is not valid JSON ({error.msg}): use e.g. {{\"top_p\": 0.9}}",
-                       print_exception=False) from None
+        raise fail(f"params is not valid JSON ({error.msg}): use e.g. {{\"top_p\": 0.9}}") from None
     except ValueError as error:
-        raise gr.Error(str(error), print_exception=False) from None
-    metrics = {k: v for k, v in trace.metrics().items() if not (isinstance(v, float) and v != v)}
-    return {"run_id": trace.run_id, "text": trace.text, "token_ids": trace.token_ids, "metrics": metrics}
+        raise fail(error) from None
+    return {"run_id": trace.run_id, "text": trace.text, "token_ids": trace.token_ids,
+            "metrics": jsonable(trace.metrics())}
 
 
-# ------------------------------------------------------------------------------------------------- layout
-def build() -> gr.Blocks:
-    with gr.Blocks(title="Decoding Explorer") as demo:
-        traces_state = gr.State([])
-        lane_count = gr.State(2)
+# -------------------------------------------------------------------------------------------- lanes
+def make_control(config: type, spec: dataclasses.Field) -> gr.components.Component:
+    kind, meta = field_type(config, spec.name), spec.metadata
+    label, info = spec.name, meta.get("help")
+    if kind is bool:
+        return gr.Checkbox(value=spec.default, label=label, info=info)
+    if "choices" in meta:
+        return gr.Dropdown(choices=list(meta["choices"]), value=spec.default, label=label, info=info)
+    if kind is str:
+        return gr.Textbox(value=spec.default, label=label, info=info)
+    if kind in (int, float) and "minimum" in meta and "maximum" in meta:
+        return gr.Slider(meta["minimum"], meta["maximum"], value=spec.default, step=meta.get("step"),
+                         label=label, info=info)
+    return gr.Number(value=spec.default, label=label, info=info, precision=0 if kind is int else None)
+
+
+@dataclass
+class Lane:
+    """One lane's column: its strategy dropdown, a group of controls per strategy (built from the strategy's
+    config, only the chosen one visible), its token output and its metrics."""
+
+    index: int
+    column: gr.Column
+    strategy: gr.Dropdown
+    groups: dict[str, gr.Group]
+    controls: dict[str, dict[str, gr.components.Component]]  # strategy -> parameter -> control
+    output: gr.HTML
+    metrics: gr.HTML
+
+    @classmethod
+    def build(cls, index: int, visible: bool) -> Lane:
+        with gr.Column(visible=visible, min_width=260) as column:
+            gr.Markdown(f"**Lane {index + 1}**")
+            strategy = gr.Dropdown(STRATEGY_NAMES, value=DEFAULT_LANES[index], label="strategy",
+                                   elem_id=f"lane{index + 1}-strategy")
+            groups: dict[str, gr.Group] = {}
+            controls: dict[str, dict[str, gr.components.Component]] = {}
+            with gr.Accordion("parameters", open=False):
+                for name in STRATEGY_NAMES:
+                    config = REGISTRY[name].config
+                    with gr.Group(visible=name == DEFAULT_LANES[index]) as groups[name]:
+                        controls[name] = {spec.name: make_control(config, spec)
+                                          for spec in dataclasses.fields(config)}
+            output = gr.HTML(tokens_html(None), elem_id=f"lane{index + 1}-output")
+            metrics = gr.HTML("", elem_id=f"lane{index + 1}-metrics")
+        lane = cls(index, column, strategy, groups, controls, output, metrics)
+        strategy.change(lane.show_controls, strategy, list(groups.values()), queue=False)
+        return lane
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        return [self.strategy, *(c for group in self.controls.values() for c in group.values())]
+
+    def show_controls(self, strategy: str) -> dict[Any, Any]:
+        return {group: gr.Group(visible=name == strategy) for name, group in self.groups.items()}
+
+    def params(self, values: dict[Any, Any]) -> tuple[str, dict[str, Any]]:
+        """The chosen strategy and its parameters, read from the submitted values by component."""
+        strategy = values[self.strategy]
+        return strategy, {name: values[control] for name, control in self.controls[strategy].items()}
+
+    def render(self, trace: Trace | None, color_by: str, baseline: Trace | None) -> dict[Any, Any]:
+        return {self.output: tokens_html(trace, color_by),
+                self.metrics: metrics_html(trace, baseline if baseline is not trace else None)}
+
+
+# --------------------------------------------------------------------------------------------- page
+@dataclass
+class Page:
+    """Every component the handlers read or write, by name."""
+
+    prompt: gr.Textbox
+    chat: gr.Checkbox
+    system: gr.Textbox
+    model_id: gr.Textbox
+    seed: gr.Number
+    max_new: gr.Slider
+    color_by: gr.Radio
+    view_lane: gr.Radio
+    lane_count: gr.State
+    traces: gr.State
+    link: gr.Markdown
+    tabs: gr.Tabs
+    lanes: list[Lane] = field(default_factory=list)
+    views: list[gr.Plot] = field(default_factory=list)
+
+    # ------------------------------------------------------------------------------------ rendering
+    def render_lanes(self, traces: list[Any], color_by: str) -> dict[Any, Any]:
+        baseline = next((t for t in traces if t is not None and t.started.strategy == "greedy"), None)
+        out: dict[Any, Any] = {}
+        for lane in self.lanes:
+            out |= lane.render(traces[lane.index] if lane.index < len(traces) else None, color_by, baseline)
+        return out
+
+    def render_views(self, traces: list[Any], view_lane: str) -> dict[Any, Any]:
+        return dict(zip(self.views, render_views(traces, view_lane), strict=True))
+
+    def show_lanes(self, count: int) -> dict[Any, Any]:
+        return {self.lane_count: count, **{lane.column: gr.Column(visible=lane.index < count) for lane in self.lanes}}
+
+    def opened(self, traces: list[Trace], color_by: str, view_lane: str) -> dict[Any, Any]:
+        """Stored runs shown in the lanes, as if they had just run."""
+        return {**self.render_lanes(traces, color_by), **self.render_views(traces, view_lane), self.traces: traces,
+                self.link: permalink(traces), **self.show_lanes(len(traces)),
+                **{lane.strategy: gr.update(value=trace.started.strategy)
+                   for lane, trace in zip(self.lanes, traces, strict=False)},
+                self.tabs: gr.Tabs(selected="compare")}
+
+    # ------------------------------------------------------------------------------------- handlers
+    def run(self, values: dict[Any, Any]) -> Iterator[dict[Any, Any]]:
+        """Decode every open lane, streaming tokens (and the beam tree) while they run."""
+        color_by, view_lane = values[self.color_by], values[self.view_lane]
+        try:
+            max_new_tokens = check_max_new_tokens(values[self.max_new], MAX_NEW_TOKENS_CAP)
+            seed = values[self.seed]
+            if seed is None or seed < 0:
+                raise ValueError("seed must be a whole number >= 0")
+            shared = dict(prompt=values[self.prompt], chat=values[self.chat], system_prompt=values[self.system],
+                          max_new_tokens=max_new_tokens, seed=int(seed))
+            requests = []
+            for lane in self.lanes[:int(values[self.lane_count])]:
+                strategy, params = lane.params(values)
+                requests.append(RunRequest.build(strategy, params, **shared))
+            model = MODELS.get(values[self.model_id] or DEFAULT_MODEL)
+            lanes = run_lanes(model, requests, store=store())
+            last = last_tree = 0.0
+            results = []
+            searching = any(request.strategy in BEAM_STRATEGIES for request in requests)
+            for results in lanes:
+                if time.perf_counter() - last >= STREAM_EVERY_S:
+                    last = time.perf_counter()
+                    traces = [r.trace for r in results]
+                    update = self.render_lanes(traces, color_by)
+                    if searching and last - last_tree >= BEAM_TREE_EVERY_S:  # the beam tree grows live
+                        last_tree = last
+                        update[self.views[BEAM_VIEW]] = VIEWS[BEAM_VIEW].render(traces, int(view_lane) - 1)
+                    yield update
+        except ValueError as error:
+            raise fail(error) from None
+        for result in results:
+            if result.error:
+                gr.Warning(f"a lane failed: {result.error} (stored as failed)")
+        traces = [r.trace for r in results]
+        yield {**self.render_lanes(traces, color_by), **self.render_views(traces, view_lane), self.traces: traces,
+               self.link: permalink(traces)}
+
+    def change_lanes(self, count: int, delta: int) -> dict[Any, Any]:
+        return self.show_lanes(min(max(int(count) + delta, 1), MAX_LANES))
+
+    def add_greedy_baseline(self, count: int) -> dict[Any, Any]:
+        """Open one more lane set to greedy: the baseline that speedups are measured against."""
+        if int(count) >= MAX_LANES:
+            raise fail(f"all {MAX_LANES} lanes are in use: remove one first")
+        added = self.lanes[int(count)]
+        return {**self.show_lanes(int(count) + 1), added.strategy: gr.update(value="greedy")}
+
+    def open_runs(self, run_ids: str, color_by: str, view_lane: str) -> dict[Any, Any]:
+        return self.opened(load_runs(run_ids), color_by, view_lane)
+
+    def on_load(self, color_by: str, view_lane: str, request: gr.Request) -> dict[Any, Any]:
+        """Permalinks: ?run=ID or ?compare=ID,ID,... open stored runs."""
+        params = dict(request.query_params) if request is not None else {}
+        ids = params.get("compare") or params.get("run")
+        nothing = {self.link: gr.skip()}  # an empty dict would read as one value, not as "no updates"
+        if not ids:
+            return nothing
+        try:
+            return self.opened(load_runs(ids), color_by, view_lane)
+        except gr.Error as error:
+            gr.Warning(f"permalink: {error.message}")
+            return nothing
+
+    @property
+    def opened_outputs(self) -> list[Any]:
+        return [*(c for lane in self.lanes for c in (lane.output, lane.metrics, lane.column, lane.strategy)),
+                *self.views, self.traces, self.link, self.lane_count, self.tabs]
+
+
+def pick_history_row(table: Any, current: str, event: gr.SelectData) -> str:
+    row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
+    run_id = str(table.iloc[row, 0]) if hasattr(table, "iloc") else str(table[row][0])
+    ids = parse_run_ids(current)
+    if run_id not in ids:
+        ids.append(run_id)
+    return ",".join(ids[-MAX_LANES:])
+
+
+def delete_runs(run_ids: str, strategy: str, model: str, search: str) -> tuple[str, list[list[Any]]]:
+    ids = parse_run_ids(run_ids)
+    if not ids:
+        raise fail("select or type the run ids to delete first")
+    deleted = sum(store().delete_run(run_id) for run_id in ids)
+    gr.Info(f"deleted {deleted} run(s)")
+    return "", history_rows(strategy, model, search)
+
+
+# ------------------------------------------------------------------------------------------- layout
+def compare_tab(tabs: gr.Tabs) -> Page:
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", lines=3, scale=4, elem_id="prompt",
+                            value="Write a short poem about the sea.")
+        with gr.Column(scale=1):
+            run_btn = gr.Button("Run", variant="primary", elem_id="run")
+            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+    with gr.Row():
+        chat = gr.Checkbox(value=True, label="chat template")
+        system = gr.Textbox(label="System prompt (optional)", scale=2)
+        model_id = gr.Textbox(value=DEFAULT_MODEL, label="Model (embedded, HF id or local path)", scale=2)
+        seed = gr.Number(value=0, label="seed", precision=0, minimum=0)
+        max_new = gr.Slider(1, MAX_NEW_TOKENS_CAP, value=min(64, MAX_NEW_TOKENS_CAP), step=1, label="max new tokens")
+    with gr.Row():
+        add_btn = gr.Button("+ lane", size="sm")
+        remove_btn = gr.Button("− lane", size="sm")
+        baseline_btn = gr.Button("+ greedy baseline", size="sm")
+        color_by = gr.Radio(["probability", "entropy", "origin"], value="probability",
+                            label="colour tokens by (origin: plain / accepted draft / bonus)")
+    with gr.Row(equal_height=False):
+        lanes = [Lane.build(index, visible=index < 2) for index in range(MAX_LANES)]
+    link = gr.Markdown("", elem_id="permalink")
+    with gr.Accordion("Export every view for a paper (SVG, PDF, PNG)", open=False):
+        with gr.Row():
+            figure_width = gr.Radio(["one", "two"], value="one", label="paper column width")
+            figures_btn = gr.Button("Export all views", size="sm")
+            figures_file = gr.File(label="views (zip)", interactive=False, elem_id="figures-zip", height=90)
+    view_lane = gr.Radio([str(i + 1) for i in range(MAX_LANES)], value="1", label="lane shown in the per-lane views")
+    views = []
+    for tab in dict.fromkeys(view.tab for view in VIEWS):
+        with gr.Tab(tab):
+            views += [gr.Plot(label=v.label, elem_id=v.name) for v in VIEWS if v.tab == tab]
+    page = Page(prompt, chat, system, model_id, seed, max_new, color_by, view_lane, gr.State(2), gr.State([]), link,
+                tabs, lanes, views)
+
+    lane_outputs = [c for lane in lanes for c in (lane.output, lane.metrics)]
+    run_inputs = {prompt, chat, system, model_id, seed, max_new, color_by, view_lane, page.lane_count,
+                  *(c for lane in lanes for c in lane.inputs)}
+    run_event = run_btn.click(page.run, run_inputs, [*lane_outputs, *views, page.traces, link],
+                              concurrency_limit=CONCURRENCY, api_visibility="private")
+    stop_btn.click(None, cancels=[run_event])
+    lane_columns = [page.lane_count, *(lane.column for lane in lanes)]
+    add_btn.click(lambda n: page.change_lanes(n, +1), page.lane_count, lane_columns, queue=False)
+    remove_btn.click(lambda n: page.change_lanes(n, -1), page.lane_count, lane_columns, queue=False)
+    baseline_btn.click(page.add_greedy_baseline, page.lane_count, [*lane_columns, *(lane.strategy for lane in lanes)],
+                       queue=False)
+    color_by.change(page.render_lanes, [page.traces, color_by], lane_outputs, queue=False)
+    view_lane.change(page.render_views, [page.traces, view_lane], views)
+    figures_btn.click(export_views, [page.traces, view_lane, figure_width], figures_file)
+    return page
+
+
+def history_tab(page: Page) -> None:
+    with gr.Row():
+        strategy = gr.Dropdown(["(any)", *STRATEGY_NAMES], value="(any)", label="strategy")
+        model = gr.Textbox(label="model contains")
+        search = gr.Textbox(label="prompt or output contains")
+        refresh_btn = gr.Button("Refresh")
+    history = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, elem_id="history")
+    with gr.Row():
+        selected_ids = gr.Textbox(label="run ids (click rows to add)", scale=3, elem_id="run-ids")
+        open_btn = gr.Button("Open side by side", variant="primary")
+        delete_btn = gr.Button("Delete", variant="stop")
+    with gr.Row():
+        export_kind = gr.Radio(["CSV", "Parquet", "JSONL", "Bundle"], value="CSV",
+                               label="export the selected runs (per-step table, events, run bundles)")
+        export_btn = gr.Button("Export")
+    exported = gr.File(label="download", file_count="multiple", interactive=False, elem_id="exported", height=110)
+
+    filters = [strategy, model, search]
+    refresh_btn.click(history_rows, filters, history)
+    page.tabs.select(history_rows, filters, history)  # a fresh list whenever a tab opens
+    history.select(pick_history_row, [history, selected_ids], selected_ids)
+    open_btn.click(page.open_runs, [selected_ids, page.color_by, page.view_lane], page.opened_outputs)
+    delete_btn.click(delete_runs, [selected_ids, *filters], [selected_ids, history])
+    export_btn.click(export_runs, [selected_ids, export_kind], exported)
+
+
+def build() -> tuple[gr.Blocks, Page]:
+    with gr.Blocks(title="Decoding Explorer") as blocks:
         gr.Markdown("## Decoding Explorer\nRun decoding strategies side by side; every step is recorded.")
         with gr.Tabs() as tabs:
             with gr.Tab("Compare", id="compare"):
-                with gr.Row():
-                    prompt = gr.Textbox(label="Prompt", lines=3, scale=4, elem_id="prompt",
-                                        value="Write a short poem about the sea.")
-                    with gr.Column(scale=1):
-                        run_btn = gr.Button("Run", variant="primary", elem_id="run")
-                        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                with gr.Row():
-                    chat = gr.Checkbox(value=True, label="chat template")
-                    system = gr.Textbox(label="System prompt (optional)", scale=2)
-                    model_id = gr.Textbox(value=DEFAULT_MODEL, label="Model (embedded, HF id or local path)", scale=2)
-                    seed = gr.Number(value=0, label="seed", precision=0, minimum=0)
-                    max_new = gr.Slider(1, MAX_NEW_TOKENS_CAP, value=min(64, MAX_NEW_TOKENS_CAP), step=1,
-                                        label="max new tokens")
-                with gr.Row():
-                    add_btn = gr.Button("+ lane", size="sm")
-                    remove_btn = gr.Button("− lane", size="sm")
-                    baseline_btn = gr.Button("+ greedy baseline", size="sm")
-                    color_by = gr.Radio(["probability", "entropy", "origin"], value="probability",
-                                        label="colour tokens by (origin: plain / accepted draft / bonus)")
-                lane_columns, lane_inputs, lane_html, lane_metrics, strategy_dropdowns = [], [], [], [], []
-                with gr.Row(equal_height=False):
-                    for lane in range(MAX_LANES):
-                        with gr.Column(visible=lane < 2, min_width=260) as column:
-                            gr.Markdown(f"**Lane {lane + 1}**")
-                            dropdown = gr.Dropdown(STRATEGY_NAMES, value=DEFAULT_LANES[lane], label="strategy",
-                                                   elem_id=f"lane{lane + 1}-strategy")
-                            groups, controls = [], []
-                            with gr.Accordion("parameters", open=False):
-                                for name in STRATEGY_NAMES:
-                                    with gr.Group(visible=name == DEFAULT_LANES[lane]) as group:
-                                        for spec in dataclasses.fields(REGISTRY[name].config):
-                                            controls.append(make_control(REGISTRY[name].config, spec))
-                                    groups.append(group)
-                            dropdown.change(strategy_groups, dropdown, groups, queue=False)
-                            lane_html.append(gr.HTML(tokens_html(None), elem_id=f"lane{lane + 1}-output"))
-                            lane_metrics.append(gr.HTML("", elem_id=f"lane{lane + 1}-metrics"))
-                        lane_columns.append(column)
-                        strategy_dropdowns.append(dropdown)
-                        lane_inputs += [dropdown, *controls]
-                link = gr.Markdown("", elem_id="permalink")
-                with gr.Accordion("Export every view for a paper (SVG, PDF, PNG)", open=False):
-                    with gr.Row():
-                        figure_width = gr.Radio(["one", "two"], value="one", label="paper column width")
-                        figures_btn = gr.Button("Export all views", size="sm")
-                        figures_file = gr.File(label="views (zip)", interactive=False, elem_id="figures-zip",
-                                               height=90)
-                heatmap_lane = gr.Radio([str(i + 1) for i in range(MAX_LANES)], value="1",
-                                        label="lane shown in the per-lane views")
-                views = []
-                for tab in dict.fromkeys(view.tab for view in VIEWS):
-                    with gr.Tab(tab):
-                        views += [gr.Plot(label=v.label, elem_id=v.name) for v in VIEWS if v.tab == tab]
+                page = compare_tab(tabs)
             with gr.Tab("History", id="history"):
-                with gr.Row():
-                    history_strategy = gr.Dropdown(["(any)", *STRATEGY_NAMES], value="(any)", label="strategy")
-                    history_model = gr.Textbox(label="model contains")
-                    history_search = gr.Textbox(label="prompt or output contains")
-                    refresh_btn = gr.Button("Refresh")
-                history = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, elem_id="history")
-                with gr.Row():
-                    selected_ids = gr.Textbox(label="run ids (click rows to add)", scale=3, elem_id="run-ids")
-                    open_btn = gr.Button("Open side by side", variant="primary")
-                    delete_btn = gr.Button("Delete", variant="stop")
-                with gr.Row():
-                    export_kind = gr.Radio(["CSV", "Parquet", "JSONL", "Bundle"], value="CSV",
-                                           label="export the selected runs (per-step table, events, run bundles)")
-                    export_btn = gr.Button("Export")
-                exported = gr.File(label="download", file_count="multiple", interactive=False, elem_id="exported",
-                                   height=110)
-
-        lane_outputs = lane_html + lane_metrics
-        run_event = run_btn.click(
-            run_handler,
-            [prompt, chat, system, model_id, seed, max_new, color_by, heatmap_lane, lane_count, *lane_inputs],
-            [*lane_outputs, *views, traces_state, link],
-            concurrency_limit=CONCURRENCY, api_visibility="private",
-        )
-        stop_btn.click(None, cancels=[run_event])
-        add_btn.click(lambda n: change_lanes(n, +1), lane_count, [lane_count, *lane_columns], queue=False)
-        remove_btn.click(lambda n: change_lanes(n, -1), lane_count, [lane_count, *lane_columns], queue=False)
-        color_by.change(lambda t, c: render_lanes(t, c), [traces_state, color_by], lane_outputs, queue=False)
-        heatmap_lane.change(render_views, [traces_state, heatmap_lane], views)
-        baseline_btn.click(add_greedy_baseline, lane_count, [lane_count, *lane_columns, *strategy_dropdowns],
-                           queue=False)
-
-        history_filters = [history_strategy, history_model, history_search]
-        refresh_btn.click(history_rows, history_filters, history)
-        tabs.select(history_rows, history_filters, history)  # fresh list whenever a tab opens
-        history.select(pick_history_row, [history, selected_ids], selected_ids)
-        opened = [*lane_outputs, *views, traces_state, link, lane_count, *lane_columns, *strategy_dropdowns, tabs]
-        open_btn.click(open_runs, [selected_ids, color_by, heatmap_lane], opened)
-        delete_btn.click(delete_runs, [selected_ids, *history_filters], [selected_ids, history])
-        export_btn.click(export_runs, [selected_ids, export_kind], exported)
-        figures_btn.click(export_views, [traces_state, heatmap_lane, figure_width], figures_file)
-        demo.load(on_load, [color_by, heatmap_lane], opened)
+                history_tab(page)
+        blocks.load(page.on_load, [page.color_by, page.view_lane], page.opened_outputs)
         gr.api(generate, api_name="generate")
-    return demo
+    return blocks, page
 
 
-demo = build()
+demo, PAGE = build()
 
 
 def main() -> None:

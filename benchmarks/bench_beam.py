@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from explorer.events import BeamResult  # noqa: E402
 from explorer.models import load_model  # noqa: E402
+from explorer.request import RunRequest
 from explorer.runner import run_to_end  # noqa: E402
 from explorer.strategies import make_config  # noqa: E402
 
@@ -47,7 +48,7 @@ def main() -> None:
 
     def ours(prompt: str) -> tuple[float, list[int]]:
         t0 = time.perf_counter()
-        trace = run_to_end(lm, "beam", config, prompt, chat=True, max_new_tokens=args.new_tokens)
+        trace = run_to_end(lm, RunRequest("beam", config, prompt, chat=True, max_new_tokens=args.new_tokens))
         result = next(e for e in trace.events if isinstance(e, BeamResult))
         return time.perf_counter() - t0, result.hypotheses[0]
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from explorer.models import load_model  # noqa: E402
 from explorer.recorder import Recorder  # noqa: E402
+from explorer.request import RunRequest
 from explorer.runner import run_to_end  # noqa: E402
 from explorer.strategies import make_config  # noqa: E402
 from store import Store  # noqa: E402
@@ -59,7 +60,7 @@ def main() -> None:
     def ours(prompt: str) -> tuple[float, int]:
         sync()
         t0 = time.perf_counter()
-        trace = run_to_end(lm, "greedy", config, prompt, chat=True, max_new_tokens=args.new_tokens,
+        trace = run_to_end(lm, RunRequest("greedy", config, prompt, chat=True, max_new_tokens=args.new_tokens),
                            recorder=Recorder(store))
         sync()
         return time.perf_counter() - t0, len(trace.token_ids)

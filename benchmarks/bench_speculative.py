@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from explorer.models import load_model  # noqa: E402
+from explorer.request import RunRequest  # noqa: E402
 from explorer.runner import run_to_end  # noqa: E402
-from explorer.strategies import make_config  # noqa: E402
 
 DRAFT_LAYERS = 8
 
@@ -82,7 +82,7 @@ def main() -> None:
 
     def run_ours(method: str, prompt: str) -> tuple[float, int, float]:
         name, params = ours[method]
-        trace = run_to_end(lm, name, make_config(name, params), prompt, chat=True, max_new_tokens=args.new_tokens)
+        trace = run_to_end(lm, RunRequest.build(name, params, prompt, chat=True, max_new_tokens=args.new_tokens))
         return trace.finished.wall_time_s, len(trace.token_ids), trace.mean_accepted_tokens
 
     def run_hf(method: str, prompt: str) -> tuple[float, int, float]:

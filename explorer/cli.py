@@ -1,7 +1,10 @@
-"""Command line: `python -m explorer run|runs|show|strategies`.
+"""Command line: `python -m explorer run|runs|show|strategies|export|import|figure|sweep|report`.
 
-Bad input exits with status 2 and one line saying what to fix; a run that fails is stored as failed and exits
-with status 1.
+run decodes one prompt and stores its trace; runs lists stored runs and show prints one's per-step table;
+strategies lists the strategies and their parameters; export writes runs as CSV, Parquet, JSONL or bundles, and
+import loads a bundle; figure exports a view for a paper; sweep runs prompts x strategies x seeds (resumable)
+and report writes its tables and figures. Bad input exits with status 2 and one line saying what to fix; a run
+that fails is stored as failed and exits with status 1.
 """
 
 from __future__ import annotations
@@ -9,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from explorer.metrics import jsonable
 
 
 def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
@@ -123,25 +127,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from explorer.events import STATUS_OK, TokenStep
     from explorer.models import load_model
     from explorer.recorder import Recorder
+    from explorer.request import RunRequest
     from explorer.runner import run_strategy
-    from explorer.strategies import make_config
     from store import Store
 
-    config = make_config(args.strategy, _parse_params(args.param))  # validate before loading a model
-    if not args.prompt.strip():
-        raise ValueError("the prompt is empty: give some text with --prompt")
-    if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be >= 1")
+    request = RunRequest.build(args.strategy, _parse_params(args.param), args.prompt, chat=args.chat,
+                               system_prompt=args.system, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                               stop_strings=tuple(args.stop))  # validated before a model is loaded
     store = None if args.no_store else Store(args.db)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     recorder = Recorder(store)
     progress = _progress(args.max_new_tokens, disable=args.quiet)
     failure: Exception | None = None
     try:
-        for event in run_strategy(
-            model, args.strategy, config, args.prompt, chat=args.chat, system_prompt=args.system,
-            max_new_tokens=args.max_new_tokens, seed=args.seed, stop_strings=args.stop, recorder=recorder,
-        ):
+        for event in run_strategy(model, request, recorder=recorder):
             if isinstance(event, TokenStep):
                 progress.update(1)
     except ValueError:
@@ -157,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "run_id": trace.run_id, "strategy": args.strategy, "status": trace.status, "text": trace.text,
             "token_ids": trace.token_ids, "prompt_token_ids": trace.started.prompt_ids,
             "stop_reason": trace.finished.stop_reason if trace.finished else None,
-            "error": trace.finished.error if trace.finished else None, "metrics": _jsonable(metrics),
+            "error": trace.finished.error if trace.finished else None, "metrics": jsonable(metrics),
         }, ensure_ascii=False))
     else:
         print(trace.text)
@@ -191,7 +190,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     trace = Store(args.db).load_trace(args.run_id)
     if args.json:
-        print(json.dumps({"run_id": trace.run_id, "metrics": _jsonable(trace.metrics()), "steps": trace.table()},
+        print(json.dumps({"run_id": trace.run_id, "metrics": jsonable(trace.metrics()), "steps": trace.table()},
                          ensure_ascii=False))
         return 0
     started = trace.started
@@ -270,12 +269,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from explorer.models import load_model
+    from explorer.request import check_max_new_tokens
     from explorer.sweep import load_prompts, parse_strategies, run_sweep
     from store import Store
 
     items, methods = load_prompts(args.prompts), parse_strategies(args.strategies)
-    if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be >= 1")
+    check_max_new_tokens(args.max_new_tokens)  # before a model is loaded
     store = Store(args.db)
     model = load_model(args.model)
     total = len(items) * len(methods) * max(args.seeds, 0)
@@ -306,10 +305,6 @@ def _summary_line(run_id: str, metrics: dict[str, Any], store: Any) -> str:
     return (f"run {run_id}: {metrics['new_tokens']} tokens, {metrics['tokens_per_s']:.1f} tok/s, "
             f"{metrics['target_forward_passes']} forward passes, mean entropy {metrics['mean_entropy']:.3f}, "
             f"perplexity {metrics['perplexity']:.3f}, status {metrics['status']}{where}")
-
-
-def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
 def _progress(total: int, disable: bool) -> Any:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from explorer.params import check_prompt
 from explorer.paths import cache_root
 from explorer.trees import tree_depths
 
@@ -88,8 +89,7 @@ class LanguageModel:
 
     def encode_prompt(self, prompt: str, *, chat: bool = False, system_prompt: str | None = None) -> list[int]:
         """Token ids of the prompt, through the chat template when `chat` is true."""
-        if not prompt or not prompt.strip():
-            raise ValueError("the prompt is empty: type some text to continue")
+        check_prompt(prompt)
         if not chat:
             return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         if not self.has_chat_template:

@@ -16,6 +16,12 @@ def param(default: Any, help: str, **limits: Any) -> Any:
     return field(default=default, metadata={"help": help, **limits})
 
 
+def check_prompt(prompt: str) -> None:
+    """Refuse an empty prompt (or one of whitespace only) before anything runs."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty: type some text to continue")
+
+
 def _number(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 

@@ -12,22 +12,16 @@ import importlib.metadata
 import platform
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from explorer.events import (
-    STATUS_CANCELLED,
-    STATUS_FAILED,
-    STATUS_OK,
-    RunFinished,
-    RunStarted,
-    TokenStep,
-)
+from explorer.events import STATUS_CANCELLED, STATUS_FAILED, STATUS_OK, Event, RunFinished, TokenStep
 from explorer.recorder import Recorder
-from explorer.strategies import config_dict, get_strategy
+from explorer.request import RunRequest
+from explorer.strategies import get_strategy
+from explorer.trace import Trace
 
 
 def library_versions() -> dict[str, str]:
@@ -44,56 +38,19 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def run_strategy(
-    model: Any,
-    strategy: str,
-    config: Any,
-    prompt: str,
-    *,
-    chat: bool | None = None,
-    system_prompt: str | None = None,
-    max_new_tokens: int = 128,
-    seed: int = 0,
-    stop_strings: Sequence[str] = (),
-    recorder: Recorder | None = None,
-    tags: dict[str, str] | None = None,
-) -> Iterator[Any]:
+def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None = None) -> Iterator[Event]:
     """Yield every event of one run; the last one is its RunFinished (unless the run raised)."""
-    spec = get_strategy(strategy)
-    if not isinstance(config, spec.config):
-        raise ValueError(f"strategy {strategy!r} needs a {spec.config.__name__}, got {type(config).__name__}")
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
-    if seed < 0:
-        raise ValueError("seed must be >= 0")
-    stops = [s for s in stop_strings if s]
+    spec = get_strategy(request.strategy)
+    config, max_new_tokens, stops = request.config, request.max_new_tokens, list(request.stop_strings)
     model = model.for_run()  # count this run's forward passes only
-    if chat is None:
-        chat = model.has_chat_template
-    prompt_ids = model.encode_prompt(prompt, chat=chat, system_prompt=system_prompt)
+    chat = model.has_chat_template if request.chat is None else request.chat
+    prompt_ids = model.encode_prompt(request.prompt, chat=chat, system_prompt=request.system_prompt)
     recorder = recorder or Recorder()
-    started = RunStarted(
-        run_id=new_run_id(),
-        strategy=strategy,
-        config=config_dict(config),
-        model_id=model.info.model_id,
-        weights_hash=model.info.weights_hash,
-        dtype=model.info.dtype,
-        device=model.info.device,
-        seed=seed,
-        versions=library_versions(),
-        prompt=prompt,
-        chat=chat,
-        system_prompt=system_prompt,
-        prompt_ids=prompt_ids,
-        max_new_tokens=max_new_tokens,
-        stop_strings=stops,
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        tags=dict(tags or {}),
-    )
+    started = request.run_started(run_id=new_run_id(), model_info=model.info, chat=chat, prompt_ids=prompt_ids,
+                                  versions=library_versions())
     recorder.start(started)
 
-    rng = torch.Generator(device=model.device).manual_seed(seed)
+    rng = torch.Generator(device=model.device).manual_seed(request.seed)
     eos = model.eos_token_ids
     generated: list[int] = []
     # Time is counted only while this run computes, not while its consumer holds it (interleaved lanes).
@@ -159,9 +116,9 @@ def _stop_reason(model: Any, generated: list[int], eos: frozenset[int], stops: l
     return ""
 
 
-def run_to_end(model: Any, strategy: str, config: Any, prompt: str, **kwargs: Any) -> Any:
+def run_to_end(model: Any, request: RunRequest, *, recorder: Recorder | None = None) -> Trace:
     """Run to completion and return the recorded Trace (convenience for scripts and tests)."""
-    recorder = kwargs.pop("recorder", None) or Recorder()
-    for _ in run_strategy(model, strategy, config, prompt, recorder=recorder, **kwargs):
+    recorder = recorder or Recorder()
+    for _ in run_strategy(model, request, recorder=recorder):
         pass
     return recorder.trace

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from explorer.recorder import Recorder
+from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import config_dict, make_config
 
@@ -33,6 +34,7 @@ class MethodSpec:
     label: str
     strategy: str
     params: dict[str, str]
+    config: Any  # the validated config the params make
 
 
 @dataclass
@@ -74,18 +76,18 @@ def parse_strategies(spec: str) -> list[MethodSpec]:
             if not sep:
                 raise ValueError(f"in {part!r}: parameters are key=value, separated by commas")
             params[key.strip()] = value.strip()
-        make_config(name.strip(), params)  # validate now, not in the middle of the sweep
+        config = make_config(name.strip(), params)  # validate now, not in the middle of the sweep
         label = name.strip() + (f"({','.join(f'{k}={v}' for k, v in params.items())})" if params else "")
-        methods.append(MethodSpec(label, name.strip(), params))
+        methods.append(MethodSpec(label, name.strip(), params, config))
     if not methods:
         raise ValueError("no strategies given: e.g. --strategies 'greedy; sample:top_p=0.9'")
     return methods
 
 
-def sweep_key(model_id: str, item: PromptItem, method: MethodSpec, seed: int, max_new_tokens: int,
-              chat: bool | None) -> str:
-    config = config_dict(make_config(method.strategy, method.params))
-    raw = json.dumps([model_id, item.prompt, method.strategy, config, seed, max_new_tokens, chat], sort_keys=True)
+def sweep_key(model_id: str, request: RunRequest) -> str:
+    """What makes two runs the same sweep cell: model, prompt, strategy, config, seed, length and chat."""
+    raw = json.dumps([model_id, request.prompt, request.strategy, config_dict(request.config), request.seed,
+                      request.max_new_tokens, request.chat], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
@@ -94,19 +96,23 @@ def run_sweep(model: Any, items: Sequence[PromptItem], methods: Sequence[MethodS
               progress: Callable[[str], None] | None = None) -> SweepReport:
     if seeds < 1:
         raise ValueError("--seeds must be >= 1")
-    matrix = [(item, method, seed) for item in items for method in methods for seed in range(seeds)]
-    keys = [sweep_key(model.info.model_id, item, method, seed, max_new_tokens, chat) for item, method, seed in matrix]
-    finished = store.completed_sweep_keys(keys)
+    cells = []
+    for item in items:
+        for method in methods:
+            for seed in range(seeds):
+                request = RunRequest(method.strategy, method.config, item.prompt, chat=chat,
+                                     max_new_tokens=max_new_tokens, seed=seed)
+                key = sweep_key(model.info.model_id, request)
+                tags = {"category": item.category, "prompt_name": item.name, "method": method.label, "sweep_key": key}
+                cells.append((f"{item.name} / {method.label} / seed {seed}", request.replace(tags=tags), key))
+    finished = store.completed_sweep_keys([key for _, _, key in cells])
     report = SweepReport()
-    for (item, method, seed), key in zip(matrix, keys, strict=True):
-        what = f"{item.name} / {method.label} / seed {seed}"
+    for what, request, key in cells:
         if key in finished:
             report.skipped += 1
         else:
-            tags = {"category": item.category, "prompt_name": item.name, "method": method.label, "sweep_key": key}
             try:
-                run_to_end(model, method.strategy, make_config(method.strategy, method.params), item.prompt,
-                           chat=chat, max_new_tokens=max_new_tokens, seed=seed, recorder=Recorder(store), tags=tags)
+                run_to_end(model, request, recorder=Recorder(store))
                 report.done += 1
             except Exception as error:  # stored as failed by the runner; report it at the end and go on
                 report.failed.append((what, f"{type(error).__name__}: {error}"))

@@ -1,5 +1,5 @@
-"""Persistent trace store (SQLAlchemy 2.0)."""
+"""Persistent trace store (SQLAlchemy 2.0): `Store(url)` takes and returns `Trace` objects."""
 
-from store.repository import RunSummary, Store, default_url, delete_run, list_runs, load_trace, save_trace
+from store.repository import RunSummary, Store, default_url
 
-__all__ = ["RunSummary", "Store", "default_url", "delete_run", "list_runs", "load_trace", "save_trace"]
+__all__ = ["RunSummary", "Store", "default_url"]

@@ -1,7 +1,6 @@
-"""The repository: save, load, list and delete runs as `Trace` objects (ORM rows never leave this module).
-
-Functions take a SQLAlchemy `Session`; `Store` holds the engine and opens one session (one transaction) per
-call. SQLite by default (WAL journal, foreign keys on); any SQLAlchemy URL works.
+"""The repository: `Store` saves, loads, lists and deletes runs as `Trace` objects (ORM rows never leave this
+module). It holds the engine and opens one session (one transaction) per call. SQLite by default (WAL journal,
+foreign keys on); any SQLAlchemy URL works.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from explorer.events import STATUS_RUNNING, RunFinished, RunStarted, from_dict, 
 from explorer.paths import cache_root
 from explorer.trace import Trace
 from store.codec import decode, dumps, encode
-from store.models import SCHEMA_VERSION, Base, EventRow, MetaRow, RunRow
+from store.tables import SCHEMA_VERSION, Base, EventRow, MetaRow, RunRow
 
 
 def default_url() -> str:
@@ -48,111 +47,6 @@ class RunSummary:
     wall_time_s: float | None
 
 
-# ---------------------------------------------------------------------------------------- functions
-def begin_run(session: Session, started: RunStarted) -> None:
-    session.add(
-        RunRow(
-            id=started.run_id,
-            created_at=started.created_at,
-            strategy=started.strategy,
-            model_id=started.model_id,
-            prompt=started.prompt,
-            seed=started.seed,
-            status=STATUS_RUNNING,
-            error=None,
-            text="",
-            new_tokens=0,
-            wall_time_s=None,
-            sweep_key=started.tags.get("sweep_key"),
-            started=dumps(to_dict(started)),
-            finished=None,
-        )
-    )
-
-
-def append_events(
-    session: Session, run_id: str, first_seq: int, events: Sequence[Any], finished: RunFinished | None
-) -> None:
-    rows = []
-    for seq, item in enumerate(events, start=first_seq):
-        kind, fields, arrays = encode(item)
-        rows.append(EventRow(run_id=run_id, seq=seq, kind=kind, fields=fields, arrays=arrays))
-    session.add_all(rows)
-    if finished is not None:
-        run = session.get(RunRow, run_id)
-        if run is None:
-            raise ValueError(f"run {run_id} does not exist")
-        run.status, run.error, run.text = finished.status, finished.error, finished.text
-        run.new_tokens, run.wall_time_s = finished.new_tokens, finished.wall_time_s
-        run.finished = dumps(to_dict(finished))
-
-
-def save_trace(session: Session, trace: Trace) -> None:
-    """Insert a whole trace (e.g. an imported one)."""
-    begin_run(session, trace.started)
-    session.flush()
-    finished = trace.finished
-    append_events(session, trace.run_id, 0, trace.events, finished)
-    if finished is None:
-        session.get(RunRow, trace.run_id).new_tokens = len(trace.token_steps)
-
-
-def load_trace(session: Session, run_id: str) -> Trace:
-    run = session.get(RunRow, run_id)
-    if run is None:
-        raise ValueError(f"no run with id {run_id!r}: list stored runs with `python -m explorer runs`")
-    trace = Trace(from_dict(RunStarted.kind, json.loads(run.started)))
-    rows = session.scalars(select(EventRow).where(EventRow.run_id == run_id).order_by(EventRow.seq))
-    for row in rows:
-        trace.add(decode(row.kind, row.fields, row.arrays))
-    if run.finished is not None:
-        trace.add(from_dict(RunFinished.kind, json.loads(run.finished)))
-    return trace
-
-
-def list_runs(
-    session: Session,
-    *,
-    strategy: str | None = None,
-    model: str | None = None,
-    text: str | None = None,
-    limit: int = 100,
-) -> list[RunSummary]:
-    query = select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id).limit(limit)
-    if strategy:
-        query = query.where(RunRow.strategy == strategy)
-    if model:
-        query = query.where(RunRow.model_id.contains(model, autoescape=True))
-    if text:
-        query = query.where(
-            or_(RunRow.prompt.contains(text, autoescape=True), RunRow.text.contains(text, autoescape=True))
-        )
-    return [_summary(row) for row in session.scalars(query)]
-
-
-def completed_sweep_keys(session: Session, keys: Iterable[str]) -> set[str]:
-    """Which of these sweep keys already have a run that finished ok."""
-    keys = list(keys)
-    found: set[str] = set()
-    for start in range(0, len(keys), 500):
-        query = select(RunRow.sweep_key).where(RunRow.sweep_key.in_(keys[start:start + 500]),
-                                               RunRow.status == "ok")
-        found.update(k for k in session.scalars(query) if k)
-    return found
-
-
-def run_ids(session: Session, *, sweep_only: bool = False) -> list[str]:
-    query = select(RunRow.id).order_by(RunRow.created_at, RunRow.id)
-    if sweep_only:
-        query = query.where(RunRow.sweep_key.is_not(None))
-    return list(session.scalars(query))
-
-
-def delete_run(session: Session, run_id: str) -> bool:
-    session.execute(delete(EventRow).where(EventRow.run_id == run_id))
-    return session.execute(delete(RunRow).where(RunRow.id == run_id)).rowcount > 0
-
-
 def _summary(row: RunRow) -> RunSummary:
     return RunSummary(
         run_id=row.id,
@@ -169,9 +63,57 @@ def _summary(row: RunRow) -> RunSummary:
     )
 
 
+def _run_row(started: RunStarted) -> RunRow:
+    return RunRow(
+        id=started.run_id,
+        created_at=started.created_at,
+        strategy=started.strategy,
+        model_id=started.model_id,
+        prompt=started.prompt,
+        seed=started.seed,
+        status=STATUS_RUNNING,
+        error=None,
+        text="",
+        new_tokens=0,
+        wall_time_s=None,
+        sweep_key=started.tags.get("sweep_key"),
+        started=dumps(to_dict(started)),
+        finished=None,
+    )
+
+
+def _add_events(session: Session, run_id: str, first_seq: int, events: Sequence[Any],
+                finished: RunFinished | None) -> None:
+    rows = []
+    for seq, item in enumerate(events, start=first_seq):
+        kind, fields, arrays = encode(item)
+        rows.append(EventRow(run_id=run_id, seq=seq, kind=kind, fields=fields, arrays=arrays))
+    session.add_all(rows)
+    if finished is not None:
+        run = session.get(RunRow, run_id)
+        if run is None:
+            raise ValueError(f"run {run_id} does not exist")
+        run.status, run.error, run.text = finished.status, finished.error, finished.text
+        run.new_tokens, run.wall_time_s = finished.new_tokens, finished.wall_time_s
+        run.finished = dumps(to_dict(finished))
+
+
+def _load(session: Session, run_id: str) -> Trace:
+    run = session.get(RunRow, run_id)
+    if run is None:
+        raise ValueError(f"no run with id {run_id!r}: list stored runs with `python -m explorer runs`")
+    trace = Trace(from_dict(RunStarted.kind, json.loads(run.started)))
+    rows = session.scalars(select(EventRow).where(EventRow.run_id == run_id).order_by(EventRow.seq))
+    for row in rows:
+        trace.add(decode(row.kind, row.fields, row.arrays))
+    if run.finished is not None:
+        trace.add(from_dict(RunFinished.kind, json.loads(run.finished)))
+    return trace
+
+
 # -------------------------------------------------------------------------------------------- Store
 class Store:
-    """An engine plus one transaction per call. `Store()` opens the default database."""
+    """The repository: an engine plus one transaction per call. `Store()` opens the default database."""
 
     def __init__(self, url: str | None = None):
         self.url = url or default_url()
@@ -183,41 +125,70 @@ class Store:
         return self._sessions.begin()
 
     def begin_run(self, started: RunStarted) -> None:
+        """Store a run as running, before its first event."""
         with self._tx() as session:
-            begin_run(session, started)
+            session.add(_run_row(started))
 
     def append_events(self, run_id: str, first_seq: int, events: Sequence[Any],
                       finished: RunFinished | None = None) -> None:
+        """Append a batch of a run's events (numbered from `first_seq`), and its end when it has one."""
         with self._tx() as session:
-            append_events(session, run_id, first_seq, events, finished)
+            _add_events(session, run_id, first_seq, events, finished)
 
     def save_trace(self, trace: Trace) -> None:
+        """Insert a whole trace (e.g. an imported one) in one transaction."""
         with self._tx() as session:
-            save_trace(session, trace)
+            session.add(_run_row(trace.started))
+            session.flush()
+            _add_events(session, trace.run_id, 0, trace.events, trace.finished)
+            if trace.finished is None:
+                session.get(RunRow, trace.run_id).new_tokens = len(trace.token_steps)
 
     def load_trace(self, run_id: str) -> Trace:
         with self._tx() as session:
-            return load_trace(session, run_id)
+            return _load(session, run_id)
 
     def load_traces(self, run_ids: Iterable[str]) -> list[Trace]:
         with self._tx() as session:
-            return [load_trace(session, run_id) for run_id in run_ids]
+            return [_load(session, run_id) for run_id in run_ids]
 
-    def list_runs(self, **filters: Any) -> list[RunSummary]:
+    def list_runs(self, *, strategy: str | None = None, model: str | None = None, text: str | None = None,
+                  limit: int = 100) -> list[RunSummary]:
+        """Newest first, filtered by strategy, by a substring of the model id, and by text in prompt or output."""
+        query = select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id).limit(limit)
+        if strategy:
+            query = query.where(RunRow.strategy == strategy)
+        if model:
+            query = query.where(RunRow.model_id.contains(model, autoescape=True))
+        if text:
+            query = query.where(
+                or_(RunRow.prompt.contains(text, autoescape=True), RunRow.text.contains(text, autoescape=True))
+            )
         with self._tx() as session:
-            return list_runs(session, **filters)
+            return [_summary(row) for row in session.scalars(query)]
 
     def delete_run(self, run_id: str) -> bool:
         with self._tx() as session:
-            return delete_run(session, run_id)
+            session.execute(delete(EventRow).where(EventRow.run_id == run_id))
+            return session.execute(delete(RunRow).where(RunRow.id == run_id)).rowcount > 0
 
     def completed_sweep_keys(self, keys: Iterable[str]) -> set[str]:
+        """Which of these sweep keys already have a run that finished ok."""
+        keys = list(keys)
+        found: set[str] = set()
         with self._tx() as session:
-            return completed_sweep_keys(session, keys)
+            for start in range(0, len(keys), 500):
+                query = select(RunRow.sweep_key).where(RunRow.sweep_key.in_(keys[start:start + 500]),
+                                                       RunRow.status == "ok")
+                found.update(k for k in session.scalars(query) if k)
+        return found
 
     def run_ids(self, *, sweep_only: bool = False) -> list[str]:
+        query = select(RunRow.id).order_by(RunRow.created_at, RunRow.id)
+        if sweep_only:
+            query = query.where(RunRow.sweep_key.is_not(None))
         with self._tx() as session:
-            return run_ids(session, sweep_only=sweep_only)
+            return list(session.scalars(query))
 
     def count_runs(self) -> int:
         with self._tx() as session:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from explorer.recorder import Recorder
+from explorer.request import RunRequest
 from explorer.runner import run_to_end
-from explorer.strategies import make_config
 from store import Store
 from tests.test_viz import hostile_trace
 
@@ -25,26 +25,27 @@ def test_import_builds_blocks_without_loading_weights():
     import app
 
     assert app.demo is not None and app.MODELS._models == {}
-    assert {name for name, _ in app.CONTROL_KEYS} == set(app.STRATEGY_NAMES) - {"greedy"}  # greedy has no params
+    with_params = {name for name, controls in app.PAGE.lanes[0].controls.items() if controls}
+    assert with_params == set(app.STRATEGY_NAMES) - {"greedy"}  # greedy has no params
 
 
 def test_lane_specs_come_from_the_registry():
     import app
 
-    width = 1 + len(app.CONTROL_KEYS)
-    values = []
-    for strategy in ("sample", "mirostat"):
-        lane = [strategy] + [f"{name}.{field}" for name, field in app.CONTROL_KEYS]
-        values += lane
-    specs = app.lane_specs(2, values + ["greedy"] * width)
-    assert specs[0].strategy == "sample" and specs[0].params["top_p"] == "sample.top_p"
-    assert set(specs[1].params) == {"tau", "eta", "temperature"}
+    values = {}
+    for lane, strategy in zip(app.PAGE.lanes, ("sample", "mirostat", "greedy", "greedy"), strict=True):
+        values[lane.strategy] = strategy
+        for name, controls in lane.controls.items():
+            values |= {control: f"{name}.{field}" for field, control in controls.items()}
+    specs = [lane.params(values) for lane in app.PAGE.lanes[:2]]
+    assert specs[0][0] == "sample" and specs[0][1]["top_p"] == "sample.top_p"
+    assert set(specs[1][1]) == {"tau", "eta", "temperature"}
 
 
 def test_render_views_fills_every_tab(tiny_flat):
     import app
 
-    traces = [run_to_end(tiny_flat, name, make_config(name, {}), "Hi", max_new_tokens=6)
+    traces = [run_to_end(tiny_flat, RunRequest.build(name, {}, "Hi", max_new_tokens=6))
               for name in ("beam", "prompt_lookup", "jacobi", "momentum")]
     figures = app.render_views(traces, "1")
     assert len(figures) == app.VIEW_COUNT == len(app.VIEW_NAMES)
@@ -150,7 +151,7 @@ def test_browser_two_lanes_heatmap_and_permalink(server, browser, tmp_path):
 @pytest.mark.browser
 def test_browser_escapes_hostile_output(server, browser, tiny):
     url, db = server
-    base = run_to_end(tiny, "greedy", make_config("greedy", {}), "x", max_new_tokens=2, recorder=Recorder())
+    base = run_to_end(tiny, RunRequest.build("greedy", {}, "x", max_new_tokens=2), recorder=Recorder())
     trace = hostile_trace(base)
     Store(db).save_trace(trace)
     page = browser.new_page()
@@ -206,7 +207,7 @@ def test_export_handlers_write_files(tiny_flat, tmp_path, monkeypatch):
 
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     monkeypatch.setattr(app, "_STORE", store)
-    traces = [run_to_end(tiny_flat, "greedy", make_config("greedy", {}), "Hi", max_new_tokens=5,
+    traces = [run_to_end(tiny_flat, RunRequest.build("greedy", {}, "Hi", max_new_tokens=5),
                          recorder=Recorder(store)) for _ in range(2)]
     ids = ",".join(t.run_id for t in traces)
     assert app.export_runs(ids, "CSV")[0].endswith("steps.csv")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from explorer.models import EMBEDDED_MODEL_ID
+from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import make_config
 
@@ -25,7 +26,7 @@ def test_embedded_model_identity(embedded):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_is_token_identical_to_generate(embedded, prompt):
-    trace = run_to_end(embedded, "greedy", make_config("greedy", {}), prompt, chat=True, max_new_tokens=64)
+    trace = run_to_end(embedded, RunRequest.build("greedy", {}, prompt, chat=True, max_new_tokens=64))
     ids = torch.tensor([trace.started.prompt_ids])
     reference = embedded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                         max_new_tokens=64)[0, ids.shape[1]:].tolist()
@@ -34,8 +35,8 @@ def test_greedy_is_token_identical_to_generate(embedded, prompt):
 
 
 def test_sampling_run_on_embedded_model(embedded):
-    trace = run_to_end(embedded, "sample", make_config("sample", {"top_p": 0.9, "temperature": 0.7}),
-                       "Tell me a fact about owls.", chat=True, max_new_tokens=24, seed=5)
+    trace = run_to_end(embedded, RunRequest.build("sample", {"top_p": 0.9, "temperature": 0.7},
+                       "Tell me a fact about owls.", chat=True, max_new_tokens=24, seed=5))
     assert trace.status == "ok" and 0 < len(trace.token_ids) <= 24 and trace.text.strip()
     assert all(s.kept_count < 49152 for s in trace.token_steps)
 
@@ -53,15 +54,15 @@ COPY_PROMPT = ("Repeat this sentence exactly, then say why it is true: The quick
 ])
 def test_draft_verify_methods_are_token_identical_to_greedy(embedded, name, params):
     for prompt in (COPY_PROMPT, PROMPTS[1]):
-        reference = run_to_end(embedded, "greedy", make_config("greedy", {}), prompt, chat=True, max_new_tokens=48)
-        trace = run_to_end(embedded, name, make_config(name, params), prompt, chat=True, max_new_tokens=48)
+        reference = run_to_end(embedded, RunRequest.build("greedy", {}, prompt, chat=True, max_new_tokens=48))
+        trace = run_to_end(embedded, RunRequest.build(name, params, prompt, chat=True, max_new_tokens=48))
         assert trace.token_ids == reference.token_ids, (name, prompt)
         assert trace.rounds, "no verification round ran"
 
 
 def test_prompt_lookup_copies_on_the_embedded_model(embedded):
-    trace = run_to_end(embedded, "prompt_lookup", make_config("prompt_lookup", {}), COPY_PROMPT, chat=True,
-                       max_new_tokens=48)
+    trace = run_to_end(embedded, RunRequest.build("prompt_lookup", {}, COPY_PROMPT, chat=True,
+                       max_new_tokens=48))
     assert trace.mean_accepted_tokens > 1.3
     assert trace.finished.target_forward_passes < len(trace.token_ids)
 
@@ -72,7 +73,7 @@ def test_beam_search_matches_transformers(embedded, beams, length_penalty):
 
     for prompt in ("What is 2 + 2?", PROMPTS[2]):
         config = make_config("beam", {"num_beams": beams, "length_penalty": length_penalty, "num_return": beams})
-        trace = run_to_end(embedded, "beam", config, prompt, chat=True, max_new_tokens=32)
+        trace = run_to_end(embedded, RunRequest("beam", config, prompt, chat=True, max_new_tokens=32))
         result = next(e for e in trace.events if isinstance(e, BeamResult))
         ids = torch.tensor([trace.started.prompt_ids])
         out = embedded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=beams,
@@ -92,6 +93,6 @@ def test_beam_search_matches_transformers(embedded, beams, length_penalty):
 ])
 def test_tree_methods_are_token_identical_to_greedy(embedded, name, params):
     for prompt in (COPY_PROMPT, PROMPTS[1]):
-        reference = run_to_end(embedded, "greedy", make_config("greedy", {}), prompt, chat=True, max_new_tokens=40)
-        trace = run_to_end(embedded, name, make_config(name, params), prompt, chat=True, max_new_tokens=40)
+        reference = run_to_end(embedded, RunRequest.build("greedy", {}, prompt, chat=True, max_new_tokens=40))
+        trace = run_to_end(embedded, RunRequest.build(name, params, prompt, chat=True, max_new_tokens=40))
         assert trace.token_ids == reference.token_ids, (name, prompt)

@@ -13,8 +13,8 @@ import pytest
 
 from explorer import export
 from explorer.metrics import sampling_table, specbench_table
+from explorer.request import RunRequest
 from explorer.runner import run_to_end
-from explorer.strategies import make_config
 from explorer.sweep import load_prompts, parse_strategies, run_sweep, write_report
 from store import Store
 from viz.catalog import VIEWS, render_all
@@ -23,9 +23,9 @@ from viz.paper import save_figure
 
 @pytest.fixture(scope="module")
 def traces(tiny):
-    return [run_to_end(tiny, "prompt_lookup", make_config("prompt_lookup", {"min_ngram": 1}), "ab ab ab ab",
-                       max_new_tokens=16, chat=False),
-            run_to_end(tiny, "sample", make_config("sample", {"top_p": 0.9}), "Hello", max_new_tokens=8, seed=2)]
+    return [run_to_end(tiny, RunRequest.build("prompt_lookup", {"min_ngram": 1}, "ab ab ab ab",
+                       max_new_tokens=16, chat=False)),
+            run_to_end(tiny, RunRequest.build("sample", {"top_p": 0.9}, "Hello", max_new_tokens=8, seed=2))]
 
 
 def expected_rows(traces):

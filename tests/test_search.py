@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from explorer.events import BeamResult, BeamStep, CandidateStep, TrialBranch
+from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import make_config
 from explorer.strategies.cautious import PUNCTUATION, CautiousConfig, trial_count
@@ -25,7 +26,7 @@ def hf_beam(lm, prompt_ids, new_tokens, beams, length_penalty=1.0, early_stoppin
 def assert_same_as_hf(lm, prompt, new_tokens, beams, length_penalty, early_stopping, chat=False):
     config = make_config("beam", {"num_beams": beams, "length_penalty": length_penalty,
                                   "early_stopping": early_stopping, "num_return": beams})
-    trace = run_to_end(lm, "beam", config, prompt, chat=chat, max_new_tokens=new_tokens)
+    trace = run_to_end(lm, RunRequest("beam", config, prompt, chat=chat, max_new_tokens=new_tokens))
     result = next(e for e in trace.events if isinstance(e, BeamResult))
     sequences, scores = hf_beam(lm, trace.started.prompt_ids, new_tokens, beams, length_penalty, early_stopping,
                                 beams)
@@ -52,14 +53,14 @@ def test_beam_matches_transformers_on_tiny_models(seed, beams, length_penalty, e
 
 
 def test_beam_runs_batched_one_pass_per_step(tiny):
-    trace = run_to_end(tiny, "beam", make_config("beam", {"num_beams": 4}), "abc", max_new_tokens=10)
+    trace = run_to_end(tiny, RunRequest.build("beam", {"num_beams": 4}, "abc", max_new_tokens=10))
     steps = [e for e in trace.events if isinstance(e, BeamStep)]
     assert trace.finished.target_forward_passes == len(steps)  # prefill + one batched pass per later step
 
 
 def test_every_hypothesis_is_a_root_to_leaf_path_in_the_tree(tiny_flat):
-    trace = run_to_end(tiny_flat, "beam", make_config("beam", {"num_beams": 3, "num_return": 3}), "Hi there",
-                       max_new_tokens=8)
+    trace = run_to_end(tiny_flat, RunRequest.build("beam", {"num_beams": 3, "num_return": 3}, "Hi there",
+                       max_new_tokens=8))
     steps = {e.step: e for e in trace.events if isinstance(e, BeamStep)}
     result = next(e for e in trace.events if isinstance(e, BeamResult))
     assert len(result.hypotheses) == 3
@@ -84,10 +85,10 @@ def group_hypotheses(trace, group):
 
 
 def test_diverse_beam_without_penalty_is_independent_beam_searches(tiny_flat):
-    single = run_to_end(tiny_flat, "beam", make_config("beam", {"num_beams": 2, "num_return": 2}), "Hello",
-                        max_new_tokens=8)
+    single = run_to_end(tiny_flat, RunRequest.build("beam", {"num_beams": 2, "num_return": 2}, "Hello",
+                        max_new_tokens=8))
     config = make_config("diverse_beam", {"num_beams": 4, "groups": 2, "diversity": 0.0, "num_return": 4})
-    diverse = run_to_end(tiny_flat, "diverse_beam", config, "Hello", max_new_tokens=8)
+    diverse = run_to_end(tiny_flat, RunRequest("diverse_beam", config, "Hello", max_new_tokens=8))
     expected = next(e for e in single.events if isinstance(e, BeamResult)).hypotheses
     assert group_hypotheses(diverse, 0) == expected
     assert group_hypotheses(diverse, 1) == expected
@@ -95,7 +96,7 @@ def test_diverse_beam_without_penalty_is_independent_beam_searches(tiny_flat):
 
 def test_diverse_beam_penalty_makes_groups_differ(tiny_flat):
     config = make_config("diverse_beam", {"num_beams": 4, "groups": 2, "diversity": 3.0, "num_return": 4})
-    trace = run_to_end(tiny_flat, "diverse_beam", config, "Hello", max_new_tokens=8)
+    trace = run_to_end(tiny_flat, RunRequest("diverse_beam", config, "Hello", max_new_tokens=8))
     first = [e for e in trace.events if isinstance(e, BeamStep) and e.step == 0]
     kept = [{t for t, s in zip(e.tokens, e.statuses, strict=True) if s == "kept"} for e in first]
     assert kept[0].isdisjoint(kept[1])  # group 2 avoids what group 1 took at the same step
@@ -105,12 +106,12 @@ def test_diverse_beam_penalty_makes_groups_differ(tiny_flat):
 
 
 def test_contrastive_with_alpha_zero_is_greedy_and_scores_are_recorded(tiny):
-    greedy = run_to_end(tiny, "greedy", make_config("greedy", {}), "Hello world", max_new_tokens=25)
-    plain = run_to_end(tiny, "contrastive", make_config("contrastive", {"alpha": 0.0}), "Hello world",
-                       max_new_tokens=25)
+    greedy = run_to_end(tiny, RunRequest.build("greedy", {}, "Hello world", max_new_tokens=25))
+    plain = run_to_end(tiny, RunRequest.build("contrastive", {"alpha": 0.0}, "Hello world",
+                       max_new_tokens=25))
     assert plain.token_ids == greedy.token_ids
-    trace = run_to_end(tiny, "contrastive", make_config("contrastive", {"alpha": 0.6, "top_k": 4}), "Hello world",
-                       max_new_tokens=25)
+    trace = run_to_end(tiny, RunRequest.build("contrastive", {"alpha": 0.6, "top_k": 4}, "Hello world",
+                       max_new_tokens=25))
     steps = [e for e in trace.events if isinstance(e, CandidateStep)]
     assert len(steps) == 25
     for step, token in zip(steps, trace.token_ids, strict=True):
@@ -123,11 +124,11 @@ def test_contrastive_with_alpha_zero_is_greedy_and_scores_are_recorded(tiny):
 
 
 def test_momentum_alpha_zero_is_greedy_and_resistance_breaks_loops(tiny):
-    greedy = run_to_end(tiny, "greedy", make_config("greedy", {}), "ab", max_new_tokens=40)
-    zero = run_to_end(tiny, "momentum", make_config("momentum", {"alpha": 0.0}), "ab", max_new_tokens=40)
+    greedy = run_to_end(tiny, RunRequest.build("greedy", {}, "ab", max_new_tokens=40))
+    zero = run_to_end(tiny, RunRequest.build("momentum", {"alpha": 0.0}, "ab", max_new_tokens=40))
     assert zero.token_ids == greedy.token_ids
     config = make_config("momentum", {"alpha": 2.0, "free_length": 2, "top_k": 8})
-    trace = run_to_end(tiny, "momentum", config, "ab", max_new_tokens=40)
+    trace = run_to_end(tiny, RunRequest("momentum", config, "ab", max_new_tokens=40))
     for step in (e for e in trace.events if isinstance(e, CandidateStep)):
         if any(length <= 2 for length in step.features):
             assert step.features[step.chosen] <= 2  # a loop longer than free_length is never closed
@@ -148,16 +149,16 @@ def test_ngram_graph_loop_length():
 
 
 def test_cautious_with_no_trigger_is_plain_sampling(tiny_flat):
-    sampled = run_to_end(tiny_flat, "sample", make_config("sample", {"temperature": 0.9}), "Hi", max_new_tokens=20,
-                         seed=4)
-    cautious = run_to_end(tiny_flat, "cautious", make_config("cautious", {"threshold": 9.0, "temperature": 0.9}),
-                          "Hi", max_new_tokens=20, seed=4)
+    sampled = run_to_end(tiny_flat, RunRequest.build("sample", {"temperature": 0.9}, "Hi", max_new_tokens=20,
+                         seed=4))
+    cautious = run_to_end(tiny_flat, RunRequest.build("cautious", {"threshold": 9.0, "temperature": 0.9},
+                          "Hi", max_new_tokens=20, seed=4))
     assert cautious.token_ids == sampled.token_ids
 
 
 def test_cautious_branches_and_keeps_the_lowest_perplexity_trial(tiny_flat):
     config = make_config("cautious", {"threshold": 0.5, "max_trial_tokens": 6})
-    trace = run_to_end(tiny_flat, "cautious", config, "Hi", max_new_tokens=30, seed=2)
+    trace = run_to_end(tiny_flat, RunRequest("cautious", config, "Hi", max_new_tokens=30, seed=2))
     branches = [e for e in trace.events if isinstance(e, TrialBranch)]
     assert branches
     eos = tiny_flat.eos_token_ids
@@ -183,6 +184,6 @@ def test_trial_count_grows_as_confidence_falls():
 
 def test_beam_defaults_work_for_any_width(tiny):
     for beams in (1, 2, 3):
-        trace = run_to_end(tiny, "beam", make_config("beam", {"num_beams": beams}), "Hi", max_new_tokens=5)
+        trace = run_to_end(tiny, RunRequest.build("beam", {"num_beams": beams}, "Hi", max_new_tokens=5))
         result = next(e for e in trace.events if isinstance(e, BeamResult))
         assert len(result.hypotheses) == beams  # n-best defaults to one per beam

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from explorer.events import DraftRound, TokenStep
+from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import make_config
 from explorer.strategies.draft_models import ModelDrafter, layer_skip_view, parse_layers
@@ -48,8 +49,8 @@ def random_drafter_dir(tmp_path_factory):
 def test_greedy_rule_is_token_identical_to_greedy(seed, name, params):
     lm = tiny_model(seed, scale=8.0 + 6 * seed)
     for prompt in PROMPTS:
-        reference = run_to_end(lm, "greedy", make_config("greedy", {}), prompt, max_new_tokens=40)
-        trace = run_to_end(lm, name, make_config(name, params), prompt, max_new_tokens=40)
+        reference = run_to_end(lm, RunRequest.build("greedy", {}, prompt, max_new_tokens=40))
+        trace = run_to_end(lm, RunRequest.build(name, params, prompt, max_new_tokens=40))
         assert trace.token_ids == reference.token_ids, (name, params, prompt)
         for round_ in trace.rounds:
             assert round_.accepted_count <= len(round_.draft_tokens)
@@ -57,17 +58,17 @@ def test_greedy_rule_is_token_identical_to_greedy(seed, name, params):
 
 
 def test_target_as_its_own_drafter_accepts_everything(tiny):
-    trace = run_to_end(tiny, "speculative", make_config("speculative", {"draft_length": 4, "adaptive": False}),
-                       "Hello", max_new_tokens=40)
+    trace = run_to_end(tiny, RunRequest.build("speculative", {"draft_length": 4, "adaptive": False},
+                       "Hello", max_new_tokens=40))
     assert all(r.accepted_count == len(r.draft_tokens) == 4 for r in trace.rounds)
     assert trace.mean_accepted_tokens == 5.0  # 8 rounds of 4 accepted drafts + 1 bonus
     assert trace.finished.target_forward_passes == 1 + 8  # prefill + one pass per round
 
 
 def test_random_drafter_is_still_greedy_and_mostly_rejected(tiny, random_drafter_dir):
-    reference = run_to_end(tiny, "greedy", make_config("greedy", {}), "Hello world", max_new_tokens=40)
+    reference = run_to_end(tiny, RunRequest.build("greedy", {}, "Hello world", max_new_tokens=40))
     config = make_config("speculative", {"draft_model": random_drafter_dir, "adaptive": False})
-    trace = run_to_end(tiny, "speculative", config, "Hello world", max_new_tokens=40)
+    trace = run_to_end(tiny, RunRequest("speculative", config, "Hello world", max_new_tokens=40))
     assert trace.token_ids == reference.token_ids
     accepted = sum(r.accepted_count for r in trace.rounds)
     drafted = sum(len(r.draft_tokens) for r in trace.rounds)
@@ -82,8 +83,8 @@ def test_mismatched_vocabulary_is_a_clear_error(tiny, tmp_path):
     other.model.save_pretrained(tmp_path / "other")
     other.tokenizer.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="different vocabularies"):
-        run_to_end(tiny, "speculative", make_config("speculative", {"draft_model": str(tmp_path / "other")}),
-                   "Hi", max_new_tokens=5)
+        run_to_end(tiny, RunRequest.build("speculative", {"draft_model": str(tmp_path / "other")},
+                   "Hi", max_new_tokens=5))
 
 
 # --------------------------------------------------------------------------------- the sampling rule
@@ -158,8 +159,8 @@ def test_monte_carlo_joint_distribution_over_three_tokens(gamma):
 
 def test_sampling_rule_on_a_tiny_model_runs_and_records_draws(tiny_flat):
     config = make_config("speculative", {"rule": "sampling", "top_p": 0.9, "temperature": 0.8})
-    trace = run_to_end(tiny_flat, "speculative", config, "Hello", max_new_tokens=30, seed=3)
-    again = run_to_end(tiny_flat, "speculative", config, "Hello", max_new_tokens=30, seed=3)
+    trace = run_to_end(tiny_flat, RunRequest("speculative", config, "Hello", max_new_tokens=30, seed=3))
+    again = run_to_end(tiny_flat, RunRequest("speculative", config, "Hello", max_new_tokens=30, seed=3))
     untimed = [dataclasses.replace(e, draft_time_s=0.0, verify_time_s=0.0) if isinstance(e, DraftRound) else e
                for e in trace.events]
     assert untimed == [dataclasses.replace(e, draft_time_s=0.0, verify_time_s=0.0) if isinstance(e, DraftRound)
@@ -173,8 +174,8 @@ def test_sampling_rule_on_a_tiny_model_runs_and_records_draws(tiny_flat):
 
 # ---------------------------------------------------------------------------------------- helpers
 def test_stop_inside_a_round_truncates_exactly(tiny):
-    trace = run_to_end(tiny, "speculative", make_config("speculative", {"draft_length": 8, "adaptive": False}),
-                       "Hello", max_new_tokens=6)
+    trace = run_to_end(tiny, RunRequest.build("speculative", {"draft_length": 8, "adaptive": False},
+                       "Hello", max_new_tokens=6))
     assert len(trace.token_ids) == 6 and trace.finished.stop_reason == "max_new_tokens"
     origins = [s.origin for s in trace.token_steps]
     assert origins[0] == "draft" and set(origins) <= {"draft", "bonus", "plain"}
@@ -223,7 +224,7 @@ def test_most_skippable_picks_the_layers_that_change_least():
 def test_draft_round_round_trips_through_the_store(store, tiny):
     from explorer.recorder import Recorder
 
-    trace = run_to_end(tiny, "prompt_lookup", make_config("prompt_lookup", {"min_ngram": 1}),
-                       "ab ab ab ab ab", max_new_tokens=20, recorder=Recorder(store))
+    trace = run_to_end(tiny, RunRequest.build("prompt_lookup", {"min_ngram": 1},
+                       "ab ab ab ab ab", max_new_tokens=20), recorder=Recorder(store))
     assert any(isinstance(e, DraftRound) for e in trace.events)
     assert store.load_trace(trace.run_id) == trace

@@ -6,16 +6,16 @@ import pytest
 
 from explorer.events import TokenStep
 from explorer.recorder import Recorder
+from explorer.request import RunRequest
 from explorer.runner import run_strategy, run_to_end
-from explorer.strategies import make_config
 from store import Store
 from store.codec import decode, encode
 
 
 def test_round_trip_is_lossless(store, tiny_flat):
     for name, params in [("sample", {"top_p": 0.8}), ("mirostat", {}), ("top_h", {}), ("greedy", {})]:
-        trace = run_to_end(tiny_flat, name, make_config(name, params), "Round <trip> & 'quotes'",
-                           max_new_tokens=25, seed=4, recorder=Recorder(store, batch_size=7))
+        trace = run_to_end(tiny_flat, RunRequest.build(name, params, "Round <trip> & 'quotes'",
+                           max_new_tokens=25, seed=4), recorder=Recorder(store, batch_size=7))
         loaded = store.load_trace(trace.run_id)
         assert loaded == trace
         assert loaded.text == trace.text and loaded.metrics() == trace.metrics()
@@ -34,7 +34,7 @@ def test_codec_packs_arrays_and_keeps_special_floats():
 
 
 def test_save_trace_into_another_database(tmp_path, tiny):
-    trace = run_to_end(tiny, "greedy", make_config("greedy", {}), "copy me", max_new_tokens=5)
+    trace = run_to_end(tiny, RunRequest.build("greedy", {}, "copy me", max_new_tokens=5))
     other = Store(f"sqlite:///{tmp_path / 'other.sqlite'}")
     other.save_trace(trace)
     assert other.load_trace(trace.run_id) == trace
@@ -43,7 +43,7 @@ def test_save_trace_into_another_database(tmp_path, tiny):
 def test_list_filter_delete(store, tiny):
     ids = {}
     for name, prompt in [("greedy", "alpha prompt"), ("sample", "beta prompt"), ("greedy", "gamma 100%_x")]:
-        trace = run_to_end(tiny, name, make_config(name, {}), prompt, max_new_tokens=3, recorder=Recorder(store))
+        trace = run_to_end(tiny, RunRequest.build(name, {}, prompt, max_new_tokens=3), recorder=Recorder(store))
         ids[prompt] = trace.run_id
     assert {r.run_id for r in store.list_runs()} == set(ids.values())
     assert [r.prompt for r in store.list_runs(strategy="sample")] == ["beta prompt"]
@@ -61,13 +61,13 @@ def test_writes_are_batched(store, tiny, monkeypatch):
     calls = []
     original = store.append_events
     monkeypatch.setattr(store, "append_events", lambda *a, **k: (calls.append(len(a[2])), original(*a, **k)))
-    run_to_end(tiny, "greedy", make_config("greedy", {}), "batch", max_new_tokens=20, recorder=Recorder(store, 8))
+    run_to_end(tiny, RunRequest.build("greedy", {}, "batch", max_new_tokens=20), recorder=Recorder(store, 8))
     assert calls == [8, 8, 4]
 
 
 def test_a_running_run_is_visible_with_its_steps_so_far(store, tiny):
     recorder = Recorder(store, batch_size=4)
-    events = run_strategy(tiny, "greedy", make_config("greedy", {}), "abc", max_new_tokens=30, recorder=recorder)
+    events = run_strategy(tiny, RunRequest.build("greedy", {}, "abc", max_new_tokens=30), recorder=recorder)
     for event in events:
         if isinstance(event, TokenStep) and event.step == 9:
             break

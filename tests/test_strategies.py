@@ -7,6 +7,7 @@ import torch
 
 from explorer.events import RunFinished, TokenStep
 from explorer.recorder import Recorder
+from explorer.request import RunRequest
 from explorer.runner import run_strategy, run_to_end
 from explorer.strategies import REGISTRY, make_config
 from explorer.strategies.mirostat import mirostat_truncate, surprise_bits
@@ -29,7 +30,7 @@ def hf_greedy(lm, prompt_ids, n):
 def test_greedy_matches_transformers_generate_on_tiny_models(seed, chat):
     lm = tiny_model(seed, scale=1.0 + 10 * seed)
     for prompt in PROMPTS:
-        trace = run_to_end(lm, "greedy", make_config("greedy", {}), prompt, chat=chat, max_new_tokens=40)
+        trace = run_to_end(lm, RunRequest.build("greedy", {}, prompt, chat=chat, max_new_tokens=40))
         assert trace.token_ids == hf_greedy(lm, trace.started.prompt_ids, 40)
         assert trace.finished.target_forward_passes == len(trace.token_ids)
 
@@ -39,15 +40,15 @@ def test_greedy_matches_transformers_generate_on_tiny_models(seed, chat):
 ])
 def test_same_seed_same_trace_different_seed_differs(tiny_flat, name, params):
     config = make_config(name, params)
-    a = run_to_end(tiny_flat, name, config, "Once upon", max_new_tokens=30, seed=7)
-    b = run_to_end(tiny_flat, name, config, "Once upon", max_new_tokens=30, seed=7)
-    c = run_to_end(tiny_flat, name, config, "Once upon", max_new_tokens=30, seed=8)
+    a = run_to_end(tiny_flat, RunRequest(name, config, "Once upon", max_new_tokens=30, seed=7))
+    b = run_to_end(tiny_flat, RunRequest(name, config, "Once upon", max_new_tokens=30, seed=7))
+    c = run_to_end(tiny_flat, RunRequest(name, config, "Once upon", max_new_tokens=30, seed=8))
     assert a.events == b.events
     assert a.token_ids != c.token_ids
 
 
 def test_sampled_tokens_lie_in_the_kept_set(tiny_flat):
-    trace = run_to_end(tiny_flat, "sample", make_config("sample", {"top_k": 5}), "abc", max_new_tokens=40, seed=3)
+    trace = run_to_end(tiny_flat, RunRequest.build("sample", {"top_k": 5}, "abc", max_new_tokens=40, seed=3))
     for step in trace.token_steps:
         assert step.kept_count == 5
         assert step.token_id in step.kept_top_ids
@@ -57,7 +58,7 @@ def test_sampled_tokens_lie_in_the_kept_set(tiny_flat):
 def test_sampling_without_filters_matches_the_distribution():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
     lm = fixed(logits)
-    trace = run_to_end(lm, "sample", make_config("sample", {}), "x", max_new_tokens=4000, seed=0)
+    trace = run_to_end(lm, RunRequest.build("sample", {}, "x", max_new_tokens=4000, seed=0))
     counts = torch.bincount(torch.tensor(trace.token_ids), minlength=5).double()
     expected = torch.softmax(logits.double(), 0)
     tv = 0.5 * (counts / counts.sum() - expected).abs().sum()
@@ -67,8 +68,8 @@ def test_sampling_without_filters_matches_the_distribution():
 def test_mirostat_surprise_approaches_tau():
     lm = fixed(zipf_logits(500, 1.1))
     for tau in (3.0, 5.0):
-        trace = run_to_end(lm, "mirostat", make_config("mirostat", {"tau": tau, "eta": 0.1}), "x",
-                           max_new_tokens=1500, seed=1)
+        trace = run_to_end(lm, RunRequest.build("mirostat", {"tau": tau, "eta": 0.1}, "x",
+                           max_new_tokens=1500, seed=1))
         observed = [s.details["surprise"] for s in trace.token_steps[500:]]
         assert abs(sum(observed) / len(observed) - tau) < 0.25
         first_mu = trace.token_steps[0].details["mu"]
@@ -104,7 +105,7 @@ def test_top_h_kept_set_respects_its_bound_and_is_greedy_maximal(alpha):
 
 
 def test_top_h_run_records_bound(tiny_flat):
-    trace = run_to_end(tiny_flat, "top_h", make_config("top_h", {"alpha": 0.5}), "abc", max_new_tokens=20)
+    trace = run_to_end(tiny_flat, RunRequest.build("top_h", {"alpha": 0.5}, "abc", max_new_tokens=20))
     for step in trace.token_steps:
         assert step.details["kept_entropy"] <= step.details["bound"] + 1e-9
         assert step.details["bound"] == pytest.approx(0.5 * step.entropy, rel=1e-4)
@@ -118,17 +119,17 @@ def test_stop_on_eos_and_stop_string():
         return torch.nn.functional.one_hot(torch.tensor(token), 10).float() * 10
 
     lm = FakeLM(script, 10, eos=9)
-    trace = run_to_end(lm, "greedy", make_config("greedy", {}), "x", max_new_tokens=50)
+    trace = run_to_end(lm, RunRequest.build("greedy", {}, "x", max_new_tokens=50))
     assert trace.token_ids == [3, 4, 3, 4, 3, 9] and trace.finished.stop_reason == "eos"
-    trace = run_to_end(lm, "greedy", make_config("greedy", {}), "x", max_new_tokens=50, stop_strings=["<4><3>"])
+    trace = run_to_end(lm, RunRequest.build("greedy", {}, "x", max_new_tokens=50, stop_strings=["<4><3>"]))
     assert trace.token_ids == [3, 4, 3] and trace.finished.stop_reason == "stop_string"
-    trace = run_to_end(lm, "greedy", make_config("greedy", {}), "x", max_new_tokens=2)
+    trace = run_to_end(lm, RunRequest.build("greedy", {}, "x", max_new_tokens=2))
     assert trace.token_ids == [3, 4] and trace.finished.stop_reason == "max_new_tokens"
 
 
 def test_invariants_of_every_registered_strategy(tiny_flat):
     for name in REGISTRY:
-        events = list(run_strategy(tiny_flat, name, make_config(name, {}), "Hi", max_new_tokens=12, seed=2))
+        events = list(run_strategy(tiny_flat, RunRequest.build(name, {}, "Hi", max_new_tokens=12, seed=2)))
         finishes = [e for e in events if isinstance(e, RunFinished)]
         steps = [e for e in events if isinstance(e, TokenStep)]
         assert len(finishes) == 1 and events[-1] is finishes[0]
@@ -163,7 +164,7 @@ def test_failing_run_is_stored_as_failed(store):
     lm = FakeLM(exploding, 6)
     recorder = Recorder(store, batch_size=2)
     with pytest.raises(RuntimeError, match="boom"):
-        for _ in run_strategy(lm, "greedy", make_config("greedy", {}), "xx", max_new_tokens=10, recorder=recorder):
+        for _ in run_strategy(lm, RunRequest.build("greedy", {}, "xx", max_new_tokens=10), recorder=recorder):
             pass
     stored = store.load_trace(recorder.trace.run_id)
     assert stored.status == "failed" and "boom at step 3" in stored.finished.error
@@ -173,7 +174,7 @@ def test_failing_run_is_stored_as_failed(store):
 
 def test_abandoned_run_is_stored_as_cancelled(store, tiny):
     recorder = Recorder(store)
-    events = run_strategy(tiny, "greedy", make_config("greedy", {}), "abc", max_new_tokens=50, recorder=recorder)
+    events = run_strategy(tiny, RunRequest.build("greedy", {}, "abc", max_new_tokens=50), recorder=recorder)
     for event in events:
         if isinstance(event, TokenStep) and event.step == 4:
             break
@@ -185,12 +186,13 @@ def test_abandoned_run_is_stored_as_cancelled(store, tiny):
 def test_interleaved_lanes_count_their_own_passes_and_time(tiny_flat, store):
     import time
 
-    from explorer.compare import LaneSpec, run_lanes
+    from explorer.lanes import run_lanes
 
     t0 = time.perf_counter()
     results = None
-    lanes = [LaneSpec("greedy"), LaneSpec("sample", {"top_k": 5})]
-    for results in run_lanes(tiny_flat, lanes, "Hi", max_new_tokens=20, seed=1, store=store):  # noqa: B007
+    lanes = [RunRequest.build("greedy", {}, "Hi", max_new_tokens=20, seed=1),
+             RunRequest.build("sample", {"top_k": 5}, "Hi", max_new_tokens=20, seed=1)]
+    for results in run_lanes(tiny_flat, lanes, store=store):  # noqa: B007
         pass
     elapsed = time.perf_counter() - t0
     traces = [r.trace for r in results]
@@ -198,7 +200,7 @@ def test_interleaved_lanes_count_their_own_passes_and_time(tiny_flat, store):
     assert sum(t.finished.wall_time_s for t in traces) <= elapsed
     assert [store.load_trace(t.run_id) for t in traces] == traces
     with pytest.raises(ValueError, match="top_p must be in"):
-        next(run_lanes(tiny_flat, [LaneSpec("greedy"), LaneSpec("sample", {"top_p": 3})], "Hi"))
+        RunRequest.build("sample", {"top_p": 3}, "Hi")
 
 
 def test_ctrl_c_stores_the_run_as_cancelled(store):
@@ -209,7 +211,7 @@ def test_ctrl_c_stores_the_run_as_cancelled(store):
 
     recorder = Recorder(store, batch_size=2)
     with pytest.raises(KeyboardInterrupt):
-        for _ in run_strategy(FakeLM(interrupted, 6), "greedy", make_config("greedy", {}), "xx", max_new_tokens=10,
+        for _ in run_strategy(FakeLM(interrupted, 6), RunRequest.build("greedy", {}, "xx", max_new_tokens=10),
                               recorder=recorder):
             pass
     stored = store.load_trace(recorder.trace.run_id)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from explorer.events import PoolUpdate, TokenStep
+from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import make_config
 from explorer.strategies.draft_verify import (
@@ -42,8 +43,8 @@ PROMPTS = ["Hello world hello world", "abc abc abc", "The cat sat on the mat. Th
 def test_greedy_rule_tree_methods_are_token_identical_to_greedy(seed, name, params):
     lm = tiny_model(seed, scale=8.0 + 8 * seed)
     for prompt in PROMPTS:
-        reference = run_to_end(lm, "greedy", make_config("greedy", {}), prompt, max_new_tokens=36)
-        trace = run_to_end(lm, name, make_config(name, params), prompt, max_new_tokens=36)
+        reference = run_to_end(lm, RunRequest.build("greedy", {}, prompt, max_new_tokens=36))
+        trace = run_to_end(lm, RunRequest.build(name, params, prompt, max_new_tokens=36))
         assert trace.token_ids == reference.token_ids, (name, params, prompt)
         for round_ in trace.rounds:
             assert round_.verdicts.count("accepted") == round_.accepted_count <= len(round_.draft_tokens)
@@ -51,7 +52,7 @@ def test_greedy_rule_tree_methods_are_token_identical_to_greedy(seed, name, para
 
 def test_target_drafting_its_own_topk_tree_accepts_the_whole_depth(tiny):
     config = make_config("tree_speculative", {"mode": "topk", "branching": 2, "depth": 3})
-    trace = run_to_end(tiny, "tree_speculative", config, "Hello", max_new_tokens=40)
+    trace = run_to_end(tiny, RunRequest("tree_speculative", config, "Hello", max_new_tokens=40))
     assert all(r.accepted_count == 3 and len(r.draft_tokens) == 2 + 4 + 8 for r in trace.rounds)
     assert trace.mean_accepted_tokens == 4.0 and trace.acceptance_by_depth() == [1.0, 1.0, 1.0]
 
@@ -171,11 +172,11 @@ def test_monte_carlo_tree_sampling_keeps_the_joint_distribution(mode):
 
 
 def test_pools_record_what_they_learn(tiny):
-    trace = run_to_end(tiny, "lookahead", make_config("lookahead", {}), "ab ab ab ab", max_new_tokens=30)
+    trace = run_to_end(tiny, RunRequest.build("lookahead", {}, "ab ab ab ab", max_new_tokens=30))
     updates = [e for e in trace.events if isinstance(e, PoolUpdate)]
     assert updates and all(len(c) == 2 for u in updates for c in u.continuations)  # n - 1 = 2 tokens each
     assert updates[-1].pool_size >= len(updates[-1].heads) or updates[-1].pool_size > 0
-    recycled = run_to_end(tiny, "token_recycling", make_config("token_recycling", {}), "Hello", max_new_tokens=20)
+    recycled = run_to_end(tiny, RunRequest.build("token_recycling", {}, "Hello", max_new_tokens=20))
     updates = [e for e in recycled.events if isinstance(e, PoolUpdate)]
     assert updates and all(len(c) == 8 for u in updates for c in u.continuations)
 
@@ -203,13 +204,13 @@ def test_bad_tree_parameters(tiny):
 def test_tree_views(tiny):
     from viz.speculative import draft_tree_figure, pool_figure, pool_graph, tree_size_figure
 
-    tree = run_to_end(tiny, "tree_speculative", make_config("tree_speculative", {}), "Hello", max_new_tokens=20)
+    tree = run_to_end(tiny, RunRequest.build("tree_speculative", {}, "Hello", max_new_tokens=20))
     figure = draft_tree_figure(tree)
     assert len(figure.layout.sliders[0].steps) == len(tree.rounds)
     assert len(figure.data) == 2 * len(tree.rounds) and figure.data[1].visible and not figure.data[3].visible
     assert len(tree_size_figure([tree]).data) == 2
-    recycled = run_to_end(tiny, "token_recycling", make_config("token_recycling", {}), "ab ab ab ab ab",
-                          max_new_tokens=30)
+    recycled = run_to_end(tiny, RunRequest.build("token_recycling", {}, "ab ab ab ab ab",
+                          max_new_tokens=30))
     graph = pool_graph(recycled)
     assert graph.number_of_edges() > 0
     if sum(r.accepted_count for r in recycled.rounds):
@@ -221,7 +222,7 @@ def test_tree_rounds_round_trip_through_the_store(tiny_flat, store):
     from explorer.recorder import Recorder
 
     config = make_config("tree_speculative", {"rule": "sampling", "mode": "gumbel"})
-    trace = run_to_end(tiny_flat, "tree_speculative", config, "Hello", max_new_tokens=20, seed=1,
+    trace = run_to_end(tiny_flat, RunRequest("tree_speculative", config, "Hello", max_new_tokens=20, seed=1),
                        recorder=Recorder(store))
     assert any(v == "unreached" for r in trace.rounds for v in r.verdicts)
     assert store.load_trace(trace.run_id) == trace

@@ -6,8 +6,8 @@ import plotly.graph_objects as go
 import pytest
 
 from explorer.events import RunFinished, TokenStep
+from explorer.request import RunRequest
 from explorer.runner import run_to_end
-from explorer.strategies import make_config
 from explorer.trace import Trace
 from viz import (
     divergence_figure,
@@ -26,7 +26,7 @@ HOSTILE = ['<script>alert("x")</script>', '<img src=x onerror="window.__xss=1">'
 @pytest.fixture(scope="module")
 def lanes(tiny_flat):
     runs = [("greedy", {}), ("sample", {"top_p": 0.9}), ("mirostat", {"tau": 4.0}), ("top_h", {"alpha": 0.5})]
-    return [run_to_end(tiny_flat, name, make_config(name, params), "Hello", max_new_tokens=15, seed=3)
+    return [run_to_end(tiny_flat, RunRequest.build(name, params, "Hello", max_new_tokens=15, seed=3))
             for name, params in runs]
 
 
@@ -111,7 +111,7 @@ from viz.speculative import jacobi_cells  # noqa: E402
 def drafted(tiny):
     runs = [("greedy", {}), ("prompt_lookup", {"min_ngram": 1}), ("jacobi", {"window": 5}),
             ("self_speculative", {"skip": "1"}), ("speculative", {"draft_length": 3})]
-    return [run_to_end(tiny, name, make_config(name, params), "ab ab ab ab ab ab", max_new_tokens=30, chat=False)
+    return [run_to_end(tiny, RunRequest.build(name, params, "ab ab ab ab ab ab", max_new_tokens=30, chat=False))
             for name, params in runs]
 
 
@@ -166,7 +166,7 @@ from viz.search import tree_layout  # noqa: E402
 def searched(tiny_flat):
     runs = [("beam", {"num_beams": 3, "num_return": 3}), ("diverse_beam", {"num_beams": 4, "groups": 2}),
             ("contrastive", {}), ("momentum", {"alpha": 2.0}), ("cautious", {"threshold": 0.5})]
-    return [run_to_end(tiny_flat, name, make_config(name, params), "Hello", max_new_tokens=12, seed=1)
+    return [run_to_end(tiny_flat, RunRequest.build(name, params, "Hello", max_new_tokens=12, seed=1))
             for name, params in runs]
 
 

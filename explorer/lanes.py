@@ -1,0 +1,55 @@
+"""Lanes: several runs on one prompt, interleaved step by step, so that all of them stream at once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from explorer.recorder import Recorder
+from explorer.request import RunRequest
+from explorer.runner import run_strategy
+from explorer.trace import Trace
+
+
+@dataclass
+class LaneResult:
+    trace: Trace | None = None
+    error: str | None = None
+
+
+def run_lanes(model: Any, requests: Sequence[RunRequest], *, store: Any | None = None
+              ) -> Iterator[list[LaneResult]]:
+    """Yield every lane's state after each round (one event per lane per round). The requests are validated
+    already; a prompt the model cannot encode raises ValueError before anything runs; a lane that fails mid-way
+    is stored as failed and the others go on."""
+    if not requests:
+        raise ValueError("add at least one lane")
+    first = requests[0]
+    model.encode_prompt(first.prompt, chat=model.has_chat_template if first.chat is None else first.chat,
+                        system_prompt=first.system_prompt)
+    recorders = [Recorder(store) for _ in requests]
+    results = [LaneResult() for _ in requests]
+    runs = [run_strategy(model, request, recorder=recorder) for request, recorder in zip(requests, recorders,
+                                                                                        strict=True)]
+    active = list(range(len(requests)))
+    turn = 0
+    try:
+        while active:
+            # Rotate which lane goes first: whatever the consumer does between rounds (rendering, streaming)
+            # then slows every lane alike instead of always the first one.
+            turn += 1
+            shift = turn % len(active)
+            for index in active[shift:] + active[:shift]:
+                try:
+                    next(runs[index])
+                except StopIteration:
+                    active.remove(index)
+                except Exception as error:  # stored as failed by the runner; show it, keep the other lanes
+                    results[index].error = f"{type(error).__name__}: {error}"
+                    active.remove(index)
+                results[index].trace = recorders[index].trace
+            yield results
+    finally:
+        for run in runs:
+            run.close()  # a lane still running when the consumer stops is stored as cancelled

@@ -1,0 +1,90 @@
+"""`RunRequest`: everything one run needs, validated once, in one frozen object. The CLI, the app, the API,
+lanes and sweeps build one and pass it down; the runner builds the run's RunStarted event from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from explorer.events import RunStarted
+from explorer.params import check_prompt
+from explorer.strategies import config_dict, get_strategy, make_config
+
+MAX_NEW_TOKENS_LIMIT = 4096  # the hard ceiling; the app sets a lower cap of its own
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+
+
+def check_max_new_tokens(value: Any, cap: int = MAX_NEW_TOKENS_LIMIT) -> int:
+    """`value` as a whole number of new tokens in [1, cap], or a ValueError saying so."""
+    try:
+        number = int(value)
+        if float(number) != float(value):  # 64.0 and "64" are fine, 64.5 is not
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"max new tokens must be a whole number between 1 and {cap}, got {value!r}") from None
+    if not 1 <= number <= cap:
+        raise ValueError(f"max new tokens must be between 1 and {cap}, got {number}")
+    return number
+
+
+def parse_run_ids(text: str | Sequence[str] | None) -> list[str]:
+    """Run ids from 'a,b c' (commas or spaces) or a list of such strings, in order, without repeats."""
+    parts = [text] if isinstance(text, str) or text is None else list(text)
+    ids: list[str] = []
+    for part in parts:
+        for run_id in (part or "").replace(",", " ").split():
+            if run_id not in ids:
+                ids.append(run_id)
+    return ids
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One run: a strategy with its validated config, a prompt and the decoding budget. `chat=None` uses the
+    model's chat template when it has one."""
+
+    strategy: str
+    config: Any
+    prompt: str
+    chat: bool | None = None
+    system_prompt: str | None = None
+    max_new_tokens: int = 128
+    seed: int = 0
+    stop_strings: tuple[str, ...] = ()
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        spec = get_strategy(self.strategy)
+        if not isinstance(self.config, spec.config):
+            raise ValueError(f"strategy {self.strategy!r} needs a {spec.config.__name__}, "
+                             f"got {type(self.config).__name__}")
+        check_prompt(self.prompt)
+        object.__setattr__(self, "max_new_tokens", check_max_new_tokens(self.max_new_tokens))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be a whole number between 0 and {MAX_SEED}, got {self.seed!r}")
+        object.__setattr__(self, "system_prompt", self.system_prompt or None)
+        object.__setattr__(self, "stop_strings", tuple(s for s in self.stop_strings if s))
+        object.__setattr__(self, "tags", dict(self.tags))
+
+    @classmethod
+    def build(cls, strategy: str, params: Mapping[str, Any], prompt: str, **options: Any) -> RunRequest:
+        """From loosely typed strategy parameters (CLI strings, UI numbers, API JSON)."""
+        return cls(strategy, make_config(strategy, dict(params)), prompt, **options)
+
+    def replace(self, **changes: Any) -> RunRequest:
+        return dataclasses.replace(self, **changes)
+
+    def run_started(self, *, run_id: str, model_info: Any, chat: bool, prompt_ids: list[int],
+                    versions: dict[str, str]) -> RunStarted:
+        """The run's first event: everything needed to reproduce it."""
+        return RunStarted(
+            run_id=run_id, strategy=self.strategy, config=config_dict(self.config), model_id=model_info.model_id,
+            weights_hash=model_info.weights_hash, dtype=model_info.dtype, device=model_info.device, seed=self.seed,
+            versions=versions, prompt=self.prompt, chat=chat, system_prompt=self.system_prompt,
+            prompt_ids=prompt_ids, max_new_tokens=self.max_new_tokens, stop_strings=list(self.stop_strings),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"), tags=dict(self.tags),
+        )
