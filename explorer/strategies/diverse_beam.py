@@ -18,7 +18,7 @@ import torch
 from explorer.events import Event
 from explorer.params import Checked, param
 from explorer.strategies.base import register
-from explorer.strategies.beam import EARLY_STOPPING, BeamGroup, beam_loop
+from explorer.strategies.beam_search import EARLY_STOPPING, BeamGroup, beam_loop
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,60 @@
+"""Structural rules from ARCHITECTURE.md that a test can hold the code to."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_reading_traces_does_not_import_torch():
+    code = ("import sys\n"
+            "import store, viz, viz.catalog, viz.report, explorer.trace, explorer.export, explorer.metrics\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_engine_never_probes_drafters():
+    source = (ROOT / "explorer" / "strategies" / "draft_verify.py").read_text()
+    assert "hasattr(drafter" not in source and "getattr(drafter" not in source
+
+
+def test_every_drafter_declares_the_whole_contract():
+    import explorer.strategies  # noqa: F401  (fills the registry and defines every drafter)
+    from explorer.strategies.draft_verify import Drafter
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    drafters = set(subclasses(Drafter))
+    assert len(drafters) >= 6
+    for cls in drafters:
+        assert isinstance(cls.wants_hidden_states, bool) and isinstance(cls.watches_logits, bool)
+
+
+def test_strategies_do_not_import_each_other():
+    strategies = ROOT / "explorer" / "strategies"
+    shared = {"base", "draft_verify", "draft_models", "beam_search", "__init__"}
+    names = {p.stem for p in strategies.glob("*.py")} - shared
+    for path in strategies.glob("*.py"):
+        if path.stem in shared:
+            continue
+        source = path.read_text()
+        for other in names - {path.stem}:
+            assert f"explorer.strategies.{other} import" not in source, (path.stem, other)
+
+
+def test_limits_are_checked_from_the_field_metadata():
+    import pytest
+
+    from explorer.strategies import make_config
+
+    with pytest.raises(ValueError, match=r"draft_length must be in \[1, 16\], got 0"):
+        make_config("speculative", {"draft_length": 0})
+    with pytest.raises(ValueError, match="must be a finite number"):
+        make_config("diverse_beam", {"diversity": "nan"})
+    with pytest.raises(ValueError, match="num_beams must be a int"):
+        make_config("beam", {"num_beams": "inf"})
