@@ -24,27 +24,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import truncated_copy  # noqa: E402
 
 from explorer.models import load_model  # noqa: E402
 from explorer.request import RunRequest  # noqa: E402
 from explorer.runner import run_to_end  # noqa: E402
 
 DRAFT_LAYERS = 8
-
-
-def truncated_copy(lm, layers: int, path: Path) -> Path:
-    """Save the target cut to its first `layers` layers (a same-vocabulary draft model)."""
-    from transformers import AutoModelForCausalLM
-
-    config = lm.model.config.__class__.from_dict(lm.model.config.to_dict())
-    config.num_hidden_layers = layers
-    draft = AutoModelForCausalLM.from_config(config)
-    state = {k: v for k, v in lm.model.state_dict().items()
-             if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
-    draft.load_state_dict(state, strict=False)
-    draft.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
 
 
 def main() -> None:

@@ -68,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("strategies", help="list strategies and their parameters")
 
-    export = sub.add_parser("export", help="export runs: per-step table (csv, parquet), events (jsonl), bundles")
+    export = sub.add_parser("export", help="export runs: per-step table (csv, parquet), events (jsonl), bundles, "
+                                           "Spec-Bench answer files (specbench)")
     export.add_argument("run_ids", nargs="*", help="run ids (default with --all: every stored run)")
     export.add_argument("--all", action="store_true", help="export every stored run")
-    export.add_argument("--format", required=True, choices=["csv", "parquet", "jsonl", "bundle"])
-    export.add_argument("--out", required=True, help="output file (a directory for several bundles)")
+    export.add_argument("--format", required=True, choices=["csv", "parquet", "jsonl", "bundle", "specbench"])
+    export.add_argument("--out", required=True,
+                        help="output file (a directory for several bundles and for Spec-Bench answer files)")
     export.add_argument("--db", default=None)
 
     imp = sub.add_parser("import", help="load a run bundle (zip) into a database")
@@ -88,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     figure.add_argument("--db", default=None)
 
     sweep = sub.add_parser("sweep", help="run prompts x strategies x seeds into a database (resumable)")
-    sweep.add_argument("--prompts", required=True, help="JSON lines {category, name, prompt} or one per line")
+    sweep.add_argument("--prompts", default=None,
+                       help="JSON lines {category, name, prompt}, a Spec-Bench question file, or one prompt per line "
+                            "(default: ../shared/spec_bench/question.jsonl beside the repository, when there)")
+    sweep.add_argument("--per-category", type=int, default=None, metavar="N",
+                       help="only the first N prompts of each category (a stratified subset)")
     sweep.add_argument("--strategies", required=True, help="e.g. 'greedy; sample:top_p=0.9; prompt_lookup'")
     sweep.add_argument("--seeds", type=int, default=1)
     sweep.add_argument("--model", default=None)
@@ -227,7 +233,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ValueError("name the runs to export (run ids) or pass --all")
     traces = store.load_traces(ids)
     out = Path(args.out)
-    if args.format == "bundle":
+    if args.format == "specbench":
+        from explorer.specbench import write_answers
+
+        paths = write_answers(traces, out)
+    elif args.format == "bundle":
         if len(traces) == 1 and out.suffix == ".zip":
             paths = [export.write_bundle(traces[0], out)]
         else:
@@ -270,14 +280,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from explorer.models import load_model
     from explorer.request import check_max_new_tokens
-    from explorer.sweep import load_prompts, parse_strategies, run_sweep
+    from explorer.specbench import default_question_file
+    from explorer.sweep import load_prompts, parse_strategies, per_category, run_sweep
     from store import Store
 
-    items, methods = load_prompts(args.prompts), parse_strategies(args.strategies)
+    prompts = args.prompts or default_question_file()
+    if prompts is None:
+        raise ValueError("give a prompt file with --prompts (Spec-Bench's question.jsonl, see the README)")
+    items, methods = load_prompts(prompts), parse_strategies(args.strategies)
+    if args.per_category is not None:
+        items = per_category(items, args.per_category)
     check_max_new_tokens(args.max_new_tokens)  # before a model is loaded
     store = Store(args.db)
     model = load_model(args.model)
-    total = len(items) * len(methods) * max(args.seeds, 0)
+    total = len(items) * len(methods) * max(args.seeds, 0)  # one step per conversation
     with tqdm(total=total, unit="run", desc="sweep", disable=args.quiet, file=sys.stderr) as bar:
         report = run_sweep(model, items, methods, args.seeds, store, max_new_tokens=args.max_new_tokens,
                            chat=args.chat, progress=lambda what: bar.update(1))

@@ -35,6 +35,7 @@ class RunStarted:
     stop_strings: list[str]
     created_at: str
     tags: dict[str, str] = field(default_factory=dict)  # e.g. a sweep's prompt category and resume key
+    history: list[list[str]] = field(default_factory=list)  # earlier [user, assistant] turns of a conversation
 
 
 @dataclass(frozen=True)

@@ -87,14 +87,20 @@ class LanguageModel:
         interleaved on one model (lanes, concurrent users) count only their own passes."""
         return dataclasses.replace(self, forward_passes=0)
 
-    def encode_prompt(self, prompt: str, *, chat: bool = False, system_prompt: str | None = None) -> list[int]:
-        """Token ids of the prompt, through the chat template when `chat` is true."""
+    def encode_prompt(self, prompt: str, *, chat: bool = False, system_prompt: str | None = None,
+                      history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """Token ids of the prompt, through the chat template when `chat` is true. `history` holds the earlier
+        (user, assistant) turns of a multi-turn conversation; it needs the chat template."""
         check_prompt(prompt)
+        if history and not chat:
+            raise ValueError("a multi-turn conversation needs the chat template: turn chat on")
         if not chat:
             return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         if not self.has_chat_template:
             raise ValueError(f"model {self.info.model_id} has no chat template: turn chat off (--no-chat)")
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        for user, assistant in history:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": prompt})
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):

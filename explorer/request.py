@@ -56,6 +56,7 @@ class RunRequest:
     seed: int = 0
     stop_strings: tuple[str, ...] = ()
     tags: Mapping[str, str] = field(default_factory=dict)
+    history: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) turns: the prompt is the next user turn
 
     def __post_init__(self) -> None:
         spec = get_strategy(self.strategy)
@@ -69,6 +70,9 @@ class RunRequest:
         object.__setattr__(self, "system_prompt", self.system_prompt or None)
         object.__setattr__(self, "stop_strings", tuple(s for s in self.stop_strings if s))
         object.__setattr__(self, "tags", dict(self.tags))
+        object.__setattr__(self, "history", tuple((str(user), str(answer)) for user, answer in self.history))
+        if self.history and self.chat is False:
+            raise ValueError("a multi-turn conversation needs the chat template: turn chat on")
 
     @classmethod
     def build(cls, strategy: str, params: Mapping[str, Any], prompt: str, **options: Any) -> RunRequest:
@@ -87,4 +91,5 @@ class RunRequest:
             versions=versions, prompt=self.prompt, chat=chat, system_prompt=self.system_prompt,
             prompt_ids=prompt_ids, max_new_tokens=self.max_new_tokens, stop_strings=list(self.stop_strings),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"), tags=dict(self.tags),
+            history=[[user, answer] for user, answer in self.history],
         )

@@ -44,7 +44,8 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
     config, max_new_tokens, stops = request.config, request.max_new_tokens, list(request.stop_strings)
     model = model.for_run()  # count this run's forward passes only
     chat = model.has_chat_template if request.chat is None else request.chat
-    prompt_ids = model.encode_prompt(request.prompt, chat=chat, system_prompt=request.system_prompt)
+    prompt_ids = model.encode_prompt(request.prompt, chat=chat, system_prompt=request.system_prompt,
+                                     history=request.history)
     recorder = recorder or Recorder()
     started = request.run_started(run_id=new_run_id(), model_info=model.info, chat=chat, prompt_ids=prompt_ids,
                                   versions=library_versions())

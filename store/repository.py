@@ -172,15 +172,15 @@ class Store:
             session.execute(delete(EventRow).where(EventRow.run_id == run_id))
             return session.execute(delete(RunRow).where(RunRow.id == run_id)).rowcount > 0
 
-    def completed_sweep_keys(self, keys: Iterable[str]) -> set[str]:
-        """Which of these sweep keys already have a run that finished ok."""
+    def completed_sweep_keys(self, keys: Iterable[str]) -> dict[str, str]:
+        """Which of these sweep keys already have a run that finished ok: {sweep key: run id}."""
         keys = list(keys)
-        found: set[str] = set()
+        found: dict[str, str] = {}
         with self._tx() as session:
             for start in range(0, len(keys), 500):
-                query = select(RunRow.sweep_key).where(RunRow.sweep_key.in_(keys[start:start + 500]),
-                                                       RunRow.status == "ok")
-                found.update(k for k in session.scalars(query) if k)
+                query = select(RunRow.sweep_key, RunRow.id).where(RunRow.sweep_key.in_(keys[start:start + 500]),
+                                                                  RunRow.status == "ok")
+                found.update((key, run_id) for key, run_id in session.execute(query) if key)
         return found
 
     def run_ids(self, *, sweep_only: bool = False) -> list[str]:

@@ -64,7 +64,7 @@ class FakeLM:
     def session(self) -> FakeSession:
         return FakeSession(self)
 
-    def encode_prompt(self, prompt: str, *, chat: bool = False, system_prompt=None) -> list[int]:
+    def encode_prompt(self, prompt: str, *, chat: bool = False, system_prompt=None, history=()) -> list[int]:
         if not prompt.strip():
             raise ValueError("the prompt is empty: type some text to continue")
         return [ord(c) % self.vocab_size for c in prompt]
