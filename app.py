@@ -4,8 +4,10 @@ Every handler takes and returns `{component: value}` dicts, so nothing depends o
 components; a `Lane` owns its column and the controls of every strategy, generated from the registry.
 
 Settings (environment): DECODING_EXPLORER_MODEL (default model: "embedded", an HF id or a local path),
-DECODING_EXPLORER_DB (SQLAlchemy URL), DECODING_EXPLORER_MAX_NEW_TOKENS (cap, default 512),
-DECODING_EXPLORER_CONCURRENCY (runs decoding at once, default 1), GRADIO_SERVER_PORT / GRADIO_SERVER_NAME.
+DECODING_EXPLORER_DB (SQLAlchemy URL), DECODING_EXPLORER_CONCURRENCY (runs decoding at once, default 1),
+GRADIO_SERVER_PORT / GRADIO_SERVER_NAME, and the limits and model allow-list of explorer/serving.py.
+Every run is owned by the browser session (or API client session) that made it: History lists a session's own
+runs and those opened by permalink, unless the operator turns the public gallery on; only the owner deletes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from explorer.models import MODEL_CACHE
 from explorer.recorder import Recorder
 from explorer.request import RunRequest, check_max_new_tokens, parse_run_ids
 from explorer.runner import run_to_end
+from explorer.serving import ServerPolicy
 from explorer.strategies import REGISTRY
 from explorer.strategies.base import field_type
 from explorer.trace import Trace
@@ -41,9 +44,11 @@ from viz.catalog import BEAM_STRATEGIES, VIEW_NAMES, VIEWS, render_all
 log = logging.getLogger("decoding_explorer.app")
 
 MAX_LANES = 4
-MAX_NEW_TOKENS_CAP = int(os.environ.get("DECODING_EXPLORER_MAX_NEW_TOKENS", "512"))
 CONCURRENCY = int(os.environ.get("DECODING_EXPLORER_CONCURRENCY", "1"))
 DEFAULT_MODEL = os.environ.get("DECODING_EXPLORER_MODEL", "embedded")
+POLICY = ServerPolicy.from_env(default_model=DEFAULT_MODEL)
+MAX_NEW_TOKENS_CAP = POLICY.max_new_tokens
+MAX_SHARED = 200  # runs a session remembers having opened by permalink
 STRATEGY_NAMES = sorted(REGISTRY)
 DEFAULT_LANES = ["greedy", "sample", "mirostat", "top_h"]
 STREAM_EVERY_S = 0.25
@@ -77,6 +82,39 @@ def fail(error: Exception | str) -> gr.Error:
     return gr.Error(str(error), print_exception=False)
 
 
+_SHARED: dict[str, list[str]] = {}  # session -> runs it opened by permalink or by id (a permalink is a share)
+_SHARED_LOCK = threading.Lock()
+
+
+def owner_of(request: gr.Request | None) -> str:
+    """Who owns what this request stores: its browser (or API client) session."""
+    username = getattr(request, "username", None)  # signed in (Hugging Face OAuth on a Space, or app auth)
+    if username:
+        return f"user:{username}"
+    session = getattr(request, "session_hash", None)
+    return f"session:{session}" if session else "session:anonymous"
+
+
+def shared_with(owner: str) -> list[str]:
+    with _SHARED_LOCK:
+        return list(_SHARED.get(owner, []))
+
+
+def share(owner: str, run_ids: list[str]) -> None:
+    with _SHARED_LOCK:
+        known = _SHARED.setdefault(owner, [])
+        known += [run_id for run_id in run_ids if run_id not in known]
+        del known[:-MAX_SHARED]
+
+
+def visible_ids(owner: str, run_ids: list[str]) -> list[str]:
+    """The ids among these that this owner may list and export: its own, shared with it, or all (gallery)."""
+    if POLICY.public_gallery:
+        return run_ids
+    owners, shared = store().owners(run_ids), set(shared_with(owner))
+    return [run_id for run_id in run_ids if owners.get(run_id) == owner or run_id in shared]
+
+
 # ------------------------------------------------------------------------------------- pure rendering
 def render_views(traces: list[Any], view_lane: str) -> list[Any]:
     """Every view of the catalog, in order, for these lanes (per-lane views show lane `view_lane`)."""
@@ -88,37 +126,47 @@ def permalink(traces: list[Any]) -> str:
     return f"Permalink: [?compare={ids}](?compare={ids})" if ids else ""
 
 
-def history_rows(strategy: str, model: str, search: str) -> list[list[Any]]:
+def history_rows(strategy: str, model: str, search: str, request: gr.Request = None) -> list[list[Any]]:
+    """The runs this session may see (its own and those shared with it; everyone's with the public gallery)."""
+    owner = None if POLICY.public_gallery else owner_of(request)
     rows = store().list_runs(strategy=None if strategy in (None, "", "(any)") else strategy, model=model or None,
-                             text=search or None, limit=200)
+                             text=search or None, limit=200, owner=owner,
+                             shared=shared_with(owner) if owner else ())
     return [[r.run_id, r.created_at.replace("T", " ")[:19], r.strategy, r.model_id, r.status, r.new_tokens,
              r.prompt[:80], r.text[:80]] for r in rows]
 
 
-def load_runs(run_ids: str) -> list[Trace]:
+def load_runs(run_ids: str, owner: str) -> list[Trace]:
+    """Stored runs to open side by side; opening a run by its id shares it with this session."""
     ids = parse_run_ids(run_ids)
     if not ids:
         raise fail("select or type one or more run ids first")
     if len(ids) > MAX_LANES:
         raise fail(f"open at most {MAX_LANES} runs side by side")
     try:
-        return store().load_traces(ids)
+        traces = store().load_traces(ids)
     except ValueError as error:
         raise fail(error) from None
+    share(owner, ids)
+    return traces
 
 
-def export_runs(run_ids: str, kind: str) -> list[str]:
-    """Write the selected runs in one of the export formats; return the files to download."""
+def export_runs(run_ids: str, kind: str, request: gr.Request = None) -> list[str]:
+    """Write the selected runs (those this session may see) in one export format; return the files."""
     from explorer import export
 
     ids = parse_run_ids(run_ids)
     if not ids:
         raise fail("select or type the run ids to export first")
+    allowed = visible_ids(owner_of(request), ids)
+    if len(allowed) < len(ids):
+        missing = next(run_id for run_id in ids if run_id not in allowed)
+        raise fail(f"no run with id {missing!r} among the runs you can see")
     try:
         traces = store().load_traces(ids)
         folder = Path(tempfile.mkdtemp(prefix="explorer-export-"))
         if kind == "Bundle":
-            return [str(export.write_bundle(t, folder / f"run-{t.run_id}.zip")) for t in traces]
+            return [str(export.write_bundle(t, folder / f"run-{export.safe_name(t.run_id)}.zip")) for t in traces]
         name, writer = EXPORTERS[kind]
         return [str(getattr(export, writer)(traces, folder / name))]
     except ValueError as error:
@@ -142,16 +190,17 @@ def export_views(traces: list[Any], view_lane: str, width: str) -> str:
 
 
 def generate(prompt: str, strategy: str = "greedy", params: str = "{}", model: str = "", seed: int = 0,
-             max_new_tokens: int = 64, chat: bool = True) -> dict:
+             max_new_tokens: int = 64, chat: bool = True, request: gr.Request = None) -> dict:
     """API: one run with one strategy; returns its run id, text, generated token ids and metrics."""
     try:
         parsed = json.loads(params or "{}")
         if not isinstance(parsed, dict):
             raise ValueError('params must be a JSON object, e.g. {"top_p": 0.9}')
-        request = RunRequest.build(strategy, parsed, prompt, seed=int(seed),
-                                   max_new_tokens=check_max_new_tokens(max_new_tokens, MAX_NEW_TOKENS_CAP))
-        lm = MODELS.get(model or DEFAULT_MODEL)
-        trace = run_to_end(lm, request.replace(chat=chat and lm.has_chat_template), recorder=Recorder(store()))
+        run = POLICY.limit(RunRequest.build(strategy, parsed, prompt, seed=seed,
+                                            max_new_tokens=check_max_new_tokens(max_new_tokens, MAX_NEW_TOKENS_CAP)))
+        lm = MODELS.get(POLICY.check_model(model or DEFAULT_MODEL))
+        trace = run_to_end(lm, run.replace(chat=bool(chat) and lm.has_chat_template),
+                           recorder=Recorder(store(), owner=owner_of(request)))
     except json.JSONDecodeError as error:
         raise fail(f"params is not valid JSON ({error.msg}): use e.g. {{\"top_p\": 0.9}}") from None
     except ValueError as error:
@@ -269,22 +318,19 @@ class Page:
                 self.tabs: gr.Tabs(selected="compare")}
 
     # ------------------------------------------------------------------------------------- handlers
-    def run(self, values: dict[Any, Any]) -> Iterator[dict[Any, Any]]:
+    def run(self, values: dict[Any, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
         """Decode every open lane, streaming tokens (and the beam tree) while they run."""
         color_by, view_lane = values[self.color_by], values[self.view_lane]
         try:
             max_new_tokens = check_max_new_tokens(values[self.max_new], MAX_NEW_TOKENS_CAP)
-            seed = values[self.seed]
-            if seed is None or seed < 0:
-                raise ValueError("seed must be a whole number >= 0")
             shared = dict(prompt=values[self.prompt], chat=values[self.chat], system_prompt=values[self.system],
-                          max_new_tokens=max_new_tokens, seed=int(seed))
+                          max_new_tokens=max_new_tokens, seed=values[self.seed])
             requests = []
             for lane in self.lanes[:int(values[self.lane_count])]:
                 strategy, params = lane.params(values)
-                requests.append(RunRequest.build(strategy, params, **shared))
-            model = MODELS.get(values[self.model_id] or DEFAULT_MODEL)
-            lanes = run_lanes(model, requests, store=store())
+                requests.append(POLICY.limit(RunRequest.build(strategy, params, **shared)))
+            model = MODELS.get(POLICY.check_model(values[self.model_id] or DEFAULT_MODEL))
+            lanes = run_lanes(model, requests, store=store(), owner=owner_of(request))
             last = last_tree = 0.0
             results = []
             searching = any(request.strategy in BEAM_STRATEGIES for request in requests)
@@ -316,8 +362,8 @@ class Page:
         added = self.lanes[int(count)]
         return {**self.show_lanes(int(count) + 1), added.strategy: gr.update(value="greedy")}
 
-    def open_runs(self, run_ids: str, color_by: str, view_lane: str) -> dict[Any, Any]:
-        return self.opened(load_runs(run_ids), color_by, view_lane)
+    def open_runs(self, run_ids: str, color_by: str, view_lane: str, request: gr.Request) -> dict[Any, Any]:
+        return self.opened(load_runs(run_ids, owner_of(request)), color_by, view_lane)
 
     def on_load(self, color_by: str, view_lane: str, request: gr.Request) -> dict[Any, Any]:
         """Permalinks: ?run=ID or ?compare=ID,ID,... open stored runs."""
@@ -327,7 +373,7 @@ class Page:
         if not ids:
             return nothing
         try:
-            return self.opened(load_runs(ids), color_by, view_lane)
+            return self.opened(load_runs(ids, owner_of(request)), color_by, view_lane)
         except gr.Error as error:
             gr.Warning(f"permalink: {error.message}")
             return nothing
@@ -347,13 +393,16 @@ def pick_history_row(table: Any, current: str, event: gr.SelectData) -> str:
     return ",".join(ids[-MAX_LANES:])
 
 
-def delete_runs(run_ids: str, strategy: str, model: str, search: str) -> tuple[str, list[list[Any]]]:
+def delete_runs(run_ids: str, strategy: str, model: str, search: str, request: gr.Request = None
+                ) -> tuple[str, list[list[Any]]]:
+    """Delete the selected runs that this session owns (others' runs are never deleted from here)."""
     ids = parse_run_ids(run_ids)
     if not ids:
         raise fail("select or type the run ids to delete first")
-    deleted = sum(store().delete_run(run_id) for run_id in ids)
-    gr.Info(f"deleted {deleted} run(s)")
-    return "", history_rows(strategy, model, search)
+    owner = owner_of(request)
+    deleted = sum(store().delete_run(run_id, owner=owner) for run_id in ids)
+    gr.Info(f"deleted {deleted} run(s)" + (f"; {len(ids) - deleted} not yours or gone" if deleted < len(ids) else ""))
+    return "", history_rows(strategy, model, search, request)
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -364,6 +413,7 @@ def compare_tab(tabs: gr.Tabs) -> Page:
         with gr.Column(scale=1):
             run_btn = gr.Button("Run", variant="primary", elem_id="run")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+    gr.Markdown(POLICY.describe(), elem_id="limits")
     with gr.Row():
         chat = gr.Checkbox(value=True, label="chat template")
         system = gr.Textbox(label="System prompt (optional)", scale=2)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,21 +117,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is enough
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from store.repository import database_error
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill stores the run as cancelled, as Ctrl-C does
     try:
         commands = {"run": cmd_run, "runs": cmd_runs, "show": cmd_show, "strategies": cmd_strategies,
                     "export": cmd_export, "import": cmd_import, "figure": cmd_figure, "sweep": cmd_sweep,
                     "report": cmd_report}
         return commands[args.command](args)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(str(error))}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as error:
+        print(f"error: the database refused: {database_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the run was stored as cancelled", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def one_line(text: str) -> str:
+    """Errors print as one line: control characters (from files, prompts, model names) are escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from explorer.events import STATUS_OK, TokenStep
+    from explorer.events import STATUS_OK, RunStarted, TokenStep
     from explorer.models import load_model
     from explorer.recorder import Recorder
     from explorer.request import RunRequest
@@ -143,15 +163,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = None if args.no_store else Store(args.db)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     recorder = Recorder(store)
-    progress = _progress(args.max_new_tokens, disable=args.quiet)
+    progress = _progress(args.max_new_tokens, disable=True)  # shown once the run has started
     failure: Exception | None = None
     try:
         for event in run_strategy(model, request, recorder=recorder):
-            if isinstance(event, TokenStep):
+            if isinstance(event, RunStarted):
+                progress = _progress(args.max_new_tokens, disable=args.quiet)
+            elif isinstance(event, TokenStep):
                 progress.update(1)
-    except ValueError:
-        raise
-    except Exception as error:  # the run is already stored as failed; report it in one line
+    except KeyboardInterrupt:
+        progress.close()
+        where = f" (stored as cancelled in {store.url})" if recorder.trace is not None and store else ""
+        print(f"interrupted{where}", file=sys.stderr)
+        return 130
+    except Exception as error:  # a started run is already stored as failed; report it in one line
+        if recorder.trace is None:
+            raise ValueError(f"the run could not start: {error}") from None
         failure = error
     finally:
         progress.close()
@@ -176,16 +203,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from store import Store
 
-    rows = Store(args.db).list_runs(strategy=args.strategy, model=args.model, text=args.search, limit=args.limit)
+    try:
+        store = Store(args.db, create=False)
+    except ValueError as error:
+        if "there is no database" not in str(error):
+            raise
+        print("(no stored runs: the database does not exist yet)")
+        return 0
+    rows = store.list_runs(strategy=args.strategy, model=args.model, text=args.search, limit=args.limit)
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], ensure_ascii=False))
         return 0
-    print(f"{'run_id':12}  {'created (UTC)':19}  {'strategy':12}  {'status':9}  {'tokens':>6}  prompt")
+    print(f"{'run_id':12}  {'created (UTC)':19}  {'strategy':12}  {'status':11}  {'tokens':>6}  prompt")
     for row in rows:
-        prompt = row.prompt.replace("\n", " ")
+        prompt = one_line(row.prompt.replace("\n", " "))
         prompt = prompt[:50] + "…" if len(prompt) > 50 else prompt
-        created = row.created_at[:19].replace("T", " ")
-        print(f"{row.run_id:12}  {created:19}  {row.strategy:12}  {row.status:9}  {row.new_tokens:>6}  {prompt}")
+        created = one_line(row.created_at[:19].replace("T", " "))
+        print(f"{one_line(row.run_id):12}  {created:19}  {one_line(row.strategy):12}  {row.status:11}  "
+              f"{row.new_tokens:>6}  {prompt}")
     if not rows:
         print("(no stored runs)")
     return 0
@@ -194,14 +229,18 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from store import Store
 
-    trace = Store(args.db).load_trace(args.run_id)
+    try:
+        store = Store(args.db, create=False)
+    except ValueError as error:
+        raise ValueError(f"no run with id {args.run_id!r}: {error}") from None
+    trace = store.load_trace(args.run_id)
     if args.json:
         print(json.dumps({"run_id": trace.run_id, "metrics": jsonable(trace.metrics()), "steps": trace.table()},
                          ensure_ascii=False))
         return 0
     started = trace.started
-    print(f"run {trace.run_id}: {started.strategy} {started.config} on {started.model_id}, seed {started.seed}, "
-          f"status {trace.status}")
+    print(one_line(f"run {trace.run_id}: {started.strategy} {started.config} on {started.model_id}, "
+                   f"seed {started.seed}, status {trace.status}"))
     print(f"{'step':>4}  {'token':16}  {'id':>6}  {'prob':>7}  {'rank':>4}  {'entropy':>7}  {'kept':>6}")
     for row in trace.table():
         token = repr(row["token"])[1:-1][:16]
@@ -224,31 +263,39 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from explorer import export
     from store import Store
 
-    store = Store(args.db)
+    store = Store(args.db, create=False)
     ids = store.run_ids() if args.all else list(args.run_ids)
     if not ids:
         raise ValueError("name the runs to export (run ids) or pass --all")
     traces = store.load_traces(ids)
     out = Path(args.out)
-    if args.format == "specbench":
-        from explorer.specbench import write_answers
-
-        paths = write_answers(traces, out)
-    elif args.format == "bundle":
-        if len(traces) == 1 and out.suffix == ".zip":
-            paths = [export.write_bundle(traces[0], out)]
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            paths = [export.write_bundle(t, out / f"{t.run_id}.zip") for t in traces]
-    else:
-        writer = {"csv": export.write_csv, "parquet": export.write_parquet, "jsonl": export.write_jsonl}[args.format]
-        paths = [writer(traces, out)]
+    try:
+        paths = _write_export(args.format, traces, out)
+    except OSError as error:
+        raise ValueError(f"cannot write {out}: {error.strerror or error}") from None
     for path in paths:
         print(path)
     return 0
+
+
+def _write_export(kind: str, traces: list[Any], out: Path) -> list[Path]:
+    from explorer import export
+
+    if kind in ("csv", "parquet", "jsonl") and out.is_dir():
+        raise ValueError(f"{out} is a directory: give a file name for the {kind} export")
+    if kind == "specbench":
+        from explorer.specbench import write_answers
+
+        return write_answers(traces, out)
+    if kind == "bundle":
+        if len(traces) == 1 and out.suffix == ".zip":
+            return [export.write_bundle(traces[0], out)]
+        out.mkdir(parents=True, exist_ok=True)
+        return [export.write_bundle(t, out / f"{export.safe_name(t.run_id)}.zip") for t in traces]
+    writer = {"csv": export.write_csv, "parquet": export.write_parquet, "jsonl": export.write_jsonl}[kind]
+    return [writer(traces, out)]
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -270,7 +317,7 @@ def cmd_figure(args: argparse.Namespace) -> int:
     from viz.paper import save_figure
 
     view = get_view(args.view)
-    traces = Store(args.db).load_traces(args.run_ids)
+    traces = Store(args.db, create=False).load_traces(args.run_ids)
     print(save_figure(view.render(traces, args.lane - 1), args.out, width=args.width))
     return 0
 
@@ -308,7 +355,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from explorer.sweep import write_report
     from store import Store
 
-    store = Store(args.db)
+    store = Store(args.db, create=False)
     traces = store.load_traces(store.run_ids(sweep_only=True))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     for path in write_report(traces, args.out, formats):

@@ -7,10 +7,17 @@ which is all that the store and exports need: a new event kind needs no change t
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
+import typing
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, ClassVar
 
 STATUS_OK, STATUS_FAILED, STATUS_CANCELLED, STATUS_RUNNING = "ok", "failed", "cancelled", "running"
+STATUS_STOPPED, STATUS_INTERRUPTED = "stopped", "interrupted"  # a limit stopped it; its process died
+STATUSES = (STATUS_OK, STATUS_FAILED, STATUS_CANCELLED, STATUS_RUNNING, STATUS_STOPPED, STATUS_INTERRUPTED)
+RUN_ID = re.compile(r"[0-9a-f]{12}")  # what the runner generates: safe in file names and URLs
 
 
 @dataclass(frozen=True)
@@ -220,9 +227,82 @@ def to_dict(event: Any) -> dict[str, Any]:
     return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
 
 
-def from_dict(kind: str, data: dict[str, Any]) -> Any:
+def from_dict(kind: str, data: dict[str, Any], *, strict: bool = False) -> Any:
+    """The event of this kind from its fields. `strict` (for input from outside, e.g. an imported bundle) also
+    checks every field's type against the dataclass and the values a run id, status and timestamp may take."""
     try:
         cls = EVENT_TYPES[kind]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown event kind {kind!r}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"a {kind} event must be a JSON object")
+    names, required = _field_names(cls)
+    if not names.issuperset(data) or not required.issubset(data):
+        unknown, missing = sorted(set(data) - names), sorted(required - set(data))
+        raise ValueError(f"a {kind} event has unknown fields {unknown} or lacks {missing}")
+    if strict:
+        hints = _hints(cls)
+        for name, value in data.items():
+            if not _conforms(value, hints[name]):
+                raise ValueError(f"{kind}.{name} has the wrong type ({type(value).__name__})")
+        _check_values(kind, data)
     return cls(**data)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+_NAMES: dict[type, tuple[frozenset[str], frozenset[str]]] = {}
+
+
+def _field_names(cls: type) -> tuple[frozenset[str], frozenset[str]]:
+    """(every field, the fields without a default) of an event class."""
+    if cls not in _NAMES:
+        fields = dataclasses.fields(cls)
+        _NAMES[cls] = (frozenset(f.name for f in fields),
+                       frozenset(f.name for f in fields
+                                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING))
+    return _NAMES[cls]
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a plain JSON value fits a field annotation (int, float, str, bool, None, lists, str-keyed dicts,
+    unions, Any)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _conforms(v, args[1]) for k, v in value.items())
+    return False
+
+
+def _check_values(kind: str, data: dict[str, Any]) -> None:
+    if kind == RunStarted.kind:
+        if not RUN_ID.fullmatch(data["run_id"]):
+            raise ValueError(f"run id {data['run_id'][:40]!r} is not one this program writes (12 hex digits)")
+        try:
+            datetime.fromisoformat(data["created_at"])
+        except ValueError:
+            raise ValueError(f"created_at {data['created_at'][:40]!r} is not an ISO timestamp") from None
+        if not 0 <= data["seed"] < 2**63 or data["max_new_tokens"] < 1:
+            raise ValueError("the seed or max_new_tokens is out of range")
+    if kind == RunFinished.kind and data["status"] not in STATUSES:
+        raise ValueError(f"status {data['status'][:40]!r} is not one of {', '.join(STATUSES)}")

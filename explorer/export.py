@@ -7,18 +7,21 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import zipfile
+import zlib
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from explorer.events import RunStarted, from_dict, to_dict
+from explorer.events import RUN_ID, RunStarted, from_dict, to_dict
 from explorer.metrics import SamplingTable, SpeedTable
 from explorer.trace import Trace
 from explorer.trees import node_positions
 
 BUNDLE_FORMAT = "decoding-explorer-bundle/1"
+BUNDLE_MAX_BYTES = 64 * 2**20  # uncompressed, manifest and events together
 STEP_COLUMNS = [
     "run_id", "strategy", "step", "position", "token_id", "token_text", "logprob", "prob", "rank", "entropy",
     "kept_count", "origin", "round", "draft_p", "draft_q", "draft_u", "verdict",
@@ -101,11 +104,13 @@ def read_jsonl(lines: Iterable[str]) -> list[Trace]:
         if not line.strip():
             continue
         data = json.loads(line)
+        if not isinstance(data, dict) or not isinstance(data.get("run_id"), str) or "kind" not in data:
+            raise ValueError("every event line must be a JSON object with a run_id and a kind")
         run_id, kind = data.pop("run_id"), data.pop("kind")
         data.pop("seq", None)
         if kind == RunStarted.kind:
             data["run_id"] = run_id  # a field of the event itself, also used as the line's key
-        event = from_dict(kind, data)
+        event = from_dict(kind, data, strict=True)
         if isinstance(event, RunStarted):
             traces[run_id] = Trace(event)
         elif run_id not in traces:
@@ -131,6 +136,12 @@ def manifest(trace: Trace) -> dict[str, Any]:
     }
 
 
+def safe_name(run_id: str) -> str:
+    """A file name for a run: its id when it is one this program writes, else the id with every character
+    outside [A-Za-z0-9_-] replaced (so that no stored id can lead a path out of its folder)."""
+    return run_id if RUN_ID.fullmatch(run_id) else re.sub(r"[^A-Za-z0-9_-]", "_", run_id)[:64] or "run"
+
+
 def write_bundle(trace: Trace, path: str | Path) -> Path:
     path = Path(path)
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
@@ -139,18 +150,42 @@ def write_bundle(trace: Trace, path: str | Path) -> Path:
     return path
 
 
+def _read_entry(bundle: zipfile.ZipFile, name: str, budget: int) -> bytes:
+    """An entry's bytes, refusing more than `budget` whatever its header claims (zip bombs)."""
+    with bundle.open(name) as entry:
+        data = entry.read(budget + 1)
+    if len(data) > budget:
+        raise ValueError(f"{name} is larger than the {BUNDLE_MAX_BYTES // 2**20} MiB a bundle may hold")
+    return data
+
+
 def read_bundle(path: str | Path) -> Trace:
+    """A run bundle, checked whole before anything is written: exactly manifest.json and events.jsonl, at most
+    BUNDLE_MAX_BYTES uncompressed, every event of a known kind with fields of the right types, one run whose id
+    matches the manifest. Anything else is refused with one line."""
+    not_bundle = f"{path} is not a run bundle (a zip with manifest.json and events.jsonl)"
     try:
         with zipfile.ZipFile(path) as bundle:
-            meta = json.loads(bundle.read("manifest.json"))
-            lines = bundle.read("events.jsonl").decode("utf-8").splitlines()
-    except (OSError, KeyError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{path} is not a run bundle (a zip with manifest.json and events.jsonl): {error}") from None
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{path} has bundle format {meta.get('format')!r}; this program reads {BUNDLE_FORMAT}")
-    traces = read_jsonl(lines)
+            names = sorted(bundle.namelist())
+            if names != ["events.jsonl", "manifest.json"]:
+                raise ValueError(f"{not_bundle}: it holds {len(names)} entries")
+            manifest_bytes = _read_entry(bundle, "manifest.json", BUNDLE_MAX_BYTES)
+            events_bytes = _read_entry(bundle, "events.jsonl", BUNDLE_MAX_BYTES - len(manifest_bytes))
+        meta = json.loads(manifest_bytes)
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}: manifest.json is not a JSON object")
+        if meta.get("format") != BUNDLE_FORMAT:
+            raise ValueError(f"{path} has bundle format {str(meta.get('format'))[:40]!r}; this program reads "
+                             f"{BUNDLE_FORMAT}")
+        traces = read_jsonl(events_bytes.decode("utf-8").splitlines())
+    except ValueError as error:
+        raise ValueError(str(error) if str(path) in str(error) else f"{path}: {error}") from None
+    except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error) as error:
+        # RuntimeError: encrypted entries; NotImplementedError: unknown compression; RecursionError (a
+        # RuntimeError too): JSON nested too deeply
+        raise ValueError(f"{not_bundle}: {type(error).__name__}") from None
     if len(traces) != 1 or traces[0].run_id != meta.get("run_id"):
-        raise ValueError(f"{path}: the events do not match the manifest's run {meta.get('run_id')}")
+        raise ValueError(f"{path}: the events do not match the manifest's run {str(meta.get('run_id'))[:40]}")
     return traces[0]
 
 

@@ -18,7 +18,7 @@ class LaneResult:
     error: str | None = None
 
 
-def run_lanes(model: Any, requests: Sequence[RunRequest], *, store: Any | None = None
+def run_lanes(model: Any, requests: Sequence[RunRequest], *, store: Any | None = None, owner: str | None = None
               ) -> Iterator[list[LaneResult]]:
     """Yield every lane's state after each round (one event per lane per round). The requests are validated
     already; a prompt the model cannot encode raises ValueError before anything runs; a lane that fails mid-way
@@ -28,7 +28,7 @@ def run_lanes(model: Any, requests: Sequence[RunRequest], *, store: Any | None =
     first = requests[0]
     model.encode_prompt(first.prompt, chat=model.has_chat_template if first.chat is None else first.chat,
                         system_prompt=first.system_prompt)
-    recorders = [Recorder(store) for _ in requests]
+    recorders = [Recorder(store, owner=owner) for _ in requests]
     results = [LaneResult() for _ in requests]
     runs = [run_strategy(model, request, recorder=recorder) for request, recorder in zip(requests, recorders,
                                                                                         strict=True)]

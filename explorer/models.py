@@ -302,6 +302,9 @@ def load_model(model_id: str | None = None, *, dtype: str = "auto", device: str 
                 "not in the Hugging Face cache or reachable on the Hub (offline?). Give a local path, or "
                 "download it once with network access."
             ) from error
+        except Exception as error:  # truncated weights, a missing tokenizer, an unknown architecture, ...
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            raise ValueError(f"model {model_id!r} could not be loaded ({type(error).__name__}: {first})") from None
     model.to(torch_device)
     model.eval()
     if not weights_hash:
@@ -384,19 +387,28 @@ class ModelCache:
     def __init__(self, capacity: int = 3):
         self.capacity = capacity
         self._models: dict[tuple[str, str, str], LanguageModel] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the table only, never held during a load
+        self._loading: dict[tuple[str, str, str], threading.Lock] = {}
 
     def get(self, model_id: str | None, dtype: str = "auto", device: str = "auto") -> LanguageModel:
+        """A loaded model; a load blocks only the requests for that same model."""
         key = ((model_id or "embedded").strip() or "embedded", dtype, device)
         with self._lock:
             if key in self._models:
                 self._models[key] = self._models.pop(key)  # most recently used last
                 return self._models[key]
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # one load per model; others wait for it here, not for the whole cache
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
             model = load_model(key[0], dtype=dtype, device=device)
             warm_up(model)
-            self._models[key] = model
-            while len(self._models) > self.capacity:
-                self._models.pop(next(iter(self._models)))
+            with self._lock:
+                self._models[key] = model
+                self._loading.pop(key, None)
+                while len(self._models) > self.capacity:
+                    self._models.pop(next(iter(self._models)))
             return model
 
 

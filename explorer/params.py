@@ -10,9 +10,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+MAX_TEXT_PARAM = 256  # characters of a text parameter (layer lists, model ids, widths)
+MAX_TREE_NODES = 128  # draft nodes verified in one target pass (its memory and time grow with them)
+
 
 def param(default: Any, help: str, **limits: Any) -> Any:
-    """A config field with a help text (and optional `minimum`, `maximum`, `step`, `choices`) for UIs."""
+    """A config field with a help text and optional limits: `minimum`, `maximum`, `step`, `choices`,
+    `max_length` (text), and `model=True` for a field that names a model to load (a server checks those
+    against its allow-list)."""
     return field(default=default, metadata={"help": help, **limits})
 
 
@@ -20,6 +25,10 @@ def check_prompt(prompt: str) -> None:
     """Refuse an empty prompt (or one of whitespace only) before anything runs."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty: type some text to continue")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the prompt is not valid UTF-8 text") from None
 
 
 def _number(value: float) -> str:
@@ -32,6 +41,8 @@ def check_limits(config: Any) -> None:
         value, meta = getattr(config, spec.name), spec.metadata
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{spec.name} must be a finite number, got {value}")
+        if isinstance(value, str) and len(value) > meta.get("max_length", MAX_TEXT_PARAM):
+            raise ValueError(f"{spec.name} is longer than {meta.get('max_length', MAX_TEXT_PARAM)} characters")
         choices = meta.get("choices")
         if choices is not None and value not in choices:
             raise ValueError(f"{spec.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
@@ -51,3 +62,16 @@ class Checked:
 
     def __post_init__(self) -> None:
         check_limits(self)
+        nodes = self.draft_nodes()
+        if nodes > MAX_TREE_NODES:
+            raise ValueError(f"these settings draft {nodes} nodes per round; the limit is {MAX_TREE_NODES}: "
+                             "use a smaller tree")
+
+    def draft_nodes(self) -> int:
+        """Draft tokens verified in one target pass at most (0 for strategies that do not draft)."""
+        return 0
+
+    def check_cost(self, max_new_tokens: int) -> None:
+        """Refuse a run whose cost grows past a declared limit with the length (e.g. beams x new tokens);
+        the default has no such cost. Costs of the config alone (tree nodes) are checked on construction."""
+        return None

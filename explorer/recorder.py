@@ -13,10 +13,11 @@ from explorer.trace import Trace
 
 
 class Recorder:
-    def __init__(self, store: Any | None = None, batch_size: int = 64):
+    def __init__(self, store: Any | None = None, batch_size: int = 64, owner: str | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.store = store
+        self.owner = owner  # who may list and delete the stored run (an app session); None: anyone local
         self.batch_size = batch_size
         self.trace: Trace | None = None
         self._pending: list[Any] = []
@@ -25,7 +26,7 @@ class Recorder:
     def start(self, started: RunStarted) -> None:
         self.trace = Trace(started)
         if self.store is not None:
-            self.store.begin_run(started)
+            self.store.begin_run(started, owner=self.owner)
 
     def observe(self, event: Any) -> None:
         if self.trace is None:

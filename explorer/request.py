@@ -16,19 +16,28 @@ from explorer.strategies import config_dict, get_strategy, make_config
 
 MAX_NEW_TOKENS_LIMIT = 4096  # the hard ceiling; the app sets a lower cap of its own
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+MAX_PROMPT_CHARS = 100_000  # the hard ceiling; the app caps prompt tokens lower
 
 
-def check_max_new_tokens(value: Any, cap: int = MAX_NEW_TOKENS_LIMIT) -> int:
-    """`value` as a whole number of new tokens in [1, cap], or a ValueError saying so."""
+def _whole(value: Any, name: str, low: int, high: int) -> int:
     try:
         number = int(value)
         if float(number) != float(value):  # 64.0 and "64" are fine, 64.5 is not
             raise ValueError
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"max new tokens must be a whole number between 1 and {cap}, got {value!r}") from None
-    if not 1 <= number <= cap:
-        raise ValueError(f"max new tokens must be between 1 and {cap}, got {number}")
+        raise ValueError(f"{name} must be a whole number between {low} and {high}, got {value!r}") from None
+    if not low <= number <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {number}")
     return number
+
+
+def check_seed(value: Any) -> int:
+    return _whole(value, "seed", 0, MAX_SEED)
+
+
+def check_max_new_tokens(value: Any, cap: int = MAX_NEW_TOKENS_LIMIT) -> int:
+    """`value` as a whole number of new tokens in [1, cap], or a ValueError saying so."""
+    return _whole(value, "max new tokens", 1, cap)
 
 
 def parse_run_ids(text: str | Sequence[str] | None) -> list[str]:
@@ -57,6 +66,8 @@ class RunRequest:
     stop_strings: tuple[str, ...] = ()
     tags: Mapping[str, str] = field(default_factory=dict)
     history: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) turns: the prompt is the next user turn
+    max_prompt_tokens: int | None = None  # per-request limits a server sets (None: only the hard ceilings)
+    time_limit_s: float | None = None  # compute time after which the run is stopped and stored as "stopped"
 
     def __post_init__(self) -> None:
         spec = get_strategy(self.strategy)
@@ -64,9 +75,13 @@ class RunRequest:
             raise ValueError(f"strategy {self.strategy!r} needs a {spec.config.__name__}, "
                              f"got {type(self.config).__name__}")
         check_prompt(self.prompt)
+        if len(self.prompt) + sum(len(a) + len(b) for a, b in self.history) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters: shorten it")
         object.__setattr__(self, "max_new_tokens", check_max_new_tokens(self.max_new_tokens))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be a whole number between 0 and {MAX_SEED}, got {self.seed!r}")
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        if self.time_limit_s is not None and not 0 < self.time_limit_s < float("inf"):
+            raise ValueError("the time limit must be a positive number of seconds")
+        self.config.check_cost(self.max_new_tokens)
         object.__setattr__(self, "system_prompt", self.system_prompt or None)
         object.__setattr__(self, "stop_strings", tuple(s for s in self.stop_strings if s))
         object.__setattr__(self, "tags", dict(self.tags))

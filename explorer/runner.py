@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 
-from explorer.events import STATUS_CANCELLED, STATUS_FAILED, STATUS_OK, Event, RunFinished, TokenStep
+from explorer.events import (
+    STATUS_CANCELLED,
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_STOPPED,
+    Event,
+    RunFinished,
+    TokenStep,
+)
 from explorer.recorder import Recorder
 from explorer.request import RunRequest
 from explorer.strategies import get_strategy
@@ -46,6 +54,10 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
     chat = model.has_chat_template if request.chat is None else request.chat
     prompt_ids = model.encode_prompt(request.prompt, chat=chat, system_prompt=request.system_prompt,
                                      history=request.history)
+    if request.max_prompt_tokens is not None and len(prompt_ids) > request.max_prompt_tokens:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the limit here is {request.max_prompt_tokens}")
+    if spec.prepare is not None:
+        spec.prepare(model, config)  # e.g. load the draft model: bad input is refused before a run is stored
     recorder = recorder or Recorder()
     started = request.run_started(run_id=new_run_id(), model_info=model.info, chat=chat, prompt_ids=prompt_ids,
                                   versions=library_versions())
@@ -92,6 +104,12 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
                 if reason:
                     stop_reason = reason
                     break
+            if request.time_limit_s is not None and busy > request.time_limit_s:
+                status, stop_reason = STATUS_STOPPED, "time_limit"
+                error = f"stopped at its time limit of {request.time_limit_s:g} s"
+                break
+        if not generated and status == STATUS_OK:  # a strategy that ends without a token has failed
+            status, stop_reason, error = STATUS_FAILED, "no_tokens", "the strategy produced no tokens"
     except (GeneratorExit, KeyboardInterrupt):
         status, stop_reason, error = STATUS_CANCELLED, "cancelled", "cancelled by the user"
         finish()

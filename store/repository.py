@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, or_, select
+from sqlalchemy import Engine, create_engine, delete, event, func, make_url, or_, select
 from sqlalchemy import text as sql_text
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from explorer.events import STATUS_RUNNING, RunFinished, RunStarted, from_dict, to_dict
+from explorer.events import STATUS_INTERRUPTED, STATUS_RUNNING, RunFinished, RunStarted, TokenStep, from_dict, to_dict
 from explorer.paths import cache_root
 from explorer.trace import Trace
 from store.codec import decode, dumps, encode
@@ -63,8 +67,16 @@ def _summary(row: RunRow) -> RunSummary:
     )
 
 
-def _run_row(started: RunStarted) -> RunRow:
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _run_row(started: RunStarted, owner: str | None = None, running_here: bool = False) -> RunRow:
     return RunRow(
+        owner=owner,
+        pid=os.getpid() if running_here else None,
+        host=socket.gethostname() if running_here else None,
+        heartbeat_at=_now() if running_here else None,
         id=started.run_id,
         created_at=started.created_at,
         strategy=started.strategy,
@@ -89,10 +101,11 @@ def _add_events(session: Session, run_id: str, first_seq: int, events: Sequence[
         kind, fields, arrays = encode(item)
         rows.append(EventRow(run_id=run_id, seq=seq, kind=kind, fields=fields, arrays=arrays))
     session.add_all(rows)
+    run = session.get(RunRow, run_id)
+    if run is None:
+        raise ValueError(f"run {run_id} does not exist")
+    run.heartbeat_at = _now()
     if finished is not None:
-        run = session.get(RunRow, run_id)
-        if run is None:
-            raise ValueError(f"run {run_id} does not exist")
         run.status, run.error, run.text = finished.status, finished.error, finished.text
         run.new_tokens, run.wall_time_s = finished.new_tokens, finished.wall_time_s
         run.finished = dumps(to_dict(finished))
@@ -115,19 +128,25 @@ def _load(session: Session, run_id: str) -> Trace:
 class Store:
     """The repository: an engine plus one transaction per call. `Store()` opens the default database."""
 
-    def __init__(self, url: str | None = None):
+    def __init__(self, url: str | None = None, *, create: bool = True):
+        """Open (with `create`, create) the database; ValueError with one line when that fails. On opening,
+        runs left "running" by a process that is gone are marked interrupted."""
         self.url = url or default_url()
-        self.engine = _make_engine(self.url)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        _prepare_schema(self.engine)
+        try:
+            self.engine = _make_engine(self.url, create)
+            self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+            _prepare_schema(self.engine)
+            self.mark_interrupted()
+        except SQLAlchemyError as error:
+            raise ValueError(f"cannot use the database {self.url}: {database_error(error)}") from None
 
     def _tx(self) -> Any:
         return self._sessions.begin()
 
-    def begin_run(self, started: RunStarted) -> None:
-        """Store a run as running, before its first event."""
+    def begin_run(self, started: RunStarted, owner: str | None = None) -> None:
+        """Store a run as running (by this process), before its first event."""
         with self._tx() as session:
-            session.add(_run_row(started))
+            session.add(_run_row(started, owner, running_here=True))
 
     def append_events(self, run_id: str, first_seq: int, events: Sequence[Any],
                       finished: RunFinished | None = None) -> None:
@@ -153,9 +172,12 @@ class Store:
             return [_load(session, run_id) for run_id in run_ids]
 
     def list_runs(self, *, strategy: str | None = None, model: str | None = None, text: str | None = None,
-                  limit: int = 100) -> list[RunSummary]:
-        """Newest first, filtered by strategy, by a substring of the model id, and by text in prompt or output."""
+                  limit: int = 100, owner: str | None = None, shared: Sequence[str] = ()) -> list[RunSummary]:
+        """Newest first, filtered by strategy, by a substring of the model id, and by text in prompt or output.
+        With `owner`, only that owner's runs and the runs in `shared`."""
         query = select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id).limit(limit)
+        if owner is not None:
+            query = query.where(or_(RunRow.owner == owner, RunRow.id.in_(list(shared))))
         if strategy:
             query = query.where(RunRow.strategy == strategy)
         if model:
@@ -167,10 +189,47 @@ class Store:
         with self._tx() as session:
             return [_summary(row) for row in session.scalars(query)]
 
-    def delete_run(self, run_id: str) -> bool:
+    def delete_run(self, run_id: str, owner: str | None = None) -> bool:
+        """Delete a run (with `owner`: only if it is that owner's); whether one was deleted."""
         with self._tx() as session:
+            run = session.get(RunRow, run_id)
+            if run is None or (owner is not None and run.owner != owner):
+                return False
             session.execute(delete(EventRow).where(EventRow.run_id == run_id))
             return session.execute(delete(RunRow).where(RunRow.id == run_id)).rowcount > 0
+
+    def owners(self, run_ids: Iterable[str]) -> dict[str, str | None]:
+        """{run id: owner} of the runs that exist."""
+        ids = list(run_ids)
+        with self._tx() as session:
+            return dict(session.execute(select(RunRow.id, RunRow.owner).where(RunRow.id.in_(ids))).all())
+
+    def mark_interrupted(self, stale_after_s: float = 600.0) -> list[str]:
+        """Runs stored as running whose process is gone (this host: its pid is not alive; another host: no
+        heartbeat for `stale_after_s`) become `interrupted`, with the steps they stored; return their ids."""
+        here, now = socket.gethostname(), datetime.now(UTC)
+        marked = []
+        with self._tx() as session:
+            for run in session.scalars(select(RunRow).where(RunRow.status == STATUS_RUNNING)):
+                if run.host is None or run.pid is None:
+                    continue  # imported or written by an older version: nobody to ask
+                if run.host == here:
+                    gone = not _alive(run.pid)
+                else:
+                    beat = datetime.fromisoformat(run.heartbeat_at) if run.heartbeat_at else None
+                    gone = beat is None or (now - beat).total_seconds() > stale_after_s
+                if not gone:
+                    continue
+                steps = session.scalar(select(func.count()).select_from(EventRow).where(
+                    EventRow.run_id == run.id, EventRow.kind == TokenStep.kind)) or 0
+                finished = RunFinished(status=STATUS_INTERRUPTED, stop_reason="interrupted",
+                                       error="the process running it ended before it finished", text=run.text,
+                                       new_tokens=int(steps), wall_time_s=0.0, prefill_time_s=0.0,
+                                       target_forward_passes=0)
+                run.status, run.error, run.new_tokens = finished.status, finished.error, finished.new_tokens
+                run.finished = dumps(to_dict(finished))
+                marked.append(run.id)
+        return marked
 
     def completed_sweep_keys(self, keys: Iterable[str]) -> dict[str, str]:
         """Which of these sweep keys already have a run that finished ok: {sweep key: run id}."""
@@ -198,11 +257,43 @@ class Store:
         self.engine.dispose()
 
 
-def _make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        database = url.split(":///", 1)[1] if ":///" in url else ""
-        if database and database != ":memory:":
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def database_error(error: SQLAlchemyError) -> str:
+    """The first line of a database error, without the SQL statement SQLAlchemy appends."""
+    original = getattr(error, "orig", None)
+    text = str(original if original is not None else error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+def _make_engine(url: str, create: bool = True) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"{url!r} is not a database URL: use e.g. sqlite:///runs.sqlite or "
+                         "postgresql://user@host/db") from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            path = Path(database).expanduser()
+            if path.is_dir():
+                raise ValueError(f"{path} is a directory: give a database file, e.g. sqlite:///{path}/runs.sqlite")
+            if not create and not path.exists():
+                raise ValueError(f"there is no database at {path}: check --db (nothing was created)")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ValueError(f"cannot create the database folder {path.parent}: {error.strerror}") from None
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -214,16 +305,36 @@ def _make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url)
+    try:
+        return create_engine(parsed)
+    except (ImportError, NoSuchModuleError) as error:
+        raise ValueError(f"cannot open {parsed.get_backend_name()} databases here ({error}): install its driver, "
+                         "e.g. pip install psycopg2-binary") from None
 
 
 MIGRATIONS = {
     # version -> statements that bring a database of that version to the next one
     1: ["ALTER TABLE runs ADD COLUMN sweep_key VARCHAR(64)", "CREATE INDEX ix_runs_sweep_key ON runs (sweep_key)"],
+    2: ["ALTER TABLE runs ADD COLUMN owner VARCHAR(128)", "CREATE INDEX ix_runs_owner ON runs (owner)",
+        "ALTER TABLE runs ADD COLUMN pid INTEGER", "ALTER TABLE runs ADD COLUMN host VARCHAR(255)",
+        "ALTER TABLE runs ADD COLUMN heartbeat_at VARCHAR(32)"],
 }
 
 
 def _prepare_schema(engine: Engine) -> None:
+    """Create or migrate the schema. Two processes opening a new database at once may race to create it: the
+    loser sees the winner's tables and version row on its second try."""
+    for attempt in range(3):
+        try:
+            _create_or_migrate(engine)
+            return
+        except (IntegrityError, OperationalError):
+            if attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+def _create_or_migrate(engine: Engine) -> None:
     Base.metadata.create_all(engine)
     with Session(engine) as session, session.begin():
         row = session.get(MetaRow, "schema_version")

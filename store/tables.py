@@ -9,7 +9,7 @@ from __future__ import annotations
 from sqlalchemy import ForeignKey, Index, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2  # 2: runs.sweep_key (resumable sweeps)
+SCHEMA_VERSION = 3  # 2: runs.sweep_key (resumable sweeps); 3: owner, and pid/host/heartbeat of a running run
 
 
 class Base(DeclarativeBase):
@@ -38,6 +38,10 @@ class RunRow(Base):
     new_tokens: Mapped[int] = mapped_column(default=0)
     wall_time_s: Mapped[float | None]
     sweep_key: Mapped[str | None] = mapped_column(String(64), index=True)  # from RunStarted.tags
+    owner: Mapped[str | None] = mapped_column(String(128), index=True)  # the app session that made it (None: CLI)
+    pid: Mapped[int | None]  # the process running it, and when it last wrote (to find interrupted runs)
+    host: Mapped[str | None] = mapped_column(String(255))
+    heartbeat_at: Mapped[str | None] = mapped_column(String(32))
     started: Mapped[str] = mapped_column(Text)  # RunStarted as JSON
     finished: Mapped[str | None] = mapped_column(Text)  # RunFinished as JSON
 

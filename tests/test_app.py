@@ -1,5 +1,6 @@
 """The app: builds without weights, answers gradio_client, and works in a real headless Chromium."""
 
+import json
 import os
 import shutil
 import socket
@@ -67,7 +68,7 @@ def server(tiny_dir, tmp_path_factory):
     model = os.environ.get("DECODING_EXPLORER_TEST_MODEL", str(tiny_dir))
     env = {**os.environ, "DECODING_EXPLORER_MODEL": model, "DECODING_EXPLORER_DB": db,
            "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-           "DECODING_EXPLORER_MAX_NEW_TOKENS": "200"}
+           "DECODING_EXPLORER_MAX_NEW_TOKENS": "200", "DECODING_EXPLORER_PUBLIC_GALLERY": "0"}
     log = open(tmp_path_factory.mktemp("applog") / "app.log", "w")
     process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -100,6 +101,52 @@ def test_gradio_client_generate(server):
     assert stored.token_ids == result["token_ids"] and stored.started.config["top_p"] == 0.9
     with pytest.raises(Exception, match="top_p must be in"):
         client.predict("Hello", "sample", '{"top_p": 2}', "", 0, 5, True, api_name="/generate")
+
+
+def test_two_sessions_cannot_reach_each_others_runs(server):
+    from gradio_client import Client
+
+    url, db = server
+    alice, mallory = Client(url, verbose=False), Client(url, verbose=False)
+    secret = alice.predict("alice's private prompt", "greedy", "{}", "", 0, 4, True, api_name="/generate")["run_id"]
+    listed = mallory.predict("(any)", "", "", api_name="/history_rows")
+    assert secret not in json.dumps(listed) and "private prompt" not in json.dumps(listed)
+    assert secret in json.dumps(alice.predict("(any)", "", "", api_name="/history_rows"))
+    with pytest.raises(Exception, match="among the runs you can see"):
+        mallory.predict(secret, "JSONL", api_name="/export_runs")
+    mallory.predict(secret, "(any)", "", "", api_name="/delete_runs")
+    assert Store(db).load_trace(secret).run_id == secret  # still there
+    assert alice.predict(secret, "JSONL", api_name="/export_runs")
+    with pytest.raises(Exception, match="does not load that model"):
+        mallory.predict("hi", "greedy", "{}", "/etc", 0, 4, True, api_name="/generate")
+    with pytest.raises(Exception, match="does not load that model"):
+        mallory.predict("hi", "speculative", '{"draft_model": "/no/such/dir"}', "", 0, 4, True, api_name="/generate")
+
+
+def test_bounded_load_of_the_worst_allowed_requests(server):
+    """A few sessions at once, each asking for the largest allowed tree: all finish, each gets its own run, and
+    the database stays sound."""
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    url, db = server
+    params = json.dumps({"branching": 2, "depth": 6})
+
+    def one(index: int) -> dict:
+        client = Client(url, verbose=False)
+        return client.predict(f"session {index}", "tree_speculative", params, "", index, 24, True,
+                              api_name="/generate")
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(4)))
+    assert len({r["run_id"] for r in results}) == 4
+    for result in results:
+        stored = Store(db).load_trace(result["run_id"])
+        assert stored.status == "ok" and stored.token_ids == result["token_ids"]
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 @pytest.fixture(scope="module")

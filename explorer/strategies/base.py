@@ -28,17 +28,18 @@ class StrategySpec:
     config: type
     summary: str
     needs_budget: bool = False  # search strategies get `max_new_tokens=` (they commit only at the end)
+    prepare: Callable[[Any, Any], None] | None = None  # checks (model, config) before the run is stored
 
 
 REGISTRY: dict[str, StrategySpec] = {}
 
 
-def register(name: str, config: type, summary: str, *, needs_budget: bool = False
-             ) -> Callable[[Callable], Callable]:
+def register(name: str, config: type, summary: str, *, needs_budget: bool = False,
+             prepare: Callable[[Any, Any], None] | None = None) -> Callable[[Callable], Callable]:
     def decorate(run: Callable) -> Callable:
         if name in REGISTRY:
             raise ValueError(f"strategy {name!r} is registered twice")
-        REGISTRY[name] = StrategySpec(name, run, config, summary, needs_budget)
+        REGISTRY[name] = StrategySpec(name, run, config, summary, needs_budget, prepare)
         return run
 
     return decorate

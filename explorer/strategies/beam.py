@@ -24,7 +24,7 @@ import torch
 from explorer.events import Event
 from explorer.params import Checked, param
 from explorer.strategies.base import register
-from explorer.strategies.beam_search import EARLY_STOPPING, BeamGroup, beam_loop
+from explorer.strategies.beam_search import EARLY_STOPPING, BeamGroup, beam_loop, check_beam_cost
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class BeamConfig(Checked):
         super().__post_init__()
         if self.num_return > self.num_beams:
             raise ValueError("num_return must be between 0 (one per beam) and num_beams")
+
+    def check_cost(self, max_new_tokens: int) -> None:
+        check_beam_cost(self.num_beams, max_new_tokens)
 
 
 @register("beam", BeamConfig, "beam search (recorded tree; matches transformers' num_beams)", needs_budget=True)

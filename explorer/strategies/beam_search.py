@@ -16,6 +16,13 @@ from explorer.sampling import StepStats, step_stats
 from explorer.strategies.base import RECORD_TOP_K, commit_token
 
 EARLY_STOPPING = ("false", "true", "never")
+MAX_BEAM_TOKENS = 16 * 1024  # beams x new tokens: the KV cache holds every beam's whole sequence
+
+
+def check_beam_cost(num_beams: int, max_new_tokens: int) -> None:
+    if num_beams * max_new_tokens > MAX_BEAM_TOKENS:
+        raise ValueError(f"{num_beams} beams x {max_new_tokens} new tokens = {num_beams * max_new_tokens}; the limit "
+                         f"is {MAX_BEAM_TOKENS}: use fewer beams or fewer new tokens")
 NEG = -1.0e9
 
 

@@ -25,6 +25,7 @@ from explorer.sampling import StepStats, entropy, sample, step_stats
 from explorer.strategies.base import RECORD_TOP_K, commit_token, register
 
 PUNCTUATION = set(".,;:!?\n")
+MAX_TRIAL_PASSES = 512  # forward passes one uncertain step may spend on its trials
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class CautiousConfig(Checked):
         super().__post_init__()
         if self.min_trials > self.max_trials:
             raise ValueError("need min_trials <= max_trials")
+        if self.max_trials * self.max_trial_tokens > MAX_TRIAL_PASSES:
+            raise ValueError(f"max_trials x max_trial_tokens = {self.max_trials * self.max_trial_tokens} forward "
+                             f"passes per uncertain step; the limit is {MAX_TRIAL_PASSES}: lower either")
 
 
 def trial_count(step_entropy: float, config: CautiousConfig) -> int:

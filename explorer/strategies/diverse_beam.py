@@ -18,7 +18,7 @@ import torch
 from explorer.events import Event
 from explorer.params import Checked, param
 from explorer.strategies.base import register
-from explorer.strategies.beam_search import EARLY_STOPPING, BeamGroup, beam_loop
+from explorer.strategies.beam_search import EARLY_STOPPING, BeamGroup, beam_loop, check_beam_cost
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ class DiverseBeamConfig(Checked):
             raise ValueError("groups must divide num_beams (e.g. 4 beams in 2 groups)")
         if self.num_return > self.num_beams:
             raise ValueError("num_return must be between 0 (one per beam) and num_beams")
+
+    def check_cost(self, max_new_tokens: int) -> None:
+        check_beam_cost(self.num_beams, max_new_tokens)
 
 
 @register("diverse_beam", DiverseBeamConfig, "diverse beam search: G groups with a Hamming diversity penalty",

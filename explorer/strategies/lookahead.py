@@ -40,6 +40,10 @@ class LookaheadConfig(SpeculativeConfig):
     ngram: int = param(3, "n-gram size N (>= 2)", minimum=2, maximum=8, step=1)
     guesses: int = param(3, "n-grams verified per step G", minimum=0, maximum=16, step=1)
 
+    def draft_nodes(self) -> int:
+        """The window and G n-grams of N - 1 tokens."""
+        return self.window + self.guesses * (self.ngram - 1)
+
 
 class LookaheadDrafter(Drafter):
     name = "lookahead"

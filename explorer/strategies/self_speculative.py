@@ -50,21 +50,28 @@ def most_skippable(hidden: torch.Tensor, count: int) -> set[int]:
     return set(torch.topk(similarity, min(count, len(similarity) - 2)).indices.tolist())
 
 
+def initial_skip(model: Any, config: SelfSpeculativeConfig) -> tuple[set[int], bool]:
+    """The skipped set to start from, and whether to search for better ones."""
+    total = len(model.model.model.layers)
+    if config.skip.strip():
+        return parse_layers(config.skip), False
+    if config.exit_after:
+        return set(range(config.exit_after, total)), False
+    count = min(config.auto_skip, total - 1)  # start from the middle layers, then search
+    first = max(1, (total - count) // 2)
+    return set(range(first, first + count)), True
+
+
+def prepare(model: Any, config: SelfSpeculativeConfig) -> None:
+    layer_skip_view(model, initial_skip(model, config)[0])  # refuses sets this model cannot skip
+
+
 class LayerSkipDrafter(ModelDrafter):
     """A ModelDrafter over a layer-skip view of the target; with a searched skip set it asks the engine for the
     verification pass's hidden states and re-searches every `search_every` rounds."""
 
     def __init__(self, model: Any, config: SelfSpeculativeConfig, rng: torch.Generator):
-        total = len(model.model.model.layers)
-        searching = False
-        if config.skip.strip():
-            skip = parse_layers(config.skip)
-        elif config.exit_after:
-            skip = set(range(config.exit_after, total))
-        else:  # start from the middle layers, then search
-            count = min(config.auto_skip, total - 1)
-            first = max(1, (total - count) // 2)
-            skip, searching = set(range(first, first + count)), True
+        skip, searching = initial_skip(model, config)
         super().__init__(layer_skip_view(model, skip), config, rng, name="layer skip")
         self.target, self.skip, self.rounds = model, skip, 0
         self.search_every, self.auto_skip = config.search_every, config.auto_skip
@@ -85,7 +92,8 @@ class LayerSkipDrafter(ModelDrafter):
                 self.reset(layer_skip_view(self.target, chosen))  # the draft's cache is rebuilt next round
 
 
-@register("self_speculative", SelfSpeculativeConfig, "layer-skip self-speculation (CLaSp-style skip search)")
+@register("self_speculative", SelfSpeculativeConfig, "layer-skip self-speculation (CLaSp-style skip search)",
+          prepare=prepare)
 def run(model: Any, prompt_ids: Sequence[int], config: SelfSpeculativeConfig, rng: torch.Generator
         ) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, LayerSkipDrafter(model, config, rng), config, rng)

@@ -28,12 +28,18 @@ from explorer.strategies.draft_verify import draft_verify
 
 @dataclass(frozen=True)
 class DraftModelConfig(ChainDraftConfig):
-    draft_model: str = param("target", "HF id or local path sharing the target's vocabulary ('target' = itself)")
+    draft_model: str = param("target", "HF id or local path sharing the target's vocabulary ('target' = itself)",
+                             model=True)
     fallback_threshold: float = param(0.0, "stop drafting when the draft's top probability is below this (0 = off)",
                                       minimum=0.0, maximum=0.99, step=0.01)
 
 
-@register("speculative", DraftModelConfig, "speculative decoding with a draft model (greedy or sampling rule)")
+def prepare(model: Any, config: DraftModelConfig) -> None:
+    load_draft_model(model, config.draft_model)  # loaded once (cached) and checked before the run starts
+
+
+@register("speculative", DraftModelConfig, "speculative decoding with a draft model (greedy or sampling rule)",
+          prepare=prepare)
 def run(model: Any, prompt_ids: Sequence[int], config: DraftModelConfig, rng: torch.Generator) -> Iterator[Event]:
     draft = load_draft_model(model, config.draft_model)
     drafter = ModelDrafter(draft, config, rng, f"draft model {draft.info.model_id}", config.fallback_threshold)

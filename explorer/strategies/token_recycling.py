@@ -34,6 +34,14 @@ class TokenRecyclingConfig(SpeculativeConfig):
         if max(widths) > self.candidates:
             raise ValueError("a tree width cannot exceed the number of candidates kept per token")
 
+    def draft_nodes(self) -> int:
+        """widths[0] + widths[0]·widths[1] + ...: the tree's size when every entry is filled."""
+        nodes, level = 0, 1
+        for width in parse_widths(self.widths):
+            level *= width
+            nodes += level
+        return nodes
+
 
 def parse_widths(text: str) -> list[int]:
     try:

@@ -42,12 +42,19 @@ class TreeConfig(SpeculativeConfig):
     branching: int = param(2, "children per node k (topk, sample, gumbel)", minimum=1, maximum=8, step=1)
     depth: int = param(3, "tree depth D (topk, sample, gumbel)", minimum=1, maximum=8, step=1)
     budget: int = param(8, "nodes of a dynamic tree", minimum=1, maximum=64, step=1)
-    draft_model: str = param("target", "HF id or local path sharing the target's vocabulary ('target' = itself)")
+    draft_model: str = param("target", "HF id or local path sharing the target's vocabulary ('target' = itself)",
+                             model=True)
     skip: str = param("", "draft with the target minus these layers instead, e.g. '10-14' (overrides draft_model)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_layers(self.skip)
+
+    def draft_nodes(self) -> int:
+        """branching^1 + ... + branching^depth (a dynamic tree: its budget)."""
+        if self.mode == "dynamic":
+            return self.budget
+        return sum(self.branching ** level for level in range(1, self.depth + 1))
 
 
 def gumbel_top_k(log_q: torch.Tensor, k: int, rng: torch.Generator) -> list[int]:
@@ -154,6 +161,14 @@ def tree_drafter(model: Any, config: TreeConfig, rng: torch.Generator) -> TreeDr
     return TreeDrafter(draft, config, rng, f"{config.mode} tree from {draft.info.model_id}")
 
 
-@register("tree_speculative", TreeConfig, "tree speculation: topk / sample / gumbel / dynamic draft trees")
+def prepare(model: Any, config: TreeConfig) -> None:
+    if config.skip.strip():
+        layer_skip_view(model, parse_layers(config.skip))
+    elif config.draft_model.strip() not in SELF:
+        load_draft_model(model, config.draft_model)
+
+
+@register("tree_speculative", TreeConfig, "tree speculation: topk / sample / gumbel / dynamic draft trees",
+          prepare=prepare)
 def run(model: Any, prompt_ids: Sequence[int], config: TreeConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, tree_drafter(model, config, rng), config, rng)

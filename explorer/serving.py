@@ -1,0 +1,113 @@
+"""What a server (the app, a public Space) lets its visitors ask for: per-request limits, the models it may load,
+and whether visitors see each other's runs. Set by the operator through the environment; checked here, before
+anything runs.
+
+Environment: DECODING_EXPLORER_MAX_NEW_TOKENS (512), DECODING_EXPLORER_MAX_PROMPT_TOKENS (2048),
+DECODING_EXPLORER_TIME_LIMIT_S (300: compute seconds per run; a run past it is stopped and stored as
+"stopped"), DECODING_EXPLORER_ALLOWED_MODELS (comma-separated; default: the embedded model and the default
+model), DECODING_EXPLORER_ALLOW_ANY_MODEL (1: any Hugging Face Hub id too, never a local path),
+DECODING_EXPLORER_MAX_MODEL_GB (2: weight size a Hub id may have, read from the Hub before downloading),
+DECODING_EXPLORER_PUBLIC_GALLERY (1: everyone's runs are listed in History; default 1 locally, 0 on a Space),
+DECODING_EXPLORER_MAX_TREE_NODES (128, the hard ceiling: draft nodes verified per round).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from explorer.params import MAX_TREE_NODES
+from explorer.request import MAX_NEW_TOKENS_LIMIT, RunRequest
+from explorer.strategies.draft_models import SELF
+
+EMBEDDED_NAMES = ("embedded", "default", "", "embedded:SmolLM2-135M-Instruct")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def hub_weight_bytes(model_id: str) -> int:
+    """The size of a Hub model's weight files, from the Hub's metadata (nothing is downloaded)."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(model_id, files_metadata=True)
+    return sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith((".safetensors", ".bin")))
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name)
+    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class ServerPolicy:
+    max_new_tokens: int = 512
+    max_prompt_tokens: int = 2048
+    time_limit_s: float = 300.0
+    max_tree_nodes: int = MAX_TREE_NODES
+    allowed_models: tuple[str, ...] = ("embedded",)
+    allow_any_model: bool = False
+    max_model_bytes: int = 2 * 10**9
+    public_gallery: bool = True
+    weight_bytes: Callable[[str], int] = hub_weight_bytes
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, default_model: str = "embedded") -> ServerPolicy:
+        try:
+            allowed = env.get("DECODING_EXPLORER_ALLOWED_MODELS")
+            models = [m.strip() for m in allowed.split(",")] if allowed else ["embedded", default_model]
+            return cls(
+                max_new_tokens=min(int(env.get("DECODING_EXPLORER_MAX_NEW_TOKENS", "512")), MAX_NEW_TOKENS_LIMIT),
+                max_prompt_tokens=int(env.get("DECODING_EXPLORER_MAX_PROMPT_TOKENS", "2048")),
+                time_limit_s=float(env.get("DECODING_EXPLORER_TIME_LIMIT_S", "300")),
+                max_tree_nodes=min(int(env.get("DECODING_EXPLORER_MAX_TREE_NODES", str(MAX_TREE_NODES))),
+                                   MAX_TREE_NODES),
+                allowed_models=tuple(dict.fromkeys(_canonical(m) for m in models)),
+                allow_any_model=_flag(env, "DECODING_EXPLORER_ALLOW_ANY_MODEL", False),
+                max_model_bytes=int(float(env.get("DECODING_EXPLORER_MAX_MODEL_GB", "2")) * 10**9),
+                public_gallery=_flag(env, "DECODING_EXPLORER_PUBLIC_GALLERY", "SPACE_ID" not in env),
+            )
+        except ValueError as error:
+            raise ValueError(f"a DECODING_EXPLORER_* setting is not a number: {error}") from None
+
+    def check_model(self, model_id: str | None) -> str:
+        """The model id to load, or ValueError: the same words for every refused id or path, so that the
+        answer says nothing about what exists on the server."""
+        name = _canonical(model_id or "")
+        if name in self.allowed_models:
+            return name
+        if self.allow_any_model and HUB_ID.fullmatch(name) and not name.startswith((".", "/")):
+            try:
+                size = self.weight_bytes(name)
+            except Exception:  # not on the Hub, no network, ...: refused like any other
+                size = None
+            if size is not None and 0 < size <= self.max_model_bytes:
+                return name
+        raise ValueError(f"this server does not load that model: choose one of {', '.join(self.allowed_models)}")
+
+    def limit(self, request: RunRequest) -> RunRequest:
+        """The request with this server's limits applied, its model fields (draft models) checked."""
+        if request.max_new_tokens > self.max_new_tokens:
+            raise ValueError(f"max new tokens must be between 1 and {self.max_new_tokens} here")
+        if request.config.draft_nodes() > self.max_tree_nodes:
+            raise ValueError(f"these settings draft {request.config.draft_nodes()} nodes per round; the limit here "
+                             f"is {self.max_tree_nodes}: use a smaller tree")
+        for spec in dataclasses.fields(request.config):
+            value = getattr(request.config, spec.name)
+            if spec.metadata.get("model") and value.strip() not in SELF:
+                self.check_model(value)
+        return request.replace(max_prompt_tokens=self.max_prompt_tokens, time_limit_s=self.time_limit_s)
+
+    def describe(self) -> str:
+        any_model = f", or any Hub model under {self.max_model_bytes / 1e9:g} GB" if self.allow_any_model else ""
+        return (f"Limits here: prompts up to {self.max_prompt_tokens} tokens, up to {self.max_new_tokens} new tokens "
+                f"and {self.time_limit_s:g} s of compute per run, draft trees up to {self.max_tree_nodes} nodes; "
+                f"models: {', '.join(self.allowed_models)}{any_model}; "
+                + ("History lists everyone's runs." if self.public_gallery else
+                   "History lists your runs and the ones shared with you by permalink."))
+
+
+def _canonical(model_id: str) -> str:
+    name = model_id.strip()
+    return "embedded" if name in EMBEDDED_NAMES else name
