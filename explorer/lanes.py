@@ -8,7 +8,7 @@ from typing import Any
 
 from explorer.recorder import Recorder
 from explorer.request import RunRequest
-from explorer.runner import run_strategy
+from explorer.runner import encode_request, run_strategy
 from explorer.trace import Trace
 
 
@@ -25,9 +25,7 @@ def run_lanes(model: Any, requests: Sequence[RunRequest], *, store: Any | None =
     is stored as failed and the others go on."""
     if not requests:
         raise ValueError("add at least one lane")
-    first = requests[0]
-    model.encode_prompt(first.prompt, chat=model.has_chat_template if first.chat is None else first.chat,
-                        system_prompt=first.system_prompt)
+    encode_request(model, requests[0])  # the lanes share the prompt: refuse it once, before any lane runs
     recorders = [Recorder(store, owner=owner) for _ in requests]
     results = [LaneResult() for _ in requests]
     runs = [run_strategy(model, request, recorder=recorder) for request, recorder in zip(requests, recorders,

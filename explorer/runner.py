@@ -46,16 +46,22 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None = None) -> Iterator[Event]:
-    """Yield every event of one run; the last one is its RunFinished (unless the run raised)."""
-    spec = get_strategy(request.strategy)
-    config, max_new_tokens, stops = request.config, request.max_new_tokens, list(request.stop_strings)
-    model = model.for_run()  # count this run's forward passes only
+def encode_request(model: Any, request: RunRequest) -> tuple[bool, list[int]]:
+    """(chat template used, prompt token ids) of a request on this model; ValueError past its token limit."""
     chat = model.has_chat_template if request.chat is None else request.chat
     prompt_ids = model.encode_prompt(request.prompt, chat=chat, system_prompt=request.system_prompt,
                                      history=request.history)
     if request.max_prompt_tokens is not None and len(prompt_ids) > request.max_prompt_tokens:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the limit here is {request.max_prompt_tokens}")
+    return chat, prompt_ids
+
+
+def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None = None) -> Iterator[Event]:
+    """Yield every event of one run; the last one is its RunFinished (unless the run raised)."""
+    spec = get_strategy(request.strategy)
+    config, max_new_tokens, stops = request.config, request.max_new_tokens, list(request.stop_strings)
+    model = model.for_run()  # count this run's forward passes only
+    chat, prompt_ids = encode_request(model, request)
     if spec.prepare is not None:
         spec.prepare(model, config)  # e.g. load the draft model: bad input is refused before a run is stored
     recorder = recorder or Recorder()

@@ -5,6 +5,7 @@ foreign keys on); any SQLAlchemy URL works.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -52,19 +53,9 @@ class RunSummary:
 
 
 def _summary(row: RunRow) -> RunSummary:
-    return RunSummary(
-        run_id=row.id,
-        created_at=row.created_at,
-        strategy=row.strategy,
-        model_id=row.model_id,
-        prompt=row.prompt,
-        seed=row.seed,
-        status=row.status,
-        error=row.error,
-        text=row.text,
-        new_tokens=row.new_tokens,
-        wall_time_s=row.wall_time_s,
-    )
+    """A row as a plain summary: every RunSummary field is the row's column of the same name (run_id: id)."""
+    columns = {f.name: getattr(row, f.name) for f in dataclasses.fields(RunSummary) if f.name != "run_id"}
+    return RunSummary(run_id=row.id, **columns)
 
 
 def _now() -> str:
