@@ -292,6 +292,9 @@ class Page:
     traces: gr.State
     link: gr.Markdown
     tabs: gr.Tabs
+    add_btn: gr.Button
+    remove_btn: gr.Button
+    baseline_btn: gr.Button
     lanes: list[Lane] = field(default_factory=list)
     views: list[gr.Plot] = field(default_factory=list)
 
@@ -307,7 +310,11 @@ class Page:
         return dict(zip(self.views, render_views(traces, view_lane), strict=True))
 
     def show_lanes(self, count: int) -> dict[Any, Any]:
-        return {self.lane_count: count, **{lane.column: gr.Column(visible=lane.index < count) for lane in self.lanes}}
+        """`count` lanes visible; the lane buttons enabled only where they can act (never a broken page)."""
+        return {self.lane_count: count, **{lane.column: gr.Column(visible=lane.index < count) for lane in self.lanes},
+                self.add_btn: gr.Button(interactive=count < MAX_LANES),
+                self.baseline_btn: gr.Button(interactive=count < MAX_LANES),
+                self.remove_btn: gr.Button(interactive=count > 1)}
 
     def opened(self, traces: list[Trace], color_by: str, view_lane: str) -> dict[Any, Any]:
         """Stored runs shown in the lanes, as if they had just run."""
@@ -343,8 +350,10 @@ class Page:
                         last_tree = last
                         update[self.views[BEAM_VIEW]] = VIEWS[BEAM_VIEW].render(traces, int(view_lane) - 1)
                     yield update
-        except ValueError as error:
-            raise fail(error) from None
+        except ValueError as error:  # one message; the lanes keep what they showed
+            gr.Warning(str(error))
+            yield {self.link: gr.skip()}
+            return
         for result in results:
             if result.error:
                 gr.Warning(f"a lane failed: {result.error} (stored as failed)")
@@ -358,7 +367,8 @@ class Page:
     def add_greedy_baseline(self, count: int) -> dict[Any, Any]:
         """Open one more lane set to greedy: the baseline that speedups are measured against."""
         if int(count) >= MAX_LANES:
-            raise fail(f"all {MAX_LANES} lanes are in use: remove one first")
+            gr.Warning(f"all {MAX_LANES} lanes are in use: remove one first")
+            return self.show_lanes(int(count))
         added = self.lanes[int(count)]
         return {**self.show_lanes(int(count) + 1), added.strategy: gr.update(value="greedy")}
 
@@ -381,7 +391,8 @@ class Page:
     @property
     def opened_outputs(self) -> list[Any]:
         return [*(c for lane in self.lanes for c in (lane.output, lane.metrics, lane.column, lane.strategy)),
-                *self.views, self.traces, self.link, self.lane_count, self.tabs]
+                *self.views, self.traces, self.link, self.lane_count, self.tabs, self.add_btn, self.remove_btn,
+                self.baseline_btn]
 
 
 def pick_history_row(table: Any, current: str, event: gr.SelectData) -> str:
@@ -440,7 +451,7 @@ def compare_tab(tabs: gr.Tabs) -> Page:
         with gr.Tab(tab):
             views += [gr.Plot(label=v.label, elem_id=v.name) for v in VIEWS if v.tab == tab]
     page = Page(prompt, chat, system, model_id, seed, max_new, color_by, view_lane, gr.State(2), gr.State([]), link,
-                tabs, lanes, views)
+                tabs, add_btn, remove_btn, baseline_btn, lanes, views)
 
     lane_outputs = [c for lane in lanes for c in (lane.output, lane.metrics)]
     run_inputs = {prompt, chat, system, model_id, seed, max_new, color_by, view_lane, page.lane_count,
@@ -448,7 +459,7 @@ def compare_tab(tabs: gr.Tabs) -> Page:
     run_event = run_btn.click(page.run, run_inputs, [*lane_outputs, *views, page.traces, link],
                               concurrency_limit=CONCURRENCY, api_visibility="private")
     stop_btn.click(None, cancels=[run_event])
-    lane_columns = [page.lane_count, *(lane.column for lane in lanes)]
+    lane_columns = [page.lane_count, *(lane.column for lane in lanes), add_btn, remove_btn, baseline_btn]
     add_btn.click(lambda n: page.change_lanes(n, +1), page.lane_count, lane_columns, queue=False)
     remove_btn.click(lambda n: page.change_lanes(n, -1), page.lane_count, lane_columns, queue=False)
     baseline_btn.click(page.add_greedy_baseline, page.lane_count, [*lane_columns, *(lane.strategy for lane in lanes)],

@@ -51,6 +51,12 @@ def test_render_views_fills_every_tab(tiny_flat):
     figures = app.render_views(traces, "1")
     assert len(figures) == app.VIEW_COUNT == len(app.VIEW_NAMES)
     assert figures[app.BEAM_VIEW].layout.title.text.startswith("Beam tree")
+    shown = dict(zip(app.VIEW_NAMES, app.render_views(traces, "2"), strict=True))
+    assert "— 2: prompt_lookup" in shown["heatmap"].layout.title.text  # the lane shown, not always "1:"
+    assert "— 2: prompt_lookup" in shown["acceptance"].layout.title.text
+    assert "— 3: jacobi" in shown["jacobi-grid"].layout.title.text  # the first lane the view applies to
+    assert "— 4: momentum" in shown["momentum"].layout.title.text
+    assert "— 1: beam" in shown["beam-tree"].layout.title.text
 
 
 def free_port() -> int:
@@ -182,6 +188,9 @@ def test_browser_two_lanes_heatmap_and_permalink(server, browser, tmp_path):
     stored = Store(db).load_traces(run_ids)
     assert [t.started.strategy for t in stored] == ["greedy", "sample"]
     assert page.locator("#lane1-output .tok").count() == len(stored[0].token_ids)
+    page.get_by_role("radio", name="2", exact=True).check()
+    page.wait_for_function("document.querySelector('#heatmap') && "
+                           "document.querySelector('#heatmap').textContent.includes('2: sample')", timeout=30_000)
     shot = Path(os.environ.get("DECODING_EXPLORER_SCREENSHOT", tmp_path / "app.png"))
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
@@ -219,6 +228,29 @@ def test_browser_bad_input_shows_a_message_not_a_trace(server, browser):
     page.locator("#run").click()
     page.wait_for_selector("text=the prompt is empty", timeout=30_000)
     assert "Traceback" not in page.content()
+    page.wait_for_timeout(500)
+    assert page.locator("[data-testid='status-tracker'] .error").count() == 0  # one toast, no red badges
+
+
+@pytest.mark.browser
+def test_browser_lane_buttons_never_break_the_page(server, browser):
+    url, _ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    baseline = page.get_by_role("button", name="+ greedy baseline")
+    page.get_by_role("button", name="+ lane").click()
+    baseline.click()
+    page.wait_for_function("document.querySelector('#lane4-strategy input') && "
+                           "document.querySelector('#lane4-strategy input').value === 'greedy'", timeout=30_000)
+    assert baseline.is_disabled() and page.get_by_role("button", name="+ lane").is_disabled()
+    baseline.click(force=True)  # a click that lands anyway changes nothing and breaks nothing
+    page.wait_for_timeout(800)
+    assert page.locator("[data-testid='status-tracker'] .error").count() == 0
+    assert all(page.locator(f"#lane{lane}-strategy input").is_visible() for lane in range(1, 5))
+    page.get_by_role("button", name="− lane").click()
+    page.wait_for_function("!document.querySelector('#lane4-output') || "
+                           "document.querySelector('#lane4-output').offsetParent === null", timeout=30_000)
+    assert not baseline.is_disabled()
 
 
 def choose_strategy(page, lane: int, name: str) -> None:

@@ -134,9 +134,13 @@ def test_jacobi_convergence_is_consistent(drafted):
     assert set(converged) == committed
     commit_round = {}
     for round_ in trace.rounds:
-        for offset in range(round_.accepted_count + 1):
-            commit_round.setdefault(round_.position + offset, round_.round)
+        for offset in range(round_.accepted_count + 1):  # the bonus is the guess of the next iteration
+            commit_round.setdefault(round_.position + offset, round_.round + (offset == round_.accepted_count))
     assert all(converged[p] <= commit_round[p] for p in converged)
+    texts = {s.position: s.token_text for s in trace.token_steps}
+    at = {(c.iteration, c.position): c for c in cells}
+    for position, iteration in converged.items():  # every diamond sits on the committed token
+        assert at[iteration, position].token_text == texts[position] and at[iteration, position].final
     graph = jacobi_dependency_graph(trace)
     assert graph.number_of_nodes() == len(committed) and graph.number_of_edges() == len(committed) - 1
     assert all(converged[b] >= converged[a] for a, b in graph.edges)  # causal: never before its predecessor

@@ -66,13 +66,19 @@ def _all(function: Callable[[Sequence[Trace]], go.Figure]) -> Callable[[Sequence
     return lambda traces, lane: function([t for t in traces if t is not None])
 
 
-def _one(function: Callable[[Trace | None], go.Figure], wanted: Callable[[Trace], bool]
+def _one(function: Callable[..., go.Figure], wanted: Callable[[Trace], bool]
          ) -> Callable[[Sequence[Trace | None], int], go.Figure]:
-    return lambda traces, lane: function(pick(traces, lane, wanted))
+    """A per-lane view: the chosen lane (or the first it applies to), titled with that lane's own number."""
+    def render(traces: Sequence[Trace | None], lane: int) -> go.Figure:
+        trace = pick(traces, lane, wanted)
+        return function(trace, lane=next((i for i, t in enumerate(traces) if t is trace), 0))
+
+    return render
 
 
 VIEWS = [
-    View("heatmap", "Top-k heatmap", "per-step top-k", lambda traces, lane: topk_heatmap(_chosen(traces, lane))),
+    View("heatmap", "Top-k heatmap", "per-step top-k",
+         lambda traces, lane: topk_heatmap(_chosen(traces, lane), lane=lane)),
     View("entropy", "Entropy", "entropy and confidence", _all(entropy_curves)),
     View("divergence", "Divergence", "divergence from lane 1", _all(divergence_figure)),
     View("mirostat", "Mirostat", "mirostat", _all(mirostat_figure)),

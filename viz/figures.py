@@ -14,7 +14,7 @@ from viz.labels import lane_name, show_token
 from viz.theme import DIFFERENT, FIRST_DIVERGENCE, SAME, SEQUENTIAL, base_layout, empty_figure, lane_color, lane_dash
 
 
-def topk_heatmap(trace: Trace | None, max_steps: int = 200) -> go.Figure:
+def topk_heatmap(trace: Trace | None, max_steps: int = 200, lane: int = 0) -> go.Figure:
     """Steps on x, rank on y, colour = raw probability; the chosen token is outlined."""
     if trace is None or not trace.token_steps:
         return empty_figure("Run something to see its per-step top-k distribution.")
@@ -36,7 +36,7 @@ def topk_heatmap(trace: Trace | None, max_steps: int = 200) -> go.Figure:
         marker=dict(symbol="square-open", size=14, color="#D55E00", line=dict(width=2)), hoverinfo="skip",
     ))
     figure.update_yaxes(autorange="reversed", dtick=1)
-    return base_layout(figure, f"Top-{k} per step — {lane_name(trace, 0)}", "step", "rank", height=420)
+    return base_layout(figure, f"Top-{k} per step — {lane_name(trace, lane)}", "step", "rank", height=420)
 
 
 def entropy_curves(traces: Sequence[Trace]) -> go.Figure:

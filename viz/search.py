@@ -66,7 +66,7 @@ def tree_layout(graph: nx.DiGraph) -> dict[str, tuple[float, float]]:
     return positions
 
 
-def beam_tree_figure(trace: Trace | None, max_steps: int = 60) -> go.Figure:
+def beam_tree_figure(trace: Trace | None, max_steps: int = 60, lane: int = 0) -> go.Figure:
     if trace is None or not _events(trace, BeamStep):
         return empty_figure("Run a beam or diverse_beam lane to see its search tree grow.")
     graph = beam_tree(trace)
@@ -101,7 +101,7 @@ def beam_tree_figure(trace: Trace | None, max_steps: int = 60) -> go.Figure:
                                 textposition="middle left", marker=dict(size=12, color="#000000"), hoverinfo="skip"))
     figure.update_yaxes(showticklabels=False)
     rows = max((-p[1] for p in positions.values()), default=1)
-    return base_layout(figure, f"Beam tree — {lane_name(trace, 0)}", "step", "candidates (sibling order)",
+    return base_layout(figure, f"Beam tree — {lane_name(trace, lane)}", "step", "candidates (sibling order)",
                        height=int(min(1200, 260 + 22 * rows)))
 
 
@@ -114,7 +114,7 @@ def _node_hover(data: dict) -> str:
     return text + ("<br>on an n-best path" if data.get("best") else "")
 
 
-def contrastive_figure(trace: Trace | None) -> go.Figure:
+def contrastive_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     steps = [e for e in _events(trace, CandidateStep) if e.feature_name == "max cosine similarity"]
     if not steps:
         return empty_figure("Run a contrastive lane to see model probability against degeneration penalty.")
@@ -132,7 +132,7 @@ def contrastive_figure(trace: Trace | None) -> go.Figure:
                                     marker=dict(size=9 if chosen else 6, symbol="diamond" if chosen else "circle",
                                                 color="#D55E00" if chosen else "#56B4E9"),
                                     hovertext=hover, hoverinfo="text"))
-    return base_layout(figure, f"Contrastive search candidates — {lane_name(trace, 0)}", "model probability p(v)",
+    return base_layout(figure, f"Contrastive search candidates — {lane_name(trace, lane)}", "model probability p(v)",
                        "degeneration penalty: max cosine similarity to the context")
 
 
@@ -160,7 +160,7 @@ def momentum_graph(trace: Trace) -> nx.DiGraph:
     return graph
 
 
-def momentum_figure(trace: Trace | None, max_nodes: int = 120) -> go.Figure:
+def momentum_figure(trace: Trace | None, max_nodes: int = 120, lane: int = 0) -> go.Figure:
     if trace is None or not any(e.feature_name == "loop length" for e in _events(trace, CandidateStep)):
         return empty_figure("Run a momentum lane to see its token graph and loop penalties.")
     graph = momentum_graph(trace)
@@ -186,10 +186,10 @@ def momentum_figure(trace: Trace | None, max_nodes: int = 120) -> go.Figure:
     ))
     figure.update_xaxes(visible=False)
     figure.update_yaxes(visible=False, scaleanchor="x")
-    return base_layout(figure, f"Momentum decoding: token graph — {lane_name(trace, 0)}", "", "", height=560)
+    return base_layout(figure, f"Momentum decoding: token graph — {lane_name(trace, lane)}", "", "", height=560)
 
 
-def cautious_figure(trace: Trace | None) -> go.Figure:
+def cautious_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     branches = _events(trace, TrialBranch)
     if not branches:
         return empty_figure("Run a cautious lane (with a low enough threshold) to see its branching.")
@@ -207,7 +207,7 @@ def cautious_figure(trace: Trace | None) -> go.Figure:
                                                 color="#D55E00" if chosen else "#56B4E9"),
                                     hovertext=hover, hoverinfo="text"))
     figure.update_yaxes(type="log")
-    return base_layout(figure, f"Cautious decoding: trials at uncertain steps — {lane_name(trace, 0)}", "step",
+    return base_layout(figure, f"Cautious decoding: trials at uncertain steps — {lane_name(trace, lane)}", "step",
                        "trial perplexity")
 
 

@@ -28,7 +28,7 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def acceptance_heatmap(trace: Trace | None, max_rounds: int = 150) -> go.Figure:
+def acceptance_heatmap(trace: Trace | None, max_rounds: int = 150, lane: int = 0) -> go.Figure:
     """Round x draft position: accepted (blue), rejected (red), not reached (grey); hover gives p, q, u."""
     if not _has_rounds(trace):
         return empty_figure("Run a draft-verify strategy (speculative, prompt_lookup, jacobi, ...) to see rounds.")
@@ -52,7 +52,7 @@ def acceptance_heatmap(trace: Trace | None, max_rounds: int = 150) -> go.Figure:
     ))
     figure.update_yaxes(autorange="reversed", type="category")
     figure.update_xaxes(dtick=1)
-    return base_layout(figure, f"Acceptance per round — {lane_name(trace, 0)}", "draft position", "round",
+    return base_layout(figure, f"Acceptance per round — {lane_name(trace, lane)}", "draft position", "round",
                        height=min(900, 200 + 8 * len(rounds)))
 
 
@@ -85,7 +85,7 @@ def acceptance_by_position_figure(traces: Sequence[Trace]) -> go.Figure:
                        "draft position", "acceptance rate")
 
 
-def round_timeline(trace: Trace | None, max_rounds: int = 200) -> go.Figure:
+def round_timeline(trace: Trace | None, max_rounds: int = 200, lane: int = 0) -> go.Figure:
     if not _has_rounds(trace):
         return empty_figure("Run a draft-verify strategy to see draft and verify time per round.")
     rounds = trace.rounds[:max_rounds]
@@ -97,7 +97,7 @@ def round_timeline(trace: Trace | None, max_rounds: int = 200) -> go.Figure:
                hovertemplate="round %{x}: verify %{y:.1f} ms"),
     ])
     figure.update_layout(barmode="stack")
-    return base_layout(figure, f"Draft vs verify time per round — {lane_name(trace, 0)}", "round", "ms")
+    return base_layout(figure, f"Draft vs verify time per round — {lane_name(trace, lane)}", "round", "ms")
 
 
 def layer_skip_figure(traces: Sequence[Trace]) -> go.Figure:
@@ -141,7 +141,8 @@ class JacobiCell:
 
 def jacobi_cells(trace: Trace) -> tuple[list[JacobiCell], dict[int, int]]:
     """The iteration x position grid and, per committed position, the iteration it converged at: the first
-    iteration from which its guess stayed equal to the committed token (its commit iteration if never)."""
+    iteration from which its guess stayed equal to the committed token. Row k holds the guesses y^(k) that
+    iteration k verified, plus the one new guess y^(k+1) its pass committed as the bonus token."""
     committed = {s.position: s.token_id for s in trace.token_steps}
     commit_iteration: dict[int, int] = {}
     guesses: dict[int, list[tuple[int, int]]] = defaultdict(list)
@@ -151,10 +152,19 @@ def jacobi_cells(trace: Trace) -> tuple[list[JacobiCell], dict[int, int]]:
             position = round_.position + i
             guesses[position].append((round_.round, token))
             cells.append(JacobiCell(round_.round, position, round_.draft_texts[i], committed.get(position) == token))
-        for offset in range(round_.accepted_count + 1):
+        for offset in range(round_.accepted_count):  # accepted guesses: committed at this iteration
             commit_iteration.setdefault(round_.position + offset, round_.round)
-    converged = {}
-    for position, iteration in commit_iteration.items():
+        # The bonus token is y^(k+1) at the first position not accepted: the new guess that this iteration's
+        # pass produced there, committed at once. It is a cell of iteration k + 1 (no later draft row holds
+        # that position, because it is committed).
+        bonus = round_.position + round_.accepted_count
+        guesses[bonus].append((round_.round + 1, round_.bonus_token))
+        cells.append(JacobiCell(round_.round + 1, bonus, round_.bonus_text,
+                                committed.get(bonus) == round_.bonus_token))
+        commit_iteration.setdefault(bonus, round_.round + 1)
+    converged: dict[int, int] = {}
+    for position in sorted(commit_iteration):
+        iteration = commit_iteration[position]
         first = iteration
         for guess_iteration, token in reversed(guesses.get(position, [])):
             if guess_iteration > iteration:
@@ -162,11 +172,12 @@ def jacobi_cells(trace: Trace) -> tuple[list[JacobiCell], dict[int, int]]:
             if token != committed.get(position):
                 break
             first = guess_iteration
-        converged[position] = first
+        # A guess that matched by chance before its predecessor was fixed had not converged yet.
+        converged[position] = max(first, converged.get(position - 1, first))
     return cells, converged
 
 
-def jacobi_grid(trace: Trace | None, max_positions: int = 80) -> go.Figure:
+def jacobi_grid(trace: Trace | None, max_positions: int = 80, lane: int = 0) -> go.Figure:
     if not _has_rounds(trace) or trace.started.strategy != "jacobi":
         return empty_figure("Run a jacobi lane to see its iteration x position grid.")
     cells, converged = jacobi_cells(trace)
@@ -184,7 +195,8 @@ def jacobi_grid(trace: Trace | None, max_positions: int = 80) -> go.Figure:
                                 marker=dict(symbol="diamond-open", size=20, color="#D55E00", line=dict(width=2)),
                                 hovertemplate="position %{x} converged at iteration %{y}"))
     figure.update_yaxes(autorange="reversed")
-    return base_layout(figure, "Jacobi: guesses per iteration (blue = the final token)", "position", "iteration",
+    return base_layout(figure, f"Jacobi: guesses per iteration (blue = the final token) — {lane_name(trace, lane)}",
+                       "position", "iteration",
                        height=min(900, 220 + 18 * len({c.iteration for c in cells})))
 
 
@@ -201,7 +213,7 @@ def jacobi_dependency_graph(trace: Trace) -> nx.DiGraph:
     return graph
 
 
-def jacobi_graph_figure(trace: Trace | None, max_positions: int = 80) -> go.Figure:
+def jacobi_graph_figure(trace: Trace | None, max_positions: int = 80, lane: int = 0) -> go.Figure:
     if not _has_rounds(trace) or trace.started.strategy != "jacobi":
         return empty_figure("Run a jacobi lane to see which positions converged after which.")
     graph = jacobi_dependency_graph(trace)
@@ -224,7 +236,8 @@ def jacobi_graph_figure(trace: Trace | None, max_positions: int = 80) -> go.Figu
         hovertext=[f"position {n} {graph.nodes[n]['token']!r} converged at iteration {graph.nodes[n]['iteration']}"
                    for n in nodes], hoverinfo="text",
     ))
-    return base_layout(figure, "Jacobi: convergence dependencies", "position", "converged at iteration")
+    return base_layout(figure, f"Jacobi: convergence dependencies — {lane_name(trace, lane)}", "position",
+                       "converged at iteration")
 
 
 # ------------------------------------------------------------------------------------------ draft trees
@@ -242,7 +255,7 @@ def _tree_positions(parents: list[int]) -> list[tuple[float, float]]:
     return positions
 
 
-def draft_tree_figure(trace: Trace | None, max_rounds: int = 60) -> go.Figure:
+def draft_tree_figure(trace: Trace | None, max_rounds: int = 60, lane: int = 0) -> go.Figure:
     """One draft tree per round with a slider: nodes coloured by verdict, the bonus token after the accepted
     path, hover with token, q, p and u."""
     rounds = [r for r in (trace.rounds if trace is not None else []) if len(r.draft_tokens) > 0][:max_rounds]
@@ -281,12 +294,14 @@ def draft_tree_figure(trace: Trace | None, max_rounds: int = 60) -> go.Figure:
         steps.append(dict(method="update", label=str(round_.round),
                           args=[{"visible": visible},
                                 {"title.text": f"Draft tree, round {round_.round}: {len(round_.draft_tokens)} "
-                                               f"nodes, {round_.accepted_count} accepted + {round_.bonus_kind}"}]))
+                                               f"nodes, {round_.accepted_count} accepted + {round_.bonus_kind} — "
+                                               f"{lane_name(trace, lane)}"}]))
     figure.update_layout(sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="round "), pad=dict(t=40))])
     figure.update_yaxes(showticklabels=False)
     first = rounds[0]
     return base_layout(figure, f"Draft tree, round {first.round}: {len(first.draft_tokens)} nodes, "
-                       f"{first.accepted_count} accepted + {first.bonus_kind}", "depth", "siblings", height=480)
+                       f"{first.accepted_count} accepted + {first.bonus_kind} — {lane_name(trace, lane)}", "depth",
+                       "siblings", height=480)
 
 
 def tree_size_figure(traces: Sequence[Trace]) -> go.Figure:
@@ -336,7 +351,7 @@ def pool_graph(trace: Trace) -> nx.DiGraph:
     return graph
 
 
-def pool_figure(trace: Trace | None, max_nodes: int = 150) -> go.Figure:
+def pool_figure(trace: Trace | None, max_nodes: int = 150, lane: int = 0) -> go.Figure:
     if trace is None or not any(e.kind == "pool_update" for e in trace.events):
         return empty_figure("Run a lookahead or token_recycling lane to see its n-gram pool / adjacency graph.")
     graph = pool_graph(trace)
@@ -363,4 +378,4 @@ def pool_figure(trace: Trace | None, max_nodes: int = 150) -> go.Figure:
     ))
     figure.update_xaxes(visible=False)
     figure.update_yaxes(visible=False, scaleanchor="x")
-    return base_layout(figure, f"Pool / adjacency graph — {lane_name(trace, 0)}", "", "", height=560)
+    return base_layout(figure, f"Pool / adjacency graph — {lane_name(trace, lane)}", "", "", height=560)
