@@ -309,9 +309,12 @@ class Page:
     def render_views(self, traces: list[Any], view_lane: str) -> dict[Any, Any]:
         return dict(zip(self.views, render_views(traces, view_lane), strict=True))
 
-    def show_lanes(self, count: int) -> dict[Any, Any]:
-        """`count` lanes visible; the lane buttons enabled only where they can act (never a broken page)."""
+    def show_lanes(self, count: int, view_lane: str = "1") -> dict[Any, Any]:
+        """`count` lanes visible; the per-lane view picker offers those lanes only; the lane buttons are enabled
+        only where they can act (never a broken page)."""
+        view = view_lane if view_lane and int(view_lane) <= count else str(count)
         return {self.lane_count: count, **{lane.column: gr.Column(visible=lane.index < count) for lane in self.lanes},
+                self.view_lane: gr.Radio(choices=[str(i + 1) for i in range(count)], value=view),
                 self.add_btn: gr.Button(interactive=count < MAX_LANES),
                 self.baseline_btn: gr.Button(interactive=count < MAX_LANES),
                 self.remove_btn: gr.Button(interactive=count > 1)}
@@ -319,7 +322,7 @@ class Page:
     def opened(self, traces: list[Trace], color_by: str, view_lane: str) -> dict[Any, Any]:
         """Stored runs shown in the lanes, as if they had just run."""
         return {**self.render_lanes(traces, color_by), **self.render_views(traces, view_lane), self.traces: traces,
-                self.link: permalink(traces), **self.show_lanes(len(traces)),
+                self.link: permalink(traces), **self.show_lanes(len(traces), view_lane),
                 **{lane.strategy: gr.update(value=trace.started.strategy)
                    for lane, trace in zip(self.lanes, traces, strict=False)},
                 self.tabs: gr.Tabs(selected="compare")}
@@ -361,16 +364,16 @@ class Page:
         yield {**self.render_lanes(traces, color_by), **self.render_views(traces, view_lane), self.traces: traces,
                self.link: permalink(traces)}
 
-    def change_lanes(self, count: int, delta: int) -> dict[Any, Any]:
-        return self.show_lanes(min(max(int(count) + delta, 1), MAX_LANES))
+    def change_lanes(self, count: int, delta: int, view_lane: str) -> dict[Any, Any]:
+        return self.show_lanes(min(max(int(count) + delta, 1), MAX_LANES), view_lane)
 
-    def add_greedy_baseline(self, count: int) -> dict[Any, Any]:
+    def add_greedy_baseline(self, count: int, view_lane: str) -> dict[Any, Any]:
         """Open one more lane set to greedy: the baseline that speedups are measured against."""
         if int(count) >= MAX_LANES:
             gr.Warning(f"all {MAX_LANES} lanes are in use: remove one first")
-            return self.show_lanes(int(count))
+            return self.show_lanes(int(count), view_lane)
         added = self.lanes[int(count)]
-        return {**self.show_lanes(int(count) + 1), added.strategy: gr.update(value="greedy")}
+        return {**self.show_lanes(int(count) + 1, view_lane), added.strategy: gr.update(value="greedy")}
 
     def open_runs(self, run_ids: str, color_by: str, view_lane: str, request: gr.Request) -> dict[Any, Any]:
         return self.opened(load_runs(run_ids, owner_of(request)), color_by, view_lane)
@@ -392,7 +395,7 @@ class Page:
     def opened_outputs(self) -> list[Any]:
         return [*(c for lane in self.lanes for c in (lane.output, lane.metrics, lane.column, lane.strategy)),
                 *self.views, self.traces, self.link, self.lane_count, self.tabs, self.add_btn, self.remove_btn,
-                self.baseline_btn]
+                self.baseline_btn, self.view_lane]
 
 
 def pick_history_row(table: Any, current: str, event: gr.SelectData) -> str:
@@ -445,7 +448,7 @@ def compare_tab(tabs: gr.Tabs) -> Page:
             figure_width = gr.Radio(["one", "two"], value="one", label="paper column width")
             figures_btn = gr.Button("Export all views", size="sm")
             figures_file = gr.File(label="views (zip)", interactive=False, elem_id="figures-zip", height=90)
-    view_lane = gr.Radio([str(i + 1) for i in range(MAX_LANES)], value="1", label="lane shown in the per-lane views")
+    view_lane = gr.Radio(["1", "2"], value="1", label="lane shown in the per-lane views", elem_id="view-lane")
     views = []
     for tab in dict.fromkeys(view.tab for view in VIEWS):
         with gr.Tab(tab):
@@ -459,10 +462,12 @@ def compare_tab(tabs: gr.Tabs) -> Page:
     run_event = run_btn.click(page.run, run_inputs, [*lane_outputs, *views, page.traces, link],
                               concurrency_limit=CONCURRENCY, api_visibility="private")
     stop_btn.click(None, cancels=[run_event])
-    lane_columns = [page.lane_count, *(lane.column for lane in lanes), add_btn, remove_btn, baseline_btn]
-    add_btn.click(lambda n: page.change_lanes(n, +1), page.lane_count, lane_columns, queue=False)
-    remove_btn.click(lambda n: page.change_lanes(n, -1), page.lane_count, lane_columns, queue=False)
-    baseline_btn.click(page.add_greedy_baseline, page.lane_count, [*lane_columns, *(lane.strategy for lane in lanes)],
+    lane_columns = [page.lane_count, *(lane.column for lane in lanes), add_btn, remove_btn, baseline_btn, view_lane]
+    add_btn.click(lambda n, v: page.change_lanes(n, +1, v), [page.lane_count, view_lane], lane_columns, queue=False)
+    remove_btn.click(lambda n, v: page.change_lanes(n, -1, v), [page.lane_count, view_lane], lane_columns,
+                     queue=False)
+    baseline_btn.click(page.add_greedy_baseline, [page.lane_count, view_lane],
+                       [*lane_columns, *(lane.strategy for lane in lanes)],
                        queue=False)
     color_by.change(page.render_lanes, [page.traces, color_by], lane_outputs, queue=False)
     view_lane.change(page.render_views, [page.traces, view_lane], views)

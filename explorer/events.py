@@ -43,6 +43,7 @@ class RunStarted:
     created_at: str
     tags: dict[str, str] = field(default_factory=dict)  # e.g. a sweep's prompt category and resume key
     history: list[list[str]] = field(default_factory=list)  # earlier [user, assistant] turns of a conversation
+    defaults: dict[str, Any] = field(default_factory=dict)  # the strategy's default config (labels show changes)
 
 
 @dataclass(frozen=True)

@@ -107,4 +107,5 @@ class RunRequest:
             prompt_ids=prompt_ids, max_new_tokens=self.max_new_tokens, stop_strings=list(self.stop_strings),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"), tags=dict(self.tags),
             history=[[user, answer] for user, answer in self.history],
+            defaults=config_dict(type(self.config)()),
         )

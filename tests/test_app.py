@@ -243,6 +243,7 @@ def test_browser_lane_buttons_never_break_the_page(server, browser):
     page.wait_for_function("document.querySelector('#lane4-strategy input') && "
                            "document.querySelector('#lane4-strategy input').value === 'greedy'", timeout=30_000)
     assert baseline.is_disabled() and page.get_by_role("button", name="+ lane").is_disabled()
+    assert page.locator("#view-lane input[type=radio]").count() == 4  # the per-lane views offer open lanes only
     baseline.click(force=True)  # a click that lands anyway changes nothing and breaks nothing
     page.wait_for_timeout(800)
     assert page.locator("[data-testid='status-tracker'] .error").count() == 0
@@ -251,6 +252,7 @@ def test_browser_lane_buttons_never_break_the_page(server, browser):
     page.wait_for_function("!document.querySelector('#lane4-output') || "
                            "document.querySelector('#lane4-output').offsetParent === null", timeout=30_000)
     assert not baseline.is_disabled()
+    assert page.locator("#view-lane input[type=radio]").count() == 3
 
 
 def choose_strategy(page, lane: int, name: str) -> None:

@@ -214,3 +214,13 @@ def searched_started():
     return RunStarted(run_id="r", strategy="greedy", config={}, model_id="m", weights_hash="", dtype="float32",
                       device="cpu", seed=0, versions={}, prompt="p", chat=False, system_prompt=None, prompt_ids=[0],
                       max_new_tokens=6, stop_strings=[], created_at="2026-01-01T00:00:00")
+
+
+def test_lane_names_show_only_changed_parameters(tiny):
+    from viz.labels import lane_name
+
+    tree = run_to_end(tiny, RunRequest.build("tree_speculative", {}, "Hi", max_new_tokens=4))
+    assert lane_name(tree, 1) == "2: tree_speculative"
+    changed = run_to_end(tiny, RunRequest.build("tree_speculative", {"depth": 2, "rule": "sampling"}, "Hi",
+                                                max_new_tokens=4))
+    assert lane_name(changed, 0) == "1: tree_speculative (rule=sampling, depth=2)"

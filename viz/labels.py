@@ -12,9 +12,22 @@ def show_token(text: str, limit: int = 14) -> str:
 
 
 def lane_name(trace: Trace, index: int) -> str:
-    config = ", ".join(f"{k}={v}" for k, v in trace.started.config.items() if not _is_default_like(k, v))
-    label = f"{index + 1}: {trace.started.strategy}"
+    """'2: sample (top_p=0.9)': the lane number, the strategy, and only the parameters changed from their
+    defaults (for runs stored before defaults were recorded: those that are not a neutral sampling value)."""
+    started = trace.started
+    changed = {k: v for k, v in started.config.items()
+               if (started.defaults.get(k, _MISSING) != v if started.defaults else not _is_default_like(k, v))}
+    config = ", ".join(f"{k}={_short(v)}" for k, v in changed.items())
+    label = f"{index + 1}: {started.strategy}"
     return f"{label} ({config})" if config else label
+
+
+_MISSING = object()
+
+
+def _short(value: object, limit: int = 24) -> str:
+    text = str(value)
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]  # paths: their end says most
 
 
 def _is_default_like(key: str, value: object) -> bool:
