@@ -33,9 +33,10 @@ from explorer.models import MODEL_CACHE
 from explorer.recorder import Recorder
 from explorer.request import RunRequest, check_max_new_tokens, parse_run_ids
 from explorer.runner import run_to_end
+from explorer.sampling import SamplingFilters
 from explorer.serving import ServerPolicy
 from explorer.strategies import REGISTRY
-from explorer.strategies.base import field_type
+from explorer.strategies.base import FAMILIES, field_type
 from explorer.trace import Trace
 from store import Store
 from viz import metrics_html, tokens_html
@@ -210,19 +211,48 @@ def generate(prompt: str, strategy: str = "greedy", params: str = "{}", model: s
 
 
 # -------------------------------------------------------------------------------------------- lanes
-def make_control(config: type, spec: dataclasses.Field) -> gr.components.Component:
+def make_control(config: type, spec: dataclasses.Field, interactive: bool = True) -> gr.components.Component:
     kind, meta = field_type(config, spec.name), spec.metadata
-    label, info = spec.name, meta.get("help")
+    common = dict(label=spec.name, info=meta.get("help"), interactive=interactive)
     if kind is bool:
-        return gr.Checkbox(value=spec.default, label=label, info=info)
+        return gr.Checkbox(value=spec.default, **common)
     if "choices" in meta:
-        return gr.Dropdown(choices=list(meta["choices"]), value=spec.default, label=label, info=info)
+        return gr.Dropdown(choices=list(meta["choices"]), value=spec.default, **common)
     if kind is str:
-        return gr.Textbox(value=spec.default, label=label, info=info)
+        return gr.Textbox(value=spec.default, **common)
     if kind in (int, float) and "minimum" in meta and "maximum" in meta:
-        return gr.Slider(meta["minimum"], meta["maximum"], value=spec.default, step=meta.get("step"),
-                         label=label, info=info)
-    return gr.Number(value=spec.default, label=label, info=info, precision=0 if kind is int else None)
+        return gr.Slider(meta["minimum"], meta["maximum"], value=spec.default, step=meta.get("step"), **common)
+    return gr.Number(value=spec.default, precision=0 if kind is int else None, **common)
+
+
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingFilters)}
+STRATEGY_CHOICES = [(f"{name} · {REGISTRY[name].family}", name) for name in
+                    sorted(STRATEGY_NAMES, key=lambda n: (FAMILIES.index(REGISTRY[n].family), n))]
+
+
+def strategy_about(name: str) -> str:
+    spec = REGISTRY[name]
+    return f"{spec.summary}. *{spec.paper}*" if spec.paper else spec.summary
+
+
+def filters_for_rule(count: int) -> Any:
+    """A handler enabling `count` filter controls under the sampling rule and disabling them under greedy."""
+    return lambda rule: [gr.update(interactive=rule == "sampling")] * count
+
+
+def strategy_controls(config: type) -> dict[str, gr.components.Component]:
+    """A strategy's controls, its own parameters first. A draft-verify method's sampling filters sit in a
+    collapsed 'sampling rule' group, disabled while its rule is greedy (they only shape p and q there)."""
+    fields = dataclasses.fields(config)
+    rule = next((f for f in fields if f.name == "rule"), None)
+    own = [f for f in fields if rule is None or f.name not in SAMPLING_FIELDS]
+    controls = {spec.name: make_control(config, spec) for spec in own}
+    if rule is not None:
+        with gr.Accordion("sampling rule: filters applied to p and q (rule = sampling)", open=False):
+            for spec in fields:
+                if spec.name in SAMPLING_FIELDS:
+                    controls[spec.name] = make_control(config, spec, interactive=rule.default == "sampling")
+    return controls
 
 
 @dataclass
@@ -233,6 +263,7 @@ class Lane:
     index: int
     column: gr.Column
     strategy: gr.Dropdown
+    about: gr.Markdown
     groups: dict[str, gr.Group]
     controls: dict[str, dict[str, gr.components.Component]]  # strategy -> parameter -> control
     output: gr.HTML
@@ -240,22 +271,26 @@ class Lane:
 
     @classmethod
     def build(cls, index: int, visible: bool) -> Lane:
-        with gr.Column(visible=visible, min_width=260) as column:
+        chosen = DEFAULT_LANES[index]
+        with gr.Column(visible=visible, min_width=260, elem_id=f"lane{index + 1}") as column:
             gr.Markdown(f"**Lane {index + 1}**")
-            strategy = gr.Dropdown(STRATEGY_NAMES, value=DEFAULT_LANES[index], label="strategy",
+            strategy = gr.Dropdown(STRATEGY_CHOICES, value=chosen, label="strategy",
                                    elem_id=f"lane{index + 1}-strategy")
+            about = gr.Markdown(strategy_about(chosen), elem_id=f"lane{index + 1}-about")
             groups: dict[str, gr.Group] = {}
             controls: dict[str, dict[str, gr.components.Component]] = {}
             with gr.Accordion("parameters", open=False):
                 for name in STRATEGY_NAMES:
-                    config = REGISTRY[name].config
-                    with gr.Group(visible=name == DEFAULT_LANES[index]) as groups[name]:
-                        controls[name] = {spec.name: make_control(config, spec)
-                                          for spec in dataclasses.fields(config)}
+                    with gr.Group(visible=name == chosen) as groups[name]:
+                        controls[name] = strategy_controls(REGISTRY[name].config)
             output = gr.HTML(tokens_html(None), elem_id=f"lane{index + 1}-output")
             metrics = gr.HTML("", elem_id=f"lane{index + 1}-metrics")
-        lane = cls(index, column, strategy, groups, controls, output, metrics)
-        strategy.change(lane.show_controls, strategy, list(groups.values()), queue=False)
+        lane = cls(index, column, strategy, about, groups, controls, output, metrics)
+        strategy.change(lane.show_controls, strategy, [about, *groups.values()], queue=False)
+        for group in controls.values():  # the sampling filters of a draft-verify method: only for its rule
+            if "rule" in group:
+                filters = [c for field, c in group.items() if field in SAMPLING_FIELDS]
+                group["rule"].change(filters_for_rule(len(filters)), group["rule"], filters, queue=False)
         return lane
 
     @property
@@ -263,7 +298,8 @@ class Lane:
         return [self.strategy, *(c for group in self.controls.values() for c in group.values())]
 
     def show_controls(self, strategy: str) -> dict[Any, Any]:
-        return {group: gr.Group(visible=name == strategy) for name, group in self.groups.items()}
+        return {self.about: strategy_about(strategy),
+                **{group: gr.Group(visible=name == strategy) for name, group in self.groups.items()}}
 
     def params(self, values: dict[Any, Any]) -> tuple[str, dict[str, Any]]:
         """The chosen strategy and its parameters, read from the submitted values by component."""

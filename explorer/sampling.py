@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from explorer.params import Checked
+from explorer.params import Checked, param
 
 NEG_INF = float("-inf")
 
@@ -104,14 +104,20 @@ class SamplingFilters(Checked):
     """The composable filters, applied in transformers' order: repetition penalty, temperature, top-k,
     top-p, min-p, typical, epsilon, eta. Neutral values switch a filter off."""
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    epsilon_cutoff: float = 0.0
-    eta_cutoff: float = 0.0
-    repetition_penalty: float = 1.0
+    temperature: float = param(1.0, "divide logits by this (> 0)", minimum=0.05, maximum=3.0, step=0.05)
+    top_k: int = param(0, "keep the k most likely tokens (0 = off)", minimum=0, maximum=200, step=1)
+    top_p: float = param(1.0, "nucleus: keep the most likely tokens up to mass p (1 = off)", minimum=0.01,
+                         maximum=1.0, step=0.01)
+    min_p: float = param(0.0, "keep tokens whose probability is at least min_p x the top token's (0 = off)",
+                         minimum=0.0, maximum=0.99, step=0.01)
+    typical_p: float = param(1.0, "locally typical: keep the tokens nearest the entropy up to this mass (1 = off)",
+                             minimum=0.01, maximum=1.0, step=0.01)
+    epsilon_cutoff: float = param(0.0, "drop tokens with probability below epsilon (0 = off)", minimum=0.0,
+                                  maximum=0.5, step=0.0001)
+    eta_cutoff: float = param(0.0, "eta sampling: drop tokens below min(eta, sqrt(eta)·exp(-entropy)) (0 = off)",
+                              minimum=0.0, maximum=0.5, step=0.0001)
+    repetition_penalty: float = param(1.0, "divide (or multiply, if negative) the logits of tokens already seen by "
+                                      "this (1 = off)", minimum=0.5, maximum=2.0, step=0.01)
 
     def __post_init__(self) -> None:
         checks = [

@@ -241,7 +241,8 @@ def test_browser_lane_buttons_never_break_the_page(server, browser):
     page.get_by_role("button", name="+ lane").click()
     baseline.click()
     page.wait_for_function("document.querySelector('#lane4-strategy input') && "
-                           "document.querySelector('#lane4-strategy input').value === 'greedy'", timeout=30_000)
+                           "document.querySelector('#lane4-strategy input').value === 'greedy · sampling'",
+                           timeout=30_000)
     assert baseline.is_disabled() and page.get_by_role("button", name="+ lane").is_disabled()
     assert page.locator("#view-lane input[type=radio]").count() == 4  # the per-lane views offer open lanes only
     baseline.click(force=True)  # a click that lands anyway changes nothing and breaks nothing
@@ -255,12 +256,39 @@ def test_browser_lane_buttons_never_break_the_page(server, browser):
     assert page.locator("#view-lane input[type=radio]").count() == 3
 
 
+def strategy_label(name: str) -> str:
+    from explorer.strategies import REGISTRY
+
+    return f"{name} · {REGISTRY[name].family}"
+
+
 def choose_strategy(page, lane: int, name: str) -> None:
     box = page.locator(f"#lane{lane}-strategy input")
     box.click()
-    box.fill(name)
-    page.keyboard.press("Enter")
-    page.wait_for_function(f"document.querySelector('#lane{lane}-strategy input').value === '{name}'")
+    page.locator(f"#lane{lane}-strategy").get_by_role("option", name=strategy_label(name), exact=True).click()
+    page.wait_for_function(f"document.querySelector('#lane{lane}-strategy input').value === '{strategy_label(name)}'")
+
+
+@pytest.mark.browser
+def test_browser_strategy_choice_is_explained_and_filters_follow_the_rule(server, browser):
+    url, _ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.locator("#lane1-strategy input").click()
+    options = [text.replace("✓", "").strip() for text in page.get_by_role("option").all_inner_texts()]
+    assert options[0] == "greedy · sampling" and "speculative · speed-up: draft-verify" in options
+    page.get_by_role("option", name=strategy_label("speculative"), exact=True).click()
+    page.wait_for_function("document.querySelector('#lane1-about').textContent.includes('arXiv:2211.17192')")
+    lane = page.locator("#lane1")
+    lane.get_by_text("parameters", exact=True).click()
+    lane.get_by_text("sampling rule: filters applied to p and q", exact=False).click()
+    temperature = lane.locator("input[aria-label='number input for temperature']")
+    assert temperature.is_disabled()  # greedy rule: the filters do nothing, so they are off
+    rule = lane.get_by_label("rule", exact=True).first
+    rule.click()
+    page.get_by_role("option", name="sampling", exact=True).click()
+    page.wait_for_function("() => !document.querySelector(\"#lane1 input[aria-label='number input for "
+                           "temperature']\").disabled", timeout=10_000)
 
 
 @pytest.mark.browser

@@ -216,3 +216,15 @@ def test_ctrl_c_stores_the_run_as_cancelled(store):
             pass
     stored = store.load_trace(recorder.trace.run_id)
     assert stored.status == "cancelled" and len(stored.token_steps) == 4
+
+
+def test_every_parameter_has_help_a_family_and_a_paper():
+    import dataclasses
+
+    from explorer.strategies import REGISTRY
+    from explorer.strategies.base import FAMILIES
+
+    for name, spec in REGISTRY.items():
+        assert spec.family in FAMILIES[:-1] and spec.paper, name
+        for field in dataclasses.fields(spec.config):
+            assert field.metadata.get("help"), (name, field.name)

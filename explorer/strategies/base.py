@@ -29,17 +29,24 @@ class StrategySpec:
     summary: str
     needs_budget: bool = False  # search strategies get `max_new_tokens=` (they commit only at the end)
     prepare: Callable[[Any, Any], None] | None = None  # checks (model, config) before the run is stored
+    family: str = "other"  # sampling, search, speed-up: draft-verify, speed-up: model-free
+    paper: str = ""  # the paper(s) it implements
 
 
+FAMILIES = ("sampling", "search", "speed-up: draft-verify", "speed-up: model-free", "other")
 REGISTRY: dict[str, StrategySpec] = {}
 
 
 def register(name: str, config: type, summary: str, *, needs_budget: bool = False,
-             prepare: Callable[[Any, Any], None] | None = None) -> Callable[[Callable], Callable]:
+             prepare: Callable[[Any, Any], None] | None = None, family: str = "other", paper: str = ""
+             ) -> Callable[[Callable], Callable]:
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}")
+
     def decorate(run: Callable) -> Callable:
         if name in REGISTRY:
             raise ValueError(f"strategy {name!r} is registered twice")
-        REGISTRY[name] = StrategySpec(name, run, config, summary, needs_budget, prepare)
+        REGISTRY[name] = StrategySpec(name, run, config, summary, needs_budget, prepare, family, paper)
         return run
 
     return decorate

@@ -45,7 +45,8 @@ class BeamConfig(Checked):
         check_beam_cost(self.num_beams, max_new_tokens)
 
 
-@register("beam", BeamConfig, "beam search (recorded tree; matches transformers' num_beams)", needs_budget=True)
+@register("beam", BeamConfig, "beam search (recorded tree; matches transformers' num_beams)", needs_budget=True,
+          family='search', paper="beam search as transformers' generate(num_beams) runs it")
 def run(model: Any, prompt_ids: Sequence[int], config: BeamConfig, rng: torch.Generator, *,
         max_new_tokens: int) -> Iterator[Event]:
     group = BeamGroup(config.num_beams, model.eos_token_ids, len(prompt_ids), len(prompt_ids) + max_new_tokens,

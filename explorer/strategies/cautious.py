@@ -57,7 +57,9 @@ def ends_trial(text: str) -> bool:
 
 
 @register("cautious", CautiousConfig, "cautious next-token prediction: branch at uncertain steps, keep the "
-                                      "lowest-perplexity trial")
+                                      "lowest-perplexity trial",
+          family="search",
+          paper="Wang et al. 2025, cautious next-token prediction, arXiv:2507.03038")
 def run(model: Any, prompt_ids: Sequence[int], config: CautiousConfig, rng: torch.Generator) -> Iterator[Event]:
     session = model.session()
     logits = session.forward(list(prompt_ids), all_logits=False)[-1]

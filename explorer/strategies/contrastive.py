@@ -36,7 +36,9 @@ def degeneration_penalty(candidates: torch.Tensor, context: torch.Tensor) -> tor
     return (a @ b.T).max(dim=-1).values
 
 
-@register("contrastive", ContrastiveConfig, "contrastive search: probability minus similarity to the context")
+@register("contrastive", ContrastiveConfig, "contrastive search: probability minus similarity to the context",
+          family="search",
+          paper="Su et al. 2022, arXiv:2202.06417")
 def run(model: Any, prompt_ids: Sequence[int], config: ContrastiveConfig, rng: torch.Generator) -> Iterator[Event]:
     session = model.session()
     logits, hidden = session.forward(list(prompt_ids), hidden_states=True)

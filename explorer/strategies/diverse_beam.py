@@ -42,7 +42,9 @@ class DiverseBeamConfig(Checked):
 
 
 @register("diverse_beam", DiverseBeamConfig, "diverse beam search: G groups with a Hamming diversity penalty",
-          needs_budget=True)
+          needs_budget=True,
+          family="search",
+          paper="Vijayakumar et al. 2016, arXiv:1610.02424")
 def run(model: Any, prompt_ids: Sequence[int], config: DiverseBeamConfig, rng: torch.Generator, *,
         max_new_tokens: int) -> Iterator[Event]:
     width = config.num_beams // config.groups

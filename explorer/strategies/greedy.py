@@ -18,7 +18,8 @@ class GreedyConfig(Checked):
     """Greedy decoding has no parameters."""
 
 
-@register("greedy", GreedyConfig, "argmax token at every step")
+@register("greedy", GreedyConfig, "argmax token at every step",
+          family='sampling', paper="the argmax rule (transformers' greedy generate is the reference)")
 def run(model: Any, prompt_ids: Sequence[int], config: GreedyConfig, rng: torch.Generator) -> Iterator[Event]:
     def choose(logits: torch.Tensor, context: list[int]) -> Choice:
         return Choice(int(torch.argmax(logits)))

@@ -50,6 +50,8 @@ class JacobiDrafter(Drafter):
         self.iteration += 1
 
 
-@register("jacobi", JacobiConfig, "Jacobi decoding: fixed-point iteration over a window of future tokens")
+@register("jacobi", JacobiConfig, "Jacobi decoding: fixed-point iteration over a window of future tokens",
+          family="speed-up: model-free",
+          paper="Santilli et al. 2023, arXiv:2305.10427")
 def run(model: Any, prompt_ids: Sequence[int], config: JacobiConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, JacobiDrafter(config.window), config, rng)

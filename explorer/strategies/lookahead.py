@@ -98,6 +98,8 @@ class LookaheadDrafter(Drafter):
                            continuation_texts=[[piece(t) for t in c] for _, c in added], pool_size=self.pool_size)]
 
 
-@register("lookahead", LookaheadConfig, "lookahead decoding: Jacobi window + n-gram pool, verified in one pass")
+@register("lookahead", LookaheadConfig, "lookahead decoding: Jacobi window + n-gram pool, verified in one pass",
+          family="speed-up: model-free",
+          paper="Fu et al. 2024, lookahead decoding, arXiv:2402.02057")
 def run(model: Any, prompt_ids: Sequence[int], config: LookaheadConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, LookaheadDrafter(config), config, rng)

@@ -48,7 +48,9 @@ def mirostat_truncate(logits: torch.Tensor, mu: float) -> torch.Tensor:
     return logits.masked_fill(remove, NEG_INF)
 
 
-@register("mirostat", MirostatConfig, "Mirostat v2: adaptive truncation toward a target surprise")
+@register("mirostat", MirostatConfig, "Mirostat v2: adaptive truncation toward a target surprise",
+          family="sampling",
+          paper="Basu et al. 2021, Mirostat, arXiv:2007.14966")
 def run(model: Any, prompt_ids: Sequence[int], config: MirostatConfig, rng: torch.Generator) -> Iterator[Event]:
     mu = 2.0 * config.tau
 

@@ -62,7 +62,9 @@ def resistance(length: int, free_length: int) -> float:
     return float(max(0, length - free_length))
 
 
-@register("momentum", MomentumConfig, "momentum decoding: greedy exploration with a resistance on loops")
+@register("momentum", MomentumConfig, "momentum decoding: greedy exploration with a resistance on loops",
+          family="search",
+          paper="Lan et al. 2022, momentum decoding, arXiv:2212.02175")
 def run(model: Any, prompt_ids: Sequence[int], config: MomentumConfig, rng: torch.Generator) -> Iterator[Event]:
     session = model.session()
     graph = NgramGraph(prompt_ids, config.max_ngram)

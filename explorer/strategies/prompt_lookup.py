@@ -83,6 +83,8 @@ class PromptLookupDrafter(Drafter):
             self.penalty = 0
 
 
-@register("prompt_lookup", PromptLookupConfig, "prompt lookup: copy the continuation of the latest n-gram match")
+@register("prompt_lookup", PromptLookupConfig, "prompt lookup: copy the continuation of the latest n-gram match",
+          family="speed-up: model-free",
+          paper="Saxena 2023, prompt lookup decoding; CopySpec, Dumitru et al. 2025, arXiv:2502.08923")
 def run(model: Any, prompt_ids: Sequence[int], config: PromptLookupConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, PromptLookupDrafter(config), config, rng)

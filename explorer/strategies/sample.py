@@ -15,26 +15,19 @@ from typing import Any
 import torch
 
 from explorer.events import Event
-from explorer.params import param
 from explorer.sampling import SamplingFilters, sample
 from explorer.strategies.base import Choice, autoregressive, register
 
 
 @dataclass(frozen=True)
 class SampleConfig(SamplingFilters):
-    temperature: float = param(1.0, "divide logits by this (> 0)", minimum=0.05, maximum=3.0, step=0.05)
-    top_k: int = param(0, "keep the k most likely tokens (0 = off)", minimum=0, maximum=200, step=1)
-    top_p: float = param(1.0, "nucleus: keep mass p (1 = off)", minimum=0.01, maximum=1.0, step=0.01)
-    min_p: float = param(0.0, "keep tokens >= min_p x top prob (0 = off)", minimum=0.0, maximum=0.99, step=0.01)
-    typical_p: float = param(1.0, "locally typical mass (1 = off)", minimum=0.01, maximum=1.0, step=0.01)
-    epsilon_cutoff: float = param(0.0, "drop tokens with p < epsilon (0 = off)", minimum=0.0, maximum=0.5,
-                                  step=0.0001)
-    eta_cutoff: float = param(0.0, "eta sampling epsilon (0 = off)", minimum=0.0, maximum=0.5, step=0.0001)
-    repetition_penalty: float = param(1.0, "penalise seen tokens (1 = off)", minimum=0.5, maximum=2.0,
-                                      step=0.01)
+    """Every filter of SamplingFilters, with its declared help and range."""
 
 
-@register("sample", SampleConfig, "sampling with temperature, top-k/p, min-p, typical, epsilon, eta")
+@register("sample", SampleConfig, "sampling with temperature, top-k/p, min-p, typical, epsilon, eta",
+          family="sampling",
+          paper=("Holtzman et al. 2020 (top-p), arXiv:1904.09751; Hewitt et al. 2022 (epsilon, eta); Meister et "
+                 "al. 2023 (typical); Nguyen et al. 2024 (min-p); Keskar et al. 2019 (repetition penalty)"))
 def run(model: Any, prompt_ids: Sequence[int], config: SampleConfig, rng: torch.Generator) -> Iterator[Event]:
     def choose(logits: torch.Tensor, context: list[int]) -> Choice:
         kept = config.apply(logits, context)  # (vocab,), -inf outside the kept set

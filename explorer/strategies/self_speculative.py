@@ -93,7 +93,9 @@ class LayerSkipDrafter(ModelDrafter):
 
 
 @register("self_speculative", SelfSpeculativeConfig, "layer-skip self-speculation (CLaSp-style skip search)",
-          prepare=prepare)
+          prepare=prepare,
+          family="speed-up: draft-verify",
+          paper="Draft & Verify, Zhang et al. 2024, arXiv:2309.08168; CLaSp, Chen et al. 2025, arXiv:2505.24196")
 def run(model: Any, prompt_ids: Sequence[int], config: SelfSpeculativeConfig, rng: torch.Generator
         ) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, LayerSkipDrafter(model, config, rng), config, rng)

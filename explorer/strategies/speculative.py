@@ -39,7 +39,9 @@ def prepare(model: Any, config: DraftModelConfig) -> None:
 
 
 @register("speculative", DraftModelConfig, "speculative decoding with a draft model (greedy or sampling rule)",
-          prepare=prepare)
+          prepare=prepare,
+          family="speed-up: draft-verify",
+          paper="Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318")
 def run(model: Any, prompt_ids: Sequence[int], config: DraftModelConfig, rng: torch.Generator) -> Iterator[Event]:
     draft = load_draft_model(model, config.draft_model)
     drafter = ModelDrafter(draft, config, rng, f"draft model {draft.info.model_id}", config.fallback_threshold)

@@ -97,7 +97,9 @@ class RecyclingDrafter(Drafter):
         return tree
 
 
-@register("token_recycling", TokenRecyclingConfig, "Token Recycling: draft trees from recycled top-k candidates")
+@register("token_recycling", TokenRecyclingConfig, "Token Recycling: draft trees from recycled top-k candidates",
+          family="speed-up: model-free",
+          paper="Luo et al. 2024, Token Recycling, arXiv:2408.08696")
 def run(model: Any, prompt_ids: Sequence[int], config: TokenRecyclingConfig, rng: torch.Generator
         ) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, RecyclingDrafter(config), config, rng)

@@ -54,7 +54,9 @@ def top_h_filter(logits: torch.Tensor, alpha: float) -> tuple[torch.Tensor, floa
     return logits.masked_fill(remove, NEG_INF), bound, float(kept_entropy[keep - 1])
 
 
-@register("top_h", TopHConfig, "Top-H: keep tokens while the kept set's entropy stays under alpha * H")
+@register("top_h", TopHConfig, "Top-H: keep tokens while the kept set's entropy stays under alpha * H",
+          family="sampling",
+          paper="Potraghloo et al. 2025, Top-H, arXiv:2509.02510")
 def run(model: Any, prompt_ids: Sequence[int], config: TopHConfig, rng: torch.Generator) -> Iterator[Event]:
     def choose(logits: torch.Tensor, context: list[int]) -> Choice:
         kept, bound, kept_entropy = top_h_filter(logits / config.temperature, config.alpha)

@@ -169,6 +169,9 @@ def prepare(model: Any, config: TreeConfig) -> None:
 
 
 @register("tree_speculative", TreeConfig, "tree speculation: topk / sample / gumbel / dynamic draft trees",
-          prepare=prepare)
+          prepare=prepare,
+          family="speed-up: draft-verify",
+          paper=("SpecInfer, Miao et al. 2024, arXiv:2305.09781; RSD, Jeon et al. 2024, arXiv:2402.14160; DySpec, "
+                 "Xiong et al. 2024, arXiv:2410.11744"))
 def run(model: Any, prompt_ids: Sequence[int], config: TreeConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, tree_drafter(model, config, rng), config, rng)
