@@ -41,6 +41,7 @@ from explorer.trace import Trace
 from store import Store
 from viz import metrics_html, tokens_html
 from viz.catalog import BEAM_STRATEGIES, VIEW_NAMES, VIEWS, render_all
+from viz.summary import greedy_baseline, summary_html, summary_latex, summary_markdown, summary_rows
 
 log = logging.getLogger("decoding_explorer.app")
 
@@ -62,6 +63,9 @@ CSS = """
 .tok { border-radius: 3px; padding: 1px 0; cursor: help; }
 .lane-metrics { display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 12px; }
 .run-status { color: #D55E00; font-weight: bold; margin-top: 4px; }
+.lane-summary { border-collapse: collapse; font-size: 13px; margin: 6px 0; }
+.lane-summary th, .lane-summary td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+.lane-summary th:first-child, .lane-summary td:first-child { text-align: left; }
 """
 VIEW_COUNT = len(VIEWS)
 BEAM_VIEW = VIEW_NAMES.index("beam-tree")  # the beam tree also updates while a search runs
@@ -85,6 +89,8 @@ def fail(error: Exception | str) -> gr.Error:
 
 _SHARED: dict[str, list[str]] = {}  # session -> runs it opened by permalink or by id (a permalink is a share)
 _SHARED_LOCK = threading.Lock()
+_ACTIVE: dict[str, Any] = {}  # session -> its lanes while they run (Stop ends them)
+_ACTIVE_LOCK = threading.Lock()
 
 
 def owner_of(request: gr.Request | None) -> str:
@@ -306,9 +312,9 @@ class Lane:
         strategy = values[self.strategy]
         return strategy, {name: values[control] for name, control in self.controls[strategy].items()}
 
-    def render(self, trace: Trace | None, color_by: str, baseline: Trace | None) -> dict[Any, Any]:
-        return {self.output: tokens_html(trace, color_by),
-                self.metrics: metrics_html(trace, baseline if baseline is not trace else None)}
+    def render(self, trace: Trace | None, color_by: str, baseline: Trace | None,
+               live: tuple[float, int] | None = None) -> dict[Any, Any]:
+        return {self.output: tokens_html(trace, color_by), self.metrics: metrics_html(trace, baseline, live)}
 
 
 # --------------------------------------------------------------------------------------------- page
@@ -331,16 +337,36 @@ class Page:
     add_btn: gr.Button
     remove_btn: gr.Button
     baseline_btn: gr.Button
+    run_btn: gr.Button
+    stop_btn: gr.Button
+    summary: gr.HTML
+    summary_markdown: gr.Code
+    summary_latex: gr.Code
     lanes: list[Lane] = field(default_factory=list)
     views: list[gr.Plot] = field(default_factory=list)
 
     # ------------------------------------------------------------------------------------ rendering
-    def render_lanes(self, traces: list[Any], color_by: str) -> dict[Any, Any]:
-        baseline = next((t for t in traces if t is not None and t.started.strategy == "greedy"), None)
+    def render_lanes(self, traces: list[Any], color_by: str, lives: list[tuple[float, int]] | None = None
+                     ) -> dict[Any, Any]:
+        baseline = greedy_baseline(traces)
         out: dict[Any, Any] = {}
         for lane in self.lanes:
-            out |= lane.render(traces[lane.index] if lane.index < len(traces) else None, color_by, baseline)
+            shown = lane.index < len(traces)
+            live = lives[lane.index] if lives is not None and shown else None
+            out |= lane.render(traces[lane.index] if shown else None, color_by, baseline, live)
         return out
+
+    def render_summary(self, traces: list[Any]) -> dict[Any, Any]:
+        """The cross-lane table, and the same as Markdown and LaTeX to copy."""
+        rows = summary_rows(traces)
+        return {self.summary: summary_html(rows), self.summary_markdown: summary_markdown(rows) if rows else "",
+                self.summary_latex: summary_latex(rows) if rows else ""}
+
+    def finished(self, traces: list[Any], color_by: str, view_lane: str) -> dict[Any, Any]:
+        """Everything shown once lanes have ended (finished, failed or stopped)."""
+        return {**self.render_lanes(traces, color_by), **self.render_views(traces, view_lane),
+                **self.render_summary(traces), self.traces: traces, self.link: permalink(traces),
+                self.run_btn: gr.Button(interactive=True), self.stop_btn: gr.Button(interactive=False)}
 
     def render_views(self, traces: list[Any], view_lane: str) -> dict[Any, Any]:
         return dict(zip(self.views, render_views(traces, view_lane), strict=True))
@@ -358,7 +384,7 @@ class Page:
     def opened(self, traces: list[Trace], color_by: str, view_lane: str) -> dict[Any, Any]:
         """Stored runs shown in the lanes, as if they had just run."""
         return {**self.render_lanes(traces, color_by), **self.render_views(traces, view_lane), self.traces: traces,
-                self.link: permalink(traces), **self.show_lanes(len(traces), view_lane),
+                **self.render_summary(traces), self.link: permalink(traces), **self.show_lanes(len(traces), view_lane),
                 **{lane.strategy: gr.update(value=trace.started.strategy)
                    for lane, trace in zip(self.lanes, traces, strict=False)},
                 self.tabs: gr.Tabs(selected="compare")}
@@ -376,29 +402,54 @@ class Page:
                 strategy, params = lane.params(values)
                 requests.append(POLICY.limit(RunRequest.build(strategy, params, **shared)))
             model = MODELS.get(POLICY.check_model(values[self.model_id] or DEFAULT_MODEL))
-            lanes = run_lanes(model, requests, store=store(), owner=owner_of(request))
+            owner = owner_of(request)
+            lanes = run_lanes(model, requests, store=store(), owner=owner)
             last = last_tree = 0.0
             results = []
             searching = any(request.strategy in BEAM_STRATEGIES for request in requests)
+            with _ACTIVE_LOCK:
+                _ACTIVE[owner] = lanes  # so that Stop can end these runs at once
+            yield {self.run_btn: gr.Button(interactive=False), self.stop_btn: gr.Button(interactive=True)}
             for results in lanes:
                 if time.perf_counter() - last >= STREAM_EVERY_S:
                     last = time.perf_counter()
                     traces = [r.trace for r in results]
-                    update = self.render_lanes(traces, color_by)
+                    update = self.render_lanes(traces, color_by, [r.live for r in results])
+                    update[self.traces] = traces  # what Stop shows if it comes now
                     if searching and last - last_tree >= BEAM_TREE_EVERY_S:  # the beam tree grows live
                         last_tree = last
                         update[self.views[BEAM_VIEW]] = VIEWS[BEAM_VIEW].render(traces, int(view_lane) - 1)
                     yield update
         except ValueError as error:  # one message; the lanes keep what they showed
             gr.Warning(str(error))
-            yield {self.link: gr.skip()}
+            yield {self.run_btn: gr.Button(interactive=True), self.stop_btn: gr.Button(interactive=False)}
             return
+        with _ACTIVE_LOCK:
+            _ACTIVE.pop(owner, None)
         for result in results:
             if result.error:
                 gr.Warning(f"a lane failed: {result.error} (stored as failed)")
-        traces = [r.trace for r in results]
-        yield {**self.render_lanes(traces, color_by), **self.render_views(traces, view_lane), self.traces: traces,
-               self.link: permalink(traces)}
+        yield self.finished([r.trace for r in results], color_by, view_lane)
+
+    def stop(self, traces: list[Any], color_by: str, view_lane: str, request: gr.Request) -> dict[Any, Any]:
+        """End this session's runs now (stored as cancelled with every step they made) and show them as they
+        stand: the lanes, views, summary and permalink of the partial runs."""
+        with _ACTIVE_LOCK:
+            lanes = _ACTIVE.pop(owner_of(request), None)
+        if lanes is not None:
+            for _ in range(100):  # the generator may be between two steps in the worker thread
+                try:
+                    lanes.close()
+                    break
+                except ValueError:
+                    time.sleep(0.05)
+        ids = [t.run_id for t in traces or [] if t is not None]
+        if not ids:
+            return {self.run_btn: gr.Button(interactive=True), self.stop_btn: gr.Button(interactive=False)}
+        traces = store().load_traces(ids)  # as stored: the lanes show exactly what the database holds
+        steps = max(len(t.token_steps) for t in traces)
+        gr.Info(f"stopped at step {steps}: the runs are stored as cancelled with the steps they made")
+        return self.finished(traces, color_by, view_lane)
 
     def change_lanes(self, count: int, delta: int, view_lane: str) -> dict[Any, Any]:
         return self.show_lanes(min(max(int(count) + delta, 1), MAX_LANES), view_lane)
@@ -431,7 +482,7 @@ class Page:
     def opened_outputs(self) -> list[Any]:
         return [*(c for lane in self.lanes for c in (lane.output, lane.metrics, lane.column, lane.strategy)),
                 *self.views, self.traces, self.link, self.lane_count, self.tabs, self.add_btn, self.remove_btn,
-                self.baseline_btn, self.view_lane]
+                self.baseline_btn, self.view_lane, self.summary, self.summary_markdown, self.summary_latex]
 
 
 def pick_history_row(table: Any, current: str, event: gr.SelectData) -> str:
@@ -462,7 +513,7 @@ def compare_tab(tabs: gr.Tabs) -> Page:
                             value="Write a short poem about the sea.")
         with gr.Column(scale=1):
             run_btn = gr.Button("Run", variant="primary", elem_id="run")
-            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False)
     gr.Markdown(POLICY.describe(), elem_id="limits")
     with gr.Row():
         chat = gr.Checkbox(value=True, label="chat template")
@@ -478,6 +529,11 @@ def compare_tab(tabs: gr.Tabs) -> Page:
                             label="colour tokens by (origin: plain / accepted draft / bonus)")
     with gr.Row(equal_height=False):
         lanes = [Lane.build(index, visible=index < 2) for index in range(MAX_LANES)]
+    summary = gr.HTML("", elem_id="lane-summary")
+    with gr.Accordion("copy this table as Markdown or LaTeX", open=False):
+        with gr.Row():
+            summary_markdown = gr.Code("", language="markdown", label="Markdown", elem_id="summary-markdown")
+            summary_latex = gr.Code("", language="latex", label="LaTeX", elem_id="summary-latex")
     link = gr.Markdown("", elem_id="permalink")
     with gr.Accordion("Export every view for a paper (SVG, PDF, PNG)", open=False):
         with gr.Row():
@@ -490,14 +546,18 @@ def compare_tab(tabs: gr.Tabs) -> Page:
         with gr.Tab(tab):
             views += [gr.Plot(label=v.label, elem_id=v.name) for v in VIEWS if v.tab == tab]
     page = Page(prompt, chat, system, model_id, seed, max_new, color_by, view_lane, gr.State(2), gr.State([]), link,
-                tabs, add_btn, remove_btn, baseline_btn, lanes, views)
+                tabs, add_btn, remove_btn, baseline_btn, run_btn, stop_btn, summary, summary_markdown, summary_latex,
+                lanes, views)
 
     lane_outputs = [c for lane in lanes for c in (lane.output, lane.metrics)]
     run_inputs = {prompt, chat, system, model_id, seed, max_new, color_by, view_lane, page.lane_count,
                   *(c for lane in lanes for c in lane.inputs)}
-    run_event = run_btn.click(page.run, run_inputs, [*lane_outputs, *views, page.traces, link],
-                              concurrency_limit=CONCURRENCY, api_visibility="private")
-    stop_btn.click(None, cancels=[run_event])
+    run_outputs = [*lane_outputs, *views, page.traces, link, run_btn, stop_btn, summary, summary_markdown,
+                   summary_latex]
+    run_event = run_btn.click(page.run, run_inputs, run_outputs, concurrency_limit=CONCURRENCY,
+                              api_visibility="private")
+    stop_btn.click(page.stop, [page.traces, color_by, view_lane], run_outputs, cancels=[run_event], queue=False,
+                   api_visibility="private")
     lane_columns = [page.lane_count, *(lane.column for lane in lanes), add_btn, remove_btn, baseline_btn, view_lane]
     add_btn.click(lambda n, v: page.change_lanes(n, +1, v), [page.lane_count, view_lane], lane_columns, queue=False)
     remove_btn.click(lambda n, v: page.change_lanes(n, -1, v), [page.lane_count, view_lane], lane_columns,

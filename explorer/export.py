@@ -194,7 +194,7 @@ def _fmt(value: float, spec: str, suffix: str = "") -> str:
     return "--" if value is None or not math.isfinite(value) else f"{value:{spec}}{suffix}"
 
 
-def _latex_escape(text: str) -> str:
+def latex_escape(text: str) -> str:
     for char, replacement in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"),
                               ("#", r"\#"), ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"),
                               ("^", r"\textasciicircum{}")):
@@ -205,7 +205,7 @@ def _latex_escape(text: str) -> str:
 def specbench_latex(speed: SpeedTable) -> str:
     categories, table = speed
     columns = "l" + "rr" * len(categories)
-    head = " & ".join(rf"\multicolumn{{2}}{{c}}{{{_latex_escape(c)}}}" for c in categories)
+    head = " & ".join(rf"\multicolumn{{2}}{{c}}{{{latex_escape(c)}}}" for c in categories)
     sub = " & ".join(["speedup & MAT"] * len(categories))
     lines = [rf"\begin{{tabular}}{{{columns}}}", r"\toprule", f"Method & {head} " + r"\\",
              f" & {sub} " + r"\\", r"\midrule"]
@@ -214,7 +214,7 @@ def specbench_latex(speed: SpeedTable) -> str:
         missing = (math.nan, math.nan)
         cells = [_fmt(per.get(c, missing)[0], ".2f", times) + " & " + _fmt(per.get(c, missing)[1], ".2f")
                  for c in categories]
-        lines.append(_latex_escape(method) + " & " + " & ".join(cells) + r" \\")
+        lines.append(latex_escape(method) + " & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
@@ -238,7 +238,7 @@ def sampling_latex(table: SamplingTable) -> str:
     lines = [r"\begin{tabular}{l" + "r" * len(SAMPLING_COLUMNS) + "}", r"\toprule",
              "Method & " + " & ".join(title for _, title, _ in SAMPLING_COLUMNS) + r" \\", r"\midrule"]
     for method, values in table.items():
-        lines.append(_latex_escape(method) + " & "
+        lines.append(latex_escape(method) + " & "
                      + " & ".join(_fmt(values[key], spec) for key, _, spec in SAMPLING_COLUMNS) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"

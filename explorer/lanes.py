@@ -16,6 +16,7 @@ from explorer.trace import Trace
 class LaneResult:
     trace: Trace | None = None
     error: str | None = None
+    live: tuple[float, int] = (0.0, 0)  # compute seconds and target passes so far
 
 
 def run_lanes(model: Any, requests: Sequence[RunRequest], *, store: Any | None = None, owner: str | None = None
@@ -47,6 +48,7 @@ def run_lanes(model: Any, requests: Sequence[RunRequest], *, store: Any | None =
                     results[index].error = f"{type(error).__name__}: {error}"
                     active.remove(index)
                 results[index].trace = recorders[index].trace
+                results[index].live = (recorders[index].busy_s, recorders[index].forward_passes)
             yield results
     finally:
         for run in runs:

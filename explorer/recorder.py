@@ -18,6 +18,8 @@ class Recorder:
             raise ValueError("batch_size must be >= 1")
         self.store = store
         self.owner = owner  # who may list and delete the stored run (an app session); None: anyone local
+        self.busy_s = 0.0  # compute time and target passes so far, kept by the runner for live displays
+        self.forward_passes = 0
         self.batch_size = batch_size
         self.trace: Trace | None = None
         self._pending: list[Any] = []

@@ -103,6 +103,7 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
                 generated.append(event.token_id)
             recorder.observe(event)
             busy += time.perf_counter() - mark
+            recorder.busy_s, recorder.forward_passes = busy, model.forward_passes
             yield event
             mark = time.perf_counter()
             if isinstance(event, TokenStep):

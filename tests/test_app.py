@@ -188,6 +188,8 @@ def test_browser_two_lanes_heatmap_and_permalink(server, browser, tmp_path):
     stored = Store(db).load_traces(run_ids)
     assert [t.started.strategy for t in stored] == ["greedy", "sample"]
     assert page.locator("#lane1-output .tok").count() == len(stored[0].token_ids)
+    assert "speedup" not in page.locator("#lane2-metrics").inner_text()  # sampling vs greedy: not a speed-up
+    assert page.locator("#lane-summary tbody tr").count() == 2
     page.get_by_role("radio", name="2", exact=True).check()
     page.wait_for_function("document.querySelector('#heatmap') && "
                            "document.querySelector('#heatmap').textContent.includes('2: sample')", timeout=30_000)
@@ -291,6 +293,46 @@ def test_browser_strategy_choice_is_explained_and_filters_follow_the_rule(server
                            "temperature']\").disabled", timeout=10_000)
 
 
+def set_number(lane_box, label: str, value: str) -> None:
+    box = lane_box.locator(f"input[aria-label='number input for {label}']")
+    box.fill(value)
+    box.press("Enter")
+
+
+@pytest.mark.browser
+def test_browser_live_progress_stop_and_summary(server, browser):
+    url, db = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.locator("#prompt textarea").fill("Tell me a long story")
+    choose_strategy(page, 1, "cautious")
+    choose_strategy(page, 2, "prompt_lookup")
+    lane = page.locator("#lane1")
+    lane.get_by_text("parameters", exact=True).click()
+    for label, value in (("threshold", "0"), ("max_trials", "8"), ("min_trials", "8"), ("max_trial_tokens", "64")):
+        set_number(lane, label, value)  # every step branches into 8 trials: slow enough to stop by hand
+    set_number(page, "max new tokens", "200")
+    page.locator("#run").click()
+    page.wait_for_function("document.querySelector('#lane1-metrics').innerText.includes('step')", timeout=60_000)
+    assert page.locator("#run").is_disabled() and not page.locator("#stop").is_disabled()
+    page.wait_for_function("() => { const t = document.querySelector('#lane1-metrics').innerText; "
+                           "return /forward passes\\s*[1-9]/.test(t) && !/tokens\\/s\\s*–/.test(t); }",
+                           timeout=60_000)  # live numbers while the run streams
+    page.locator("#stop").click()
+    page.wait_for_selector("#lane1-output .run-status", timeout=60_000)
+    status = page.locator("#lane1-output .run-status").inner_text()
+    assert status.startswith("cancelled at step")
+    page.wait_for_selector("#permalink a", timeout=30_000)
+    assert not page.locator("#run").is_disabled() and page.locator("#stop").is_disabled()
+    run_ids = page.locator("#permalink a").get_attribute("href").split("=", 1)[1].split(",")
+    stored = Store(db).load_traces(run_ids)
+    assert stored[0].status == "cancelled"
+    assert page.locator("#lane1-output .tok").count() == len(stored[0].token_ids)  # lane and store agree
+    assert page.locator("#lane-summary tbody tr").count() == 2
+    rows = page.locator("#lane-summary tbody tr")
+    assert rows.nth(0).locator("td").nth(3).inner_text() == "–"  # no speedup for cautious (or a stopped run)
+
+
 @pytest.mark.browser
 def test_browser_beam_tree_and_draft_lanes(server, browser):
     url, db = server
@@ -307,6 +349,7 @@ def test_browser_beam_tree_and_draft_lanes(server, browser):
     stored = Store(db).load_traces(run_ids)
     assert [t.started.strategy for t in stored] == ["beam", "prompt_lookup"]
     assert page.locator("#lane1-output .tok").count() == len(stored[0].token_ids) > 0
+    assert "speedup vs greedy" not in page.locator("#lane2-metrics").inner_text()  # no greedy lane to compare
 
 
 def test_export_handlers_write_files(tiny_flat, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import math
 
 from explorer.trace import Trace
 from explorer.trees import node_positions
+from viz.summary import speedup_against
 from viz.theme import readable_text_color, sequential_rgb
 
 COLOR_MODES = ("probability", "entropy", "origin")
@@ -67,12 +68,14 @@ def tokens_html(trace: Trace | None, color_by: str = "probability") -> str:
         )
     status = ""
     if trace.finished is not None and trace.finished.status != "ok":
-        status = (f'<div class="run-status">{html.escape(trace.finished.status)}: '
+        status = (f'<div class="run-status">{html.escape(trace.finished.status)} at step {len(steps)}: '
                   f"{html.escape(trace.finished.error or '')}</div>")
     return f'<div class="tokens" style="white-space: pre-wrap; line-height: 1.9">{"".join(spans)}</div>{status}'
 
 
-def metrics_html(trace: Trace | None, baseline: Trace | None = None) -> str:
+def metrics_html(trace: Trace | None, baseline: Trace | None = None, live: tuple[float, int] | None = None) -> str:
+    """A lane's numbers. While it runs, `live` = (compute seconds, target passes) so far keeps tokens/s and the
+    pass count current, with the step reached out of the run's maximum."""
     if trace is None:
         return ""
     m = trace.metrics()
@@ -80,17 +83,24 @@ def metrics_html(trace: Trace | None, baseline: Trace | None = None) -> str:
     def number(value: object, fmt: str) -> str:
         return format(value, fmt) if isinstance(value, (int, float)) and math.isfinite(value) else "–"
 
+    tokens_per_s, passes = m["tokens_per_s"], m["target_forward_passes"]
+    if trace.finished is None and live is not None:
+        busy, passes = live
+        tokens_per_s = m["new_tokens"] / busy if busy > 0 else float("nan")
     cells = [
         ("tokens", str(m["new_tokens"])),
-        ("tokens/s", number(m["tokens_per_s"], ".1f")),
-        ("forward passes", str(m["target_forward_passes"])),
+        ("tokens/s", number(tokens_per_s, ".1f")),
+        ("forward passes", str(passes)),
         ("mean entropy", number(m["mean_entropy"], ".3f")),
         ("perplexity", number(m["perplexity"], ".3f")),
     ]
+    if trace.finished is None:
+        cells.insert(0, ("step", f"{m['new_tokens']} / {trace.started.max_new_tokens}"))
     if trace.rounds:
         cells.append(("mean accepted", number(m["mean_accepted_tokens"], ".2f")))
-    if baseline is not None and baseline.finished and trace.finished and trace.finished.wall_time_s > 0:
-        cells.append(("speedup", f"{baseline.finished.wall_time_s / trace.finished.wall_time_s:.2f}x"))
+    speedup = speedup_against(trace, baseline)
+    if speedup is not None:
+        cells.append(("speedup vs greedy", f"{speedup:.2f}x"))
     cells.append(("run", html.escape(trace.run_id)))
     body = "".join(f'<div class="metric"><b>{html.escape(k)}</b><br>{v}</div>' for k, v in cells)
     return f'<div class="lane-metrics">{body}</div>'

@@ -1,0 +1,89 @@
+"""The cross-lane summary: what is on screen as one Spec-Bench-style table, drawn as HTML and copyable as
+Markdown or LaTeX.
+
+Speedup is shown only where it means something: a greedy-rule draft-verify lane (its output is greedy's, so the
+two did the same work) against a greedy lane of the same comparison. For sampling, search or differently
+filtered lanes, a time ratio says nothing about speed-ups, so the cell stays empty.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from explorer.export import latex_escape
+from explorer.trace import Trace
+from viz.figures import first_divergence
+from viz.labels import lane_name
+
+COLUMNS = [("lane", "lane", ""), ("tokens", "tokens", "d"), ("tokens_per_s", "tok/s", ".1f"),
+           ("speedup", "speedup", ".2f"), ("mean_accepted", "MAT", ".2f"),
+           ("passes_per_token", "target passes / token", ".2f"), ("mean_entropy", "mean entropy", ".3f"),
+           ("perplexity", "perplexity", ".3f"), ("diverges_at", "first divergence from lane 1", "")]
+
+
+def speedup_against(trace: Trace, baseline: Trace | None) -> float | None:
+    """baseline wall time / this lane's, when this lane is a greedy-rule draft-verify method and the baseline
+    is greedy (both finished); else None."""
+    if (baseline is None or trace is baseline or baseline.started.strategy != "greedy"
+            or trace.started.config.get("rule") != "greedy" or trace.finished is None or baseline.finished is None
+            or trace.finished.wall_time_s <= 0):
+        return None
+    return baseline.finished.wall_time_s / trace.finished.wall_time_s
+
+
+def greedy_baseline(traces: Sequence[Trace | None]) -> Trace | None:
+    return next((t for t in traces if t is not None and t.started.strategy == "greedy"), None)
+
+
+def summary_rows(traces: Sequence[Trace | None]) -> list[dict[str, Any]]:
+    shown = [(i, t) for i, t in enumerate(traces) if t is not None]
+    baseline = greedy_baseline(traces)
+    reference = shown[0][1] if shown else None
+    rows = []
+    for index, trace in shown:
+        m = trace.metrics()
+        divergence = first_divergence(reference, trace) if trace is not reference else None
+        rows.append({
+            "lane": lane_name(trace, index), "tokens": m["new_tokens"], "tokens_per_s": m["tokens_per_s"],
+            "speedup": speedup_against(trace, baseline), "mean_accepted": m["mean_accepted_tokens"],
+            "passes_per_token": m["forward_passes_per_token"], "mean_entropy": m["mean_entropy"],
+            "perplexity": m["perplexity"],
+            "diverges_at": "—" if trace is reference else (f"step {divergence.step}" if divergence else "never"),
+        })
+    return rows
+
+
+def _cell(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return format(value, spec) if spec else str(value)
+
+
+def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---|" + "---:|" * (len(COLUMNS) - 2) + "---|"]
+    for row in rows:
+        cells = [_cell(row[key], spec).replace("|", r"\|") for key, _, spec in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_latex(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [r"\begin{tabular}{l" + "r" * (len(COLUMNS) - 2) + "l}", r"\toprule",
+             " & ".join(latex_escape(title) for _, title, _ in COLUMNS) + r" \\", r"\midrule"]
+    for row in rows:
+        lines.append(" & ".join(latex_escape(_cell(row[key], spec)) for key, _, spec in COLUMNS) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def summary_html(rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(row[key], spec))}</td>" for key, _, spec in COLUMNS)
+                   + "</tr>" for row in rows)
+    return f'<table class="lane-summary"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
