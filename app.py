@@ -63,6 +63,7 @@ CSS = """
 .tok { border-radius: 3px; padding: 1px 0; cursor: help; }
 .lane-metrics { display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 12px; }
 .run-status { color: #D55E00; font-weight: bold; margin-top: 4px; }
+.lane-warning { color: #8a5a00; background: #fff4d6; border-radius: 4px; padding: 4px 6px; font-size: 12px; }
 .lane-summary { border-collapse: collapse; font-size: 13px; margin: 6px 0; }
 .lane-summary th, .lane-summary td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: right; }
 .lane-summary th:first-child, .lane-summary td:first-child { text-align: left; }

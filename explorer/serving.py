@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from explorer.params import MAX_TREE_NODES
 from explorer.request import MAX_NEW_TOKENS_LIMIT, RunRequest
-from explorer.strategies.draft_models import SELF
+from explorer.strategies.draft_models import BUILTIN_DRAFTS
 
 EMBEDDED_NAMES = ("embedded", "default", "", "embedded:SmolLM2-135M-Instruct")
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
@@ -95,7 +95,7 @@ class ServerPolicy:
                              f"is {self.max_tree_nodes}: use a smaller tree")
         for spec in dataclasses.fields(request.config):
             value = getattr(request.config, spec.name)
-            if spec.metadata.get("model") and value.strip() not in SELF:
+            if spec.metadata.get("model") and value.strip() not in BUILTIN_DRAFTS:
                 self.check_model(value)
         return request.replace(max_prompt_tokens=self.max_prompt_tokens, time_limit_s=self.time_limit_s)
 

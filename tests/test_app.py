@@ -334,6 +334,29 @@ def test_browser_live_progress_stop_and_summary(server, browser):
 
 
 @pytest.mark.browser
+def test_browser_speculative_defaults_to_a_real_drafter_and_warns_about_the_target(server, browser):
+    url, db = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.locator("#prompt textarea").fill("Once upon a time")
+    choose_strategy(page, 1, "speculative")
+    choose_strategy(page, 2, "speculative")
+    lane = page.locator("#lane2")
+    lane.get_by_text("parameters", exact=True).click()
+    box = lane.locator("label", has_text="draft_model").locator("textarea").first
+    box.fill("target")
+    box.press("Tab")
+    page.locator("#run").click()
+    page.wait_for_selector("#permalink a", timeout=60_000)
+    assert "the draft is the target itself" in page.locator("#lane2-metrics").inner_text()
+    assert "the draft is the target itself" not in page.locator("#lane1-metrics").inner_text()
+    run_ids = page.locator("#permalink a").get_attribute("href").split("=", 1)[1].split(",")
+    default, itself = Store(db).load_traces(run_ids)
+    assert default.started.config["draft_model"] == "layer-skip" and "skipping" in default.rounds[0].drafter
+    assert itself.started.config["draft_model"] == "target"
+
+
+@pytest.mark.browser
 def test_browser_beam_tree_and_draft_lanes(server, browser):
     url, db = server
     page = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -32,7 +32,8 @@ GREEDY_RULE_METHODS = [
     ("prompt_lookup", {}),
     ("prompt_lookup", {"min_ngram": 1, "draft_length": 4, "adaptive": False, "backoff": 0}),
     ("jacobi", {"window": 5}),
-    ("speculative", {}),  # the target drafts for itself: everything is accepted
+    ("speculative", {"draft_model": "target"}),  # the target drafts for itself: everything is accepted
+    ("speculative", {}),  # the default: the target with its middle layers skipped
     ("speculative", {"draft_length": 3, "adaptive": False, "fallback_threshold": 0.3}),
     ("self_speculative", {"skip": "1"}),
     ("self_speculative", {}),  # searched skip set
@@ -58,8 +59,8 @@ def test_greedy_rule_is_token_identical_to_greedy(seed, name, params):
 
 
 def test_target_as_its_own_drafter_accepts_everything(tiny):
-    trace = run_to_end(tiny, RunRequest.build("speculative", {"draft_length": 4, "adaptive": False},
-                       "Hello", max_new_tokens=40))
+    params = {"draft_length": 4, "adaptive": False, "draft_model": "target"}
+    trace = run_to_end(tiny, RunRequest.build("speculative", params, "Hello", max_new_tokens=40))
     assert all(r.accepted_count == len(r.draft_tokens) == 4 for r in trace.rounds)
     assert trace.mean_accepted_tokens == 5.0  # 8 rounds of 4 accepted drafts + 1 bonus
     assert trace.finished.target_forward_passes == 1 + 8  # prefill + one pass per round
@@ -174,8 +175,8 @@ def test_sampling_rule_on_a_tiny_model_runs_and_records_draws(tiny_flat):
 
 # ---------------------------------------------------------------------------------------- helpers
 def test_stop_inside_a_round_truncates_exactly(tiny):
-    trace = run_to_end(tiny, RunRequest.build("speculative", {"draft_length": 8, "adaptive": False},
-                       "Hello", max_new_tokens=6))
+    params = {"draft_length": 8, "adaptive": False, "draft_model": "target"}
+    trace = run_to_end(tiny, RunRequest.build("speculative", params, "Hello", max_new_tokens=6))
     assert len(trace.token_ids) == 6 and trace.finished.stop_reason == "max_new_tokens"
     origins = [s.origin for s in trace.token_steps]
     assert origins[0] == "draft" and set(origins) <= {"draft", "bonus", "plain"}

@@ -26,6 +26,7 @@ from tests.fakes import FakeLM
 
 TREE_METHODS = [
     ("tree_speculative", {"mode": "topk"}),
+    ("tree_speculative", {"mode": "topk", "draft_model": "target"}),
     ("tree_speculative", {"mode": "sample", "branching": 3, "depth": 2}),
     ("tree_speculative", {"mode": "gumbel"}),
     ("tree_speculative", {"mode": "dynamic", "budget": 6}),
@@ -51,7 +52,7 @@ def test_greedy_rule_tree_methods_are_token_identical_to_greedy(seed, name, para
 
 
 def test_target_drafting_its_own_topk_tree_accepts_the_whole_depth(tiny):
-    config = make_config("tree_speculative", {"mode": "topk", "branching": 2, "depth": 3})
+    config = make_config("tree_speculative", {"mode": "topk", "branching": 2, "depth": 3, "draft_model": "target"})
     trace = run_to_end(tiny, RunRequest("tree_speculative", config, "Hello", max_new_tokens=40))
     assert all(r.accepted_count == 3 and len(r.draft_tokens) == 2 + 4 + 8 for r in trace.rounds)
     assert trace.mean_accepted_tokens == 4.0 and trace.acceptance_by_depth() == [1.0, 1.0, 1.0]

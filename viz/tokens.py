@@ -103,4 +103,10 @@ def metrics_html(trace: Trace | None, baseline: Trace | None = None, live: tuple
         cells.append(("speedup vs greedy", f"{speedup:.2f}x"))
     cells.append(("run", html.escape(trace.run_id)))
     body = "".join(f'<div class="metric"><b>{html.escape(k)}</b><br>{v}</div>' for k, v in cells)
-    return f'<div class="lane-metrics">{body}</div>'
+    config = trace.started.config
+    warning = ""
+    drafts_with_itself = "draft_model" in config and str(config["draft_model"]).strip() in ("", "target")
+    if drafts_with_itself and not str(config.get("skip", "")).strip():
+        warning = ('<div class="lane-warning">⚠ the draft is the target itself: every draft is accepted and no '
+                   "time is saved. Use draft_model 'layer-skip' or a smaller model with the same vocabulary.</div>")
+    return f'<div class="lane-metrics">{body}</div>{warning}'

@@ -18,6 +18,15 @@ from explorer.params import param
 from explorer.strategies.draft_verify import Drafter, DraftLength, DraftTree, SpeculativeConfig, Verdict
 
 SELF = ("", "target")
+LAYER_SKIP = "layer-skip"  # the target with its middle quarter of layers skipped: the default drafter
+BUILTIN_DRAFTS = (*SELF, LAYER_SKIP)  # drafts made from the target itself (nothing to load)
+
+
+def middle_layers(total: int) -> set[int]:
+    """The middle quarter of `total` layers (at least one; never layer 0): the default layer-skip set."""
+    count = max(1, total // 4)
+    first = max(1, (total - count) // 2)
+    return set(range(first, min(first + count, total)))
 
 
 @dataclass(frozen=True)
@@ -38,9 +47,12 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def load_draft_model(model: Any, draft_model: str) -> Any:
-    """The drafting model for a run: the target itself ('target'), or a model sharing its vocabulary."""
+    """The drafting model for a run: the target itself ('target'), the target with its middle layers skipped
+    ('layer-skip'), or a model sharing its vocabulary."""
     if draft_model.strip() in SELF:
         return model.for_run()
+    if draft_model.strip() == LAYER_SKIP:
+        return layer_skip_view(model, middle_layers(len(model.model.model.layers)))
     draft = MODEL_CACHE.get(draft_model, dtype=model.info.dtype, device=model.info.device).for_run()
     check_same_vocabulary(model, draft)
     return draft

@@ -28,8 +28,9 @@ from explorer.strategies.draft_verify import draft_verify
 
 @dataclass(frozen=True)
 class DraftModelConfig(ChainDraftConfig):
-    draft_model: str = param("target", "HF id or local path sharing the target's vocabulary ('target' = itself)",
-                             model=True)
+    draft_model: str = param("layer-skip", "drafter: 'layer-skip' (the target minus its middle quarter of layers), "
+                             "'target' (itself: accepts everything, saves nothing), or an HF id / local path of a "
+                             "model with the target's vocabulary", model=True)
     fallback_threshold: float = param(0.0, "stop drafting when the draft's top probability is below this (0 = off)",
                                       minimum=0.0, maximum=0.99, step=0.01)
 

@@ -27,7 +27,14 @@ import torch
 from explorer.events import Event
 from explorer.params import param
 from explorer.strategies.base import register
-from explorer.strategies.draft_models import SELF, layer_skip_view, load_draft_model, parse_layers, sync_cache
+from explorer.strategies.draft_models import (
+    LAYER_SKIP,
+    SELF,
+    layer_skip_view,
+    load_draft_model,
+    parse_layers,
+    sync_cache,
+)
 from explorer.strategies.draft_verify import Drafter, DraftTree, SpeculativeConfig, draft_verify
 from explorer.trees import path_to
 
@@ -42,8 +49,9 @@ class TreeConfig(SpeculativeConfig):
     branching: int = param(2, "children per node k (topk, sample, gumbel)", minimum=1, maximum=8, step=1)
     depth: int = param(3, "tree depth D (topk, sample, gumbel)", minimum=1, maximum=8, step=1)
     budget: int = param(8, "nodes of a dynamic tree", minimum=1, maximum=64, step=1)
-    draft_model: str = param("target", "HF id or local path sharing the target's vocabulary ('target' = itself)",
-                             model=True)
+    draft_model: str = param("layer-skip", "drafter: 'layer-skip' (the target minus its middle quarter of layers), "
+                             "'target' (itself: accepts everything, saves nothing), or an HF id / local path of a "
+                             "model with the target's vocabulary", model=True)
     skip: str = param("", "draft with the target minus these layers instead, e.g. '10-14' (overrides draft_model)")
 
     def __post_init__(self) -> None:
@@ -157,6 +165,9 @@ def tree_drafter(model: Any, config: TreeConfig, rng: torch.Generator) -> TreeDr
         return TreeDrafter(layer_skip_view(model, parse_layers(config.skip)), config, rng, "layer-skip tree")
     if config.draft_model.strip() in SELF:
         return TreeDrafter(model.for_run(), config, rng, f"{config.mode} tree (self)")
+    if config.draft_model.strip() == LAYER_SKIP:
+        draft = load_draft_model(model, LAYER_SKIP)
+        return TreeDrafter(draft, config, rng, f"{config.mode} tree from {draft.info.model_id}")
     draft = load_draft_model(model, config.draft_model)
     return TreeDrafter(draft, config, rng, f"{config.mode} tree from {draft.info.model_id}")
 
@@ -165,7 +176,7 @@ def prepare(model: Any, config: TreeConfig) -> None:
     if config.skip.strip():
         layer_skip_view(model, parse_layers(config.skip))
     elif config.draft_model.strip() not in SELF:
-        load_draft_model(model, config.draft_model)
+        load_draft_model(model, config.draft_model)  # a layer-skip view checks the model has layers to skip
 
 
 @register("tree_speculative", TreeConfig, "tree speculation: topk / sample / gumbel / dynamic draft trees",
