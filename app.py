@@ -153,8 +153,9 @@ def load_runs(run_ids: str, owner: str) -> list[Trace]:
         raise fail(f"open at most {MAX_LANES} runs side by side")
     try:
         traces = store().load_traces(ids)
-    except ValueError as error:
-        raise fail(error) from None
+    except ValueError:
+        missing = next(run_id for run_id in ids if run_id not in store().owners(ids))
+        raise fail(f"no run with id {missing!r}: the History tab lists the runs you can open") from None
     share(owner, ids)
     return traces
 
@@ -383,12 +384,20 @@ class Page:
                 self.remove_btn: gr.Button(interactive=count > 1)}
 
     def opened(self, traces: list[Trace], color_by: str, view_lane: str) -> dict[Any, Any]:
-        """Stored runs shown in the lanes, as if they had just run."""
+        """Stored runs shown in the lanes, as if they had just run, with the inputs that made them restored (so
+        that Run reproduces what is shown)."""
+        started = traces[0].started
+        inputs = {self.prompt: started.prompt, self.chat: started.chat, self.system: started.system_prompt or "",
+                  self.seed: started.seed, self.max_new: min(started.max_new_tokens, MAX_NEW_TOKENS_CAP),
+                  self.model_id: "embedded" if started.model_id.startswith("embedded") else started.model_id}
+        for lane, trace in zip(self.lanes, traces, strict=False):
+            inputs[lane.strategy] = gr.update(value=trace.started.strategy)
+            controls = lane.controls.get(trace.started.strategy, {})
+            inputs |= {control: trace.started.config[name] for name, control in controls.items()
+                       if name in trace.started.config}
         return {**self.render_lanes(traces, color_by), **self.render_views(traces, view_lane), self.traces: traces,
                 **self.render_summary(traces), self.link: permalink(traces), **self.show_lanes(len(traces), view_lane),
-                **{lane.strategy: gr.update(value=trace.started.strategy)
-                   for lane, trace in zip(self.lanes, traces, strict=False)},
-                self.tabs: gr.Tabs(selected="compare")}
+                **inputs, self.tabs: gr.Tabs(selected="compare")}
 
     # ------------------------------------------------------------------------------------- handlers
     def run(self, values: dict[Any, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
@@ -483,7 +492,9 @@ class Page:
     def opened_outputs(self) -> list[Any]:
         return [*(c for lane in self.lanes for c in (lane.output, lane.metrics, lane.column, lane.strategy)),
                 *self.views, self.traces, self.link, self.lane_count, self.tabs, self.add_btn, self.remove_btn,
-                self.baseline_btn, self.view_lane, self.summary, self.summary_markdown, self.summary_latex]
+                self.baseline_btn, self.view_lane, self.summary, self.summary_markdown, self.summary_latex,
+                self.prompt, self.chat, self.system, self.seed, self.max_new, self.model_id,
+                *(c for lane in self.lanes for c in lane.inputs if c is not lane.strategy)]
 
 
 def pick_history_row(table: Any, current: str, event: gr.SelectData) -> str:
@@ -493,6 +504,14 @@ def pick_history_row(table: Any, current: str, event: gr.SelectData) -> str:
     if run_id not in ids:
         ids.append(run_id)
     return ",".join(ids[-MAX_LANES:])
+
+
+def ask_to_delete(run_ids: str) -> tuple[Any, str]:
+    """Deleting asks first: it cannot be undone."""
+    ids = parse_run_ids(run_ids)
+    if not ids:
+        raise fail("select or type the run ids to delete first")
+    return gr.Row(visible=True), f"Delete {len(ids)} run(s) for good: {', '.join(ids)}?"
 
 
 def delete_runs(run_ids: str, strategy: str, model: str, search: str, request: gr.Request = None
@@ -583,6 +602,10 @@ def history_tab(page: Page) -> None:
         selected_ids = gr.Textbox(label="run ids (click rows to add)", scale=3, elem_id="run-ids")
         open_btn = gr.Button("Open side by side", variant="primary")
         delete_btn = gr.Button("Delete", variant="stop")
+    with gr.Row(visible=False) as confirm_row:
+        confirm_text = gr.Markdown("")
+        confirm_btn = gr.Button("Yes, delete them", variant="stop", elem_id="confirm-delete")
+        cancel_btn = gr.Button("Keep them", elem_id="cancel-delete")
     with gr.Row():
         export_kind = gr.Radio(["CSV", "Parquet", "JSONL", "Bundle"], value="CSV",
                                label="export the selected runs (per-step table, events, run bundles)")
@@ -592,9 +615,16 @@ def history_tab(page: Page) -> None:
     filters = [strategy, model, search]
     refresh_btn.click(history_rows, filters, history)
     page.tabs.select(history_rows, filters, history)  # a fresh list whenever a tab opens
+    strategy.change(history_rows, filters, history)  # filters apply as they change
+    for box in (model, search):
+        box.submit(history_rows, filters, history)
+        box.change(history_rows, filters, history, show_progress="hidden")
     history.select(pick_history_row, [history, selected_ids], selected_ids)
     open_btn.click(page.open_runs, [selected_ids, page.color_by, page.view_lane], page.opened_outputs)
-    delete_btn.click(delete_runs, [selected_ids, *filters], [selected_ids, history])
+    delete_btn.click(ask_to_delete, selected_ids, [confirm_row, confirm_text])
+    cancel_btn.click(lambda: gr.Row(visible=False), None, confirm_row)
+    confirm_btn.click(delete_runs, [selected_ids, *filters], [selected_ids, history]).then(
+        lambda: gr.Row(visible=False), None, confirm_row)
     export_btn.click(export_runs, [selected_ids, export_kind], exported)
 
 

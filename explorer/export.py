@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import re
+import shlex
 import zipfile
 import zlib
 from collections.abc import Iterable
@@ -129,11 +130,26 @@ def manifest(trace: Trace) -> dict[str, Any]:
         "device": started.device, "versions": started.versions, "seed": started.seed, "strategy": started.strategy,
         "config": started.config, "prompt": started.prompt, "chat": started.chat,
         "system_prompt": started.system_prompt, "max_new_tokens": started.max_new_tokens, "status": trace.status,
-        "reproduce": (f"python -m explorer run --strategy {started.strategy} "
-                      + " ".join(f"--param {k}={v}" for k, v in started.config.items())
-                      + f" --seed {started.seed} --max-new-tokens {started.max_new_tokens} "
-                      + ("--chat" if started.chat else "--no-chat") + " --prompt PROMPT"),
+        "reproduce": reproduce_command(trace),
     }
+
+
+def reproduce_command(trace: Trace) -> str:
+    """A shell command that reruns the run as it is (quoted for POSIX shells). A later turn of a conversation
+    also needs its earlier turns, which the command line cannot take: the command says so."""
+    started = trace.started
+    model = "embedded" if started.model_id.startswith("embedded") else started.model_id
+    words = ["python", "-m", "explorer", "run", "--strategy", started.strategy, "--model", model]
+    for key, value in started.config.items():
+        words += ["--param", f"{key}={value}"]
+    words += ["--seed", str(started.seed), "--max-new-tokens", str(started.max_new_tokens),
+              "--chat" if started.chat else "--no-chat", "--prompt", started.prompt]
+    if started.system_prompt:
+        words += ["--system", started.system_prompt]
+    for stop in started.stop_strings:
+        words += ["--stop", stop]
+    command = shlex.join(words)
+    return command + ("  # turn of a conversation: the earlier turns are in the bundle" if started.history else "")
 
 
 def safe_name(run_id: str) -> str:

@@ -357,6 +357,48 @@ def test_browser_speculative_defaults_to_a_real_drafter_and_warns_about_the_targ
 
 
 @pytest.mark.browser
+def test_browser_history_filters_live_restores_inputs_and_confirms_deletes(server, browser):
+    url, db = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.locator("#prompt textarea").fill("remember this prompt")
+    set_number(page, "max new tokens", "17")
+    page.locator("#run").click()
+    page.wait_for_selector("#permalink a", timeout=60_000)
+    run_ids = page.locator("#permalink a").get_attribute("href").split("=", 1)[1]
+    page.get_by_role("tab", name="History").click()
+    search = page.get_by_label("prompt or output contains")
+    search.fill("remember this")
+    page.wait_for_function("document.querySelector('#history').innerText.includes('remember this prompt')",
+                           timeout=20_000)
+    search.fill("no run says this")  # no Refresh, no Enter: the list follows the filter
+    page.wait_for_function("!document.querySelector('#history').innerText.includes('remember this prompt')",
+                           timeout=20_000)
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#prompt textarea").fill("something else")
+    set_number(page, "max new tokens", "30")
+    page.get_by_role("tab", name="History").click()
+    page.locator("#run-ids textarea").fill(run_ids)
+    page.get_by_role("button", name="Open side by side").click()
+    page.wait_for_function("document.querySelector('#prompt textarea').value === 'remember this prompt'",
+                           timeout=20_000)  # opening restores the inputs
+    assert page.locator("input[aria-label='number input for max new tokens']").input_value() == "17"
+    assert page.locator("#lane2-strategy input").input_value() == strategy_label("sample")
+    page.get_by_role("tab", name="History").click()
+    page.locator("#run-ids textarea").fill(run_ids.split(",")[0])
+    page.get_by_role("button", name="Delete", exact=True).click()
+    page.wait_for_selector("#confirm-delete", timeout=10_000)
+    assert Store(db).load_trace(run_ids.split(",")[0])  # nothing deleted before the confirmation
+    page.locator("#confirm-delete").click()
+    page.wait_for_selector("text=deleted 1 run(s)", timeout=10_000)
+    with pytest.raises(ValueError):
+        Store(db).load_trace(run_ids.split(",")[0])
+    bad = browser.new_page()
+    bad.goto(url + "?run=0123456789ab")
+    bad.wait_for_selector("text=the History tab lists the runs you can open", timeout=20_000)
+
+
+@pytest.mark.browser
 def test_browser_beam_tree_and_draft_lanes(server, browser):
     url, db = server
     page = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -13,6 +13,7 @@ import pytest
 
 from explorer import export
 from explorer.metrics import sampling_table, specbench_table
+from explorer.recorder import Recorder
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.sweep import load_prompts, parse_strategies, run_sweep, write_report
@@ -176,3 +177,25 @@ def test_export_cli(traces, tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "acc.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_a_bundles_reproduce_command_runs_as_it_is(tiny_dir, tmp_path):
+    import shlex
+
+    from explorer.cli import main
+    from explorer.export import manifest
+
+    prompt = "it's a \"quoted\" prompt; with $HOME and `ticks`"
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    request = RunRequest.build("sample", {"top_p": 0.9}, prompt, seed=3, max_new_tokens=5, chat=False)
+    from explorer.models import load_model
+
+    original = run_to_end(load_model(str(tiny_dir)), request, recorder=Recorder(Store(db)))
+    command = manifest(original)["reproduce"]
+    words = shlex.split(command)
+    assert "PROMPT" not in words and words[:4] == ["python", "-m", "explorer", "run"]
+    assert words[words.index("--prompt") + 1] == prompt
+    words[words.index("--model") + 1] = str(tiny_dir)  # the tiny model's id is its path's name here
+    assert main([*words[3:], "--db", db, "--quiet"]) == 0
+    again = Store(db).load_trace(Store(db).list_runs()[0].run_id)
+    assert again.token_ids == original.token_ids and again.started.config == original.started.config
