@@ -42,6 +42,7 @@ from store import Store
 from viz import metrics_html, tokens_html
 from viz.catalog import BEAM_STRATEGIES, VIEW_NAMES, VIEWS, render_all
 from viz.summary import greedy_baseline, summary_html, summary_latex, summary_markdown, summary_rows
+from viz.tokens import color_legend_html
 
 log = logging.getLogger("decoding_explorer.app")
 
@@ -63,6 +64,9 @@ CSS = """
 .tok { border-radius: 3px; padding: 1px 0; cursor: help; }
 .lane-metrics { display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 12px; }
 .run-status { color: #D55E00; font-weight: bold; margin-top: 4px; }
+.color-key { display: flex; align-items: center; gap: 8px; font-size: 12px; margin-top: 4px; }
+.key-ramp { display: inline-block; width: 120px; height: 12px; border-radius: 3px; }
+.key-swatch { border-radius: 3px; padding: 1px 6px; }
 .lane-warning { color: #8a5a00; background: #fff4d6; border-radius: 4px; padding: 4px 6px; font-size: 12px; }
 .lane-summary { border-collapse: collapse; font-size: 13px; margin: 6px 0; }
 .lane-summary th, .lane-summary td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: right; }
@@ -545,8 +549,10 @@ def compare_tab(tabs: gr.Tabs) -> Page:
         add_btn = gr.Button("+ lane", size="sm")
         remove_btn = gr.Button("− lane", size="sm")
         baseline_btn = gr.Button("+ greedy baseline", size="sm")
-        color_by = gr.Radio(["probability", "entropy", "origin"], value="probability",
-                            label="colour tokens by (origin: plain / accepted draft / bonus)")
+        with gr.Column(scale=2, min_width=260):
+            color_by = gr.Radio(["probability", "entropy", "origin"], value="probability",
+                                label="colour tokens by (origin: plain / accepted draft / bonus)")
+            color_key = gr.HTML(color_legend_html("probability"), elem_id="color-key")
     with gr.Row(equal_height=False):
         lanes = [Lane.build(index, visible=index < 2) for index in range(MAX_LANES)]
     summary = gr.HTML("", elem_id="lane-summary")
@@ -586,6 +592,7 @@ def compare_tab(tabs: gr.Tabs) -> Page:
                        [*lane_columns, *(lane.strategy for lane in lanes)],
                        queue=False)
     color_by.change(page.render_lanes, [page.traces, color_by], lane_outputs, queue=False)
+    color_by.change(color_legend_html, color_by, color_key, queue=False)
     view_lane.change(page.render_views, [page.traces, view_lane], views)
     figures_btn.click(export_views, [page.traces, view_lane, figure_width], figures_file)
     return page
@@ -597,7 +604,8 @@ def history_tab(page: Page) -> None:
         model = gr.Textbox(label="model contains")
         search = gr.Textbox(label="prompt or output contains")
         refresh_btn = gr.Button("Refresh")
-    history = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, elem_id="history")
+    history = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, elem_id="history",
+                           column_widths=["9%", "12%", "10%", "13%", "6%", "6%", "22%", "22%"])
     with gr.Row():
         selected_ids = gr.Textbox(label="run ids (click rows to add)", scale=3, elem_id="run-ids")
         open_btn = gr.Button("Open side by side", variant="primary")

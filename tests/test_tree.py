@@ -208,7 +208,10 @@ def test_tree_views(tiny):
     tree = run_to_end(tiny, RunRequest.build("tree_speculative", {}, "Hello", max_new_tokens=20))
     figure = draft_tree_figure(tree)
     assert len(figure.layout.sliders[0].steps) == len(tree.rounds)
-    assert len(figure.data) == 2 * len(tree.rounds) and figure.data[1].visible and not figure.data[3].visible
+    keys = [t.name for t in figure.data if t.showlegend]  # the colour key: verdicts and the bonus marker
+    assert keys == ["accepted", "rejected", "not reached", "bonus / correction token", "committed context"]
+    assert len(figure.data) == 2 * len(tree.rounds) + len(keys) and figure.data[1].visible
+    assert not figure.data[3].visible
     assert len(tree_size_figure([tree]).data) == 2
     recycled = run_to_end(tiny, RunRequest.build("token_recycling", {}, "ab ab ab ab ab",
                           max_new_tokens=30))

@@ -226,3 +226,14 @@ def test_lane_names_show_only_changed_parameters(tiny):
     changed = run_to_end(tiny, RunRequest.build("tree_speculative", {"depth": 2, "rule": "sampling"}, "Hi",
                                                 max_new_tokens=4))
     assert lane_name(changed, 0) == "1: tree_speculative (rule=sampling, depth=2)"
+
+
+def test_colour_keys_and_whole_number_ticks(lanes, drafted):
+    from viz.tokens import color_legend_html
+
+    assert "accepted draft token" in color_legend_html("origin") and "linear-gradient" in color_legend_html("entropy")
+    divergence = divergence_figure(lanes)
+    assert [t.name for t in divergence.data if t.showlegend] == ["same token as lane 1", "another token",
+                                                                 "first divergence"]
+    for figure in (topk_heatmap(lanes[0]), acceptance_heatmap(drafted[1]), divergence):
+        assert figure.layout.xaxis.dtick >= 1 and figure.layout.xaxis.dtick == int(figure.layout.xaxis.dtick)

@@ -11,29 +11,41 @@ from plotly.subplots import make_subplots
 
 from explorer.trace import Trace
 from viz.labels import lane_name, show_token
-from viz.theme import DIFFERENT, FIRST_DIVERGENCE, SAME, SEQUENTIAL, base_layout, empty_figure, lane_color, lane_dash
+from viz.theme import (
+    DIFFERENT,
+    FIRST_DIVERGENCE,
+    SAME,
+    SEQUENTIAL,
+    base_layout,
+    empty_figure,
+    lane_color,
+    lane_dash,
+    legend_keys,
+)
 
 
 def topk_heatmap(trace: Trace | None, max_steps: int = 200, lane: int = 0) -> go.Figure:
-    """Steps on x, rank on y, colour = raw probability; the chosen token is outlined."""
+    """Steps on x, rank on y, colour = raw probability; a marker at the left edge of the chosen token's cell
+    (it never covers the cell's text). Token text is written into cells only while it fits (hover always has
+    it)."""
     if trace is None or not trace.token_steps:
         return empty_figure("Run something to see its per-step top-k distribution.")
     steps = trace.token_steps[:max_steps]
     k = max(len(s.top_ids) for s in steps)
     z = [[math.exp(s.top_logprobs[r]) if r < len(s.top_logprobs) else None for s in steps] for r in range(k)]
-    text = [[show_token(s.top_texts[r], 8) if r < len(s.top_texts) else "" for s in steps] for r in range(k)]
+    width = 8 if len(steps) <= 16 else 4  # characters that fit in a cell at this many steps
+    text = [[show_token(s.top_texts[r], width) if r < len(s.top_texts) else "" for s in steps] for r in range(k)]
     hover = [[f"step {s.step}<br>rank {r}: {s.top_texts[r]!r}<br>p = {math.exp(s.top_logprobs[r]):.4f}"
               if r < len(s.top_ids) else "" for s in steps] for r in range(k)]
     figure = go.Figure(go.Heatmap(
         z=z, x=[s.step for s in steps], y=list(range(k)), text=text,
-        texttemplate="%{text}" if len(steps) <= 40 else None,  # labels stay readable; hover has them always
-        textfont=dict(size=9), hovertext=hover, hoverinfo="text", colorscale=SEQUENTIAL, zmin=0, zmax=1,
-        colorbar=dict(title="p"),
+        texttemplate="%{text}" if len(steps) <= 30 else None, textfont=dict(size=9), hovertext=hover,
+        hoverinfo="text", colorscale=SEQUENTIAL, zmin=0, zmax=1, colorbar=dict(title="p"), xgap=1, ygap=1,
     ))
     chosen = [(s.step, s.rank) for s in steps if s.rank < k]
     figure.add_trace(go.Scatter(
-        x=[c[0] for c in chosen], y=[c[1] for c in chosen], mode="markers", name="chosen token",
-        marker=dict(symbol="square-open", size=14, color="#D55E00", line=dict(width=2)), hoverinfo="skip",
+        x=[c[0] - 0.42 for c in chosen], y=[c[1] for c in chosen], mode="markers", name="chosen token",
+        marker=dict(symbol="triangle-right", size=8, color="#D55E00"), hoverinfo="skip",
     ))
     figure.update_yaxes(autorange="reversed", dtick=1)
     return base_layout(figure, f"Top-{k} per step — {lane_name(trace, lane)}", "step", "rank", height=420)
@@ -117,8 +129,10 @@ def divergence_figure(traces: Sequence[Trace], max_steps: int = 120) -> go.Figur
                 hovertext=[f"first divergence at step {found.step}: lane 1 {found.reference_token!r} vs "
                            f"{found.lane_token!r}; margin p1 - p = {margin}"], hoverinfo="text",
             ))
+    legend_keys(figure, [("same token as lane 1", SAME, "square"), ("another token", DIFFERENT, "square"),
+                         ("first divergence", FIRST_DIVERGENCE, "diamond-open")])
     figure.update_yaxes(autorange="reversed", type="category")
-    return base_layout(figure, "Divergence from lane 1", "step", "lane", height=140 + 70 * len(traces))
+    return base_layout(figure, "Divergence from lane 1", "step", "lane", height=160 + 70 * len(traces))
 
 
 def _detail_series(trace: Trace, key: str) -> tuple[list[int], list[float]]:

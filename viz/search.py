@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from explorer.events import BeamResult, BeamStep, CandidateStep, TrialBranch
 from explorer.trace import Trace
 from viz.labels import lane_name, show_token
-from viz.theme import base_layout, empty_figure, lane_color
+from viz.theme import base_layout, empty_figure, lane_color, legend_keys
 
 STATUS_STYLE = {"kept": ("circle", "#0072B2"), "finished": ("star", "#E69F00"), "pruned": ("x", "#BBBBBB")}
 ROOT = "root"
@@ -99,6 +99,8 @@ def beam_tree_figure(trace: Trace | None, max_steps: int = 60, lane: int = 0) ->
         ))
     figure.add_trace(go.Scatter(x=[0], y=[0], mode="markers+text", text=["prompt"], name="prompt",
                                 textposition="middle left", marker=dict(size=12, color="#000000"), hoverinfo="skip"))
+    if len(groups) > 1:  # diverse beam: a key for each group's colour
+        legend_keys(figure, [(f"group {g + 1}", lane_color(g), "circle") for g in groups])
     figure.update_yaxes(showticklabels=False)
     rows = max((-p[1] for p in positions.values()), default=1)
     return base_layout(figure, f"Beam tree — {lane_name(trace, lane)}", "step", "candidates (sibling order)",

@@ -14,7 +14,7 @@ from plotly.subplots import make_subplots
 from explorer.trace import Trace
 from explorer.trees import tree_depths
 from viz.labels import lane_name, show_token
-from viz.theme import base_layout, empty_figure, lane_color
+from viz.theme import base_layout, empty_figure, lane_color, legend_keys
 
 VERDICT_VALUE = {"accepted": 1.0, "rejected": 0.0}
 ACCEPTED, REJECTED, UNREACHED = "#0072B2", "#D55E00", "#DDDDDD"
@@ -288,9 +288,14 @@ def draft_tree_figure(trace: Trace | None, max_rounds: int = 60, lane: int = 0) 
                                          strict=True)] + [f"{round_.bonus_kind}: {round_.bonus_text!r}"],
             hoverinfo="text",
         ))
+    keys = legend_keys(figure, [("accepted", VERDICT_COLORS["accepted"], "circle"),
+                                ("rejected", VERDICT_COLORS["rejected"], "circle"),
+                                ("not reached", VERDICT_COLORS["unreached"], "circle"),
+                                ("bonus / correction token", VERDICT_COLORS["bonus"], "star"),
+                                ("committed context", "#000000", "circle")])
     steps = []
     for index, round_ in enumerate(rounds):
-        visible = [i // 2 == index for i in range(2 * len(rounds))]
+        visible = [i // 2 == index for i in range(2 * len(rounds))] + [True] * keys
         steps.append(dict(method="update", label=str(round_.round),
                           args=[{"visible": visible},
                                 {"title.text": f"Draft tree, round {round_.round}: {len(round_.draft_tokens)} "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 
 # Okabe & Ito (2008) qualitative palette, ordered so that neighbours differ in lightness too.
@@ -38,14 +40,46 @@ def readable_text_color(rgb: tuple[int, int, int]) -> str:
     return "#000000" if luminance > 140 else "#FFFFFF"
 
 
+# Axes that count things (steps, ranks, positions): ticks at whole numbers only, never at 0.5.
+INTEGER_AXES = {"step", "rank", "round", "draft position", "accepted tokens", "position", "iteration", "depth",
+                "n-gram", "converged at iteration", "tokens", "rounds"}
+
+
+def _integer_dtick(values: list[float]) -> int:
+    span = max(values) - min(values) if values else 1
+    raw = max(1.0, span / 8)
+    scale = 10 ** math.floor(math.log10(raw))
+    return int(next(m * scale for m in (1, 2, 5, 10) if m * scale >= raw))
+
+
+def integer_ticks(figure: go.Figure, axis: str) -> None:
+    """Whole-number ticks on `axis` ("x" or "y"), spaced for the data's range."""
+    values = [float(v) for trace in figure.data for v in (getattr(trace, axis, None) or ())
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    update = figure.update_xaxes if axis == "x" else figure.update_yaxes
+    update(tick0=0, dtick=_integer_dtick(values), tickformat="d")
+
+
 def base_layout(figure: go.Figure, title: str, x_title: str, y_title: str, height: int = 360) -> go.Figure:
     figure.update_layout(
-        title=dict(text=title, x=0.01), font=FONT, template="plotly_white", height=height,
-        margin=dict(l=60, r=20, t=50, b=50), legend=dict(orientation="h", y=-0.2), hovermode="closest",
+        title=dict(text=title, x=0.01, automargin=True), font=FONT, template="plotly_white", height=height,
+        margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.2), hovermode="closest",
     )
-    figure.update_xaxes(title_text=x_title)
-    figure.update_yaxes(title_text=y_title)
+    figure.update_xaxes(title_text=x_title, automargin=True)
+    figure.update_yaxes(title_text=y_title, automargin=True)
+    for axis, axis_title in (("x", x_title), ("y", y_title)):
+        if axis_title in INTEGER_AXES and figure.layout[f"{axis}axis"].type not in ("category", "log"):
+            integer_ticks(figure, axis)
     return figure
+
+
+def legend_keys(figure: go.Figure, entries: list[tuple[str, str, str]]) -> int:
+    """Legend-only entries (name, colour, marker symbol) for colours that the data traces do not name
+    themselves; returns how many were added (they come last)."""
+    for name, color, symbol in entries:
+        figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, showlegend=True,
+                                    marker=dict(color=color, symbol=symbol, size=11), hoverinfo="skip"))
+    return len(entries)
 
 
 def empty_figure(message: str) -> go.Figure:

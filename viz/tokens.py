@@ -73,6 +73,21 @@ def tokens_html(trace: Trace | None, color_by: str = "probability") -> str:
     return f'<div class="tokens" style="white-space: pre-wrap; line-height: 1.9">{"".join(spans)}</div>{status}'
 
 
+def color_legend_html(color_by: str) -> str:
+    """The key to token colours: a low-to-high ramp for probability and entropy, swatches for origin."""
+    if color_by == "origin":
+        swatches = "".join(
+            f'<span class="key-swatch" style="background: rgb{ORIGIN_COLORS[origin]}; color: '
+            f'{readable_text_color(ORIGIN_COLORS[origin])}">{html.escape(ORIGIN_NAMES[origin])}</span>'
+            for origin in ("plain", "draft", "bonus"))
+        return f'<div class="color-key">{swatches}</div>'
+    low, high = ("low probability", "high probability") if color_by == "probability" else (
+        "high entropy (unsure)", "low entropy (sure)")
+    stops = ", ".join(f"rgb{sequential_rgb(i / 4)}" for i in range(5))
+    return (f'<div class="color-key"><span>{low}</span><span class="key-ramp" style="background: '
+            f'linear-gradient(to right, {stops})"></span><span>{high}</span></div>')
+
+
 def metrics_html(trace: Trace | None, baseline: Trace | None = None, live: tuple[float, int] | None = None) -> str:
     """A lane's numbers. While it runs, `live` = (compute seconds, target passes) so far keeps tokens/s and the
     pass count current, with the step reached out of the run's maximum."""
