@@ -42,6 +42,7 @@ from store import Store
 from viz import metrics_html, tokens_html
 from viz.catalog import BEAM_STRATEGIES, VIEW_NAMES, VIEWS, render_all
 from viz.summary import greedy_baseline, summary_html, summary_latex, summary_markdown, summary_rows
+from viz.theme import has_data
 from viz.tokens import color_legend_html
 
 log = logging.getLogger("decoding_explorer.app")
@@ -195,6 +196,8 @@ def export_views(traces: list[Any], view_lane: str, width: str) -> str:
     folder = Path(tempfile.mkdtemp(prefix="explorer-figures-"))
     try:
         for view, figure in zip(VIEWS, render_views(traces, view_lane), strict=True):
+            if not has_data(figure):  # no placeholders in a paper's figure folder
+                continue
             for fmt in FORMATS:
                 save_figure(figure, folder / f"{view.name}.{fmt}", width=width)
     except ValueError as error:

@@ -431,4 +431,9 @@ def test_export_handlers_write_files(tiny_flat, tmp_path, monkeypatch):
     assert len(app.export_runs(ids, "Bundle")) == 2
     archive = app.export_views(traces, "1", "two")
     names = zipfile.ZipFile(archive).namelist()
-    assert {f"{v}.{fmt}" for v in app.VIEW_NAMES for fmt in ("svg", "pdf", "png")} == set(names)
+    from viz.theme import has_data
+
+    with_data = [name for name, figure in zip(app.VIEW_NAMES, app.render_views(traces, "1"), strict=True)
+                 if has_data(figure)]
+    assert "heatmap" in with_data and "beam-tree" not in with_data  # greedy lanes: no beam tree to draw
+    assert {f"{v}.{fmt}" for v in with_data for fmt in ("svg", "pdf", "png")} == set(names)

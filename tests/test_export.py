@@ -7,6 +7,7 @@ import math
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -199,3 +200,68 @@ def test_a_bundles_reproduce_command_runs_as_it_is(tiny_dir, tmp_path):
     assert main([*words[3:], "--db", db, "--quiet"]) == 0
     again = Store(db).load_trace(Store(db).list_runs()[0].run_id)
     assert again.token_ids == original.token_ids and again.started.config == original.started.config
+
+
+def _boxes_overlap(a: dict, b: dict, slack: float = 1.0) -> bool:
+    return (a["left"] + slack < b["right"] and b["left"] + slack < a["right"]
+            and a["top"] + slack < b["bottom"] and b["top"] + slack < a["bottom"])
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", ["one", "two"])
+def test_paper_figures_keep_legend_titles_and_data_apart(tiny, tmp_path, width):
+    """Every view with data, exported for print: the legend is outside every plot area, the title inside the
+    canvas, and no two axis titles (or an axis title and the legend) overlap — measured on the SVG's own text
+    boxes in Chromium."""
+    import shutil
+
+    from viz.theme import has_data
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    runs = [("greedy", {}), ("sample", {"top_p": 0.9}), ("prompt_lookup", {"min_ngram": 1}), ("jacobi", {}),
+            ("beam", {}), ("mirostat", {}), ("top_h", {}), ("tree_speculative", {}), ("self_speculative", {}),
+            ("contrastive", {}), ("momentum", {}), ("cautious", {"threshold": 0.5}), ("token_recycling", {})]
+    traces = [run_to_end(tiny, RunRequest.build(n, p, "ab ab ab ab", max_new_tokens=12, chat=False)) for n, p in runs]
+    files = []
+    for view in VIEWS:
+        for lane in range(len(traces)):
+            figure = view.render(traces[:4] if view.name in ("entropy", "divergence") else traces, lane)
+            if has_data(figure):
+                files.append(save_figure(figure, tmp_path / f"{view.name}.svg", width=width))
+                break
+    assert len(files) >= 15
+    measure = """() => {
+        const box = e => { const r = e.getBoundingClientRect(); return {left: r.left, right: r.right, top: r.top,
+                           bottom: r.bottom, width: r.width, height: r.height}; };
+        const svg = box(document.querySelector('svg'));
+        const plots = [...document.querySelectorAll('.bglayer .bg')].map(box).filter(b => b.width > 0);
+        const legend = document.querySelector('g.legend');
+        const title = document.querySelector('.gtitle');
+        const axes = [...document.querySelectorAll('.g-xtitle text, .g-ytitle text, .g-x2title text, .g-y2title text')]
+            .filter(t => t.textContent.trim()).map(box);
+        return {svg, plots, legend: legend ? box(legend) : null, title: title ? box(title) : null, axes};
+    }"""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        for path in files:
+            page.goto(path.as_uri())
+            found = page.evaluate(measure)
+            canvas = found["svg"]
+            if found["title"]:
+                title = found["title"]
+                assert canvas["left"] - 1 <= title["left"] and title["right"] <= canvas["right"] + 1, path.name
+                assert canvas["top"] - 1 <= title["top"], path.name
+            if found["legend"] and found["legend"]["height"] > 0:
+                for plot in found["plots"]:
+                    assert not _boxes_overlap(found["legend"], plot, slack=2.0), f"{path.name}: legend on the plot"
+                for axis in found["axes"]:
+                    assert not _boxes_overlap(found["legend"], axis), f"{path.name}: legend on an axis title"
+            for i, a in enumerate(found["axes"]):
+                for b in found["axes"][i + 1:]:
+                    assert not _boxes_overlap(a, b), f"{path.name}: axis titles overlap"
+        browser.close()

@@ -56,7 +56,7 @@ def entropy_curves(traces: Sequence[Trace]) -> go.Figure:
     traces = [t for t in traces if t is not None and t.token_steps]
     if not traces:
         return empty_figure("Run something to compare entropy and confidence across lanes.")
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.16,
                            subplot_titles=("entropy of the next-token distribution", "probability of the chosen token"))
     for index, trace in enumerate(traces):
         steps = trace.token_steps
@@ -169,7 +169,7 @@ def top_h_figure(traces: Sequence[Trace]) -> go.Figure:
     lanes = [(i, t) for i, t in enumerate(traces) if t is not None and t.started.strategy == "top_h" and t.token_steps]
     if not lanes:
         return empty_figure("Add a top_h lane to see its entropy-bounded kept sets.")
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.16,
                            subplot_titles=("kept-set size", "entropy: full distribution, bound, kept set"))
     for index, trace in lanes:
         name, color = lane_name(trace, index), lane_color(index)

@@ -5,6 +5,7 @@ The palette is the app's (Okabe-Ito lanes, Cividis scales), which stays distingu
 from __future__ import annotations
 
 import copy
+import textwrap
 import threading
 import warnings
 from pathlib import Path
@@ -26,11 +27,19 @@ def paper_figure(figure: go.Figure, width: str = "one", aspect: float = 0.68) ->
         raise ValueError(f"width must be one of {', '.join(WIDTHS_IN)} (column widths)")
     paper = go.Figure(copy.deepcopy(figure))
     px = int(WIDTHS_IN[width] * PX_PER_IN)
+    title = paper.layout.title.text or ""
+    # Titles wrap to the column (about 5.5 px a character at 10 pt) instead of running off the page.
+    paper.layout.title.text = "<br>".join(textwrap.wrap(title.replace("<br>", " "), int((px - 20) / 5.5)))
     paper.update_layout(
         template="simple_white", font=PAPER_FONT, width=px, height=int(px * aspect),
-        margin=dict(l=48, r=10, t=30, b=40), title=dict(font=dict(size=10)),
-        legend=dict(font=dict(size=8), orientation="h", y=-0.25),
+        margin=dict(l=52, r=12, t=int(px * aspect * 0.22) + 20, b=44),
+        title=dict(font=dict(size=10), x=0, xanchor="left", y=1, yanchor="top", pad=dict(t=8), xref="paper",
+                   yref="container", automargin=False),
+        # The legend sits above the plot area, under the title, never on the data or the x-axis title.
+        legend=dict(font=dict(size=8), orientation="h", x=0, xanchor="left", y=1.02, yanchor="bottom"),
     )
+    paper.update_xaxes(automargin=True, title_standoff=4)
+    paper.update_yaxes(automargin=True, title_standoff=4)
     paper.update_annotations(font=dict(family=PAPER_FONT["family"], size=8))
     return paper
 

@@ -88,5 +88,11 @@ def empty_figure(message: str) -> go.Figure:
                           font=dict(size=14, color="#666666"))
     figure.update_xaxes(visible=False)
     figure.update_yaxes(visible=False)
-    figure.update_layout(template="plotly_white", height=220, font=FONT)
+    figure.update_layout(template="plotly_white", height=220, font=FONT, meta={"empty": True})
     return figure
+
+
+def has_data(figure: go.Figure) -> bool:
+    """False for the placeholder `empty_figure` draws where a view has nothing to show."""
+    meta = figure.layout.meta
+    return not (isinstance(meta, dict) and meta.get("empty"))
