@@ -227,12 +227,12 @@ def test_paper_figures_keep_legend_titles_and_data_apart(tiny, tmp_path, width):
             ("contrastive", {}), ("momentum", {}), ("cautious", {"threshold": 0.5}), ("token_recycling", {})]
     traces = [run_to_end(tiny, RunRequest.build(n, p, "ab ab ab ab", max_new_tokens=12, chat=False)) for n, p in runs]
     files = []
+    groups = [traces[i:i + 4] for i in range(0, len(traces), 4)]  # the app shows at most 4 lanes
     for view in VIEWS:
-        for lane in range(len(traces)):
-            figure = view.render(traces[:4] if view.name in ("entropy", "divergence") else traces, lane)
-            if has_data(figure):
-                files.append(save_figure(figure, tmp_path / f"{view.name}.svg", width=width))
-                break
+        figure = next((f for group in groups for lane in range(len(group))
+                       if has_data(f := view.render(group, lane))), None)
+        if figure is not None:
+            files.append(save_figure(figure, tmp_path / f"{view.name}.svg", width=width))
     assert len(files) >= 15
     measure = """() => {
         const box = e => { const r = e.getBoundingClientRect(); return {left: r.left, right: r.right, top: r.top,
