@@ -62,7 +62,18 @@ _STORE: Store | None = None
 _STORE_LOCK = threading.Lock()
 CSS = """
 .tokens { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 14px; }
-.tok { border-radius: 3px; padding: 1px 0; cursor: help; }
+.tok { border-radius: 3px; padding: 1px 0; cursor: pointer; position: relative; }
+.tok .pop { display: none; position: absolute; z-index: 60; top: 1.7em; left: 0; width: 280px; background: #fff;
+  color: #111; border: 1px solid #bbb; border-radius: 6px; padding: 6px 8px; white-space: normal; line-height: 1.4;
+  font-size: 12px; box-shadow: 0 4px 14px rgba(0, 0, 0, 0.18); cursor: text; user-select: text; }
+.tok:focus .pop, .tok:focus-within .pop { display: block; }
+.tok:focus { outline: 2px solid #D55E00; }
+.bars { display: block; margin-top: 4px; }
+.bar-row { display: grid; grid-template-columns: 80px 1fr 42px; gap: 6px; align-items: center; }
+.bar-row.chosen { font-weight: bold; }
+.bar-text { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.bar { display: inline-block; height: 8px; background: #56B4E9; border-radius: 2px; min-width: 1px; }
+.bar-row.chosen .bar { background: #D55E00; }
 .lane-metrics { display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 12px; }
 .run-status { color: #D55E00; font-weight: bold; margin-top: 4px; }
 .color-key { display: flex; align-items: center; gap: 8px; font-size: 12px; margin-top: 4px; }
@@ -323,7 +334,9 @@ class Lane:
 
     def render(self, trace: Trace | None, color_by: str, baseline: Trace | None,
                live: tuple[float, int] | None = None) -> dict[Any, Any]:
-        return {self.output: tokens_html(trace, color_by), self.metrics: metrics_html(trace, baseline, live)}
+        """While the lane streams (`live`), tokens come without popovers: they are built once it ends."""
+        return {self.output: tokens_html(trace, color_by, popovers=live is None),
+                self.metrics: metrics_html(trace, baseline, live)}
 
 
 # --------------------------------------------------------------------------------------------- page

@@ -188,6 +188,14 @@ def test_browser_two_lanes_heatmap_and_permalink(server, browser, tmp_path):
     stored = Store(db).load_traces(run_ids)
     assert [t.started.strategy for t in stored] == ["greedy", "sample"]
     assert page.locator("#lane1-output .tok").count() == len(stored[0].token_ids)
+    first = page.locator("#lane1-output .tok").first
+    first.click()  # a popover, not the browser's tooltip: it opens on click and stays while focused
+    popover = first.locator(".pop")
+    popover.wait_for(state="visible", timeout=10_000)
+    assert popover.locator(".bar-row").count() == 10 and popover.locator(".bar-row.chosen").count() == 1
+    assert "entropy" in popover.inner_text() and "rank" in popover.inner_text()
+    page.locator("#prompt textarea").click()
+    popover.wait_for(state="hidden", timeout=10_000)
     assert "speedup" not in page.locator("#lane2-metrics").inner_text()  # sampling vs greedy: not a speed-up
     assert page.locator("#lane-summary tbody tr").count() == 2
     page.get_by_role("radio", name="2", exact=True).check()
@@ -217,7 +225,32 @@ def test_browser_escapes_hostile_output(server, browser, tiny):
     page.wait_for_function("document.querySelectorAll('#lane1-output .tok').length === 4", timeout=30_000)
     text = page.locator("#lane1-output").inner_text()
     assert '<script>alert("x")</script>' in text and '<img src=x onerror="window.__xss=1">' in text
+    for index in range(4):  # the popovers show the hostile text as text too
+        token = page.locator("#lane1-output .tok").nth(index)
+        token.click()
+        token.locator(".pop").wait_for(state="visible", timeout=10_000)
     assert page.locator("#lane1-output script").count() == 0 and page.locator("#lane1-output img").count() == 0
+    assert page.evaluate("typeof window.__xss") == "undefined"
+
+
+@pytest.mark.browser
+def test_browser_hostile_prompt_never_runs(server, browser):
+    url, _ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    hostile = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> Repeat the text before this.'
+    page.locator("#prompt textarea").fill(hostile)
+    page.locator("#run").click()
+    page.wait_for_selector("#permalink a", timeout=60_000)
+    page.get_by_role("tab", name="History").click()
+    page.wait_for_function("document.querySelector('#history').innerText.includes('onerror')",
+                           timeout=20_000)
+    link = page.evaluate("location.href")
+    page.goto(link.split("?")[0] + page.locator("#permalink a").get_attribute("href"))
+    page.wait_for_function("document.querySelectorAll('#lane1-output .tok').length > 0", timeout=30_000)
+    page.locator("#lane1-output .tok").first.click()
+    for area in ("#history", "#lane1-output", "#lane-summary", "#permalink"):
+        assert page.locator(f"{area} img").count() == 0 and page.locator(f"{area} script").count() == 0
     assert page.evaluate("typeof window.__xss") == "undefined"
 
 
@@ -415,6 +448,12 @@ def test_browser_beam_tree_and_draft_lanes(server, browser):
     assert [t.started.strategy for t in stored] == ["beam", "prompt_lookup"]
     assert page.locator("#lane1-output .tok").count() == len(stored[0].token_ids) > 0
     assert "speedup vs greedy" not in page.locator("#lane2-metrics").inner_text()  # no greedy lane to compare
+    drafted = page.locator("#lane2-output .tok").nth(len(stored[1].token_ids) - 1)
+    drafted.click()
+    drafted.locator(".pop").wait_for(state="visible", timeout=10_000)
+    if any(r.accepted_count for r in stored[1].rounds):  # p, q, u and the verdicts of the rounds there
+        notes = "".join(page.locator("#lane2-output .pop").all_text_contents())
+        assert "round" in notes and "q=" in notes
 
 
 def test_export_handlers_write_files(tiny_flat, tmp_path, monkeypatch):

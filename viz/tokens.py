@@ -30,22 +30,30 @@ def round_notes(trace: Trace) -> dict[int, list[str]]:
     return notes
 
 
-def token_tooltip(trace: Trace, index: int, notes: dict[int, list[str]] | None = None) -> str:
+def token_popover(trace: Trace, index: int, notes: dict[int, list[str]] | None = None) -> str:
+    """The popover of one token (HTML, every text escaped): its probability, rank and entropy, the top-10
+    alternatives as probability bars with the chosen one marked, and what draft-verify rounds said there."""
     step = trace.token_steps[index]
-    lines = [f"step {step.step} · {step.token_text!r} · p={math.exp(step.logprob):.3f} · rank {step.rank}",
-             f"entropy {step.entropy:.3f} nats · kept {step.kept_count} tokens"]
+    head = (f"<strong>step {step.step}</strong> · {html.escape(repr(step.token_text))} · p = {math.exp(step.logprob):.3f} · "
+            f"rank {step.rank} · entropy {step.entropy:.3f} nats · kept {step.kept_count}")
+    lines = [head]
     if step.origin != "plain":
-        lines.append(ORIGIN_NAMES.get(step.origin, step.origin))
-    lines += (notes or {}).get(step.position, [])
-    lines += [f"{k}: {v:.3f}" for k, v in step.details.items()]
-    lines.append("top alternatives:")
+        lines.append(html.escape(ORIGIN_NAMES.get(step.origin, step.origin)))
+    lines += [html.escape(note) for note in (notes or {}).get(step.position, [])]
+    lines += [html.escape(f"{k}: {v:.3f}") for k, v in step.details.items()]
+    bars = []
     for token_id, logprob, text in zip(step.top_ids, step.top_logprobs, step.top_texts, strict=True):
-        marker = "▶" if token_id == step.token_id else " "
-        lines.append(f"{marker} {text!r} {math.exp(logprob):.3f}")
-    return "\n".join(lines)
+        p = math.exp(logprob)
+        chosen = " chosen" if token_id == step.token_id else ""
+        bars.append(f'<div class="bar-row{chosen}"><span class="bar-text">{html.escape(repr(text))}</span>'
+                    f'<span class="bar" style="width: {100 * p:.1f}%"></span><span>{p:.3f}</span></div>')
+    return ('<span class="pop" role="tooltip">' + "<br>".join(lines)
+            + f'<span class="bars">{"".join(bars)}</span></span>')
 
 
-def tokens_html(trace: Trace | None, color_by: str = "probability") -> str:
+def tokens_html(trace: Trace | None, color_by: str = "probability", popovers: bool = True) -> str:
+    """The tokens, coloured; with `popovers`, clicking (or tabbing to) a token opens its popover, which stays
+    open while it has focus, so it can be read, copied and used on touch screens."""
     if color_by not in COLOR_MODES:
         raise ValueError(f"color_by must be one of {', '.join(COLOR_MODES)}")
     if trace is None or not trace.token_steps:
@@ -61,10 +69,10 @@ def tokens_html(trace: Trace | None, color_by: str = "probability") -> str:
             value = math.exp(step.logprob) if color_by == "probability" else 1.0 - step.entropy / top_entropy
             rgb = sequential_rgb(value)
         text = html.escape(step.token_text).replace("\n", "↵<br>")
-        title = html.escape(token_tooltip(trace, index, notes), quote=True)
+        popover = token_popover(trace, index, notes) if popovers else ""
         spans.append(
-            f'<span class="tok" data-step="{step.step}" title="{title}" style="background: rgb{rgb}; '
-            f'color: {readable_text_color(rgb)}">{text}</span>'
+            f'<span class="tok" tabindex="0" data-step="{step.step}" style="background: rgb{rgb}; '
+            f'color: {readable_text_color(rgb)}">{text}{popover}</span>'
         )
     status = ""
     if trace.finished is not None and trace.finished.status != "ok":
