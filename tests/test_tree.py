@@ -230,3 +230,15 @@ def test_tree_rounds_round_trip_through_the_store(tiny_flat, store):
                        recorder=Recorder(store))
     assert any(v == "unreached" for r in trace.rounds for v in r.verdicts)
     assert store.load_trace(trace.run_id) == trace
+
+
+def test_pool_graph_is_layered_readable_and_pruned(tiny):
+    from viz.speculative import pool_figure
+
+    recycled = run_to_end(tiny, RunRequest.build("token_recycling", {}, "ab ab ab ab ab", max_new_tokens=30))
+    figure = pool_figure(recycled, max_edges=20)
+    nodes = figure.data[-1]
+    assert all(x == int(x) for x in nodes.x)  # layers, not a circle
+    assert not any(text.startswith("#") for text in nodes.text)  # token texts, never raw ids
+    edges = sum(len([v for v in t.x if v is not None]) // 2 for t in figure.data[:-1])
+    assert edges <= 20 and "edges (accepted first" in figure.layout.title.text

@@ -168,7 +168,9 @@ def momentum_figure(trace: Trace | None, max_nodes: int = 120, lane: int = 0) ->
     graph = momentum_graph(trace)
     nodes = list(graph.nodes)[:max_nodes]
     graph = graph.subgraph(nodes)
-    positions = nx.circular_layout(nodes)  # nodes in first-visit order: deterministic
+    # The walk left to right in first-visit order, on three staggered rows so that labels do not collide; a
+    # loop is an edge back to the left.
+    positions = {n: (float(i), -float(i % 3)) for i, n in enumerate(nodes)}
     figure = go.Figure()
     for revisit, color, name in ((False, "#CCCCCC", "transition"), (True, "#D55E00", "revisit (loop)")):
         xs, ys = [], []
@@ -187,8 +189,9 @@ def momentum_figure(trace: Trace | None, max_nodes: int = 120, lane: int = 0) ->
                    f"{penalties.get(n, 0.0):.2f}" for n in nodes], hoverinfo="text",
     ))
     figure.update_xaxes(visible=False)
-    figure.update_yaxes(visible=False, scaleanchor="x")
-    return base_layout(figure, f"Momentum decoding: token graph — {lane_name(trace, lane)}", "", "", height=560)
+    figure.update_yaxes(visible=False, range=[-2.8, 0.8])
+    return base_layout(figure, f"Momentum decoding: token graph in visit order — {lane_name(trace, lane)}", "", "",
+                       height=360)
 
 
 def cautious_figure(trace: Trace | None, lane: int = 0) -> go.Figure:

@@ -356,13 +356,42 @@ def pool_graph(trace: Trace) -> nx.DiGraph:
     return graph
 
 
-def pool_figure(trace: Trace | None, max_nodes: int = 150, lane: int = 0) -> go.Figure:
+def layered_positions(graph: nx.DiGraph) -> dict[int, tuple[float, float]]:
+    """A deterministic layered layout: a node's layer is its distance from the sources (nodes without an
+    incoming edge; in a cycle, the busiest node not yet placed); nodes in a layer sorted by id."""
+    layer: dict[int, int] = {}
+    pending = sorted(graph.nodes, key=lambda n: (graph.in_degree(n) > 0, -graph.out_degree(n), n))
+    while len(layer) < graph.number_of_nodes():
+        root = next(n for n in pending if n not in layer)
+        layer[root] = 0 if graph.in_degree(root) == 0 or not layer else max(layer.values()) + 1
+        frontier = [root]
+        while frontier:
+            following = []
+            for node in frontier:
+                for child in sorted(graph.successors(node)):
+                    if child not in layer:
+                        layer[child] = layer[node] + 1
+                        following.append(child)
+            frontier = following
+    rows: dict[int, list[int]] = defaultdict(list)
+    for node in sorted(layer):
+        rows[layer[node]].append(node)
+    return {node: (float(depth), -float(row)) for depth, nodes in rows.items() for row, node in enumerate(nodes)}
+
+
+def pool_figure(trace: Trace | None, max_edges: int = 60, lane: int = 0) -> go.Figure:
+    """The pool (lookahead's n-grams, Token Recycling's adjacency table) as a layered graph of token texts:
+    the edges that produced accepted drafts, then the most used others, at most `max_edges` in all."""
     if trace is None or not any(e.kind == "pool_update" for e in trace.events):
         return empty_figure("Run a lookahead or token_recycling lane to see its n-gram pool / adjacency graph.")
-    graph = pool_graph(trace)
-    nodes = sorted(graph.nodes, key=lambda n: -graph.degree(n))[:max_nodes]
-    graph = graph.subgraph(nodes)
-    positions = nx.circular_layout(sorted(graph.nodes))  # sorted ids: deterministic
+    full = pool_graph(trace)
+    ranked = sorted(full.edges(data=True), key=lambda e: (not e[2]["accepted"], -e[2]["count"], e[0], e[1]))
+    graph = nx.DiGraph()
+    for a, b, data in ranked[:max_edges]:
+        graph.add_node(a, **full.nodes[a])
+        graph.add_node(b, **full.nodes[b])
+        graph.add_edge(a, b, **data)
+    positions = layered_positions(graph)
     figure = go.Figure()
     styles = ((False, "#DDDDDD", "recorded continuation"), (True, "#0072B2", "produced an accepted draft"))
     for accepted, color, name in styles:
@@ -373,14 +402,17 @@ def pool_figure(trace: Trace | None, max_nodes: int = 150, lane: int = 0) -> go.
                 ys += [positions[a][1], positions[b][1], None]
         figure.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, hoverinfo="skip",
                                     line=dict(color=color, width=2.5 if accepted else 0.8)))
-    ordered = list(graph.nodes)
+    ordered = sorted(graph.nodes)
     figure.add_trace(go.Scatter(
         x=[positions[n][0] for n in ordered], y=[positions[n][1] for n in ordered], mode="markers+text",
-        text=[show_token(graph.nodes[n].get("text", ""), 5) for n in ordered], textfont=dict(size=8),
-        marker=dict(size=7, color="#E69F00"), name="token",
-        hovertext=[f"{graph.nodes[n].get('text', '')!r}: {graph.out_degree(n)} continuations" for n in ordered],
-        hoverinfo="text",
+        text=[show_token(graph.nodes[n].get("text", ""), 8) for n in ordered], textfont=dict(size=10),
+        textposition="middle right", marker=dict(size=8, color="#E69F00"), name="token",
+        hovertext=[f"{graph.nodes[n].get('text', '')!r}: {full.out_degree(n)} continuations recorded"
+                   for n in ordered], hoverinfo="text",
     ))
     figure.update_xaxes(visible=False)
-    figure.update_yaxes(visible=False, scaleanchor="x")
-    return base_layout(figure, f"Pool / adjacency graph — {lane_name(trace, lane)}", "", "", height=560)
+    figure.update_yaxes(visible=False)
+    rows = max((-y for _, y in positions.values()), default=1)
+    return base_layout(figure, f"Pool / adjacency graph: {graph.number_of_edges()} of {full.number_of_edges()} "
+                       f"edges (accepted first, then the most used) — {lane_name(trace, lane)}", "", "",
+                       height=int(min(900, 260 + 26 * rows)))

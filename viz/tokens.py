@@ -34,8 +34,9 @@ def token_popover(trace: Trace, index: int, notes: dict[int, list[str]] | None =
     """The popover of one token (HTML, every text escaped): its probability, rank and entropy, the top-10
     alternatives as probability bars with the chosen one marked, and what draft-verify rounds said there."""
     step = trace.token_steps[index]
-    head = (f"<strong>step {step.step}</strong> · {html.escape(repr(step.token_text))} · p = {math.exp(step.logprob):.3f} · "
-            f"rank {step.rank} · entropy {step.entropy:.3f} nats · kept {step.kept_count}")
+    head = (f"<strong>step {step.step}</strong> · {html.escape(repr(step.token_text))} · "
+            f"p = {math.exp(step.logprob):.3f} · rank {step.rank} · entropy {step.entropy:.3f} nats · "
+            f"kept {step.kept_count}")
     lines = [head]
     if step.origin != "plain":
         lines.append(html.escape(ORIGIN_NAMES.get(step.origin, step.origin)))
