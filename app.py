@@ -61,7 +61,8 @@ MODELS = MODEL_CACHE
 _STORE: Store | None = None
 _STORE_LOCK = threading.Lock()
 CSS = """
-.tokens { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 14px; }
+.tokens { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 14px; overflow-wrap: anywhere; }
+#lane-summary { overflow-x: auto; }
 .tok { border-radius: 3px; padding: 1px 0; cursor: pointer; position: relative; }
 .tok .pop { display: none; position: absolute; z-index: 60; top: 1.7em; left: 0; width: 280px; background: #fff;
   color: #111; border: 1px solid #bbb; border-radius: 6px; padding: 6px 8px; white-space: normal; line-height: 1.4;
@@ -555,12 +556,14 @@ def compare_tab(tabs: gr.Tabs) -> Page:
             run_btn = gr.Button("Run", variant="primary", elem_id="run")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False)
     gr.Markdown(POLICY.describe(), elem_id="limits")
-    with gr.Row():
-        chat = gr.Checkbox(value=True, label="chat template")
-        system = gr.Textbox(label="System prompt (optional)", scale=2)
-        model_id = gr.Textbox(value=DEFAULT_MODEL, label="Model (embedded, HF id or local path)", scale=2)
-        seed = gr.Number(value=0, label="seed", precision=0, minimum=0)
-        max_new = gr.Slider(1, MAX_NEW_TOKENS_CAP, value=min(64, MAX_NEW_TOKENS_CAP), step=1, label="max new tokens")
+    with gr.Row():  # minimum widths: on a narrow page (a Space in an iframe) the row wraps, nothing is clipped
+        chat = gr.Checkbox(value=True, label="chat template", min_width=150)
+        system = gr.Textbox(label="System prompt (optional)", scale=2, min_width=200)
+        model_id = gr.Textbox(value=DEFAULT_MODEL, label="Model (embedded, HF id or local path)", scale=2,
+                              min_width=200)
+        seed = gr.Number(value=0, label="seed", precision=0, minimum=0, min_width=120)
+        max_new = gr.Slider(1, MAX_NEW_TOKENS_CAP, value=min(64, MAX_NEW_TOKENS_CAP), step=1, label="max new tokens",
+                            min_width=240)
     with gr.Row():
         add_btn = gr.Button("+ lane", size="sm")
         remove_btn = gr.Button("− lane", size="sm")
@@ -586,7 +589,7 @@ def compare_tab(tabs: gr.Tabs) -> Page:
     views = []
     for tab in dict.fromkeys(view.tab for view in VIEWS):
         with gr.Tab(tab):
-            views += [gr.Plot(label=v.label, elem_id=v.name) for v in VIEWS if v.tab == tab]
+            views += [gr.Plot(label=v.label, show_label=False, elem_id=v.name) for v in VIEWS if v.tab == tab]
     page = Page(prompt, chat, system, model_id, seed, max_new, color_by, view_lane, gr.State(2), gr.State([]), link,
                 tabs, add_btn, remove_btn, baseline_btn, run_btn, stop_btn, summary, summary_markdown, summary_latex,
                 lanes, views)

@@ -255,6 +255,35 @@ def test_browser_hostile_prompt_never_runs(server, browser):
 
 
 @pytest.mark.browser
+@pytest.mark.parametrize("width", [1280, 800])
+def test_browser_screenshots_and_a_narrow_page(server, browser, tmp_path, width):
+    """The README's screenshot set (written to assets/ when DECODING_EXPLORER_SCREENSHOTS=assets), and the page
+    stays usable at 800 px: nothing wider than the window, every view tab on screen, no clipped labels."""
+    url, _ = server
+    folder = Path(os.environ.get("DECODING_EXPLORER_SCREENSHOTS", tmp_path))
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    page.goto(url)
+    page.locator("#prompt textarea").fill("ab ab ab ab ab")
+    choose_strategy(page, 2, "prompt_lookup")
+    page.locator("#run").click()
+    page.wait_for_selector("#permalink a", timeout=60_000)
+    page.wait_for_selector("#heatmap .js-plotly-plot", timeout=30_000)
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    tabs = page.get_by_role("tab").all_inner_texts()
+    assert {"Top-k & entropy", "Sampling", "Speculative", "Trees & Jacobi", "Search"} <= set(tabs)
+    chat = page.get_by_text("chat template", exact=True)
+    assert chat.evaluate("e => e.scrollWidth <= e.clientWidth + 1")  # the label is not cut
+    page.screenshot(path=str(folder / f"compare-{width}.png"), full_page=True)
+    page.get_by_role("tab", name="Speculative").click()
+    page.wait_for_selector("#acceptance .js-plotly-plot", timeout=30_000)
+    page.locator("#lane2-output .tok").first.click()
+    page.screenshot(path=str(folder / f"speculative-{width}.png"), full_page=True)
+    page.get_by_role("tab", name="History").click()
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(folder / f"history-{width}.png"), full_page=False)
+
+
+@pytest.mark.browser
 def test_browser_bad_input_shows_a_message_not_a_trace(server, browser):
     url, _ = server
     page = browser.new_page()
@@ -441,7 +470,7 @@ def test_browser_beam_tree_and_draft_lanes(server, browser):
     choose_strategy(page, 2, "prompt_lookup")
     page.locator("#run").click()
     page.wait_for_selector("#permalink a", timeout=60_000)
-    page.get_by_role("tab", name="Beam tree").click()
+    page.get_by_role("tab", name="Search").click()
     page.wait_for_selector("#beam-tree .js-plotly-plot", timeout=30_000)
     run_ids = page.locator("#permalink a").get_attribute("href").split("=", 1)[1].split(",")
     stored = Store(db).load_traces(run_ids)

@@ -39,7 +39,7 @@ def topk_heatmap(trace: Trace | None, max_steps: int = 200, lane: int = 0) -> go
               if r < len(s.top_ids) else "" for s in steps] for r in range(k)]
     figure = go.Figure(go.Heatmap(
         z=z, x=[s.step for s in steps], y=list(range(k)), text=text,
-        texttemplate="%{text}" if len(steps) <= 30 else None, textfont=dict(size=9), hovertext=hover,
+        texttemplate="%{text}" if len(steps) <= 24 else None, textfont=dict(size=9), hovertext=hover,
         hoverinfo="text", colorscale=SEQUENTIAL, zmin=0, zmax=1, colorbar=dict(title="p"), xgap=1, ygap=1,
     ))
     chosen = [(s.step, s.rank) for s in steps if s.rank < k]
