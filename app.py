@@ -56,6 +56,7 @@ MAX_SHARED = 200  # runs a session remembers having opened by permalink
 STRATEGY_NAMES = sorted(REGISTRY)
 DEFAULT_LANES = ["greedy", "sample", "mirostat", "top_h"]
 STREAM_EVERY_S = 0.25
+STOP_WAIT_S = 60.0  # how long Stop waits for a lane's current step to end (steps are bounded by the limits)
 BEAM_TREE_EVERY_S = 0.6
 MODELS = MODEL_CACHE
 _STORE: Store | None = None
@@ -63,6 +64,7 @@ _STORE_LOCK = threading.Lock()
 CSS = """
 .tokens { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 14px; overflow-wrap: anywhere; }
 #lane-summary { overflow-x: auto; }
+#history th, #history th * { white-space: nowrap !important; word-break: keep-all !important; }
 .tok { border-radius: 3px; padding: 1px 0; cursor: pointer; position: relative; }
 .tok .pop { display: none; position: absolute; z-index: 60; top: 1.7em; left: 0; width: 280px; background: #fff;
   color: #111; border: 1px solid #bbb; border-radius: 6px; padding: 6px 8px; white-space: normal; line-height: 1.4;
@@ -467,13 +469,15 @@ class Page:
         stand: the lanes, views, summary and permalink of the partial runs."""
         with _ACTIVE_LOCK:
             lanes = _ACTIVE.pop(owner_of(request), None)
-        if lanes is not None:
-            for _ in range(100):  # the generator may be between two steps in the worker thread
-                try:
-                    lanes.close()
+        deadline = time.perf_counter() + STOP_WAIT_S
+        while lanes is not None:  # the lanes may be inside a step in the worker thread: close after it
+            try:
+                lanes.close()
+                break
+            except ValueError:
+                if time.perf_counter() > deadline:
                     break
-                except ValueError:
-                    time.sleep(0.05)
+                time.sleep(0.05)
         ids = [t.run_id for t in traces or [] if t is not None]
         if not ids:
             return {self.run_btn: gr.Button(interactive=True), self.stop_btn: gr.Button(interactive=False)}
@@ -586,10 +590,11 @@ def compare_tab(tabs: gr.Tabs) -> Page:
             figures_btn = gr.Button("Export all views", size="sm")
             figures_file = gr.File(label="views (zip)", interactive=False, elem_id="figures-zip", height=90)
     view_lane = gr.Radio(["1", "2"], value="1", label="lane shown in the per-lane views", elem_id="view-lane")
-    views = []
+    plots: dict[str, gr.Plot] = {}
     for tab in dict.fromkeys(view.tab for view in VIEWS):
         with gr.Tab(tab):
-            views += [gr.Plot(label=v.label, show_label=False, elem_id=v.name) for v in VIEWS if v.tab == tab]
+            plots |= {v.name: gr.Plot(label=v.label, show_label=False, elem_id=v.name) for v in VIEWS if v.tab == tab}
+    views = [plots[v.name] for v in VIEWS]  # in the catalog's order, whatever order the tabs lay them out in
     page = Page(prompt, chat, system, model_id, seed, max_new, color_by, view_lane, gr.State(2), gr.State([]), link,
                 tabs, add_btn, remove_btn, baseline_btn, run_btn, stop_btn, summary, summary_markdown, summary_latex,
                 lanes, views)

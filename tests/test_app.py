@@ -331,6 +331,11 @@ def choose_strategy(page, lane: int, name: str) -> None:
     box.click()
     page.locator(f"#lane{lane}-strategy").get_by_role("option", name=strategy_label(name), exact=True).click()
     page.wait_for_function(f"document.querySelector('#lane{lane}-strategy input').value === '{strategy_label(name)}'")
+    from explorer.strategies import REGISTRY
+
+    summary = REGISTRY[name].summary[:30].replace("'", "\\'")  # the lane has switched to its controls
+    page.wait_for_function(f"document.querySelector('#lane{lane}-about').textContent.includes('{summary}')",
+                           timeout=20_000)
 
 
 @pytest.mark.browser
@@ -408,6 +413,8 @@ def test_browser_speculative_defaults_to_a_real_drafter_and_warns_about_the_targ
     box = lane.locator("label", has_text="draft_model").locator("textarea").first
     box.fill("target")
     box.press("Tab")
+    page.wait_for_timeout(500)
+    assert box.input_value() == "target"
     page.locator("#run").click()
     page.wait_for_selector("#permalink a", timeout=60_000)
     assert "the draft is the target itself" in page.locator("#lane2-metrics").inner_text()
@@ -458,6 +465,37 @@ def test_browser_history_filters_live_restores_inputs_and_confirms_deletes(serve
     bad = browser.new_page()
     bad.goto(url + "?run=0123456789ab")
     bad.wait_for_selector("text=the History tab lists the runs you can open", timeout=20_000)
+
+
+@pytest.mark.browser
+def test_browser_jacobi_grid_marks_only_committed_tokens(server, browser):
+    url, db = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.locator("#prompt textarea").fill("ab ab ab ab")
+    choose_strategy(page, 1, "jacobi")
+    page.locator("#run").click()
+    page.wait_for_selector("#permalink a", timeout=60_000)
+    page.get_by_role("tab", name="Trees & Jacobi").click()
+    page.wait_for_function("() => { const p = document.querySelector('#jacobi-grid .js-plotly-plot'); "
+                           "return p && p._fullData && p._fullData.some(t => t.name === 'converged'); }",
+                           timeout=30_000)
+    cells, diamonds = page.evaluate("""() => {
+        const data = document.querySelector('#jacobi-grid .js-plotly-plot')._fullData;
+        const list = a => Array.from(a);  // Plotly keeps numbers in typed arrays
+        const cells = data.find(t => t.name === 'guess'), diamonds = data.find(t => t.name === 'converged');
+        return [{x: list(cells.x), y: list(cells.y), color: list(cells.marker.color)},
+                {x: list(diamonds.x), y: list(diamonds.y)}];
+    }""")
+    run_id = page.locator("#permalink a").get_attribute("href").split("=", 1)[1].split(",")[0]
+    trace = Store(db).load_trace(run_id)
+    from viz.speculative import ACCEPTED, jacobi_cells
+
+    final = {(c.position, c.iteration): c.final for c in jacobi_cells(trace)[0]}
+    at = {(x, y): color for x, y, color in zip(cells["x"], cells["y"], cells["color"], strict=True)}
+    assert diamonds["x"]
+    for x, y in zip(diamonds["x"], diamonds["y"], strict=True):  # each diamond sits on the committed token
+        assert at[x, y] == ACCEPTED and final[x, y]
 
 
 @pytest.mark.browser
