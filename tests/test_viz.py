@@ -237,3 +237,17 @@ def test_colour_keys_and_whole_number_ticks(lanes, drafted):
                                                                  "first divergence"]
     for figure in (topk_heatmap(lanes[0]), acceptance_heatmap(drafted[1]), divergence):
         assert figure.layout.xaxis.dtick >= 1 and figure.layout.xaxis.dtick == int(figure.layout.xaxis.dtick)
+
+
+def test_vertical_axis_titles_fit_their_plots(lanes, drafted, tiny):
+    """A y-axis title runs along the plot's height: a long one is clipped and runs into the figure's title."""
+    from viz.catalog import VIEWS
+
+    contrastive = run_to_end(tiny, RunRequest.build("contrastive", {}, "Hello", max_new_tokens=6))
+    for traces in (lanes, drafted, [contrastive]):
+        for view in VIEWS:
+            figure = view.render(traces, 0)
+            for name in ("yaxis", "yaxis2", "yaxis3"):
+                axis = figure.layout[name] if name in figure.layout else None
+                title = axis.title.text if axis is not None and axis.title else None
+                assert not title or len(title) <= 28, (view.name, title)

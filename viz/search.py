@@ -135,7 +135,7 @@ def contrastive_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
                                                 color="#D55E00" if chosen else "#56B4E9"),
                                     hovertext=hover, hoverinfo="text"))
     return base_layout(figure, f"Contrastive search candidates — {lane_name(trace, lane)}", "model probability p(v)",
-                       "degeneration penalty: max cosine similarity to the context")
+                       "max cos(h_v, context)", height=420)  # the penalty; a short title is never clipped
 
 
 def momentum_graph(trace: Trace) -> nx.DiGraph:
