@@ -32,7 +32,7 @@ from explorer.metrics import jsonable
 from explorer.models import MODEL_CACHE
 from explorer.recorder import Recorder
 from explorer.request import RunRequest, check_max_new_tokens, parse_run_ids
-from explorer.runner import run_to_end
+from explorer.runner import run_strategy
 from explorer.sampling import SamplingFilters
 from explorer.serving import ServerPolicy
 from explorer.strategies import REGISTRY
@@ -56,6 +56,7 @@ MAX_SHARED = 200  # runs a session remembers having opened by permalink
 STRATEGY_NAMES = sorted(REGISTRY)
 DEFAULT_LANES = ["greedy", "sample", "mirostat", "top_h"]
 STREAM_EVERY_S = 0.25
+API_PROGRESS_EVERY_S = 1.0
 STOP_WAIT_S = 60.0  # how long Stop waits for a lane's current step to end (steps are bounded by the limits)
 BEAM_TREE_EVERY_S = 0.6
 MODELS = MODEL_CACHE
@@ -220,8 +221,10 @@ def export_views(traces: list[Any], view_lane: str, width: str) -> str:
 
 
 def generate(prompt: str, strategy: str = "greedy", params: str = "{}", model: str = "", seed: int = 0,
-             max_new_tokens: int = 64, chat: bool = True, request: gr.Request = None) -> dict:
-    """API: one run with one strategy; returns its run id, text, generated token ids and metrics."""
+             max_new_tokens: int = 64, chat: bool = True, request: gr.Request = None) -> Iterator[dict]:
+    """API: one run with one strategy; the last value is its run id, text, generated token ids and metrics.
+    While it runs it reports progress about once a second: a client that cancels or disconnects stops being
+    served, so its run stops computing (and is stored as cancelled)."""
     try:
         parsed = json.loads(params or "{}")
         if not isinstance(parsed, dict):
@@ -229,14 +232,20 @@ def generate(prompt: str, strategy: str = "greedy", params: str = "{}", model: s
         run = POLICY.limit(RunRequest.build(strategy, parsed, prompt, seed=seed,
                                             max_new_tokens=check_max_new_tokens(max_new_tokens, MAX_NEW_TOKENS_CAP)))
         lm = MODELS.get(POLICY.check_model(model or DEFAULT_MODEL))
-        trace = run_to_end(lm, run.replace(chat=bool(chat) and lm.has_chat_template),
-                           recorder=Recorder(store(), owner=owner_of(request)))
+        recorder = Recorder(store(), owner=owner_of(request))
+        last = time.perf_counter()
+        for _ in run_strategy(lm, run.replace(chat=bool(chat) and lm.has_chat_template), recorder=recorder):
+            if time.perf_counter() - last >= API_PROGRESS_EVERY_S:
+                last = time.perf_counter()
+                trace = recorder.trace
+                yield {"run_id": trace.run_id, "status": "running", "new_tokens": len(trace.token_steps)}
     except json.JSONDecodeError as error:
         raise fail(f"params is not valid JSON ({error.msg}): use e.g. {{\"top_p\": 0.9}}") from None
     except ValueError as error:
         raise fail(error) from None
-    return {"run_id": trace.run_id, "text": trace.text, "token_ids": trace.token_ids,
-            "metrics": jsonable(trace.metrics())}
+    trace = recorder.trace
+    yield {"run_id": trace.run_id, "text": trace.text, "token_ids": trace.token_ids,
+           "metrics": jsonable(trace.metrics())}
 
 
 # -------------------------------------------------------------------------------------------- lanes

@@ -129,6 +129,30 @@ def test_two_sessions_cannot_reach_each_others_runs(server):
         mallory.predict("hi", "speculative", '{"draft_model": "/no/such/dir"}', "", 0, 4, True, api_name="/generate")
 
 
+def test_a_cancelled_api_call_stops_computing(server):
+    """A client that cancels (or drops) its /generate call is no longer served: its run stops at the next step
+    and is stored as cancelled, not left computing until its time budget."""
+    from gradio_client import Client
+
+    url, db = server
+    client = Client(url, verbose=False)
+    params = json.dumps({"threshold": 0, "min_trials": 8, "max_trials": 8, "max_trial_tokens": 64})
+    job = client.submit("Tell me a long story", "cautious", params, "", 0, 200, True, api_name="/generate")
+    deadline = time.time() + 60
+    run_id = None
+    while run_id is None and time.time() < deadline:
+        outputs = job.outputs()
+        run_id = outputs[-1]["run_id"] if outputs else None
+        time.sleep(0.1)
+    assert run_id is not None
+    job.cancel()
+    deadline = time.time() + 30
+    while time.time() < deadline and Store(db).load_trace(run_id).status == "running":
+        time.sleep(0.5)
+    stored = Store(db).load_trace(run_id)
+    assert stored.status == "cancelled" and len(stored.token_steps) < 200
+
+
 def test_bounded_load_of_the_worst_allowed_requests(server):
     """A few sessions at once, each asking for the largest allowed tree: all finish, each gets its own run, and
     the database stays sound."""
