@@ -9,6 +9,9 @@ the accepted count + 1 after a rejection. Fallback (BiLD): drafting stops early 
 probability is below `fallback_threshold`, handing the step to the target.
 Departure from BiLD: its rollback policy (re-checking the small model's tokens by distance) is replaced by the
 exact verification above, so the output is unchanged by the fallback.
+The draft model: any model with the target's vocabulary; by default ('layer-skip') the target itself with its
+middle quarter of layers skipped (Draft & Verify's drafter, with its own KV cache), since no separate small
+model is available offline; 'target' drafts with the full target (it accepts everything and saves nothing).
 """
 
 from __future__ import annotations
