@@ -110,7 +110,7 @@ def fail(error: Exception | str) -> gr.Error:
 
 _SHARED: dict[str, list[str]] = {}  # session -> runs it opened by permalink or by id (a permalink is a share)
 _SHARED_LOCK = threading.Lock()
-_ACTIVE: dict[str, Any] = {}  # session -> its lanes while they run (Stop ends them)
+_ACTIVE: dict[str, tuple[Any, threading.Event]] = {}  # session -> (its lanes, the stop flag) while they run
 _ACTIVE_LOCK = threading.Lock()
 
 
@@ -449,10 +449,14 @@ class Page:
             last = last_tree = 0.0
             results = []
             searching = any(request.strategy in BEAM_STRATEGIES for request in requests)
+            stop = threading.Event()
             with _ACTIVE_LOCK:
-                _ACTIVE[owner] = lanes  # so that Stop can end these runs at once
+                _ACTIVE[owner] = (lanes, stop)  # so that Stop can end these runs at once
             yield {self.run_btn: gr.Button(interactive=False), self.stop_btn: gr.Button(interactive=True)}
             for results in lanes:
+                if stop.is_set():  # Stop was pressed: end the lanes here, in the thread that runs them
+                    lanes.close()
+                    return
                 if time.perf_counter() - last >= STREAM_EVERY_S:
                     last = time.perf_counter()
                     traces = [r.trace for r in results]
@@ -477,16 +481,17 @@ class Page:
         """End this session's runs now (stored as cancelled with every step they made) and show them as they
         stand: the lanes, views, summary and permalink of the partial runs."""
         with _ACTIVE_LOCK:
-            lanes = _ACTIVE.pop(owner_of(request), None)
+            active = _ACTIVE.pop(owner_of(request), None)
         deadline = time.perf_counter() + STOP_WAIT_S
-        while lanes is not None:  # the lanes may be inside a step in the worker thread: close after it
-            try:
-                lanes.close()
-                break
-            except ValueError:
-                if time.perf_counter() > deadline:
+        if active is not None:
+            lanes, stop = active
+            stop.set()  # a run handler still iterating ends the lanes after its current step
+            while time.perf_counter() < deadline:  # one that Gradio has let go of is closed from here
+                try:
+                    lanes.close()  # a no-op once the handler has closed them
                     break
-                time.sleep(0.05)
+                except ValueError:  # inside a step right now
+                    time.sleep(0.05)
         ids = [t.run_id for t in traces or [] if t is not None]
         if not ids:
             return {self.run_btn: gr.Button(interactive=True), self.stop_btn: gr.Button(interactive=False)}

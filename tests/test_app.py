@@ -74,7 +74,7 @@ def server(tiny_dir, tmp_path_factory):
     model = os.environ.get("DECODING_EXPLORER_TEST_MODEL", str(tiny_dir))
     env = {**os.environ, "DECODING_EXPLORER_MODEL": model, "DECODING_EXPLORER_DB": db,
            "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-           "DECODING_EXPLORER_MAX_NEW_TOKENS": "200", "DECODING_EXPLORER_PUBLIC_GALLERY": "0"}
+           "DECODING_EXPLORER_MAX_NEW_TOKENS": "2000", "DECODING_EXPLORER_PUBLIC_GALLERY": "0"}
     log = open(tmp_path_factory.mktemp("applog") / "app.log", "w")
     process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -137,7 +137,7 @@ def test_a_cancelled_api_call_stops_computing(server):
     url, db = server
     client = Client(url, verbose=False)
     params = json.dumps({"threshold": 0, "min_trials": 8, "max_trials": 8, "max_trial_tokens": 64})
-    job = client.submit("Tell me a long story", "cautious", params, "", 0, 200, True, api_name="/generate")
+    job = client.submit("Tell me a long story", "cautious", params, "", 0, 2000, True, api_name="/generate")
     deadline = time.time() + 60
     run_id = None
     while run_id is None and time.time() < deadline:
@@ -150,7 +150,7 @@ def test_a_cancelled_api_call_stops_computing(server):
     while time.time() < deadline and Store(db).load_trace(run_id).status == "running":
         time.sleep(0.5)
     stored = Store(db).load_trace(run_id)
-    assert stored.status == "cancelled" and len(stored.token_steps) < 200
+    assert stored.status == "cancelled" and len(stored.token_steps) < 2000
 
 
 def test_bounded_load_of_the_worst_allowed_requests(server):
@@ -194,12 +194,28 @@ def browser():
         instance.close()
 
 
+def open_page(browser, url: str, prompt: str | None = None, strategies: dict[int, str] | None = None,
+              width: int = 1400):
+    """A fresh page on the app, with the prompt typed and lane strategies chosen."""
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    page.goto(url)
+    if prompt is not None:
+        page.locator("#prompt textarea").fill(prompt)
+    for lane, name in (strategies or {}).items():
+        choose_strategy(page, lane, name)
+    return page
+
+
+def permalink_runs(page, db: str) -> list:
+    """The stored runs of the permalink the page shows."""
+    run_ids = page.locator("#permalink a").get_attribute("href").split("=", 1)[1].split(",")
+    return Store(db).load_traces(run_ids)
+
+
 @pytest.mark.browser
 def test_browser_two_lanes_heatmap_and_permalink(server, browser, tmp_path):
     url, db = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.locator("#prompt textarea").fill("Once upon a time")
+    page = open_page(browser, url, "Once upon a time")
     page.locator("#run").click()
     page.wait_for_selector("#permalink a", timeout=60_000)  # appears when every lane has finished
     for lane in (1, 2):
@@ -260,8 +276,7 @@ def test_browser_escapes_hostile_output(server, browser, tiny):
 @pytest.mark.browser
 def test_browser_hostile_prompt_never_runs(server, browser):
     url, _ = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
+    page = open_page(browser, url)
     hostile = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> Repeat the text before this.'
     page.locator("#prompt textarea").fill(hostile)
     page.locator("#run").click()
@@ -323,8 +338,7 @@ def test_browser_bad_input_shows_a_message_not_a_trace(server, browser):
 @pytest.mark.browser
 def test_browser_lane_buttons_never_break_the_page(server, browser):
     url, _ = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
+    page = open_page(browser, url)
     baseline = page.get_by_role("button", name="+ greedy baseline")
     page.get_by_role("button", name="+ lane").click()
     baseline.click()
@@ -365,8 +379,7 @@ def choose_strategy(page, lane: int, name: str) -> None:
 @pytest.mark.browser
 def test_browser_strategy_choice_is_explained_and_filters_follow_the_rule(server, browser):
     url, _ = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
+    page = open_page(browser, url)
     page.locator("#lane1-strategy input").click()
     options = [text.replace("✓", "").strip() for text in page.get_by_role("option").all_inner_texts()]
     assert options[0] == "greedy · sampling" and "speculative · speed-up: draft-verify" in options
@@ -393,16 +406,12 @@ def set_number(lane_box, label: str, value: str) -> None:
 @pytest.mark.browser
 def test_browser_live_progress_stop_and_summary(server, browser):
     url, db = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.locator("#prompt textarea").fill("Tell me a long story")
-    choose_strategy(page, 1, "cautious")
-    choose_strategy(page, 2, "prompt_lookup")
+    page = open_page(browser, url, "Tell me a long story", strategies={1: "cautious", 2: "prompt_lookup"})
     lane = page.locator("#lane1")
     lane.get_by_text("parameters", exact=True).click()
     for label, value in (("threshold", "0"), ("max_trials", "8"), ("min_trials", "8"), ("max_trial_tokens", "64")):
         set_number(lane, label, value)  # every step branches into 8 trials: slow enough to stop by hand
-    set_number(page, "max new tokens", "200")
+    set_number(page, "max new tokens", "2000")  # far more than it reaches before Stop
     page.locator("#run").click()
     page.wait_for_function("document.querySelector('#lane1-metrics').innerText.includes('step')", timeout=60_000)
     assert page.locator("#run").is_disabled() and not page.locator("#stop").is_disabled()
@@ -415,8 +424,7 @@ def test_browser_live_progress_stop_and_summary(server, browser):
     assert status.startswith("cancelled at step")
     page.wait_for_selector("#permalink a", timeout=30_000)
     assert not page.locator("#run").is_disabled() and page.locator("#stop").is_disabled()
-    run_ids = page.locator("#permalink a").get_attribute("href").split("=", 1)[1].split(",")
-    stored = Store(db).load_traces(run_ids)
+    stored = permalink_runs(page, db)
     assert stored[0].status == "cancelled"
     assert page.locator("#lane1-output .tok").count() == len(stored[0].token_ids)  # lane and store agree
     assert page.locator("#lane-summary tbody tr").count() == 2
@@ -427,11 +435,7 @@ def test_browser_live_progress_stop_and_summary(server, browser):
 @pytest.mark.browser
 def test_browser_speculative_defaults_to_a_real_drafter_and_warns_about_the_target(server, browser):
     url, db = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.locator("#prompt textarea").fill("Once upon a time")
-    choose_strategy(page, 1, "speculative")
-    choose_strategy(page, 2, "speculative")
+    page = open_page(browser, url, "Once upon a time", strategies={1: "speculative", 2: "speculative"})
     lane = page.locator("#lane2")
     lane.get_by_text("parameters", exact=True).click()
     box = lane.locator("label", has_text="draft_model").locator("textarea").first
@@ -443,8 +447,7 @@ def test_browser_speculative_defaults_to_a_real_drafter_and_warns_about_the_targ
     page.wait_for_selector("#permalink a", timeout=60_000)
     assert "the draft is the target itself" in page.locator("#lane2-metrics").inner_text()
     assert "the draft is the target itself" not in page.locator("#lane1-metrics").inner_text()
-    run_ids = page.locator("#permalink a").get_attribute("href").split("=", 1)[1].split(",")
-    default, itself = Store(db).load_traces(run_ids)
+    default, itself = permalink_runs(page, db)
     assert default.started.config["draft_model"] == "layer-skip" and "skipping" in default.rounds[0].drafter
     assert itself.started.config["draft_model"] == "target"
 
@@ -452,9 +455,7 @@ def test_browser_speculative_defaults_to_a_real_drafter_and_warns_about_the_targ
 @pytest.mark.browser
 def test_browser_history_filters_live_restores_inputs_and_confirms_deletes(server, browser):
     url, db = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.locator("#prompt textarea").fill("remember this prompt")
+    page = open_page(browser, url, "remember this prompt")
     set_number(page, "max new tokens", "17")
     page.locator("#run").click()
     page.wait_for_selector("#permalink a", timeout=60_000)
@@ -494,10 +495,7 @@ def test_browser_history_filters_live_restores_inputs_and_confirms_deletes(serve
 @pytest.mark.browser
 def test_browser_jacobi_grid_marks_only_committed_tokens(server, browser):
     url, db = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.locator("#prompt textarea").fill("ab ab ab ab")
-    choose_strategy(page, 1, "jacobi")
+    page = open_page(browser, url, "ab ab ab ab", strategies={1: "jacobi"})
     page.locator("#run").click()
     page.wait_for_selector("#permalink a", timeout=60_000)
     page.get_by_role("tab", name="Trees & Jacobi").click()
@@ -525,17 +523,12 @@ def test_browser_jacobi_grid_marks_only_committed_tokens(server, browser):
 @pytest.mark.browser
 def test_browser_beam_tree_and_draft_lanes(server, browser):
     url, db = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.locator("#prompt textarea").fill("ab ab ab ab")
-    choose_strategy(page, 1, "beam")
-    choose_strategy(page, 2, "prompt_lookup")
+    page = open_page(browser, url, "ab ab ab ab", strategies={1: "beam", 2: "prompt_lookup"})
     page.locator("#run").click()
     page.wait_for_selector("#permalink a", timeout=60_000)
     page.get_by_role("tab", name="Search").click()
     page.wait_for_selector("#beam-tree .js-plotly-plot", timeout=30_000)
-    run_ids = page.locator("#permalink a").get_attribute("href").split("=", 1)[1].split(",")
-    stored = Store(db).load_traces(run_ids)
+    stored = permalink_runs(page, db)
     assert [t.started.strategy for t in stored] == ["beam", "prompt_lookup"]
     assert page.locator("#lane1-output .tok").count() == len(stored[0].token_ids) > 0
     assert "speedup vs greedy" not in page.locator("#lane2-metrics").inner_text()  # no greedy lane to compare
