@@ -90,8 +90,9 @@ class ServerPolicy:
         """The request with this server's limits applied, its model fields (draft models) checked."""
         if request.max_new_tokens > self.max_new_tokens:
             raise ValueError(f"max new tokens must be between 1 and {self.max_new_tokens} here")
-        if request.config.draft_nodes() > self.max_tree_nodes:
-            raise ValueError(f"these settings draft {request.config.draft_nodes()} nodes per round; the limit here "
+        nodes = request.config.draft_nodes()
+        if nodes > self.max_tree_nodes:
+            raise ValueError(f"these settings draft {nodes} nodes per round; the limit here "
                              f"is {self.max_tree_nodes}: use a smaller tree")
         for spec in dataclasses.fields(request.config):
             value = getattr(request.config, spec.name)
