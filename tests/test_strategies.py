@@ -85,11 +85,11 @@ def test_mirostat_truncation_keeps_tokens_under_mu():
 
 
 @pytest.mark.parametrize("alpha", [0.2, 0.5, 0.9])
-def test_top_h_kept_set_respects_its_bound_and_is_greedy_maximal(alpha):
+def test_top_h_renormalised_variant_respects_its_bound_and_is_greedy_maximal(alpha):
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         logits = torch.randn(300, generator=g) * 2.5
-        kept, bound, kept_entropy = top_h_filter(logits, alpha)
+        kept, bound, kept_entropy = top_h_filter(logits, alpha, "renormalised")
         p = torch.softmax(logits.double(), 0)
         assert bound == pytest.approx(alpha * float(-(p * p.log()).sum()))
         mask = torch.isfinite(kept)
@@ -102,6 +102,25 @@ def test_top_h_kept_set_respects_its_bound_and_is_greedy_maximal(alpha):
         if k < len(p):  # adding the next token would break the bound
             q2 = p[order[: k + 1]] / p[order[: k + 1]].sum()
             assert float(-(q2 * q2.log()).sum()) > bound
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.4, 0.7, 0.95])  # at 1.0 both keep all 100, up to summation rounding
+@pytest.mark.parametrize("scale", [0.5, 2.5, 6.0])
+def test_top_h_default_bound_matches_transformers_top_h_warper(alpha, scale):
+    from transformers.generation.logits_process import TopHLogitsWarper
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, 500, generator=g, dtype=torch.float64) * scale
+    expected = torch.isfinite(TopHLogitsWarper(top_h=alpha)(None, logits))
+    for row, want in zip(logits, expected, strict=True):
+        kept, tau, partial = top_h_filter(row, alpha)
+        assert torch.equal(torch.isfinite(kept), want)
+        top = torch.softmax(torch.topk(row, 100).values, 0)  # the paper's rule written out: top-100, renormalised
+        terms = -(top * top.log())
+        k = int(want.sum())
+        assert tau == pytest.approx(alpha * float(terms.sum()))
+        assert k == 1 or float(terms[:k].sum()) <= tau + 1e-12  # the top token is kept whatever its term
+        assert k == 100 or float(terms[: k + 1].sum()) > tau
 
 
 def test_top_h_run_records_bound(tiny_flat):
