@@ -10,7 +10,7 @@ from explorer.recorder import Recorder
 from explorer.request import RunRequest
 from explorer.runner import run_strategy, run_to_end
 from explorer.strategies import REGISTRY, make_config
-from explorer.strategies.mirostat import mirostat_truncate, surprise_bits
+from explorer.strategies.mirostat import mirostat_truncate, surprise_bits, zipf_exponent, zipf_top_k
 from explorer.strategies.top_h import top_h_filter
 from explorer.testing import tiny_model
 from tests.fakes import FakeLM, fixed, zipf_logits
@@ -65,15 +65,38 @@ def test_sampling_without_filters_matches_the_distribution():
     assert tv < 0.03
 
 
-def test_mirostat_surprise_approaches_tau():
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_mirostat_surprise_approaches_tau(version):
     lm = fixed(zipf_logits(500, 1.1))
     for tau in (3.0, 5.0):
-        trace = run_to_end(lm, RunRequest.build("mirostat", {"tau": tau, "eta": 0.1}, "x",
+        trace = run_to_end(lm, RunRequest.build("mirostat", {"tau": tau, "eta": 0.1, "version": version}, "x",
                            max_new_tokens=1500, seed=1))
         observed = [s.details["surprise"] for s in trace.token_steps[500:]]
         assert abs(sum(observed) / len(observed) - tau) < 0.25
         first_mu = trace.token_steps[0].details["mu"]
         assert first_mu == pytest.approx(2 * tau)
+
+
+@pytest.mark.parametrize("exponent", [1.05, 1.1, 1.6])
+def test_mirostat_v1_estimates_the_zipf_exponent_and_sizes_k_by_the_papers_formula(exponent):
+    logits = zipf_logits(5000, exponent)
+    s_hat = zipf_exponent(logits)
+    assert s_hat == pytest.approx(exponent, rel=1e-6)  # exact on an exact Zipf distribution
+    for mu in (2.0, 6.0, 10.0):
+        eps = s_hat - 1
+        expected = round(((eps * 2 ** mu) / (1 - 5000 ** -eps)) ** (1 / s_hat))
+        assert zipf_top_k(s_hat, mu, 5000) == min(max(expected, 1), 5000)
+    assert zipf_top_k(0.8, 6.0, 5000) >= 1  # a heavier tail than Zipf(1): floored, still a valid k
+
+
+def test_mirostat_v1_samples_from_the_top_k_it_records():
+    lm = fixed(zipf_logits(500, 1.1))
+    trace = run_to_end(lm, RunRequest.build("mirostat", {"tau": 4.0}, "x", max_new_tokens=200, seed=3))
+    for step in trace.token_steps:
+        assert step.kept_count == step.details["k"]
+        assert step.details["zipf_s"] == pytest.approx(1.1, rel=1e-6)
+        k = zipf_top_k(1.1, step.details["mu"], 500)
+        assert step.details["k"] == k
 
 
 def test_mirostat_truncation_keeps_tokens_under_mu():

@@ -85,7 +85,6 @@ def top_h_filter(logits: torch.Tensor, alpha: float, bound: str = "paper") -> tu
 def run(model: Any, prompt_ids: Sequence[int], config: TopHConfig, rng: torch.Generator) -> Iterator[Event]:
     def choose(logits: torch.Tensor, context: list[int]) -> Choice:
         kept, tau, kept_entropy = top_h_filter(logits / config.temperature, config.alpha, config.bound)
-        return Choice(sample(kept, rng), kept, {"bound": tau, "kept_entropy": kept_entropy,
-                                                "kept": float(torch.isfinite(kept).sum())})
+        return Choice(sample(kept, rng), kept, {"bound": tau, "kept_entropy": kept_entropy})
 
     yield from autoregressive(model, prompt_ids, choose)
