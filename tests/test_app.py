@@ -136,7 +136,7 @@ def test_a_cancelled_api_call_stops_computing(server):
 
     url, db = server
     client = Client(url, verbose=False)
-    params = json.dumps({"threshold": 0, "min_trials": 8, "max_trials": 8, "max_trial_tokens": 64})
+    params = json.dumps({"h_min": 0, "h_max": 0.01, "n_max": 8, "max_trial_tokens": 64})
     job = client.submit("Tell me a long story", "cautious", params, "", 0, 2000, True, api_name="/generate")
     deadline = time.time() + 60
     run_id = None
@@ -409,7 +409,7 @@ def test_browser_live_progress_stop_and_summary(server, browser):
     page = open_page(browser, url, "Tell me a long story", strategies={1: "cautious", 2: "prompt_lookup"})
     lane = page.locator("#lane1")
     lane.get_by_text("parameters", exact=True).click()
-    for label, value in (("threshold", "0"), ("max_trials", "8"), ("min_trials", "8"), ("max_trial_tokens", "64")):
+    for label, value in (("h_min", "0"), ("h_max", "0.01"), ("n_max", "8"), ("max_trial_tokens", "64")):
         set_number(lane, label, value)  # every step branches into 8 trials: slow enough to stop by hand
     set_number(page, "max new tokens", "2000")  # far more than it reaches before Stop
     page.locator("#run").click()

@@ -53,7 +53,7 @@ def test_every_numeric_parameter_is_bounded_and_finite(strategy, name, kind, met
 @pytest.mark.parametrize("strategy, params, limit", [
     ("tree_speculative", {"branching": 8, "depth": 8}, "the limit is 128"),
     ("token_recycling", {"widths": "8,8,8", "candidates": 8}, "the limit is 128"),
-    ("cautious", {"max_trials": 32, "max_trial_tokens": 64, "min_trials": 1}, "the limit is 512"),
+    ("cautious", {"n_max": 32, "max_trial_tokens": 128}, "the limit is 2048"),
     ("tree_speculative", {"skip": "1" * 300}, "longer than 256 characters"),
 ])
 def test_costly_products_are_refused_with_the_limit_named(strategy, params, limit):
@@ -99,7 +99,7 @@ worst = [("tree_speculative", {{"branching": 2, "depth": 6}}, 64),
          ("token_recycling", {{"widths": "4,4,4", "candidates": 32}}, 64),
          ("lookahead", {{"window": 32, "ngram": 8, "guesses": 13}}, 64),
          ("beam", {{"num_beams": 16}}, 1024),
-         ("cautious", {{"threshold": 0.0, "min_trials": 8, "max_trials": 8, "max_trial_tokens": 64}}, 16),
+         ("cautious", {{"h_min": 0.0, "h_max": 0.01, "n_max": 8, "max_trial_tokens": 64}}, 16),
          ("jacobi", {{"window": 32}}, 128)]
 for name, params, tokens in worst:
     run_to_end(lm, RunRequest.build(name, params, "hello " * 50, max_new_tokens=tokens, chat=False))
@@ -403,8 +403,8 @@ def started(path: Path) -> bool:
 def test_sigterm_stores_the_run_as_cancelled(tiny_dir, tmp_path):
     db = f"sqlite:///{tmp_path / 'db.sqlite'}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "explorer", "run", "--strategy", "cautious", "--param", "threshold=0", "--param",
-         "min_trials=8", "--param", "max_trials=8", "--param", "max_trial_tokens=64", "--prompt", "hi", "--model",
+        [sys.executable, "-m", "explorer", "run", "--strategy", "cautious", "--param", "h_min=0", "--param",
+         "h_max=0.01", "--param", "n_max=8", "--param", "max_trial_tokens=64", "--prompt", "hi", "--model",
          str(tiny_dir), "--max-new-tokens", "4000", "--db", db, "--quiet"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120

@@ -151,13 +151,13 @@ def test_ngram_graph_loop_length():
 def test_cautious_with_no_trigger_is_plain_sampling(tiny_flat):
     sampled = run_to_end(tiny_flat, RunRequest.build("sample", {"temperature": 0.9}, "Hi", max_new_tokens=20,
                          seed=4))
-    cautious = run_to_end(tiny_flat, RunRequest.build("cautious", {"threshold": 9.0, "temperature": 0.9},
+    cautious = run_to_end(tiny_flat, RunRequest.build("cautious", {"h_min": 9.0, "h_max": 10.0, "temperature": 0.9},
                           "Hi", max_new_tokens=20, seed=4))
     assert cautious.token_ids == sampled.token_ids
 
 
 def test_cautious_branches_and_keeps_the_lowest_perplexity_trial(tiny_flat):
-    config = make_config("cautious", {"threshold": 0.5, "max_trial_tokens": 6})
+    config = make_config("cautious", {"h_min": 0.1, "h_max": 1.0, "n_max": 4, "max_trial_tokens": 6})
     trace = run_to_end(tiny_flat, RunRequest("cautious", config, "Hi", max_new_tokens=30, seed=2))
     branches = [e for e in trace.events if isinstance(e, TrialBranch)]
     assert branches
@@ -176,10 +176,13 @@ def trace_config(trace):
     return CautiousConfig(**trace.started.config)
 
 
-def test_trial_count_grows_as_confidence_falls():
-    config = CautiousConfig(threshold=2.0, min_trials=2, max_trials=6)
-    counts = [trial_count(h, config) for h in (2.0, 2.5, 3.0, 3.5, 4.0, 6.0)]
-    assert counts == sorted(counts) and counts[0] == 2 and counts[-1] == 6
+def test_trial_count_follows_algorithm_1():
+    config = CautiousConfig()  # the authors' defaults: H_min 0.01, H_max 1.5, N_max 10
+    assert (config.h_min, config.h_max, config.n_max) == (0.01, 1.5, 10)
+    # N = max(1, min(N_max, floor((H - H_min) / (H_max - H_min) * N_max))), by hand:
+    for h, n in [(0.0, 1), (0.01, 1), (0.3, 1), (0.309, 2), (0.75, 4), (1.2, 7), (1.49, 9), (1.5, 10), (7.0, 10)]:
+        assert trial_count(h, config) == n, h
+
 
 
 def test_beam_defaults_work_for_any_width(tiny):

@@ -197,7 +197,7 @@ def momentum_figure(trace: Trace | None, max_nodes: int = 120, lane: int = 0) ->
 def cautious_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     branches = _events(trace, TrialBranch)
     if not branches:
-        return empty_figure("Run a cautious lane (with a low enough threshold) to see its branching.")
+        return empty_figure("Run a cautious lane (on a prompt uncertain enough to branch, or with a lower h_min) to see its branching.")
     figure = go.Figure()
     for chosen in (False, True):
         xs, ys, hover = [], [], []

@@ -1,13 +1,15 @@
 """Cautious next-token prediction (CNTP: "Cautious Next Token Prediction", Wang et al. 2025,
-arXiv:2507.03038).
+arXiv:2507.03038, Algorithm 1).
 
-Notation: H_t = entropy of the step's distribution (nats), tau = the entropy above which a step is uncertain,
-N = number of trials. At a confident step (H_t < tau) one token is sampled as usual. At an uncertain step,
-N trials are sampled from here, each until its first punctuation (or EOS, or a length cap), and the trial with
-the lowest perplexity exp(-mean log p) under the model is committed. N grows as confidence falls:
-N = n_min + round((n_max - n_min) * min(1, (H_t - tau) / tau)).
-Departure: the paper ties the trigger to the model's running entropy statistics; we take a fixed threshold tau.
-With tau = infinity it is plain sampling.
+Notation: H_t = entropy (nats) of step t's processed distribution (after temperature), H_min / H_max = the
+entropies that map to one trial / N_max trials, N = number of trials:
+  N = max(1, min(N_max, floor((H_t - H_min) / (H_max - H_min) * N_max))).
+With N = 1 the step samples one token as usual. With N > 1, N trials are sampled from here, each until its
+first punctuation (or EOS), and the trial with the lowest perplexity exp(-mean log p) under the model is
+committed. Defaults are the authors' (H_min 0.01, H_max 1.5, N_max 10). With H_min above any entropy the model
+reaches it is plain sampling.
+Departure: a trial that meets no punctuation stops at `max_trial_tokens` (a safety cap, generous by default;
+the paper has none), and N_max x max_trial_tokens is bounded so one step's cost is bounded.
 """
 
 from __future__ import annotations
@@ -25,31 +27,33 @@ from explorer.sampling import StepStats, entropy, sample, step_stats
 from explorer.strategies.base import RECORD_TOP_K, commit_token, register
 
 PUNCTUATION = set(".,;:!?\n")
-MAX_TRIAL_PASSES = 512  # forward passes one uncertain step may spend on its trials
+MAX_TRIAL_PASSES = 2048  # forward passes one uncertain step may spend on its trials
 
 
 @dataclass(frozen=True)
 class CautiousConfig(Checked):
-    threshold: float = param(2.0, "entropy (nats) above which a step branches", minimum=0.0, maximum=10.0,
-                             step=0.1)
-    min_trials: int = param(2, "trials at the threshold", minimum=1, maximum=16, step=1)
-    max_trials: int = param(6, "trials at twice the threshold and above", minimum=1, maximum=32, step=1)
-    max_trial_tokens: int = param(16, "longest trial", minimum=1, maximum=64, step=1)
+    h_min: float = param(0.01, "entropy (nats) at and below which a step samples one token", minimum=0.0,
+                         maximum=10.0, step=0.01)
+    h_max: float = param(1.5, "entropy (nats) at and above which a step gets n_max trials", minimum=0.01,
+                         maximum=20.0, step=0.01)
+    n_max: int = param(10, "most trials one step gets", minimum=1, maximum=32, step=1)
+    max_trial_tokens: int = param(128, "safety cap on a trial that meets no punctuation", minimum=1,
+                                  maximum=512, step=1)
     temperature: float = param(1.0, "sampling temperature (> 0)", minimum=0.05, maximum=3.0, step=0.05)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.min_trials > self.max_trials:
-            raise ValueError("need min_trials <= max_trials")
-        if self.max_trials * self.max_trial_tokens > MAX_TRIAL_PASSES:
-            raise ValueError(f"max_trials x max_trial_tokens = {self.max_trials * self.max_trial_tokens} forward "
-                             f"passes per uncertain step; the limit is {MAX_TRIAL_PASSES}: lower either")
+        if self.h_max <= self.h_min:
+            raise ValueError("need h_min < h_max")
+        if self.n_max * self.max_trial_tokens > MAX_TRIAL_PASSES:
+            raise ValueError(f"n_max x max_trial_tokens = {self.n_max * self.max_trial_tokens} forward passes per "
+                             f"uncertain step; the limit is {MAX_TRIAL_PASSES}: lower either")
 
 
 def trial_count(step_entropy: float, config: CautiousConfig) -> int:
-    """How many trials an uncertain step gets: more as the entropy rises past the threshold."""
-    excess = (step_entropy - config.threshold) / config.threshold if config.threshold > 0 else 1.0
-    return config.min_trials + round((config.max_trials - config.min_trials) * min(1.0, max(0.0, excess)))
+    """Algorithm 1's N = max(1, min(N_max, floor((H - H_min) / (H_max - H_min) * N_max)))."""
+    scaled = (step_entropy - config.h_min) / (config.h_max - config.h_min) * config.n_max
+    return max(1, min(config.n_max, math.floor(scaled)))
 
 
 def ends_trial(text: str) -> bool:
@@ -66,14 +70,18 @@ def run(model: Any, prompt_ids: Sequence[int], config: CautiousConfig, rng: torc
     eos = model.eos_token_ids
     context = list(prompt_ids)
 
+    def processed(raw: torch.Tensor) -> torch.Tensor:
+        return raw / config.temperature if config.temperature != 1.0 else raw
+
     def draw(raw: torch.Tensor) -> tuple[int, torch.Tensor]:
-        kept = raw / config.temperature if config.temperature != 1.0 else raw
+        kept = processed(raw)
         return sample(kept, rng), kept
 
     step = 0
     while True:
-        step_entropy = float(entropy(logits))
-        if step_entropy < config.threshold:
+        step_entropy = float(entropy(processed(logits)))
+        trials_here = trial_count(step_entropy, config)
+        if trials_here == 1:
             token, kept = draw(logits)
             yield commit_token(model, step, len(context), token, logits, kept, details={"entropy_trigger": 0.0})
             context.append(token)
@@ -82,7 +90,7 @@ def run(model: Any, prompt_ids: Sequence[int], config: CautiousConfig, rng: torc
             continue
         base = session.length
         trials: list[tuple[list[int], list[StepStats], float]] = []
-        for _ in range(trial_count(step_entropy, config)):
+        for _ in range(trials_here):
             tokens, stats, raw = [], [], logits
             for _ in range(config.max_trial_tokens):
                 token, kept = draw(raw)
