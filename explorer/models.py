@@ -128,6 +128,20 @@ class KVSession:
         self.lm = lm
         self.cache = DynamicCache(config=lm.model.config)
         self.length = 0
+        self.layers: list[int] | None = None  # a view's layers (indices into the cache); None: every layer
+
+    def view(self, lm: LanguageModel) -> KVSession:
+        """A session that runs `lm`, a view of this session's model that runs a subset of its layers (a layer-skip
+        view), on this session's own cache from its current length: the kept layers read the cached K/V of
+        the context and write their own; skipped layers' cache entries are left alone. Crop the view back to
+        where it started before this session runs again."""
+        view = KVSession.__new__(KVSession)
+        ours = self.lm.model.model.layers
+        kept = [next(i for i, layer in enumerate(ours) if layer is theirs) for theirs in lm.model.model.layers]
+        if not kept or kept[0] != 0:
+            raise ValueError("a view on a shared cache must run layer 0")
+        view.lm, view.cache, view.length, view.layers = lm, self.cache, self.length, kept
+        return view
 
     @torch.inference_mode()
     def forward(
@@ -220,9 +234,32 @@ class KVSession:
         """Roll the cache back so that only the first `length` tokens stay."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot crop a cache of {self.length} tokens to {length}")
-        if length < self.length:
+        if length < self.length and self.layers is None:
             self.cache.crop(length - self.length)  # a negative count removes that many tokens
-            self.length = length
+        elif length < self.length:  # a view: only its own layers hold the positions it added
+            for index in self.layers:
+                layer = self.cache.layers[index]
+                layer.crop(min(0, length - layer.get_seq_length()))
+        self.length = length
+
+    @torch.inference_mode()
+    def run_layer(self, index: int, states: torch.Tensor, position: int) -> torch.Tensor:
+        """Decoder layer `index` applied to candidate hidden states `(batch, hidden)` of one token at `position`,
+        each attending to this cache's K/V of positions [0, position) at that layer (what the layer would compute
+        for the token had its input been that state). The cache is left unchanged. Returns `(batch, hidden)`."""
+        from transformers import DynamicCache
+
+        decoder = self.lm.model.model
+        cached = self.cache.layers[index]
+        batch = states.shape[0]
+        scratch = DynamicCache(config=self.lm.model.config)
+        keys, values = cached.keys[..., :position, :], cached.values[..., :position, :]
+        scratch.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
+        x = states.reshape(batch, 1, -1).to(self.lm.model.dtype)
+        positions = torch.full((batch, 1), position, dtype=torch.long, device=x.device)
+        out = decoder.layers[index](x, attention_mask=None, position_ids=positions, past_key_values=scratch,
+                                    use_cache=True, position_embeddings=decoder.rotary_emb(x, positions))
+        return (out[0] if isinstance(out, tuple) else out)[:, 0]
 
 
 def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:

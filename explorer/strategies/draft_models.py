@@ -1,6 +1,7 @@
 """Plumbing shared by the drafters that run a model (a separate draft model, or the target with layers
-skipped): loading a draft model, keeping its KV cache in step with the committed context, layer-skip views of
-the target, and the chain drafter they all use. Strategies import this module; it imports no strategy.
+skipped): loading a draft model, the draft's KV cache (its own, kept in step with the committed context, or
+the target's own cache for a draft that shares the target's weights), layer-skip views of the target, and the
+chain drafter they all use. Strategies import this module; it imports no strategy.
 """
 
 from __future__ import annotations
@@ -68,6 +69,55 @@ def sync_cache(session: Any, cached: list[int], context: Sequence[int]) -> torch
     return logits
 
 
+def shares_weights(target: Any, draft: Any) -> bool:
+    """Whether `draft` runs the target's own layers (the target itself or a layer-skip view of it)."""
+    ours = {id(layer) for layer in target.model.model.layers}
+    return (draft.model.get_input_embeddings() is target.model.get_input_embeddings()
+            and all(id(layer) in ours for layer in draft.model.model.layers))
+
+
+class DraftCache:
+    """Where a model drafter keeps its KV cache.
+
+    Own cache (a separate draft model): a cache of the draft's own, kept in step with the committed context
+    by `sync_cache`; chain drafts stay in it (accepted ones are reused next round).
+    Shared (a draft that runs the target's own layers, as Draft & Verify and CLaSp draft): the draft runs on
+    the target's cache, so its kept layers read the K/V the full model computed for the context (a separate
+    cache would hold K/V computed from the skipped model's hidden states). Each round it runs the last
+    committed token and its drafts on top, writing K/V for its own layers only, and `finish` drops them before
+    the target verifies."""
+
+    def __init__(self, lm: Any, shared: bool):
+        self.lm, self.shared = lm, shared
+        self.session = None if shared else lm.session()
+        self.target: Any = None
+        self.cached: list[int] = []  # own cache: the tokens in it
+        self.base = 0
+
+    def bind(self, target_session: Any) -> None:
+        self.target = target_session
+
+    def start(self, context: Sequence[int]) -> torch.Tensor:
+        """Bring the cache to `context`; return the draft's next-token logits `(vocab,)`. The draft's cache then
+        holds len(context) positions."""
+        if not self.shared:
+            return sync_cache(self.session, self.cached, context)
+        if self.target is None:
+            raise RuntimeError("a shared draft cache needs bind(target session) before the first round")
+        self.base = self.target.length  # every committed token but the last
+        self.session = self.target.view(self.lm)
+        return self.session.forward([context[-1]], all_logits=False)[-1]
+
+    def finish(self) -> None:
+        """After drafting: a shared cache drops every position it wrote; an own cache drops a tree's nodes (a
+        chain's tokens stay, listed in `cached`)."""
+        self.session.crop(self.base if self.shared else len(self.cached))
+
+
+def draft_cache(target: Any, draft: Any) -> DraftCache:
+    return DraftCache(draft, shared=shares_weights(target, draft))
+
+
 def parse_layers(text: str) -> set[int]:
     """'3,5-7' -> {3, 5, 6, 7}."""
     layers: set[int] = set()
@@ -109,22 +159,26 @@ class ModelDrafter(Drafter):
     With `fallback_threshold` > 0, drafting stops early when the draft's top probability falls below it."""
 
     def __init__(self, lm: Any, config: ChainDraftConfig, rng: torch.Generator, name: str,
-                 fallback_threshold: float = 0.0):
+                 fallback_threshold: float = 0.0, *, shared: bool = False):
         self.lm, self.config, self.rng, self.name = lm, config, rng, name
         self.fallback_threshold = fallback_threshold
         self.length = DraftLength(config.draft_length, config.adaptive)
-        self.session = lm.session()
-        self.cached: list[int] = []  # the tokens in the draft's KV cache
+        self.cache = DraftCache(lm, shared)
         self._drafted = 0
 
+    def bind(self, target_session: Any) -> None:
+        self.cache.bind(target_session)
+
     def reset(self, lm: Any) -> None:
-        """Draft with another model from the next round on (its cache is rebuilt then)."""
-        self.lm, self.session, self.cached = lm, lm.session(), []
+        """Draft with another model (e.g. another layer-skip view) from the next round on."""
+        target = self.cache.target
+        self.lm, self.cache = lm, DraftCache(lm, self.cache.shared)
+        self.cache.bind(target)
 
     def propose(self, context: Sequence[int]) -> DraftTree:
         gamma = self.length.current
         passes = self.lm.forward_passes
-        logits = sync_cache(self.session, self.cached, context)  # (vocab,)
+        logits = self.cache.start(context)  # (vocab,)
         tokens: list[int] = []
         draft_probs: list[float] = []
         rows: list[torch.Tensor] = []
@@ -140,8 +194,9 @@ class ModelDrafter(Drafter):
             draft_probs.append(float(q[token]))
             rows.append(q)
             if i + 1 < gamma:
-                logits = self.session.forward([token])[-1]
-                self.cached.append(token)
+                logits = self.cache.session.forward([token])[-1]
+                self.cache.cached.append(token)
+        self.cache.finish()
         self._drafted = len(tokens)
         q_dists = torch.stack(rows) if sampling and rows else None
         return DraftTree.chain(tokens, draft_probs, q_dists, gamma=float(gamma), fallback=fell_back,

@@ -103,12 +103,18 @@ class Drafter(ABC):
     """What the draft-verify engine needs from a drafter. Only `propose` is required; every other hook has a
     no-op default, and capabilities are declared as class attributes (override them, never probe for them).
 
-    Per round the engine calls: propose -> (one target pass) -> observe_logits (if `watches_logits`) ->
-    observe(verdict) -> round_details -> drain_events."""
+    Once, before the first round, the engine calls bind(target session). Per round it calls: propose ->
+    (one target pass) -> observe_logits (if `watches_logits`) -> observe(verdict) -> round_details ->
+    drain_events."""
 
     name: str = "drafter"
     wants_hidden_states: bool = False  # the verification pass returns hidden states in Verdict.hidden_states
     watches_logits: bool = False  # observe_logits sees every target pass (the prefill too)
+
+    def bind(self, target_session: Any) -> None:
+        """See the target's KV session (drafters that draft on the target's own cache keep it). Between
+        rounds it holds every committed token but the last; a drafter that writes to it crops it back."""
+        return None  # a no-op by default
 
     @abstractmethod
     def propose(self, context: Sequence[int]) -> DraftTree:
@@ -232,6 +238,7 @@ def draft_verify(model: Any, prompt_ids: Sequence[int], drafter: Drafter, config
                  rng: torch.Generator) -> Iterator[Event]:
     """Yield a DraftRound per verification and a TokenStep per committed token."""
     session = model.session()
+    drafter.bind(session)
     context = list(prompt_ids)
     if len(context) > 1:  # the last prompt token goes in with the first draft
         prefill = session.forward(context[:-1], all_logits=drafter.watches_logits)

@@ -10,8 +10,9 @@ probability is below `fallback_threshold`, handing the step to the target.
 Departure from BiLD: its rollback policy (re-checking the small model's tokens by distance) is replaced by the
 exact verification above, so the output is unchanged by the fallback.
 The draft model: any model with the target's vocabulary; by default ('layer-skip') the target itself with its
-middle quarter of layers skipped (Draft & Verify's drafter, with its own KV cache), since no separate small
-model is available offline; 'target' drafts with the full target (it accepts everything and saves nothing).
+middle quarter of layers skipped (Draft & Verify's drafter, drafting on the target's own KV cache), since no
+separate small model is available offline; 'target' drafts with the full target (it accepts everything and
+saves nothing).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from explorer.events import Event
 from explorer.params import param
 from explorer.strategies.base import register
-from explorer.strategies.draft_models import ChainDraftConfig, ModelDrafter, load_draft_model
+from explorer.strategies.draft_models import ChainDraftConfig, ModelDrafter, load_draft_model, shares_weights
 from explorer.strategies.draft_verify import draft_verify
 
 
@@ -48,5 +49,6 @@ def prepare(model: Any, config: DraftModelConfig) -> None:
           paper="Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318")
 def run(model: Any, prompt_ids: Sequence[int], config: DraftModelConfig, rng: torch.Generator) -> Iterator[Event]:
     draft = load_draft_model(model, config.draft_model)
-    drafter = ModelDrafter(draft, config, rng, f"draft model {draft.info.model_id}", config.fallback_threshold)
+    drafter = ModelDrafter(draft, config, rng, f"draft model {draft.info.model_id}", config.fallback_threshold,
+                           shared=shares_weights(model, draft))
     yield from draft_verify(model, prompt_ids, drafter, config, rng)

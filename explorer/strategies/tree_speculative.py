@@ -13,6 +13,8 @@ Tree shapes (notation: q = draft distribution at a node, k = children per node, 
   Departure: DySpec expands in batches with a threshold; we add one node per draft pass.
 The drafter is a draft model ('target' = the model itself) or the model with layers skipped. The draft builds
 each level in one pass of its own (tree mask over its KV cache), and drops the tree from its cache afterwards.
+Drafts that run the target's own layers (itself, a layer-skip view) draft on the target's own KV cache, as
+Draft & Verify does (see draft_models.DraftCache).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from explorer.events import Event
 from explorer.params import param
 from explorer.strategies.base import register
 from explorer.strategies.draft_models import (
-    LAYER_SKIP,
     SELF,
+    DraftCache,
     layer_skip_view,
     load_draft_model,
     parse_layers,
-    sync_cache,
+    shares_weights,
 )
 from explorer.strategies.draft_verify import Drafter, DraftTree, SpeculativeConfig, draft_verify
 from explorer.trees import path_to
@@ -75,10 +77,16 @@ class TreeDrafter(Drafter):
     """Grows a draft tree with a model (a draft model, the target itself, or a layer-skip view of it), one
     draft pass per level (or per node for dynamic trees), and drops the tree from its cache afterwards."""
 
-    def __init__(self, lm: Any, config: TreeConfig, rng: torch.Generator, name: str):
+    def __init__(self, lm: Any, config: TreeConfig, rng: torch.Generator, name: str, *, shared: bool = False):
         self.lm, self.config, self.rng, self.name = lm, config, rng, name
-        self.session = lm.session()
-        self.cached: list[int] = []
+        self.cache = DraftCache(lm, shared)
+
+    @property
+    def session(self) -> Any:
+        return self.cache.session
+
+    def bind(self, target_session: Any) -> None:
+        self.cache.bind(target_session)
 
     def _q(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         sampling = self.config.rule == "sampling"
@@ -86,11 +94,11 @@ class TreeDrafter(Drafter):
 
     def propose(self, context: Sequence[int]) -> DraftTree:
         base = len(context)
-        root = self._q(sync_cache(self.session, self.cached, context), context)
         passes = self.lm.forward_passes
+        root = self._q(self.cache.start(context), context)  # the draft's cache now holds `base` positions
         tree = self._dynamic(context, root, base) if self.config.mode == "dynamic" else self._levels(context, root,
                                                                                                     base)
-        self.session.crop(base)  # the tree leaves the draft's cache; accepted tokens come back with sync_cache
+        self.cache.finish()  # the tree leaves the draft's cache
         tree.details.update(nodes=float(len(tree.tokens)), draft_forward_passes=float(self.lm.forward_passes - passes))
         return tree
 
@@ -161,15 +169,15 @@ class TreeDrafter(Drafter):
 
 
 def tree_drafter(model: Any, config: TreeConfig, rng: torch.Generator) -> TreeDrafter:
+    """Drafts that run the target's own layers (itself, a layer-skip view) draft on the target's cache."""
     if config.skip.strip():
-        return TreeDrafter(layer_skip_view(model, parse_layers(config.skip)), config, rng, "layer-skip tree")
+        return TreeDrafter(layer_skip_view(model, parse_layers(config.skip)), config, rng, "layer-skip tree",
+                           shared=True)
     if config.draft_model.strip() in SELF:
-        return TreeDrafter(model.for_run(), config, rng, f"{config.mode} tree (self)")
-    if config.draft_model.strip() == LAYER_SKIP:
-        draft = load_draft_model(model, LAYER_SKIP)
-        return TreeDrafter(draft, config, rng, f"{config.mode} tree from {draft.info.model_id}")
+        return TreeDrafter(model.for_run(), config, rng, f"{config.mode} tree (self)", shared=True)
     draft = load_draft_model(model, config.draft_model)
-    return TreeDrafter(draft, config, rng, f"{config.mode} tree from {draft.info.model_id}")
+    return TreeDrafter(draft, config, rng, f"{config.mode} tree from {draft.info.model_id}",
+                       shared=shares_weights(model, draft))
 
 
 def prepare(model: Any, config: TreeConfig) -> None:
