@@ -23,7 +23,7 @@ from explorer.strategies.draft_verify import (
     verify_tree,
 )
 from explorer.strategies.prompt_lookup import find_continuation
-from explorer.strategies.self_speculative import most_skippable
+from explorer.strategies.self_speculative import clasp_search, most_skippable
 from explorer.testing import save_tiny_model, tiny_model
 from tests.fakes import FakeLM
 
@@ -36,7 +36,9 @@ GREEDY_RULE_METHODS = [
     ("speculative", {}),  # the default: the target with its middle layers skipped
     ("speculative", {"draft_length": 3, "adaptive": False, "fallback_threshold": 0.3}),
     ("self_speculative", {"skip": "1"}),
-    ("self_speculative", {}),  # searched skip set
+    ("self_speculative", {}),  # searched skip set: CLaSp's DP after every verification, on the shared cache
+    ("self_speculative", {"search": "rank", "search_every": 2}),
+    ("self_speculative", {"cache": "separate"}),
 ]
 
 
@@ -220,6 +222,60 @@ def test_most_skippable_picks_the_layers_that_change_least():
     hidden[3] = hidden[2] * 1.01  # layer 2 barely changes its input
     hidden[5] = hidden[4] + 0.01  # nor does layer 4
     assert most_skippable(hidden, 2) == {2, 4}
+
+
+def test_clasp_dp_compounds_skips_where_the_per_layer_ranking_cannot():
+    # Additive layers f_l(x) = x + d_l on 2-d states: layers 1 and 2 cancel each other, so skipping both leaves
+    # the final state exact; the per-layer ranking sees each of them change its input a lot and skips layer 3.
+    d = torch.tensor([[1.0, 0.0], [0.0, 5.0], [0.0, -5.0], [0.0, 1.0], [0.0, 0.1]])
+    target = torch.cumsum(torch.cat([torch.tensor([[9.0, 0.0]]), d]), dim=0)  # x*_0 .. x*_5
+
+    def run_layer(layer, states):
+        return states + d[layer]
+
+    chosen = clasp_search(run_layer, lambda x: x, target, 2)
+    assert chosen == {1, 2}
+    assert most_skippable(target[:, None, :], 2) != {1, 2}  # the ranking misses it
+    assert clasp_search(run_layer, lambda x: x, target, 0) == set()
+    assert len(clasp_search(run_layer, lambda x: x, target, 4)) == 4  # every layer but layer 0
+
+
+def test_clasp_dp_state_is_the_skipped_models_own_hidden_state():
+    """The DP's run_layer on the shared cache computes what the layer-skip view computes for that token."""
+    lm = tiny_model(2, layers=4)
+    session = lm.session()
+    session.forward([5, 6, 7, 8])
+    view = session.view(layer_skip_view(lm, {2}))
+    logits = view.forward([9])[-1]
+    decoder = lm.model.model
+    state = decoder.embed_tokens(torch.tensor([9]))  # (1, hidden)
+    for layer in (0, 1, 3):
+        state = session.run_layer(layer, state, 4)
+    expected = lm.model.lm_head(decoder.norm(state))[0]
+    torch.testing.assert_close(logits, expected.float(), rtol=1e-4, atol=1e-4)
+    view.crop(4)
+    assert [layer.get_seq_length() for layer in session.cache.layers] == [4, 4, 4, 4]
+
+
+def test_shared_cache_draft_reads_the_full_models_context():
+    """On the shared cache the skipped model's first draft logits differ from a separate cache's (whose context
+    K/V come from the skipped model's own hidden states)."""
+    lm = tiny_model(2, layers=4)
+    skip_view = layer_skip_view(lm, {1, 2})
+    shared = lm.session()
+    shared.forward([5, 6, 7])
+    on_shared = shared.view(skip_view).forward([8])[-1]
+    separate = skip_view.session().forward([5, 6, 7, 8])[-1]
+    assert not torch.allclose(on_shared, separate, atol=1e-3)
+
+
+def test_self_speculative_records_the_dp_skip_set_per_round(tiny):
+    lm = tiny_model(4, layers=6, scale=8.0)
+    trace = run_to_end(lm, RunRequest.build("self_speculative", {"auto_skip": 2}, "abc abd abc", max_new_tokens=30,
+                                            chat=False))
+    rounds = [e for e in trace.events if isinstance(e, DraftRound)]
+    assert rounds and all(len(parse_layers(r.details["skipped_layers"])) == 2 for r in rounds)
+    assert 0 not in set().union(*(parse_layers(r.details["skipped_layers"]) for r in rounds))
 
 
 def test_draft_round_round_trips_through_the_store(store, tiny):
