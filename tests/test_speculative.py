@@ -3,6 +3,7 @@ under the sampling rule, and the bookkeeping (rounds, acceptance, stop inside a 
 
 import dataclasses
 import itertools
+import math
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from explorer.strategies.draft_verify import (
     accept_probability,
     draft_verify,
     residual,
+    verify_rollback,
     verify_tree,
 )
 from explorer.strategies.prompt_lookup import find_continuation
@@ -285,3 +287,36 @@ def test_draft_round_round_trips_through_the_store(store, tiny):
                        "ab ab ab ab ab", max_new_tokens=20), recorder=Recorder(store))
     assert any(isinstance(e, DraftRound) for e in trace.events)
     assert store.load_trace(trace.run_id) == trace
+
+
+def test_bild_rollback_keeps_tokens_up_to_the_first_distant_one():
+    # target log-probabilities of the drafted tokens: -0.1, -0.5, -2.0, -0.1 (and the rows' argmax is token 0)
+    logits = torch.full((5, 6), -30.0)
+    drafted = [1, 2, 3, 4]
+    for row, (token, logp) in enumerate(zip(drafted, [-0.1, -0.5, -2.0, -0.1], strict=True)):
+        logits[row, token] = logp
+        logits[row, 0] = math.log(max(1e-9, 1 - math.exp(logp)))  # the rest of the mass on token 0
+    logits[4, 5] = 0.0
+    draft = DraftTree.chain(drafted)
+    config = SpeculativeConfig()
+    rng = torch.Generator().manual_seed(0)
+    verdict = verify_rollback(logits, draft, 1.0, "greedy", config, [], rng)
+    assert verdict.accepted_count == 2 and verdict.node_verdicts == ["accepted", "accepted", "rejected", "unreached"]
+    assert verdict.bonus_token == int(logits[2].argmax()) and verdict.bonus_kind == "correction"
+    verdict = verify_rollback(logits, draft, 2.5, "greedy", config, [], rng)  # nothing is far enough
+    assert verdict.accepted_count == 4 and verdict.bonus_token == 5 and verdict.bonus_kind == "bonus"
+    verdict = verify_rollback(logits, draft, 0.05, "greedy", config, [], rng)
+    assert verdict.accepted_count == 0
+
+
+def test_bild_rollback_is_lossy_above_ln2_and_exact_below(tiny, random_drafter_dir):
+    greedy = run_to_end(tiny, RunRequest.build("greedy", {}, "Hello world", max_new_tokens=40, chat=False))
+    exact = run_to_end(tiny, RunRequest.build("speculative", {"draft_model": random_drafter_dir, "rollback": 0.6},
+                                              "Hello world", max_new_tokens=40, chat=False))
+    assert exact.token_ids == greedy.token_ids  # alpha_RB < ln 2: a kept token has p > 1/2, so it is the argmax
+    lossy = run_to_end(tiny, RunRequest.build("speculative", {"draft_model": random_drafter_dir, "rollback": 20.0,
+                                                              "fallback_threshold": 0.0},
+                                              "Hello world", max_new_tokens=40, chat=False))
+    assert lossy.token_ids != greedy.token_ids  # the random draft's tokens are kept: BiLD trades quality
+    rounds = [e for e in lossy.events if isinstance(e, DraftRound)]
+    assert all(r.details["rolled_back"] == 0 for r in rounds)

@@ -97,6 +97,16 @@ def round_timeline(trace: Trace | None, max_rounds: int = 200, lane: int = 0) ->
                hovertemplate="round %{x}: verify %{y:.1f} ms"),
     ])
     figure.update_layout(barmode="stack")
+    top = [1000 * (r.draft_time_s + r.verify_time_s) for r in rounds]
+    for key, label, symbol, color in (("fallback", "fallback (draft unsure)", "triangle-down", "#CC79A7"),
+                                      ("rolled_back", "rollback", "x", "#D55E00")):
+        marked = [(r.round, top[i], float(r.details.get(key, 0))) for i, r in enumerate(rounds)
+                  if float(r.details.get(key, 0) or 0) > 0]
+        if marked:  # BiLD's policies: where the small model handed over, and where the large one rolled back
+            figure.add_trace(go.Scatter(x=[m[0] for m in marked], y=[m[1] * 1.08 for m in marked], mode="markers",
+                                        name=label, marker=dict(symbol=symbol, size=9, color=color),
+                                        customdata=[m[2] for m in marked],
+                                        hovertemplate=f"round %{{x}}: {label} (%{{customdata:.0f}})"))
     return base_layout(figure, f"Draft vs verify time per round — {lane_name(trace, lane)}", "round", "ms")
 
 

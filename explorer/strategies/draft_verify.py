@@ -205,6 +205,39 @@ def verify_tree(logits: torch.Tensor, draft: DraftTree, rule: str, filters: Samp
     return Verdict(len(path), bonus, kind, p_list, q_list, u_list, verdicts, argmax, hidden_states, path)
 
 
+def verify_rollback(logits: torch.Tensor, draft: DraftTree, alpha: float, rule: str, filters: SamplingFilters,
+                    context: Sequence[int], rng: torch.Generator) -> Verdict:
+    """BiLD's rollback policy (Kim et al. 2023, arXiv:2302.07863, Sec. 3.3), lossy by design, on a chain:
+    the large model's logits `(n + 1, vocab)` over the small model's n tokens; roll back at the first token x_i
+    whose distance d = -ln p_i(x_i) (cross-entropy of the small model's token under the large model) exceeds
+    alpha_RB, and put the large model's own token there instead; with no rollback, the large model's token
+    after the last one follows. The large model's token is its argmax (greedy rule) or a draw from its filtered
+    p (sampling rule). With alpha_RB < ln 2 every kept token has p > 1/2, so the greedy rule stays exact."""
+    if not draft.is_chain:
+        raise ValueError("the rollback policy verifies chains only")
+    n = len(draft.tokens)
+    logp = torch.log_softmax(logits, dim=-1)
+    p_list: list[float | None] = [None] * n
+    verdicts = ["unreached"] * n
+    history = list(context)
+    accepted = n
+    for i, token in enumerate(draft.tokens):
+        p_list[i] = float(logp[i, token].exp())
+        if -float(logp[i, token]) > alpha:
+            verdicts[i], accepted = "rejected", i
+            break
+        verdicts[i] = "accepted"
+        history.append(token)
+    if rule == "greedy":
+        bonus = int(logits[accepted].argmax())
+    else:
+        bonus = int(torch.multinomial(torch.softmax(filters.apply(logits[accepted], history), dim=-1), 1,
+                                      generator=rng))
+    kind = "bonus" if accepted == n else "correction"
+    return Verdict(accepted, bonus, kind, p_list, [float(x) for x in draft.draft_probs], [None] * n, verdicts,
+                   logits.argmax(dim=-1).tolist())
+
+
 def _point_mass(token: int, like: torch.Tensor) -> torch.Tensor:
     mass = torch.zeros_like(like)
     mass[token] = 1.0
@@ -235,8 +268,9 @@ def choose_plain(logits: torch.Tensor, config: SpeculativeConfig, context: Seque
 
 
 def draft_verify(model: Any, prompt_ids: Sequence[int], drafter: Drafter, config: SpeculativeConfig,
-                 rng: torch.Generator) -> Iterator[Event]:
-    """Yield a DraftRound per verification and a TokenStep per committed token."""
+                 rng: torch.Generator, *, rollback: float = 0.0) -> Iterator[Event]:
+    """Yield a DraftRound per verification and a TokenStep per committed token. With `rollback` > 0 drafts are
+    verified by BiLD's lossy rollback policy (`verify_rollback`) instead of the exact rules."""
     session = model.session()
     drafter.bind(session)
     context = list(prompt_ids)
@@ -256,10 +290,15 @@ def draft_verify(model: Any, prompt_ids: Sequence[int], drafter: Drafter, config
             step += 1
             context.append(token)
             continue
-        verdict = verify_tree(logits, draft, config.rule, config, context, rng, hidden)  # 3. accept
+        if rollback:
+            verdict = verify_rollback(logits, draft, rollback, config.rule, config, context, rng)  # 3. accept
+        else:
+            verdict = verify_tree(logits, draft, config.rule, config, context, rng, hidden)  # 3. accept
         t2 = time.perf_counter()
         commit_cache(session, len(context), draft, verdict)  # 4. commit
         details = {**draft.details, **drafter.round_details()}  # what drafted this round, before it learns
+        if rollback:
+            details["rolled_back"] = float(len(draft.tokens) - verdict.accepted_count)
         drafter.observe(verdict)
         yield draft_round(model, round_index, context, drafter.name, config.rule, draft, verdict, details,
                           draft_time_s=t1 - t0, verify_time_s=t2 - t1)

@@ -5,10 +5,15 @@ arXiv:2302.01318), with an adaptive draft length and an optional Big Little Deco
 Notation: p = target, q = draft, gamma = draft length. Each round the draft model proposes gamma tokens
 autoregressively (argmax under the greedy rule, a draw from the filtered q under the sampling rule); the target
 verifies them in one pass (see draft_verify). gamma doubles after a fully accepted draft and falls to
-the accepted count + 1 after a rejection. Fallback (BiLD): drafting stops early when the draft's top
-probability is below `fallback_threshold`, handing the step to the target.
-Departure from BiLD: its rollback policy (re-checking the small model's tokens by distance) is replaced by the
-exact verification above, so the output is unchanged by the fallback.
+the accepted count + 1 after a rejection.
+Big Little Decoder (BiLD; Kim et al. 2023, arXiv:2302.07863): the fallback policy stops drafting when the draft's
+top probability is below `fallback_threshold` (alpha_FB), handing the step to the target. With `rollback` = 0
+(default) the drafts are then verified exactly as above (the output is unchanged by the fallback); with
+`rollback` = alpha_RB > 0 they are verified by BiLD's rollback policy instead (draft_verify.verify_rollback):
+keep the small model's tokens up to the first whose cross-entropy -ln p(x) under the large model exceeds
+alpha_RB, where the large model's token replaces it. That is BiLD's lossy trade-off: a larger alpha_RB keeps
+more of the small model's tokens. Departure: BiLD lets the small model run until it falls back; we also stop
+at the draft length gamma (draft_length up to 16; BiLD's own setting has no cap).
 The draft model: any model with the target's vocabulary; by default ('layer-skip') the target itself with its
 middle quarter of layers skipped (Draft & Verify's drafter, drafting on the target's own KV cache), since no
 separate small model is available offline; 'target' drafts with the full target (it accepts everything and
@@ -35,8 +40,10 @@ class DraftModelConfig(ChainDraftConfig):
     draft_model: str = param("layer-skip", "drafter: 'layer-skip' (the target minus its middle quarter of layers), "
                              "'target' (itself: accepts everything, saves nothing), or an HF id / local path of a "
                              "model with the target's vocabulary", model=True)
-    fallback_threshold: float = param(0.0, "stop drafting when the draft's top probability is below this (0 = off)",
-                                      minimum=0.0, maximum=0.99, step=0.01)
+    fallback_threshold: float = param(0.0, "BiLD fallback: stop drafting when the draft's top probability is below "
+                                      "this (0 = off)", minimum=0.0, maximum=0.99, step=0.01)
+    rollback: float = param(0.0, "BiLD rollback (lossy): keep draft tokens while -ln p(x) under the target is at "
+                                 "most this (0 = off: exact verification)", minimum=0.0, maximum=20.0, step=0.1)
 
 
 def prepare(model: Any, config: DraftModelConfig) -> None:
@@ -51,4 +58,4 @@ def run(model: Any, prompt_ids: Sequence[int], config: DraftModelConfig, rng: to
     draft = load_draft_model(model, config.draft_model)
     drafter = ModelDrafter(draft, config, rng, f"draft model {draft.info.model_id}", config.fallback_threshold,
                            shared=shares_weights(model, draft))
-    yield from draft_verify(model, prompt_ids, drafter, config, rng)
+    yield from draft_verify(model, prompt_ids, drafter, config, rng, rollback=config.rollback)
