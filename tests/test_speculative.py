@@ -34,6 +34,8 @@ GREEDY_RULE_METHODS = [
     ("prompt_lookup", {}),
     ("prompt_lookup", {"min_ngram": 1, "draft_length": 4, "adaptive": False, "backoff": 0}),
     ("jacobi", {"window": 5}),
+    ("jacobi", {"window": 4, "variant": "blocks"}),
+    ("jacobi", {"window": 3, "variant": "blocks", "init": "copy"}),
     ("speculative", {"draft_model": "target"}),  # the target drafts for itself: everything is accepted
     ("speculative", {}),  # the default: the target with its middle layers skipped
     ("speculative", {"draft_length": 3, "adaptive": False, "fallback_threshold": 0.3}),
@@ -320,3 +322,22 @@ def test_bild_rollback_is_lossy_above_ln2_and_exact_below(tiny, random_drafter_d
     assert lossy.token_ids != greedy.token_ids  # the random draft's tokens are kept: BiLD trades quality
     rounds = [e for e in lossy.events if isinstance(e, DraftRound)]
     assert all(r.details["rolled_back"] == 0 for r in rounds)
+
+
+def test_gs_jacobi_iterates_one_block_at_a_time(tiny):
+    window = 4
+    trace = run_to_end(tiny, RunRequest.build("jacobi", {"window": window, "variant": "blocks"}, "Hello world",
+                                              max_new_tokens=30, chat=False))
+    rounds = [e for e in trace.events if isinstance(e, DraftRound)]
+    start = rounds[0].position
+    pad = tiny.tokenizer.pad_token_id
+    assert rounds[0].draft_tokens == [pad] * window  # the paper's initialisation
+    for r in rounds:
+        block = int(r.details["block"])
+        assert block * window <= r.position - start < (block + 1) * window
+        assert r.position - start + len(r.draft_tokens) == (block + 1) * window  # never past the block's end
+    sliding = run_to_end(tiny, RunRequest.build("jacobi", {"window": window, "init": "copy"}, "Hello world",
+                                                max_new_tokens=30, chat=False))
+    first = next(e for e in sliding.events if isinstance(e, DraftRound))
+    assert first.draft_tokens == [first.draft_tokens[0]] * window and all(
+        len(e.draft_tokens) == window for e in sliding.events if isinstance(e, DraftRound))
