@@ -13,12 +13,13 @@ from explorer.strategies import make_config
 from explorer.strategies.draft_verify import (
     DraftTree,
     SpeculativeConfig,
+    Verdict,
     accept_probability,
     draft_verify,
     residual,
     verify_tree,
 )
-from explorer.strategies.lookahead import LookaheadConfig, LookaheadDrafter
+from explorer.strategies.lookahead import LookaheadConfig, LookaheadDrafter, hits, prefix_tree
 from explorer.strategies.token_recycling import parse_widths
 from explorer.strategies.tree_speculative import TreeDrafter, gumbel_top_k
 from explorer.testing import tiny_model
@@ -186,11 +187,33 @@ def test_lookahead_window_moves_by_the_jacobi_update():
     drafter = LookaheadDrafter(LookaheadConfig(window=3, ngram=2, guesses=1))
     tree = drafter.propose([5, 6, 7, 8])
     assert tree.tokens[:3] == [6, 7, 8] and tree.parents[:3] == [-1, 0, 1]
-    from explorer.strategies.draft_verify import Verdict
-
     drafter.observe(Verdict(0, 9, "correction", [], [], [], [], [9, 1, 2, 3]))
     assert drafter.window == [1, 2, 3]
     assert (1,) in drafter.pool[6] and (3,) in drafter.pool[8]  # (w_j, o_(j+1)) bigrams
+
+
+def test_lookahead_reads_ngrams_along_the_diagonals_of_its_2d_window():
+    drafter = LookaheadDrafter(LookaheadConfig(window=3, ngram=3, guesses=0))
+    drafter.propose([5, 6, 7, 8])  # level 0: [6, 7, 8]
+    drafter.observe(Verdict(0, 20, "correction", [], [], [], [], [20, 21, 22, 23]))  # o = level 1 after a shift
+    assert drafter.levels == [[7, 8], [21, 22, 23]] and not drafter.pool  # two levels: no trigram yet
+    drafter.propose([5, 6, 7, 8, 20])  # levels padded: [7, 8, 8], [21, 22, 23]
+    drafter.observe(Verdict(0, 30, "correction", [], [], [], [], [30, 31, 32, 33]))
+    # diagonals (L0_j, L1_(j+1), o_(j+2)): (7, 22, 32), (8, 23, 33); never (21, 22, 32) along one level
+    assert dict(drafter.pool) == {7: {(22, 32): None}, 8: {(23, 33): None}}
+
+
+def test_lookahead_verification_branch_is_a_prefix_tree():
+    tokens, parents, placed = prefix_tree([[1, 2, 3], [4, 5], [4, 6], [4, 5, 7], [1, 9]])
+    assert tokens == [1, 2, 3, 4, 5, 6, 7, 9] and parents == [-1, 0, 1, -1, 3, 3, 4, 0]
+    assert placed == [[0, 1, 2], [3, 4], [3, 5], [3, 4, 6], [0, 7]]
+    # a correct n-gram that shares its first token with an earlier one is reachable: the greedy walk finds it
+    logits = torch.full((len(tokens) + 1, 10), -5.0)
+    for row, best in [(0, 4), (4, 6), (6, 8)]:  # target: 4, then 6... row = node + 1
+        logits[row, best] = 5.0
+    verdict = verify_tree(logits, DraftTree(tokens, parents, [1.0] * len(tokens), None, mode="point"), "greedy",
+                          SpeculativeConfig(), [], torch.Generator())
+    assert verdict.path == [3, 5] and hits(3, verdict.node_verdicts) == (0, 2)
 
 
 def test_bad_tree_parameters(tiny):

@@ -1,21 +1,29 @@
 """Lookahead decoding (Fu, Bailis, Stoica, Zhang 2024, "Break the Sequential Dependency of LLM Inference Using
 Lookahead Decoding", arXiv:2402.02057).
 
-Notation: W = lookahead window, N = n-gram size, G = guesses verified per step.
-Each step is one target pass over a tree with two kinds of branches hanging off the last committed token:
-  - the lookahead branch: a Jacobi window of W guesses; the pass yields new guesses o_j for every window
-    position (the Jacobi update), and each stretch of N - 1 window tokens followed by the new guess after it,
-    (w_j, ..., w_(j+N-2), o_(j+N-1)), is an n-gram the model finds plausible: it goes into the pool, keyed by
-    its first token;
-  - the verification branch: up to G n-grams from the pool whose first token is the last committed token
-    continues, each a chain of N - 1 tokens.
-The target verifies every branch at once (greedy rule: the longest branch prefix equal to its argmax; sampling
-rule: exact recursive rejection over the deterministic candidates); the window then moves past what was
-committed. The output equals greedy decoding under the greedy rule.
-Departure: the paper keeps N - 1 past levels of the window (a 2-D window) and reads n-grams off its
-diagonals; we keep one level, so each n-gram's first N - 1 tokens come from the previous iteration and its
-last from the current one. The window starts as the last W context tokens (the paper: random tokens).
+Notation: W = lookahead window, N = n-gram size, G = guesses verified per step, L^(t) = the window's level t
+(W tokens at the positions after the committed prefix), o^(t) = the target's argmax over level t.
+The 2-D window keeps the last N - 1 levels, L^(t-N+2) .. L^(t): each Jacobi level feeds the next,
+L^(t+1) = o^(t), so L^(t+1)_(j+1) is what the model predicted right after L^(t)_j. Each step is one target pass
+over a tree hanging off the last committed token:
+  - the lookahead branch: level L^(t) as a chain; the pass yields o^(t). Along every diagonal of the 2-D window,
+    (L^(t-N+2)_j, L^(t-N+3)_(j+1), ..., L^(t)_(j+N-2), o^(t)_(j+N-1)) is an n-gram in which every token is the
+    model's prediction after the one before it: it goes into the pool, keyed by its first token;
+  - the verification branch: up to G n-grams from the pool whose first token follows the last committed token,
+    each a chain of N - 1 tokens, merged into a prefix tree (n-grams that share a first token share its node,
+    and so on down), so the longest correct candidate is always reachable.
+The target verifies the tree at once (greedy rule: the longest path equal to its argmax; sampling rule: exact
+recursive rejection over the deterministic candidates). Accepted tokens from the window are Jacobi hits, from
+the n-grams pool hits (`hits`: the window is always the tree's first W nodes). The window and its past levels then
+move past what was committed (columns stay aligned to absolute positions). The output equals greedy decoding
+under the greedy rule.
+Departures: the paper feeds all N - 1 levels through every pass ((N - 1) x W input tokens, for the attention
+between levels); we feed only the newest level (W tokens) and keep the older ones as the window's memory, from
+which the n-grams are read along the same diagonals. A trie node that the window and an n-gram share is the
+window's. The window starts as the last W context tokens (the paper: random tokens); positions a level lacks
+(after a shift) are filled with the level's last token.
 """
+
 
 from __future__ import annotations
 
@@ -45,29 +53,58 @@ class LookaheadConfig(SpeculativeConfig):
         return self.window + self.guesses * (self.ngram - 1)
 
 
+def prefix_tree(sequences: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[list[int]]]:
+    """Merge token sequences hanging off one root into a trie: (tokens, parents, each sequence's node indices).
+    Sequences that share a prefix share its nodes; nodes keep insertion order (parents before children)."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    index: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+    placed: list[list[int]] = []
+    for sequence in sequences:
+        parent, nodes = -1, []
+        for token in sequence:
+            node = index.get((parent, token))
+            if node is None:
+                node = index[(parent, token)] = len(tokens)
+                tokens.append(token)
+                parents.append(parent)
+            nodes.append(node)
+            parent = node
+        placed.append(nodes)
+    return tokens, parents, placed
+
+
+def hits(window: int, verdicts: Sequence[str]) -> tuple[int, int]:
+    """A round's accepted tokens split into (Jacobi hits, pool hits): the window holds the first W nodes."""
+    accepted = [i for i, verdict in enumerate(verdicts) if verdict == "accepted"]
+    jacobi = sum(i < window for i in accepted)
+    return jacobi, len(accepted) - jacobi
+
+
 class LookaheadDrafter(Drafter):
     name = "lookahead"
 
     def __init__(self, config: LookaheadConfig):
         self.w, self.n, self.g = config.window, config.ngram, config.guesses
-        self.window: list[int] = []
+        self.levels: list[list[int]] = []  # the 2-D window: oldest level first, the newest is the one verified
         self.pool: dict[int, OrderedDict[tuple[int, ...], None]] = {}  # head -> continuations, newest last
         self._added: list[tuple[int, tuple[int, ...]]] = []
-        self._last_window: list[int] = []
+        self._window_nodes: list[int] = []
+
+    @property
+    def window(self) -> list[int]:
+        return self.levels[-1] if self.levels else []
 
     def propose(self, context: Sequence[int]) -> DraftTree:
-        if not self.window:
-            self.window = list(context[-self.w:])
-        window = (self.window + [self.window[-1]] * self.w)[: self.w]
-        tokens, parents = list(window), list(range(-1, self.w - 1))  # the lookahead branch: one chain
+        if not self.levels:
+            self.levels = [list(context[-self.w:])]
+        self.levels = [(level + [level[-1]] * self.w)[: self.w] for level in self.levels]
         guesses = list(reversed(self.pool.get(context[-1], {})))[: self.g]
-        for guess in guesses:  # the verification branch: one chain per n-gram
-            for i, token in enumerate(guess):
-                parents.append(-1 if i == 0 else len(tokens) - 1)
-                tokens.append(token)
-        self._last_window = window
+        tokens, parents, placed = prefix_tree([self.window, *guesses])  # the lookahead branch first: nodes 0..W-1
+        self._window_nodes = placed[0]
         tree = DraftTree(tokens, parents, [1.0] * len(tokens), None, mode="point")
-        tree.details.update(window=float(self.w), guesses=float(len(guesses)), pool=float(self.pool_size))
+        tree.details.update(window=float(self.w), guesses=float(len(guesses)), pool=float(self.pool_size),
+                            levels=float(len(self.levels)))
         return tree
 
     @property
@@ -75,19 +112,26 @@ class LookaheadDrafter(Drafter):
         return sum(len(v) for v in self.pool.values())
 
     def observe(self, verdict: Verdict) -> None:
-        window = self._last_window
-        outputs = verdict.target_argmax[: self.w + 1]  # o_j: the target's token for window position j
-        for j in range(self.w - self.n + 2):  # (w_j .. w_(j+N-2), o_(j+N-1))
-            gram = (*window[j:j + self.n - 1], outputs[j + self.n - 1])
-            if len(gram) == self.n:
-                entries = self.pool.setdefault(gram[0], OrderedDict())
-                entries.pop(gram[1:], None)
-                entries[gram[1:]] = None
-                self._added.append((gram[0], gram[1:]))
-                while len(entries) > POOL_PER_HEAD:
-                    entries.popitem(last=False)
-        shift = verdict.accepted_count + 1  # positions now committed
-        self.window = outputs[shift:]  # the Jacobi update, moved past the committed tokens
+        # o_j: the target's token for window position j (row 0 follows the last committed token, row node + 1
+        # follows the window's node at position j - 1)
+        argmax = verdict.target_argmax
+        outputs = [argmax[0], *(argmax[node + 1] for node in self._window_nodes)]  # W + 1 tokens
+        levels = [*self.levels, outputs[: self.w + 1]]  # the levels the diagonals run through, newest = o
+        depth = min(self.n, len(levels))
+        if depth == self.n:
+            for j in range(self.w + 1 - (self.n - 1)):  # (L^(t-N+2)_j, ..., L^(t)_(j+N-2), o_(j+N-1))
+                gram = tuple(levels[-self.n + i][j + i] for i in range(self.n))
+                self._remember(gram)
+        shift = verdict.accepted_count + 1  # positions now committed: every level moves past them
+        self.levels = [level[shift:] or level[-1:] for level in levels[-(self.n - 1):]]
+
+    def _remember(self, gram: tuple[int, ...]) -> None:
+        entries = self.pool.setdefault(gram[0], OrderedDict())
+        entries.pop(gram[1:], None)
+        entries[gram[1:]] = None
+        self._added.append((gram[0], gram[1:]))
+        while len(entries) > POOL_PER_HEAD:
+            entries.popitem(last=False)
 
     def drain_events(self, round_index: int, piece: Callable[[int], str]) -> list[Event]:
         added, self._added = self._added, []
