@@ -265,3 +265,20 @@ def test_pool_graph_is_layered_readable_and_pruned(tiny):
     assert not any(text.startswith("#") for text in nodes.text)  # token texts, never raw ids
     edges = sum(len([v for v in t.x if v is not None]) // 2 for t in figure.data[:-1])
     assert edges <= 20 and "edges (accepted first" in figure.layout.title.text
+
+
+def test_dyspec_expands_many_nodes_per_draft_pass_above_its_threshold(tiny):
+    trace = run_to_end(tiny, RunRequest.build("tree_speculative", {"mode": "dynamic", "budget": 16,
+                                                                   "threshold": 0.001, "draft_model": "target"},
+                                              "Hello world", max_new_tokens=30, chat=False))
+    for r in trace.rounds:
+        assert len(r.draft_tokens) <= 16
+        assert r.details["draft_forward_passes"] <= r.details["waves"] + 1  # the root pass + one per wave
+        assert r.details["waves"] < len(r.draft_tokens) or len(r.draft_tokens) <= 2  # batched, not per node
+        for node, parent in enumerate(r.parents):  # children of one parent are distinct: without replacement
+            assert (parent, r.draft_tokens[node]) not in {(p, r.draft_tokens[i]) for i, p in
+                                                          enumerate(r.parents[:node])}
+    narrow = run_to_end(tiny, RunRequest.build("tree_speculative", {"mode": "dynamic", "budget": 16,
+                                                                    "threshold": 0.9, "draft_model": "target"},
+                                               "Hello world", max_new_tokens=30, chat=False))
+    assert sum(len(r.draft_tokens) for r in narrow.rounds) < sum(len(r.draft_tokens) for r in trace.rounds)

@@ -8,9 +8,13 @@ Tree shapes (notation: q = draft distribution at a node, k = children per node, 
   arXiv:2401.06706); verified by multi-draft speculative sampling.
 - `gumbel`: k draws without replacement (Gumbel-top-k: the k largest log q + Gumbel noise), as in "Recursive
   Speculative Decoding" (Jeon et al. 2024, arXiv:2402.14160); verified by recursive rejection sampling.
-- `dynamic`: grow the tree greedily: always expand the frontier candidate with the highest path probability
-  (product of q along the path) until B nodes (DySpec, Xiong et al. 2024, arXiv:2410.11744). Deterministic.
-  Departure: DySpec expands in batches with a threshold; we add one node per draft pass.
+- `dynamic`: DySpec's dynamic tree (Xiong et al. 2024, arXiv:2410.11744). Every node's value v estimates how
+  likely the target is to reach it: v(root) = 1; a parent's next child slot has value v(parent) x R, R = the
+  mass of q not yet drawn under that parent. Each draft pass takes *every* slot with value >= `threshold`
+  (highest first, up to the budget B), draws its child from q without replacement (the most likely remaining
+  token under the greedy rule, a draw from the remaining q renormalised under the sampling rule), v(child) =
+  v(parent) x q(child), and runs all the new nodes through the draft at once (one pass per expansion wave);
+  verified by recursive rejection sampling without replacement (exact), or the greedy rule.
 The drafter is a draft model ('target' = the model itself) or the model with layers skipped. The draft builds
 each level in one pass of its own (tree mask over its KV cache), and drops the tree from its cache afterwards.
 Drafts that run the target's own layers (itself, a layer-skip view) draft on the target's own KV cache, as
@@ -19,7 +23,6 @@ Draft & Verify does (see draft_models.DraftCache).
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +44,7 @@ from explorer.strategies.draft_verify import Drafter, DraftTree, SpeculativeConf
 from explorer.trees import path_to
 
 MODES = ("topk", "sample", "gumbel", "dynamic")
-SIBLING_MODE = {"topk": "point", "sample": "iid", "gumbel": "without_replacement", "dynamic": "point"}
+SIBLING_MODE = {"topk": "point", "sample": "iid", "gumbel": "without_replacement"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class TreeConfig(SpeculativeConfig):
     branching: int = param(2, "children per node k (topk, sample, gumbel)", minimum=1, maximum=8, step=1)
     depth: int = param(3, "tree depth D (topk, sample, gumbel)", minimum=1, maximum=8, step=1)
     budget: int = param(8, "nodes of a dynamic tree", minimum=1, maximum=64, step=1)
+    threshold: float = param(0.05, "dynamic: expand a slot while its estimated value v is at least this",
+                             minimum=0.0001, maximum=1.0, step=0.0001)
     draft_model: str = param("layer-skip", "drafter: 'layer-skip' (the target minus its middle quarter of layers), "
                              "'target' (itself: accepts everything, saves nothing), or an HF id / local path of a "
                              "model with the target's vocabulary", model=True)
@@ -139,33 +144,44 @@ class TreeDrafter(Drafter):
         return DraftTree(tokens, parents, draft_probs, q_dists, mode=mode)
 
     def _dynamic(self, context: Sequence[int], root: torch.Tensor, base: int) -> DraftTree:
-        """Best-first growth: the candidate (parent, token) with the highest path probability goes in next."""
+        """DySpec: expand every child slot whose value clears the threshold, one draft pass per wave."""
+        config, sampling = self.config, self.config.rule == "sampling"
         tokens: list[int] = []
         parents: list[int] = []
         draft_probs: list[float] = []
-        heap: list[tuple[float, int, int, int]] = []  # (-path prob, parent, rank among the parent's q, tiebreak)
-        sorted_q: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-
-        def offer(parent: int, q: torch.Tensor, path_prob: float) -> None:
-            values, ids = torch.sort(q, descending=True)
-            sorted_q[parent] = (values, ids, path_prob)
-            heapq.heappush(heap, (-path_prob * float(values[0]), parent, 0, len(sorted_q)))
-
-        offer(-1, root, 1.0)
-        while heap and len(tokens) < self.config.budget:
-            neg_prob, parent, rank, _ = heapq.heappop(heap)
-            values, ids, parent_prob = sorted_q[parent]
-            token = int(ids[rank])
-            tokens.append(token)
-            parents.append(parent)
-            draft_probs.append(float(values[rank]))
-            node = len(tokens) - 1
-            if rank + 1 < len(values) and float(values[rank + 1]) > 0:  # the parent's next best child
-                heapq.heappush(heap, (-parent_prob * float(values[rank + 1]), parent, rank + 1, node + 10**6))
-            if len(tokens) < self.config.budget:  # this node's own children need its draft distribution
-                logits = self.session.forward([token], parents=parents, tree_base=base)[-1]
-                offer(node, self._q(logits, [*context, *self._path_tokens(parents, tokens, node)]), -neg_prob)
-        return DraftTree(tokens, parents, draft_probs, None, mode="point")
+        rows: list[torch.Tensor] = []
+        q_of: dict[int, torch.Tensor] = {-1: root}  # node -> its q (the original, for verification)
+        left: dict[int, torch.Tensor] = {-1: root.clone()}  # node -> q mass not drawn yet
+        value: dict[int, float] = {-1: 1.0}
+        waves = 0
+        while len(tokens) < config.budget:
+            slots = sorted(((value[n] * float(left[n].sum()), n) for n in left), reverse=True)
+            slots = [(v, n) for v, n in slots if v >= config.threshold and float(left[n].sum()) > 0]
+            if not slots:
+                break
+            new: list[int] = []
+            for _, node in slots[: config.budget - len(tokens)]:
+                remaining = left[node]
+                token = (int(torch.multinomial(remaining / remaining.sum(), 1, generator=self.rng)) if sampling
+                         else int(remaining.argmax()))
+                remaining[token] = 0.0
+                tokens.append(token)
+                parents.append(node)
+                draft_probs.append(float(q_of[node][token]))
+                rows.append(q_of[node])
+                value[len(tokens) - 1] = value[node] * float(q_of[node][token])
+                new.append(len(tokens) - 1)
+            waves += 1
+            if len(tokens) >= config.budget:
+                break
+            logits = self.session.forward([tokens[i] for i in new], parents=parents, tree_base=base)  # one pass
+            for j, node in enumerate(new):
+                q = self._q(logits[j], [*context, *self._path_tokens(parents, tokens, node)])
+                q_of[node], left[node] = q, q.clone()
+        tree = DraftTree(tokens, parents, draft_probs, torch.stack(rows) if sampling and rows else None,
+                         mode="without_replacement" if sampling else "point")
+        tree.details["waves"] = float(waves)
+        return tree
 
 
 def tree_drafter(model: Any, config: TreeConfig, rng: torch.Generator) -> TreeDrafter:
