@@ -52,7 +52,7 @@ def test_every_numeric_parameter_is_bounded_and_finite(strategy, name, kind, met
 
 @pytest.mark.parametrize("strategy, params, limit", [
     ("tree_speculative", {"branching": 8, "depth": 8}, "the limit is 128"),
-    ("token_recycling", {"widths": "8,8,8", "candidates": 8}, "the limit is 128"),
+    ("token_recycling", {"tree": "widths", "widths": "8,8,8", "candidates": 8}, "the limit is 128"),
     ("cautious", {"n_max": 32, "max_trial_tokens": 128}, "the limit is 2048"),
     ("tree_speculative", {"skip": "1" * 300}, "longer than 256 characters"),
 ])
@@ -96,7 +96,8 @@ from explorer.runner import run_to_end
 lm = load_model({str(tiny_dir)!r})
 worst = [("tree_speculative", {{"branching": 2, "depth": 6}}, 64),
          ("tree_speculative", {{"mode": "dynamic", "budget": 64}}, 64),
-         ("token_recycling", {{"widths": "4,4,4", "candidates": 32}}, 64),
+         ("token_recycling", {{"tree": "widths", "widths": "4,4,4", "candidates": 32}}, 64),
+         ("token_recycling", {{}}, 64),
          ("lookahead", {{"window": 32, "ngram": 8, "guesses": 13}}, 64),
          ("beam", {{"num_beams": 16}}, 1024),
          ("cautious", {{"h_min": 0.0, "h_max": 0.01, "n_max": 8, "max_trial_tokens": 64}}, 16),

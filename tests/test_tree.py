@@ -33,7 +33,8 @@ TREE_METHODS = [
     ("tree_speculative", {"mode": "dynamic", "budget": 6}),
     ("tree_speculative", {"skip": "1"}),
     ("token_recycling", {}),
-    ("token_recycling", {"widths": "3,1"}),
+    ("token_recycling", {"tree": "widths", "widths": "3,1"}),
+    ("token_recycling", {"keep_table": True}),
     ("lookahead", {}),
     ("lookahead", {"window": 3, "ngram": 2, "guesses": 5}),
 ]
@@ -222,7 +223,7 @@ def test_bad_tree_parameters(tiny):
     with pytest.raises(ValueError, match="widths must be comma-separated"):
         parse_widths("2,x")
     with pytest.raises(ValueError, match="cannot exceed"):
-        make_config("token_recycling", {"widths": "9", "candidates": 4})
+        make_config("token_recycling", {"tree": "widths", "widths": "9", "candidates": 4})
 
 
 def test_tree_views(tiny):
@@ -282,3 +283,41 @@ def test_dyspec_expands_many_nodes_per_draft_pass_above_its_threshold(tiny):
                                                                     "threshold": 0.9, "draft_model": "target"},
                                                "Hello world", max_new_tokens=30, chat=False))
     assert sum(len(r.draft_tokens) for r in narrow.rounds) < sum(len(r.draft_tokens) for r in trace.rounds)
+
+
+def test_token_recycling_template_gives_higher_ranked_children_more_branches():
+    from explorer.strategies.token_recycling import RecyclingDrafter, TokenRecyclingConfig, template_shape
+
+    parents, ranks = template_shape()
+    assert len(parents) == 79 and max(depth_of(parents, i) for i in range(len(parents))) == 5  # 6 levels
+    kids = {i: [j for j, p in enumerate(parents) if p == i] for i in range(len(parents))}
+    for node, children in kids.items():  # B_d - r: a better-ranked sibling never has fewer children
+        siblings = [j for j, p in enumerate(parents) if p == parents[node]]
+        for other in siblings:
+            if ranks[other] < ranks[node]:
+                assert len(kids[other]) >= len(children)
+    drafter = RecyclingDrafter(TokenRecyclingConfig())
+    drafter.adjacency = {t: [(t + r + 1) % 50 for r in range(8)] for t in range(50)}
+    tree = drafter.propose([3])
+    assert tree.parents == parents  # a full table fills the whole template
+    assert tree.tokens[:8] == drafter.adjacency[3] and tree.tokens[8] == drafter.adjacency[4][0]
+
+
+def depth_of(parents, node):
+    depth = 0
+    while parents[node] >= 0:
+        node, depth = parents[node], depth + 1
+    return depth
+
+
+def test_token_recycling_keeps_its_table_across_runs_when_asked(tiny):
+    from explorer.strategies.token_recycling import TABLES
+
+    TABLES.clear()
+    first = run_to_end(tiny, RunRequest.build("token_recycling", {"keep_table": True}, "ab ab ab", max_new_tokens=20))
+    second = run_to_end(tiny, RunRequest.build("token_recycling", {"keep_table": True}, "ab ab ab", max_new_tokens=20))
+    cold = run_to_end(tiny, RunRequest.build("token_recycling", {}, "ab ab ab", max_new_tokens=20))
+    assert first.token_ids == second.token_ids == cold.token_ids
+    assert second.rounds[0].details["table_entries"] > cold.rounds[0].details["table_entries"]  # a warm start
+    assert len(TABLES) == 1
+    TABLES.clear()
