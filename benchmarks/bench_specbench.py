@@ -84,8 +84,11 @@ def main() -> None:
         "lookahead": "lookahead",
         "token_recycling": "token_recycling",
         "self_speculative": "self_speculative",
+        "self_spec_rank8_separate": "self_speculative:search=rank,search_every=8,cache=separate",
         f"speculative_{DRAFT_LAYERS}L": f"speculative:draft_model={draft_dir},draft_length=4",
         "tree_topk_skip4": "tree_speculative:mode=topk,branching=2,depth=3,skip=13-16",
+        "tree_dyspec_skip4": "tree_speculative:mode=dynamic,budget=16,skip=13-16",
+        "token_recycling_widths": "token_recycling:tree=widths",
     }
     references = {"hf_prompt_lookup": {"prompt_lookup_num_tokens": 10},
                   f"hf_assistant_{DRAFT_LAYERS}L": {"assistant_model": lambda: AutoModelForCausalLM.from_pretrained(

@@ -153,8 +153,9 @@ class BeamStep:
 
 @dataclass(frozen=True)
 class BeamResult:
-    """The n-best list of a beam search, best first: token ids, length-normalised scores, the group, and where
-    each hypothesis ended (the step and candidate index of its finishing BeamStep entry)."""
+    """The n-best list of a beam search, best first: token ids, length-normalised scores (for diverse beam search,
+    of the diversity-augmented objective), the group, where each hypothesis ended (the step and candidate index
+    of its finishing BeamStep entry), and each hypothesis' plain model log-probability sum log p(y_t | y_<t)."""
 
     kind: ClassVar[str] = "beam_result"
     hypotheses: list[list[int]]
@@ -163,6 +164,7 @@ class BeamResult:
     groups: list[int]
     end_steps: list[int]
     end_candidates: list[int]
+    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

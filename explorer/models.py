@@ -20,7 +20,7 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,24 +242,31 @@ class KVSession:
                 layer.crop(min(0, length - layer.get_seq_length()))
         self.length = length
 
-    @torch.inference_mode()
-    def run_layer(self, index: int, states: torch.Tensor, position: int) -> torch.Tensor:
-        """Decoder layer `index` applied to candidate hidden states `(batch, hidden)` of one token at `position`,
-        each attending to this cache's K/V of positions [0, position) at that layer (what the layer would compute
-        for the token had its input been that state). The cache is left unchanged. Returns `(batch, hidden)`."""
+    def layer_runner(self, position: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """`run(index, states)`: decoder layer `index` applied to candidate hidden states `(batch, hidden)` of one
+        token at `position`, each attending to this cache's K/V of positions [0, position) at that layer (what the
+        layer would compute for the token had its input been that state). The cache is left unchanged; each
+        layer is run at most once per runner. Returns `(batch, hidden)`."""
         from transformers import DynamicCache
 
         decoder = self.lm.model.model
-        cached = self.cache.layers[index]
-        batch = states.shape[0]
-        scratch = DynamicCache(config=self.lm.model.config)
-        keys, values = cached.keys[..., :position, :], cached.values[..., :position, :]
-        scratch.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
-        x = states.reshape(batch, 1, -1).to(self.lm.model.dtype)
-        positions = torch.full((batch, 1), position, dtype=torch.long, device=x.device)
-        out = decoder.layers[index](x, attention_mask=None, position_ids=positions, past_key_values=scratch,
-                                    use_cache=True, position_embeddings=decoder.rotary_emb(x, positions))
-        return (out[0] if isinstance(out, tuple) else out)[:, 0]
+        scratch = DynamicCache(config=self.lm.model.config)  # one slot per layer, each written once
+        device, dtype = self.lm.device, self.lm.model.dtype
+        positions = torch.full((1, 1), position, dtype=torch.long, device=device)
+        rotary = decoder.rotary_emb(torch.zeros(1, 1, 1, dtype=dtype, device=device), positions)  # (1, 1, dim)
+
+        @torch.inference_mode()
+        def run(index: int, states: torch.Tensor) -> torch.Tensor:
+            cached = self.cache.layers[index]
+            batch = states.shape[0]
+            keys, values = cached.keys[..., :position, :], cached.values[..., :position, :]
+            scratch.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
+            x = states.reshape(batch, 1, -1).to(dtype)
+            out = decoder.layers[index](x, attention_mask=None, position_ids=positions.expand(batch, 1),
+                                        past_key_values=scratch, use_cache=True, position_embeddings=rotary)
+            return (out[0] if isinstance(out, tuple) else out)[:, 0]
+
+        return run
 
 
 def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:

@@ -224,7 +224,8 @@ def test_paper_figures_keep_legend_titles_and_data_apart(tiny, tmp_path, width):
 
     runs = [("greedy", {}), ("sample", {"top_p": 0.9}), ("prompt_lookup", {"min_ngram": 1}), ("jacobi", {}),
             ("beam", {}), ("mirostat", {}), ("top_h", {}), ("tree_speculative", {}), ("self_speculative", {}),
-            ("contrastive", {}), ("momentum", {}), ("cautious", {"h_min": 0.1, "h_max": 1.0, "max_trial_tokens": 8}), ("token_recycling", {})]
+            ("contrastive", {}), ("momentum", {}), ("cautious", {"h_min": 0.1, "h_max": 1.0, "max_trial_tokens": 8}),
+            ("token_recycling", {})]
     traces = [run_to_end(tiny, RunRequest.build(n, p, "ab ab ab ab", max_new_tokens=12, chat=False)) for n, p in runs]
     files = []
     groups = [traces[i:i + 4] for i in range(0, len(traces), 4)]  # the app shows at most 4 lanes

@@ -105,6 +105,52 @@ def test_diverse_beam_penalty_makes_groups_differ(tiny_flat):
         make_config("diverse_beam", {"num_beams": 4, "groups": 3})
 
 
+def test_diverse_beam_n_best_reports_plain_model_logprobs(tiny_flat):
+    config = make_config("diverse_beam", {"num_beams": 4, "groups": 2, "diversity": 3.0, "num_return": 4,
+                                          "length_penalty": 0.0})
+    trace = run_to_end(tiny_flat, RunRequest("diverse_beam", config, "Hello", max_new_tokens=6))
+    result = next(e for e in trace.events if isinstance(e, BeamResult))
+    prompt = trace.started.prompt_ids
+    for hypothesis, logprob, score, group in zip(result.hypotheses, result.logprobs, result.scores, result.groups,
+                                                 strict=True):
+        logits = tiny_flat.session().forward([*prompt, *hypothesis])  # teacher-forced: (n, vocab)
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        expected = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(hypothesis))
+        assert logprob == pytest.approx(expected, abs=1e-4)
+        if group == 0:
+            assert score == pytest.approx(logprob, abs=1e-4)  # the first group carries no diversity term
+    assert any(score < logprob - 1e-3 for score, group, logprob in
+               zip(result.scores, result.groups, result.logprobs, strict=True) if group == 1)  # the penalty
+
+
+def reference_contrastive(lm, prompt, k, alpha, steps):
+    """Su et al. 2022 Eq. 5 written out with no cache and no tree: every candidate's hidden state comes from a
+    fresh forward pass over the whole sequence."""
+    tokens = list(prompt)
+    for _ in range(steps):
+        logits, hidden = lm.session().forward(tokens, hidden_states=True)
+        probs = torch.softmax(logits[-1].double(), dim=-1)
+        top_p, top_ids = torch.topk(probs, k)
+        context = hidden[-1].double()  # (t, hidden): the last layer's states of x_<t
+        best, best_score = None, -float("inf")
+        for p, v in zip(top_p.tolist(), top_ids.tolist(), strict=True):
+            h_v = lm.session().forward([*tokens, v], hidden_states=True)[1][-1][-1].double()
+            similarity = max(float(torch.nn.functional.cosine_similarity(h_v, h_j, dim=0)) for h_j in context)
+            score = (1 - alpha) * p - alpha * similarity
+            if score > best_score:
+                best, best_score = v, score
+        tokens.append(best)
+    return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])
+def test_contrastive_matches_a_reference_written_from_the_equation(tiny_flat, alpha):
+    trace = run_to_end(tiny_flat, RunRequest.build("contrastive", {"alpha": alpha, "top_k": 4}, "Hello world",
+                                                   max_new_tokens=12, chat=False))
+    reference = reference_contrastive(tiny_flat, trace.started.prompt_ids, 4, alpha, 12)
+    assert len(trace.token_ids) >= 3 and trace.token_ids == reference[:len(trace.token_ids)]  # (EOS may end ours)
+
+
 def test_contrastive_with_alpha_zero_is_greedy_and_scores_are_recorded(tiny):
     greedy = run_to_end(tiny, RunRequest.build("greedy", {}, "Hello world", max_new_tokens=25))
     plain = run_to_end(tiny, RunRequest.build("contrastive", {"alpha": 0.0}, "Hello world",
@@ -127,7 +173,7 @@ def test_momentum_alpha_zero_is_greedy_and_resistance_breaks_loops(tiny):
     greedy = run_to_end(tiny, RunRequest.build("greedy", {}, "ab", max_new_tokens=40))
     zero = run_to_end(tiny, RunRequest.build("momentum", {"alpha": 0.0}, "ab", max_new_tokens=40))
     assert zero.token_ids == greedy.token_ids
-    config = make_config("momentum", {"alpha": 2.0, "free_length": 2, "top_k": 8})
+    config = make_config("momentum", {"alpha": 2.0, "resistance": "linear", "free_length": 2, "top_k": 8})
     trace = run_to_end(tiny, RunRequest("momentum", config, "ab", max_new_tokens=40))
     for step in (e for e in trace.events if isinstance(e, CandidateStep)):
         if any(length <= 2 for length in step.features):
@@ -139,6 +185,18 @@ def test_momentum_alpha_zero_is_greedy_and_resistance_breaks_loops(tiny):
         greedy_loops.append(greedy_graph.loop_length(token))
         greedy_graph.add(token)
     assert max(greedy_loops) > 2 and max(loops) <= 2  # greedy loops; momentum does not
+
+
+def test_momentum_default_is_the_authors_lookup_table(tiny):
+    from explorer.strategies.momentum import MomentumConfig, resistance
+
+    config = MomentumConfig()
+    assert (config.alpha, config.max_ngram, config.resistance) == (0.2, 5, "table")
+    assert [resistance(n, config) for n in range(7)] == [0.0, 1.0, 3.0, 4.0, 5.0, 6.0, float("inf")]
+    trace = run_to_end(tiny, RunRequest.build("momentum", {"top_k": 8}, "ab", max_new_tokens=30))
+    for step in (e for e in trace.events if isinstance(e, CandidateStep)):
+        for length, penalty in zip(step.features, step.penalties, strict=True):
+            assert penalty == pytest.approx(0.2 * [0, 1, 3, 4, 5, 6][int(length)])
 
 
 def test_ngram_graph_loop_length():

@@ -253,8 +253,9 @@ def test_clasp_dp_state_is_the_skipped_models_own_hidden_state():
     logits = view.forward([9])[-1]
     decoder = lm.model.model
     state = decoder.embed_tokens(torch.tensor([9]))  # (1, hidden)
+    run = session.layer_runner(4)
     for layer in (0, 1, 3):
-        state = session.run_layer(layer, state, 4)
+        state = run(layer, state)
     expected = lm.model.lm_head(decoder.norm(state))[0]
     torch.testing.assert_close(logits, expected.float(), rtol=1e-4, atol=1e-4)
     view.crop(4)

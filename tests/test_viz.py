@@ -171,7 +171,8 @@ from viz.search import tree_layout  # noqa: E402
 @pytest.fixture(scope="module")
 def searched(tiny_flat):
     runs = [("beam", {"num_beams": 3, "num_return": 3}), ("diverse_beam", {"num_beams": 4, "groups": 2}),
-            ("contrastive", {}), ("momentum", {"alpha": 2.0}), ("cautious", {"h_min": 0.1, "h_max": 1.0, "max_trial_tokens": 8})]
+            ("contrastive", {}), ("momentum", {"alpha": 2.0}),
+            ("cautious", {"h_min": 0.1, "h_max": 1.0, "max_trial_tokens": 8})]
     return [run_to_end(tiny_flat, RunRequest.build(name, params, "Hello", max_new_tokens=12, seed=1))
             for name, params in runs]
 

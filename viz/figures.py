@@ -177,7 +177,8 @@ def top_h_figure(traces: Sequence[Trace]) -> go.Figure:
         x = [s.step for s in steps]
         figure.add_trace(go.Bar(x=x, y=[s.kept_count for s in steps], name=f"{name}: kept", marker_color=color,
                                 hovertemplate="step %{x}: %{y} tokens"), row=1, col=1)
-        for key, dash, label in (("bound", "dash", "bound alpha·H"), ("kept_entropy", "solid", "kept-set entropy (as the bound measures it)")):
+        for key, dash, label in (("bound", "dash", "bound alpha·H"),
+                                 ("kept_entropy", "solid", "kept-set entropy (as the bound measures it)")):
             sx, sy = _detail_series(trace, key)
             figure.add_trace(go.Scatter(x=sx, y=sy, name=f"{name}: {label}", line=dict(color=color, dash=dash),
                                         hovertemplate="step %{x}: %{y:.3f} nats"), row=2, col=1)

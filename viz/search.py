@@ -40,8 +40,13 @@ def beam_tree(trace: Trace) -> nx.DiGraph:
                 slot_nodes[(event.step, event.group, event.slots[i])] = node
     result = next(iter(_events(trace, BeamResult)), None)
     if result is not None:
-        for step, group, candidate in zip(result.end_steps, result.groups, result.end_candidates, strict=True):
+        logprobs = result.logprobs or [None] * len(result.scores)
+        for rank, (step, group, candidate) in enumerate(zip(result.end_steps, result.groups, result.end_candidates,
+                                                             strict=True)):
             node = f"{step}:{group}:{candidate}"
+            if node in graph:  # the n-best entry: its objective score and its plain model log-probability
+                plain = "" if logprobs[rank] is None else f", model log p = {logprobs[rank]:.3f}"
+                graph.nodes[node]["n_best"] = f"n-best #{rank + 1}: score {result.scores[rank]:.3f}{plain}"
             while node in graph:
                 graph.nodes[node]["best"] = True
                 node = next(iter(graph.predecessors(node)), None)
@@ -113,6 +118,8 @@ def _node_hover(data: dict) -> str:
         text += f" · group {data['group']}"
     if data.get("finished_score") is not None:
         text += f"<br>finished, score {data['finished_score']:.3f}"
+    if data.get("n_best"):
+        text += f"<br>{data['n_best']}"
     return text + ("<br>on an n-best path" if data.get("best") else "")
 
 
@@ -197,7 +204,8 @@ def momentum_figure(trace: Trace | None, max_nodes: int = 120, lane: int = 0) ->
 def cautious_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     branches = _events(trace, TrialBranch)
     if not branches:
-        return empty_figure("Run a cautious lane (on a prompt uncertain enough to branch, or with a lower h_min) to see its branching.")
+        return empty_figure("Run a cautious lane (on a prompt uncertain enough to branch, or with a lower "
+                            "h_min) to see its branching.")
     figure = go.Figure()
     for chosen in (False, True):
         xs, ys, hover = [], [], []

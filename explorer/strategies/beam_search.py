@@ -178,6 +178,7 @@ def beam_loop(model: Any, prompt_ids: Sequence[int], groups: list[BeamGroup], ma
         hypotheses=[h.tokens for h, _ in best], texts=[model.decode(h.tokens) for h, _ in best],
         scores=[h.score for h, _ in best], groups=[g for _, g in best], end_steps=[h.end_step for h, _ in best],
         end_candidates=[h.end_candidate for h, _ in best],
+        logprobs=[sum(stat.logprob for stat in h.stats) for h, _ in best],
     )
     if best:
         winner = best[0][0]

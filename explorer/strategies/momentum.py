@@ -6,9 +6,12 @@ Generation explores a directed graph whose nodes are tokens and whose edges are 
 the graph is taken greedily; returning to an existing node is allowed, with its momentum lowered by a
 resistance that grows with the length L of the loop it would repeat, L = the longest n <= max_ngram such that
 (last n - 1 tokens, v) already occurred.
-  x_t = argmax over v in V(k) of  p(v | x_<t) - alpha * R(L(v)),   R(L) = max(0, L - free_length) (linear)
-Departure: the authors' released code uses hand-set lookup tables for R; we use this one linear resistance
-with two parameters. With alpha = 0 it is greedy decoding.
+  x_t = argmax over v in V(k) of  p(v | x_<t) - alpha * R(L(v))
+Resistance R (`resistance`):
+- "table" (default): the authors' released lookup table, R(0..5) = 0, 1, 3, 4, 5, 6 (infinite beyond 5), with
+  their alpha = 0.2 and loops looked for up to 5 tokens (MomentumDecoding, `ngram_lookup_table`).
+- "linear" (a named variant): R(L) = max(0, L - free_length), so loops up to free_length tokens repeat freely.
+With alpha = 0 it is greedy decoding.
 """
 
 from __future__ import annotations
@@ -24,13 +27,24 @@ from explorer.events import CandidateStep, Event
 from explorer.params import Checked, param
 from explorer.strategies.base import commit_token, register
 
+RESISTANCES = ("table", "linear")
+AUTHORS_TABLE = (0.0, 1.0, 3.0, 4.0, 5.0, 6.0)  # R(L) for L = 0..5; infinite beyond
+
 
 @dataclass(frozen=True)
 class MomentumConfig(Checked):
     top_k: int = param(5, "candidates k", minimum=1, maximum=50, step=1)
-    alpha: float = param(1.0, "resistance scale alpha (>= 0)", minimum=0.0, maximum=5.0, step=0.1)
-    free_length: int = param(2, "loops up to this n-gram length repeat freely", minimum=0, maximum=8, step=1)
-    max_ngram: int = param(6, "longest loop length looked for", minimum=1, maximum=16, step=1)
+    alpha: float = param(0.2, "resistance scale alpha (>= 0)", minimum=0.0, maximum=5.0, step=0.05)
+    resistance: str = param("table", "table: the authors' R = 0, 1, 3, 4, 5, 6; linear: max(0, L - free_length)",
+                            choices=RESISTANCES)
+    free_length: int = param(2, "linear: loops up to this n-gram length repeat freely", minimum=0, maximum=8, step=1)
+    max_ngram: int = param(5, "longest loop length looked for", minimum=1, maximum=16, step=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resistance == "table" and self.max_ngram >= len(AUTHORS_TABLE):
+            raise ValueError(f"the authors' table covers loops of up to {len(AUTHORS_TABLE) - 1} tokens: use "
+                             f"max_ngram <= {len(AUTHORS_TABLE) - 1}, or resistance=linear")
 
 
 class NgramGraph:
@@ -58,8 +72,11 @@ class NgramGraph:
         return 1
 
 
-def resistance(length: int, free_length: int) -> float:
-    return float(max(0, length - free_length))
+def resistance(length: int, config: MomentumConfig) -> float:
+    """R(L) for a candidate that would close a loop of L tokens."""
+    if config.resistance == "table":
+        return AUTHORS_TABLE[length] if length < len(AUTHORS_TABLE) else float("inf")
+    return float(max(0, length - config.free_length))
 
 
 @register("momentum", MomentumConfig, "momentum decoding: greedy exploration with a resistance on loops",
@@ -74,7 +91,7 @@ def run(model: Any, prompt_ids: Sequence[int], config: MomentumConfig, rng: torc
         probs = torch.softmax(logits, dim=-1)
         top_p, top_ids = torch.topk(probs, min(config.top_k, probs.shape[-1]))
         lengths = [graph.loop_length(int(t)) for t in top_ids]
-        penalties = [config.alpha * resistance(n, config.free_length) for n in lengths]
+        penalties = [config.alpha * resistance(n, config) if config.alpha else 0.0 for n in lengths]
         scores = [float(p) - r for p, r in zip(top_p, penalties, strict=True)]
         chosen = max(range(len(scores)), key=scores.__getitem__)
         token = int(top_ids[chosen])

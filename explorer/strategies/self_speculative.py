@@ -158,10 +158,8 @@ class LayerSkipDrafter(ModelDrafter):
         count = min(self.config.auto_skip, verdict.hidden_states.shape[0] - 2)
         if self.config.search == "dp":
             last = verdict.accepted_count  # the last verified token: its K/V are cached, at the cache's end
-            session = self.target_session
-            position = session.length - 1
-            chosen = clasp_search(lambda layer, states: session.run_layer(layer, states, position),
-                                  self.target.model.model.norm, verdict.hidden_states[:, last], count)
+            runner = self.target_session.layer_runner(self.target_session.length - 1)
+            chosen = clasp_search(runner, self.target.model.model.norm, verdict.hidden_states[:, last], count)
         else:
             accepted = verdict.hidden_states[:, : verdict.accepted_count + 1]  # positions the target committed
             chosen = most_skippable(accepted, count)
