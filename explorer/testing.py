@@ -67,6 +67,55 @@ def tiny_model(seed: int = 0, *, layers: int = 2, hidden: int = 64, model_id: st
     return LanguageModel(model=model, tokenizer=tokenizer, info=info)
 
 
+_LLAMA_LIKE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 512}
+# Causal-LM families researchers bring, as (transformers config class, tiny settings). Sliding windows are set
+# shorter than the test prompts so that the sliding layers really slide.
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", _LLAMA_LIKE),
+    "mistral": ("MistralConfig", {**_LLAMA_LIKE, "sliding_window": 12}),
+    "qwen2": ("Qwen2Config", _LLAMA_LIKE),
+    "qwen3": ("Qwen3Config", {**_LLAMA_LIKE, "head_dim": 16}),
+    "qwen3_moe": ("Qwen3MoeConfig", {**_LLAMA_LIKE, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "decoder_sparse_step": 1}),
+    "mixtral": ("MixtralConfig", {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "gemma2": ("Gemma2Config", {**_LLAMA_LIKE, "head_dim": 16, "sliding_window": 12}),
+    "gemma3_text": ("Gemma3TextConfig", {**_LLAMA_LIKE, "head_dim": 16, "sliding_window": 12,
+                                         "layer_types": ["sliding_attention", "full_attention"] * 2}),
+    "phi3": ("Phi3Config", _LLAMA_LIKE),
+    "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 4, "n_head": 4, "n_positions": 512}),
+    "gpt_neox": ("GPTNeoXConfig", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                                   "num_attention_heads": 4, "max_position_embeddings": 512}),
+    "opt": ("OPTConfig", {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                          "max_position_embeddings": 512, "word_embed_proj_dim": 64}),
+    "falcon": ("FalconConfig", {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+                                "new_decoder_architecture": True, "num_kv_heads": 2}),
+    "stablelm": ("StableLmConfig", _LLAMA_LIKE),
+    "smollm3": ("SmolLM3Config", _LLAMA_LIKE),
+    "olmo2": ("Olmo2Config", _LLAMA_LIKE),
+}
+
+
+def tiny_architecture(name: str, seed: int = 0, scale: float = 8.0) -> LanguageModel:
+    """A tiny randomly initialised causal LM of one of `ARCHITECTURES`, with the character tokenizer."""
+    import transformers
+
+    config_class, settings = ARCHITECTURES[name]
+    tokenizer = tiny_tokenizer()
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **settings)
+    torch.manual_seed(seed)  # weight initialisation only
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(scale)  # sharper distributions: well separated argmaxes
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    info = ModelInfo(model_id=f"tiny-random-{name}", weights_hash=f"{name}:seed:{seed}", dtype="float32",
+                     device="cpu")
+    return LanguageModel(model=model, tokenizer=tokenizer, info=info)
+
+
 def save_tiny_model(path: str | Path, seed: int = 0, scale: float = 1.0) -> Path:
     path = Path(path)
     lm = tiny_model(seed, scale=scale)

@@ -51,6 +51,8 @@ COPY_PROMPT = ("Repeat this sentence exactly, then say why it is true: The quick
     ("speculative", {"draft_length": 4}),
     ("self_speculative", {"skip": "12-17"}),
     ("self_speculative", {"exit_after": 10}),
+    ("self_speculative", {}),  # CLaSp's DP search on the shared cache
+    ("jacobi", {"window": 6, "variant": "blocks"}),
 ])
 def test_draft_verify_methods_are_token_identical_to_greedy(embedded, name, params):
     for prompt in (COPY_PROMPT, PROMPTS[1]):
@@ -87,8 +89,9 @@ def test_beam_search_matches_transformers(embedded, beams, length_penalty):
 
 @pytest.mark.parametrize("name, params", [
     ("tree_speculative", {"mode": "topk", "skip": "13-16"}),
-    ("tree_speculative", {"mode": "dynamic", "budget": 6, "skip": "13-16"}),
+    ("tree_speculative", {"mode": "dynamic", "budget": 12, "skip": "13-16"}),
     ("token_recycling", {}),
+    ("token_recycling", {"tree": "widths"}),
     ("lookahead", {}),
 ])
 def test_tree_methods_are_token_identical_to_greedy(embedded, name, params):

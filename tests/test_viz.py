@@ -105,6 +105,7 @@ from viz import (  # noqa: E402
     jacobi_grid,
     layer_skip_figure,
     round_timeline,
+    skip_set_figure,
 )
 from viz.speculative import jacobi_cells  # noqa: E402
 
@@ -120,13 +121,16 @@ def drafted(tiny):
 def test_speculative_views_build(drafted):
     for figure in [acceptance_heatmap(drafted[1]), round_timeline(drafted[4]), accepted_length_histogram(drafted),
                    acceptance_by_position_figure(drafted), layer_skip_figure(drafted), jacobi_grid(drafted[2]),
-                   jacobi_graph_figure(drafted[2])]:
+                   jacobi_graph_figure(drafted[2]), skip_set_figure(drafted[3])]:
         assert isinstance(figure, go.Figure) and len(figure.data) > 0 and figure.layout.title.text
     heat = acceptance_heatmap(drafted[4]).data[0]
     assert len(heat.y) == len(drafted[4].rounds)
     # the speculative lane drafts with the target itself: every reached cell is accepted
     assert all(v in (1.0, None) for row in heat.z for v in row)
     assert acceptance_heatmap(drafted[0]).layout.annotations  # greedy has no rounds: an empty state
+    skipped = skip_set_figure(drafted[3]).data[1]  # skip "1": layer 1 dark in every round, layer 0 never
+    assert all(v == 1.0 for v in skipped.z[1]) and all(v == 0.0 for v in skipped.z[0])
+    assert skip_set_figure(drafted[0]).layout.annotations
 
 
 def test_jacobi_convergence_is_consistent(drafted):

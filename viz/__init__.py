@@ -26,6 +26,7 @@ from viz.speculative import (
     jacobi_grid,
     layer_skip_figure,
     round_timeline,
+    skip_set_figure,
 )
 from viz.tokens import metrics_html, tokens_html
 
@@ -33,4 +34,4 @@ __all__ = ["acceptance_by_position_figure", "acceptance_heatmap", "accepted_leng
     "beam_tree_figure", "cautious_figure", "contrastive_figure", "divergence_figure", "entropy_curves",
     "first_divergence", "jacobi_dependency_graph", "jacobi_graph_figure", "jacobi_grid", "layer_skip_figure",
     "metrics_html", "mirostat_figure", "momentum_figure", "momentum_graph", "repetition_figure", "round_timeline",
-    "tokens_html", "top_h_figure", "topk_heatmap"]
+    "skip_set_figure", "tokens_html", "top_h_figure", "topk_heatmap"]

@@ -24,6 +24,7 @@ from viz.speculative import (
     layer_skip_figure,
     pool_figure,
     round_timeline,
+    skip_set_figure,
     tree_size_figure,
 )
 
@@ -88,6 +89,8 @@ VIEWS = [
     View("accepted-lengths", "Speculative", "accepted lengths", _all(accepted_length_histogram)),
     View("by-position", "Speculative", "per-position acceptance", _all(acceptance_by_position_figure)),
     View("layer-skip", "Speculative", "layer skip", _all(layer_skip_figure)),
+    View("skip-sets", "Speculative", "skipped layers per round",
+         _one(skip_set_figure, _strategy("self_speculative"))),
     View("draft-tree", "Trees & Jacobi", "draft tree per round (slider)", _one(draft_tree_figure, _drafted)),
     View("tree-size", "Trees & Jacobi", "tree size vs accepted length", _all(tree_size_figure)),
     View("pool", "Trees & Jacobi", "n-gram pool / adjacency graph", _one(pool_figure, _pooled)),

@@ -140,6 +140,33 @@ def layer_skip_figure(traces: Sequence[Trace]) -> go.Figure:
     return figure
 
 
+def skip_set_figure(trace: Trace | None, max_rounds: int = 300, lane: int = 0) -> go.Figure:
+    """Which layers drafted each round (a searched skip set changes as it goes: CLaSp's DP re-runs after every
+    verification), under the tokens that round accepted."""
+    rounds = [r for r in (trace.rounds if trace is not None else []) if r.details.get("skipped_layers") is not None]
+    if not rounds:
+        return empty_figure("Run a self_speculative lane to see its skipped layers round by round.")
+    rounds = rounds[:max_rounds]
+    sets = [{int(x) for x in str(r.details["skipped_layers"]).split(",") if x.strip()} for r in rounds]
+    layers = max(max(s, default=0) for s in sets) + 2
+    x = [r.round for r in rounds]
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.3, 0.7], vertical_spacing=0.08,
+                           subplot_titles=("accepted draft tokens", "skipped layers (dark = skipped)"))
+    figure.add_trace(go.Bar(x=x, y=[r.accepted_count for r in rounds], marker_color="#009E73", name="accepted",
+                            hovertemplate="round %{x}: %{y} accepted"), row=1, col=1)
+    z = [[1.0 if layer in skipped else 0.0 for skipped in sets] for layer in range(layers)]
+    figure.add_trace(go.Heatmap(x=x, y=list(range(layers)), z=z, colorscale=[[0, "#F2F2F2"], [1, "#0072B2"]],
+                                showscale=False, name="skipped", hovertemplate="round %{x}, layer %{y}: %{z}",
+                                xgap=1, ygap=1), row=2, col=1)
+    changes = sum(a != b for a, b in zip(sets, sets[1:], strict=False))
+    base_layout(figure, f"Skipped layers per round — {lane_name(trace, lane)} ({changes} changes)", "", "",
+                height=460)
+    figure.update_yaxes(title_text="tokens", row=1, col=1)
+    figure.update_yaxes(title_text="layer", row=2, col=1)
+    figure.update_xaxes(title_text="round", row=2, col=1)
+    return figure
+
+
 # ----------------------------------------------------------------------------------------------- Jacobi
 @dataclass(frozen=True)
 class JacobiCell:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from explorer.models import MODEL_CACHE, check_same_vocabulary
+from explorer.models import MODEL_CACHE, check_same_vocabulary, decoder_layers, layer_path
 from explorer.params import param
 from explorer.strategies.draft_verify import Drafter, DraftLength, DraftTree, SpeculativeConfig, Verdict
 
@@ -53,7 +53,7 @@ def load_draft_model(model: Any, draft_model: str) -> Any:
     if draft_model.strip() in SELF:
         return model.for_run()
     if draft_model.strip() == LAYER_SKIP:
-        return layer_skip_view(model, middle_layers(len(model.model.model.layers)))
+        return layer_skip_view(model, middle_layers(len(decoder_layers(model.model))))
     draft = MODEL_CACHE.get(draft_model, dtype=model.info.dtype, device=model.info.device).for_run()
     check_same_vocabulary(model, draft)
     return draft
@@ -71,9 +71,9 @@ def sync_cache(session: Any, cached: list[int], context: Sequence[int]) -> torch
 
 def shares_weights(target: Any, draft: Any) -> bool:
     """Whether `draft` runs the target's own layers (the target itself or a layer-skip view of it)."""
-    ours = {id(layer) for layer in target.model.model.layers}
+    ours = {id(layer) for layer in decoder_layers(target.model)}
     return (draft.model.get_input_embeddings() is target.model.get_input_embeddings()
-            and all(id(layer) in ours for layer in draft.model.model.layers))
+            and all(id(layer) in ours for layer in decoder_layers(draft.model)))
 
 
 class DraftCache:
@@ -136,21 +136,33 @@ def parse_layers(text: str) -> set[int]:
 
 
 def layer_skip_view(lm: Any, skip: set[int]) -> Any:
-    """A LanguageModel sharing the weights of `lm` whose decoder runs every layer but those in `skip`."""
-    decoder = lm.model.model
-    total = len(decoder.layers)
+    """A LanguageModel sharing the weights of `lm` whose decoder runs every layer but those in `skip`: the
+    modules on the path to the layers are shallow copies (own module tables, shared parameters)."""
+    path = layer_path(lm.model).split(".")
+    layers = decoder_layers(lm.model)
+    total = len(layers)
     bad = sorted(i for i in skip if not 0 < i < total)
     if bad:
         raise ValueError(f"cannot skip layers {bad}: this model has layers 0-{total - 1} and layer 0 always runs")
-    outer = copy.copy(lm.model)  # shallow: shares parameters, but gets its own module table
-    outer._modules = dict(lm.model._modules)
-    inner = copy.copy(decoder)
-    inner._modules = dict(decoder._modules)
-    inner.layers = torch.nn.ModuleList(layer for i, layer in enumerate(decoder.layers) if i not in skip)
-    outer._modules["model"] = inner
+    kept = torch.nn.ModuleList(layer for i, layer in enumerate(layers) if i not in skip)
+    config = lm.model.config
+    types = getattr(config, "layer_types", None)
+    view_config = None
+    if types is not None and len(set(types)) > 1:  # Gemma 3 reads layer i's type from config.layer_types[i]
+        view_config = copy.copy(config)
+        view_config.layer_types = [t for i, t in enumerate(types) if i not in skip]
+
+    def rebuilt(module: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+        copy_ = copy.copy(module)  # shallow: shares parameters, but gets its own module table
+        copy_._modules = dict(module._modules)
+        if view_config is not None and getattr(module, "config", None) is config:
+            copy_.config = view_config
+        copy_._modules[names[0]] = kept if len(names) == 1 else rebuilt(module._modules[names[0]], names[1:])
+        return copy_
+
     label = ",".join(str(i) for i in sorted(skip))
     info = dataclasses.replace(lm.info, model_id=f"{lm.info.model_id} skipping [{label}]")
-    return dataclasses.replace(lm, model=outer, info=info, forward_passes=0)
+    return dataclasses.replace(lm, model=rebuilt(lm.model, path), info=info, forward_passes=0)
 
 
 class ModelDrafter(Drafter):

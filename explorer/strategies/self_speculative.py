@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from explorer.events import Event
+from explorer.models import decoder_layers, final_norm
 from explorer.params import param
 from explorer.strategies.base import register
 from explorer.strategies.draft_models import ChainDraftConfig, ModelDrafter, layer_skip_view, parse_layers
@@ -116,7 +117,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def initial_skip(model: Any, config: SelfSpeculativeConfig) -> tuple[set[int], bool]:
     """The skipped set to start from, and whether to search for better ones."""
-    total = len(model.model.model.layers)
+    total = len(decoder_layers(model.model))
     if config.skip.strip():
         return parse_layers(config.skip), False
     if config.exit_after:
@@ -159,7 +160,7 @@ class LayerSkipDrafter(ModelDrafter):
         if self.config.search == "dp":
             last = verdict.accepted_count  # the last verified token: its K/V are cached, at the cache's end
             runner = self.target_session.layer_runner(self.target_session.length - 1)
-            chosen = clasp_search(runner, self.target.model.model.norm, verdict.hidden_states[:, last], count)
+            chosen = clasp_search(runner, final_norm(self.target.model), verdict.hidden_states[:, last], count)
         else:
             accepted = verdict.hidden_states[:, : verdict.accepted_count + 1]  # positions the target committed
             chosen = most_skippable(accepted, count)
