@@ -40,7 +40,7 @@ def test_lane_specs_come_from_the_registry():
             values |= {control: f"{name}.{field}" for field, control in controls.items()}
     specs = [lane.params(values) for lane in app.PAGE.lanes[:2]]
     assert specs[0][0] == "sample" and specs[0][1]["top_p"] == "sample.top_p"
-    assert set(specs[1][1]) == {"tau", "eta", "temperature"}
+    assert set(specs[1][1]) == {"tau", "eta", "temperature", "version"}
 
 
 def test_render_views_fills_every_tab(tiny_flat):

@@ -119,8 +119,14 @@ def test_diverse_beam_n_best_reports_plain_model_logprobs(tiny_flat):
         assert logprob == pytest.approx(expected, abs=1e-4)
         if group == 0:
             assert score == pytest.approx(logprob, abs=1e-4)  # the first group carries no diversity term
+    for score, logprob in zip(result.scores, result.logprobs, strict=True):
+        assert score <= logprob + 1e-4  # the objective only ever subtracts the (non-negative) diversity term
+    small = make_config("diverse_beam", {"num_beams": 4, "groups": 2, "diversity": 0.05, "num_return": 4,
+                                         "length_penalty": 0.0})
+    overlapping = run_to_end(tiny_flat, RunRequest("diverse_beam", small, "Hello", max_new_tokens=6))
+    result = next(e for e in overlapping.events if isinstance(e, BeamResult))
     assert any(score < logprob - 1e-3 for score, group, logprob in
-               zip(result.scores, result.groups, result.logprobs, strict=True) if group == 1)  # the penalty
+               zip(result.scores, result.groups, result.logprobs, strict=True) if group == 1)  # a paid penalty
 
 
 def reference_contrastive(lm, prompt, k, alpha, steps):
