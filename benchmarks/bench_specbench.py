@@ -85,6 +85,7 @@ def main() -> None:
         "token_recycling": "token_recycling",
         "self_speculative": "self_speculative",
         "self_spec_rank8_separate": "self_speculative:search=rank,search_every=8,cache=separate",
+        "self_spec_dp_every8": "self_speculative:search_every=8",
         f"speculative_{DRAFT_LAYERS}L": f"speculative:draft_model={draft_dir},draft_length=4",
         "tree_topk_skip4": "tree_speculative:mode=topk,branching=2,depth=3,skip=13-16",
         "tree_dyspec_skip4": "tree_speculative:mode=dynamic,budget=16,skip=13-16",

@@ -568,6 +568,6 @@ def check_same_vocabulary(target: LanguageModel, draft: LanguageModel) -> None:
         only_target = len(set(target_vocab.items()) - set(draft_vocab.items()))
         raise ValueError(
             f"{draft.info.model_id} and {target.info.model_id} have different vocabularies "
-            f"({only_target} of the target's {len(target_vocab)} entries differ): pick a draft model "
-            "with the target's tokenizer"
+            f"({only_target} of the target's {len(target_vocab)} entries differ): this strategy needs a draft "
+            "with the target's tokenizer (`speculative` also takes a draft with another tokenizer)"
         )

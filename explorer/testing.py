@@ -20,12 +20,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer() -> object:
-    """A character-level fast tokenizer over printable ASCII plus <unk>, <s> (bos) and </s> (eos)."""
+def tiny_tokenizer(reverse: bool = False) -> object:
+    """A character-level fast tokenizer over printable ASCII plus <unk>, <s> (bos) and </s> (eos). With
+    `reverse`, the characters get their ids in the opposite order: the same texts, another vocabulary."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    if reverse:
+        alphabet.reverse()
     vocab = {token: i for i, token in enumerate(SPECIALS + alphabet)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -114,6 +117,29 @@ def tiny_architecture(name: str, seed: int = 0, scale: float = 8.0) -> LanguageM
     info = ModelInfo(model_id=f"tiny-random-{name}", weights_hash=f"{name}:seed:{seed}", dtype="float32",
                      device="cpu")
     return LanguageModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def save_retokenised_copy(lm: LanguageModel, path: str | Path) -> Path:
+    """Save `lm` with the reversed tokenizer and its embedding and output rows moved to match: a model that
+    computes exactly what `lm` computes, in another vocabulary (a draft with a different tokenizer that agrees
+    with its target)."""
+    path = Path(path)
+    other = tiny_tokenizer(reverse=True)
+    ours, theirs = lm.tokenizer.get_vocab(), other.get_vocab()
+    order = torch.tensor([ours[token] for token, _ in sorted(theirs.items(), key=lambda item: item[1])])
+    import copy
+
+    model = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(lm.model.get_input_embeddings().weight[order])
+        model.get_output_embeddings().weight.copy_(lm.model.get_output_embeddings().weight[order])
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, key, getattr(other, key))
+    model.generation_config.eos_token_id = other.eos_token_id
+    model.generation_config.pad_token_id = other.pad_token_id
+    model.save_pretrained(path)
+    other.save_pretrained(path)
+    return path
 
 
 def save_tiny_model(path: str | Path, seed: int = 0, scale: float = 1.0) -> Path:

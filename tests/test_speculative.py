@@ -89,9 +89,14 @@ def test_mismatched_vocabulary_is_a_clear_error(tiny, tmp_path):
     other.model.resize_token_embeddings(len(other.tokenizer))
     other.model.save_pretrained(tmp_path / "other")
     other.tokenizer.save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="different vocabularies"):
-        run_to_end(tiny, RunRequest.build("speculative", {"draft_model": str(tmp_path / "other")},
+    with pytest.raises(ValueError, match="different vocabularies.*speculative. also takes"):
+        run_to_end(tiny, RunRequest.build("tree_speculative", {"draft_model": str(tmp_path / "other")},
                    "Hi", max_new_tokens=5))
+    # speculative takes it (universal assisted decoding) and stays lossless
+    greedy = run_to_end(tiny, RunRequest.build("greedy", {}, "Hi", max_new_tokens=12))
+    trace = run_to_end(tiny, RunRequest.build("speculative", {"draft_model": str(tmp_path / "other")}, "Hi",
+                                              max_new_tokens=12))
+    assert trace.token_ids == greedy.token_ids
 
 
 # --------------------------------------------------------------------------------- the sampling rule
@@ -342,3 +347,40 @@ def test_gs_jacobi_iterates_one_block_at_a_time(tiny):
     first = next(e for e in sliding.events if isinstance(e, DraftRound))
     assert first.draft_tokens == [first.draft_tokens[0]] * window and all(
         len(e.draft_tokens) == window for e in sliding.events if isinstance(e, DraftRound))
+
+
+@pytest.fixture(scope="module")
+def retokenised_pair(tmp_path_factory):
+    from explorer.testing import save_retokenised_copy
+
+    target = tiny_model(5, scale=10.0)
+    return target, str(save_retokenised_copy(target, tmp_path_factory.mktemp("retok") / "draft"))
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_draft_with_another_tokenizer_is_lossless_and_aligned(retokenised_pair, prompt):
+    target, draft_dir = retokenised_pair
+    from explorer.models import load_model
+
+    draft = load_model(draft_dir)
+    assert draft.tokenizer.get_vocab() != target.tokenizer.get_vocab()  # another vocabulary, the same texts
+    greedy = run_to_end(target, RunRequest.build("greedy", {}, prompt, max_new_tokens=30, chat=False))
+    trace = run_to_end(target, RunRequest.build("speculative", {"draft_model": draft_dir}, prompt, max_new_tokens=30,
+                                                chat=False))
+    assert trace.token_ids == greedy.token_ids
+    rounds = [r for r in trace.rounds if r.draft_tokens]
+    assert rounds and all(r.details["target_tokens"] == len(r.draft_tokens) for r in rounds)
+    for r in rounds:  # the recorded alignment: the draft's text is what the drafted target tokens spell
+        assert "".join(r.draft_texts) == r.details["draft_text"][:len("".join(r.draft_texts))]
+    accepted = sum(r.accepted_count for r in rounds) / sum(len(r.draft_tokens) for r in rounds)
+    assert accepted > 0.9  # the draft computes what the target computes: its re-tokenised drafts are accepted
+
+
+def test_draft_with_another_tokenizer_is_exact_under_the_sampling_rule(retokenised_pair):
+    target, draft_dir = retokenised_pair
+    ours = run_to_end(target, RunRequest.build("speculative", {"draft_model": draft_dir, "rule": "sampling"},
+                                               "abc", max_new_tokens=12, chat=False, seed=4))
+    assert len(ours.token_ids) > 0 and all(r.q == [1.0] * len(r.q) for r in ours.rounds)  # point masses
+    with pytest.raises(ValueError, match="target's tokenizer"):
+        run_to_end(target, RunRequest.build("speculative", {"draft_model": draft_dir, "rollback": 2.0}, "abc",
+                                            max_new_tokens=4, chat=False))

@@ -47,16 +47,22 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def load_draft_model(model: Any, draft_model: str) -> Any:
+def load_draft_model(model: Any, draft_model: str, *, any_tokenizer: bool = False) -> Any:
     """The drafting model for a run: the target itself ('target'), the target with its middle layers skipped
-    ('layer-skip'), or a model sharing its vocabulary."""
+    ('layer-skip'), or a model sharing its vocabulary (with `any_tokenizer`, any causal LM: its drafts are then
+    re-tokenised, see UniversalDrafter)."""
     if draft_model.strip() in SELF:
         return model.for_run()
     if draft_model.strip() == LAYER_SKIP:
         return layer_skip_view(model, middle_layers(len(decoder_layers(model.model))))
     draft = MODEL_CACHE.get(draft_model, dtype=model.info.dtype, device=model.info.device).for_run()
-    check_same_vocabulary(model, draft)
+    if not any_tokenizer:
+        check_same_vocabulary(model, draft)
     return draft
+
+
+def same_vocabulary(target: Any, draft: Any) -> bool:
+    return target.tokenizer.get_vocab() == draft.tokenizer.get_vocab()
 
 
 def sync_cache(session: Any, cached: list[int], context: Sequence[int]) -> torch.Tensor:
@@ -213,6 +219,75 @@ class ModelDrafter(Drafter):
         q_dists = torch.stack(rows) if sampling and rows else None
         return DraftTree.chain(tokens, draft_probs, q_dists, gamma=float(gamma), fallback=fell_back,
                                draft_forward_passes=float(self.lm.forward_passes - passes))
+
+    def observe(self, verdict: Verdict) -> None:
+        self.length.update(verdict, self._drafted)
+
+
+class UniversalDrafter(Drafter):
+    """A draft model with a tokenizer of its own: universal assisted decoding (Timor et al. 2025, "Accelerating
+    LLM Inference with Lossless Speculative Decoding Algorithms for Heterogeneous Vocabularies", arXiv:2502.05202;
+    transformers' `assistant_tokenizer`). Each round:
+    1. the committed context, decoded to text, is encoded with the draft's tokenizer (the draft's cache keeps the
+       common prefix of those ids);
+    2. the draft proposes gamma tokens of its own (argmax, or a draw under the sampling rule);
+    3. their text is re-encoded with the target's tokenizer after a look-behind of the last LOOKBEHIND committed
+       target tokens; the target tokens past the look-behind are the draft. If the look-behind does not
+       re-encode to itself (a token boundary moved), nothing is drafted this round.
+    The drafted target tokens are a deterministic function of the draft's own randomness, so they are verified
+    as point masses: token-identical to greedy under the greedy rule, exactly p under the sampling rule."""
+
+    LOOKBEHIND = 8
+
+    def __init__(self, target: Any, draft: Any, config: ChainDraftConfig, rng: torch.Generator):
+        self.target, self.lm, self.config, self.rng = target, draft, config, rng
+        self.name = f"draft model {draft.info.model_id} (its own tokenizer)"
+        self.length = DraftLength(config.draft_length, config.adaptive)
+        self.session = draft.session()
+        self.cached: list[int] = []
+        self._drafted = 0
+        self._details: dict[str, float | str] = {}
+
+    def propose(self, context: Sequence[int]) -> DraftTree:
+        target_tok, draft_tok = self.target.tokenizer, self.lm.tokenizer
+        gamma = self.length.current
+        passes = self.lm.forward_passes
+        draft_context = draft_tok(target_tok.decode(list(context), skip_special_tokens=False),
+                                  add_special_tokens=False)["input_ids"]  # 1.
+        self._drafted, self._details = 0, {}
+        if not draft_context:
+            return DraftTree()
+        logits = sync_cache(self.session, self.cached, draft_context)
+        sampling = self.config.rule == "sampling"
+        drafted: list[int] = []
+        for i in range(gamma):  # 2.
+            if sampling:
+                q = torch.softmax(self.config.apply(logits, [*draft_context, *drafted]), dim=-1)
+                token = int(torch.multinomial(q, 1, generator=self.rng))
+            else:
+                token = int(logits.argmax())
+            drafted.append(token)
+            if i + 1 < gamma:
+                logits = self.session.forward([token])[-1]
+                self.cached.append(token)
+        prefix = draft_tok.decode(draft_context, skip_special_tokens=False)
+        full = draft_tok.decode([*draft_context, *drafted], skip_special_tokens=False)
+        proposal: list[int] = []
+        new_text = full[len(prefix):] if full.startswith(prefix) else ""
+        if new_text:  # 3.
+            tail = list(context[-self.LOOKBEHIND:])
+            ids = target_tok(target_tok.decode(tail, skip_special_tokens=False) + new_text,
+                             add_special_tokens=False)["input_ids"]
+            if ids[:len(tail)] == tail:
+                proposal = ids[len(tail):][: 2 * gamma]
+        self._drafted = len(proposal)
+        self._details = {"draft_text": new_text, "draft_model_tokens": float(len(drafted)),
+                         "target_tokens": float(len(proposal))}
+        return DraftTree.chain(proposal, gamma=float(gamma),
+                               draft_forward_passes=float(self.lm.forward_passes - passes))
+
+    def round_details(self) -> dict[str, float | str]:
+        return dict(self._details)
 
     def observe(self, verdict: Verdict) -> None:
         self.length.update(verdict, self._drafted)

@@ -14,7 +14,9 @@ keep the small model's tokens up to the first whose cross-entropy -ln p(x) under
 alpha_RB, where the large model's token replaces it. That is BiLD's lossy trade-off: a larger alpha_RB keeps
 more of the small model's tokens. Departure: BiLD lets the small model run until it falls back; we also stop
 at the draft length gamma (draft_length up to 16; BiLD's own setting has no cap).
-The draft model: any model with the target's vocabulary; by default ('layer-skip') the target itself with its
+A draft model with another tokenizer drafts through universal assisted decoding (draft_models.UniversalDrafter:
+its text re-tokenised into target tokens, verified as point masses, still lossless).
+The draft model: any causal LM; by default ('layer-skip') the target itself with its
 middle quarter of layers skipped (Draft & Verify's drafter, drafting on the target's own KV cache), since no
 separate small model is available offline; 'target' drafts with the full target (it accepts everything and
 saves nothing).
@@ -31,7 +33,14 @@ import torch
 from explorer.events import Event
 from explorer.params import param
 from explorer.strategies.base import register
-from explorer.strategies.draft_models import ChainDraftConfig, ModelDrafter, load_draft_model, shares_weights
+from explorer.strategies.draft_models import (
+    ChainDraftConfig,
+    ModelDrafter,
+    UniversalDrafter,
+    load_draft_model,
+    same_vocabulary,
+    shares_weights,
+)
 from explorer.strategies.draft_verify import draft_verify
 
 
@@ -47,7 +56,13 @@ class DraftModelConfig(ChainDraftConfig):
 
 
 def prepare(model: Any, config: DraftModelConfig) -> None:
-    load_draft_model(model, config.draft_model)  # loaded once (cached) and checked before the run starts
+    draft = load_draft_model(model, config.draft_model, any_tokenizer=True)  # loaded once (cached) before the run
+    check_bild(model, draft, config)
+
+
+def check_bild(model: Any, draft: Any, config: DraftModelConfig) -> None:
+    if (config.rollback or config.fallback_threshold) and not same_vocabulary(model, draft):
+        raise ValueError("BiLD's fallback and rollback need a draft with the target's tokenizer")
 
 
 @register("speculative", DraftModelConfig, "speculative decoding with a draft model (greedy or sampling rule)",
@@ -55,7 +70,11 @@ def prepare(model: Any, config: DraftModelConfig) -> None:
           family="speed-up: draft-verify",
           paper="Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318")
 def run(model: Any, prompt_ids: Sequence[int], config: DraftModelConfig, rng: torch.Generator) -> Iterator[Event]:
-    draft = load_draft_model(model, config.draft_model)
+    draft = load_draft_model(model, config.draft_model, any_tokenizer=True)
+    check_bild(model, draft, config)
+    if not same_vocabulary(model, draft):  # universal assisted decoding: drafts re-tokenised into target tokens
+        yield from draft_verify(model, prompt_ids, UniversalDrafter(model, draft, config, rng), config, rng)
+        return
     drafter = ModelDrafter(draft, config, rng, f"draft model {draft.info.model_id}", config.fallback_threshold,
                            shared=shares_weights(model, draft))
     yield from draft_verify(model, prompt_ids, drafter, config, rng, rollback=config.rollback)
