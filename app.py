@@ -30,6 +30,7 @@ import gradio as gr
 from explorer.lanes import run_lanes
 from explorer.metrics import jsonable
 from explorer.models import MODEL_CACHE
+from explorer.presets import all_pairs, find_pair
 from explorer.recorder import Recorder
 from explorer.request import RunRequest, check_max_new_tokens, parse_run_ids
 from explorer.runner import run_strategy
@@ -51,6 +52,8 @@ MAX_LANES = 4
 CONCURRENCY = int(os.environ.get("DECODING_EXPLORER_CONCURRENCY", "1"))
 DEFAULT_MODEL = os.environ.get("DECODING_EXPLORER_MODEL", "embedded")
 POLICY = ServerPolicy.from_env(default_model=DEFAULT_MODEL)
+NO_PAIR = "(none)"
+PAIRS = tuple(p for p in all_pairs() if POLICY.may_offer(p.target) and POLICY.may_offer(p.draft))
 MAX_NEW_TOKENS_CAP = POLICY.max_new_tokens
 MAX_SHARED = 200  # runs a session remembers having opened by permalink
 STRATEGY_NAMES = sorted(REGISTRY)
@@ -579,6 +582,9 @@ def compare_tab(tabs: gr.Tabs) -> Page:
         system = gr.Textbox(label="System prompt (optional)", scale=2, min_width=200)
         model_id = gr.Textbox(value=DEFAULT_MODEL, label="Model (embedded, HF id or local path)", scale=2,
                               min_width=200)
+        pair = gr.Dropdown([NO_PAIR, *(p.name for p in PAIRS)], value=NO_PAIR, label="target + draft preset",
+                           visible=bool(PAIRS), min_width=200, elem_id="pair",
+                           info="sets the model and every lane's draft_model (the Hub must be reachable)")
         seed = gr.Number(value=0, label="seed", precision=0, minimum=0, min_width=120)
         max_new = gr.Slider(1, MAX_NEW_TOKENS_CAP, value=min(64, MAX_NEW_TOKENS_CAP), step=1, label="max new tokens",
                             min_width=240)
@@ -633,7 +639,17 @@ def compare_tab(tabs: gr.Tabs) -> Page:
     color_by.change(color_legend_html, color_by, color_key, queue=False)
     view_lane.change(page.render_views, [page.traces, view_lane], views)
     figures_btn.click(export_views, [page.traces, view_lane, figure_width], figures_file)
+    draft_boxes = [group["draft_model"] for lane in lanes for group in lane.controls.values() if "draft_model" in group]
+    pair.change(lambda name: choose_pair(name, model_id, draft_boxes), pair, [model_id, *draft_boxes], queue=False)
     return page
+
+
+def choose_pair(name: str, model_box: Any, draft_boxes: list[Any]) -> dict[Any, Any]:
+    """A preset sets the target model and every lane's draft model; '(none)' leaves them as they are."""
+    chosen = find_pair(name, PAIRS)
+    if chosen is None:
+        return {}
+    return {model_box: chosen.target, **{box: chosen.draft for box in draft_boxes}}
 
 
 def history_tab(page: Page) -> None:

@@ -86,6 +86,11 @@ class ServerPolicy:
                 return name
         raise ValueError(f"this server does not load that model: choose one of {', '.join(self.allowed_models)}")
 
+    def may_offer(self, model_id: str) -> bool:
+        """Whether the app may list this model as a choice (no network: size limits are checked on use)."""
+        name = _canonical(model_id)
+        return name in self.allowed_models or bool(self.allow_any_model and HUB_ID.fullmatch(name))
+
     def limit(self, request: RunRequest) -> RunRequest:
         """The request with this server's limits applied, its model fields (draft models) checked."""
         if request.max_new_tokens > self.max_new_tokens:

@@ -27,6 +27,12 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, scale=20.0)
 
 
+@pytest.fixture(scope="session")
+def tiny_draft_dir(tmp_path_factory):
+    """Another tiny random model with the same tokenizer: a draft for `tiny_dir` (a target + draft pair)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-draft") / "model", seed=7, scale=20.0)
+
+
 @pytest.fixture
 def store(tmp_path):
     s = Store(f"sqlite:///{tmp_path / 'runs.sqlite'}")

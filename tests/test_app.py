@@ -66,7 +66,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir, tmp_path_factory):
+def server(tiny_dir, tiny_draft_dir, tmp_path_factory):
     db = f"sqlite:///{tmp_path_factory.mktemp('appdb') / 'runs.sqlite'}"
     port = free_port()
     # DECODING_EXPLORER_TEST_MODEL=embedded (with DECODING_EXPLORER_SCREENSHOT=assets/screenshot.png) makes the
@@ -74,7 +74,9 @@ def server(tiny_dir, tmp_path_factory):
     model = os.environ.get("DECODING_EXPLORER_TEST_MODEL", str(tiny_dir))
     env = {**os.environ, "DECODING_EXPLORER_MODEL": model, "DECODING_EXPLORER_DB": db,
            "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-           "DECODING_EXPLORER_MAX_NEW_TOKENS": "2000", "DECODING_EXPLORER_PUBLIC_GALLERY": "0"}
+           "DECODING_EXPLORER_MAX_NEW_TOKENS": "2000", "DECODING_EXPLORER_PUBLIC_GALLERY": "0",
+           "DECODING_EXPLORER_PAIRS": f"tiny pair={model}+{tiny_draft_dir}",
+           "DECODING_EXPLORER_ALLOWED_MODELS": f"embedded,{model},{tiny_draft_dir}"}
     log = open(tmp_path_factory.mktemp("applog") / "app.log", "w")
     process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -401,6 +403,25 @@ def set_number(lane_box, label: str, value: str) -> None:
     box = lane_box.locator(f"input[aria-label='number input for {label}']")
     box.fill(value)
     box.press("Enter")
+
+
+@pytest.mark.browser
+def test_browser_target_and_draft_preset_sets_the_model_and_every_draft(server, browser, tiny_draft_dir):
+    url, db = server
+    page = open_page(browser, url, "Once upon a time", strategies={1: "speculative", 2: "tree_speculative"})
+    page.locator("#pair input").click()
+    page.locator("#pair").get_by_role("option", name="tiny pair", exact=True).click()
+    page.wait_for_function("document.querySelector('#pair input').value === 'tiny pair'")
+    for lane in (1, 2):
+        page.locator(f"#lane{lane}").get_by_text("parameters", exact=True).click()
+        box = page.locator(f"#lane{lane}").locator("label", has_text="draft_model").locator("textarea").first
+        page.wait_for_function("([box, want]) => box.value === want", arg=[box.element_handle(),
+                                                                              str(tiny_draft_dir)])
+    page.locator("#run").click()
+    page.wait_for_selector("#permalink a", timeout=60_000)
+    stored = permalink_runs(page, db)
+    assert [t.started.config["draft_model"] for t in stored] == [str(tiny_draft_dir)] * 2
+    assert all(t.token_ids for t in stored), [(t.status, t.finished.error if t.finished else None) for t in stored]
 
 
 @pytest.mark.browser
