@@ -12,6 +12,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from explorer.trace import Trace
@@ -83,3 +84,30 @@ def sampling_table(traces: Sequence[Trace]) -> SamplingTable:
         }
         for method, runs in sorted(grouped.items())
     }
+
+
+# Logit rounding of each dtype, in nats: two candidates closer than this at the argmax are a tie that the dtype
+# cannot order reliably (a verification pass over k tokens and a one-token pass may round them apart).
+TIE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
+
+
+@dataclass(frozen=True)
+class LosslessCheck:
+    """A greedy-rule run against greedy decoding: "identical", "tie" (the first difference is at a step whose
+    two best tokens are within the dtype's rounding, in either run), or "differs"."""
+
+    status: str
+    step: int | None = None
+    gap: float | None = None  # the smaller top-1 / top-2 log-probability gap at that step
+
+
+def lossless_check(trace: Trace, baseline: Trace) -> LosslessCheck:
+    tolerance = TIE_TOLERANCE.get(trace.started.dtype, TIE_TOLERANCE["float32"])
+    for ours, theirs in zip(trace.token_steps, baseline.token_steps, strict=False):
+        if ours.token_id != theirs.token_id:
+            gaps = [s.top_logprobs[0] - s.top_logprobs[1] for s in (ours, theirs) if len(s.top_logprobs) > 1]
+            gap = min(gaps) if gaps else None
+            tied = gap is not None and gap <= tolerance and {ours.token_id, theirs.token_id} <= {
+                *ours.top_ids[:2], *theirs.top_ids[:2]}
+            return LosslessCheck("tie" if tied else "differs", ours.step, gap)
+    return LosslessCheck("identical")  # every step both made agrees (a run cut shorter is a prefix)

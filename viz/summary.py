@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from explorer.export import latex_escape
+from explorer.metrics import lossless_check
 from explorer.trace import Trace
 from viz.figures import first_divergence
 from viz.labels import lane_name
@@ -51,9 +52,17 @@ def summary_rows(traces: Sequence[Trace | None]) -> list[dict[str, Any]]:
             "speedup": speedup_against(trace, baseline), "mean_accepted": m["mean_accepted_tokens"],
             "passes_per_token": m["forward_passes_per_token"], "mean_entropy": m["mean_entropy"],
             "perplexity": m["perplexity"],
-            "diverges_at": "—" if trace is reference else (f"step {divergence.step}" if divergence else "never"),
+            "diverges_at": "—" if trace is reference else _divergence_label(trace, reference, divergence),
         })
     return rows
+
+
+def _divergence_label(trace: Trace, reference: Trace, divergence: Any) -> str:
+    """'never', 'step k', or 'step k (tie)' where the two best tokens there are within the dtype's rounding."""
+    if divergence is None:
+        return "never"
+    tie = lossless_check(trace, reference).status == "tie"
+    return f"step {divergence.step}" + (" (tie)" if tie else "")
 
 
 def _cell(value: Any, spec: str) -> str:
