@@ -218,6 +218,7 @@ class KVSession:
             raise ValueError("forward needs at least one new token")
         kwargs: dict[str, object] = {}
         if parents is not None:
+            check_tree_support(self.lm)
             base = self.length if tree_base is None else tree_base
             old = self.length - base  # tree nodes already cached
             if len(parents) != old + n:
@@ -328,6 +329,44 @@ class KVSession:
             return (out[0] if isinstance(out, tuple) else out)[:, 0]
 
         return run
+
+
+_TREE_SUPPORT: dict[tuple[type, int], str | None] = {}  # (model class, id of its first layer) -> refusal or None
+
+
+def check_tree_support(lm: LanguageModel) -> None:
+    """Refuse tree passes on a model whose attention does not honour our tree masks and explicit positions:
+    probed once per model (layer-skip views share the answer) by comparing a small tree pass with plain passes
+    over each branch. Never a silent wrong answer from an architecture we have not met."""
+    try:
+        key = (type(lm.model), id(decoder_layers(lm.model)[0]))
+    except ValueError:
+        key = (type(lm.model), id(lm.model))
+    if key not in _TREE_SUPPORT:
+        _TREE_SUPPORT[key] = None  # while probing (the probe's own tree pass comes back here)
+        _TREE_SUPPORT[key] = _probe_tree_support(lm)
+    refusal = _TREE_SUPPORT[key]
+    if refusal:
+        raise ValueError(refusal)
+
+
+def _probe_tree_support(lm: LanguageModel) -> str | None:
+    lm = lm.for_run()  # its own pass counter: the probe is not the run's work
+    vocab = lm.model.get_input_embeddings().weight.shape[0]
+    prefix, (a, b, c) = [i % vocab for i in (1, 2, 3)], [i % vocab for i in (4, 5, 6)]
+    session = KVSession(lm)
+    session.forward(prefix)
+    tree = session.forward([a, b, c], parents=[-1, -1, 1])  # a and b after the prefix, c after b
+    chains = [KVSession(lm).forward([*prefix, *rest])[-1] for rest in ([a], [b], [b, c])]
+    difference = max(float((tree[i] - chains[i]).abs().max()) for i in range(3))
+    scale = max(1.0, max(float(chain.abs().max()) for chain in chains))
+    tolerance = 1e-3 if lm.model.dtype == torch.float32 else 5e-2
+    if difference <= tolerance * scale:
+        return None
+    return (f"{lm.info.model_id} ({type(lm.model).__name__}): its attention does not honour a custom tree mask "
+            f"with explicit positions (a tree pass differs from plain passes by {difference:.3g} in the logits), "
+            "so strategies that verify or draft trees are off for it: use a chain method (speculative, "
+            "self_speculative, prompt_lookup, jacobi)")
 
 
 def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:

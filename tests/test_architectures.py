@@ -96,3 +96,25 @@ def test_layer_skip_view_of_a_mixed_attention_model_keeps_each_layers_type(name)
     view = layer_skip_view(lm, {1})
     assert decoder_owner(view.model).config.layer_types == [t for i, t in enumerate(types) if i != 1]
     assert lm.model.config.layer_types == types  # the target is untouched
+
+
+def test_a_model_that_ignores_tree_masks_is_refused_with_the_reason(monkeypatch):
+    from explorer import models
+
+    lm = tiny_architecture("llama", seed=9)
+    original = lm.model.forward
+
+    def ignores_masks(*args, **kwargs):  # an architecture that drops custom masks and positions
+        kwargs.pop("attention_mask", None)
+        kwargs.pop("position_ids", None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", ignores_masks)
+    models._TREE_SUPPORT.clear()
+    with pytest.raises(ValueError, match="does not honour a custom tree mask"):
+        run_to_end(lm, RunRequest.build("tree_speculative", {"draft_model": "target"}, PROMPT, max_new_tokens=8,
+                                        chat=False))
+    trace = run_to_end(lm, RunRequest.build("speculative", {"draft_model": "target"}, PROMPT, max_new_tokens=8,
+                                            chat=False))
+    assert trace.token_ids  # chain methods still run
+    models._TREE_SUPPORT.clear()

@@ -59,6 +59,13 @@ def get_strategy(name: str) -> StrategySpec:
         raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(sorted(REGISTRY))}") from None
 
 
+def tree_prepare(model: Any, config: Any) -> None:
+    """The `prepare` of strategies that run tree passes: refuse a model whose attention ignores tree masks."""
+    from explorer.models import check_tree_support
+
+    check_tree_support(model)
+
+
 def field_type(config: type, name: str) -> type:
     hints = typing.get_type_hints(config)
     kind = hints[name]

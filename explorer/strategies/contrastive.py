@@ -20,7 +20,7 @@ import torch
 
 from explorer.events import CandidateStep, Event
 from explorer.params import Checked, param
-from explorer.strategies.base import commit_token, register
+from explorer.strategies.base import commit_token, register, tree_prepare
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ def degeneration_penalty(candidates: torch.Tensor, context: torch.Tensor) -> tor
 
 
 @register("contrastive", ContrastiveConfig, "contrastive search: probability minus similarity to the context",
+          prepare=tree_prepare,
           family="search",
           paper="Su et al. 2022, arXiv:2202.06417")
 def run(model: Any, prompt_ids: Sequence[int], config: ContrastiveConfig, rng: torch.Generator) -> Iterator[Event]:

@@ -36,7 +36,7 @@ import torch
 
 from explorer.events import Event, PoolUpdate
 from explorer.params import param
-from explorer.strategies.base import register
+from explorer.strategies.base import register, tree_prepare
 from explorer.strategies.draft_verify import Drafter, DraftTree, SpeculativeConfig, Verdict, draft_verify
 
 POOL_PER_HEAD = 16
@@ -143,6 +143,7 @@ class LookaheadDrafter(Drafter):
 
 
 @register("lookahead", LookaheadConfig, "lookahead decoding: Jacobi window + n-gram pool, verified in one pass",
+          prepare=tree_prepare,
           family="speed-up: model-free",
           paper="Fu et al. 2024, lookahead decoding, arXiv:2402.02057")
 def run(model: Any, prompt_ids: Sequence[int], config: LookaheadConfig, rng: torch.Generator) -> Iterator[Event]:

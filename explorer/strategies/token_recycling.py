@@ -25,7 +25,7 @@ import torch
 
 from explorer.events import Event, PoolUpdate
 from explorer.params import param
-from explorer.strategies.base import register
+from explorer.strategies.base import register, tree_prepare
 from explorer.strategies.draft_verify import Drafter, DraftTree, SpeculativeConfig, draft_verify
 
 TREES = ("template", "widths")
@@ -157,6 +157,7 @@ class RecyclingDrafter(Drafter):
 
 
 @register("token_recycling", TokenRecyclingConfig, "Token Recycling: draft trees from recycled top-k candidates",
+          prepare=tree_prepare,
           family="speed-up: model-free",
           paper="Luo et al. 2024, Token Recycling, arXiv:2408.08696")
 def run(model: Any, prompt_ids: Sequence[int], config: TokenRecyclingConfig, rng: torch.Generator

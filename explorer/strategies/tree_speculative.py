@@ -31,7 +31,7 @@ import torch
 
 from explorer.events import Event
 from explorer.params import param
-from explorer.strategies.base import register
+from explorer.strategies.base import register, tree_prepare
 from explorer.strategies.draft_models import (
     SELF,
     DraftCache,
@@ -197,6 +197,7 @@ def tree_drafter(model: Any, config: TreeConfig, rng: torch.Generator) -> TreeDr
 
 
 def prepare(model: Any, config: TreeConfig) -> None:
+    tree_prepare(model, config)
     if config.skip.strip():
         layer_skip_view(model, parse_layers(config.skip))
     elif config.draft_model.strip() not in SELF:
