@@ -600,9 +600,29 @@ def warm_up(lm: LanguageModel) -> None:
         session.forward([token])
 
 
+def tokenizer_merges(tokenizer: Any) -> Any:
+    """A BPE tokenizer's merge rules (None for tokenizers without them): two tokenizers with one vocabulary
+    but other merges split the same text differently."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return json.loads(backend.to_str()).get("model", {}).get("merges")
+
+
+def same_tokenizer(target: LanguageModel, draft: LanguageModel) -> bool:
+    """One vocabulary and the same merges: a draft's token ids are the target's."""
+    return (target.tokenizer.get_vocab() == draft.tokenizer.get_vocab()
+            and tokenizer_merges(target.tokenizer) == tokenizer_merges(draft.tokenizer))
+
+
 def check_same_vocabulary(target: LanguageModel, draft: LanguageModel) -> None:
-    """Raise ValueError unless two models share one vocabulary (needed to verify drafts token by token)."""
+    """Raise ValueError unless two models share one tokenizer (vocabulary and merges), as drafting token by
+    token needs."""
     target_vocab, draft_vocab = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+    if target_vocab == draft_vocab and not same_tokenizer(target, draft):
+        raise ValueError(f"{draft.info.model_id} and {target.info.model_id} share a vocabulary but merge text into "
+                         "tokens differently: this strategy needs a draft with the target's tokenizer "
+                         "(`speculative` also takes a draft with another tokenizer)")
     if target_vocab != draft_vocab:
         only_target = len(set(target_vocab.items()) - set(draft_vocab.items()))
         raise ValueError(

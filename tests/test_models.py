@@ -126,3 +126,24 @@ def test_tree_grown_level_by_level_equals_each_path(tiny):
     session.keep([*range(base), base + 0, base + 2, base + 5])  # compact to the path 30 -> 32 -> 35
     torch.testing.assert_close(session.forward([9]), fresh_logits(tiny, PREFIX + [30, 32, 35, 9])[-1:],
                                atol=1e-4, rtol=1e-4)
+
+
+def test_same_vocabulary_with_other_merges_is_another_tokenizer():
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from explorer.models import same_tokenizer
+
+    vocab = {"a": 0, "b": 1, "c": 2, "ab": 3, "bc": 4}
+
+    def bpe(merges):
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=merges)))
+
+    first, second = bpe([("a", "b")]), bpe([("b", "c")])
+    assert first.get_vocab() == second.get_vocab()
+    assert first("abc")["input_ids"] != second("abc")["input_ids"]  # the same text, other tokens
+    one, other = SimpleNamespace(tokenizer=first), SimpleNamespace(tokenizer=second)
+    assert same_tokenizer(one, SimpleNamespace(tokenizer=bpe([("a", "b")])))
+    assert not same_tokenizer(one, other)

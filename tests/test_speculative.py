@@ -322,6 +322,12 @@ def test_bild_rollback_is_lossy_above_ln2_and_exact_below(tiny, random_drafter_d
     exact = run_to_end(tiny, RunRequest.build("speculative", {"draft_model": random_drafter_dir, "rollback": 0.6},
                                               "Hello world", max_new_tokens=40, chat=False))
     assert exact.token_ids == greedy.token_ids  # alpha_RB < ln 2: a kept token has p > 1/2, so it is the argmax
+    from viz.speculative import round_timeline
+
+    rolled = [r for r in exact.rounds if r.details["rolled_back"] > 0]
+    assert rolled  # the random draft is rolled back: marked on the round timeline
+    markers = next(t for t in round_timeline(exact).data if t.name == "rollback")
+    assert list(markers.x) == [r.round for r in rolled]
     lossy = run_to_end(tiny, RunRequest.build("speculative", {"draft_model": random_drafter_dir, "rollback": 20.0,
                                                               "fallback_threshold": 0.0},
                                               "Hello world", max_new_tokens=40, chat=False))

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from explorer.models import MODEL_CACHE, check_same_vocabulary, decoder_layers, layer_path
+from explorer.models import MODEL_CACHE, check_same_vocabulary, decoder_layers, layer_path, same_tokenizer
 from explorer.params import param
 from explorer.strategies.draft_verify import Drafter, DraftLength, DraftTree, SpeculativeConfig, Verdict
 
@@ -62,7 +62,8 @@ def load_draft_model(model: Any, draft_model: str, *, any_tokenizer: bool = Fals
 
 
 def same_vocabulary(target: Any, draft: Any) -> bool:
-    return target.tokenizer.get_vocab() == draft.tokenizer.get_vocab()
+    """Whether the draft's token ids are the target's (one vocabulary, the same merges)."""
+    return same_tokenizer(target, draft)
 
 
 def sync_cache(session: Any, cached: list[int], context: Sequence[int]) -> torch.Tensor:
