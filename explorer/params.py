@@ -16,8 +16,9 @@ MAX_TREE_NODES = 128  # draft nodes verified in one target pass (its memory and 
 
 def param(default: Any, help: str, **limits: Any) -> Any:
     """A config field with a help text and optional limits: `minimum`, `maximum`, `step`, `choices`,
-    `max_length` (text), and `model=True` for a field that names a model to load (a server checks those
-    against its allow-list)."""
+    `max_length` (text), `model=True` for a field that names a model to load (a server checks those
+    against its allow-list), and `crosses_runs=True` for a switch that lets a run see state earlier runs left
+    (a server shared by strangers refuses those)."""
     return field(default=default, metadata={"help": help, **limits})
 
 

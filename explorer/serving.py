@@ -50,6 +50,7 @@ class ServerPolicy:
     allow_any_model: bool = False
     max_model_bytes: int = 2 * 10**9
     public_gallery: bool = True
+    shared_state: bool = True  # may a run see state other runs left (Token Recycling's keep_table)?
     weight_bytes: Callable[[str], int] = hub_weight_bytes
 
     @classmethod
@@ -67,6 +68,7 @@ class ServerPolicy:
                 allow_any_model=_flag(env, "DECODING_EXPLORER_ALLOW_ANY_MODEL", False),
                 max_model_bytes=int(float(env.get("DECODING_EXPLORER_MAX_MODEL_GB", "2")) * 10**9),
                 public_gallery=_flag(env, "DECODING_EXPLORER_PUBLIC_GALLERY", "SPACE_ID" not in env),
+                shared_state=_flag(env, "DECODING_EXPLORER_SHARED_STATE", "SPACE_ID" not in env),
             )
         except ValueError as error:
             raise ValueError(f"a DECODING_EXPLORER_* setting is not a number: {error}") from None
@@ -103,6 +105,9 @@ class ServerPolicy:
             value = getattr(request.config, spec.name)
             if spec.metadata.get("model") and value.strip() not in BUILTIN_DRAFTS:
                 self.check_model(value)
+            if spec.metadata.get("crosses_runs") and value and not self.shared_state:
+                raise ValueError(f"{spec.name} would let this run see what other visitors' runs left behind: it is "
+                                 "off on this server")
         return request.replace(max_prompt_tokens=self.max_prompt_tokens, time_limit_s=self.time_limit_s)
 
     def describe(self) -> str:

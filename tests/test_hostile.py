@@ -151,6 +151,15 @@ def test_the_allow_list_answers_the_same_for_every_refused_model(tmp_path):
     assert limited.time_limit_s == policy.time_limit_s and limited.max_prompt_tokens == policy.max_prompt_tokens
 
 
+def test_a_space_refuses_state_that_crosses_visitors_runs():
+    warm = RunRequest.build("token_recycling", {"keep_table": True}, "hi")
+    space = ServerPolicy.from_env({"SPACE_ID": "someone/explorer"})
+    with pytest.raises(ValueError, match="keep_table would let this run see what other visitors"):
+        space.limit(warm)
+    assert ServerPolicy.from_env({}).limit(warm)  # a server of one's own keeps the paper's setting
+    space.limit(RunRequest.build("token_recycling", {}, "hi"))
+
+
 def test_a_load_does_not_block_requests_for_loaded_models(monkeypatch, tiny):
     import threading
 

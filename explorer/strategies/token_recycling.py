@@ -56,7 +56,7 @@ class TokenRecyclingConfig(SpeculativeConfig):
     widths: str = param("2,2,1,1", "tree=widths: children per node at each depth, e.g. '3,2,1'")
     candidates: int = param(8, "top-k tokens kept per entry of the adjacency table", minimum=1, maximum=32, step=1)
     keep_table: bool = param(False, "start from (and keep) the table earlier runs of this model built in this "
-                                    "process, as the paper does")
+                                    "process, as the paper does", crosses_runs=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
