@@ -141,11 +141,6 @@ class LayerSkipDrafter(ModelDrafter):
                          shared=config.cache == "shared")
         self.target, self.skip, self.rounds, self.config = model, skip, 0, config
         self.wants_hidden_states = searching
-        self.target_session: Any = None
-
-    def bind(self, target_session: Any) -> None:
-        super().bind(target_session)
-        self.target_session = target_session
 
     def round_details(self) -> dict[str, float | str]:
         return {"skipped_layers": ",".join(str(i) for i in sorted(self.skip)), "skip_count": float(len(self.skip))}
@@ -159,7 +154,8 @@ class LayerSkipDrafter(ModelDrafter):
         count = min(self.config.auto_skip, verdict.hidden_states.shape[0] - 2)
         if self.config.search == "dp":
             last = verdict.accepted_count  # the last verified token: its K/V are cached, at the cache's end
-            runner = self.target_session.layer_runner(self.target_session.length - 1)
+            session = self.cache.target  # the target's session: its cache ends at the last verified token
+            runner = session.layer_runner(session.length - 1)
             chosen = clasp_search(runner, final_norm(self.target.model), verdict.hidden_states[:, last], count)
         else:
             accepted = verdict.hidden_states[:, : verdict.accepted_count + 1]  # positions the target committed
