@@ -399,6 +399,12 @@ def test_browser_strategy_choice_is_explained_and_filters_follow_the_rule(server
                            "temperature']\").disabled", timeout=10_000)
 
 
+def draft_model_box(page, lane: int):
+    """The draft_model text box of a lane, its parameters opened."""
+    page.locator(f"#lane{lane}").get_by_text("parameters", exact=True).click()
+    return page.locator(f"#lane{lane}").locator("label", has_text="draft_model").locator("textarea").first
+
+
 def set_number(lane_box, label: str, value: str) -> None:
     box = lane_box.locator(f"input[aria-label='number input for {label}']")
     box.fill(value)
@@ -413,8 +419,7 @@ def test_browser_target_and_draft_preset_sets_the_model_and_every_draft(server, 
     page.locator("#pair").get_by_role("option", name="tiny pair", exact=True).click()
     page.wait_for_function("document.querySelector('#pair input').value === 'tiny pair'")
     for lane in (1, 2):
-        page.locator(f"#lane{lane}").get_by_text("parameters", exact=True).click()
-        box = page.locator(f"#lane{lane}").locator("label", has_text="draft_model").locator("textarea").first
+        box = draft_model_box(page, lane)
         page.wait_for_function("([box, want]) => box.value === want", arg=[box.element_handle(),
                                                                               str(tiny_draft_dir)])
     page.locator("#run").click()
@@ -463,9 +468,7 @@ def test_browser_live_progress_stop_and_summary(server, browser):
 def test_browser_speculative_defaults_to_a_real_drafter_and_warns_about_the_target(server, browser):
     url, db = server
     page = open_page(browser, url, "Once upon a time", strategies={1: "speculative", 2: "speculative"})
-    lane = page.locator("#lane2")
-    lane.get_by_text("parameters", exact=True).click()
-    box = lane.locator("label", has_text="draft_model").locator("textarea").first
+    box = draft_model_box(page, 2)
     for _ in range(10):  # a re-render right after the strategy change can reset the box: type until it sticks
         box.fill("target")
         box.press("Tab")
