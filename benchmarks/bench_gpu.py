@@ -93,21 +93,31 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
     return LanguageModel(model=model, tokenizer=word_tokenizer(config.vocab_size), info=info), params
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of `fn()` over `repeats` (after one warm-up), synchronising the GPU around each."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
+
+def timed(fn, device: torch.device, inner: int = 1) -> float:
+    """Seconds of one call of `fn` (the mean of `inner` calls in a row), the GPU synchronised around them."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(inner):
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    sync(device)
+    return (time.perf_counter() - start) / inner
+
+
+def interleaved(fns: dict, device: torch.device, repeats: int, inner: int = 1) -> dict:
+    """Median seconds per call of each of `fns`, measured in turn within every repeat (after a warm-up of each),
+    so that a slow spell of the machine weighs on all of them alike."""
+    for fn in fns.values():
+        fn()
+    samples: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(timed(fn, device, inner))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def binary_tree(k: int) -> list[int]:
@@ -119,6 +129,7 @@ def measure(shape: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     from explorer.recorder import Recorder
     from explorer.request import RunRequest
     from explorer.runner import run_strategy
+    from explorer.strategies.base import commit_token
 
     lm, params = random_model(shape, device, dtype)
     vocab = lm.model.config.vocab_size
@@ -138,27 +149,36 @@ def measure(shape: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     def prefill_only() -> None:
         lm.session().forward(prompt_ids, all_logits=False)
 
-    prefill = timed(prefill_only, device, args.repeats)
-    row["decode_ms"] = (timed(decode, device, args.repeats) - prefill) / n * 1000
+    times = interleaved({"decode": decode, "prefill": prefill_only}, device, args.repeats)
+    row["decode_ms"] = (times["decode"] - times["prefill"]) / n * 1000
 
-    # verify: one forward over k new tokens on a cached prompt, chain and tree, relative to k = 1.
+    # verify: one forward over k new tokens on a cached prompt, chain and tree, each against one token measured
+    # beside it (10 passes in a row per sample).
     session = lm.session()
     session.forward(prompt_ids, all_logits=False)
     base = session.length
     block = torch.randint(1, vocab, (max(args.ks),), generator=gen).tolist()
 
-    def verify(k: int, tree: bool) -> float:
+    def verify(k: int, tree: bool):
         def once() -> None:
             session.forward(block[:k], parents=binary_tree(k) if tree else None)
             session.crop(base)
-        return timed(once, device, args.repeats * 3)
+        return once
 
-    one = verify(1, False)
-    row["verify_one_ms"] = one * 1000
-    row["chain"] = {k: verify(k, False) / one for k in args.ks}
-    row["tree"] = {k: verify(k, True) / one for k in args.ks}
+    row["chain"], row["tree"] = {}, {}
+    for k in args.ks:
+        times = interleaved({"one": verify(1, False), "chain": verify(k, False), "tree": verify(k, True)}, device,
+                            args.repeats, inner=10)
+        row["verify_one_ms"] = times["one"] * 1000
+        row["chain"][k], row["tree"][k] = times["chain"] / times["one"], times["tree"] / times["one"]
 
-    # greedy: generate vs our bare loop vs our recorded greedy.
+    # recording alone: the TokenStep of one step (stats on the device, one transfer, the pieces' texts).
+    logits = session.forward(block[:1])[-1]
+    session.crop(base)
+    token = int(logits.argmax())
+    row["record_ms"] = timed(lambda: commit_token(lm, 0, base, token, logits), device, inner=200) * 1000
+
+    # greedy: generate vs our bare loop vs our recorded greedy, in turn.
     ids = torch.tensor([prompt_ids], device=device)
 
     def hf() -> None:
@@ -178,9 +198,8 @@ def measure(shape: str, args, device: torch.device, dtype: torch.dtype) -> dict:
         events = list(run_strategy(lm, request, recorder=Recorder()))
         assert events[-1].new_tokens == n, events[-1]
 
-    row["hf_s"] = timed(hf, device, args.repeats)
-    row["bare_s"] = timed(bare, device, args.repeats)
-    row["ours_s"] = timed(recorded, device, args.repeats)
+    times = interleaved({"hf": hf, "bare": bare, "ours": recorded}, device, args.repeats)
+    row["hf_s"], row["bare_s"], row["ours_s"] = times["hf"], times["bare"], times["ours"]
     del lm, session
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -205,8 +224,13 @@ def check_strategies(device: torch.device) -> bool:
         lm.model.to(device=device, dtype=dtype)
         lm = dataclasses.replace(lm, info=dataclasses.replace(lm.info, dtype=str(dtype).split(".")[-1],
                                                               device=str(device)))
-        greedy = run_to_end(lm, RunRequest.build("greedy", {}, prompt, max_new_tokens=32, chat=False))
         print(f"\n{str(dtype).split('.')[-1]} on {device}:")
+        try:
+            greedy = run_to_end(lm, RunRequest.build("greedy", {}, prompt, max_new_tokens=32, chat=False))
+        except Exception as error:
+            print(f"  greedy FAILED: {type(error).__name__}: {error}")
+            ok = False
+            continue
         for name, params in runs:
             try:
                 trace = run_to_end(lm, RunRequest.build(name, params, prompt, max_new_tokens=32, chat=False))
@@ -230,7 +254,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--ks", default="1,2,4,8,16,32,64")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--check", action="store_true", help="run every strategy on the device first")
@@ -247,13 +271,13 @@ def main() -> int:
     ok = check_strategies(device) if args.check else True
     rows = [measure(shape, args, device, dtype) for shape in args.shapes.split(",")]
 
-    print("\n| shape | params | decode ms/token | generate tok/s | bare loop tok/s | recorded greedy tok/s "
-          "| recording overhead | ours / generate |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| shape | params | decode ms/token | recording ms/step | generate tok/s | bare loop tok/s "
+          "| recorded greedy tok/s | recording overhead | ours / generate |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         n = args.new_tokens
         overhead = r["ours_s"] / r["bare_s"] - 1
-        print(f"| {r['shape']} | {r['params_b']:.2f} B | {r['decode_ms']:.2f} | {n / r['hf_s']:.1f} | "
+        print(f"| {r['shape']} | {r['params_b']:.2f} B | {r['decode_ms']:.2f} | {r['record_ms']:.3f} | {n / r['hf_s']:.1f} | "
               f"{n / r['bare_s']:.1f} | {n / r['ours_s']:.1f} | {overhead:+.1%} | {r['hf_s'] / r['ours_s']:.2f}x |")
     for kind in ("chain", "tree"):
         print(f"\nverifying k tokens in one forward ({kind}), cost relative to one token:")

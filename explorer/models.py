@@ -423,9 +423,11 @@ def tree_attention_mask(
         key_positions = torch.cat([torch.arange(past_length), past_length + depths])  # (past + tree,)
         query_positions = (past_length + depths)[total - new:]  # (new,)
         allowed &= key_positions[None, :] > query_positions[:, None] - window
-    mask = torch.zeros(new, past_length + total, dtype=dtype)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask.reshape(1, 1, new, past_length + total).to(device)
+    # The structure is built on the host (it comes from Python lists); one boolean copy goes to the device and
+    # the additive mask is made there, in the model's dtype.
+    blocked = (~allowed).to(device, non_blocking=True)
+    mask = torch.zeros(new, past_length + total, dtype=dtype, device=device).masked_fill_(blocked, torch.finfo(dtype).min)
+    return mask.reshape(1, 1, new, past_length + total)
 
 
 # ----------------------------------------------------------------------------------------------- loading

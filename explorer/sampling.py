@@ -185,7 +185,7 @@ def step_stats(raw: torch.Tensor, kept: torch.Tensor | None, token_id: int, top_
     ent = -(raw_logp.exp() * raw_logp).sum()
     rank = (raw_logp > chosen).sum()
     if kept is None:
-        kept_top, kept_count, kept_chosen = raw_top, torch.tensor(raw.shape[-1]), chosen
+        kept_top, kept_count, kept_chosen = raw_top, torch.tensor(raw.shape[-1], device=raw.device), chosen
     else:
         kept_logp = torch.log_softmax(kept.float(), dim=-1)
         kept_top = torch.topk(kept_logp, k)

@@ -68,19 +68,21 @@ class BeamGroup:
         """One step from log-probabilities `(width, vocab)` (already penalised, for diverse groups) and the raw
         logits of the same rows (for the recorded token statistics). Returns the event and, for every new
         running beam, the row it continues (to reorder the KV cache)."""
-        vocab = log_probs.shape[-1]
+        vocab, device = log_probs.shape[-1], log_probs.device
+        if self.running_scores.device != device:  # scores live where the model runs
+            self.running_scores, self.finished_scores = self.running_scores.to(device), self.finished_scores.to(device)
         cur_len = self.prompt_length + step
         total = (log_probs + self.running_scores[:, None]).reshape(-1)  # 1. (width * vocab,)
         top_scores, top_index = torch.topk(total, self.keep)
         parents = (top_index // vocab).tolist()
         tokens = (top_index % vocab).tolist()
         at_limit = cur_len + 1 >= self.max_length
-        ends = torch.tensor([at_limit or t in self.eos for t in tokens])
+        ends = torch.tensor([at_limit or t in self.eos for t in tokens], device=device)
         # 3. the best candidates that go on
         going = top_scores + ends.float() * NEG
         next_order = torch.topk(going, self.width).indices.tolist()
         # 2. finished hypotheses: candidates that end among the top `width`
-        in_top = torch.arange(self.keep) < self.width
+        in_top = torch.arange(self.keep, device=device) < self.width
         normalised = top_scores / ((cur_len + 1 - self.prompt_length) ** self.length_penalty)
         all_done = self.early_stopping == "true" and all(h is not None for h in self.finished)
         penalty = (NEG if all_done else 0.0) + (0.0 if self.improvable else NEG)
@@ -153,7 +155,7 @@ def beam_loop(model: Any, prompt_ids: Sequence[int], groups: list[BeamGroup], ma
     logits = first.expand(rows, -1)
     for step in range(max_new_tokens):
         log_probs = torch.log_softmax(logits, dim=-1)  # (rows, vocab)
-        chosen_counts = torch.zeros(log_probs.shape[-1])
+        chosen_counts = torch.zeros(log_probs.shape[-1], device=log_probs.device)
         order: list[int] = []
         offset = 0
         for group in groups:

@@ -63,7 +63,7 @@ def zipf_exponent(logits: torch.Tensor, m: int = ZIPF_TOKENS) -> float:
     if len(top) < 2:
         return 1.0 + MIN_EPSILON
     b = (top[:-1] - top[1:]).nan_to_num(0.0, posinf=0.0)  # ln(p_i / p_{i+1})
-    i = torch.arange(1, len(top), dtype=torch.float64)
+    i = torch.arange(1, len(top), dtype=torch.float64, device=top.device)
     t = torch.log((i + 1) / i)
     return float((t * b).sum() / (t * t).sum())
 
