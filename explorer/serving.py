@@ -8,7 +8,9 @@ DECODING_EXPLORER_TIME_LIMIT_S (300: compute seconds per run; a run past it is s
 model), DECODING_EXPLORER_ALLOW_ANY_MODEL (1: any Hugging Face Hub id too, never a local path),
 DECODING_EXPLORER_MAX_MODEL_GB (2: weight size a Hub id may have, read from the Hub before downloading),
 DECODING_EXPLORER_PUBLIC_GALLERY (1: everyone's runs are listed in History; default 1 locally, 0 on a Space),
-DECODING_EXPLORER_MAX_TREE_NODES (128, the hard ceiling: draft nodes verified per round).
+DECODING_EXPLORER_MAX_TREE_NODES (128, the hard ceiling: draft nodes verified per round),
+DECODING_EXPLORER_MAX_LANES (4: lanes per Run), DECODING_EXPLORER_MAX_BEAMS (16: beams of a beam search),
+DECODING_EXPLORER_MAX_RUNS_PER_VISITOR (1: Runs and API calls one visitor may have going at once; 0 = no limit).
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from explorer.params import MAX_TREE_NODES
 from explorer.request import MAX_NEW_TOKENS_LIMIT, RunRequest
 from explorer.strategies.draft_models import BUILTIN_DRAFTS
 
+MAX_LANES = 4  # lanes the page has
+MAX_BEAMS = 16  # the beam strategies' own ceiling
+_RUNNING: dict[str, int] = {}  # visitor -> runs going now (the app's Run and API calls)
+_RUNNING_LOCK = threading.Lock()
 EMBEDDED_NAMES = ("embedded", "default", "", "embedded:SmolLM2-135M-Instruct")
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
@@ -51,6 +59,9 @@ class ServerPolicy:
     max_model_bytes: int = 2 * 10**9
     public_gallery: bool = True
     shared_state: bool = True  # may a run see state other runs left (Token Recycling's keep_table)?
+    max_lanes: int = MAX_LANES
+    max_beams: int = MAX_BEAMS
+    max_runs_per_visitor: int = 1
     weight_bytes: Callable[[str], int] = hub_weight_bytes
 
     @classmethod
@@ -69,6 +80,9 @@ class ServerPolicy:
                 max_model_bytes=int(float(env.get("DECODING_EXPLORER_MAX_MODEL_GB", "2")) * 10**9),
                 public_gallery=_flag(env, "DECODING_EXPLORER_PUBLIC_GALLERY", "SPACE_ID" not in env),
                 shared_state=_flag(env, "DECODING_EXPLORER_SHARED_STATE", "SPACE_ID" not in env),
+                max_lanes=max(1, min(int(env.get("DECODING_EXPLORER_MAX_LANES", str(MAX_LANES))), MAX_LANES)),
+                max_beams=max(1, min(int(env.get("DECODING_EXPLORER_MAX_BEAMS", str(MAX_BEAMS))), MAX_BEAMS)),
+                max_runs_per_visitor=max(0, int(env.get("DECODING_EXPLORER_MAX_RUNS_PER_VISITOR", "1"))),
             )
         except ValueError as error:
             raise ValueError(f"a DECODING_EXPLORER_* setting is not a number: {error}") from None
@@ -97,6 +111,9 @@ class ServerPolicy:
         """The request with this server's limits applied, its model fields (draft models) checked."""
         if request.max_new_tokens > self.max_new_tokens:
             raise ValueError(f"max new tokens must be between 1 and {self.max_new_tokens} here")
+        beams = getattr(request.config, "num_beams", 0)
+        if beams > self.max_beams:
+            raise ValueError(f"num_beams must be at most {self.max_beams} here")
         nodes = request.config.draft_nodes()
         if nodes > self.max_tree_nodes:
             raise ValueError(f"these settings draft {nodes} nodes per round; the limit here "
@@ -110,10 +127,34 @@ class ServerPolicy:
                                  "off on this server")
         return request.replace(max_prompt_tokens=self.max_prompt_tokens, time_limit_s=self.time_limit_s)
 
+    def check_lanes(self, count: int) -> None:
+        if count > self.max_lanes:
+            raise ValueError(f"at most {self.max_lanes} lanes run at once here: remove a lane")
+
+    @contextmanager
+    def visitor_run(self, visitor: str):
+        """Hold one of the visitor's concurrent-run slots while the block runs; ValueError when none is free."""
+        with _RUNNING_LOCK:
+            if self.max_runs_per_visitor and _RUNNING.get(visitor, 0) >= self.max_runs_per_visitor:
+                raise ValueError("you have a run going already: wait for it or press Stop"
+                                 if self.max_runs_per_visitor == 1 else
+                                 f"you have {self.max_runs_per_visitor} runs going already: wait for one to end")
+            _RUNNING[visitor] = _RUNNING.get(visitor, 0) + 1
+        try:
+            yield
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING[visitor] -= 1
+                if not _RUNNING[visitor]:
+                    del _RUNNING[visitor]
+
     def describe(self) -> str:
         any_model = f", or any Hub model under {self.max_model_bytes / 1e9:g} GB" if self.allow_any_model else ""
+        runs = (f"; {self.max_runs_per_visitor} run{'s' if self.max_runs_per_visitor > 1 else ''} at a time per "
+                "visitor" if self.max_runs_per_visitor else "")
         return (f"Limits here: prompts up to {self.max_prompt_tokens} tokens, up to {self.max_new_tokens} new tokens "
-                f"and {self.time_limit_s:g} s of compute per run, draft trees up to {self.max_tree_nodes} nodes; "
+                f"and {self.time_limit_s:g} s of compute per run, up to {self.max_lanes} lanes, "
+                f"{self.max_beams} beams, draft trees up to {self.max_tree_nodes} nodes{runs}; "
                 f"models: {', '.join(self.allowed_models)}{any_model}; "
                 + ("History lists everyone's runs." if self.public_gallery else
                    "History lists your runs and the ones shared with you by permalink."))

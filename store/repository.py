@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import socket
 import time
@@ -26,6 +27,8 @@ from explorer.paths import cache_root
 from explorer.trace import Trace
 from store.codec import decode, dumps, encode
 from store.tables import SCHEMA_VERSION, Base, EventRow, MetaRow, RunRow
+
+log = logging.getLogger("decoding_explorer.store")
 
 
 def default_url() -> str:
@@ -119,10 +122,13 @@ def _load(session: Session, run_id: str) -> Trace:
 class Store:
     """The repository: an engine plus one transaction per call. `Store()` opens the default database."""
 
-    def __init__(self, url: str | None = None, *, create: bool = True):
+    def __init__(self, url: str | None = None, *, create: bool = True, bundle_dir: str | Path | None = None):
         """Open (with `create`, create) the database; ValueError with one line when that fails. On opening,
-        runs left "running" by a process that is gone are marked interrupted."""
+        runs left "running" by a process that is gone are marked interrupted. With `bundle_dir` (a mounted
+        bucket on a Space), every run that ends is also written there as a bundle, and the bundles there that
+        the database lacks are imported now."""
         self.url = url or default_url()
+        self.bundle_dir = Path(bundle_dir) if bundle_dir else None
         try:
             self.engine = _make_engine(self.url, create)
             self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -130,6 +136,49 @@ class Store:
             self.mark_interrupted()
         except SQLAlchemyError as error:
             raise ValueError(f"cannot use the database {self.url}: {database_error(error)}") from None
+        if self.bundle_dir is not None:
+            try:
+                self.bundle_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ValueError(f"cannot use the bundle folder {self.bundle_dir}: {error.strerror}") from None
+            self.import_bundles()
+
+    def run_ended(self, trace: Trace) -> None:
+        """A run has its RunFinished: mirror it to the bundle folder (written aside, then renamed into place, so
+        that a reader never sees half a bundle). A folder that fails is logged; the run stays stored here."""
+        if self.bundle_dir is None:
+            return
+        from explorer.export import safe_name, write_bundle
+
+        final = self.bundle_dir / f"{safe_name(trace.run_id)}.zip"
+        partial = final.with_suffix(f".{os.getpid()}.part")
+        try:
+            write_bundle(trace, partial)
+            os.replace(partial, final)
+        except OSError as error:
+            log.warning("run %s was not written to %s: %s", trace.run_id, self.bundle_dir, error)
+            partial.unlink(missing_ok=True)
+
+    def import_bundles(self) -> list[str]:
+        """Import the bundles in the bundle folder whose runs this database lacks; a bundle that cannot be read
+        is skipped with a log line. Returns the ids imported."""
+        from explorer.export import read_bundle
+
+        known, imported = set(self.run_ids()), []
+        for path in sorted(self.bundle_dir.glob("*.zip")):
+            try:
+                trace = read_bundle(path)
+                if trace.run_id in known:
+                    continue
+                self.save_trace(trace)
+            except (ValueError, SQLAlchemyError) as error:
+                log.warning("skipped the bundle %s: %s", path.name, str(error).splitlines()[0][:200])
+                continue
+            known.add(trace.run_id)
+            imported.append(trace.run_id)
+        if imported:
+            log.info("imported %d runs from %s", len(imported), self.bundle_dir)
+        return imported
 
     def _tx(self) -> Any:
         return self._sessions.begin()

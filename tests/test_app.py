@@ -3,11 +3,7 @@
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +12,7 @@ from explorer.recorder import Recorder
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from store import Store
+from tests.apps import running_app
 from tests.test_viz import hostile_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,43 +56,18 @@ def test_render_views_fills_every_tab(tiny_flat):
     assert "— 1: beam" in shown["beam-tree"].layout.title.text
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_dir, tiny_draft_dir, tmp_path_factory):
     db = f"sqlite:///{tmp_path_factory.mktemp('appdb') / 'runs.sqlite'}"
-    port = free_port()
     # DECODING_EXPLORER_TEST_MODEL=embedded (with DECODING_EXPLORER_SCREENSHOT=assets/screenshot.png) makes the
     # README's screenshot on the real model; by default the tests use the tiny random model.
     model = os.environ.get("DECODING_EXPLORER_TEST_MODEL", str(tiny_dir))
     env = {**os.environ, "DECODING_EXPLORER_MODEL": model, "DECODING_EXPLORER_DB": db,
-           "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
            "DECODING_EXPLORER_MAX_NEW_TOKENS": "2000", "DECODING_EXPLORER_PUBLIC_GALLERY": "0",
            "DECODING_EXPLORER_PAIRS": f"tiny pair={model}+{tiny_draft_dir}",
            "DECODING_EXPLORER_ALLOWED_MODELS": f"embedded,{model},{tiny_draft_dir}"}
-    log = open(tmp_path_factory.mktemp("applog") / "app.log", "w")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(f"the app exited: {Path(log.name).read_text()[-3000:]}") from None
-            time.sleep(0.5)
-    else:
-        process.kill()
-        raise RuntimeError("the app did not start within 90 s")
-    yield url, db
-    process.terminate()
-    process.wait(timeout=20)
-    log.close()
+    with running_app(env, tmp_path_factory.mktemp("applog") / "app.log") as url:
+        yield url, db
 
 
 def test_gradio_client_generate(server):
