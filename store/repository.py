@@ -65,6 +65,12 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _column(text: str | None) -> str | None:
+    """Text for a plain column (listing and search): PostgreSQL's text cannot hold NUL, so it becomes U+FFFD.
+    Nothing is lost: traces are read back from the JSON columns, where NUL is escaped."""
+    return text.replace("\x00", "\ufffd") if text else text
+
+
 def _run_row(started: RunStarted, owner: str | None = None, running_here: bool = False) -> RunRow:
     return RunRow(
         owner=owner,
@@ -74,8 +80,8 @@ def _run_row(started: RunStarted, owner: str | None = None, running_here: bool =
         id=started.run_id,
         created_at=started.created_at,
         strategy=started.strategy,
-        model_id=started.model_id,
-        prompt=started.prompt,
+        model_id=_column(started.model_id),
+        prompt=_column(started.prompt),
         seed=started.seed,
         status=STATUS_RUNNING,
         error=None,
@@ -100,7 +106,7 @@ def _add_events(session: Session, run_id: str, first_seq: int, events: Sequence[
         raise ValueError(f"run {run_id} does not exist")
     run.heartbeat_at = _now()
     if finished is not None:
-        run.status, run.error, run.text = finished.status, finished.error, finished.text
+        run.status, run.error, run.text = finished.status, _column(finished.error), _column(finished.text)
         run.new_tokens, run.wall_time_s = finished.new_tokens, finished.wall_time_s
         run.finished = dumps(to_dict(finished))
 

@@ -33,6 +33,34 @@ def tiny_draft_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-draft") / "model", seed=7, scale=20.0)
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A throw-away PostgreSQL server for the session (skipped, with the reason, where it cannot start)."""
+    from tests.postgres import Cluster
+
+    try:
+        cluster = Cluster()
+    except (FileNotFoundError, OSError) as error:
+        pytest.skip(f"no PostgreSQL here: {error}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """An empty database of each backend the store is tested on."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'runs.sqlite'}"
+    return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture
+def any_store(db_url):
+    s = Store(db_url)
+    yield s
+    s.close()
+
+
 @pytest.fixture
 def store(tmp_path):
     s = Store(f"sqlite:///{tmp_path / 'runs.sqlite'}")

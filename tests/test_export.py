@@ -4,7 +4,6 @@ are valid files, sweeps resume and report, and the LaTeX tables carry the stored
 import csv
 import json
 import math
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,6 @@ from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.sweep import load_prompts, parse_strategies, run_sweep, write_report
 from store import Store
-from store.tables import SCHEMA_VERSION
 from viz.catalog import VIEWS, render_all
 from viz.paper import save_figure
 
@@ -143,26 +141,6 @@ def test_bad_sweep_specs_say_how_to_fix(tmp_path):
         parse_strategies("sample:top_p")
     with pytest.raises(ValueError, match="cannot read the prompt file"):
         load_prompts(tmp_path / "missing.jsonl")
-
-
-def test_schema_v1_database_is_migrated(tmp_path):
-    path = tmp_path / "old.sqlite"
-    with sqlite3.connect(path) as connection:
-        connection.executescript("""
-            CREATE TABLE meta (key VARCHAR(64) PRIMARY KEY, value TEXT);
-            INSERT INTO meta VALUES ('schema_version', '1');
-            CREATE TABLE runs (id VARCHAR(32) PRIMARY KEY, created_at VARCHAR(32), strategy VARCHAR(64),
-                model_id VARCHAR(512), prompt TEXT, seed INTEGER, status VARCHAR(16), error TEXT, text TEXT,
-                new_tokens INTEGER, wall_time_s FLOAT, started TEXT, finished TEXT);
-            CREATE TABLE events (run_id VARCHAR(32), seq INTEGER, kind VARCHAR(64), fields TEXT, arrays BLOB,
-                PRIMARY KEY (run_id, seq));
-        """)
-    store = Store(f"sqlite:///{path}")
-    with sqlite3.connect(path) as connection:
-        assert connection.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)  # v1 -> 2 -> 3
-        columns = {row[1] for row in connection.execute("PRAGMA table_info(runs)")}
-    assert {"sweep_key", "owner", "pid", "host", "heartbeat_at"} <= columns
-    assert store.run_ids() == []
 
 
 def test_export_cli(traces, tmp_path):

@@ -45,8 +45,9 @@ def test_requirements_are_the_projects_dependencies_with_a_cpu_torch():
 
 
 def test_embedded_model_comes_from_the_preloaded_hub_copy_without_its_package(tiny_dir, tmp_path, monkeypatch):
-    import huggingface_hub.constants
     import importlib.util
+
+    import huggingface_hub.constants
 
     snapshot = tmp_path / "hub" / f"models--{EMBEDDED_HUB_ID.replace('/', '--')}"
     shutil.copytree(tiny_dir, snapshot / "snapshots" / "0123abc")

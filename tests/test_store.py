@@ -1,8 +1,14 @@
-"""Store: lossless round trips, listing, deletion, schema version, batched writes."""
+"""Store: lossless round trips, listing, deletion, schema version and migration, batched writes, concurrent
+writers; on SQLite and on a real PostgreSQL server (tests/postgres.py starts a throw-away one)."""
 
-import sqlite3
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy import text as sql_text
 
 from explorer.events import TokenStep
 from explorer.recorder import Recorder
@@ -10,11 +16,16 @@ from explorer.request import RunRequest
 from explorer.runner import run_strategy, run_to_end
 from store import Store
 from store.codec import decode, encode
+from store.tables import SCHEMA_VERSION
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_round_trip_is_lossless(store, tiny_flat):
-    for name, params in [("sample", {"top_p": 0.8}), ("mirostat", {}), ("top_h", {}), ("greedy", {})]:
-        trace = run_to_end(tiny_flat, RunRequest.build(name, params, "Round <trip> & 'quotes'",
+def test_round_trip_is_lossless(any_store, tiny_flat):
+    store = any_store
+    for name, params in [("sample", {"top_p": 0.8}), ("mirostat", {}), ("top_h", {}), ("greedy", {}),
+                         ("speculative", {}), ("beam", {"num_beams": 2})]:
+        trace = run_to_end(tiny_flat, RunRequest.build(name, params, "Round <trip> & 'quotes' \u00e9\u4e2d\x00",
                            max_new_tokens=25, seed=4), recorder=Recorder(store, batch_size=7))
         loaded = store.load_trace(trace.run_id)
         assert loaded == trace
@@ -33,14 +44,21 @@ def test_codec_packs_arrays_and_keeps_special_floats():
     assert back.token_text == step.token_text
 
 
-def test_save_trace_into_another_database(tmp_path, tiny):
+def test_save_trace_into_another_database(db_url, tiny):
+    from tests.test_viz import hostile_trace
+
     trace = run_to_end(tiny, RunRequest.build("greedy", {}, "copy me", max_new_tokens=5))
-    other = Store(f"sqlite:///{tmp_path / 'other.sqlite'}")
+    other = Store(db_url)
     other.save_trace(trace)
     assert other.load_trace(trace.run_id) == trace
+    odd = hostile_trace(trace)  # markup, quotes, NaN-free odd text, a failed status
+    odd.started = dataclasses.replace(odd.started, run_id="hostile1")
+    other.save_trace(odd)
+    assert other.load_trace("hostile1") == odd
 
 
-def test_list_filter_delete(store, tiny):
+def test_list_filter_delete(any_store, tiny):
+    store = any_store
     ids = {}
     for name, prompt in [("greedy", "alpha prompt"), ("sample", "beta prompt"), ("greedy", "gamma 100%_x")]:
         trace = run_to_end(tiny, RunRequest.build(name, {}, prompt, max_new_tokens=3), recorder=Recorder(store))
@@ -57,7 +75,8 @@ def test_list_filter_delete(store, tiny):
     assert store.count_runs() == 2
 
 
-def test_writes_are_batched(store, tiny, monkeypatch):
+def test_writes_are_batched(any_store, tiny, monkeypatch):
+    store = any_store
     calls = []
     original = store.append_events
     monkeypatch.setattr(store, "append_events", lambda *a, **k: (calls.append(len(a[2])), original(*a, **k)))
@@ -65,7 +84,8 @@ def test_writes_are_batched(store, tiny, monkeypatch):
     assert calls == [8, 8, 4]
 
 
-def test_a_running_run_is_visible_with_its_steps_so_far(store, tiny):
+def test_a_running_run_is_visible_with_its_steps_so_far(any_store, tiny):
+    store = any_store
     recorder = Recorder(store, batch_size=4)
     events = run_strategy(tiny, RunRequest.build("greedy", {}, "abc", max_new_tokens=30), recorder=recorder)
     for event in events:
@@ -76,13 +96,73 @@ def test_a_running_run_is_visible_with_its_steps_so_far(store, tiny):
     events.close()
 
 
-def test_schema_version_mismatch_is_refused(tmp_path):
-    path = tmp_path / "db.sqlite"
-    Store(f"sqlite:///{path}").close()
-    with sqlite3.connect(path) as connection:
-        connection.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+def test_schema_version_mismatch_is_refused(db_url):
+    store = Store(db_url)
+    with store.engine.begin() as connection:
+        connection.execute(sql_text("UPDATE meta SET value = '999' WHERE key = 'schema_version'"))
+    store.close()
     with pytest.raises(ValueError, match="schema version 999"):
-        Store(f"sqlite:///{path}")
+        Store(db_url)
+
+
+def test_schema_v1_database_is_migrated(db_url):
+    blob = "BYTEA" if db_url.startswith("postgresql") else "BLOB"
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        for statement in [
+            "CREATE TABLE meta (key VARCHAR(64) PRIMARY KEY, value TEXT)",
+            "INSERT INTO meta VALUES ('schema_version', '1')",
+            "CREATE TABLE runs (id VARCHAR(32) PRIMARY KEY, created_at VARCHAR(32), strategy VARCHAR(64), "
+            "model_id VARCHAR(512), prompt TEXT, seed INTEGER, status VARCHAR(16), error TEXT, text TEXT, "
+            "new_tokens INTEGER, wall_time_s FLOAT, started TEXT, finished TEXT)",
+            "INSERT INTO runs VALUES ('old1', '2025-01-01T00:00:00', 'greedy', 'm', 'p', 0, 'ok', NULL, 't', 0, "
+            "0.5, '{}', NULL)",
+            f"CREATE TABLE events (run_id VARCHAR(32), seq INTEGER, kind VARCHAR(64), fields TEXT, arrays {blob}, "
+            "PRIMARY KEY (run_id, seq))",
+        ]:
+            connection.execute(sql_text(statement))
+    engine.dispose()
+    store = Store(db_url)  # v1 -> 2 -> 3
+    with store.engine.connect() as connection:
+        assert connection.execute(sql_text("SELECT value FROM meta")).scalar() == str(SCHEMA_VERSION)
+        columns = set(connection.execute(sql_text("SELECT * FROM runs")).keys())
+    assert {"sweep_key", "owner", "pid", "host", "heartbeat_at"} <= columns
+    assert store.run_ids() == ["old1"]
+
+
+WRITER = """
+import dataclasses, sys
+from explorer.events import RunStarted
+from explorer.export import read_jsonl
+from store import Store
+url, tag, path = sys.argv[1:]
+trace = read_jsonl(open(path).read().splitlines())[0]
+store = Store(url)  # both writers may be the first to open the empty database
+for i in range(8):
+    started = dataclasses.replace(trace.started, run_id=f"{tag}{i:02d}")
+    store.begin_run(started)
+    events = trace.events
+    for first in range(0, len(events), 3):  # small batches: the two writers' transactions interleave
+        last = first + 3 >= len(events)
+        store.append_events(started.run_id, first, events[first:first + 3], trace.finished if last else None)
+"""
+
+
+def test_two_processes_append_runs_at_once(db_url, tiny, tmp_path):
+    from explorer.export import write_jsonl
+
+    trace = run_to_end(tiny, RunRequest.build("greedy", {}, "two writers", max_new_tokens=12))
+    source = write_jsonl([trace], tmp_path / "trace.jsonl")
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, db_url, tag, str(source)], cwd=ROOT,
+                                stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]
+    for writer in writers:
+        assert writer.wait(timeout=120) == 0, writer.stderr.read()[-2000:]
+    store = Store(db_url)
+    ids = store.run_ids()
+    assert sorted(ids) == sorted(f"{tag}{i:02d}" for tag in "ab" for i in range(8))
+    for run_id in ids:
+        loaded = store.load_trace(run_id)
+        assert loaded.events == trace.events and loaded.finished == trace.finished
 
 
 def test_sqlite_uses_wal(store):
