@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None)
     sweep.add_argument("--db", default=None)
     sweep.add_argument("--quiet", action="store_true")
+    sweep.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run the matrix on Ray actors (pip install 'decoding-explorer[ray]'): a local Ray "
+                            "without ADDRESS, else a cluster (HOST:6379 or auto)")
+    sweep.add_argument("--workers", type=int, default=2,
+                       help="with --ray: actors, each holding one loaded model (one per GPU or CPU slot)")
+    sweep.add_argument("--gpus-per-worker", type=float, default=0.0, help="with --ray: GPUs each actor takes")
+    sweep.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
     report = sub.add_parser("report", help="write LaTeX/Markdown tables and figures of a sweep's runs")
     report.add_argument("--db", default=None)
@@ -328,7 +335,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from explorer.models import load_model
     from explorer.request import check_max_new_tokens
     from explorer.specbench import default_question_file
-    from explorer.sweep import load_prompts, parse_strategies, per_category, run_sweep
+    from explorer.sweep import load_prompts, parse_strategies, per_category, run_sweep, sweep_cells
     from store import Store
 
     prompts = args.prompts or default_question_file()
@@ -339,11 +346,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         items = per_category(items, args.per_category)
     check_max_new_tokens(args.max_new_tokens)  # before a model is loaded
     store = Store(args.db)
-    model = load_model(args.model)
-    total = len(items) * len(methods) * max(args.seeds, 0)  # one step per conversation
-    with tqdm(total=total, unit="run", desc="sweep", disable=args.quiet, file=sys.stderr) as bar:
-        report = run_sweep(model, items, methods, args.seeds, store, max_new_tokens=args.max_new_tokens,
-                           chat=args.chat, progress=lambda what: bar.update(1))
+    cells = sweep_cells(items, methods, args.seeds, args.chat)  # refuses bad input before any model loads
+    with tqdm(total=len(cells), unit="cell", desc="sweep", disable=args.quiet, file=sys.stderr) as bar:
+        if args.ray is not None:
+            from explorer.ray_sweep import run_sweep_on_ray
+
+            report = run_sweep_on_ray(args.model, cells, store, address=args.ray or None, workers=args.workers,
+                                      gpus_per_worker=args.gpus_per_worker, device=args.device,
+                                      max_new_tokens=args.max_new_tokens, chat=args.chat,
+                                      progress=lambda what: bar.update(1))
+        else:
+            report = run_sweep(load_model(args.model, device=args.device), items, methods, args.seeds, store,
+                               max_new_tokens=args.max_new_tokens, chat=args.chat,
+                               progress=lambda what: bar.update(1))
     print(f"sweep: {report.done} runs done, {report.skipped} already done (skipped), {len(report.failed)} failed; "
           f"stored in {store.url}")
     for what, error in report.failed:

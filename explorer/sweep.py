@@ -130,51 +130,89 @@ def sweep_key(model_id: str, request: RunRequest) -> str:
     return hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the sweep matrix: an item (all its turns) with one method and one seed."""
+
+    item: PromptItem
+    method: MethodSpec
+    seed: int
+
+    @property
+    def what(self) -> str:
+        return f"{self.item.name} / {self.method.label} / seed {self.seed}"
+
+
+def sweep_cells(items: Sequence[PromptItem], methods: Sequence[MethodSpec], seeds: int,
+                chat: bool | None = None) -> list[Cell]:
+    if seeds < 1:
+        raise ValueError("--seeds must be >= 1")
+    if chat is False and any(len(item.turns) > 1 for item in items):
+        raise ValueError("multi-turn questions run through the chat template: drop --no-chat")
+    return [Cell(item, method, seed) for item in items for method in methods for seed in range(seeds)]
+
+
+def turn_request(model_id: str, cell: Cell, turn: int, history: Sequence[tuple[str, str]], max_new_tokens: int,
+                 chat: bool | None) -> tuple[RunRequest, str]:
+    """The request of one turn of a cell (tagged with its category, method and sweep key) and its sweep key."""
+    item, method = cell.item, cell.method
+    request = RunRequest(method.strategy, method.config, item.turns[turn], chat=chat, max_new_tokens=max_new_tokens,
+                         seed=cell.seed, history=tuple(history))
+    key = sweep_key(model_id, request)
+    tags = {"category": item.category, "prompt_name": item.name, "method": method.label, "sweep_key": key}
+    if item.question_id is not None:
+        tags |= {"question_id": str(item.question_id), "turn": str(turn), "turns": str(len(item.turns))}
+    return request.replace(tags=tags), key
+
+
+def stored_answers(model_id: str, cell: Cell, store: Any, max_new_tokens: int, chat: bool | None) -> dict[str, str]:
+    """{sweep key: answer} of the cell's turns already stored ok, in order up to the first one missing (a later
+    turn's key depends on the earlier answers)."""
+    known: dict[str, str] = {}
+    history: list[tuple[str, str]] = []
+    for turn, prompt in enumerate(cell.item.turns):
+        _, key = turn_request(model_id, cell, turn, history, max_new_tokens, chat)
+        stored = store.completed_sweep_keys([key])
+        if key not in stored:
+            break
+        known[key] = store.load_trace(stored[key]).text
+        history.append((prompt, known[key].strip()))
+    return known
+
+
+def run_cell(model: Any, cell: Cell, max_new_tokens: int, chat: bool | None, known: Callable[[str], str | None],
+             recorder: Callable[[], Recorder]) -> int:
+    """Run each turn of a cell that `known` has no answer for, in order, each with the earlier answers as its
+    history (a failed turn raises and ends the cell); return how many runs were new."""
+    history: list[tuple[str, str]] = []
+    new_runs = 0
+    for turn, prompt in enumerate(cell.item.turns):
+        request, key = turn_request(model.info.model_id, cell, turn, history, max_new_tokens, chat)
+        answer = known(key)
+        if answer is None:
+            answer = run_to_end(model, request, recorder=recorder()).text
+            new_runs += 1
+        history.append((prompt, answer.strip()))
+    return new_runs
+
+
 def run_sweep(model: Any, items: Sequence[PromptItem], methods: Sequence[MethodSpec], seeds: int, store: Any, *,
               max_new_tokens: int = 64, chat: bool | None = None,
               progress: Callable[[str], None] | None = None) -> SweepReport:
     """Run every item x method x seed into `store`, skipping runs that already finished ok (by sweep key). A
     conversation's turns run in order, each with the earlier answers as its history; a failed turn ends it."""
-    if seeds < 1:
-        raise ValueError("--seeds must be >= 1")
-    if chat is False and any(len(item.turns) > 1 for item in items):
-        raise ValueError("multi-turn questions run through the chat template: drop --no-chat")
     report = SweepReport()
-    for item in items:
-        for method in methods:
-            for seed in range(seeds):
-                what = f"{item.name} / {method.label} / seed {seed}"
-                try:
-                    done = _run_conversation(model, item, method, seed, store, max_new_tokens, chat)
-                    report.done += done
-                    report.skipped += len(item.turns) - done
-                except Exception as error:  # stored as failed by the runner; report it at the end and go on
-                    report.failed.append((what, f"{type(error).__name__}: {error}"))
-                if progress is not None:
-                    progress(what)
+    for cell in sweep_cells(items, methods, seeds, chat):
+        try:
+            known = stored_answers(model.info.model_id, cell, store, max_new_tokens, chat)
+            done = run_cell(model, cell, max_new_tokens, chat, known.get, lambda: Recorder(store))
+            report.done += done
+            report.skipped += len(cell.item.turns) - done
+        except Exception as error:  # stored as failed by the runner; report it at the end and go on
+            report.failed.append((cell.what, f"{type(error).__name__}: {error}"))
+        if progress is not None:
+            progress(cell.what)
     return report
-
-
-def _run_conversation(model: Any, item: PromptItem, method: MethodSpec, seed: int, store: Any,
-                      max_new_tokens: int, chat: bool | None) -> int:
-    """Run (or find, when already stored) each turn of one item; return how many runs were new."""
-    history: list[tuple[str, str]] = []
-    new_runs = 0
-    for turn, prompt in enumerate(item.turns):
-        request = RunRequest(method.strategy, method.config, prompt, chat=chat, max_new_tokens=max_new_tokens,
-                             seed=seed, history=tuple(history))
-        key = sweep_key(model.info.model_id, request)
-        tags = {"category": item.category, "prompt_name": item.name, "method": method.label, "sweep_key": key}
-        if item.question_id is not None:
-            tags |= {"question_id": str(item.question_id), "turn": str(turn), "turns": str(len(item.turns))}
-        stored = store.completed_sweep_keys([key])
-        if key in stored:
-            answer = store.load_trace(stored[key]).text
-        else:
-            answer = run_to_end(model, request.replace(tags=tags), recorder=Recorder(store)).text
-            new_runs += 1
-        history.append((prompt, answer.strip()))
-    return new_runs
 
 
 def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] = ("svg", "pdf", "png")) -> list[Path]:
