@@ -256,8 +256,8 @@ def export_views(traces: list[Any], view_lane: str, width: str) -> str:
 def generate(prompt: str, strategy: str = "greedy", params: str = "{}", model: str = "", seed: int = 0,
              max_new_tokens: int = 64, chat: bool = True, request: gr.Request = None) -> Iterator[dict]:
     """API: one run with one strategy; the last value is its run id, text, generated token ids and metrics.
-    While it runs it reports progress about once a second: a client that cancels or disconnects stops being
-    served, so its run stops computing (and is stored as cancelled)."""
+    While it runs it reports progress at its first token and then about once a second: a client that cancels or
+    disconnects stops being served, so its run stops computing (and is stored as cancelled)."""
     try:
         parsed = json.loads(params or "{}")
         if not isinstance(parsed, dict):
@@ -267,14 +267,17 @@ def generate(prompt: str, strategy: str = "greedy", params: str = "{}", model: s
         model_id = POLICY.check_model(model or DEFAULT_MODEL)
         lm = MODELS.get(model_id)
         owner = owner_of(request)
-        last = time.perf_counter()
+        last, reported = time.perf_counter(), 0
         results = []
         with POLICY.visitor_run(owner):
             for results in decoded_lanes(model_id, [run.replace(chat=bool(chat) and lm.has_chat_template)], owner):
-                if time.perf_counter() - last >= API_PROGRESS_EVERY_S and results[0].trace is not None:
-                    last = time.perf_counter()
-                    trace = results[0].trace
-                    yield {"run_id": trace.run_id, "status": "running", "new_tokens": len(trace.token_steps)}
+                trace = results[0].trace
+                steps = len(trace.token_steps) if trace is not None else 0
+                # the first token at once (the client learns the run id and its time to first token), then
+                # about once a second
+                if steps and (not reported or time.perf_counter() - last >= API_PROGRESS_EVERY_S):
+                    last, reported = time.perf_counter(), steps
+                    yield {"run_id": trace.run_id, "status": "running", "new_tokens": steps}
         if results and results[0].error:
             raise ValueError(f"the run failed: {results[0].error} (stored as failed)")
     except json.JSONDecodeError as error:

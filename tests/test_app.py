@@ -11,8 +11,8 @@ import pytest
 from explorer.recorder import Recorder
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
+from explorer.testing import running_app
 from store import Store
-from tests.apps import running_app
 from tests.test_viz import hostile_trace
 
 ROOT = Path(__file__).resolve().parents[1]

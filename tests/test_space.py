@@ -17,8 +17,9 @@ from explorer.models import EMBEDDED_HUB_ID, load_model
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.serving import ServerPolicy
+from explorer.testing import APP_ROOT as ROOT
+from explorer.testing import running_app
 from store import Store
-from tests.apps import ROOT, running_app
 
 
 def front_matter() -> dict:
