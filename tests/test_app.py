@@ -565,3 +565,24 @@ def test_export_handlers_write_files(tiny_flat, tmp_path, monkeypatch):
                  if has_data(figure)]
     assert "heatmap" in with_data and "beam-tree" not in with_data  # greedy lanes: no beam tree to draw
     assert {f"{v}.{fmt}" for v in with_data for fmt in ("svg", "pdf", "png")} == set(names)
+
+
+@pytest.mark.browser
+def test_browser_a_waiting_visitor_sees_the_queue_position(server, browser):
+    """With one run decoding at a time (the default), a second visitor's Run waits in Gradio's queue and the
+    page says so; the first visitor's Stop lets it through."""
+    url, _ = server
+    busy = open_page(browser, url, "Tell me a long story", strategies={1: "cautious", 2: "greedy"})
+    lane = busy.locator("#lane1")
+    lane.get_by_text("parameters", exact=True).click()
+    for label, value in (("h_min", "0"), ("h_max", "0.01"), ("n_max", "8"), ("max_trial_tokens", "64")):
+        set_number(lane, label, value)
+    set_number(busy, "max new tokens", "2000")
+    busy.locator("#run").click()
+    busy.wait_for_function("document.querySelector('#lane1-metrics').innerText.includes('step')", timeout=60_000)
+    waiting = open_page(browser, url, "Me next")
+    waiting.locator("#run").click()
+    waiting.wait_for_function("document.body.innerText.includes('queue')", timeout=30_000)
+    assert "queue: 1/1" in waiting.locator("body").inner_text()
+    busy.locator("#stop").click()
+    waiting.wait_for_selector("#permalink a", timeout=90_000)  # its turn came
