@@ -1,6 +1,6 @@
-"""Command line: `python -m explorer run|runs|show|strategies|export|import|figure|sweep|report`.
+"""Command line: `python -m explorer run|branch|runs|show|strategies|export|import|figure|sweep|report`.
 
-run decodes one prompt and stores its trace; runs lists stored runs and show prints one's per-step table;
+run decodes one prompt and stores its trace; branch continues a stored run from a step with another token; runs lists stored runs and show prints one's per-step table;
 strategies lists the strategies and their parameters; export writes runs as CSV, Parquet, JSONL or bundles, and
 import loads a bundle; figure exports a view for a paper; sweep runs prompts x strategies x seeds (resumable)
 and report writes its tables and figures. Bad input exits with status 2 and one line saying what to fix; a run
@@ -67,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--db", default=None)
     show.add_argument("--json", action="store_true")
 
+    branch = sub.add_parser("branch", help="what if: continue a stored run from STEP with another TOKEN there")
+    branch.add_argument("run_id")
+    branch.add_argument("--step", type=int, required=True, help="the step (0 = the first generated token)")
+    branch.add_argument("--token", required=True,
+                        help="the token to force there: a recorded alternative's text, any text that is one token, "
+                             "or a token id")
+    branch.add_argument("--strategy", default=None, help="decode on with this strategy (default: the parent's)")
+    branch.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    branch.add_argument("--model", default=None, help="default: the parent's model")
+    branch.add_argument("--dtype", default="auto")
+    branch.add_argument("--device", default="auto")
+    branch.add_argument("--max-new-tokens", type=int, default=None, help="default: the parent's")
+    branch.add_argument("--db", default=None)
+    branch.add_argument("--json", action="store_true")
+    branch.add_argument("--quiet", action="store_true")
+    branch.add_argument("--no-store", action="store_true", help=argparse.SUPPRESS)
+
     sub.add_parser("strategies", help="list strategies and their parameters")
 
     export = sub.add_parser("export", help="export runs: per-step table (csv, parquet), events (jsonl), bundles, "
@@ -132,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"run": cmd_run, "runs": cmd_runs, "show": cmd_show, "strategies": cmd_strategies,
                     "export": cmd_export, "import": cmd_import, "figure": cmd_figure, "sweep": cmd_sweep,
-                    "report": cmd_report}
+                    "report": cmd_report, "branch": cmd_branch}
         return commands[args.command](args)
     except ValueError as error:
         print(f"error: {one_line(str(error))}", file=sys.stderr)
@@ -157,11 +174,8 @@ def one_line(text: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from explorer.events import STATUS_OK, RunStarted, TokenStep
     from explorer.models import load_model
-    from explorer.recorder import Recorder
     from explorer.request import RunRequest
-    from explorer.runner import run_strategy
     from store import Store
 
     request = RunRequest.build(args.strategy, _parse_params(args.param), args.prompt, chat=args.chat,
@@ -169,6 +183,32 @@ def cmd_run(args: argparse.Namespace) -> int:
                                stop_strings=tuple(args.stop))  # validated before a model is loaded
     store = None if args.no_store else Store(args.db)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
+    return _run_and_report(model, request, store, args)
+
+
+def cmd_branch(args: argparse.Namespace) -> int:
+    from explorer.branch import branch_request
+    from explorer.models import load_model
+    from store import Store
+
+    if args.param and not args.strategy:
+        raise ValueError("--param needs --strategy (without it the branch keeps the parent's strategy)")
+    store = Store(args.db, create=False)
+    parent = store.load_trace(args.run_id)
+    model = load_model(args.model or parent.started.model_id, dtype=args.dtype, device=args.device)
+    options = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}
+    request = branch_request(model, parent, args.step, args.token, args.strategy,
+                             _parse_params(args.param) if args.strategy else None, **options)
+    args.strategy = request.strategy
+    return _run_and_report(model, request, store, args)
+
+
+def _run_and_report(model: Any, request: Any, store: Any, args: argparse.Namespace) -> int:
+    from explorer.events import STATUS_OK, RunStarted, TokenStep
+    from explorer.recorder import Recorder
+    from explorer.runner import run_strategy
+
+    args.max_new_tokens = request.max_new_tokens
     recorder = Recorder(store)
     progress = _progress(args.max_new_tokens, disable=True)  # shown once the run has started
     failure: Exception | None = None

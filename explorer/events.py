@@ -44,6 +44,9 @@ class RunStarted:
     tags: dict[str, str] = field(default_factory=dict)  # e.g. a sweep's prompt category and resume key
     history: list[list[str]] = field(default_factory=list)  # earlier [user, assistant] turns of a conversation
     defaults: dict[str, Any] = field(default_factory=dict)  # the strategy's default config (labels show changes)
+    prefix_ids: list[int] = field(default_factory=list)  # a branch: its forced first tokens (the last one chosen)
+    parent_run: str | None = None  # a branch: the run it branched from, and the step where it differs
+    parent_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,9 @@ class TokenStep:
     kept_count: int
     kept_logprob: float
     details: dict[str, float] = field(default_factory=dict)
-    origin: str = "plain"  # plain | draft (an accepted draft token) | bonus (the target's token after a round)
+    # plain | draft (an accepted draft token) | bonus (the target's token after a round) | prefix (a branch's
+    # copy of its parent's token) | forced (the token a branch chose instead of its parent's)
+    origin: str = "plain"
 
     @classmethod
     def from_stats(cls, stats: Any, **fields: Any) -> TokenStep:

@@ -68,6 +68,11 @@ class RunRequest:
     history: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) turns: the prompt is the next user turn
     max_prompt_tokens: int | None = None  # per-request limits a server sets (None: only the hard ceilings)
     time_limit_s: float | None = None  # compute time after which the run is stopped and stored as "stopped"
+    # A branch ("what if"): the first generated tokens are forced (a parent run's tokens up to a step, then the
+    # token chosen instead of the parent's there); the strategy decodes on from them.
+    prefix: tuple[int, ...] = ()
+    parent_run: str | None = None
+    parent_step: int | None = None
 
     def __post_init__(self) -> None:
         spec = get_strategy(self.strategy)
@@ -88,6 +93,10 @@ class RunRequest:
         object.__setattr__(self, "history", tuple((str(user), str(answer)) for user, answer in self.history))
         if self.history and self.chat is False:
             raise ValueError("a multi-turn conversation needs the chat template: turn chat on")
+        object.__setattr__(self, "prefix", tuple(int(t) for t in self.prefix))
+        if len(self.prefix) > self.max_new_tokens:
+            raise ValueError(f"the branch starts at step {len(self.prefix) - 1}: max new tokens must be at least "
+                             f"{len(self.prefix)}")
 
     @classmethod
     def build(cls, strategy: str, params: Mapping[str, Any], prompt: str, **options: Any) -> RunRequest:
@@ -108,4 +117,5 @@ class RunRequest:
             created_at=datetime.now(UTC).isoformat(timespec="seconds"), tags=dict(self.tags),
             history=[[user, answer] for user, answer in self.history],
             defaults=config_dict(type(self.config)()),
+            prefix_ids=list(self.prefix), parent_run=self.parent_run, parent_step=self.parent_step,
         )

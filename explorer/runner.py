@@ -8,6 +8,7 @@ and the recorder stores it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import platform
 import time
@@ -76,8 +77,12 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
     busy = 0.0
     prefill_time = 0.0
     status, stop_reason, error = STATUS_OK, "max_new_tokens", None
-    budget = {"max_new_tokens": max_new_tokens} if spec.needs_budget else {}
-    events = spec.run(model, prompt_ids, config, rng, **budget)
+    prefix = list(request.prefix)
+    budget = {"max_new_tokens": max_new_tokens - len(prefix)} if spec.needs_budget else {}
+    if prefix:  # a branch: its forced tokens first, then the strategy from prompt + prefix, steps numbered on
+        events = _branch_events(model, prompt_ids, prefix, spec.run(model, prompt_ids + prefix, config, rng, **budget))
+    else:
+        events = spec.run(model, prompt_ids, config, rng, **budget)
 
     def finish() -> RunFinished:
         finished = RunFinished(
@@ -128,6 +133,30 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
     finally:
         events.close()
     yield finish()
+
+
+def _branch_events(model: Any, prompt_ids: list[int], prefix: list[int], events: Iterator[Event]
+                   ) -> Iterator[Event]:
+    """A branch's events: a TokenStep for each forced token (from one forward pass over prompt + prefix: the
+    model's own distribution there; origin "prefix", the last one "forced"), then the strategy's events with
+    their `step` moved past the prefix (positions are absolute already)."""
+    from explorer.strategies.base import commit_token
+
+    try:
+        logits = model.session().forward(prompt_ids + prefix[:-1], all_logits=True)[len(prompt_ids) - 1:]
+        for index, token in enumerate(prefix):
+            yield commit_token(model, index, len(prompt_ids) + index, token, logits[index],
+                               origin="forced" if index == len(prefix) - 1 else "prefix")
+        offset = len(prefix)
+        for event in events:
+            if isinstance(getattr(event, "step", None), int):
+                changes = {"step": event.step + offset}
+                if isinstance(getattr(event, "end_steps", None), list):
+                    changes["end_steps"] = [s + offset for s in event.end_steps]
+                event = dataclasses.replace(event, **changes)
+            yield event
+    finally:
+        events.close()
 
 
 def _stop_reason(model: Any, generated: list[int], eos: frozenset[int], stops: list[str], limit: int) -> str:

@@ -1,0 +1,108 @@
+"""What if: branches from any token (runner, CLI, tree), the logit lens, attention records, why two lanes part."""
+
+import json
+
+import pytest
+
+from explorer.branch import branch_request, branch_tree
+from explorer.cli import main
+from explorer.export import read_bundle, write_bundle
+from explorer.recorder import Recorder
+from explorer.request import RunRequest
+from explorer.runner import run_to_end
+from explorer.strategies import get_strategy, make_config
+from store import Store
+
+PROMPT = "the cat sat on the mat. the cat"
+
+
+def greedy_from(model, prompt_ids, limit):
+    """Plain greedy decoding from a given context (the reference a branch's continuation must equal)."""
+    events = get_strategy("greedy").run(model, list(prompt_ids), make_config("greedy", {}), None)
+    tokens = []
+    for event in events if limit > 0 else ():
+        tokens.append(event.token_id)
+        if len(tokens) == limit:
+            break
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def parent(tiny):
+    return run_to_end(tiny, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=16, chat=False))
+
+
+@pytest.mark.parametrize("step", [0, 5, 15])
+def test_a_branch_keeps_the_prefix_forces_the_token_and_decodes_on_like_greedy(tiny, parent, step):
+    alternative = parent.token_steps[step].top_ids[2]
+    branch = run_to_end(tiny, branch_request(tiny, parent, step, alternative))
+    assert branch.token_ids[:step] == parent.token_ids[:step]
+    assert branch.token_ids[step] == alternative and branch.token_steps[step].origin == "forced"
+    assert [s.origin for s in branch.token_steps[:step]] == ["prefix"] * step
+    assert [s.step for s in branch.token_steps] == list(range(16)) and len(branch.token_ids) == 16
+    rest = greedy_from(tiny, parent.started.prompt_ids + branch.token_ids[:step + 1], 16 - step - 1)
+    assert branch.token_ids[step + 1:] == rest
+    started = branch.started
+    assert (started.parent_run, started.parent_step, started.prefix_ids) == (
+        parent.run_id, step, [*parent.token_ids[:step], alternative])
+    forced = branch.token_steps[step]  # the forced token's statistics are the model's at that position
+    assert forced.rank == 2 and forced.top_ids == parent.token_steps[step].top_ids
+
+
+def test_a_branch_may_decode_on_with_another_strategy(tiny, parent):
+    alternative = parent.token_steps[3].top_ids[1]
+    greedy = run_to_end(tiny, branch_request(tiny, parent, 3, alternative))
+    for name, params in [("prompt_lookup", {"min_ngram": "1"}), ("beam", {"num_beams": "2"}),
+                         ("sample", {"top_p": "0.9"})]:
+        other = run_to_end(tiny, branch_request(tiny, parent, 3, alternative, name, params))
+        assert other.status == "ok" and other.token_ids[:4] == greedy.token_ids[:4]
+        assert [s.step for s in other.token_steps] == list(range(len(other.token_steps)))
+        if name == "prompt_lookup":  # greedy rule: the same tokens as greedy from the fork
+            assert other.token_ids == greedy.token_ids
+
+
+def test_bad_branches_are_refused_in_one_line(tiny, parent):
+    chosen = parent.token_ids[2]
+    with pytest.raises(ValueError, match="step must be between 0 and 15"):
+        branch_request(tiny, parent, 16, "a")
+    with pytest.raises(ValueError, match="already: pick another token"):
+        branch_request(tiny, parent, 2, chosen)
+    with pytest.raises(ValueError, match="is 3 tokens for this model"):
+        branch_request(tiny, parent, 2, "abc")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        branch_request(tiny, parent, 2, 10**6)
+    with pytest.raises(ValueError, match="has no parameter"):
+        branch_request(tiny, parent, 2, "q", "sample", {"nope": 1})
+    assert branch_request(tiny, parent, 2, parent.token_steps[2].top_texts[1]).prefix[-1] == \
+        parent.token_steps[2].top_ids[1]  # a recorded alternative by its text
+
+
+def test_the_parent_link_survives_export_and_import_and_forms_a_tree(tiny, parent, tmp_path, store):
+    first = run_to_end(tiny, branch_request(tiny, parent, 4, parent.token_steps[4].top_ids[1]))
+    second = run_to_end(tiny, branch_request(tiny, first, 9, first.token_steps[9].top_ids[1]))
+    back = read_bundle(write_bundle(second, tmp_path / "b.zip"))
+    assert (back.started.parent_run, back.started.parent_step) == (first.run_id, 9)
+    for trace in (parent, first, second):
+        store.save_trace(trace)
+    loaded = store.load_traces([parent.run_id, first.run_id, second.run_id])
+    [root] = branch_tree(loaded)
+    assert root.trace.run_id == parent.run_id and root.children[0].trace.run_id == first.run_id
+    assert root.children[0].children[0].trace.run_id == second.run_id and root.children[0].children[0].step == 9
+
+
+def test_branch_cli(tiny_dir, tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'b.sqlite'}"
+    assert main(["run", "--strategy", "greedy", "--prompt", PROMPT, "--no-chat", "--model", str(tiny_dir),
+                 "--max-new-tokens", "10", "--db", db, "--json", "--quiet"]) == 0
+    parent = json.loads(capsys.readouterr().out)
+    stored = Store(db).load_trace(parent["run_id"])
+    alt = stored.token_steps[3].top_ids[1]
+    assert main(["branch", parent["run_id"], "--step", "3", "--token", str(alt), "--model", str(tiny_dir),
+                 "--db", db, "--json", "--quiet"]) == 0
+    branch = json.loads(capsys.readouterr().out)
+    assert branch["token_ids"][:3] == parent["token_ids"][:3] and branch["token_ids"][3] == alt
+    assert Store(db).load_trace(branch["run_id"]).started.parent_run == parent["run_id"]
+    assert main(["branch", parent["run_id"], "--step", "99", "--token", "a", "--model", str(tiny_dir),
+                 "--db", db]) == 2
+    assert "step must be between 0 and 9" in capsys.readouterr().err
+    assert main(["branch", "nosuchrun", "--step", "1", "--token", "a", "--db", db]) == 2
