@@ -1,6 +1,7 @@
 """Command line: `python -m explorer run|branch|runs|show|strategies|export|import|figure|sweep|report`.
 
-run decodes one prompt and stores its trace; branch continues a stored run from a step with another token; runs lists stored runs and show prints one's per-step table;
+run decodes one prompt and stores its trace; branch continues a stored run from a step with another token;
+runs lists stored runs and show prints one's per-step table;
 strategies lists the strategies and their parameters; export writes runs as CSV, Parquet, JSONL or bundles, and
 import loads a bundle; figure exports a view for a paper; sweep runs prompts x strategies x seeds (resumable)
 and report writes its tables and figures. Bad input exits with status 2 and one line saying what to fix; a run

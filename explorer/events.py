@@ -47,6 +47,7 @@ class RunStarted:
     prefix_ids: list[int] = field(default_factory=list)  # a branch: its forced first tokens (the last one chosen)
     parent_run: str | None = None  # a branch: the run it branched from, and the step where it differs
     parent_step: int | None = None
+    probes: dict[str, Any] = field(default_factory=dict)  # optional records: {"lens": true, "attention": {...}}
 
 
 @dataclass(frozen=True)
@@ -221,12 +222,45 @@ class PoolUpdate:
     pool_size: int
 
 
+@dataclass(frozen=True)
+class LensStep:
+    """The logit lens at one step: every layer's hidden state at the position that predicted the step's token,
+    through the final norm and the LM head (the last layer: the model's own output). Per layer (index l = the
+    output of decoder layer l): the chosen token's probability and rank, and that layer's top tokens."""
+
+    kind: ClassVar[str] = "lens_step"
+    step: int
+    position: int
+    token_id: int
+    chosen_probs: list[float]
+    chosen_ranks: list[int]
+    top_ids: list[list[int]]
+    top_probs: list[list[float]]
+    top_texts: list[list[str]]
+
+
+@dataclass(frozen=True)
+class AttentionStep:
+    """Which earlier positions the prediction of this step's token attended to: the attention weights of the
+    query that produced it, averaged over heads and over layers `first_layer`..`last_layer`, the `top` largest
+    (positions count the prompt from 0), largest first."""
+
+    kind: ClassVar[str] = "attention_step"
+    step: int
+    position: int
+    token_id: int
+    first_layer: int
+    last_layer: int
+    sources: list[int]
+    weights: list[float]
+
+
 Event = (RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch
-         | PoolUpdate)
+         | PoolUpdate | LensStep | AttentionStep)
 EVENT_TYPES: dict[str, type] = {
     cls.kind: cls
     for cls in (RunStarted, TokenStep, RunFinished, DraftRound, BeamStep, BeamResult, CandidateStep, TrialBranch,
-                PoolUpdate)
+                PoolUpdate, LensStep, AttentionStep)
 }
 
 

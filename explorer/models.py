@@ -12,6 +12,7 @@ local cache (`$DECODING_EXPLORER_CACHE`, default `~/.cache/decoding-explorer`) a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -21,7 +22,7 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,7 @@ class KVSession:
             self.cache = DynamicCache(ddp_cache_data=[(None, None)] * config.num_hidden_layers)
         self.length = 0
         self.layers: list[int] | None = None  # a view's layers (indices into the cache); None: every layer
+        self.attentions: torch.Tensor | None = None  # the last pass's attention weights, when it asked for them
 
     def view(self, lm: LanguageModel) -> KVSession:
         """A session that runs `lm`, a view of this session's model that runs a subset of its layers (a layer-skip
@@ -188,7 +190,7 @@ class KVSession:
         kept = [next(i for i, layer in enumerate(ours) if layer is theirs) for theirs in decoder_layers(lm.model)]
         if not kept or kept[0] != 0:
             raise ValueError("a view on a shared cache must run layer 0")
-        view.lm, view.cache, view.length, view.layers = lm, self.cache, self.length, kept
+        view.lm, view.cache, view.length, view.layers, view.attentions = lm, self.cache, self.length, kept, None
         return view
 
     @torch.inference_mode()
@@ -200,6 +202,7 @@ class KVSession:
         tree_base: int | None = None,
         all_logits: bool = True,
         hidden_states: bool = False,
+        attentions: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the model over new tokens appended to the cache; return float32 logits `(n, vocab)`.
 
@@ -210,7 +213,9 @@ class KVSession:
         them and the new ones (indices into the whole tree); new nodes then sit at `tree_base + depth`.
         With `all_logits=False` only the last token's
         logits come back, `(1, vocab)`. With `hidden_states=True` every layer's hidden states come back too,
-        `(layers + 1, n, hidden)` (index 0 = embeddings, index l + 1 = output of layer l).
+        `(layers + 1, n, hidden)` (index 0 = embeddings, index l + 1 = output of layer l; the last one after
+        the final norm). With `attentions=True` the pass runs eager attention (the only kind that returns its
+        weights: slower) and leaves every layer's weights in `self.attentions`, `(layers, heads, n, kv)`.
         """
         device = self.lm.device
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=device).reshape(1, -1)  # (1, n)
@@ -232,13 +237,17 @@ class KVSession:
             kwargs["position_ids"] = torch.arange(self.length, self.length + n, device=device).reshape(1, -1)
         if not all_logits:
             kwargs["logits_to_keep"] = 1
-        out = self.lm.model(
-            input_ids=ids,
-            past_key_values=self.cache,
-            use_cache=True,
-            output_hidden_states=hidden_states,
-            **kwargs,
-        )
+        with eager_attention(self.lm.model, attentions):
+            out = self.lm.model(
+                input_ids=ids,
+                past_key_values=self.cache,
+                use_cache=True,
+                output_hidden_states=hidden_states,
+                output_attentions=attentions,
+                **kwargs,
+            )
+        if attentions:
+            self.attentions = torch.stack([a[0] for a in out.attentions])
         self.lm.forward_passes += 1
         self.length += n
         logits = out.logits[0].float()  # (n or 1, vocab)
@@ -368,6 +377,23 @@ def _probe_tree_support(lm: LanguageModel) -> str | None:
             f"with explicit positions (a tree pass differs from plain passes by {difference:.3g} in the logits), "
             "so strategies that verify or draft trees are off for it: use a chain method (speculative, "
             "self_speculative, prompt_lookup, jacobi)")
+
+
+@contextlib.contextmanager
+def eager_attention(model: torch.nn.Module, on: bool = True) -> Iterator[None]:
+    """Run the block with eager attention (which returns attention weights). The setting is the model's config,
+    read at every forward: another run decoding at the same moment on another thread computes the same values
+    the slower way while it lasts."""
+    config = model.config
+    previous = getattr(config, "_attn_implementation", None)
+    if not on or previous == "eager":
+        yield
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:

@@ -73,6 +73,11 @@ class RunRequest:
     prefix: tuple[int, ...] = ()
     parent_run: str | None = None
     parent_step: int | None = None
+    # Optional records (explorer/probes.py), off by default: they cost a second pass per token.
+    lens: bool = False
+    attention: bool = False
+    attention_layers: str = ""  # "first-last" (0-based, inclusive); empty: every layer
+    attention_top: int = 8
 
     def __post_init__(self) -> None:
         spec = get_strategy(self.strategy)
@@ -94,6 +99,9 @@ class RunRequest:
         if self.history and self.chat is False:
             raise ValueError("a multi-turn conversation needs the chat template: turn chat on")
         object.__setattr__(self, "prefix", tuple(int(t) for t in self.prefix))
+        object.__setattr__(self, "attention_top", _whole(self.attention_top, "attention top", 1, 64))
+        if len(str(self.attention_layers)) > 32:
+            raise ValueError("attention layers must read like 0-11")
         if len(self.prefix) > self.max_new_tokens:
             raise ValueError(f"the branch starts at step {len(self.prefix) - 1}: max new tokens must be at least "
                              f"{len(self.prefix)}")
@@ -118,4 +126,15 @@ class RunRequest:
             history=[[user, answer] for user, answer in self.history],
             defaults=config_dict(type(self.config)()),
             prefix_ids=list(self.prefix), parent_run=self.parent_run, parent_step=self.parent_step,
+            probes=self.probes(),
         )
+
+    def probes(self, layers: tuple[int, int] | None = None) -> dict[str, Any]:
+        """What RunStarted records about the optional records (with the resolved attention layer range)."""
+        found: dict[str, Any] = {}
+        if self.lens:
+            found["lens"] = True
+        if self.attention:
+            found["attention"] = {"layers": list(layers) if layers else self.attention_layers,
+                                  "top": self.attention_top}
+        return found

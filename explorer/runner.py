@@ -68,6 +68,14 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
     recorder = recorder or Recorder()
     started = request.run_started(run_id=new_run_id(), model_info=model.info, chat=chat, prompt_ids=prompt_ids,
                                   versions=library_versions())
+    probe = None
+    if request.lens or request.attention:  # made before the run is stored: a bad layer range refuses it
+        from explorer.probes import Probe, parse_layer_range
+
+        layers = parse_layer_range(request.attention_layers, model.model.config.num_hidden_layers)
+        probe = Probe(model, prompt_ids, lens=request.lens, attention=request.attention, layers=layers,
+                      top=request.attention_top)
+        started = dataclasses.replace(started, probes=request.probes(layers))
     recorder.start(started)
 
     rng = torch.Generator(device=model.device).manual_seed(request.seed)
@@ -110,6 +118,10 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
             busy += time.perf_counter() - mark
             recorder.busy_s, recorder.forward_passes = busy, model.forward_passes
             yield event
+            if probe is not None and isinstance(event, TokenStep):  # not counted in the run's compute time
+                for extra in probe.observe(event):
+                    recorder.observe(extra)
+                    yield extra
             mark = time.perf_counter()
             if isinstance(event, TokenStep):
                 reason = _stop_reason(model, generated, eos, stops, max_new_tokens)

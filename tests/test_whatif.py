@@ -106,3 +106,97 @@ def test_branch_cli(tiny_dir, tmp_path, capsys):
                  "--db", db]) == 2
     assert "step must be between 0 and 9" in capsys.readouterr().err
     assert main(["branch", "nosuchrun", "--step", "1", "--token", "a", "--db", db]) == 2
+
+
+# ------------------------------------------------------------------------------------------- logit lens
+def test_the_last_layer_of_the_lens_is_the_models_own_distribution(tiny):
+    import math
+
+    for name, params in [("greedy", {}), ("sample", {"top_p": "0.9"}), ("prompt_lookup", {"min_ngram": "1"})]:
+        trace = run_to_end(tiny, RunRequest.build(name, params, PROMPT, max_new_tokens=12, chat=False, lens=True))
+        lens = [e for e in trace.events if type(e).__name__ == "LensStep"]
+        assert [e.step for e in lens] == [s.step for s in trace.token_steps]
+        layers = tiny.model.config.num_hidden_layers
+        for step, record in zip(trace.token_steps, lens, strict=True):
+            assert len(record.chosen_probs) == layers and record.token_id == step.token_id
+            assert record.chosen_probs[-1] == pytest.approx(math.exp(step.logprob), rel=1e-4, abs=1e-6)
+            assert record.chosen_ranks[-1] == step.rank and record.top_ids[-1][:3] == step.top_ids[:3]
+        assert trace.started.probes == {"lens": True}
+        assert trace.finished.target_forward_passes == run_to_end(
+            tiny, RunRequest.build(name, params, PROMPT, max_new_tokens=12, chat=False)
+        ).finished.target_forward_passes  # the probe's passes are not the run's
+
+
+def test_a_lens_layer_is_the_head_over_the_normed_hidden_state(tiny):
+    import torch
+
+    from explorer.models import final_norm
+
+    trace = run_to_end(tiny, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=3, chat=False, lens=True))
+    record = next(e for e in trace.events if type(e).__name__ == "LensStep")
+    ids = torch.tensor([trace.started.prompt_ids])
+    with torch.no_grad():
+        hidden = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states[1][0, -1]
+        probs = torch.softmax(tiny.model.get_output_embeddings()(final_norm(tiny.model)(hidden)), dim=-1)
+    assert record.chosen_probs[0] == pytest.approx(float(probs[record.token_id]), rel=1e-4)
+    assert record.top_ids[0][0] == int(probs.argmax())
+
+
+# -------------------------------------------------------------------------------------------- attention
+def marker_model(marker: int):
+    """A 1-layer Llama whose every query attends to the positions holding `marker`: all embeddings share a
+    direction the queries read, the marker's embedding has one the keys read, and both land on each head's
+    slowest rotary pair (rope_theta 1e12: position barely turns them)."""
+    import dataclasses as dc
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from explorer.models import LanguageModel, ModelInfo
+    from explorer.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, rope_theta=1e12, max_position_embeddings=512,
+                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb.mul_(0.1)
+        emb[:, 0] += 1.0  # shared: every query reads it
+        emb[marker, 1] += 1.0  # the marker: keys read it
+        attn.q_proj.weight.zero_()
+        attn.k_proj.weight.zero_()
+        for head in range(4):
+            attn.q_proj.weight[head * 16 + 7, 0] = 30.0
+            attn.k_proj.weight[head * 16 + 7, 1] = 30.0
+    info = ModelInfo("tiny-marker", "marker", "float32", "cpu")
+    return dc.replace(LanguageModel(model=model, tokenizer=tokenizer, info=info))
+
+
+def test_attention_records_are_sorted_distributions_that_find_the_source():
+    from explorer.testing import tiny_tokenizer
+
+    marker = tiny_tokenizer().convert_tokens_to_ids("Z")
+    lm = marker_model(marker)
+    prompt = "abcdefgZhijklmnop"
+    trace = run_to_end(lm, RunRequest.build("greedy", {}, prompt, max_new_tokens=6, chat=False, attention=True,
+                                            attention_top=5))
+    records = [e for e in trace.events if type(e).__name__ == "AttentionStep"]
+    assert len(records) == 6 and trace.started.probes == {"attention": {"layers": [0, 0], "top": 5}}
+    sequence = trace.started.prompt_ids + trace.token_ids
+    for record in records:
+        assert len(record.sources) == 5 and record.weights == sorted(record.weights, reverse=True)
+        assert 0 < sum(record.weights) <= 1 + 1e-6 and all(0 <= s < record.position for s in record.sources)
+        assert sequence[record.sources[0]] == marker and record.weights[0] > 0.5  # it leans on the marker
+
+
+def test_bad_probe_settings_are_refused_before_a_run_is_stored(tiny, store):
+    with pytest.raises(ValueError, match="within 0-1"):
+        run_to_end(tiny, RunRequest.build("greedy", {}, "hi", attention=True, attention_layers="0-5"),
+                   recorder=Recorder(store))
+    with pytest.raises(ValueError, match="attention top must be between 1 and 64"):
+        RunRequest.build("greedy", {}, "hi", attention=True, attention_top=500)
+    assert store.count_runs() == 0
