@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "Spec-Bench answer files (specbench)")
     export.add_argument("run_ids", nargs="*", help="run ids (default with --all: every stored run)")
     export.add_argument("--all", action="store_true", help="export every stored run")
-    export.add_argument("--format", required=True, choices=["csv", "parquet", "jsonl", "bundle", "specbench"])
+    export.add_argument("--format", required=True, choices=["csv", "parquet", "jsonl", "bundle", "specbench", "lens",
+                                                            "attention"])
     export.add_argument("--out", required=True,
                         help="output file (a directory for several bundles and for Spec-Bench answer files)")
     export.add_argument("--db", default=None)
@@ -342,7 +343,8 @@ def _write_export(kind: str, traces: list[Any], out: Path) -> list[Path]:
             return [export.write_bundle(traces[0], out)]
         out.mkdir(parents=True, exist_ok=True)
         return [export.write_bundle(t, out / f"{export.safe_name(t.run_id)}.zip") for t in traces]
-    writer = {"csv": export.write_csv, "parquet": export.write_parquet, "jsonl": export.write_jsonl}[kind]
+    writer = {"csv": export.write_csv, "parquet": export.write_parquet, "jsonl": export.write_jsonl,
+              "lens": export.write_lens_parquet, "attention": export.write_attention_parquet}[kind]
     return [writer(traces, out)]
 
 

@@ -253,6 +253,7 @@ class AttentionStep:
     last_layer: int
     sources: list[int]
     weights: list[float]
+    source_texts: list[str] = field(default_factory=list)  # the tokens at those positions
 
 
 Event = (RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch

@@ -64,6 +64,58 @@ def write_csv(traces: Iterable[Trace], path: str | Path) -> Path:
     return path
 
 
+def lens_rows(traces: Iterable[Trace]) -> list[dict[str, Any]]:
+    """One row per (step, layer) of every run that recorded the logit lens."""
+    rows = []
+    for trace in traces:
+        for record in (e for e in trace.events if e.kind == "lens_step"):
+            for layer, (prob, rank) in enumerate(zip(record.chosen_probs, record.chosen_ranks, strict=True)):
+                rows.append({"run_id": trace.run_id, "step": record.step, "position": record.position,
+                             "token_id": record.token_id, "layer": layer, "chosen_prob": prob, "chosen_rank": rank,
+                             "top1_id": record.top_ids[layer][0], "top1_text": record.top_texts[layer][0],
+                             "top1_prob": record.top_probs[layer][0]})
+    return rows
+
+
+def attention_rows(traces: Iterable[Trace]) -> list[dict[str, Any]]:
+    """One row per (step, attended position) of every run that recorded attention."""
+    rows = []
+    for trace in traces:
+        for record in (e for e in trace.events if e.kind == "attention_step"):
+            for rank, (source, weight) in enumerate(zip(record.sources, record.weights, strict=True)):
+                rows.append({"run_id": trace.run_id, "step": record.step, "position": record.position,
+                             "token_id": record.token_id, "rank": rank, "source_position": source,
+                             "weight": weight, "first_layer": record.first_layer, "last_layer": record.last_layer})
+    return rows
+
+
+LENS_SCHEMA = [("run_id", "string"), ("step", "int64"), ("position", "int64"), ("token_id", "int64"),
+               ("layer", "int64"), ("chosen_prob", "float64"), ("chosen_rank", "int64"), ("top1_id", "int64"),
+               ("top1_text", "string"), ("top1_prob", "float64")]
+ATTENTION_SCHEMA = [("run_id", "string"), ("step", "int64"), ("position", "int64"), ("token_id", "int64"),
+                    ("rank", "int64"), ("source_position", "int64"), ("weight", "float64"),
+                    ("first_layer", "int64"), ("last_layer", "int64")]
+
+
+def _write_rows_parquet(rows: list[dict[str, Any]], columns: list[tuple[str, str]], path: str | Path) -> Path:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as error:
+        raise ValueError("Parquet export needs pyarrow: pip install pyarrow") from error
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in columns])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), Path(path))
+    return Path(path)
+
+
+def write_lens_parquet(traces: Iterable[Trace], path: str | Path) -> Path:
+    return _write_rows_parquet(lens_rows(traces), LENS_SCHEMA, path)
+
+
+def write_attention_parquet(traces: Iterable[Trace], path: str | Path) -> Path:
+    return _write_rows_parquet(attention_rows(traces), ATTENTION_SCHEMA, path)
+
+
 def write_parquet(traces: Iterable[Trace], path: str | Path) -> Path:
     try:
         import pyarrow as pa

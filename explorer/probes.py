@@ -51,6 +51,7 @@ class Probe:
         self.session = self.model.session()
         self._norm = final_norm(self.model.model) if lens else None
         self._head = self.model.model.get_output_embeddings() if lens else None
+        self._sequence = list(prompt_ids)  # every position's token, for the attended tokens' texts
         self._feed(prompt_ids)
 
     @torch.inference_mode()
@@ -70,6 +71,7 @@ class Probe:
         if self.attention:
             events.append(self._attention_step(step))
         self._feed([step.token_id])
+        self._sequence.append(step.token_id)
         return events
 
     @torch.inference_mode()
@@ -100,5 +102,7 @@ class Probe:
         top = torch.topk(weights, min(self.top, weights.shape[-1]))
         packed = torch.cat([top.values.double(), top.indices.double()]).tolist()
         k = top.values.shape[-1]
+        sources = [int(i) for i in packed[k:]]
         return AttentionStep(step=step.step, position=step.position, token_id=step.token_id, first_layer=first,
-                             last_layer=last, sources=[int(i) for i in packed[k:]], weights=packed[:k])
+                             last_layer=last, sources=sources, weights=packed[:k],
+                             source_texts=[self.model.piece(self._sequence[i]) for i in sources])

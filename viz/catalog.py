@@ -27,6 +27,7 @@ from viz.speculative import (
     skip_set_figure,
     tree_size_figure,
 )
+from viz.whatif import attention_graph_figure, branch_tree_figure, divergence_why_figure, logit_lens_figure
 
 BEAM_STRATEGIES = ("beam", "diverse_beam")
 
@@ -49,6 +50,10 @@ def _drafted(t: Trace) -> bool:
 
 def _pooled(t: Trace) -> bool:
     return any(e.kind == "pool_update" for e in t.events)
+
+
+def _probed(kind: str) -> Callable[[Trace], bool]:
+    return lambda t: any(e.kind == kind for e in t.events)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,12 @@ VIEWS = [
     View("momentum", "Search", "momentum graph", _one(momentum_figure, _strategy("momentum"))),
     View("cautious", "Search", "cautious trials", _one(cautious_figure, _strategy("cautious"))),
     View("repetition", "Sampling", "repetition", _all(repetition_figure)),
+    View("logit-lens", "What if", "logit lens (layer x step)", _one(logit_lens_figure, _probed("lens_step"))),
+    View("attention-graph", "What if", "attention dependencies", _one(attention_graph_figure,
+                                                                    _probed("attention_step"))),
+    View("branch-tree", "What if", "branch tree", _all(branch_tree_figure)),
+    View("why-parted", "What if", "why lanes parted", lambda traces, lane: divergence_why_figure(
+        [t for t in traces if t is not None], lane)),
 ]
 VIEW_NAMES = [view.name for view in VIEWS]
 
