@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from typing import Any
 
 import gradio as gr
 
+from explorer.branch import branch_request
 from explorer.lanes import LaneEvent, lane_events, run_lanes
 from explorer.metrics import jsonable
 from explorer.models import MODEL_CACHE
@@ -126,6 +128,23 @@ def decoded_lanes(model_id: str, requests: list[RunRequest], owner: str) -> Iter
     """Run lanes through `decode`, recording them here (one place for the page and the API)."""
     model = MODELS.get(model_id)
     return run_lanes(model, requests, store=store(), owner=owner, events=lambda _model, runs: decode(model_id, runs))
+
+
+SAME_STRATEGY = "(the lane's own)"
+TOKEN_CLICK_JS = ("element.addEventListener('click', (e) => { const t = e.target.closest('.tok'); "
+                  "if (t && !e.target.closest('.pop')) trigger('click', {step: Number(t.dataset.step)}); });")
+
+
+def alternatives(trace: Any, step: int) -> Any:
+    """The recorded alternatives at a step of a run (its chosen token left out), as the branch token choices."""
+    steps = trace.token_steps if trace is not None else []
+    if not 0 <= step < len(steps):
+        return gr.Dropdown(choices=[], value=None)
+    recorded = steps[step]
+    choices = [(f"{text!r}  p={math.exp(logp):.3f}", str(token_id))
+               for token_id, text, logp in zip(recorded.top_ids, recorded.top_texts, recorded.top_logprobs,
+                                                strict=False) if token_id != recorded.token_id]
+    return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
 
 
 def store() -> Store:
@@ -253,40 +272,65 @@ def export_views(traces: list[Any], view_lane: str, width: str) -> str:
     return shutil.make_archive(str(folder.parent / f"{folder.name}-views"), "zip", folder)
 
 
+def parse_params(params: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(params or "{}")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"params is not valid JSON ({error.msg}): use e.g. {{\"top_p\": 0.9}}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError('params must be a JSON object, e.g. {"top_p": 0.9}')
+    return parsed
+
+
+def api_run(run: RunRequest, model_id: str, owner: str) -> Iterator[dict]:
+    """One API run: progress at its first token and then about once a second, then its result. A client that
+    cancels or disconnects stops being served, so its run stops computing (and is stored as cancelled)."""
+    last, reported = time.perf_counter(), 0
+    results = []
+    with POLICY.visitor_run(owner):
+        for results in decoded_lanes(model_id, [run], owner):
+            trace = results[0].trace
+            steps = len(trace.token_steps) if trace is not None else 0
+            if steps and (not reported or time.perf_counter() - last >= API_PROGRESS_EVERY_S):
+                last, reported = time.perf_counter(), steps
+                yield {"run_id": trace.run_id, "status": "running", "new_tokens": steps}
+    if results and results[0].error:
+        raise ValueError(f"the run failed: {results[0].error} (stored as failed)")
+    trace = results[0].trace
+    yield {"run_id": trace.run_id, "text": trace.text, "token_ids": trace.token_ids,
+           "metrics": jsonable(trace.metrics()), "parent_run": trace.started.parent_run,
+           "parent_step": trace.started.parent_step}
+
+
 def generate(prompt: str, strategy: str = "greedy", params: str = "{}", model: str = "", seed: int = 0,
              max_new_tokens: int = 64, chat: bool = True, request: gr.Request = None) -> Iterator[dict]:
     """API: one run with one strategy; the last value is its run id, text, generated token ids and metrics.
     While it runs it reports progress at its first token and then about once a second: a client that cancels or
     disconnects stops being served, so its run stops computing (and is stored as cancelled)."""
     try:
-        parsed = json.loads(params or "{}")
-        if not isinstance(parsed, dict):
-            raise ValueError('params must be a JSON object, e.g. {"top_p": 0.9}')
-        run = POLICY.limit(RunRequest.build(strategy, parsed, prompt, seed=seed,
+        run = POLICY.limit(RunRequest.build(strategy, parse_params(params), prompt, seed=seed,
                                             max_new_tokens=check_max_new_tokens(max_new_tokens, MAX_NEW_TOKENS_CAP)))
         model_id = POLICY.check_model(model or DEFAULT_MODEL)
         lm = MODELS.get(model_id)
-        owner = owner_of(request)
-        last, reported = time.perf_counter(), 0
-        results = []
-        with POLICY.visitor_run(owner):
-            for results in decoded_lanes(model_id, [run.replace(chat=bool(chat) and lm.has_chat_template)], owner):
-                trace = results[0].trace
-                steps = len(trace.token_steps) if trace is not None else 0
-                # the first token at once (the client learns the run id and its time to first token), then
-                # about once a second
-                if steps and (not reported or time.perf_counter() - last >= API_PROGRESS_EVERY_S):
-                    last, reported = time.perf_counter(), steps
-                    yield {"run_id": trace.run_id, "status": "running", "new_tokens": steps}
-        if results and results[0].error:
-            raise ValueError(f"the run failed: {results[0].error} (stored as failed)")
-    except json.JSONDecodeError as error:
-        raise fail(f"params is not valid JSON ({error.msg}): use e.g. {{\"top_p\": 0.9}}") from None
+        yield from api_run(run.replace(chat=bool(chat) and lm.has_chat_template), model_id, owner_of(request))
     except ValueError as error:
         raise fail(error) from None
-    trace = results[0].trace
-    yield {"run_id": trace.run_id, "text": trace.text, "token_ids": trace.token_ids,
-           "metrics": jsonable(trace.metrics())}
+
+
+def branch(run_id: str, step: int, token: str, strategy: str = "", params: str = "{}", model: str = "",
+           request: gr.Request = None) -> Iterator[dict]:
+    """API, what if: continue the stored run `run_id` (one you can see) from `step` with `token` there (a recorded
+    alternative's text, any text that is one token, or a token id), with its own strategy (empty) or another
+    with `params`. The last value is the branch's run id, text, token ids, metrics and its parent link."""
+    try:
+        owner = owner_of(request)
+        parent = load_runs(run_id, owner)[0]
+        model_id = POLICY.check_model(model or DEFAULT_MODEL)
+        run = POLICY.limit(branch_request(MODELS.get(model_id), parent, int(step), str(token), strategy or None,
+                                          parse_params(params) if strategy else None))
+        yield from api_run(run, model_id, owner)
+    except (TypeError, ValueError) as error:
+        raise fail(error) from None
 
 
 # -------------------------------------------------------------------------------------------- lanes
@@ -362,7 +406,7 @@ class Lane:
                 for name in STRATEGY_NAMES:
                     with gr.Group(visible=name == chosen) as groups[name]:
                         controls[name] = strategy_controls(REGISTRY[name].config)
-            output = gr.HTML(tokens_html(None), elem_id=f"lane{index + 1}-output")
+            output = gr.HTML(tokens_html(None), elem_id=f"lane{index + 1}-output", js_on_load=TOKEN_CLICK_JS)
             metrics = gr.HTML("", elem_id=f"lane{index + 1}-metrics")
         lane = cls(index, column, strategy, about, groups, controls, output, metrics)
         strategy.change(lane.show_controls, strategy, [about, *groups.values()], queue=False)
@@ -419,6 +463,8 @@ class Page:
     summary_latex: gr.Code
     lanes: list[Lane] = field(default_factory=list)
     views: list[gr.Plot] = field(default_factory=list)
+    probes: dict[str, Any] = field(default_factory=dict)  # lens, attention, attention_layers: record switches
+    branching: dict[str, Any] = field(default_factory=dict)  # lane, step, token, strategy, button: what if
 
     # ------------------------------------------------------------------------------------ rendering
     def render_lanes(self, traces: list[Any], color_by: str, lives: list[tuple[float, int]] | None = None
@@ -479,7 +525,7 @@ class Page:
         try:
             max_new_tokens = check_max_new_tokens(values[self.max_new], MAX_NEW_TOKENS_CAP)
             shared = dict(prompt=values[self.prompt], chat=values[self.chat], system_prompt=values[self.system],
-                          max_new_tokens=max_new_tokens, seed=values[self.seed])
+                          max_new_tokens=max_new_tokens, seed=values[self.seed], **self.probe_options(values))
             requests = []
             POLICY.check_lanes(int(values[self.lane_count]))
             for lane in self.lanes[:int(values[self.lane_count])]:
@@ -494,8 +540,14 @@ class Page:
             gr.Warning(str(error))
             yield {self.run_btn: gr.Button(interactive=True), self.stop_btn: gr.Button(interactive=False)}
 
-    def stream(self, lanes: Iterator[list[Any]], owner: str, color_by: str, view_lane: str, searching: bool
-               ) -> Iterator[dict[Any, Any]]:
+    def probe_options(self, values: dict[Any, Any]) -> dict[str, Any]:
+        return {"lens": bool(values[self.probes["lens"]]), "attention": bool(values[self.probes["attention"]]),
+                "attention_layers": str(values[self.probes["attention_layers"]] or "")}
+
+    def stream(self, lanes: Iterator[list[Any]], owner: str, color_by: str, view_lane: str, searching: bool,
+               before: list[Any] = ()) -> Iterator[dict[Any, Any]]:
+        """Stream running lanes into the page (after the lanes `before` them, which stay as they are)."""
+        before = list(before)
         last = last_tree = 0.0
         results = []
         stop = threading.Event()
@@ -508,8 +560,8 @@ class Page:
                 return
             if time.perf_counter() - last >= STREAM_EVERY_S:
                 last = time.perf_counter()
-                traces = [r.trace for r in results]
-                update = self.render_lanes(traces, color_by, [r.live for r in results])
+                traces = before + [r.trace for r in results]
+                update = self.render_lanes(traces, color_by, [(0.0, 0)] * len(before) + [r.live for r in results])
                 update[self.traces] = traces  # what Stop shows if it comes now
                 if searching and last - last_tree >= BEAM_TREE_EVERY_S:  # the beam tree grows live
                     last_tree = last
@@ -520,7 +572,53 @@ class Page:
         for result in results:
             if result.error:
                 gr.Warning(f"a lane failed: {result.error} (stored as failed)")
-        yield self.finished([r.trace for r in results], color_by, view_lane)
+        traces = before + [r.trace for r in results]
+        done = self.finished(traces, color_by, view_lane)
+        yield {**done, **self.show_lanes(len(traces), view_lane)} if before else done
+
+    def branch(self, values: dict[Any, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
+        """What if: continue a lane's run from a step with another token, as a new lane beside it."""
+        color_by, view_lane = values[self.color_by], values[self.view_lane]
+        what = self.branching
+        traces = [t for t in values[self.traces] or [] if t is not None]
+        try:
+            lane = int(values[what["lane"]] or 0) - 1
+            if not 0 <= lane < len(traces):
+                raise ValueError("run the lanes first, then click a token in one of them to branch from it")
+            if len(traces) >= MAX_LANES:
+                raise ValueError(f"all {MAX_LANES} lanes are in use: remove one to open the branch beside them")
+            owner = owner_of(request)
+            parent = load_runs(traces[lane].run_id, owner)[0]
+            model_id = POLICY.check_model(values[self.model_id] or DEFAULT_MODEL)
+            strategy = values[what["strategy"]]
+            run = POLICY.limit(branch_request(
+                MODELS.get(model_id), parent, int(values[what["step"]] or 0), values[what["token"]] or "",
+                None if strategy in (None, SAME_STRATEGY) else strategy, {}, **self.probe_options(values)))
+            with POLICY.visitor_run(owner):
+                yield from self.stream(decoded_lanes(model_id, [run], owner), owner, color_by, view_lane,
+                                       run.strategy in BEAM_STRATEGIES, before=traces)
+            yield {self.lanes[len(traces)].strategy: gr.update(value=run.strategy)}  # the new lane says what ran
+        except gr.Error as error:
+            gr.Warning(error.message)
+        except ValueError as error:
+            gr.Warning(str(error))
+            yield {self.run_btn: gr.Button(interactive=True), self.stop_btn: gr.Button(interactive=False)}
+
+    def pick_token(self, index: int) -> Any:
+        """A click on a token of lane `index`: the branch panel points at it and offers its alternatives."""
+        def picked(traces: list[Any], event: gr.EventData) -> dict[Any, Any]:
+            step = getattr(event, "step", None)
+            if step is None or index >= len(traces or []) or traces[index] is None:
+                return {self.branching["lane"]: gr.skip()}
+            return {self.branching["lane"]: index + 1, self.branching["step"]: int(step),
+                    self.branching["token"]: alternatives(traces[index], int(step))}
+        return picked
+
+    def choose_step(self, traces: list[Any], lane: Any, step: Any) -> Any:
+        try:
+            return alternatives(traces[int(lane) - 1], int(step))
+        except (TypeError, ValueError, IndexError):
+            return gr.Dropdown(choices=[], value=None)
 
     def stop(self, traces: list[Any], color_by: str, view_lane: str, request: gr.Request) -> dict[Any, Any]:
         """End this session's runs now (stored as cancelled with every step they made) and show them as they
@@ -638,8 +736,28 @@ def compare_tab(tabs: gr.Tabs) -> Page:
             color_by = gr.Radio(["probability", "entropy", "origin"], value="probability",
                                 label="colour tokens by (origin: plain / accepted draft / bonus)")
             color_key = gr.HTML(color_legend_html("probability"), elem_id="color-key")
+    with gr.Accordion("Look inside: logit lens and attention (each costs a second pass per token)", open=False):
+        with gr.Row():
+            lens = gr.Checkbox(value=False, label="record logit lens", elem_id="record-lens", min_width=160)
+            attention = gr.Checkbox(value=False, label="record attention", elem_id="record-attention",
+                                    min_width=160)
+            attention_layers = gr.Textbox(value="", label="attention layers (e.g. 0-11; empty: all)",
+                                          max_length=32, min_width=200)
     with gr.Row(equal_height=False):
         lanes = [Lane.build(index, visible=index < min(2, MAX_LANES)) for index in range(MAX_LANES)]
+    with gr.Accordion("What if: click a token in a lane, pick another token, branch", open=False,
+                      elem_id="what-if"):
+        with gr.Row():
+            branch_lane = gr.Number(value=None, label="lane", precision=0, minimum=1, maximum=MAX_LANES,
+                                    elem_id="branch-lane", min_width=90)
+            branch_step = gr.Number(value=None, label="step", precision=0, minimum=0, elem_id="branch-step",
+                                    min_width=90)
+            branch_token = gr.Dropdown(choices=[], label="token there instead (recorded alternatives)",
+                                       allow_custom_value=True, elem_id="branch-token", min_width=220,
+                                       info="or type a token's text or id")
+            branch_strategy = gr.Dropdown([SAME_STRATEGY, *STRATEGY_NAMES], value=SAME_STRATEGY,
+                                          label="decode on with", elem_id="branch-strategy", min_width=180)
+            branch_btn = gr.Button("Branch", elem_id="branch", min_width=100)
     summary = gr.HTML("", elem_id="lane-summary")
     with gr.Accordion("copy this table as Markdown or LaTeX", open=False):
         with gr.Row():
@@ -660,17 +778,30 @@ def compare_tab(tabs: gr.Tabs) -> Page:
     views = [plots[v.name] for v in VIEWS]  # in the catalog's order, whatever order the tabs lay them out in
     page = Page(prompt, chat, system, model_id, seed, max_new, color_by, view_lane, gr.State(len(first_lanes)),
                 gr.State([]), link, tabs, add_btn, remove_btn, baseline_btn, run_btn, stop_btn, summary,
-                summary_markdown, summary_latex, lanes, views)
+                summary_markdown, summary_latex, lanes, views,
+                probes={"lens": lens, "attention": attention, "attention_layers": attention_layers},
+                branching={"lane": branch_lane, "step": branch_step, "token": branch_token,
+                           "strategy": branch_strategy, "button": branch_btn})
 
     lane_outputs = [c for lane in lanes for c in (lane.output, lane.metrics)]
     run_inputs = {prompt, chat, system, model_id, seed, max_new, color_by, view_lane, page.lane_count,
-                  *(c for lane in lanes for c in lane.inputs)}
+                  lens, attention, attention_layers, *(c for lane in lanes for c in lane.inputs)}
     run_outputs = [*lane_outputs, *views, page.traces, link, run_btn, stop_btn, summary, summary_markdown,
                    summary_latex]
     run_event = run_btn.click(page.run, run_inputs, run_outputs, concurrency_limit=CONCURRENCY,
                               api_visibility="private")
-    stop_btn.click(page.stop, [page.traces, color_by, view_lane], run_outputs, cancels=[run_event], queue=False,
-                   api_visibility="private")
+    branch_outputs = [*run_outputs, *(c for lane in lanes for c in (lane.column, lane.strategy)), page.lane_count,
+                      add_btn, remove_btn, baseline_btn, view_lane]
+    branch_event = branch_btn.click(page.branch, {*run_inputs, page.traces, branch_lane, branch_step, branch_token,
+                                                 branch_strategy}, branch_outputs, concurrency_limit=CONCURRENCY,
+                                    api_visibility="private")
+    for lane in lanes:
+        lane.output.click(page.pick_token(lane.index), page.traces, [branch_lane, branch_step, branch_token],
+                          queue=False, api_visibility="private")
+    branch_step.input(page.choose_step, [page.traces, branch_lane, branch_step], branch_token, queue=False,
+                      api_visibility="private")
+    stop_btn.click(page.stop, [page.traces, color_by, view_lane], run_outputs, cancels=[run_event, branch_event],
+                   queue=False, api_visibility="private")
     lane_columns = [page.lane_count, *(lane.column for lane in lanes), add_btn, remove_btn, baseline_btn, view_lane]
     add_btn.click(lambda n, v: page.change_lanes(n, +1, v), [page.lane_count, view_lane], lane_columns, queue=False)
     remove_btn.click(lambda n, v: page.change_lanes(n, -1, v), [page.lane_count, view_lane], lane_columns,
@@ -743,6 +874,7 @@ def build() -> tuple[gr.Blocks, Page]:
                 history_tab(page)
         blocks.load(page.on_load, [page.color_by, page.view_lane], page.opened_outputs)
         gr.api(generate, api_name="generate")
+        gr.api(branch, api_name="branch")
     return blocks, page
 
 

@@ -266,7 +266,7 @@ def test_browser_screenshots_and_a_narrow_page(server, browser, tmp_path, width)
     page.wait_for_selector("#heatmap .js-plotly-plot", timeout=30_000)
     assert page.evaluate("document.documentElement.scrollWidth") <= width
     tabs = page.get_by_role("tab").all_inner_texts()
-    assert {"Top-k & entropy", "Sampling", "Speculative", "Trees & Jacobi", "Search"} <= set(tabs)
+    assert {"Top-k & entropy", "Sampling", "Speculative", "Trees & Jacobi", "Search", "What if"} <= set(tabs)
     chat = page.get_by_text("chat template", exact=True)
     assert chat.evaluate("e => e.scrollWidth <= e.clientWidth + 1")  # the label is not cut
     page.screenshot(path=str(folder / f"compare-{width}.png"), full_page=True)
@@ -277,6 +277,39 @@ def test_browser_screenshots_and_a_narrow_page(server, browser, tmp_path, width)
     page.get_by_role("tab", name="History").click()
     page.wait_for_timeout(1000)
     page.screenshot(path=str(folder / f"history-{width}.png"), full_page=False)
+
+
+@pytest.mark.browser
+def test_browser_click_a_token_branch_and_see_the_new_lane(server, browser, tmp_path):
+    """What if: record the lens, click a token in lane 1, pick another token there, Branch: a third lane opens with
+    the parent's tokens up to that step, the forced token, and the branch tree and logit lens views draw."""
+    url, db = server
+    folder = Path(os.environ.get("DECODING_EXPLORER_SCREENSHOTS", tmp_path))
+    page = open_page(browser, url, "Once upon a time")
+    page.get_by_text("Look inside: logit lens and attention", exact=False).click()
+    page.get_by_label("record logit lens").check()
+    set_number(page, "max new tokens", "12")
+    page.locator("#run").click()
+    page.wait_for_selector("#permalink a", timeout=60_000)
+    parent = permalink_runs(page, db)[0]
+    assert parent.started.probes == {"lens": True} and any(e.kind == "lens_step" for e in parent.events)
+    page.get_by_text("What if: click a token", exact=False).click()
+    page.locator("#lane1-output .tok").nth(4).click()
+    page.wait_for_function("document.querySelector('#branch-step input').value === '4'", timeout=30_000)
+    assert page.locator("#branch-lane input").input_value() == "1"
+    page.locator("#branch").click()
+    page.wait_for_selector("#lane3-output .tok", timeout=60_000)
+    page.wait_for_function("document.querySelector('#permalink a') && "
+                           "document.querySelector('#permalink a').href.split(',').length === 3", timeout=60_000)
+    branch = permalink_runs(page, db)[2]
+    assert branch.started.parent_run == parent.run_id and branch.started.parent_step == 4
+    assert branch.token_ids[:4] == parent.token_ids[:4] and branch.token_ids[4] != parent.token_ids[4]
+    assert branch.token_steps[4].origin == "forced"
+    assert page.locator("#lane3-output .tok").count() == len(branch.token_ids)
+    page.get_by_role("tab", name="What if").click()
+    page.wait_for_selector("#branch-tree .js-plotly-plot", timeout=30_000)
+    page.wait_for_selector("#logit-lens .js-plotly-plot", timeout=30_000)
+    page.screenshot(path=str(folder / "what-if-1280.png"), full_page=True)
 
 
 @pytest.mark.browser

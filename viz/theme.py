@@ -42,7 +42,7 @@ def readable_text_color(rgb: tuple[int, int, int]) -> str:
 
 # Axes that count things (steps, ranks, positions): ticks at whole numbers only, never at 0.5.
 INTEGER_AXES = {"step", "rank", "round", "draft position", "accepted tokens", "position", "iteration", "depth",
-                "n-gram", "converged at iteration", "tokens", "rounds"}
+                "n-gram", "converged at iteration", "tokens", "rounds", "layer"}
 
 
 def _integer_dtick(values: list[float]) -> int:
