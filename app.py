@@ -794,7 +794,7 @@ def compare_tab(tabs: gr.Tabs) -> Page:
                       add_btn, remove_btn, baseline_btn, view_lane]
     branch_event = branch_btn.click(page.branch, {*run_inputs, page.traces, branch_lane, branch_step, branch_token,
                                                  branch_strategy}, branch_outputs, concurrency_limit=CONCURRENCY,
-                                    api_visibility="private")
+                                    api_visibility="private", api_name="branch_lane")
     for lane in lanes:
         lane.output.click(page.pick_token(lane.index), page.traces, [branch_lane, branch_step, branch_token],
                           queue=False, api_visibility="private")

@@ -81,6 +81,26 @@ def test_gradio_client_generate(server):
         client.predict("Hello", "sample", '{"top_p": 2}', "", 0, 5, True, api_name="/generate")
 
 
+def test_gradio_client_branch(server):
+    from gradio_client import Client
+
+    url, db = server
+    client = Client(url, verbose=False)
+    parent = client.predict("What if", "greedy", "{}", "", 0, 10, True, api_name="/generate")
+    stored = Store(db).load_trace(parent["run_id"])
+    alternative = stored.token_steps[5].top_ids[1]
+    branch = client.predict(parent["run_id"], 5, str(alternative), "", "{}", "", api_name="/branch")
+    assert branch["parent_run"] == parent["run_id"] and branch["parent_step"] == 5
+    assert branch["token_ids"][:5] == parent["token_ids"][:5] and branch["token_ids"][5] == alternative
+    other = client.predict(parent["run_id"], 2, str(stored.token_steps[2].top_ids[1]), "sample", '{"top_p": 0.5}',
+                           "", api_name="/branch")
+    assert Store(db).load_trace(other["run_id"]).started.strategy == "sample"
+    with pytest.raises(Exception, match="step must be between 0 and 9"):
+        client.predict(parent["run_id"], 10, "a", "", "{}", "", api_name="/branch")
+    with pytest.raises(Exception, match="among the runs you can see|no run with id"):
+        Client(url, verbose=False).predict("0123456789ab", 1, "a", "", "{}", "", api_name="/branch")
+
+
 def test_two_sessions_cannot_reach_each_others_runs(server):
     from gradio_client import Client
 

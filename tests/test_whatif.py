@@ -200,3 +200,53 @@ def test_bad_probe_settings_are_refused_before_a_run_is_stored(tiny, store):
     with pytest.raises(ValueError, match="attention top must be between 1 and 64"):
         RunRequest.build("greedy", {}, "hi", attention=True, attention_top=500)
     assert store.count_runs() == 0
+
+
+# ------------------------------------------------------------------------------ exports, figures, why parted
+def test_lens_and_attention_go_to_parquet_and_every_what_if_view_draws(tiny_dir, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from explorer.models import load_model
+    from viz.catalog import get_view
+    from viz.theme import has_data
+
+    db = f"sqlite:///{tmp_path / 'w.sqlite'}"
+    lm = load_model(str(tiny_dir))
+    store = Store(db)
+    parent = run_to_end(lm, RunRequest.build("prompt_lookup", {"min_ngram": 1}, PROMPT, max_new_tokens=10,
+                                             chat=False, lens=True, attention=True), recorder=Recorder(store))
+    assert main(["export", parent.run_id, "--format", "lens", "--out", str(tmp_path / "lens.parquet"),
+                 "--db", db]) == 0
+    lens = pq.read_table(tmp_path / "lens.parquet").to_pylist()
+    layers = lm.model.config.num_hidden_layers
+    assert len(lens) == 10 * layers and {r["layer"] for r in lens} == set(range(layers))
+    assert main(["export", parent.run_id, "--format", "attention", "--out", str(tmp_path / "att.parquet"),
+                 "--db", db]) == 0
+    attention = pq.read_table(tmp_path / "att.parquet").to_pylist()
+    assert len(attention) == 10 * 8 and all(r["source_position"] < r["position"] for r in attention)
+    for view in ("logit-lens", "attention-graph"):
+        assert main(["figure", parent.run_id, "--view", view, "--out", str(tmp_path / f"{view}.svg"),
+                     "--db", db]) == 0
+        assert (tmp_path / f"{view}.svg").read_text().startswith("<svg")
+    branch = run_to_end(lm, branch_request(lm, parent, 3, parent.token_steps[3].top_ids[1]))
+    sample = run_to_end(lm, RunRequest.build("sample", {"top_p": 0.9}, PROMPT, max_new_tokens=10, chat=False,
+                                             seed=1))
+    for view in ("branch-tree", "why-parted"):
+        assert has_data(get_view(view).render([parent, sample, branch], 2))
+
+
+def test_why_two_lanes_parted_names_each_lanes_rule(tiny_flat):
+    from viz.whatif import why_chosen
+
+    runs = {name: run_to_end(tiny_flat, RunRequest.build(name, params, PROMPT, max_new_tokens=6, chat=False, seed=2))
+            for name, params in [("greedy", {}), ("sample", {"top_p": 0.9, "temperature": 0.8}), ("mirostat", {}),
+                                 ("top_h", {}), ("beam", {"num_beams": 3})]}
+    assert why_chosen(runs["greedy"], 0).startswith("the argmax (rank 0")
+    sampled = why_chosen(runs["sample"], 0)
+    assert sampled.startswith("sampled at temperature 0.8: top-p 0.9 kept") and "raw rank" in sampled
+    assert "Mirostat's mu = " in why_chosen(runs["mirostat"], 0)
+    assert "Top-H kept" in why_chosen(runs["top_h"], 0)
+    assert why_chosen(runs["beam"], 0).startswith("the best beam hypothesis")
+    greedy = runs["greedy"]
+    branch = run_to_end(tiny_flat, branch_request(tiny_flat, greedy, 2, greedy.token_steps[2].top_ids[1]))
+    assert why_chosen(branch, 2).startswith("forced") and why_chosen(branch, 0).startswith("copied from the parent")
