@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--lens", action="store_true", help="also record the logit lens (issue 17)")
+    parser.add_argument("--attention", action="store_true", help="also record attention (issue 17)")
     args = parser.parse_args()
 
     lm = load_model(None, dtype=args.dtype, device=args.device)
@@ -60,8 +62,8 @@ def main() -> None:
     def ours(prompt: str) -> tuple[float, int]:
         sync()
         t0 = time.perf_counter()
-        trace = run_to_end(lm, RunRequest("greedy", config, prompt, chat=True, max_new_tokens=args.new_tokens),
-                           recorder=Recorder(store))
+        trace = run_to_end(lm, RunRequest("greedy", config, prompt, chat=True, max_new_tokens=args.new_tokens,
+                                          lens=args.lens, attention=args.attention), recorder=Recorder(store))
         sync()
         return time.perf_counter() - t0, len(trace.token_ids)
 
@@ -77,7 +79,8 @@ def main() -> None:
         rows.append((prompt[:40], hf_runs[0][1], hf_tps, our_tps, our_tps / hf_tps))
 
     print(f"device={lm.info.device} dtype={lm.info.dtype} threads={torch.get_num_threads()} "
-          f"new_tokens<={args.new_tokens} repeats={args.repeats} (median)")
+          f"new_tokens<={args.new_tokens} repeats={args.repeats} (median) lens={args.lens} "
+          f"attention={args.attention}")
     print("| prompt | tokens | generate tok/s | recorded greedy tok/s | ratio |")
     print("|---|---:|---:|---:|---:|")
     for prompt, n, a, b, r in rows:

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-store", action="store_true", help="do not write the run to the database")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--lens", action="store_true", help="also record the logit lens (a second pass per token)")
+    run.add_argument("--attention", action="store_true",
+                     help="also record each token's most attended positions (a second pass, eager attention)")
+    run.add_argument("--attention-layers", default="", help="with --attention: e.g. 0-11 (default: every layer)")
 
     runs = sub.add_parser("runs", help="list stored runs")
     runs.add_argument("--db", default=None)
@@ -84,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     branch.add_argument("--json", action="store_true")
     branch.add_argument("--quiet", action="store_true")
     branch.add_argument("--no-store", action="store_true", help=argparse.SUPPRESS)
+    branch.add_argument("--lens", action="store_true")
+    branch.add_argument("--attention", action="store_true")
 
     sub.add_parser("strategies", help="list strategies and their parameters")
 
@@ -182,7 +188,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     request = RunRequest.build(args.strategy, _parse_params(args.param), args.prompt, chat=args.chat,
                                system_prompt=args.system, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                               stop_strings=tuple(args.stop))  # validated before a model is loaded
+                               stop_strings=tuple(args.stop), lens=args.lens, attention=args.attention,
+                               attention_layers=args.attention_layers)  # validated before a model is loaded
     store = None if args.no_store else Store(args.db)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     return _run_and_report(model, request, store, args)
@@ -200,7 +207,8 @@ def cmd_branch(args: argparse.Namespace) -> int:
     model = load_model(args.model or parent.started.model_id, dtype=args.dtype, device=args.device)
     options = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}
     request = branch_request(model, parent, args.step, args.token, args.strategy,
-                             _parse_params(args.param) if args.strategy else None, **options)
+                             _parse_params(args.param) if args.strategy else None, lens=args.lens,
+                             attention=args.attention, **options)
     args.strategy = request.strategy
     return _run_and_report(model, request, store, args)
 

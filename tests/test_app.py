@@ -308,11 +308,13 @@ def test_browser_click_a_token_branch_and_see_the_new_lane(server, browser, tmp_
     page = open_page(browser, url, "Once upon a time")
     page.get_by_text("Look inside: logit lens and attention", exact=False).click()
     page.get_by_label("record logit lens").check()
+    page.get_by_label("record attention").check()
     set_number(page, "max new tokens", "12")
     page.locator("#run").click()
     page.wait_for_selector("#permalink a", timeout=60_000)
     parent = permalink_runs(page, db)[0]
-    assert parent.started.probes == {"lens": True} and any(e.kind == "lens_step" for e in parent.events)
+    assert parent.started.probes["lens"] and any(e.kind == "lens_step" for e in parent.events)
+    assert any(e.kind == "attention_step" for e in parent.events)
     page.get_by_text("What if: click a token", exact=False).click()
     page.locator("#lane1-output .tok").nth(4).click()
     page.wait_for_function("document.querySelector('#branch-step input').value === '4'", timeout=30_000)
@@ -329,6 +331,7 @@ def test_browser_click_a_token_branch_and_see_the_new_lane(server, browser, tmp_
     page.get_by_role("tab", name="What if").click()
     page.wait_for_selector("#branch-tree .js-plotly-plot", timeout=30_000)
     page.wait_for_selector("#logit-lens .js-plotly-plot", timeout=30_000)
+    page.wait_for_selector("#attention-graph .js-plotly-plot", timeout=30_000)
     page.screenshot(path=str(folder / "what-if-1280.png"), full_page=True)
 
 
