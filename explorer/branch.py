@@ -12,9 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from explorer.request import RunRequest
-from explorer.strategies import make_config
-from explorer.trace import Trace
+from explorer.trace import Trace  # torch-free at import: viz draws branch trees from traces alone
 
 
 def resolve_token(model: Any, parent: Trace, step: int, token: str | int) -> int:
@@ -39,9 +37,12 @@ def resolve_token(model: Any, parent: Trace, step: int, token: str | int) -> int
 
 
 def branch_request(model: Any, parent: Trace, step: int, token: str | int, strategy: str | None = None,
-                   params: Mapping[str, Any] | None = None, **options: Any) -> RunRequest:
+                   params: Mapping[str, Any] | None = None, **options: Any) -> Any:
     """The RunRequest of a branch of `parent` at `step` with `token`; ValueError with one line for a bad step,
     token or strategy. Without `strategy`, the parent's strategy and parameters."""
+    from explorer.request import RunRequest
+    from explorer.strategies import make_config
+
     tokens = parent.token_ids
     if not tokens:
         raise ValueError(f"run {parent.run_id} has no tokens to branch from")

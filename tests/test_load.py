@@ -40,9 +40,9 @@ def wait_in_the_queue(browser, url: str) -> None:
     for label, value in (("h_min", "0"), ("h_max", "0.01"), ("n_max", "8"), ("max_trial_tokens", "64")):
         set_number(lane, label, value)
     set_number(busy, "max new tokens", "2000")
+    waiting = open_page(browser, url, "Me next")  # ready before the busy run starts: no time lost in between
     busy.locator("#run").click()
-    busy.wait_for_function("document.querySelector('#lane1-metrics').innerText.includes('step')", timeout=60_000)
-    waiting = open_page(browser, url, "Me next")
+    busy.wait_for_function("document.querySelector('#run').disabled", timeout=30_000)  # it holds the slot
     waiting.locator("#run").click()
     waiting.wait_for_function("document.body.innerText.includes('queue')", timeout=30_000)
     assert "queue: 1/1" in waiting.locator("body").inner_text()

@@ -256,5 +256,6 @@ def divergence_why_figure(traces: Sequence[Trace], lane: int = 1) -> go.Figure:
         figure.add_annotation(text=html.escape(words).replace("&lt;br&gt;", "<br>"), showarrow=False,
                               xref=f"x{'' if col == 1 else col} domain", yref="paper", x=0, y=-0.3, xanchor="left",
                               yanchor="top", align="left", font=dict(size=11))
+    figure.update_xaxes(title_text="", col=2)  # one axis title for both panels (they would overlap when narrow)
     figure.update_layout(margin=dict(b=150), height=460)
     return figure
