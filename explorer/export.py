@@ -116,23 +116,15 @@ def write_attention_parquet(traces: Iterable[Trace], path: str | Path) -> Path:
     return _write_rows_parquet(attention_rows(traces), ATTENTION_SCHEMA, path)
 
 
+STEP_SCHEMA = [("run_id", "string"), ("strategy", "string"), ("step", "int64"), ("position", "int64"),
+               ("token_id", "int64"), ("token_text", "string"), ("logprob", "float64"), ("prob", "float64"),
+               ("rank", "int64"), ("entropy", "float64"), ("kept_count", "int64"), ("origin", "string"),
+               ("round", "int64"), ("draft_p", "float64"), ("draft_q", "float64"), ("draft_u", "float64"),
+               ("verdict", "string")]
+
+
 def write_parquet(traces: Iterable[Trace], path: str | Path) -> Path:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as error:
-        raise ValueError("Parquet export needs pyarrow: pip install pyarrow") from error
-    rows = step_rows(traces)
-    schema = pa.schema([
-        ("run_id", pa.string()), ("strategy", pa.string()), ("step", pa.int64()), ("position", pa.int64()),
-        ("token_id", pa.int64()), ("token_text", pa.string()), ("logprob", pa.float64()), ("prob", pa.float64()),
-        ("rank", pa.int64()), ("entropy", pa.float64()), ("kept_count", pa.int64()), ("origin", pa.string()),
-        ("round", pa.int64()), ("draft_p", pa.float64()), ("draft_q", pa.float64()), ("draft_u", pa.float64()),
-        ("verdict", pa.string()),
-    ])
-    table = pa.Table.from_pylist(rows, schema=schema)
-    pq.write_table(table, Path(path))
-    return Path(path)
+    return _write_rows_parquet(step_rows(traces), STEP_SCHEMA, path)
 
 
 def event_lines(traces: Iterable[Trace]) -> Iterable[str]:
