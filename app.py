@@ -45,6 +45,7 @@ from viz.catalog import BEAM_STRATEGIES, VIEW_NAMES, VIEWS, render_all
 from viz.summary import greedy_baseline, summary_html, summary_latex, summary_markdown, summary_rows
 from viz.theme import has_data
 from viz.tokens import color_legend_html
+from viz.whatif import branch_tree_figure
 
 log = logging.getLogger("decoding_explorer.app")
 
@@ -101,6 +102,8 @@ CSS = """
 """
 VIEW_COUNT = len(VIEWS)
 BEAM_VIEW = VIEW_NAMES.index("beam-tree")  # the beam tree also updates while a search runs
+BRANCH_VIEW = VIEW_NAMES.index("branch-tree")  # drawn with the lanes' whole stored branch families
+FAMILY_LIMIT = 24  # runs at most in one branch tree
 HISTORY_HEADERS = ["run_id", "created (UTC)", "strategy", "model", "status", "tokens", "prompt", "output"]
 EXPORTERS = {"CSV": ("steps.csv", "write_csv"), "Parquet": ("steps.parquet", "write_parquet"),
              "JSONL": ("events.jsonl", "write_jsonl")}
@@ -196,9 +199,25 @@ def visible_ids(owner: str, run_ids: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- pure rendering
-def render_views(traces: list[Any], view_lane: str) -> list[Any]:
-    """Every view of the catalog, in order, for these lanes (per-lane views show lane `view_lane`)."""
-    return render_all(traces, int(view_lane) - 1)
+def render_views(traces: list[Any], view_lane: str, owner: str | None = None) -> list[Any]:
+    """Every view of the catalog, in order, for these lanes (per-lane views show lane `view_lane`). With the
+    session `owner`, the branch tree also draws the stored branches of the lanes' runs that it may see."""
+    figures = render_all(traces, int(view_lane) - 1)
+    if owner is not None:
+        family = branch_family(traces, owner)
+        if family:
+            figures[BRANCH_VIEW] = branch_tree_figure(traces, family)
+    return figures
+
+
+def branch_family(traces: list[Any], owner: str) -> list[Trace]:
+    """The stored runs of the lanes' branch families that are not open in a lane (those `owner` may see)."""
+    shown = [t.run_id for t in traces if t is not None]
+    if not shown:
+        return []
+    visible = None if POLICY.public_gallery else owner
+    ids = store().family(shown, owner=visible, shared=shared_with(owner) if visible else (), limit=FAMILY_LIMIT)
+    return store().load_traces([i for i in ids if i not in shown])
 
 
 def permalink(traces: list[Any]) -> str:
@@ -254,7 +273,7 @@ def export_runs(run_ids: str, kind: str, request: gr.Request = None) -> list[str
         raise fail(error) from None
 
 
-def export_views(traces: list[Any], view_lane: str, width: str) -> str:
+def export_views(traces: list[Any], view_lane: str, width: str, request: gr.Request = None) -> str:
     """Every view of the shown lanes in the paper theme, as SVG, PDF and PNG, in one zip."""
     from viz.paper import FORMATS, save_figure
 
@@ -262,7 +281,7 @@ def export_views(traces: list[Any], view_lane: str, width: str) -> str:
         raise fail("run or open some lanes first")
     folder = Path(tempfile.mkdtemp(prefix="explorer-figures-"))
     try:
-        for view, figure in zip(VIEWS, render_views(traces, view_lane), strict=True):
+        for view, figure in zip(VIEWS, render_views(traces, view_lane, owner_of(request)), strict=True):
             if not has_data(figure):  # no placeholders in a paper's figure folder
                 continue
             for fmt in FORMATS:
@@ -483,14 +502,17 @@ class Page:
         return {self.summary: summary_html(rows), self.summary_markdown: summary_markdown(rows) if rows else "",
                 self.summary_latex: summary_latex(rows) if rows else ""}
 
-    def finished(self, traces: list[Any], color_by: str, view_lane: str) -> dict[Any, Any]:
+    def finished(self, traces: list[Any], color_by: str, view_lane: str, owner: str) -> dict[Any, Any]:
         """Everything shown once lanes have ended (finished, failed or stopped)."""
-        return {**self.render_lanes(traces, color_by), **self.render_views(traces, view_lane),
+        return {**self.render_lanes(traces, color_by), **self.views_of(traces, view_lane, owner),
                 **self.render_summary(traces), self.traces: traces, self.link: permalink(traces),
                 self.run_btn: gr.Button(interactive=True), self.stop_btn: gr.Button(interactive=False)}
 
-    def render_views(self, traces: list[Any], view_lane: str) -> dict[Any, Any]:
-        return dict(zip(self.views, render_views(traces, view_lane), strict=True))
+    def views_of(self, traces: list[Any], view_lane: str, owner: str) -> dict[Any, Any]:
+        return dict(zip(self.views, render_views(traces, view_lane, owner), strict=True))
+
+    def render_views(self, traces: list[Any], view_lane: str, request: gr.Request = None) -> dict[Any, Any]:
+        return self.views_of(traces, view_lane, owner_of(request))
 
     def show_lanes(self, count: int, view_lane: str = "1") -> dict[Any, Any]:
         """`count` lanes visible; the per-lane view picker offers those lanes only; the lane buttons are enabled
@@ -502,7 +524,7 @@ class Page:
                 self.baseline_btn: gr.Button(interactive=count < MAX_LANES),
                 self.remove_btn: gr.Button(interactive=count > 1)}
 
-    def opened(self, traces: list[Trace], color_by: str, view_lane: str) -> dict[Any, Any]:
+    def opened(self, traces: list[Trace], color_by: str, view_lane: str, owner: str) -> dict[Any, Any]:
         """Stored runs shown in the lanes, as if they had just run, with the inputs that made them restored (so
         that Run reproduces what is shown)."""
         started = traces[0].started
@@ -514,7 +536,7 @@ class Page:
             controls = lane.controls.get(trace.started.strategy, {})
             inputs |= {control: trace.started.config[name] for name, control in controls.items()
                        if name in trace.started.config}
-        return {**self.render_lanes(traces, color_by), **self.render_views(traces, view_lane), self.traces: traces,
+        return {**self.render_lanes(traces, color_by), **self.views_of(traces, view_lane, owner), self.traces: traces,
                 **self.render_summary(traces), self.link: permalink(traces), **self.show_lanes(len(traces), view_lane),
                 **inputs, self.tabs: gr.Tabs(selected="compare")}
 
@@ -545,15 +567,17 @@ class Page:
                 "attention_layers": str(values[self.probes["attention_layers"]] or "")}
 
     def stream(self, lanes: Iterator[list[Any]], owner: str, color_by: str, view_lane: str, searching: bool,
-               before: list[Any] = ()) -> Iterator[dict[Any, Any]]:
-        """Stream running lanes into the page (after the lanes `before` them, which stay as they are)."""
+               before: list[Any] = (), opening: dict[Any, Any] | None = None) -> Iterator[dict[Any, Any]]:
+        """Stream running lanes into the page (after the lanes `before` them, which stay as they are); `opening`
+        goes with the first update."""
         before = list(before)
         last = last_tree = 0.0
         results = []
         stop = threading.Event()
         with _ACTIVE_LOCK:
             _ACTIVE[owner] = (lanes, stop)  # so that Stop can end these runs at once
-        yield {self.run_btn: gr.Button(interactive=False), self.stop_btn: gr.Button(interactive=True)}
+        yield {**(opening or {}), self.run_btn: gr.Button(interactive=False),
+               self.stop_btn: gr.Button(interactive=True)}
         for results in lanes:
             if stop.is_set():  # Stop was pressed: end the lanes here, in the thread that runs them
                 lanes.close()
@@ -573,7 +597,7 @@ class Page:
             if result.error:
                 gr.Warning(f"a lane failed: {result.error} (stored as failed)")
         traces = before + [r.trace for r in results]
-        done = self.finished(traces, color_by, view_lane)
+        done = self.finished(traces, color_by, view_lane, owner)
         yield {**done, **self.show_lanes(len(traces), view_lane)} if before else done
 
     def branch(self, values: dict[Any, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
@@ -596,8 +620,10 @@ class Page:
                 None if strategy in (None, SAME_STRATEGY) else strategy, {}, **self.probe_options(values)))
             with POLICY.visitor_run(owner):
                 yield from self.stream(decoded_lanes(model_id, [run], owner), owner, color_by, view_lane,
-                                       run.strategy in BEAM_STRATEGIES, before=traces)
-            yield {self.lanes[len(traces)].strategy: gr.update(value=run.strategy)}  # the new lane says what ran
+                                       run.strategy in BEAM_STRATEGIES, before=traces,
+                                       # the new lane says what runs there, from the start: set at the end, its
+                                       # controls' change lost the views of tabs not yet opened (Gradio 6)
+                                       opening={self.lanes[len(traces)].strategy: gr.update(value=run.strategy)})
         except gr.Error as error:
             gr.Warning(error.message)
         except ValueError as error:
@@ -641,7 +667,7 @@ class Page:
         traces = store().load_traces(ids)  # as stored: the lanes show exactly what the database holds
         steps = max(len(t.token_steps) for t in traces)
         gr.Info(f"stopped at step {steps}: the runs are stored as cancelled with the steps they made")
-        return self.finished(traces, color_by, view_lane)
+        return self.finished(traces, color_by, view_lane, owner_of(request))
 
     def change_lanes(self, count: int, delta: int, view_lane: str) -> dict[Any, Any]:
         return self.show_lanes(min(max(int(count) + delta, 1), MAX_LANES), view_lane)
@@ -655,7 +681,8 @@ class Page:
         return {**self.show_lanes(int(count) + 1, view_lane), added.strategy: gr.update(value="greedy")}
 
     def open_runs(self, run_ids: str, color_by: str, view_lane: str, request: gr.Request) -> dict[Any, Any]:
-        return self.opened(load_runs(run_ids, owner_of(request)), color_by, view_lane)
+        owner = owner_of(request)
+        return self.opened(load_runs(run_ids, owner), color_by, view_lane, owner)
 
     def on_load(self, color_by: str, view_lane: str, request: gr.Request) -> dict[Any, Any]:
         """Permalinks: ?run=ID or ?compare=ID,ID,... open stored runs."""
@@ -665,7 +692,8 @@ class Page:
         if not ids:
             return nothing
         try:
-            return self.opened(load_runs(ids, owner_of(request)), color_by, view_lane)
+            owner = owner_of(request)
+            return self.opened(load_runs(ids, owner), color_by, view_lane, owner)
         except gr.Error as error:
             gr.Warning(f"permalink: {error.message}")
             return nothing

@@ -50,6 +50,9 @@ class RunStarted:
     probes: dict[str, Any] = field(default_factory=dict)  # optional records: {"lens": true, "attention": {...}}
 
 
+BRANCH_ORIGINS = ("prefix", "forced")  # a branch's tokens that its strategy did not choose
+
+
 @dataclass(frozen=True)
 class TokenStep:
     """One committed token with the distribution it came from.
@@ -58,7 +61,8 @@ class TokenStep:
     log). `top_ids`/`top_logprobs` are the raw top-k; `kept_top_ids`/`kept_top_logprobs` the top-k of the
     distribution the strategy actually drew from (after its transforms), whose support has `kept_count`
     tokens. `details` holds strategy-specific scalars (Mirostat's mu, Top-H's bound, ...). `origin` says where
-    the token came from in draft-verify strategies.
+    the token came from in draft-verify strategies; in a branch, "prefix" (copied from the parent run) and
+    "forced" (the token chosen at the fork) mark the tokens its strategy did not choose.
     """
 
     kind: ClassVar[str] = "token_step"

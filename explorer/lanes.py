@@ -26,6 +26,7 @@ class LaneResult:
     trace: Trace | None = None
     error: str | None = None
     live: tuple[float, int] = (0.0, 0)  # compute seconds and target passes so far
+    prefill_s: float = 0.0  # compute seconds to the first token (0 until it comes)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class LaneEvent:
     busy_s: float
     passes: int
     error: str | None = None
+    prefill_s: float = 0.0
 
 
 def lane_events(model: Any, requests: Sequence[RunRequest]) -> Iterator[list[LaneEvent]]:
@@ -69,7 +71,8 @@ def lane_events(model: Any, requests: Sequence[RunRequest]) -> Iterator[list[Lan
                     active.remove(index)
                     # (None when it failed before its RunStarted: a draft model refused in prepare)
                     event, error = recorder.trace and recorder.trace.finished, f"{type(exc).__name__}: {exc}"
-                round_events.append(LaneEvent(index, event, recorder.busy_s, recorder.forward_passes, error))
+                round_events.append(LaneEvent(index, event, recorder.busy_s, recorder.forward_passes, error,
+                                              recorder.prefill_s))
             if round_events:
                 yield round_events
     finally:
@@ -101,7 +104,7 @@ def run_lanes(model: Any, requests: Sequence[RunRequest], *, store: Any | None =
                     recorder.observe(item.event)
                 if item.error:
                     result.error = item.error
-                result.trace, result.live = recorder.trace, (item.busy_s, item.passes)
+                result.trace, result.live, result.prefill_s = recorder.trace, (item.busy_s, item.passes), item.prefill_s
             yield results
         status, reason = STATUS_FAILED, "the decoding worker stopped before the run ended"
     except Exception as exc:  # the worker failed (a GPU worker lost, ...): its open runs are stored as failed
@@ -111,12 +114,13 @@ def run_lanes(model: Any, requests: Sequence[RunRequest], *, store: Any | None =
         stream.close()
         for recorder, result in zip(recorders, results, strict=True):
             if recorder.trace is not None and recorder.trace.finished is None:  # the stream ended early
-                recorder.finish(unfinished(model, recorder.trace, status, reason, result.live))
+                recorder.finish(unfinished(model, recorder.trace, status, reason, result.live, result.prefill_s))
 
 
-def unfinished(model: Any, trace: Trace, status: str, reason: str, live: tuple[float, int]) -> RunFinished:
+def unfinished(model: Any, trace: Trace, status: str, reason: str, live: tuple[float, int],
+               prefill_s: float = 0.0) -> RunFinished:
     """The RunFinished of a run whose decoding ended without one, from the steps that arrived."""
     tokens = [e.token_id for e in trace.events if isinstance(e, TokenStep)]
     return RunFinished(status=status, stop_reason="cancelled" if status == STATUS_CANCELLED else "error",
                        error=reason, text=model.decode(tokens), new_tokens=len(tokens), wall_time_s=live[0],
-                       prefill_time_s=0.0, target_forward_passes=live[1])
+                       prefill_time_s=prefill_s, target_forward_passes=live[1])

@@ -20,6 +20,7 @@ class Recorder:
         self.owner = owner  # who may list and delete the stored run (an app session); None: anyone local
         self.busy_s = 0.0  # compute time and target passes so far, kept by the runner for live displays
         self.forward_passes = 0
+        self.prefill_s = 0.0  # compute time to the first token (0 until it comes)
         self.batch_size = batch_size
         self.trace: Trace | None = None
         self._pending: list[Any] = []

@@ -122,7 +122,7 @@ class RunRequest:
             weights_hash=model_info.weights_hash, dtype=model_info.dtype, device=model_info.device, seed=self.seed,
             versions=versions, prompt=self.prompt, chat=chat, system_prompt=self.system_prompt,
             prompt_ids=prompt_ids, max_new_tokens=self.max_new_tokens, stop_strings=list(self.stop_strings),
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"), tags=dict(self.tags),
+            created_at=datetime.now(UTC).isoformat(timespec="milliseconds"), tags=dict(self.tags),
             history=[[user, answer] for user, answer in self.history],
             defaults=config_dict(type(self.config)()),
             prefix_ids=list(self.prefix), parent_run=self.parent_run, parent_step=self.parent_step,

@@ -112,7 +112,7 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
         for event in events:
             if isinstance(event, TokenStep):
                 if not generated:
-                    prefill_time = busy + time.perf_counter() - mark
+                    prefill_time = recorder.prefill_s = busy + time.perf_counter() - mark
                 generated.append(event.token_id)
             recorder.observe(event)
             busy += time.perf_counter() - mark

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from explorer.events import DraftRound, RunFinished, RunStarted, TokenStep
+from explorer.events import BRANCH_ORIGINS, DraftRound, RunFinished, RunStarted, TokenStep
 from explorer.trees import tree_depths
 
 
@@ -69,15 +69,21 @@ class Trace:
         return [e for e in self.events if isinstance(e, DraftRound)]
 
     @property
+    def decoded_steps(self) -> list[TokenStep]:
+        """The tokens the run's strategy chose: all of them, less a branch's copied prefix and forced token."""
+        return [s for s in self.token_steps if s.origin not in BRANCH_ORIGINS]
+
+    @property
     def verification_rounds(self) -> int:
         """Target verification passes that committed tokens: draft rounds plus plain one-token steps."""
         return len(self.rounds) + sum(1 for s in self.token_steps if s.origin == "plain")
 
     @property
     def mean_accepted_tokens(self) -> float:
-        """Committed tokens per verification round, bonus included (1.0 for plain decoding)."""
+        """Committed tokens per verification round, bonus included (1.0 for plain decoding; a branch's prefix and
+        forced token are not the strategy's and do not count)."""
         rounds = self.verification_rounds
-        return len(self.token_steps) / rounds if rounds else float("nan")
+        return len(self.decoded_steps) / rounds if rounds else float("nan")
 
     def acceptance_by_depth(self) -> list[float]:
         """Per-position acceptance rate: accepted draft tokens at depth d / rounds that drafted depth d."""
@@ -135,9 +141,11 @@ class Trace:
 
     @property
     def tokens_per_s(self) -> float:
+        """Tokens the strategy decoded per second of the run (a branch's prefix and forced token are given)."""
         if self.finished is None or self.finished.wall_time_s <= 0:
             return float("nan")
-        return self.finished.new_tokens / self.finished.wall_time_s
+        given = len(self.token_steps) - len(self.decoded_steps)
+        return max(0, self.finished.new_tokens - given) / self.finished.wall_time_s
 
     def metrics(self) -> dict[str, Any]:
         finished = self.finished
@@ -149,7 +157,7 @@ class Trace:
             "wall_time_s": finished.wall_time_s if finished else None,
             "tokens_per_s": self.tokens_per_s,
             "target_forward_passes": passes,
-            "forward_passes_per_token": passes / new_tokens if new_tokens else None,
+            "forward_passes_per_token": passes / decoded if (decoded := len(self.decoded_steps)) else None,
             "mean_entropy": self.mean_entropy,
             "perplexity": self.perplexity,
             "mean_accepted_tokens": self.mean_accepted_tokens,

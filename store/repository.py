@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, make_url, or_, select
+from sqlalchemy import Engine, create_engine, delete, event, func, make_url, or_, select, update
 from sqlalchemy import text as sql_text
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -89,6 +89,7 @@ def _run_row(started: RunStarted, owner: str | None = None, running_here: bool =
         new_tokens=0,
         wall_time_s=None,
         sweep_key=started.tags.get("sweep_key"),
+        parent_run=started.parent_run,
         started=dumps(to_dict(started)),
         finished=None,
     )
@@ -244,6 +245,38 @@ class Store:
             session.execute(delete(EventRow).where(EventRow.run_id == run_id))
             return session.execute(delete(RunRow).where(RunRow.id == run_id)).rowcount > 0
 
+    def family(self, run_ids: Iterable[str], *, owner: str | None = None, shared: Sequence[str] = (),
+               limit: int = 32) -> list[str]:
+        """The branch families of these runs: each one's root (following parent links up), then every branch
+        below it, oldest first, at most `limit`. With `owner`, only that owner's runs and those in `shared`
+        (a link to a run one may not see is not followed)."""
+        with self._tx() as session:
+            def visible(query: Any) -> Any:
+                if owner is None:
+                    return query
+                return query.where(or_(RunRow.owner == owner, RunRow.id.in_(list(shared))))
+
+            roots: list[str] = []
+            for run_id in run_ids:
+                seen = {run_id}
+                while True:
+                    parent = session.execute(visible(select(RunRow.parent_run).where(RunRow.id == run_id))).scalar()
+                    if parent is None or parent in seen or session.execute(
+                            visible(select(RunRow.id).where(RunRow.id == parent))).scalar() is None:
+                        break
+                    seen.add(parent)
+                    run_id = parent
+                if run_id not in roots:
+                    roots.append(run_id)
+            found, frontier = list(roots), list(roots)
+            while frontier and len(found) < limit:
+                children = session.execute(visible(
+                    select(RunRow.id).where(RunRow.parent_run.in_(frontier)).order_by(RunRow.created_at, RunRow.id)))
+                frontier = [c for c in children.scalars() if c not in found][:limit - len(found)]
+                found += frontier
+            created = dict(session.execute(select(RunRow.id, RunRow.created_at).where(RunRow.id.in_(found))).all())
+        return sorted((f for f in found if f in created), key=lambda f: (created[f], f))
+
     def owners(self, run_ids: Iterable[str]) -> dict[str, str | None]:
         """{run id: owner} of the runs that exist."""
         ids = list(run_ids)
@@ -358,12 +391,23 @@ def _make_engine(url: str, create: bool = True) -> Engine:
                          "e.g. pip install psycopg2-binary") from None
 
 
+def _backfill_parent_runs(session: Session) -> None:
+    """Branches stored before the column existed: their parent from their RunStarted."""
+    rows = session.execute(select(RunRow.id, RunRow.started).where(RunRow.started.contains('"parent_run": "')))
+    for run_id, started in rows.all():
+        parent = json.loads(started).get("parent_run")
+        if parent:
+            session.execute(update(RunRow).where(RunRow.id == run_id).values(parent_run=parent))
+
+
 MIGRATIONS = {
     # version -> statements that bring a database of that version to the next one
     1: ["ALTER TABLE runs ADD COLUMN sweep_key VARCHAR(64)", "CREATE INDEX ix_runs_sweep_key ON runs (sweep_key)"],
     2: ["ALTER TABLE runs ADD COLUMN owner VARCHAR(128)", "CREATE INDEX ix_runs_owner ON runs (owner)",
         "ALTER TABLE runs ADD COLUMN pid INTEGER", "ALTER TABLE runs ADD COLUMN host VARCHAR(255)",
         "ALTER TABLE runs ADD COLUMN heartbeat_at VARCHAR(32)"],
+    3: ["ALTER TABLE runs ADD COLUMN parent_run VARCHAR(32)", "CREATE INDEX ix_runs_parent_run ON runs (parent_run)",
+        _backfill_parent_runs],
 }
 
 
@@ -390,7 +434,10 @@ def _create_or_migrate(engine: Engine) -> None:
         version = int(row.value) if row.value.isdigit() else -1
         while version in MIGRATIONS and version < SCHEMA_VERSION:
             for statement in MIGRATIONS[version]:
-                session.execute(sql_text(statement))
+                if callable(statement):
+                    statement(session)
+                else:
+                    session.execute(sql_text(statement))
             version += 1
             row.value = str(version)
         if row.value != str(SCHEMA_VERSION):

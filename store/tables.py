@@ -9,7 +9,8 @@ from __future__ import annotations
 from sqlalchemy import ForeignKey, Index, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 3  # 2: runs.sweep_key (resumable sweeps); 3: owner, and pid/host/heartbeat of a running run
+SCHEMA_VERSION = 4  # 2: runs.sweep_key (resumable sweeps); 3: owner, and pid/host/heartbeat of a running run;
+# 4: runs.parent_run (branches)
 
 
 class Base(DeclarativeBase):
@@ -39,6 +40,7 @@ class RunRow(Base):
     wall_time_s: Mapped[float | None]
     sweep_key: Mapped[str | None] = mapped_column(String(64), index=True)  # from RunStarted.tags
     owner: Mapped[str | None] = mapped_column(String(128), index=True)  # the app session that made it (None: CLI)
+    parent_run: Mapped[str | None] = mapped_column(String(32), index=True)  # a branch's parent (RunStarted's)
     pid: Mapped[int | None]  # the process running it, and when it last wrote (to find interrupted runs)
     host: Mapped[str | None] = mapped_column(String(255))
     heartbeat_at: Mapped[str | None] = mapped_column(String(32))

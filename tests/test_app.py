@@ -1,5 +1,6 @@
 """The app: builds without weights, answers gradio_client, and works in a real headless Chromium."""
 
+import dataclasses
 import json
 import os
 import time
@@ -328,8 +329,10 @@ def test_browser_click_a_token_branch_and_see_the_new_lane(server, browser, tmp_
     assert branch.token_ids[:4] == parent.token_ids[:4] and branch.token_ids[4] != parent.token_ids[4]
     assert branch.token_steps[4].origin == "forced"
     assert page.locator("#lane3-output .tok").count() == len(branch.token_ids)
-    # (Issue 17, open: the What if tab's plots after a Branch do not always draw in the browser; the views are
-    # tested as figures in tests/test_whatif.py.)
+    page.get_by_role("tab", name="What if").click()
+    for view in ("logit-lens", "attention-graph", "branch-tree"):
+        page.wait_for_selector(f"#{view} .js-plotly-plot", timeout=30_000)
+    assert "forced" in page.locator("#branch-tree").inner_text() or page.locator("#branch-tree .point").count()
     page.screenshot(path=str(folder / "what-if-1280.png"), full_page=True)
 
 
@@ -415,9 +418,21 @@ def draft_model_box(page, lane: int):
 
 
 def set_number(lane_box, label: str, value: str) -> None:
+    """Type a number into a slider's box and check that it took (a box typed into while the page is still
+    settling, e.g. just after its accordion opened, may snap back to its old value: then type it again)."""
     box = lane_box.locator(f"input[aria-label='number input for {label}']")
-    box.fill(value)
-    box.press("Enter")
+    for attempt in range(4):
+        box.fill(value)
+        box.press("Enter")
+        try:
+            box.page.wait_for_function("([box, want]) => Number(box.value) === Number(want)",
+                                       arg=[box.element_handle(), value], timeout=1_000 * (attempt + 1))
+            box.page.wait_for_timeout(200)
+            if float(box.input_value()) == float(value):
+                return
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError: try again
+            pass
+    raise AssertionError(f"the box {label} would not take {value} (it shows {box.input_value()})")
 
 
 @pytest.mark.browser
@@ -580,6 +595,31 @@ def test_browser_beam_tree_and_draft_lanes(server, browser):
     if any(r.accepted_count for r in stored[1].rounds):  # p, q, u and the verdicts of the rounds there
         notes = "".join(page.locator("#lane2-output .pop").all_text_contents())
         assert "round" in notes and "q=" in notes
+
+
+def test_the_branch_tree_draws_the_stored_branches_of_the_open_runs(tiny, tmp_path, monkeypatch):
+    """The tree grows as a visitor explores: with only the parent open, its stored branches (this session's)
+    are drawn too, grey; another session's branch of the same run is not."""
+    import app
+    from explorer.branch import branch_request
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    monkeypatch.setattr(app, "_STORE", store)
+    monkeypatch.setattr(app, "POLICY", dataclasses.replace(app.POLICY, public_gallery=False))
+
+    def stored(request, owner):
+        return run_to_end(tiny, request, recorder=Recorder(store, owner=owner))
+
+    parent = stored(RunRequest.build("greedy", {}, "Hi there", max_new_tokens=8), "session:me")
+    for step in (2, 5):
+        stored(branch_request(tiny, parent, step, parent.token_steps[step].top_ids[1]), "session:me")
+    stored(branch_request(tiny, parent, 3, parent.token_steps[3].top_ids[1]), "session:someone")
+    tree = app.render_views([parent], "1", "session:me")[app.BRANCH_VIEW]
+    assert tree.layout.title.text == "Branch tree (3 runs; 2 stored, not open: grey)"
+    names = [t.name for t in tree.data if t.name]
+    assert names[0].startswith("1: greedy") and sum(n.startswith("run ") for n in names) == 2
+    alone = app.render_views([parent], "1", "session:stranger")[app.BRANCH_VIEW]
+    assert not alone.data  # nothing of theirs branches from it: the placeholder
 
 
 def test_export_handlers_write_files(tiny_flat, tmp_path, monkeypatch):

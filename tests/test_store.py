@@ -117,17 +117,22 @@ def test_schema_v1_database_is_migrated(db_url):
             "new_tokens INTEGER, wall_time_s FLOAT, started TEXT, finished TEXT)",
             "INSERT INTO runs VALUES ('old1', '2025-01-01T00:00:00', 'greedy', 'm', 'p', 0, 'ok', NULL, 't', 0, "
             "0.5, '{}', NULL)",
+            "INSERT INTO runs VALUES ('old2', '2025-01-02T00:00:00', 'greedy', 'm', 'p', 0, 'ok', NULL, 't', 0, "
+            "0.5, '{\"parent_run\": \"old1\", \"parent_step\": 3}', NULL)",
             f"CREATE TABLE events (run_id VARCHAR(32), seq INTEGER, kind VARCHAR(64), fields TEXT, arrays {blob}, "
             "PRIMARY KEY (run_id, seq))",
         ]:
             connection.execute(sql_text(statement))
     engine.dispose()
-    store = Store(db_url)  # v1 -> 2 -> 3
+    store = Store(db_url)  # v1 -> 2 -> 3 -> 4
     with store.engine.connect() as connection:
         assert connection.execute(sql_text("SELECT value FROM meta")).scalar() == str(SCHEMA_VERSION)
         columns = set(connection.execute(sql_text("SELECT * FROM runs")).keys())
-    assert {"sweep_key", "owner", "pid", "host", "heartbeat_at"} <= columns
-    assert store.run_ids() == ["old1"]
+        parents = dict(connection.execute(sql_text("SELECT id, parent_run FROM runs")).all())
+    assert {"sweep_key", "owner", "pid", "host", "heartbeat_at", "parent_run"} <= columns
+    assert sorted(store.run_ids()) == ["old1", "old2"]
+    assert parents == {"old1": None, "old2": "old1"}  # branches stored before v4 keep their parent link
+    assert store.family(["old2"]) == ["old1", "old2"]
 
 
 WRITER = """

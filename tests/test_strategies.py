@@ -245,6 +245,22 @@ def test_interleaved_lanes_count_their_own_passes_and_time(tiny_flat, store):
         RunRequest.build("sample", {"top_p": 3}, "Hi")
 
 
+def test_lanes_closed_mid_run_are_stored_cancelled_with_their_prefill_time(tiny_flat, store):
+    from explorer.lanes import run_lanes
+
+    lanes = [RunRequest.build("greedy", {}, "Hi", max_new_tokens=50, seed=1),
+             RunRequest.build("sample", {"top_k": 5}, "Hi", max_new_tokens=50, seed=1)]
+    stream = run_lanes(tiny_flat, lanes, store=store)
+    for results in stream:
+        if all(r.trace is not None and len(r.trace.token_steps) >= 3 for r in results):
+            break
+    stream.close()  # what Stop (or a lost GPU worker) does: the lanes end without their own RunFinished
+    for result in results:
+        stored = store.load_trace(result.trace.run_id)
+        assert stored.status == "cancelled" and len(stored.token_steps) >= 3
+        assert 0 < stored.finished.prefill_time_s <= stored.finished.wall_time_s
+
+
 def test_ctrl_c_stores_the_run_as_cancelled(store):
     def interrupted(context):
         if len(context) > 5:

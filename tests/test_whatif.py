@@ -250,3 +250,36 @@ def test_why_two_lanes_parted_names_each_lanes_rule(tiny_flat):
     greedy = runs["greedy"]
     branch = run_to_end(tiny_flat, branch_request(tiny_flat, greedy, 2, greedy.token_steps[2].top_ids[1]))
     assert why_chosen(branch, 2).startswith("forced") and why_chosen(branch, 0).startswith("copied from the parent")
+
+
+def test_a_branchs_given_tokens_do_not_count_in_its_speed_metrics(tiny, parent):
+    """A branch's prefix and forced token were not chosen by its strategy: greedy from the fork still has one token
+    per verification round, and its speed counts the tokens it decoded."""
+    branch = run_to_end(tiny, branch_request(tiny, parent, 6, parent.token_steps[6].top_ids[1]))
+    assert len(branch.decoded_steps) == len(branch.token_steps) - 7
+    assert branch.mean_accepted_tokens == 1.0
+    metrics = branch.metrics()
+    assert metrics["forward_passes_per_token"] == pytest.approx(
+        metrics["target_forward_passes"] / len(branch.decoded_steps))
+    assert metrics["tokens_per_s"] == pytest.approx(len(branch.decoded_steps) / branch.finished.wall_time_s)
+
+
+def test_the_store_finds_a_runs_whole_branch_family_that_its_owner_may_see(tiny, store):
+    """From any run of a family, the root and every branch below it, oldest first; another visitor's branch of a
+    shared run is not shown, and neither is a parent one may not see."""
+    def stored(request, owner):
+        return run_to_end(tiny, request, recorder=Recorder(store, owner=owner))
+
+    root = stored(RunRequest.build("greedy", {}, PROMPT, max_new_tokens=8, chat=False), "a")
+    first = stored(branch_request(tiny, root, 2, root.token_steps[2].top_ids[1]), "a")
+    deeper = stored(branch_request(tiny, first, 5, first.token_steps[5].top_ids[1]), "a")
+    second = stored(branch_request(tiny, root, 4, root.token_steps[4].top_ids[2]), "a")
+    strangers = stored(branch_request(tiny, root, 1, root.token_steps[1].top_ids[1]), "b")
+    family = [root.run_id, first.run_id, deeper.run_id, second.run_id]
+    assert store.family([deeper.run_id], owner="a") == family
+    assert store.family([root.run_id, second.run_id], owner="a") == family
+    assert store.family([deeper.run_id]) == sorted([*family, strangers.run_id],
+                                                   key=lambda r: store.load_trace(r).started.created_at)
+    assert store.family([strangers.run_id], owner="b") == [strangers.run_id]  # a's root is not b's to see
+    assert store.family([strangers.run_id], owner="b", shared=[root.run_id]) == [root.run_id, strangers.run_id]
+    assert len(store.family([root.run_id], owner="a", limit=2)) == 2

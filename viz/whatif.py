@@ -140,11 +140,16 @@ def attention_graph_figure(trace: Trace | None, lane: int = 0, max_tokens: int =
 
 
 # ------------------------------------------------------------------------------------------- branch tree
-def branch_tree_figure(traces: Sequence[Trace]) -> go.Figure:
+STORED_GREY = "#9a9a9a"  # a family's runs that are not open in a lane
+
+def branch_tree_figure(traces: Sequence[Trace], family: Sequence[Trace] = ()) -> go.Figure:
     """The lanes' runs as a tree of branches: each run a line from the step where it left its parent to its
-    end, joined to the parent there; labelled with its text after the fork and its mean log-probability."""
+    end, joined to the parent there; labelled with its text after the fork and its mean log-probability.
+    `family`: stored runs of the same branch families that are not open in a lane (drawn grey, by run id)."""
     traces = [t for t in traces if t is not None and t.token_steps]
-    roots = branch_tree(traces)
+    shown = {t.run_id for t in traces}
+    others = [t for t in family if t is not None and t.token_steps and t.run_id not in shown]
+    roots = branch_tree([*traces, *others])
     if not any(root.children for root in roots):
         return empty_figure("Branch from a token (the 'what if' panel) to grow a tree of runs here.")
     figure = go.Figure()
@@ -163,9 +168,11 @@ def branch_tree_figure(traces: Sequence[Trace]) -> go.Figure:
         trace = node.trace
         start = node.step if parent_row is not None and node.step is not None else 0
         end = len(trace.token_steps) - 1
-        color = lane_color(lanes[trace.run_id])
+        lane = lanes.get(trace.run_id)
+        color = lane_color(lane) if lane is not None else STORED_GREY
         tail = trace.text if parent_row is None else "".join(s.token_text for s in trace.token_steps[start:])
-        label = f"{lane_name(trace, lanes[trace.run_id])}: mean log p {node.mean_logprob:.2f}"
+        name = lane_name(trace, lane) if lane is not None else f"run {trace.run_id[:8]}: {trace.started.strategy}"
+        label = f"{name}: mean log p {node.mean_logprob:.2f}"
         figure.add_trace(go.Scatter(x=[start, end], y=[-row, -row], mode="lines+markers", name=label,
                                     line=dict(color=color, width=4), marker=dict(size=8),
                                     hovertext=f"{html.escape(label)}<br>{html.escape(_short(tail, 80))}",
@@ -178,7 +185,8 @@ def branch_tree_figure(traces: Sequence[Trace]) -> go.Figure:
                                         line=dict(color=color, dash="dot"), showlegend=False,
                                         hovertext=f"branch at step {start}: {html.escape(_short(forced))}",
                                         hoverinfo="text"))
-    base_layout(figure, f"Branch tree ({len(rows)} runs)", "step", "", height=max(260, 70 * len(rows) + 140))
+    title = f"Branch tree ({len(rows)} runs" + (f"; {len(others)} stored, not open: grey)" if others else ")")
+    base_layout(figure, title, "step", "", height=max(260, 70 * len(rows) + 140))
     figure.update_yaxes(showticklabels=False)
     return figure
 
