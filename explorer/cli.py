@@ -375,8 +375,15 @@ def cmd_figure(args: argparse.Namespace) -> int:
     from viz.paper import save_figure
 
     view = get_view(args.view)
-    traces = Store(args.db, create=False).load_traces(args.run_ids)
-    print(save_figure(view.render(traces, args.lane - 1), args.out, width=args.width))
+    store = Store(args.db, create=False)
+    traces = store.load_traces(args.run_ids)
+    figure = view.render(traces, args.lane - 1)
+    if view.name == "branch-tree":  # the runs' whole stored branch families, not only the runs named
+        from viz.whatif import branch_tree_figure
+
+        family = [i for i in store.family(args.run_ids) if i not in args.run_ids]
+        figure = branch_tree_figure(traces, store.load_traces(family))
+    print(save_figure(figure, args.out, width=args.width))
     return 0
 
 

@@ -228,7 +228,10 @@ def test_lens_and_attention_go_to_parquet_and_every_what_if_view_draws(tiny_dir,
         assert main(["figure", parent.run_id, "--view", view, "--out", str(tmp_path / f"{view}.svg"),
                      "--db", db]) == 0
         assert (tmp_path / f"{view}.svg").read_text().startswith("<svg")
-    branch = run_to_end(lm, branch_request(lm, parent, 3, parent.token_steps[3].top_ids[1]))
+    branch = run_to_end(lm, branch_request(lm, parent, 3, parent.token_steps[3].top_ids[1]), recorder=Recorder(store))
+    assert main(["figure", parent.run_id, "--view", "branch-tree", "--out", str(tmp_path / "tree.svg"),
+                 "--db", db]) == 0  # the parent alone: its stored branch is drawn too
+    assert "Branch tree (2 runs; 1 stored" in (tmp_path / "tree.svg").read_text()
     sample = run_to_end(lm, RunRequest.build("sample", {"top_p": 0.9}, PROMPT, max_new_tokens=10, chat=False,
                                              seed=1))
     for view in ("branch-tree", "why-parted"):
