@@ -110,7 +110,9 @@ def attention_graph_figure(trace: Trace | None, lane: int = 0, max_tokens: int =
     top = max((d["weight"] for _, _, d in graph.edges(data=True)), default=1.0) or 1.0
     for source, target, data in sorted(graph.edges(data=True), key=lambda e: e[2]["weight"]):
         figure.add_trace(go.Scatter(
-            x=[source, (source + target) / 2, target], y=[y[source], (y[source] + y[target]) / 2 + 0.25, y[target]],
+            # arcs between generated tokens bow down, under the row, clear of its labels
+            x=[source, (source + target) / 2, target],
+            y=[y[source], (y[source] + y[target]) / 2 + (-0.25 if y[source] else 0.25), y[target]],
             mode="lines", line=dict(width=0.5 + 5 * data["weight"] / top, shape="spline",
                                     color="#E69F00" if data["copied"] else "rgba(0,114,178,0.45)"),
             hoverinfo="skip", showlegend=False))
@@ -122,10 +124,14 @@ def attention_graph_figure(trace: Trace | None, lane: int = 0, max_tokens: int =
         lines = "<br>".join(f"← {html.escape(_short(graph.nodes[s]['text']))} (pos {s}) {d['weight']:.2f}"
                             for s, _, d in sources[:8])
         hover.append(f"pos {n}: {text}" + (f"<br>{lines}" if lines else ""))
-    figure.add_trace(go.Scatter(
-        x=nodes, y=[y[n] for n in nodes], mode="markers+text", text=[_short(graph.nodes[n]["text"], 6) for n in nodes],
-        textposition=["top center" if y[n] else "bottom center" for n in nodes], hovertext=hover, hoverinfo="text",
-        marker=dict(size=9, color=["#D55E00" if y[n] else "#0072B2" for n in nodes]), showlegend=False))
+    figure.add_trace(go.Scatter(x=nodes, y=[y[n] for n in nodes], mode="markers", hovertext=hover, hoverinfo="text",
+                                showlegend=False,
+                                marker=dict(size=9, color=["#333333" if y[n] else "#0072B2" for n in nodes])))
+    for n in nodes:  # labels slanted (generated above their row, prompt below) so that neighbours never overlap
+        above = bool(y[n])
+        figure.add_annotation(x=n, y=y[n], text=html.escape(_short(graph.nodes[n]["text"], 10)), showarrow=False,
+                              textangle=-60, xanchor="left" if above else "right", yanchor="bottom" if above else "top",
+                              yshift=6 if above else -6, font=dict(size=10))
     figure.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#E69F00", width=3),
                                 name="into a copied (accepted draft) token"))
     figure.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="rgba(0,114,178,0.6)", width=3),
@@ -135,7 +141,7 @@ def attention_graph_figure(trace: Trace | None, lane: int = 0, max_tokens: int =
     span = f"layers {layers[0]}-{layers[1]}" if len(layers) == 2 else "all layers"
     base_layout(figure, f"Attention dependencies — {lane_name(trace, lane)} ({span}, mean over heads)", "position",
                 "", height=420)
-    figure.update_yaxes(tickvals=[0, 1], ticktext=["prompt", "generated"], range=[-0.6, 1.6])
+    figure.update_yaxes(tickvals=[0, 1], ticktext=["prompt", "generated"], range=[-1.0, 2.0])
     return figure
 
 
