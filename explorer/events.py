@@ -260,12 +260,38 @@ class AttentionStep:
     source_texts: list[str] = field(default_factory=list)  # the tokens at those positions
 
 
+@dataclass(frozen=True)
+class UnmaskStep:
+    """One denoising step of a masked diffusion LM over its canvas of generated positions (0 = the first one
+    after the prompt). Per position still masked before the step (`masked`, ascending): the token it would take
+    now, the score the commit rule ranks by, the top-1 minus top-2 probability and the entropy (nats). Then the
+    positions the rule committed this step with their tokens (and any it remasked), in the current block
+    [block_start, block_end). `scores` holds a schedule's own per-position score where it has one (e.g.
+    CreditDecoding's fused confidence); `rule` says in words why these positions were committed."""
+
+    kind: ClassVar[str] = "unmask_step"
+    step: int
+    block_start: int
+    block_end: int
+    masked: list[int]
+    predicted_ids: list[int]
+    confidences: list[float]
+    margins: list[float]
+    entropies: list[float]
+    committed: list[int]
+    committed_ids: list[int]
+    remasked: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    all_in: bool = False
+    rule: str = ""
+
+
 Event = (RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch
-         | PoolUpdate | LensStep | AttentionStep)
+         | PoolUpdate | LensStep | AttentionStep | UnmaskStep)
 EVENT_TYPES: dict[str, type] = {
     cls.kind: cls
     for cls in (RunStarted, TokenStep, RunFinished, DraftRound, BeamStep, BeamResult, CandidateStep, TrialBranch,
-                PoolUpdate, LensStep, AttentionStep)
+                PoolUpdate, LensStep, AttentionStep, UnmaskStep)
 }
 
 

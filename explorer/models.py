@@ -19,6 +19,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -95,15 +96,39 @@ class ModelInfo:
     device: str
 
 
+@dataclass(frozen=True)
+class DiffusionInfo:
+    """How a masked diffusion LM reads a canvas: the [MASK] token; whether position i is predicted by the output
+    at i - 1 (`shift`: Dream, AR-to-diffusion adaptations, any causal LM) or at i (LLaDA, MDLM, BERT-style
+    masked LMs); whether it attends both ways (`bidirectional`)."""
+
+    mask_id: int
+    shift: bool
+    bidirectional: bool
+
+
+# Diffusion LMs by their config's architecture: (mask id or None = the tokenizer's mask token, shift). Masked LMs
+# (`*ForMaskedLM`) need no entry: no shift, the tokenizer's mask token. LLaDA and Dream ship remote code: they
+# load only with trust_remote_code (the user's opt-in); neither could be run here (no Hub), the table is from
+# their model cards (LLaDA: mask id 126336, predicts i at i; Dream: predicts i from i - 1).
+DIFFUSION_ARCHITECTURES: dict[str, tuple[int | None, bool]] = {
+    "LLaDAModelLM": (126336, False),
+    "LLaDAMoEModelLM": (156895, False),
+    "DreamModel": (None, True),
+}
+
+
 @dataclass
 class LanguageModel:
-    """A causal LM with its tokenizer. Strategies use `session()`, `eos_token_ids`, `piece`."""
+    """A causal LM with its tokenizer. Strategies use `session()`, `eos_token_ids`, `piece`. A masked diffusion
+    LM has `diffusion` set and is read a whole canvas at a time (`canvas_logits`)."""
 
     model: torch.nn.Module
     tokenizer: object
     info: ModelInfo
     forward_passes: int = 0
     _pieces: dict[int, str] = field(default_factory=dict, repr=False)
+    diffusion: DiffusionInfo | None = None
 
     @property
     def device(self) -> torch.device:
@@ -154,6 +179,37 @@ class LanguageModel:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def canvas_info(self) -> DiffusionInfo:
+        """How this model reads a diffusion canvas: its own when it is a diffusion LM; a causal LM reads it
+        causally, predicting position i from i - 1 (so that the sampler on it reduces to AR decoding), with the
+        tokenizer's mask token, else its unknown, padding or end token, standing for [MASK]."""
+        if self.diffusion is not None:
+            return self.diffusion
+        tokenizer = self.tokenizer
+        for name in ("mask_token_id", "unk_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(tokenizer, name, None)
+            if isinstance(value, int):
+                return DiffusionInfo(mask_id=value, shift=True, bidirectional=False)
+        raise ValueError(f"model {self.info.model_id} has no token to stand for [MASK]")
+
+    def canvas_logits(self, token_ids: Sequence[int], *, bidirectional: bool | None = None) -> torch.Tensor:
+        """Logits `(len, vocab)` (float32) of one full pass over a canvas: row i is the model's prediction for
+        position i (shifted for models that predict i from i - 1). `bidirectional` (None: the model's own way)
+        on a causal LM lets every position see every other through an all-visible 4-D mask, which is what
+        AR-to-diffusion adaptation trains with."""
+        info = self.canvas_info()
+        ids = torch.tensor([list(token_ids)], device=self.device)
+        kwargs: dict[str, Any] = {}
+        if bidirectional and not info.bidirectional:
+            dtype = next(self.model.parameters()).dtype
+            kwargs["attention_mask"] = torch.zeros(1, 1, ids.shape[1], ids.shape[1], dtype=dtype, device=self.device)
+        with torch.no_grad():
+            logits = self.model(input_ids=ids, **kwargs).logits[0].float()  # (len, vocab)
+        self.forward_passes += 1
+        if info.shift:  # row i predicted from the output at i - 1 (row 0 keeps its own: it is never a mask)
+            logits = torch.cat([logits[:1], logits[:-1]], dim=0)
+        return logits
 
     def piece(self, token_id: int) -> str:
         """The text of one token on its own (cached; special tokens keep their name)."""
@@ -483,9 +539,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(model_id: str | None = None, *, dtype: str = "auto", device: str = "auto") -> LanguageModel:
-    """Load the embedded model (`None`/`"embedded"`), a local directory, or a Hugging Face model id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(model_id: str | None = None, *, dtype: str = "auto", device: str = "auto",
+               trust_remote_code: bool = False) -> LanguageModel:
+    """Load the embedded model (`None`/`"embedded"`), a local directory, or a Hugging Face model id: a causal LM,
+    or a masked diffusion LM (a `*ForMaskedLM`, or LLaDA/Dream, which ship remote code and load only with
+    `trust_remote_code`)."""
+    from transformers import AutoTokenizer
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -503,8 +562,8 @@ def load_model(model_id: str | None = None, *, dtype: str = "auto", device: str 
                 path = None
         source = str(path) if path is not None else model_id
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            model, diffusion = _load_weights(source, tokenizer, torch_dtype, trust_remote_code)
         except OSError as error:
             raise ValueError(
                 f"model {model_id!r} could not be loaded: it is not a local directory with a model in it, and "
@@ -519,7 +578,34 @@ def load_model(model_id: str | None = None, *, dtype: str = "auto", device: str 
     if not weights_hash:
         weights_hash = _weights_fingerprint(model, path)
     info = ModelInfo(shown_id, weights_hash, str(torch_dtype).removeprefix("torch."), str(torch_device))
-    return LanguageModel(model=model, tokenizer=tokenizer, info=info)
+    return LanguageModel(model=model, tokenizer=tokenizer, info=info, diffusion=diffusion)
+
+
+def _load_weights(source: str, tokenizer: Any, dtype: torch.dtype, trust_remote_code: bool
+                  ) -> tuple[torch.nn.Module, DiffusionInfo | None]:
+    """The model at `source` by its config's architecture: a causal LM, a masked LM (a diffusion LM with no
+    shift) or a known diffusion LM with remote code."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise ValueError(f"model {source!r} ships its own code: load it only if you trust it, with "
+                             "--trust-remote-code (DECODING_EXPLORER_TRUST_REMOTE_CODE=1 for the app)") from None
+        raise
+    architecture = (getattr(config, "architectures", None) or [""])[0]
+    if architecture in DIFFUSION_ARCHITECTURES:
+        mask_id, shift = DIFFUSION_ARCHITECTURES[architecture]
+        model = AutoModel.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        mask_id = mask_id if mask_id is not None else tokenizer.mask_token_id
+        return model, DiffusionInfo(mask_id=int(mask_id), shift=shift, bidirectional=True)
+    if architecture.endswith("ForMaskedLM"):
+        if tokenizer.mask_token_id is None:
+            raise ValueError(f"model {source!r} is a masked LM whose tokenizer has no mask token")
+        model = AutoModelForMaskedLM.from_pretrained(source, dtype=dtype)
+        return model, DiffusionInfo(mask_id=int(tokenizer.mask_token_id), shift=False, bidirectional=True)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code), None
 
 
 def preloaded_embedded() -> Path | None:
@@ -623,7 +709,8 @@ class ModelCache:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            model = load_model(key[0], dtype=dtype, device=device)
+            trust = os.environ.get("DECODING_EXPLORER_TRUST_REMOTE_CODE", "") in ("1", "true", "yes")
+            model = load_model(key[0], dtype=dtype, device=device, trust_remote_code=trust)
             warm_up(model)
             with self._lock:
                 self._models[key] = model
@@ -639,6 +726,9 @@ MODEL_CACHE = ModelCache()
 def warm_up(lm: LanguageModel) -> None:
     """Run a few short passes so that the first timed run does not pay for kernel set-up (lanes that start
     first would otherwise look slower)."""
+    if lm.diffusion is not None:
+        lm.for_run().canvas_logits(list(range(8)))
+        return
     session = lm.for_run().session()
     session.forward(list(range(8)))
     for token in range(4):

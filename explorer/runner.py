@@ -63,6 +63,9 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
     config, max_new_tokens, stops = request.config, request.max_new_tokens, list(request.stop_strings)
     model = model.for_run()  # count this run's forward passes only
     chat, prompt_ids = encode_request(model, request)
+    if getattr(model, "diffusion", None) is not None and spec.family != "diffusion":
+        raise ValueError(f"{model.info.model_id} is a masked diffusion LM: choose a diffusion strategy "
+                         "(diffusion, prophet, credit_decoding)")
     if spec.prepare is not None:
         spec.prepare(model, config)  # e.g. load the draft model: bad input is refused before a run is stored
     recorder = recorder or Recorder()

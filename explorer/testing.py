@@ -29,22 +29,23 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(reverse: bool = False) -> object:
+def tiny_tokenizer(reverse: bool = False, mask: bool = False) -> object:
     """A character-level fast tokenizer over printable ASCII plus <unk>, <s> (bos) and </s> (eos). With
-    `reverse`, the characters get their ids in the opposite order: the same texts, another vocabulary."""
+    `reverse`, the characters get their ids in the opposite order: the same texts, another vocabulary; with
+    `mask`, a <mask> token last (for masked diffusion LMs)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = [c for c in string.printable if c not in "\x0b\x0c\r"]
     if reverse:
         alphabet.reverse()
-    vocab = {token: i for i, token in enumerate(SPECIALS + alphabet)}
+    vocab = {token: i for i, token in enumerate(SPECIALS + alphabet + (["<mask>"] if mask else []))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    )
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
+        **({"mask_token": "<mask>"} if mask else {}))
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -154,6 +155,35 @@ def save_retokenised_copy(lm: LanguageModel, path: str | Path) -> Path:
 def save_tiny_model(path: str | Path, seed: int = 0, scale: float = 1.0) -> Path:
     path = Path(path)
     lm = tiny_model(seed, scale=scale)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_masked_lm(seed: int = 0, *, model_id: str = "tiny-random-modernbert") -> LanguageModel:
+    """A 2-layer ModernBERT masked LM with random weights: a (bidirectional, unshifted) masked diffusion LM, as
+    dllm-hub's ModernBERT chat models are."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    from explorer.models import DiffusionInfo
+
+    tokenizer = tiny_tokenizer(mask=True)
+    config = ModernBertConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, cls_token_id=tokenizer.bos_token_id,
+        sep_token_id=tokenizer.eos_token_id, global_attn_every_n_layers=1,
+    )
+    torch.manual_seed(seed)
+    model = ModernBertForMaskedLM(config).eval()
+    info = ModelInfo(model_id=model_id, weights_hash=f"seed:{seed}", dtype="float32", device="cpu")
+    return LanguageModel(model=model, tokenizer=tokenizer, info=info,
+                         diffusion=DiffusionInfo(mask_id=tokenizer.mask_token_id, shift=False, bidirectional=True))
+
+
+def save_tiny_masked_lm(path: str | Path, seed: int = 0) -> Path:
+    path = Path(path)
+    lm = tiny_masked_lm(seed)
     lm.model.save_pretrained(path)
     lm.tokenizer.save_pretrained(path)
     return path

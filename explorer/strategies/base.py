@@ -33,7 +33,7 @@ class StrategySpec:
     paper: str = ""  # the paper(s) it implements
 
 
-FAMILIES = ("sampling", "search", "speed-up: draft-verify", "speed-up: model-free", "other")
+FAMILIES = ("sampling", "search", "speed-up: draft-verify", "speed-up: model-free", "diffusion", "other")
 REGISTRY: dict[str, StrategySpec] = {}
 
 

@@ -1,0 +1,29 @@
+"""Masked diffusion LM decoding: LLaDA's low-confidence remasking (Nie et al. 2025, "Large Language Diffusion
+Models", arXiv:2502.09992) with semi-autoregressive blocks, and Fast-dLLM's confidence-threshold parallel
+decoding (Wu et al. 2025, arXiv:2505.22618) when `threshold` > 0. The sampler and its notation are in
+`unmasking.py`; this strategy is its base rule, with no schedule of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from explorer.events import Event
+from explorer.strategies.base import register
+from explorer.strategies.unmasking import UnmaskingConfig, diffusion_prepare, mask_predict
+
+
+@dataclass(frozen=True)
+class DiffusionConfig(UnmaskingConfig):
+    """LLaDA's sampler; threshold > 0 makes it Fast-dLLM's parallel decoding."""
+
+
+@register("diffusion", DiffusionConfig, "masked diffusion: unmask the most confident positions per step",
+          needs_budget=True, prepare=diffusion_prepare, family="diffusion",
+          paper="Nie et al. 2025, LLaDA, arXiv:2502.09992; Wu et al. 2025, Fast-dLLM, arXiv:2505.22618")
+def run(model: Any, prompt_ids: Sequence[int], config: DiffusionConfig, rng: torch.Generator, *,
+        max_new_tokens: int) -> Iterator[Event]:
+    yield from mask_predict(model, prompt_ids, config, rng, max_new_tokens)

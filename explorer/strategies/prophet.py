@@ -1,0 +1,78 @@
+"""Prophet (Li et al. 2025, "Diffusion Language Models Know the Answer Before Decoding", arXiv:2508.19982).
+
+Early-commit decoding: at every step, the gap between the top-2 logits, g_i = L_i^(1) − L_i^(2), is averaged
+over the monitored positions; when ḡ ≥ τ(progress) the sampler goes "all-in" and commits every remaining masked
+position at once with its argmax; otherwise the step follows the base rule (LLaDA's low-confidence remasking,
+or Fast-dLLM's threshold). τ falls with the progress of decoding: τ_high for the first third of the planned
+steps, τ_mid for the second, τ_low for the last (the authors' defaults 7.5 / 5.0 / 2.5).
+
+Departure: the authors monitor the answer span (a known answer position, e.g. after "The answer is"); with no
+answer span in a general prompt, we monitor the masked positions of the current block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from explorer.events import Event
+from explorer.params import param
+from explorer.strategies.base import register
+from explorer.strategies.unmasking import (
+    Decision,
+    Schedule,
+    StepView,
+    UnmaskingConfig,
+    diffusion_prepare,
+    mask_predict,
+)
+
+
+@dataclass(frozen=True)
+class ProphetConfig(UnmaskingConfig):
+    tau_high: float = param(7.5, "logit gap that triggers all-in in the first third of the steps", minimum=0.0,
+                            maximum=50.0, step=0.5)
+    tau_mid: float = param(5.0, "... in the second third", minimum=0.0, maximum=50.0, step=0.5)
+    tau_low: float = param(2.5, "... in the last third", minimum=0.0, maximum=50.0, step=0.5)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.tau_high >= self.tau_mid >= self.tau_low:
+            raise ValueError("Prophet's thresholds fall as decoding goes on: need tau_high ≥ tau_mid ≥ tau_low")
+
+
+def logit_gaps(logits: torch.Tensor) -> torch.Tensor:
+    """g_i = L^(1) − L^(2) per row of `logits` (n, vocab)."""
+    top2 = torch.topk(logits.float(), 2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+def gap_threshold(config: ProphetConfig, progress: float) -> float:
+    """τ(progress): high, mid, low by thirds of the planned steps."""
+    return config.tau_high if progress < 1 / 3 else config.tau_mid if progress < 2 / 3 else config.tau_low
+
+
+class ProphetSchedule(Schedule):
+    def decide(self, view: StepView) -> Decision:
+        gaps = logit_gaps(view.logits)
+        monitored = gaps[view.in_block]
+        mean_gap = float(monitored.mean()) if monitored.numel() else 0.0
+        tau = gap_threshold(self.config, view.progress)
+        if mean_gap >= tau:  # all-in: every remaining position, each with its argmax
+            return Decision(torch.ones_like(view.in_block), proposals=torch.argmax(view.logits, dim=-1),
+                            scores=[round(float(g), 4) for g in gaps], all_in=True,
+                            rule=f"all-in: mean top-2 logit gap {mean_gap:.2f} ≥ τ = {tau:g}")
+        base = super().decide(view)
+        return Decision(base.committed, scores=[round(float(g), 4) for g in gaps],
+                        rule=f"{base.rule} (gap {mean_gap:.2f} < τ = {tau:g})")
+
+
+@register("prophet", ProphetConfig, "diffusion, early commit: all-in once the top-2 logit gap is wide",
+          needs_budget=True, prepare=diffusion_prepare, family="diffusion",
+          paper="Li et al. 2025, Diffusion Language Models Know the Answer Before Decoding, arXiv:2508.19982")
+def run(model: Any, prompt_ids: Sequence[int], config: ProphetConfig, rng: torch.Generator, *,
+        max_new_tokens: int) -> Iterator[Event]:
+    yield from mask_predict(model, prompt_ids, config, rng, max_new_tokens, ProphetSchedule(config))

@@ -1,0 +1,231 @@
+"""The mask-predict sampler every masked diffusion LM strategy shares, and its rules as small pure functions.
+
+Notation (LLaDA, Nie et al. 2025, arXiv:2502.09992, Algorithm "low-confidence remasking"; Fast-dLLM, Wu et al.
+2025, arXiv:2505.22618): the canvas x = prompt ‖ [M]^L (L = gen_length); one step runs the mask predictor on
+the whole canvas, proposes x̂_i = argmax (logits_i + Gumbel noise at temperature T, float64) for every masked
+position i, scores them (c_i = p(x̂_i), or a margin, an entropy, a random draw) and commits some of them; the
+others stay masked. Semi-autoregressive: the canvas is cut into blocks of `block_length` decoded left to right;
+a block gets steps/blocks steps, and step k of a block commits n_k of its masked positions (LLaDA's linear
+schedule: ⌊m/steps⌋ each, the first m mod steps steps one more). Fast-dLLM's parallel decoding instead commits
+every masked position of the block with c_i ≥ τ (`threshold`), at least the most confident one, and takes
+as many steps as that needs. Classifier-free guidance (LLaDA): l = l_u + (w + 1)(l_c − l_u), l_u from the canvas
+with the prompt masked. Schedules (Prophet, CreditDecoding, ...) plug in as a `Schedule`: they see each step's
+proposals and scores and decide what to commit.
+
+Recorded: an UnmaskStep per denoising step (every masked position's proposal, score, margin and entropy; what
+was committed and why), and a TokenStep per position once it and every position before it are committed, with
+the raw distribution it was committed from (origin "unmasked", `details` = the step and the score then).
+
+Departures, marked where they happen: a canvas whose length is not a multiple of the block length gets a
+shorter last block, and steps not divisible by the blocks are spread over them (LLaDA asserts both divide);
+on a causal LM the canvas is read causally with the shift (so that the sampler reduces to AR decoding there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from explorer.events import Event, TokenStep, UnmaskStep
+from explorer.params import Checked, param
+from explorer.strategies.base import commit_token
+
+REMASKING = ("low_confidence", "margin", "entropy", "random")
+ATTENTION = ("auto", "bidirectional")
+
+
+@dataclass(frozen=True)
+class UnmaskingConfig(Checked):
+    steps: int = param(0, "denoising steps over the whole canvas (0: one per generated token, LLaDA's default)",
+                       minimum=0, maximum=2048, step=1)
+    block_length: int = param(32, "semi-autoregressive block length (0: one block, the whole canvas)",
+                              minimum=0, maximum=2048, step=1)
+    remasking: str = param("low_confidence", "which proposals a step commits first: highest probability "
+                                             "(LLaDA), largest top-1 − top-2 margin, lowest entropy, or random",
+                           choices=REMASKING)
+    threshold: float = param(0.0, "Fast-dLLM parallel decoding: commit every position scoring at least this "
+                                  "(at least one per step); 0: LLaDA's fixed number per step",
+                             minimum=0.0, maximum=1.0, step=0.01)
+    temperature: float = param(0.0, "Gumbel-noise temperature of the proposals (0: argmax)", minimum=0.0,
+                               maximum=2.0, step=0.05)
+    cfg_scale: float = param(0.0, "classifier-free guidance scale w (0: off; > 0 costs a second pass per step)",
+                             minimum=0.0, maximum=5.0, step=0.1)
+    attention: str = param("auto", "auto: the model's own attention (causal for a causal LM); bidirectional: "
+                                   "every position sees every other (what AR-to-diffusion adaptation trains)",
+                           choices=ATTENTION)
+
+
+# ------------------------------------------------------------------------------------------- pure rules
+def transfer_counts(masked: int, steps: int) -> list[int]:
+    """LLaDA's linear schedule: how many of `masked` positions each of `steps` steps commits."""
+    steps = max(1, steps)
+    base, extra = divmod(masked, steps)
+    return [base + (1 if k < extra else 0) for k in range(steps)]
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, rng: torch.Generator | None) -> torch.Tensor:
+    """x̂ = argmax exp(l) / (−log u)^T with u ~ U(0, 1) in float64 (LLaDA's Gumbel-max: low precision hurts
+    quality, their note); T = 0 is the plain argmax. `logits` (n, vocab) -> (n,)."""
+    if temperature <= 0:
+        return torch.argmax(logits, dim=-1)
+    generator_device = rng.device if rng is not None else logits.device
+    noise = torch.rand(logits.shape, generator=rng, dtype=torch.float64, device=generator_device).to(logits.device)
+    return torch.argmax(logits.double().exp() / (-torch.log(noise)) ** temperature, dim=-1)
+
+
+def position_scores(probs: torch.Tensor, proposals: torch.Tensor, remasking: str,
+                    rng: torch.Generator | None) -> torch.Tensor:
+    """The score each masked position is ranked by (higher commits first). `probs` (n, vocab) float64."""
+    if remasking == "low_confidence":
+        return probs.gather(1, proposals[:, None])[:, 0]
+    if remasking == "margin":
+        top2 = torch.topk(probs, min(2, probs.shape[1]), dim=-1).values
+        return top2[:, 0] - (top2[:, 1] if top2.shape[1] > 1 else 0.0)
+    if remasking == "entropy":
+        return (probs * torch.log(probs.clamp_min(1e-300))).sum(-1)  # −H: the most certain first
+    generator_device = rng.device if rng is not None else probs.device
+    return torch.rand(probs.shape[0], generator=rng, dtype=torch.float64, device=generator_device).to(probs.device)
+
+
+def commit_top(scores: torch.Tensor, eligible: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` eligible positions with the highest scores (a bool mask over the rows)."""
+    ranked = torch.where(eligible, scores, torch.full_like(scores, -math.inf))
+    chosen = torch.zeros_like(eligible)
+    count = min(count, int(eligible.sum()))
+    if count > 0:
+        chosen[torch.topk(ranked, count).indices] = True
+    return chosen
+
+
+def commit_above(scores: torch.Tensor, eligible: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Fast-dLLM: every eligible position scoring at least `threshold`, and at least the best one."""
+    chosen = eligible & (scores >= threshold)
+    if eligible.any():
+        ranked = torch.where(eligible, scores, torch.full_like(scores, -math.inf))
+        chosen[int(torch.argmax(ranked))] = True
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------- schedules
+@dataclass
+class StepView:
+    """What a schedule sees at one step: rows are the canvas's masked positions (`positions`, ascending)."""
+
+    step: int  # 0-based, over the whole run
+    block_step: int  # 0-based, within the current block
+    progress: float  # steps done / steps planned, in [0, 1]
+    positions: torch.Tensor  # (n,) generated positions still masked
+    in_block: torch.Tensor  # (n,) bool: in the current block
+    logits: torch.Tensor  # (n, vocab) float32, after guidance
+    probs: torch.Tensor  # (n, vocab) float64
+    proposals: torch.Tensor  # (n,) x̂
+    scores: torch.Tensor  # (n,) the remasking rule's scores
+    count: int  # LLaDA's n_k for this step
+
+
+@dataclass
+class Decision:
+    committed: torch.Tensor  # (n,) bool over the rows
+    proposals: torch.Tensor | None = None  # tokens to commit (None: the view's)
+    scores: list[float] = field(default_factory=list)  # the schedule's own score per row, recorded
+    all_in: bool = False
+    rule: str = ""
+
+
+class Schedule:
+    """The base rule (LLaDA's fixed count, or Fast-dLLM's threshold); schedules override `decide`."""
+
+    def __init__(self, config: UnmaskingConfig):
+        self.config = config
+
+    def decide(self, view: StepView) -> Decision:
+        if self.config.threshold > 0:
+            committed = commit_above(view.scores, view.in_block, self.config.threshold)
+            return Decision(committed, rule=f"score ≥ {self.config.threshold:g} (at least one)")
+        return Decision(commit_top(view.scores, view.in_block, view.count),
+                        rule=f"the {view.count} best by {self.config.remasking}")
+
+
+# ------------------------------------------------------------------------------------------- the sampler
+def mask_predict(model: Any, prompt_ids: Sequence[int], config: UnmaskingConfig, rng: torch.Generator,
+                 max_new_tokens: int, schedule: Schedule | None = None) -> Iterator[Event]:
+    """Decode a canvas of `max_new_tokens` masks after the prompt; yield UnmaskSteps and, in order, the
+    TokenSteps of the positions committed so far."""
+    schedule = schedule or Schedule(config)
+    info = model.canvas_info()
+    mask_id, start, length = info.mask_id, len(prompt_ids), max_new_tokens
+    bidirectional = None if config.attention == "auto" else True
+    canvas = torch.tensor([*prompt_ids, *([mask_id] * length)], device=model.device)
+    block = config.block_length or length
+    blocks = [(b, min(b + block, length)) for b in range(0, length, block)]  # departure: a shorter last block
+    planned = config.steps or length
+    per_block = [planned // len(blocks) + (1 if i < planned % len(blocks) else 0) for i in range(len(blocks))]
+    committed_steps: dict[int, TokenStep] = {}
+    emitted = step = 0
+    masked = torch.ones(length, dtype=torch.bool, device=model.device)
+    for (first, last), block_steps in zip(blocks, per_block, strict=True):
+        counts = transfer_counts(int(masked[first:last].sum()), max(1, block_steps))
+        block_step = 0
+        while masked[first:last].any():
+            logits = _guided_logits(model, canvas, start, config, bidirectional)[start:]  # (length, vocab)
+            rows = torch.nonzero(masked).flatten()  # (n,) every masked position of the canvas
+            row_logits = logits[rows]
+            probs = torch.softmax(row_logits.double(), dim=-1)
+            proposals = gumbel_argmax(row_logits, config.temperature, rng)
+            scores = position_scores(probs, proposals, config.remasking, rng)
+            in_block = (rows >= first) & (rows < last)
+            count = counts[block_step] if block_step < len(counts) else 1  # past its steps: one per step
+            view = StepView(step, block_step, min(1.0, step / max(1, planned)), rows, in_block, row_logits, probs,
+                            proposals, scores, max(1, count))
+            decision = schedule.decide(view)
+            tokens = decision.proposals if decision.proposals is not None else proposals
+            chosen = rows[decision.committed]
+            for row in torch.nonzero(decision.committed).flatten().tolist():
+                position, token = int(rows[row]), int(tokens[row])
+                canvas[start + position] = token
+                committed_steps[position] = commit_token(
+                    model, position, start + position, token, logits[position], origin="unmasked",
+                    details={"denoising_step": step, "score": float(scores[row])})
+            masked[chosen] = False
+            yield UnmaskStep(step=step, block_start=first, block_end=last, masked=rows.tolist(),
+                             predicted_ids=proposals.tolist(), confidences=_floats(scores),
+                             margins=_floats(_margins(probs)), entropies=_floats(_entropies(probs)),
+                             committed=chosen.tolist(), committed_ids=[int(canvas[start + p]) for p in chosen],
+                             scores=decision.scores, all_in=decision.all_in, rule=decision.rule)
+            while emitted < length and emitted in committed_steps:  # the committed prefix, in order
+                yield committed_steps.pop(emitted)
+                emitted += 1
+            step += 1
+            block_step += 1
+
+
+def _guided_logits(model: Any, canvas: torch.Tensor, start: int, config: UnmaskingConfig,
+                   bidirectional: bool | None) -> torch.Tensor:
+    logits = model.canvas_logits(canvas.tolist(), bidirectional=bidirectional)
+    if config.cfg_scale > 0:  # LLaDA's unsupervised CFG: the same canvas with the prompt masked
+        unconditional = canvas.clone()
+        unconditional[:start] = model.canvas_info().mask_id
+        plain = model.canvas_logits(unconditional.tolist(), bidirectional=bidirectional)
+        logits = plain + (config.cfg_scale + 1) * (logits - plain)
+    return logits
+
+
+def _margins(probs: torch.Tensor) -> torch.Tensor:
+    return position_scores(probs, torch.argmax(probs, dim=-1), "margin", None)
+
+
+def _entropies(probs: torch.Tensor) -> torch.Tensor:
+    return -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
+
+
+def _floats(values: torch.Tensor) -> list[float]:
+    return [round(float(v), 6) for v in values.tolist()]
+
+
+def diffusion_prepare(model: Any, config: UnmaskingConfig) -> None:
+    """Refuse what cannot run before the run is stored."""
+    model.canvas_info()
