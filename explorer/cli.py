@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", default=None, help="system prompt (with --chat)")
     run.add_argument("--model", default=None, help="HF model id or local path (default: the embedded model)")
     run.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    run.add_argument("--trust-remote-code", action="store_true",
+                     help="let a model that ships its own code (LLaDA, Dream) run it: only for models you trust")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda")
     run.add_argument("--max-new-tokens", type=int, default=128)
     run.add_argument("--seed", type=int, default=0)
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_ids", nargs="*", help="run ids (default with --all: every stored run)")
     export.add_argument("--all", action="store_true", help="export every stored run")
     export.add_argument("--format", required=True, choices=["csv", "parquet", "jsonl", "bundle", "specbench", "lens",
-                                                            "attention"])
+                                                            "attention", "unmask"])
     export.add_argument("--out", required=True,
                         help="output file (a directory for several bundles and for Spec-Bench answer files)")
     export.add_argument("--db", default=None)
@@ -191,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                stop_strings=tuple(args.stop), lens=args.lens, attention=args.attention,
                                attention_layers=args.attention_layers)  # validated before a model is loaded
     store = None if args.no_store else Store(args.db)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     return _run_and_report(model, request, store, args)
 
 
@@ -352,7 +354,8 @@ def _write_export(kind: str, traces: list[Any], out: Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         return [export.write_bundle(t, out / f"{export.safe_name(t.run_id)}.zip") for t in traces]
     writer = {"csv": export.write_csv, "parquet": export.write_parquet, "jsonl": export.write_jsonl,
-              "lens": export.write_lens_parquet, "attention": export.write_attention_parquet}[kind]
+              "lens": export.write_lens_parquet, "attention": export.write_attention_parquet,
+              "unmask": export.write_unmask_parquet}[kind]
     return [writer(traces, out)]
 
 

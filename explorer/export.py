@@ -89,6 +89,28 @@ def attention_rows(traces: Iterable[Trace]) -> list[dict[str, Any]]:
     return rows
 
 
+def unmask_rows(traces: Iterable[Trace]) -> list[dict[str, Any]]:
+    """One row per (denoising step, position masked before it) of every diffusion run: its proposal and scores
+    then, and whether the step committed it (and to which token)."""
+    rows = []
+    for trace in traces:
+        for record in (e for e in trace.events if e.kind == "unmask_step"):
+            committed = dict(zip(record.committed, record.committed_ids, strict=True))
+            for index, position in enumerate(record.masked):
+                rows.append({"run_id": trace.run_id, "step": record.step, "position": position,
+                             "block_start": record.block_start, "block_end": record.block_end,
+                             "predicted_id": record.predicted_ids[index], "confidence": record.confidences[index],
+                             "margin": record.margins[index], "entropy": record.entropies[index],
+                             "score": record.scores[index] if record.scores else None,
+                             "committed": position in committed, "committed_id": committed.get(position),
+                             "all_in": record.all_in})
+    return rows
+
+
+UNMASK_SCHEMA = [("run_id", "string"), ("step", "int64"), ("position", "int64"), ("block_start", "int64"),
+                 ("block_end", "int64"), ("predicted_id", "int64"), ("confidence", "float64"), ("margin", "float64"),
+                 ("entropy", "float64"), ("score", "float64"), ("committed", "bool_"), ("committed_id", "int64"),
+                 ("all_in", "bool_")]
 LENS_SCHEMA = [("run_id", "string"), ("step", "int64"), ("position", "int64"), ("token_id", "int64"),
                ("layer", "int64"), ("chosen_prob", "float64"), ("chosen_rank", "int64"), ("top1_id", "int64"),
                ("top1_text", "string"), ("top1_prob", "float64")]
@@ -114,6 +136,10 @@ def write_lens_parquet(traces: Iterable[Trace], path: str | Path) -> Path:
 
 def write_attention_parquet(traces: Iterable[Trace], path: str | Path) -> Path:
     return _write_rows_parquet(attention_rows(traces), ATTENTION_SCHEMA, path)
+
+
+def write_unmask_parquet(traces: Iterable[Trace], path: str | Path) -> Path:
+    return _write_rows_parquet(unmask_rows(traces), UNMASK_SCHEMA, path)
 
 
 STEP_SCHEMA = [("run_id", "string"), ("strategy", "string"), ("step", "int64"), ("position", "int64"),

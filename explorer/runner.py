@@ -63,9 +63,16 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
     config, max_new_tokens, stops = request.config, request.max_new_tokens, list(request.stop_strings)
     model = model.for_run()  # count this run's forward passes only
     chat, prompt_ids = encode_request(model, request)
-    if getattr(model, "diffusion", None) is not None and spec.family != "diffusion":
-        raise ValueError(f"{model.info.model_id} is a masked diffusion LM: choose a diffusion strategy "
-                         "(diffusion, prophet, credit_decoding)")
+    if getattr(model, "diffusion", None) is not None:
+        if spec.family != "diffusion":
+            raise ValueError(f"{model.info.model_id} is a masked diffusion LM: choose a diffusion strategy "
+                             "(diffusion, prophet, credit_decoding)")
+        if request.prefix:
+            raise ValueError("branches continue a run token by token: a masked diffusion LM cannot (branch a run "
+                             "of a causal LM)")
+    if spec.family == "diffusion" and (request.lens or request.attention):
+        raise ValueError("the logit lens and attention records follow one token per step: turn them off for a "
+                         "diffusion strategy (its own record is the unmasking order)")
     if spec.prepare is not None:
         spec.prepare(model, config)  # e.g. load the draft model: bad input is refused before a run is stored
     recorder = recorder or Recorder()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 
 from explorer.trace import Trace
+from viz.diffusion import unmasking_commits_figure, unmasking_order_figure, unmasking_replay_figure
 from viz.figures import divergence_figure, entropy_curves, mirostat_figure, top_h_figure, topk_heatmap
 from viz.search import beam_tree_figure, cautious_figure, contrastive_figure, momentum_figure, repetition_figure
 from viz.speculative import (
@@ -112,6 +113,11 @@ VIEWS = [
     View("branch-tree", "What if", "branch tree", _all(branch_tree_figure)),
     View("why-parted", "What if", "why lanes parted", lambda traces, lane: divergence_why_figure(
         [t for t in traces if t is not None], lane)),
+    View("unmasking-order", "Diffusion", "unmasking order (step x position)",
+         _one(unmasking_order_figure, _probed("unmask_step"))),
+    View("unmasking-replay", "Diffusion", "canvas replay (slider)", _one(unmasking_replay_figure,
+                                                                        _probed("unmask_step"))),
+    View("unmasking-commits", "Diffusion", "tokens per step, confidence at commit", _all(unmasking_commits_figure)),
 ]
 VIEW_NAMES = [view.name for view in VIEWS]
 

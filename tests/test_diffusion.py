@@ -1,0 +1,191 @@
+"""Masked diffusion LMs: the mask-predict sampler, its commit rules on hand-built tables, the schedules (Prophet,
+CreditDecoding), the tiny ModernBERT adapter, and the unmasking record through store and Parquet."""
+
+import math
+
+import pytest
+import torch
+
+from explorer.cli import main
+from explorer.events import UnmaskStep
+from explorer.recorder import Recorder
+from explorer.request import RunRequest
+from explorer.runner import run_to_end
+from explorer.strategies.credit_decoding import fuse, update_credits
+from explorer.strategies.prophet import ProphetConfig, gap_threshold, logit_gaps
+from explorer.strategies.unmasking import commit_above, commit_top, position_scores, transfer_counts
+from explorer.testing import save_tiny_masked_lm, tiny_masked_lm
+
+PROMPT = "the cat sat on the mat. the cat"
+
+
+def unmask_steps(trace) -> list[UnmaskStep]:
+    return [e for e in trace.events if e.kind == "unmask_step"]
+
+
+@pytest.fixture(scope="module")
+def masked_lm():
+    return tiny_masked_lm(0)
+
+
+def test_one_position_blocks_with_low_confidence_are_greedy_on_a_causal_lm(tiny):
+    """steps = gen_length, block_length = 1, low-confidence commit, the model's causal attention with the shift:
+    every step commits the one position of its block with the argmax, i.e. greedy AR decoding."""
+    greedy = run_to_end(tiny, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=20, chat=False))
+    diffusion = run_to_end(tiny, RunRequest.build("diffusion", {"block_length": 1}, PROMPT, max_new_tokens=20,
+                                                  chat=False))
+    assert diffusion.token_ids == greedy.token_ids
+    assert diffusion.finished.target_forward_passes == 20 and len(unmask_steps(diffusion)) == 20
+    assert [s.origin for s in diffusion.token_steps] == ["unmasked"] * 20
+    assert [s.logprob for s in diffusion.token_steps] == pytest.approx([s.logprob for s in greedy.token_steps],
+                                                                     abs=1e-4)
+
+
+def test_llada_schedule_and_commit_rules_on_hand_built_tables():
+    assert transfer_counts(10, 4) == [3, 3, 2, 2] and transfer_counts(3, 5) == [1, 1, 1, 0, 0]
+    scores = torch.tensor([0.9, 0.2, 0.95, 0.5, 0.99], dtype=torch.float64)
+    eligible = torch.tensor([True, True, True, True, False])  # the last is outside the block
+    assert commit_top(scores, eligible, 2).tolist() == [True, False, True, False, False]
+    assert commit_top(scores, eligible, 9).tolist() == [True, True, True, True, False]
+    assert commit_above(scores, eligible, 0.85).tolist() == [True, False, True, False, False]
+    assert commit_above(scores, eligible, 0.999).tolist() == [False, False, True, False, False]  # at least one
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]], dtype=torch.float64)
+    proposals = torch.tensor([0, 1])
+    assert position_scores(probs, proposals, "low_confidence", None).tolist() == pytest.approx([0.7, 0.35])
+    assert position_scores(probs, proposals, "margin", None).tolist() == pytest.approx([0.5, 0.05])
+    entropy = -sum(p * math.log(p) for p in (0.4, 0.35, 0.25))
+    assert position_scores(probs, proposals, "entropy", None)[1] == pytest.approx(-entropy)
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.5, 0.99])
+def test_threshold_decoding_commits_at_least_one_per_step_and_leaves_no_mask(tiny, threshold):
+    trace = run_to_end(tiny, RunRequest.build("diffusion", {"threshold": threshold, "block_length": 8}, PROMPT,
+                                              max_new_tokens=24, chat=False))
+    steps = unmask_steps(trace)
+    assert all(len(s.committed) >= 1 for s in steps)
+    assert all(s.confidences[s.masked.index(p)] >= threshold
+               for s in steps for p in s.committed[1:] if len(s.committed) > 1)
+    committed = sorted(p for s in steps for p in s.committed)
+    assert committed == list(range(24)) and len(trace.token_ids) == 24  # every position once, none left masked
+    assert trace.finished.target_forward_passes == len(steps)
+
+
+def test_blocks_are_decoded_left_to_right_with_their_share_of_the_steps(tiny):
+    trace = run_to_end(tiny, RunRequest.build("diffusion", {"block_length": 8, "steps": 8}, PROMPT,
+                                              max_new_tokens=24, chat=False))
+    steps = unmask_steps(trace)
+    assert [(s.block_start, s.block_end) for s in steps] == [(0, 8)] * 3 + [(8, 16)] * 3 + [(16, 24)] * 2
+    assert [len(s.committed) for s in steps] == [3, 3, 2, 3, 3, 2, 4, 4]  # 8 steps over 3 blocks: 3, 3, 2
+    assert all(s.block_start <= p < s.block_end for s in steps for p in s.committed)
+
+
+def test_sampling_is_seeded(tiny):
+    def run(seed):
+        return run_to_end(tiny, RunRequest.build("diffusion", {"temperature": 1.0, "remasking": "random"}, PROMPT,
+                                                 max_new_tokens=16, chat=False, seed=seed)).token_ids
+
+    assert run(3) == run(3) and run(3) != run(4)
+
+
+def test_prophet_goes_all_in_once_the_gap_clears_its_falling_threshold(tiny):
+    config = ProphetConfig(tau_high=9.0, tau_mid=6.0, tau_low=3.0)
+    assert [gap_threshold(config, p) for p in (0.0, 0.34, 0.7)] == [9.0, 6.0, 3.0]
+    assert logit_gaps(torch.tensor([[3.0, 1.0, 0.5], [0.0, 2.0, 1.5]])).tolist() == [2.0, 0.5]
+    eager = run_to_end(tiny, RunRequest.build("prophet", {"tau_high": 0, "tau_mid": 0, "tau_low": 0}, PROMPT,
+                                              max_new_tokens=16, chat=False))
+    steps = unmask_steps(eager)
+    assert len(steps) == 1 and steps[0].all_in and len(steps[0].committed) == 16  # all-in at the first step
+    never = run_to_end(tiny, RunRequest.build("prophet", {"tau_high": 50, "tau_mid": 50, "tau_low": 50}, PROMPT,
+                                              max_new_tokens=16, chat=False))
+    base = run_to_end(tiny, RunRequest.build("diffusion", {}, PROMPT, max_new_tokens=16, chat=False))
+    assert not any(s.all_in for s in unmask_steps(never)) and never.token_ids == base.token_ids
+    with pytest.raises(ValueError, match="tau_high"):
+        RunRequest.build("prophet", {"tau_high": 1, "tau_mid": 2}, PROMPT)
+
+
+def test_trace_credit_decays_accumulates_and_lifts_a_stable_token():
+    credits: dict[int, float] = {}
+    update_credits(credits, 5, 0.64, gamma=0.5, alpha=0.5)
+    update_credits(credits, 5, 0.64, gamma=0.5, alpha=0.5)
+    update_credits(credits, 2, 0.25, gamma=0.5, alpha=0.5)
+    assert credits[5] == pytest.approx((0.8 * 0.5 + 0.8) * 0.5) and credits[2] == pytest.approx(0.5)
+    logits = torch.zeros(8)
+    fused = fuse(logits, credits, 0.7)
+    assert fused[5] == pytest.approx(0.7 * math.log1p(credits[5])) and fused[0] == 0.0
+    assert torch.softmax(fused, -1)[5] > torch.softmax(logits, -1)[5]
+
+
+def test_credit_decoding_commits_by_fused_confidence(tiny):
+    trace = run_to_end(tiny, RunRequest.build("credit_decoding", {"block_length": 8}, PROMPT, max_new_tokens=16,
+                                              chat=False))
+    steps = unmask_steps(trace)
+    assert sorted(p for s in steps for p in s.committed) == list(range(16))
+    for step in steps:
+        assert len(step.scores) == len(step.masked)
+        fused = [step.scores[step.masked.index(p)] for p in step.committed]
+        assert len(step.committed) == 1 or all(f >= 0.95 for f in fused)
+
+
+def test_a_masked_lm_is_a_diffusion_model_and_refuses_other_strategies(masked_lm, tmp_path):
+    from explorer.models import load_model
+
+    trace = run_to_end(masked_lm, RunRequest.build("diffusion", {"block_length": 4}, "Hello", max_new_tokens=12))
+    assert trace.status == "ok" and len(trace.token_ids) == 12
+    loaded = load_model(str(save_tiny_masked_lm(tmp_path / "mlm")))
+    assert loaded.diffusion == masked_lm.diffusion and not loaded.diffusion.shift
+    again = run_to_end(loaded, RunRequest.build("diffusion", {"block_length": 4}, "Hello", max_new_tokens=12))
+    assert again.token_ids == trace.token_ids
+    with pytest.raises(ValueError, match="masked diffusion LM: choose a diffusion strategy"):
+        run_to_end(loaded, RunRequest.build("greedy", {}, "Hello", max_new_tokens=4))
+    with pytest.raises(ValueError, match="turn them off for a diffusion strategy"):
+        run_to_end(loaded, RunRequest.build("diffusion", {}, "Hello", max_new_tokens=4, lens=True))
+
+
+def test_bidirectional_attention_on_a_causal_lm_lets_later_positions_count(tiny):
+    """With the all-visible mask, what sits after a position changes its prediction; causally it cannot."""
+    canvas = list(range(10, 30))
+    changed = list(canvas)
+    changed[-1] = 5
+    causal = tiny.canvas_logits(canvas), tiny.canvas_logits(changed)
+    both = tiny.canvas_logits(canvas, bidirectional=True), tiny.canvas_logits(changed, bidirectional=True)
+    assert torch.allclose(causal[0][:-1], causal[1][:-1])
+    assert not torch.allclose(both[0][5], both[1][5])
+
+
+def test_the_unmasking_record_round_trips_through_the_store_and_parquet(tiny, store, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    trace = run_to_end(tiny, RunRequest.build("prophet", {"block_length": 8}, PROMPT, max_new_tokens=16, chat=False),
+                       recorder=Recorder(store))
+    assert store.load_trace(trace.run_id) == trace
+    out = tmp_path / "unmask.parquet"
+    assert main(["export", trace.run_id, "--format", "unmask", "--out", str(out), "--db", str(store.url)]) == 0
+    rows = pq.read_table(out).to_pylist()
+    steps = unmask_steps(trace)
+    assert len(rows) == sum(len(s.masked) for s in steps)
+    assert sorted(r["position"] for r in rows if r["committed"]) == list(range(16))
+    first = steps[0]
+    assert [r["confidence"] for r in rows if r["step"] == 0] == first.confidences
+
+
+def test_the_diffusion_views_draw_the_unmasking_order_and_replay(tiny):
+    from viz.catalog import get_view
+    from viz.diffusion import commits
+    from viz.theme import has_data
+
+    traces = [run_to_end(tiny, RunRequest.build("diffusion", {"block_length": 8, "steps": 8}, PROMPT,
+                                                max_new_tokens=16, chat=False)),
+              run_to_end(tiny, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=16, chat=False))]
+    found = commits(traces[0])
+    steps = unmask_steps(traces[0])
+    assert sorted(found) == list(range(16))
+    assert all(found[p].step == s.step for s in steps for p in s.committed)
+    order = get_view("unmasking-order").render(traces, 1)  # lane 2 is greedy: the view falls back to lane 1
+    heat = order.data[0]
+    assert heat.z[0][0] is None or heat.z[0][0] == 0
+    assert [row.count(None) for row in heat.z] == [16 - sum(len(s.committed) for s in steps[:k + 1])
+                                                  for k in range(len(steps))]  # each row is the canvas then
+    replay = get_view("unmasking-replay").render(traces, 0)
+    assert len(replay.frames) == len(steps) and replay.data[0].text.count("▒") == 0
+    assert replay.frames[0].data[0].text.count("▒") == 16 - len(steps[0].committed)
+    assert has_data(get_view("unmasking-commits").render(traces, 0))
+    assert not has_data(get_view("unmasking-order").render(traces[1:], 0))
