@@ -189,3 +189,35 @@ def test_the_diffusion_views_draw_the_unmasking_order_and_replay(tiny):
     assert replay.frames[0].data[0].text.count("▒") == 16 - len(steps[0].committed)
     assert has_data(get_view("unmasking-commits").render(traces, 0))
     assert not has_data(get_view("unmasking-order").render(traces[1:], 0))
+
+
+def test_adablock_ends_a_block_after_a_confident_delimiter():
+    from explorer.strategies.adablock import adaptive_block_end, delimiter_ids
+    from explorer.testing import tiny_tokenizer
+
+    newline = delimiter_ids(tiny_tokenizer(), "\\n .")
+    tokenizer = tiny_tokenizer()
+    assert newline == {tokenizer.convert_tokens_to_ids("\n"), tokenizer.convert_tokens_to_ids(".")}
+    nl = tokenizer.convert_tokens_to_ids("\n")
+    rows = torch.tensor([4, 5, 6, 7, 30])
+    proposals = torch.tensor([9, nl, 9, nl, nl])
+    probs = torch.full((5, 100), 0.001, dtype=torch.float64)
+    probs[1, nl], probs[3, nl], probs[4, nl] = 0.35, 0.6, 0.99  # the one at 30 is outside the window
+    assert adaptive_block_end(4, 36, 40, 0.25, rows, proposals, probs, newline, 0.3) == 8  # after position 7
+    assert adaptive_block_end(4, 36, 40, 0.25, rows, proposals, probs, newline, 0.7) == 36  # none clears τ_d
+    assert adaptive_block_end(4, 36, 40, 0.25, rows, proposals, probs, set(), 0.0) == 36
+
+
+def test_eoser_scales_eos_early_and_ass_commits_powers_of_two(tiny):
+    from explorer.strategies.eoser import EoserConfig, ascending_counts, eos_factor
+
+    assert ascending_counts(10) == [1, 2, 7] and ascending_counts(127) == [1, 2, 4, 8, 16, 32, 64]
+    assert sum(ascending_counts(1000)) == 1000
+    linear = EoserConfig(ascending=False)
+    assert eos_factor(linear, 0, 5) == pytest.approx(0.4) and eos_factor(linear, 4, 5) == pytest.approx(1.0)
+    ass = EoserConfig()
+    assert eos_factor(ass, 0, 7) == pytest.approx(0.01 + 0.99 / 128)  # t = (2^(i+1) - 1) / 2^S
+    assert eos_factor(ass, 6, 7) == pytest.approx(0.01 + 0.99 * 127 / 128)
+    trace = run_to_end(tiny, RunRequest.build("eoser", {}, PROMPT, max_new_tokens=24, chat=False))
+    assert [len(s.committed) for s in unmask_steps(trace)] == ascending_counts(24)
+    assert trace.finished.target_forward_passes == len(ascending_counts(24))  # about log2(L) passes

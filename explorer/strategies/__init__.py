@@ -1,12 +1,14 @@
 """Decoding strategies. Importing this package fills the registry; each module is one strategy."""
 
 from explorer.strategies import (  # noqa: F401  (importing registers them)
+    adablock,
     beam,
     cautious,
     contrastive,
     credit_decoding,
     diffusion,
     diverse_beam,
+    eoser,
     greedy,
     jacobi,
     lookahead,

@@ -117,6 +117,7 @@ class StepView:
 
     step: int  # 0-based, over the whole run
     block_step: int  # 0-based, within the current block
+    block_steps: int  # the steps the current block was given
     progress: float  # steps done / steps planned, in [0, 1]
     positions: torch.Tensor  # (n,) generated positions still masked
     in_block: torch.Tensor  # (n,) bool: in the current block
@@ -142,6 +143,15 @@ class Schedule:
     def __init__(self, config: UnmaskingConfig):
         self.config = config
 
+    def block_end(self, first: int, default: int, length: int, rows: torch.Tensor, proposals: torch.Tensor,
+                  probs: torch.Tensor) -> int:
+        """Where the block opening at `first` ends (called at its first step, with that step's proposals)."""
+        return default
+
+    def counts(self, masked: int, steps: int) -> list[int]:
+        """How many positions each step of a block commits (LLaDA's linear schedule)."""
+        return transfer_counts(masked, steps)
+
     def decide(self, view: StepView) -> Decision:
         if self.config.threshold > 0:
             committed = commit_above(view.scores, view.in_block, self.config.threshold)
@@ -161,26 +171,33 @@ def mask_predict(model: Any, prompt_ids: Sequence[int], config: UnmaskingConfig,
     bidirectional = None if config.attention == "auto" else True
     canvas = torch.tensor([*prompt_ids, *([mask_id] * length)], device=model.device)
     block = config.block_length or length
-    blocks = [(b, min(b + block, length)) for b in range(0, length, block)]  # departure: a shorter last block
     planned = config.steps or length
-    per_block = [planned // len(blocks) + (1 if i < planned % len(blocks) else 0) for i in range(len(blocks))]
+    steps_left = planned
     committed_steps: dict[int, TokenStep] = {}
-    emitted = step = 0
+    emitted = step = first = 0
     masked = torch.ones(length, dtype=torch.bool, device=model.device)
-    for (first, last), block_steps in zip(blocks, per_block, strict=True):
-        counts = transfer_counts(int(masked[first:last].sum()), max(1, block_steps))
-        block_step = 0
-        while masked[first:last].any():
+    while first < length and masked[first:].any():
+        if not masked[first:first + block].any():  # committed already (an all-in step)
+            first += block
+            continue
+        last, counts, block_step, block_steps = None, [], 0, 1
+        while last is None or masked[first:last].any():
             logits = _guided_logits(model, canvas, start, config, bidirectional)[start:]  # (length, vocab)
             rows = torch.nonzero(masked).flatten()  # (n,) every masked position of the canvas
             row_logits = logits[rows]
             probs = torch.softmax(row_logits.double(), dim=-1)
             proposals = gumbel_argmax(row_logits, config.temperature, rng)
             scores = position_scores(probs, proposals, config.remasking, rng)
+            if last is None:  # the block opens: its end (fixed, or the schedule's), its share of the steps
+                last = schedule.block_end(first, min(first + block, length), length, rows, proposals, probs)
+                # departure: LLaDA needs equal blocks and steps divisible by them; we give each block its share
+                block_steps = max(1, math.ceil(steps_left * (last - first) / (length - first)))
+                steps_left = max(0, steps_left - block_steps)
+                counts = schedule.counts(int(masked[first:last].sum()), block_steps)
             in_block = (rows >= first) & (rows < last)
             count = counts[block_step] if block_step < len(counts) else 1  # past its steps: one per step
-            view = StepView(step, block_step, min(1.0, step / max(1, planned)), rows, in_block, row_logits, probs,
-                            proposals, scores, max(1, count))
+            view = StepView(step, block_step, block_steps, min(1.0, step / max(1, planned)), rows, in_block,
+                            row_logits, probs, proposals, scores, max(1, count))
             decision = schedule.decide(view)
             tokens = decision.proposals if decision.proposals is not None else proposals
             chosen = rows[decision.committed]
@@ -201,6 +218,7 @@ def mask_predict(model: Any, prompt_ids: Sequence[int], config: UnmaskingConfig,
                 emitted += 1
             step += 1
             block_step += 1
+        first = last
 
 
 def _guided_logits(model: Any, canvas: torch.Tensor, start: int, config: UnmaskingConfig,

@@ -1,0 +1,96 @@
+"""EOS Early Rejection and the Ascending Step-Size scheduler (Yang et al. 2025, "Taming Masked Diffusion Language
+Models via Consistency Trajectory Reinforcement Learning with Fewer Decoding Step", arXiv:2509.23924).
+
+EOSER: a masked diffusion LM decoding the whole canvas at once tends to fill it with end-of-sequence tokens
+early; so a proposal that is EOS has its confidence scaled by γ(t) = γ_min + (γ_max − γ_min)·t, which grows with
+the decoding progress t (strong rejection early, none at the end). With ASS, step i of a block commits 2^i
+positions (1, 2, 4, ...: few while the context is thin, many once it is rich; the last step takes the rest), so a
+canvas of L positions needs about log2(L) steps, and t = (2^(i+1) − 1) / 2^S over S steps; without it, LLaDA's
+linear schedule with t = step / (steps − 1) (γ_min 0.4 there, 0.01 with ASS: the authors' defaults).
+
+Departure: the authors' ASS also splits the canvas into power-of-two blocks; here the 2^i schedule runs inside
+each of our blocks (one block, block_length 0, is their single-block case).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from explorer.events import Event
+from explorer.params import param
+from explorer.strategies.base import register
+from explorer.strategies.unmasking import (
+    Decision,
+    Schedule,
+    StepView,
+    UnmaskingConfig,
+    commit_top,
+    diffusion_prepare,
+    mask_predict,
+)
+
+
+@dataclass(frozen=True)
+class EoserConfig(UnmaskingConfig):
+    block_length: int = param(0, "semi-autoregressive block length (0: one block, full-diffusion decoding, the "
+                                 "paper's setting)", minimum=0, maximum=2048, step=1)
+    ascending: bool = param(True, "ASS: step i commits 2^i positions (off: LLaDA's equal steps)")
+    gamma_min: float = param(-1.0, "EOS confidence factor at the start (-1: 0.01 with ASS, 0.4 without)",
+                             minimum=-1.0, maximum=1.0, step=0.01)
+    gamma_max: float = param(1.0, "EOS confidence factor at the end", minimum=0.0, maximum=1.0, step=0.01)
+
+
+def ascending_counts(masked: int) -> list[int]:
+    """ASS: 1, 2, 4, ... positions per step, the last step taking what is left."""
+    counts, left, size = [], masked, 1
+    while left > 0:
+        take = min(size, left)
+        if left - take < size * 2 and left - take > 0:  # the rest would not fill the next step: take it now
+            take = left
+        counts.append(take)
+        left -= take
+        size *= 2
+    return counts
+
+
+def eos_factor(config: EoserConfig, block_step: int, block_steps: int) -> float:
+    """γ(t) for this step of its block."""
+    low = config.gamma_min if config.gamma_min >= 0 else (0.01 if config.ascending else 0.4)
+    if block_steps <= 1:
+        return config.gamma_max
+    if config.ascending:
+        progress = (2 ** (block_step + 1) - 1) / 2 ** block_steps
+    else:
+        progress = min(block_step, block_steps - 1) / (block_steps - 1)
+    return low + (config.gamma_max - low) * min(1.0, progress)
+
+
+class EoserSchedule(Schedule):
+    def __init__(self, config: EoserConfig, eos_ids: frozenset[int]):
+        super().__init__(config)
+        self.eos_ids = eos_ids
+        self.block_counts: list[int] = []
+
+    def counts(self, masked: int, steps: int) -> list[int]:
+        self.block_counts = ascending_counts(masked) if self.config.ascending else super().counts(masked, steps)
+        return self.block_counts
+
+    def decide(self, view: StepView) -> Decision:
+        factor = eos_factor(self.config, view.block_step, len(self.block_counts))
+        is_eos = torch.tensor([int(t) in self.eos_ids for t in view.proposals.tolist()], dtype=torch.bool)
+        scores = torch.where(is_eos, view.scores * factor, view.scores)
+        committed = commit_top(scores, view.in_block, view.count)
+        return Decision(committed, scores=[round(float(s), 6) for s in scores],
+                        rule=f"the {view.count} best by {self.config.remasking}, EOS scaled by γ = {factor:.2f}")
+
+
+@register("eoser", EoserConfig, "diffusion: reject early EOS, commit 1, 2, 4, ... tokens per step",
+          needs_budget=True, prepare=diffusion_prepare, family="diffusion",
+          paper="Yang et al. 2025, EOSER and ASS, arXiv:2509.23924")
+def run(model: Any, prompt_ids: Sequence[int], config: EoserConfig, rng: torch.Generator, *,
+        max_new_tokens: int) -> Iterator[Event]:
+    yield from mask_predict(model, prompt_ids, config, rng, max_new_tokens, EoserSchedule(config, model.eos_token_ids))
