@@ -337,6 +337,27 @@ def test_browser_click_a_token_branch_and_see_the_new_lane(server, browser, tmp_
 
 
 @pytest.mark.browser
+def test_browser_diffusion_lanes_draw_their_unmasking_order(server, browser, tmp_path):
+    """A diffusion lane and a Prophet lane on the (causal) model: both decode, and the Diffusion tab draws the
+    unmasking order, the canvas replay and the tokens per step."""
+    url, db = server
+    folder = Path(os.environ.get("DECODING_EXPLORER_SCREENSHOTS", tmp_path))
+    page = open_page(browser, url, "Once upon a time", strategies={1: "diffusion", 2: "prophet"})
+    set_number(page, "max new tokens", "24")
+    page.locator("#run").click()
+    page.wait_for_selector("#permalink a", timeout=90_000)
+    stored = permalink_runs(page, db)
+    assert [t.started.strategy for t in stored] == ["diffusion", "prophet"]
+    assert all(t.status == "ok" and any(e.kind == "unmask_step" for e in t.events) for t in stored)
+    assert page.locator("#lane1-output .tok").count() == len(stored[0].token_ids)
+    page.get_by_role("tab", name="Diffusion").click()
+    for view in ("unmasking-order", "unmasking-replay", "unmasking-commits"):
+        page.wait_for_selector(f"#{view} .js-plotly-plot", timeout=30_000)
+    assert "Unmasking order" in page.locator("#unmasking-order").inner_text()
+    page.screenshot(path=str(folder / "diffusion-1280.png"), full_page=True)
+
+
+@pytest.mark.browser
 def test_browser_bad_input_shows_a_message_not_a_trace(server, browser):
     url, _ = server
     page = browser.new_page()
