@@ -267,7 +267,8 @@ class UnmaskStep:
     now, the score the commit rule ranks by, the top-1 minus top-2 probability and the entropy (nats). Then the
     positions the rule committed this step with their tokens (and any it remasked), in the current block
     [block_start, block_end). `scores` holds a schedule's own per-position score where it has one (e.g.
-    CreditDecoding's fused confidence); `rule` says in words why these positions were committed."""
+    CreditDecoding's fused confidence); `rule` says in words why these positions were committed; `recomputed`
+    lists the generated positions the step's pass recomputed (the others reused cached K/V)."""
 
     kind: ClassVar[str] = "unmask_step"
     step: int
@@ -284,6 +285,7 @@ class UnmaskStep:
     scores: list[float] = field(default_factory=list)
     all_in: bool = False
     rule: str = ""
+    recomputed: list[int] = field(default_factory=list)  # generated positions this step's pass recomputed
 
 
 Event = (RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch

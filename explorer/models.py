@@ -400,6 +400,75 @@ class KVSession:
 _TREE_SUPPORT: dict[tuple[type, int], str | None] = {}  # (model class, id of its first layer) -> refusal or None
 
 
+class CanvasKV:
+    """A diffusion canvas's per-position K/V on a causal HF model, so that a denoising step can recompute some
+    positions and reuse the others' K/V from when they were last computed (Fast-dLLM's prefix and dual caches,
+    dKV-Cache's delayed caching, Window-Diffusion's buffer). Keys are stored after their rotary embedding, so a
+    reused key keeps its position; the 4-D mask of a partial pass lets each recomputed position see the reused
+    and recomputed ones (all of them when bidirectional, those at or before it when causal). `logits` keeps
+    every position's latest logits (recomputed rows fresh, the others as last computed)."""
+
+    def __init__(self, lm: LanguageModel, bidirectional: bool):
+        self.check(lm)
+        self.lm, self.bidirectional = lm, bidirectional
+        self.keys: list[torch.Tensor] = []  # per layer (1, kv heads, canvas, head dim)
+        self.values: list[torch.Tensor] = []
+        self.logits: torch.Tensor | None = None  # (canvas, vocab), unshifted
+
+    @staticmethod
+    def check(lm: LanguageModel) -> None:
+        """Refuse a model whose K/V cannot be reused this way, with the reason."""
+        if lm.diffusion is not None or sliding_window(lm.model.config) is not None:
+            raise ValueError(f"{lm.info.model_id} cannot reuse canvas K/V (only causal models without sliding "
+                             "windows can): choose cache=none")
+        check_tree_support(lm)  # explicit positions and 4-D masks must be honoured
+
+    @torch.inference_mode()
+    def run(self, token_ids: Sequence[int], compute: Sequence[int] | None = None,
+            reuse: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits `(canvas, vocab)` (shifted as `canvas_logits`) after recomputing the positions `compute` (None:
+        a full pass) on the stored K/V of `reuse` (None: every other position; positions in neither are left
+        out of the pass, pruned). With the shift, a recomputed position's predecessor is recomputed too."""
+        from transformers import DynamicCache
+
+        lm, device = self.lm, self.lm.device
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=device)
+        length = ids.shape[0]
+        shift = lm.canvas_info().shift
+        dtype = next(lm.model.parameters()).dtype
+        if compute is None or self.logits is None:
+            compute, reuse = list(range(length)), []
+        else:
+            wanted = set(compute) | ({p - 1 for p in compute if p > 0} if shift else set())
+            compute = sorted(wanted)
+            reuse = sorted(set(range(length) if reuse is None else reuse) - wanted)
+        query = torch.tensor(compute, device=device)
+        keys_at = torch.tensor(reuse + compute, device=device)
+        allowed = torch.ones(len(compute), len(keys_at), dtype=torch.bool, device=device) if self.bidirectional \
+            else keys_at[None, :] <= query[:, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        cache = DynamicCache(config=lm.model.config)
+        if reuse:
+            index = torch.tensor(reuse, device=device)
+            for layer, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
+                cache.update(keys.index_select(2, index), values.index_select(2, index), layer)
+        out = lm.model(input_ids=ids[query][None], position_ids=query[None], attention_mask=mask[None, None],
+                       past_key_values=cache, use_cache=True)
+        lm.forward_passes += 1
+        fresh = out.logits[0].float()  # (computed, vocab)
+        if not reuse and len(compute) == length:  # a full pass: store everything
+            self.keys = [layer.keys.clone() for layer in cache.layers]
+            self.values = [layer.values.clone() for layer in cache.layers]
+            self.logits = fresh
+        else:
+            for layer, stored in enumerate(cache.layers):
+                self.keys[layer][:, :, query] = stored.keys[:, :, len(reuse):]
+                self.values[layer][:, :, query] = stored.values[:, :, len(reuse):]
+            self.logits[query] = fresh
+        logits = self.logits
+        return torch.cat([logits[:1], logits[:-1]], dim=0) if shift else logits.clone()
+
+
 def check_tree_support(lm: LanguageModel) -> None:
     """Refuse tree passes on a model whose attention does not honour our tree masks and explicit positions:
     probed once per model (layer-skip views share the answer) by comparing a small tree pass with plain passes

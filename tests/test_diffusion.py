@@ -221,3 +221,40 @@ def test_eoser_scales_eos_early_and_ass_commits_powers_of_two(tiny):
     trace = run_to_end(tiny, RunRequest.build("eoser", {}, PROMPT, max_new_tokens=24, chat=False))
     assert [len(s.committed) for s in unmask_steps(trace)] == ascending_counts(24)
     assert trace.finished.target_forward_passes == len(ascending_counts(24))  # about log2(L) passes
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual", "dkv"])
+def test_kv_reuse_is_exact_under_causal_attention_and_recomputes_less(tiny, cache):
+    """With causal attention a position's K/V depends only on what precedes it, so Fast-dLLM's prefix and dual
+    caches (and dKV-Cache, left to right) change nothing but the work: each step recomputes only its share."""
+    params = {"block_length": 8}
+    plain = run_to_end(tiny, RunRequest.build("diffusion", params, PROMPT, max_new_tokens=24, chat=False))
+    cached = run_to_end(tiny, RunRequest.build("diffusion", {**params, "cache": cache}, PROMPT, max_new_tokens=24,
+                                               chat=False))
+    assert cached.token_ids == plain.token_ids
+    assert [s.logprob for s in cached.token_steps] == pytest.approx([s.logprob for s in plain.token_steps], abs=1e-4)
+    steps = unmask_steps(cached)
+    assert sum(len(s.recomputed) for s in steps) < sum(len(s.recomputed) for s in unmask_steps(plain)) == 24 * 24
+    for step in steps:
+        opens = step.step == 0 or step.block_start != steps[step.step - 1].block_start
+        if cache == "dual" and not opens:
+            assert step.recomputed == list(range(step.block_start, step.block_end))
+        if cache == "prefix" and not opens:
+            assert step.recomputed == list(range(step.block_start, 24))
+        if cache == "dkv" and step.step:
+            assert set(step.recomputed) == set(step.masked) | set(steps[step.step - 1].committed)
+
+
+def test_delayed_caching_left_to_right_is_greedy_and_reuse_is_refused_where_it_cannot_work(tiny, masked_lm):
+    greedy = run_to_end(tiny, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=16, chat=False))
+    dkv = run_to_end(tiny, RunRequest.build("diffusion", {"block_length": 1, "cache": "dkv"}, PROMPT,
+                                            max_new_tokens=16, chat=False))
+    assert dkv.token_ids == greedy.token_ids
+    both_ways = run_to_end(tiny, RunRequest.build("diffusion", {"cache": "dual", "attention": "bidirectional",
+                                                                "block_length": 4}, PROMPT, max_new_tokens=8,
+                                                  chat=False))
+    assert both_ways.status == "ok" and len(both_ways.token_ids) == 8
+    with pytest.raises(ValueError, match="cannot reuse canvas K/V"):
+        run_to_end(masked_lm, RunRequest.build("diffusion", {"cache": "prefix"}, "Hi", max_new_tokens=4))
+    with pytest.raises(ValueError, match="use cache=none"):
+        RunRequest.build("diffusion", {"cache": "dual", "cfg_scale": 1}, "Hi")

@@ -36,6 +36,7 @@ from explorer.strategies.base import commit_token
 
 REMASKING = ("low_confidence", "margin", "entropy", "random")
 ATTENTION = ("auto", "bidirectional")
+CACHES = ("none", "prefix", "dual", "dkv")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,16 @@ class UnmaskingConfig(Checked):
     attention: str = param("auto", "auto: the model's own attention (causal for a causal LM); bidirectional: "
                                    "every position sees every other (what AR-to-diffusion adaptation trains)",
                            choices=ATTENTION)
+    cache: str = param("none", "reuse K/V across steps (causal models): prefix or dual = Fast-dLLM's caches "
+                               "(refreshed when a block opens), dkv = dKV-Cache's delayed caching; none = a full "
+                               "pass every step", choices=CACHES)
+    refresh: int = param(0, "dkv: a full pass every this many steps (0: only the first)", minimum=0, maximum=1024,
+                         step=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cache != "none" and self.cfg_scale > 0:
+            raise ValueError("classifier-free guidance runs a second canvas every step: use cache=none with it")
 
 
 # ------------------------------------------------------------------------------------------- pure rules
@@ -176,13 +187,18 @@ def mask_predict(model: Any, prompt_ids: Sequence[int], config: UnmaskingConfig,
     committed_steps: dict[int, TokenStep] = {}
     emitted = step = first = 0
     masked = torch.ones(length, dtype=torch.bool, device=model.device)
+    reuse = CanvasReuse(model, config, start, length)
     while first < length and masked[first:].any():
         if not masked[first:first + block].any():  # committed already (an all-in step)
             first += block
             continue
         last, counts, block_step, block_steps = None, [], 0, 1
         while last is None or masked[first:last].any():
-            logits = _guided_logits(model, canvas, start, config, bidirectional)[start:]  # (length, vocab)
+            if reuse.kv is None:
+                logits = _guided_logits(model, canvas, start, config, bidirectional)[start:]  # (length, vocab)
+                recomputed = list(range(length))
+            else:
+                logits, recomputed = reuse.step(canvas, step, first, last, masked)
             rows = torch.nonzero(masked).flatten()  # (n,) every masked position of the canvas
             row_logits = logits[rows]
             probs = torch.softmax(row_logits.double(), dim=-1)
@@ -208,17 +224,52 @@ def mask_predict(model: Any, prompt_ids: Sequence[int], config: UnmaskingConfig,
                     model, position, start + position, token, logits[position], origin="unmasked",
                     details={"denoising_step": step, "score": float(scores[row])})
             masked[chosen] = False
+            reuse.committed = chosen.tolist()
             yield UnmaskStep(step=step, block_start=first, block_end=last, masked=rows.tolist(),
                              predicted_ids=proposals.tolist(), confidences=_floats(scores),
                              margins=_floats(_margins(probs)), entropies=_floats(_entropies(probs)),
                              committed=chosen.tolist(), committed_ids=[int(canvas[start + p]) for p in chosen],
-                             scores=decision.scores, all_in=decision.all_in, rule=decision.rule)
+                             scores=decision.scores, all_in=decision.all_in, rule=decision.rule,
+                             recomputed=recomputed)
             while emitted < length and emitted in committed_steps:  # the committed prefix, in order
                 yield committed_steps.pop(emitted)
                 emitted += 1
             step += 1
             block_step += 1
         first = last
+
+
+class CanvasReuse:
+    """Which positions a step recomputes and which reuse their K/V (`cache`): prefix (Fast-dLLM: a full pass when
+    a block opens, then the block and what follows it on the prefix's K/V), dual (Fast-dLLM: then only the block,
+    on the K/V of everything else), dkv (dKV-Cache-Decode: every masked position and those committed at the
+    step before, whose K/V is stored one step late, once their token is in; the rest reused; a full pass every
+    `refresh` steps)."""
+
+    def __init__(self, model: Any, config: UnmaskingConfig, start: int, length: int):
+        from explorer.models import CanvasKV
+
+        self.config, self.start, self.length = config, start, length
+        bidirectional = model.canvas_info().bidirectional or config.attention == "bidirectional"
+        self.kv = None if config.cache == "none" else CanvasKV(model, bidirectional)
+        self.committed: list[int] = []  # generated positions committed at the step before
+
+    def step(self, canvas: torch.Tensor, step: int, first: int, last: int | None, masked: torch.Tensor
+             ) -> tuple[torch.Tensor, list[int]]:
+        """Logits `(length, vocab)` of the generated positions, and the generated positions recomputed."""
+        config, start, length = self.config, self.start, self.length
+        ids = canvas.tolist()
+        full = step == 0 or (config.cache in ("prefix", "dual") and last is None) or (
+            config.cache == "dkv" and config.refresh and step % config.refresh == 0)
+        if full:
+            return self.kv.run(ids)[start:], list(range(length))
+        if config.cache == "prefix":
+            compute = list(range(first, length))
+        elif config.cache == "dual":
+            compute = list(range(first, last))
+        else:
+            compute = sorted(set(torch.nonzero(masked).flatten().tolist()) | set(self.committed))
+        return self.kv.run(ids, [start + p for p in compute])[start:], compute
 
 
 def _guided_logits(model: Any, canvas: torch.Tensor, start: int, config: UnmaskingConfig,
@@ -247,3 +298,7 @@ def _floats(values: torch.Tensor) -> list[float]:
 def diffusion_prepare(model: Any, config: UnmaskingConfig) -> None:
     """Refuse what cannot run before the run is stored."""
     model.canvas_info()
+    if config.cache != "none":
+        from explorer.models import CanvasKV
+
+        CanvasKV.check(model)
