@@ -193,22 +193,27 @@ class LanguageModel:
                 return DiffusionInfo(mask_id=value, shift=True, bidirectional=False)
         raise ValueError(f"model {self.info.model_id} has no token to stand for [MASK]")
 
-    def canvas_logits(self, token_ids: Sequence[int], *, bidirectional: bool | None = None) -> torch.Tensor:
+    def canvas_logits(self, token_ids: Sequence[int], *, bidirectional: bool | None = None,
+                      last: int | None = None) -> torch.Tensor:
         """Logits `(len, vocab)` (float32) of one full pass over a canvas: row i is the model's prediction for
-        position i (shifted for models that predict i from i - 1). `bidirectional` (None: the model's own way)
-        on a causal LM lets every position see every other through an all-visible 4-D mask, which is what
-        AR-to-diffusion adaptation trains with."""
+        position i (shifted for models that predict i from i - 1); with `last`, only the last `last` rows (the
+        LM head then runs on those positions only). `bidirectional` (None: the model's own way) on a causal LM
+        lets every position see every other through an all-visible 4-D mask, which is what AR-to-diffusion
+        adaptation trains with."""
         info = self.canvas_info()
         ids = torch.tensor([list(token_ids)], device=self.device)
+        rows = ids.shape[1] if last is None else min(ids.shape[1], last + (1 if info.shift else 0))
         kwargs: dict[str, Any] = {}
         if bidirectional and not info.bidirectional:
             dtype = next(self.model.parameters()).dtype
             kwargs["attention_mask"] = torch.zeros(1, 1, ids.shape[1], ids.shape[1], dtype=dtype, device=self.device)
+        if self.diffusion is None:
+            kwargs["logits_to_keep"] = rows  # causal LMs apply their LM head to these positions only
         with torch.no_grad():
-            logits = self.model(input_ids=ids, **kwargs).logits[0].float()  # (len, vocab)
+            logits = self.model(input_ids=ids, **kwargs).logits[0, -rows:].float()  # (rows, vocab)
         self.forward_passes += 1
-        if info.shift:  # row i predicted from the output at i - 1 (row 0 keeps its own: it is never a mask)
-            logits = torch.cat([logits[:1], logits[:-1]], dim=0)
+        if info.shift:  # row i predicted from the output at i - 1 (the first position keeps its own)
+            logits = logits[:-1] if last is not None and rows > last else torch.cat([logits[:1], logits[:-1]])
         return logits
 
     def piece(self, token_id: int) -> str:
@@ -408,9 +413,10 @@ class CanvasKV:
     and recomputed ones (all of them when bidirectional, those at or before it when causal). `logits` keeps
     every position's latest logits (recomputed rows fresh, the others as last computed)."""
 
-    def __init__(self, lm: LanguageModel, bidirectional: bool):
+    def __init__(self, lm: LanguageModel, bidirectional: bool, start: int):
         self.check(lm)
         self.lm, self.bidirectional = lm, bidirectional
+        self.first_row = start - 1 if lm.canvas_info().shift else start  # logits are kept from this position on
         self.keys: list[torch.Tensor] = []  # per layer (1, kv heads, canvas, head dim)
         self.values: list[torch.Tensor] = []
         self.logits: torch.Tensor | None = None  # (canvas, vocab), unshifted
@@ -426,9 +432,10 @@ class CanvasKV:
     @torch.inference_mode()
     def run(self, token_ids: Sequence[int], compute: Sequence[int] | None = None,
             reuse: Sequence[int] | None = None) -> torch.Tensor:
-        """Logits `(canvas, vocab)` (shifted as `canvas_logits`) after recomputing the positions `compute` (None:
-        a full pass) on the stored K/V of `reuse` (None: every other position; positions in neither are left
-        out of the pass, pruned). With the shift, a recomputed position's predecessor is recomputed too."""
+        """Logits `(generated, vocab)` of the generated positions (shifted as `canvas_logits`) after recomputing the
+        positions `compute` (None: a full pass) on the stored K/V of `reuse` (None: every other position;
+        positions in neither are left out of the pass, pruned). With the shift, a recomputed position's
+        predecessor is recomputed too."""
         from transformers import DynamicCache
 
         lm, device = self.lm, self.lm.device
@@ -452,11 +459,13 @@ class CanvasKV:
             index = torch.tensor(reuse, device=device)
             for layer, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
                 cache.update(keys.index_select(2, index), values.index_select(2, index), layer)
+        full = not reuse and len(compute) == length
+        keep = length - self.first_row if full else 0  # a full pass: the LM head on the generated rows only
         out = lm.model(input_ids=ids[query][None], position_ids=query[None], attention_mask=mask[None, None],
-                       past_key_values=cache, use_cache=True)
+                       past_key_values=cache, use_cache=True, logits_to_keep=keep)
         lm.forward_passes += 1
-        fresh = out.logits[0].float()  # (computed, vocab)
-        if not reuse and len(compute) == length:  # a full pass: store everything
+        fresh = out.logits[0].float()  # (computed or kept, vocab)
+        if full:  # store everything
             self.keys = [layer.keys.clone() for layer in cache.layers]
             self.values = [layer.values.clone() for layer in cache.layers]
             self.logits = fresh
@@ -464,9 +473,9 @@ class CanvasKV:
             for layer, stored in enumerate(cache.layers):
                 self.keys[layer][:, :, query] = stored.keys[:, :, len(reuse):]
                 self.values[layer][:, :, query] = stored.values[:, :, len(reuse):]
-            self.logits[query] = fresh
-        logits = self.logits
-        return torch.cat([logits[:1], logits[:-1]], dim=0) if shift else logits.clone()
+            rows = query - self.first_row
+            self.logits[rows[rows >= 0]] = fresh[rows >= 0]
+        return self.logits[:-1].clone() if shift else self.logits.clone()
 
 
 def check_tree_support(lm: LanguageModel) -> None:

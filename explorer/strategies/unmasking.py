@@ -195,7 +195,7 @@ def mask_predict(model: Any, prompt_ids: Sequence[int], config: UnmaskingConfig,
         last, counts, block_step, block_steps = None, [], 0, 1
         while last is None or masked[first:last].any():
             if reuse.kv is None:
-                logits = _guided_logits(model, canvas, start, config, bidirectional)[start:]  # (length, vocab)
+                logits = _guided_logits(model, canvas, length, config, bidirectional)  # (length, vocab)
                 recomputed = list(range(length))
             else:
                 logits, recomputed = reuse.step(canvas, step, first, last, masked)
@@ -251,7 +251,7 @@ class CanvasReuse:
 
         self.config, self.start, self.length = config, start, length
         bidirectional = model.canvas_info().bidirectional or config.attention == "bidirectional"
-        self.kv = None if config.cache == "none" else CanvasKV(model, bidirectional)
+        self.kv = None if config.cache == "none" else CanvasKV(model, bidirectional, start)
         self.committed: list[int] = []  # generated positions committed at the step before
 
     def step(self, canvas: torch.Tensor, step: int, first: int, last: int | None, masked: torch.Tensor
@@ -262,23 +262,24 @@ class CanvasReuse:
         full = step == 0 or (config.cache in ("prefix", "dual") and last is None) or (
             config.cache == "dkv" and config.refresh and step % config.refresh == 0)
         if full:
-            return self.kv.run(ids)[start:], list(range(length))
+            return self.kv.run(ids), list(range(length))
         if config.cache == "prefix":
             compute = list(range(first, length))
         elif config.cache == "dual":
             compute = list(range(first, last))
         else:
             compute = sorted(set(torch.nonzero(masked).flatten().tolist()) | set(self.committed))
-        return self.kv.run(ids, [start + p for p in compute])[start:], compute
+        return self.kv.run(ids, [start + p for p in compute]), compute
 
 
-def _guided_logits(model: Any, canvas: torch.Tensor, start: int, config: UnmaskingConfig,
+def _guided_logits(model: Any, canvas: torch.Tensor, length: int, config: UnmaskingConfig,
                    bidirectional: bool | None) -> torch.Tensor:
-    logits = model.canvas_logits(canvas.tolist(), bidirectional=bidirectional)
+    """The generated positions' logits `(length, vocab)`, with classifier-free guidance when asked."""
+    logits = model.canvas_logits(canvas.tolist(), bidirectional=bidirectional, last=length)
     if config.cfg_scale > 0:  # LLaDA's unsupervised CFG: the same canvas with the prompt masked
         unconditional = canvas.clone()
-        unconditional[:start] = model.canvas_info().mask_id
-        plain = model.canvas_logits(unconditional.tolist(), bidirectional=bidirectional)
+        unconditional[:canvas.shape[0] - length] = model.canvas_info().mask_id
+        plain = model.canvas_logits(unconditional.tolist(), bidirectional=bidirectional, last=length)
         logits = plain + (config.cfg_scale + 1) * (logits - plain)
     return logits
 
