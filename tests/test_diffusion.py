@@ -258,3 +258,24 @@ def test_delayed_caching_left_to_right_is_greedy_and_reuse_is_refused_where_it_c
         run_to_end(masked_lm, RunRequest.build("diffusion", {"cache": "prefix"}, "Hi", max_new_tokens=4))
     with pytest.raises(ValueError, match="use cache=none"):
         RunRequest.build("diffusion", {"cache": "dual", "cfg_scale": 1}, "Hi")
+
+
+def test_window_diffusion_recomputes_its_window_and_prunes_the_far_field(tiny):
+    from explorer.strategies.window_diffusion import zones
+
+    masked = torch.tensor([False, True, True, False, True, True, True, True])
+    assert zones(masked, 2, 3) == ([1, 2], [4, 5, 6], [7])
+    greedy = run_to_end(tiny, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=20, chat=False))
+    one = run_to_end(tiny, RunRequest.build("window_diffusion", {"threshold": 0, "window": 1, "buffer": 4}, PROMPT,
+                                            max_new_tokens=20, chat=False))
+    assert one.token_ids == greedy.token_ids  # a one-position window on a causal model is greedy decoding
+    trace = run_to_end(tiny, RunRequest.build("window_diffusion", {"window": 4, "buffer": 6, "refresh": 3}, PROMPT,
+                                              max_new_tokens=24, chat=False))
+    steps = unmask_steps(trace)
+    for before, step in zip(steps, steps[1:], strict=False):
+        active, buffer, far = step.masked[:4], step.masked[4:10], step.masked[10:]
+        expected = set(active) | set(before.committed) | (set(buffer) if step.step % 3 == 0 else set())
+        assert set(step.recomputed) == expected and not set(far) & set(step.recomputed)
+        assert set(step.committed) <= set(active)
+    with pytest.raises(ValueError, match="leave cache=none"):
+        RunRequest.build("window_diffusion", {"cache": "dual"}, "Hi")

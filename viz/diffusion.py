@@ -60,6 +60,7 @@ def unmasking_order_figure(trace: Trace | None, lane: int = 0, max_positions: in
     hover: list[list[str]] = []
     for record in records:
         masked = dict(zip(record.masked, zip(record.predicted_ids, record.confidences, strict=True), strict=True))
+        recomputed = set(record.recomputed)
         row, text = [], []
         for position in range(length):
             commit = found.get(position)
@@ -71,7 +72,8 @@ def unmasking_order_figure(trace: Trace | None, lane: int = 0, max_positions: in
             else:
                 row.append(None)
                 guess = masked.get(position)
-                text.append(f"position {position}: masked" + (
+                reused = " (K/V reused or pruned this step)" if record.recomputed and position not in recomputed else ""
+                text.append(f"position {position}: masked{reused}" + (
                     f"; would be {html.escape(trace.token_text(guess[0]))!s} (score {guess[1]:.3f})" if guess else ""))
         z.append(row)
         hover.append(text)

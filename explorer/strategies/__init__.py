@@ -22,6 +22,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     token_recycling,
     top_h,
     tree_speculative,
+    window_diffusion,
 )
 from explorer.strategies.base import REGISTRY, StrategySpec, config_dict, get_strategy, make_config
 

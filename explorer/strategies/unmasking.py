@@ -149,10 +149,30 @@ class Decision:
 
 
 class Schedule:
-    """The base rule (LLaDA's fixed count, or Fast-dLLM's threshold); schedules override `decide`."""
+    """The base rule (LLaDA's fixed count, or Fast-dLLM's threshold); schedules override `decide` (and
+    `block_end`, `counts`, `recompute`)."""
+
+    reuses_kv = False  # True: the schedule decides which K/V to reuse whatever `cache` says (Window-Diffusion)
 
     def __init__(self, config: UnmaskingConfig):
         self.config = config
+
+    def recompute(self, step: int, first: int, last: int | None, masked: torch.Tensor, committed_before: list[int]
+                  ) -> tuple[list[int], list[int] | None] | None:
+        """The generated positions this step recomputes, and those whose stored K/V it reuses (None: all the
+        others); None for a full pass. `cache`: prefix (Fast-dLLM: a full pass when a block opens, then the block
+        and what follows it on the prefix's K/V), dual (Fast-dLLM: then only the block, on the K/V of everything
+        else), dkv (dKV-Cache-Decode: every masked position and those committed at the step before, whose K/V
+        is stored one step late, once their token is in; a full pass every `refresh` steps)."""
+        config, length = self.config, masked.shape[0]
+        if (config.cache in ("prefix", "dual") and last is None) or (
+                config.cache == "dkv" and config.refresh and step % config.refresh == 0):
+            return None
+        if config.cache == "prefix":
+            return list(range(first, length)), None
+        if config.cache == "dual":
+            return list(range(first, last)), None
+        return sorted(set(torch.nonzero(masked).flatten().tolist()) | set(committed_before)), None
 
     def block_end(self, first: int, default: int, length: int, rows: torch.Tensor, proposals: torch.Tensor,
                   probs: torch.Tensor) -> int:
@@ -187,7 +207,7 @@ def mask_predict(model: Any, prompt_ids: Sequence[int], config: UnmaskingConfig,
     committed_steps: dict[int, TokenStep] = {}
     emitted = step = first = 0
     masked = torch.ones(length, dtype=torch.bool, device=model.device)
-    reuse = CanvasReuse(model, config, start, length)
+    reuse = CanvasReuse(model, config, schedule, start, length)
     while first < length and masked[first:].any():
         if not masked[first:first + block].any():  # committed already (an all-in step)
             first += block
@@ -240,36 +260,28 @@ def mask_predict(model: Any, prompt_ids: Sequence[int], config: UnmaskingConfig,
 
 
 class CanvasReuse:
-    """Which positions a step recomputes and which reuse their K/V (`cache`): prefix (Fast-dLLM: a full pass when
-    a block opens, then the block and what follows it on the prefix's K/V), dual (Fast-dLLM: then only the block,
-    on the K/V of everything else), dkv (dKV-Cache-Decode: every masked position and those committed at the
-    step before, whose K/V is stored one step late, once their token is in; the rest reused; a full pass every
-    `refresh` steps)."""
+    """K/V kept across denoising steps (`cache` other than none, or a schedule that manages its own): each step
+    recomputes the positions its schedule names and reuses the stored K/V of the others."""
 
-    def __init__(self, model: Any, config: UnmaskingConfig, start: int, length: int):
+    def __init__(self, model: Any, config: UnmaskingConfig, schedule: Schedule, start: int, length: int):
         from explorer.models import CanvasKV
 
-        self.config, self.start, self.length = config, start, length
+        self.schedule, self.start, self.length = schedule, start, length
         bidirectional = model.canvas_info().bidirectional or config.attention == "bidirectional"
-        self.kv = None if config.cache == "none" else CanvasKV(model, bidirectional, start)
+        wanted = config.cache != "none" or schedule.reuses_kv
+        self.kv = CanvasKV(model, bidirectional, start) if wanted else None
         self.committed: list[int] = []  # generated positions committed at the step before
 
     def step(self, canvas: torch.Tensor, step: int, first: int, last: int | None, masked: torch.Tensor
              ) -> tuple[torch.Tensor, list[int]]:
         """Logits `(length, vocab)` of the generated positions, and the generated positions recomputed."""
-        config, start, length = self.config, self.start, self.length
-        ids = canvas.tolist()
-        full = step == 0 or (config.cache in ("prefix", "dual") and last is None) or (
-            config.cache == "dkv" and config.refresh and step % config.refresh == 0)
-        if full:
-            return self.kv.run(ids), list(range(length))
-        if config.cache == "prefix":
-            compute = list(range(first, length))
-        elif config.cache == "dual":
-            compute = list(range(first, last))
-        else:
-            compute = sorted(set(torch.nonzero(masked).flatten().tolist()) | set(self.committed))
-        return self.kv.run(ids, [start + p for p in compute]), compute
+        start, ids = self.start, canvas.tolist()
+        plan = None if step == 0 else self.schedule.recompute(step, first, last, masked, self.committed)
+        if plan is None:
+            return self.kv.run(ids), list(range(self.length))
+        compute, reuse = plan
+        kept = None if reuse is None else [*range(start), *(start + p for p in reuse)]
+        return self.kv.run(ids, [start + p for p in compute], kept), compute
 
 
 def _guided_logits(model: Any, canvas: torch.Tensor, length: int, config: UnmaskingConfig,

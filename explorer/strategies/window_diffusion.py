@@ -1,0 +1,104 @@
+"""Window-Diffusion (METHODS F07: "a local window slides rightward as denoising proceeds; undecoded tokens are
+active (computed), buffer (K/V cached, periodically refreshed) or far-field (pruned)").
+
+At each step the masked positions are split, left to right, into the active window (the first W: recomputed,
+and the only ones that may be committed), the buffer (the next B: their K/V reused from when they were last
+computed, recomputed every R steps) and the far field (the rest: left out of the pass entirely). Committed
+positions are recomputed once, the step after their token is in (their K/V then holds the token), and reused
+from then on. Inside the window, Fast-dLLM's threshold rule commits (at least one position per step), so the
+window slides as its left end is decoded. A pass therefore costs about W + (refresh) B + newly committed
+positions instead of the whole canvas.
+
+Departure: the paper was not among the sources we could read; this follows its abstract's three zones, with
+the delayed caching of committed tokens taken from dKV-Cache; on a causal model the far field cannot matter to
+the window anyway (it lies to its right).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from explorer.events import Event
+from explorer.params import param
+from explorer.strategies.base import register
+from explorer.strategies.unmasking import (
+    Decision,
+    Schedule,
+    StepView,
+    UnmaskingConfig,
+    commit_above,
+    commit_top,
+    diffusion_prepare,
+    mask_predict,
+)
+
+
+@dataclass(frozen=True)
+class WindowConfig(UnmaskingConfig):
+    block_length: int = param(0, "semi-autoregressive blocks (0: none, the window slides over the whole canvas)",
+                              minimum=0, maximum=2048, step=1)
+    threshold: float = param(0.9, "commit every active position scoring at least this (at least one; 0: one per "
+                                  "step)", minimum=0.0, maximum=1.0, step=0.01)
+    window: int = param(16, "W: masked positions recomputed and eligible each step", minimum=1, maximum=512, step=1)
+    buffer: int = param(32, "B: the masked positions after the window whose K/V are reused", minimum=0,
+                        maximum=2048, step=1)
+    refresh: int = param(4, "recompute the buffer every this many steps (0: never after the first pass)", minimum=0,
+                         maximum=1024, step=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cache != "none":
+            raise ValueError("Window-Diffusion manages its own K/V reuse: leave cache=none")
+        if self.cfg_scale > 0:
+            raise ValueError("classifier-free guidance runs a second canvas every step: not with Window-Diffusion")
+
+
+def zones(masked: torch.Tensor, window: int, buffer: int) -> tuple[list[int], list[int], list[int]]:
+    """(active, buffer, far field) masked positions, left to right."""
+    positions = torch.nonzero(masked).flatten().tolist()
+    return positions[:window], positions[window:window + buffer], positions[window + buffer:]
+
+
+class WindowSchedule(Schedule):
+    reuses_kv = True
+
+    def recompute(self, step: int, first: int, last: int | None, masked: torch.Tensor, committed_before: list[int]
+                  ) -> tuple[list[int], list[int] | None] | None:
+        config = self.config
+        active, buffer, _ = zones(masked, config.window, config.buffer)
+        refreshing = config.refresh and step % config.refresh == 0
+        compute = sorted(set(active) | set(committed_before) | (set(buffer) if refreshing else set()))
+        decoded = torch.nonzero(~masked).flatten().tolist()
+        reuse = sorted((set(decoded) | set(buffer)) - set(compute))
+        return compute, reuse
+
+    def decide(self, view: StepView) -> Decision:
+        config = self.config
+        active = torch.zeros_like(view.in_block)
+        active[:config.window] = True  # rows are the masked positions, ascending: the first W are the window
+        if config.threshold > 0:
+            committed = commit_above(view.scores, active, config.threshold)
+            rule = f"window of {config.window}: score ≥ {config.threshold:g} (at least one)"
+        else:
+            committed = commit_top(view.scores, active, 1)
+            rule = f"window of {config.window}: the best by {config.remasking}"
+        return Decision(committed, rule=rule)
+
+
+def window_prepare(model: Any, config: WindowConfig) -> None:
+    from explorer.models import CanvasKV
+
+    diffusion_prepare(model, config)
+    CanvasKV.check(model)
+
+
+@register("window_diffusion", WindowConfig, "diffusion: a sliding window of active positions, a cached "
+                                            "buffer, the far field pruned", needs_budget=True,
+          prepare=window_prepare, family="diffusion", paper="Window-Diffusion (METHODS F07)")
+def run(model: Any, prompt_ids: Sequence[int], config: WindowConfig, rng: torch.Generator, *,
+        max_new_tokens: int) -> Iterator[Event]:
+    yield from mask_predict(model, prompt_ids, config, rng, max_new_tokens, WindowSchedule(config))
