@@ -279,3 +279,23 @@ def test_window_diffusion_recomputes_its_window_and_prunes_the_far_field(tiny):
         assert set(step.committed) <= set(active)
     with pytest.raises(ValueError, match="leave cache=none"):
         RunRequest.build("window_diffusion", {"cache": "dual"}, "Hi")
+
+
+def test_localleap_commits_anchors_and_their_confident_neighbours():
+    from explorer.strategies.localleap import LocalLeapConfig, LocalLeapSchedule, local_thresholds
+    from explorer.strategies.unmasking import StepView
+
+    config = LocalLeapConfig(anchor=0.9, relaxed=0.5, radius=2)
+    assert local_thresholds([3, 4, 5, 6, 9], [5], config) == pytest.approx([0.7, 0.5, 0.9, 0.5, 0.9])
+    positions = torch.tensor([3, 4, 5, 6, 7, 9, 12])
+    scores = torch.tensor([0.65, 0.55, 0.95, 0.4, 0.8, 0.85, 0.99], dtype=torch.float64)
+    in_block = torch.tensor([True] * 6 + [False])  # 12 lies outside the block
+    view = StepView(0, 0, 1, 0.0, positions, in_block, torch.zeros(7, 4), torch.zeros(7, 4, dtype=torch.float64),
+                    torch.zeros(7, dtype=torch.long), scores, 1)
+    decision = LocalLeapSchedule(config).decide(view)
+    # anchor 5 (0.95); 4 (d=1, 0.55 ≥ 0.5) and 7 (d=2, 0.8 ≥ 0.7) follow it; 3 (d=2, 0.65 < 0.7), 6 (d=1, 0.4),
+    # 9 (too far, 0.85 < 0.9) do not; 12 is out of the block
+    assert positions[decision.committed].tolist() == [4, 5, 7]
+    calm = LocalLeapSchedule(config).decide(StepView(0, 0, 1, 0.0, positions, in_block, view.logits, view.probs,
+                                                     view.proposals, scores * 0.5, 1))
+    assert positions[calm.committed].tolist() == [5]  # no anchor: the single most confident one

@@ -11,6 +11,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     eoser,
     greedy,
     jacobi,
+    localleap,
     lookahead,
     mirostat,
     momentum,
