@@ -299,3 +299,29 @@ def test_localleap_commits_anchors_and_their_confident_neighbours():
     calm = LocalLeapSchedule(config).decide(StepView(0, 0, 1, 0.0, positions, in_block, view.logits, view.probs,
                                                      view.proposals, scores * 0.5, 1))
     assert positions[calm.committed].tolist() == [5]  # no anchor: the single most confident one
+
+
+def hub_reachable() -> bool:
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.hub
+@pytest.mark.skipif(not hub_reachable(), reason="the Hugging Face Hub cannot be reached from here")
+def test_modernbert_chat_diffusion_model_from_the_hub_answers_a_few_prompts():
+    from explorer.models import load_model
+
+    model = load_model("dllm-hub/ModernBERT-base-chat-v0.1")
+    assert model.diffusion is not None and not model.diffusion.shift
+    for prompt in ("What is the capital of France?", "Name three colours.", "Say hello."):
+        trace = run_to_end(model, RunRequest.build("diffusion", {"block_length": 16, "steps": 32}, prompt,
+                                                   max_new_tokens=32))
+        assert trace.status == "ok" and trace.text.strip()
