@@ -38,7 +38,8 @@ def main() -> None:
     block = {"block_length": args.block}
     rows = [("greedy (autoregressive)", "greedy", {}, None)]
     for name, params in [("diffusion", block), ("diffusion threshold 0.9", {**block, "threshold": 0.9}),
-                         ("prophet", block), ("credit_decoding", block), ("eoser (ASS)", {})]:
+                         ("prophet", block), ("credit_decoding", block), ("localleap", block),
+                         ("adablock", block), ("eoser (ASS)", {}), ("window_diffusion W=16 B=32", {})]:
         strategy = name.split()[0]
         rows.append((name, strategy, params, name))
         if name == "diffusion":
