@@ -11,16 +11,13 @@ fluctuating confidence this aligns block boundaries with; the views show it as t
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from explorer.events import Event
 from explorer.params import MAX_TEXT_PARAM, param
-from explorer.strategies.base import register
-from explorer.strategies.unmasking import Schedule, UnmaskingConfig, diffusion_prepare, mask_predict
+from explorer.strategies.unmasking import Schedule, UnmaskingConfig, register_diffusion
 
 
 @dataclass(frozen=True)
@@ -59,9 +56,9 @@ def adaptive_block_end(first: int, default: int, length: int, window: float, row
 
 
 class AdaBlockSchedule(Schedule):
-    def __init__(self, config: AdaBlockConfig, delimiters: set[int]):
-        super().__init__(config)
-        self.delimiters = delimiters
+    def __init__(self, config: AdaBlockConfig, model: Any = None, rng: torch.Generator | None = None):
+        super().__init__(config, model, rng)
+        self.delimiters = delimiter_ids(model.tokenizer, config.delimiters)
 
     def block_end(self, first: int, default: int, length: int, rows: torch.Tensor, proposals: torch.Tensor,
                   probs: torch.Tensor) -> int:
@@ -69,10 +66,5 @@ class AdaBlockSchedule(Schedule):
                                   self.delimiters, self.config.delimiter_threshold)
 
 
-@register("adablock", AdaBlockConfig, "diffusion: blocks end at confidently predicted delimiters",
-          needs_budget=True, prepare=diffusion_prepare, family="diffusion",
-          paper="Lu et al. 2025, AdaBlock-dLLM, arXiv:2509.26432")
-def run(model: Any, prompt_ids: Sequence[int], config: AdaBlockConfig, rng: torch.Generator, *,
-        max_new_tokens: int) -> Iterator[Event]:
-    schedule = AdaBlockSchedule(config, delimiter_ids(model.tokenizer, config.delimiters))
-    yield from mask_predict(model, prompt_ids, config, rng, max_new_tokens, schedule)
+register_diffusion("adablock", AdaBlockConfig, "diffusion: blocks end at confidently predicted delimiters",
+                   paper="Lu et al. 2025, AdaBlock-dLLM, arXiv:2509.26432", schedule=AdaBlockSchedule)

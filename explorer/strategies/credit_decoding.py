@@ -16,24 +16,20 @@ number of slots.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from explorer.events import Event
 from explorer.params import param
-from explorer.strategies.base import register
 from explorer.strategies.unmasking import (
     Decision,
     Schedule,
     StepView,
     UnmaskingConfig,
     commit_above,
-    diffusion_prepare,
     gumbel_argmax,
-    mask_predict,
+    register_diffusion,
 )
 
 
@@ -64,9 +60,8 @@ def fuse(logits: torch.Tensor, credits: dict[int, float], fusion: float) -> torc
 
 
 class CreditSchedule(Schedule):
-    def __init__(self, config: CreditConfig, rng: torch.Generator):
-        super().__init__(config)
-        self.rng = rng
+    def __init__(self, config: CreditConfig, model: Any = None, rng: torch.Generator | None = None):
+        super().__init__(config, model, rng)
         self.credits: dict[int, dict[int, float]] = {}  # position -> token -> credit
 
     def decide(self, view: StepView) -> Decision:
@@ -87,10 +82,6 @@ class CreditSchedule(Schedule):
                         rule=f"fused confidence ≥ {config.threshold:g} (at least one)")
 
 
-@register("credit_decoding", CreditConfig, "diffusion: trace credits from past steps let stable tokens commit "
-                                           "earlier", needs_budget=True, prepare=diffusion_prepare,
-          family="diffusion",
-          paper="Wang et al. 2025, CreditDecoding, arXiv:2510.06133")
-def run(model: Any, prompt_ids: Sequence[int], config: CreditConfig, rng: torch.Generator, *,
-        max_new_tokens: int) -> Iterator[Event]:
-    yield from mask_predict(model, prompt_ids, config, rng, max_new_tokens, CreditSchedule(config, rng))
+register_diffusion("credit_decoding", CreditConfig, "diffusion: trace credits from past steps let stable tokens "
+                                                  "commit earlier",
+                   paper="Wang et al. 2025, CreditDecoding, arXiv:2510.06133", schedule=CreditSchedule)

@@ -5,15 +5,9 @@ decoding (Wu et al. 2025, arXiv:2505.22618) when `threshold` > 0. The sampler an
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-
-from explorer.events import Event
-from explorer.strategies.base import register
-from explorer.strategies.unmasking import UnmaskingConfig, diffusion_prepare, mask_predict
+from explorer.strategies.unmasking import UnmaskingConfig, register_diffusion
 
 
 @dataclass(frozen=True)
@@ -21,9 +15,5 @@ class DiffusionConfig(UnmaskingConfig):
     """LLaDA's sampler; threshold > 0 makes it Fast-dLLM's parallel decoding."""
 
 
-@register("diffusion", DiffusionConfig, "masked diffusion: unmask the most confident positions per step",
-          needs_budget=True, prepare=diffusion_prepare, family="diffusion",
-          paper="Nie et al. 2025, LLaDA, arXiv:2502.09992; Wu et al. 2025, Fast-dLLM, arXiv:2505.22618")
-def run(model: Any, prompt_ids: Sequence[int], config: DiffusionConfig, rng: torch.Generator, *,
-        max_new_tokens: int) -> Iterator[Event]:
-    yield from mask_predict(model, prompt_ids, config, rng, max_new_tokens)
+register_diffusion("diffusion", DiffusionConfig, "masked diffusion: unmask the most confident positions per step",
+                   paper="Nie et al. 2025, LLaDA, arXiv:2502.09992; Wu et al. 2025, Fast-dLLM, arXiv:2505.22618")

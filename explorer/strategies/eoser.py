@@ -14,23 +14,19 @@ each of our blocks (one block, block_length 0, is their single-block case).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from explorer.events import Event
 from explorer.params import param
-from explorer.strategies.base import register
 from explorer.strategies.unmasking import (
     Decision,
     Schedule,
     StepView,
     UnmaskingConfig,
     commit_top,
-    diffusion_prepare,
-    mask_predict,
+    register_diffusion,
 )
 
 
@@ -70,9 +66,9 @@ def eos_factor(config: EoserConfig, block_step: int, block_steps: int) -> float:
 
 
 class EoserSchedule(Schedule):
-    def __init__(self, config: EoserConfig, eos_ids: frozenset[int]):
-        super().__init__(config)
-        self.eos_ids = eos_ids
+    def __init__(self, config: EoserConfig, model: Any = None, rng: torch.Generator | None = None):
+        super().__init__(config, model, rng)
+        self.eos_ids = model.eos_token_ids
         self.block_counts: list[int] = []
 
     def counts(self, masked: int, steps: int) -> list[int]:
@@ -88,9 +84,5 @@ class EoserSchedule(Schedule):
                         rule=f"the {view.count} best by {self.config.remasking}, EOS scaled by γ = {factor:.2f}")
 
 
-@register("eoser", EoserConfig, "diffusion: reject early EOS, commit 1, 2, 4, ... tokens per step",
-          needs_budget=True, prepare=diffusion_prepare, family="diffusion",
-          paper="Yang et al. 2025, EOSER and ASS, arXiv:2509.23924")
-def run(model: Any, prompt_ids: Sequence[int], config: EoserConfig, rng: torch.Generator, *,
-        max_new_tokens: int) -> Iterator[Event]:
-    yield from mask_predict(model, prompt_ids, config, rng, max_new_tokens, EoserSchedule(config, model.eos_token_ids))
+register_diffusion("eoser", EoserConfig, "diffusion: reject early EOS, commit 1, 2, 4, ... tokens per step",
+                   paper="Yang et al. 2025, EOSER and ASS, arXiv:2509.23924", schedule=EoserSchedule)

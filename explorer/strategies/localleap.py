@@ -16,23 +16,18 @@ published description of the two principles.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from explorer.events import Event
 from explorer.params import param
-from explorer.strategies.base import register
 from explorer.strategies.unmasking import (
     Decision,
     Schedule,
     StepView,
     UnmaskingConfig,
     commit_top,
-    diffusion_prepare,
-    mask_predict,
+    register_diffusion,
 )
 
 
@@ -79,9 +74,6 @@ class LocalLeapSchedule(Schedule):
                              f"above their relaxed thresholds")
 
 
-@register("localleap", LocalLeapConfig, "diffusion: commit around high-confidence anchors with relaxed "
-                                        "thresholds", needs_budget=True, prepare=diffusion_prepare,
-          family="diffusion", paper="Kong et al. 2025, LocalLeap, arXiv:2510.07081")
-def run(model: Any, prompt_ids: Sequence[int], config: LocalLeapConfig, rng: torch.Generator, *,
-        max_new_tokens: int) -> Iterator[Event]:
-    yield from mask_predict(model, prompt_ids, config, rng, max_new_tokens, LocalLeapSchedule(config))
+register_diffusion("localleap", LocalLeapConfig, "diffusion: commit around high-confidence anchors with relaxed "
+                                                 "thresholds",
+                   paper="Kong et al. 2025, LocalLeap, arXiv:2510.07081", schedule=LocalLeapSchedule)

@@ -12,23 +12,12 @@ answer span in a general prompt, we monitor the masked positions of the current 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from explorer.events import Event
 from explorer.params import param
-from explorer.strategies.base import register
-from explorer.strategies.unmasking import (
-    Decision,
-    Schedule,
-    StepView,
-    UnmaskingConfig,
-    diffusion_prepare,
-    mask_predict,
-)
+from explorer.strategies.unmasking import Decision, Schedule, StepView, UnmaskingConfig, register_diffusion
 
 
 @dataclass(frozen=True)
@@ -70,9 +59,6 @@ class ProphetSchedule(Schedule):
                         rule=f"{base.rule} (gap {mean_gap:.2f} < τ = {tau:g})")
 
 
-@register("prophet", ProphetConfig, "diffusion, early commit: all-in once the top-2 logit gap is wide",
-          needs_budget=True, prepare=diffusion_prepare, family="diffusion",
-          paper="Li et al. 2025, Diffusion Language Models Know the Answer Before Decoding, arXiv:2508.19982")
-def run(model: Any, prompt_ids: Sequence[int], config: ProphetConfig, rng: torch.Generator, *,
-        max_new_tokens: int) -> Iterator[Event]:
-    yield from mask_predict(model, prompt_ids, config, rng, max_new_tokens, ProphetSchedule(config))
+register_diffusion("prophet", ProphetConfig, "diffusion, early commit: all-in once the top-2 logit gap is wide",
+                   paper="Li et al. 2025, Diffusion Language Models Know the Answer Before Decoding, "
+                         "arXiv:2508.19982", schedule=ProphetSchedule)

@@ -32,7 +32,7 @@ import torch
 
 from explorer.events import Event, TokenStep, UnmaskStep
 from explorer.params import Checked, param
-from explorer.strategies.base import commit_token
+from explorer.strategies.base import commit_token, register
 
 REMASKING = ("low_confidence", "margin", "entropy", "random")
 ATTENTION = ("auto", "bidirectional")
@@ -154,8 +154,8 @@ class Schedule:
 
     reuses_kv = False  # True: the schedule decides which K/V to reuse whatever `cache` says (Window-Diffusion)
 
-    def __init__(self, config: UnmaskingConfig):
-        self.config = config
+    def __init__(self, config: UnmaskingConfig, model: Any = None, rng: torch.Generator | None = None):
+        self.config, self.model, self.rng = config, model, rng
 
     def recompute(self, step: int, first: int, last: int | None, masked: torch.Tensor, committed_before: list[int]
                   ) -> tuple[list[int], list[int] | None] | None:
@@ -315,3 +315,13 @@ def diffusion_prepare(model: Any, config: UnmaskingConfig) -> None:
         from explorer.models import CanvasKV
 
         CanvasKV.check(model)
+
+
+def register_diffusion(name: str, config: type, summary: str, paper: str, schedule: type = Schedule,
+                       prepare: Any = diffusion_prepare) -> None:
+    """Register a diffusion strategy: the shared sampler with `schedule(config, model, rng)` deciding."""
+    def run(model: Any, prompt_ids: Sequence[int], config: UnmaskingConfig, rng: torch.Generator, *,
+            max_new_tokens: int) -> Iterator[Event]:
+        yield from mask_predict(model, prompt_ids, config, rng, max_new_tokens, schedule(config, model, rng))
+
+    register(name, config, summary, needs_budget=True, prepare=prepare, family="diffusion", paper=paper)(run)

@@ -16,15 +16,12 @@ the window anyway (it lies to its right).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from explorer.events import Event
 from explorer.params import param
-from explorer.strategies.base import register
 from explorer.strategies.unmasking import (
     Decision,
     Schedule,
@@ -33,7 +30,7 @@ from explorer.strategies.unmasking import (
     commit_above,
     commit_top,
     diffusion_prepare,
-    mask_predict,
+    register_diffusion,
 )
 
 
@@ -96,9 +93,6 @@ def window_prepare(model: Any, config: WindowConfig) -> None:
     CanvasKV.check(model)
 
 
-@register("window_diffusion", WindowConfig, "diffusion: a sliding window of active positions, a cached "
-                                            "buffer, the far field pruned", needs_budget=True,
-          prepare=window_prepare, family="diffusion", paper="Window-Diffusion (METHODS F07)")
-def run(model: Any, prompt_ids: Sequence[int], config: WindowConfig, rng: torch.Generator, *,
-        max_new_tokens: int) -> Iterator[Event]:
-    yield from mask_predict(model, prompt_ids, config, rng, max_new_tokens, WindowSchedule(config))
+register_diffusion("window_diffusion", WindowConfig, "diffusion: a sliding window of active positions, a cached "
+                                                     "buffer, the far field pruned",
+                   paper="Window-Diffusion (METHODS F07)", schedule=WindowSchedule, prepare=window_prepare)
