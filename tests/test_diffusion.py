@@ -325,3 +325,26 @@ def test_modernbert_chat_diffusion_model_from_the_hub_answers_a_few_prompts():
         trace = run_to_end(model, RunRequest.build("diffusion", {"block_length": 16, "steps": 32}, prompt,
                                                    max_new_tokens=32))
         assert trace.status == "ok" and trace.text.strip()
+
+
+def test_ccd_averages_recent_predictions_and_commits_what_stayed_consistent(tiny):
+    from explorer.strategies.ccd import entropy, marginal_and_consistency
+
+    steady = [torch.tensor([0.7, 0.2, 0.1])] * 3
+    mean, information = marginal_and_consistency(steady)
+    assert mean.tolist() == pytest.approx([0.7, 0.2, 0.1]) and float(information) == pytest.approx(0.0, abs=1e-9)
+    flipping = [torch.tensor([0.9, 0.05, 0.05]), torch.tensor([0.05, 0.9, 0.05])]
+    mean, information = marginal_and_consistency(flipping)
+    expected = float(entropy(mean) - (entropy(flipping[0].double()) + entropy(flipping[1].double())) / 2)
+    assert float(information) == pytest.approx(expected) and float(information) > 0.4  # the context mattered
+    trace = run_to_end(tiny, RunRequest.build("ccd", {"block_length": 8}, PROMPT, max_new_tokens=16, chat=False))
+    steps = unmask_steps(trace)
+    assert sorted(p for s in steps for p in s.committed) == list(range(16))
+    for step in steps:  # the recorded consistency of every committed position
+        values = [step.scores[step.masked.index(p)] for p in step.committed]
+        assert all(v >= -1e-9 for v in values)
+        if len(step.committed) > 1:
+            assert all(v <= 0.05 + 1e-9 for v in values)
+    fixed = run_to_end(tiny, RunRequest.build("ccd", {"block_length": 8, "adaptive": False, "steps": 8}, PROMPT,
+                                              max_new_tokens=16, chat=False))
+    assert [len(s.committed) for s in unmask_steps(fixed)] == [2] * 8

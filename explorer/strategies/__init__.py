@@ -4,6 +4,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     adablock,
     beam,
     cautious,
+    ccd,
     contrastive,
     credit_decoding,
     diffusion,
