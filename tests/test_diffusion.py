@@ -348,3 +348,21 @@ def test_ccd_averages_recent_predictions_and_commits_what_stayed_consistent(tiny
     fixed = run_to_end(tiny, RunRequest.build("ccd", {"block_length": 8, "adaptive": False, "steps": 8}, PROMPT,
                                               max_new_tokens=16, chat=False))
     assert [len(s.committed) for s in unmask_steps(fixed)] == [2] * 8
+
+
+def test_ete_exploits_the_confident_and_explores_within_its_bit_budget(tiny):
+    from explorer.strategies.ete import explore_positions
+
+    bits = [0.1, 3.0, 1.5, 0.5, 1.0]
+    entropies = [0.2, 2.5, 2.0, 1.8, 0.4]
+    eligible = [True, True, True, True, False]
+    assert explore_positions(bits, entropies, eligible, 2.0) == [2, 3]  # 1 costs 3 bits: over budget, skipped
+    assert explore_positions(bits, entropies, eligible, 0.0) == []
+    trace = run_to_end(tiny, RunRequest.build("ete", {"block_length": 8, "budget": 4}, PROMPT, max_new_tokens=16,
+                                              chat=False))
+    steps = unmask_steps(trace)
+    assert sorted(p for s in steps for p in s.committed) == list(range(16))
+    for step in steps:
+        committed_bits = {p: step.scores[step.masked.index(p)] for p in step.committed}
+        explored = [b for p, b in committed_bits.items() if 2 ** -b < 0.9]  # not confident: explored
+        assert len(step.committed) == 1 or sum(explored) <= 4 + 1e-6

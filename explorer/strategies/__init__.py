@@ -10,6 +10,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     diffusion,
     diverse_beam,
     eoser,
+    ete,
     greedy,
     jacobi,
     localleap,
