@@ -107,14 +107,18 @@ class DiffusionInfo:
     bidirectional: bool
 
 
-# Diffusion LMs by their config's architecture: (mask id or None = the tokenizer's mask token, shift). Masked LMs
-# (`*ForMaskedLM`) need no entry: no shift, the tokenizer's mask token. LLaDA and Dream ship remote code: they
-# load only with trust_remote_code (the user's opt-in); neither could be run here (no Hub), the table is from
-# their model cards (LLaDA: mask id 126336, predicts i at i; Dream: predicts i from i - 1).
-DIFFUSION_ARCHITECTURES: dict[str, tuple[int | None, bool]] = {
-    "LLaDAModelLM": (126336, False),
-    "LLaDAMoEModelLM": (156895, False),
-    "DreamModel": (None, True),
+# Diffusion LMs by their config's architecture: (mask id or None = the tokenizer's mask token, shift, the Auto
+# class that loads them). Masked LMs (`*ForMaskedLM`) need no entry: no shift, the tokenizer's mask token. These
+# ship remote code: they load only with trust_remote_code (the user's opt-in). None could be run here (no Hub):
+# the table is from their model cards and code (LLaDA: mask id 126336, predicts i at i; Dream: predicts i from
+# i - 1; dllm's AR-to-diffusion MDLM models: the tokenizer's <|mdm_mask|>, no shift, as its sampler's default).
+DIFFUSION_ARCHITECTURES: dict[str, tuple[int | None, bool, str]] = {
+    "LLaDAModelLM": (126336, False, "AutoModel"),
+    "LLaDAMoEModelLM": (156895, False, "AutoModel"),
+    "DreamModel": (None, True, "AutoModel"),
+    "A2DLlamaLMHeadModel": (None, False, "AutoModelForCausalLM"),
+    "A2DQwen2LMHeadModel": (None, False, "AutoModelForCausalLM"),
+    "A2DQwen3LMHeadModel": (None, False, "AutoModelForCausalLM"),
 }
 
 
@@ -663,7 +667,8 @@ def _load_weights(source: str, tokenizer: Any, dtype: torch.dtype, trust_remote_
                   ) -> tuple[torch.nn.Module, DiffusionInfo | None]:
     """The model at `source` by its config's architecture: a causal LM, a masked LM (a diffusion LM with no
     shift) or a known diffusion LM with remote code."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -674,8 +679,8 @@ def _load_weights(source: str, tokenizer: Any, dtype: torch.dtype, trust_remote_
         raise
     architecture = (getattr(config, "architectures", None) or [""])[0]
     if architecture in DIFFUSION_ARCHITECTURES:
-        mask_id, shift = DIFFUSION_ARCHITECTURES[architecture]
-        model = AutoModel.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        mask_id, shift, auto = DIFFUSION_ARCHITECTURES[architecture]
+        model = getattr(transformers, auto).from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
         mask_id = mask_id if mask_id is not None else tokenizer.mask_token_id
         return model, DiffusionInfo(mask_id=int(mask_id), shift=shift, bidirectional=True)
     if architecture.endswith("ForMaskedLM"):

@@ -366,3 +366,25 @@ def test_ete_exploits_the_confident_and_explores_within_its_bit_budget(tiny):
         committed_bits = {p: step.scores[step.masked.index(p)] for p in step.committed}
         explored = [b for p, b in committed_bits.items() if 2 ** -b < 0.9]  # not confident: explored
         assert len(step.committed) == 1 or sum(explored) <= 4 + 1e-6
+
+
+def test_an_ar_to_diffusion_checkpoint_is_recognised_by_its_architecture(tmp_path):
+    """dllm's A2D models keep their base model type and declare an A2D architecture: loaded as a diffusion LM
+    (the tokenizer's mask token, no shift), with remote code only by opt-in (here the base class serves)."""
+    from explorer.models import load_model
+    from explorer.testing import tiny_model, tiny_tokenizer
+
+    import json
+
+    path = tmp_path / "a2d"
+    model, tokenizer = tiny_model(0).model, tiny_tokenizer(mask=True)
+    model.resize_token_embeddings(len(tokenizer))  # room for <mask>
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["A2DLlamaLMHeadModel"]}))
+    loaded = load_model(str(path))
+    assert loaded.diffusion is not None and not loaded.diffusion.shift and loaded.diffusion.bidirectional
+    assert loaded.diffusion.mask_id == loaded.tokenizer.mask_token_id
+    trace = run_to_end(loaded, RunRequest.build("diffusion", {"block_length": 4}, "Hi", max_new_tokens=8))
+    assert trace.status == "ok" and len(trace.token_ids) == 8
