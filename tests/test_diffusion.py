@@ -348,6 +348,8 @@ def test_ccd_averages_recent_predictions_and_commits_what_stayed_consistent(tiny
     fixed = run_to_end(tiny, RunRequest.build("ccd", {"block_length": 8, "adaptive": False, "steps": 8}, PROMPT,
                                               max_new_tokens=16, chat=False))
     assert [len(s.committed) for s in unmask_steps(fixed)] == [2] * 8
+    with pytest.raises(ValueError, match="history × block_length is 4096"):
+        RunRequest.build("ccd", {"history": 8, "block_length": 0}, "Hi")
 
 
 def test_ete_exploits_the_confident_and_explores_within_its_bit_budget(tiny):
@@ -371,10 +373,10 @@ def test_ete_exploits_the_confident_and_explores_within_its_bit_budget(tiny):
 def test_an_ar_to_diffusion_checkpoint_is_recognised_by_its_architecture(tmp_path):
     """dllm's A2D models keep their base model type and declare an A2D architecture: loaded as a diffusion LM
     (the tokenizer's mask token, no shift), with remote code only by opt-in (here the base class serves)."""
+    import json
+
     from explorer.models import load_model
     from explorer.testing import tiny_model, tiny_tokenizer
-
-    import json
 
     path = tmp_path / "a2d"
     model, tokenizer = tiny_model(0).model, tiny_tokenizer(mask=True)

@@ -109,7 +109,7 @@ def unmasking_replay_figure(trace: Trace | None, lane: int = 0, columns: int = 1
         for position in range(length):
             commit = found.get(position)
             if commit is not None and commit.step <= step:
-                texts.append(show_token(commit.token_text, 6))
+                texts.append(html.escape(show_token(commit.token_text, 6)))  # model output: escaped
                 colors.append(FIRST_DIVERGENCE if commit.step == step else "#0072B2")
                 hovers.append(f"position {position}: {html.escape(commit.token_text)} (step {commit.step})")
             else:

@@ -33,6 +33,9 @@ from explorer.strategies.unmasking import (
     register_diffusion,
 )
 
+MAX_BUFFERED_ROWS = 2048  # buffered distributions (history × block positions), kept in float16: ≤ 200 MB at 49k
+MAX_BUFFERED_BLOCK = 512  # what block_length 0 (the whole canvas) counts as
+
 
 @dataclass(frozen=True)
 class CcdConfig(UnmaskingConfig):
@@ -42,6 +45,14 @@ class CcdConfig(UnmaskingConfig):
                                minimum=0.0, maximum=5.0, step=0.01)
     confidence: float = param(0.5, "τ: the least max p̄ a position committed by the adaptive budget has",
                               minimum=0.0, maximum=1.0, step=0.05)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        rows = self.history * (self.block_length or MAX_BUFFERED_BLOCK)
+        if rows > MAX_BUFFERED_ROWS:
+            raise ValueError(f"history × block_length is {rows}: at most {MAX_BUFFERED_ROWS} (each buffered step keeps "
+                             "a distribution over the vocabulary per position; block_length 0 counts as "
+                             f"{MAX_BUFFERED_BLOCK})")
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -73,7 +84,7 @@ class CcdSchedule(Schedule):
             position = int(view.positions[row])
             kept.add(position)
             buffer = self.buffers.setdefault(position, [])
-            buffer.append(view.probs[row].float())
+            buffer.append(view.probs[row].half())  # float16: the buffer is the memory this method costs
             del buffer[:-config.history]
             mean, information = marginal_and_consistency(buffer)
             scores[row] = -entropy(mean)
