@@ -288,12 +288,31 @@ class UnmaskStep:
     recomputed: list[int] = field(default_factory=list)  # generated positions this step's pass recomputed
 
 
+@dataclass(frozen=True)
+class MbrResult:
+    """Minimum Bayes risk decoding: the sampled candidates (token ids, texts, log-probability sums under the
+    model), the utility matrix U[i][j] = u(candidate i, candidate j as reference), each candidate's expected
+    utility, the chosen index, the best-of-N by log-probability, and the greedy output for comparison."""
+
+    kind: ClassVar[str] = "mbr_result"
+    candidates: list[list[int]]
+    texts: list[str]
+    logprobs: list[float]
+    utilities: list[list[float]]
+    expected: list[float]
+    chosen: int
+    best_by_logprob: int
+    greedy_ids: list[int] = field(default_factory=list)
+    greedy_text: str = ""
+    greedy_logprob: float = 0.0
+
+
 Event = (RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch
-         | PoolUpdate | LensStep | AttentionStep | UnmaskStep)
+         | PoolUpdate | LensStep | AttentionStep | UnmaskStep | MbrResult)
 EVENT_TYPES: dict[str, type] = {
     cls.kind: cls
     for cls in (RunStarted, TokenStep, RunFinished, DraftRound, BeamStep, BeamResult, CandidateStep, TrialBranch,
-                PoolUpdate, LensStep, AttentionStep, UnmaskStep)
+                PoolUpdate, LensStep, AttentionStep, UnmaskStep, MbrResult)
 }
 
 

@@ -14,7 +14,14 @@ import plotly.graph_objects as go
 from explorer.trace import Trace
 from viz.diffusion import unmasking_commits_figure, unmasking_order_figure, unmasking_replay_figure
 from viz.figures import divergence_figure, entropy_curves, mirostat_figure, top_h_figure, topk_heatmap
-from viz.search import beam_tree_figure, cautious_figure, contrastive_figure, momentum_figure, repetition_figure
+from viz.search import (
+    beam_tree_figure,
+    cautious_figure,
+    contrastive_figure,
+    mbr_figure,
+    momentum_figure,
+    repetition_figure,
+)
 from viz.speculative import (
     acceptance_by_position_figure,
     acceptance_heatmap,
@@ -106,6 +113,7 @@ VIEWS = [
     View("contrastive", "Search", "contrastive candidates", _one(contrastive_figure, _strategy("contrastive"))),
     View("momentum", "Search", "momentum graph", _one(momentum_figure, _strategy("momentum"))),
     View("cautious", "Search", "cautious trials", _one(cautious_figure, _strategy("cautious"))),
+    View("mbr", "Search", "MBR utility matrix", _one(mbr_figure, _strategy("mbr"))),
     View("repetition", "Sampling", "repetition", _all(repetition_figure)),
     View("logit-lens", "What if", "logit lens (layer x step)", _one(logit_lens_figure, _probed("lens_step"))),
     View("attention-graph", "What if", "attention dependencies", _one(attention_graph_figure,

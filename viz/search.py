@@ -3,6 +3,7 @@ branching, and the repetition rate every lane can be compared on."""
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 
 import networkx as nx
@@ -11,7 +12,7 @@ import plotly.graph_objects as go
 from explorer.events import BeamResult, BeamStep, CandidateStep, TrialBranch
 from explorer.trace import Trace
 from viz.labels import lane_name, show_token
-from viz.theme import base_layout, empty_figure, lane_color, legend_keys
+from viz.theme import FIRST_DIVERGENCE, LANE_COLORS, SEQUENTIAL, base_layout, empty_figure, lane_color, legend_keys
 
 STATUS_STYLE = {"kept": ("circle", "#0072B2"), "finished": ("star", "#E69F00"), "pruned": ("x", "#BBBBBB")}
 ROOT = "root"
@@ -238,3 +239,37 @@ def repetition_figure(traces: Sequence[Trace]) -> go.Figure:
     figure.update_yaxes(tickformat=".0%", range=[0, 1])
     return base_layout(figure, "Repetition: share of the output's n-grams that repeat an earlier one", "n-gram",
                        "repeated n-gram rate")
+
+
+def mbr_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
+    """MBR: the candidate × candidate utility matrix (chrF of row against column), and each candidate's expected
+    utility next to its log-probability; the chosen candidate, the best by log-probability and greedy marked."""
+    result = next((e for e in trace.events if e.kind == "mbr_result"), None) if trace is not None else None
+    if result is None:
+        return empty_figure("Run an mbr lane to see its candidates' utility matrix.")
+    from plotly.subplots import make_subplots
+
+    labels = [f"{i}{' ★' if i == result.chosen else ''}{' (max log p)' if i == result.best_by_logprob else ''}"
+              for i in range(len(result.texts))]
+    figure = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.22,
+                           subplot_titles=("utility u(row, column): chrF", "expected utility vs log-probability"))
+    hover = [[f"{html.escape(show_token(result.texts[i], 40))} vs {html.escape(show_token(result.texts[j], 40))}: "
+              f"{result.utilities[i][j]:.1f}" for j in range(len(result.texts))] for i in range(len(result.texts))]
+    off_diagonal = [[None if i == j else u for j, u in enumerate(row)] for i, row in enumerate(result.utilities)]
+    figure.add_trace(go.Heatmap(z=off_diagonal, x=labels, y=labels, colorscale=SEQUENTIAL, hovertext=hover,
+                                hoverinfo="text", colorbar=dict(title="chrF", x=0.41)), row=1, col=1)
+    colors = [FIRST_DIVERGENCE if i == result.chosen else LANE_COLORS[0] for i in range(len(result.texts))]
+    marked = [label if label != str(i) else "" for i, label in enumerate(labels)]  # only the chosen and max log p
+    figure.add_trace(go.Scatter(x=result.logprobs, y=result.expected, mode="markers+text", text=marked,
+                                textposition="top center", marker=dict(size=11, color=colors), showlegend=False,
+                                hovertext=[html.escape(show_token(t, 60)) for t in result.texts], hoverinfo="text"),
+                     row=1, col=2)
+    if result.greedy_ids:
+        figure.add_vline(x=result.greedy_logprob, line=dict(dash="dot", color="#666666"), row=1, col=2,
+                         annotation_text="greedy log p", annotation_position="bottom right")
+    base_layout(figure, f"MBR over {len(result.texts)} samples — {lane_name(trace, lane)} (★ chosen)", "", "",
+                height=480)
+    figure.update_yaxes(autorange="reversed", row=1, col=1)
+    figure.update_xaxes(title_text="log-probability (sum)", row=1, col=2)
+    figure.update_yaxes(title_text="expected utility", row=1, col=2)
+    return figure

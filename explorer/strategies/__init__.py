@@ -15,6 +15,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     jacobi,
     localleap,
     lookahead,
+    mbr,
     mirostat,
     momentum,
     prompt_lookup,

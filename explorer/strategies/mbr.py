@@ -1,0 +1,93 @@
+"""Minimum Bayes risk decoding by sampling (Eikema & Aziz 2020, "Is MAP Decoding All You Need? The Inadequacy of
+the Mode in Neural Machine Translation", arXiv:2005.10283; sampling-based MBR as in Freitag et al. 2022).
+
+Notation: H = {y_1 .. y_N} ancestral samples from the model (temperature T); u(h, r) a utility, here chrF (Popović
+2015) computed in code; the MBR choice is y* = argmax_{h ∈ H} (1/(N−1)) Σ_{r ∈ H, r ≠ h} u(h, r), the samples
+standing in for references (the Monte-Carlo estimate of the expected utility under the model). The N samples run
+as one batch on a shared prompt cache; a greedy row runs beside them for comparison (not a candidate). The run
+commits y*; an MbrResult records every candidate, its log-probability, the utility matrix, the expected
+utilities, the choice, the best-of-N by log-probability, and the greedy output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from explorer.events import Event, MbrResult
+from explorer.params import Checked, param
+from explorer.sampling import StepStats, step_stats
+from explorer.strategies.base import RECORD_TOP_K, commit_token, register
+from explorer.utility import expected_utilities, utility_matrix
+
+MAX_MBR_TOKENS = 16 * 1024  # (samples + the greedy row) x new tokens held in the batched cache
+
+
+@dataclass(frozen=True)
+class MbrConfig(Checked):
+    samples: int = param(8, "N: candidates sampled (the pseudo-references too)", minimum=2, maximum=32, step=1)
+    temperature: float = param(1.0, "sampling temperature of the candidates", minimum=0.05, maximum=3.0, step=0.05)
+
+    def check_cost(self, max_new_tokens: int) -> None:
+        check_mbr_cost(self.samples, max_new_tokens)
+
+
+def check_mbr_cost(samples: int, max_new_tokens: int) -> None:
+    if (samples + 1) * max_new_tokens > MAX_MBR_TOKENS:
+        raise ValueError(f"{samples} samples x {max_new_tokens} new tokens is over the limit of {MAX_MBR_TOKENS} "
+                         "tokens decoded together: use fewer samples or fewer new tokens")
+
+
+def mbr_choice(texts: list[str]) -> tuple[int, list[list[float]], list[float]]:
+    """(index of y*, utility matrix, expected utilities)."""
+    matrix = utility_matrix(texts)
+    expected = expected_utilities(matrix)
+    return max(range(len(texts)), key=lambda i: (expected[i], -i)), matrix, expected
+
+
+@register("mbr", MbrConfig, "sample N candidates, commit the one that agrees most with the others (chrF)",
+          needs_budget=True, family="search",
+          paper="Eikema & Aziz 2020, MBR by sampling, arXiv:2005.10283; chrF: Popović 2015")
+def run(model: Any, prompt_ids: Sequence[int], config: MbrConfig, rng: torch.Generator, *,
+        max_new_tokens: int) -> Iterator[Event]:
+    check_mbr_cost(config.samples, max_new_tokens)
+    rows = config.samples + 1  # row 0: greedy, for comparison
+    eos = model.eos_token_ids
+    session = model.session()
+    logits = session.forward(list(prompt_ids), all_logits=False)[-1:].expand(rows, -1)  # (rows, vocab)
+    session.repeat(rows)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    stats: list[list[StepStats]] = [[] for _ in range(rows)]
+    logprobs = [0.0] * rows
+    done = [False] * rows
+    for _ in range(max_new_tokens):
+        scaled = torch.softmax(logits[1:].float() / config.temperature, dim=-1)
+        drawn = torch.multinomial(scaled, 1, generator=rng)[:, 0].tolist()
+        chosen = [int(torch.argmax(logits[0]))] + drawn
+        feed = []
+        for row, token in enumerate(chosen):
+            if done[row]:
+                feed.append(tokens[row][-1])
+                continue
+            step = step_stats(logits[row], None, token, RECORD_TOP_K)
+            tokens[row].append(token)
+            stats[row].append(step)
+            logprobs[row] += step.logprob
+            done[row] = token in eos
+            feed.append(token)
+        if all(done):
+            break
+        logits = session.forward_rows(feed)
+    texts = [model.decode(t) for t in tokens]
+    best, matrix, expected = mbr_choice(texts[1:])
+    by_logprob = max(range(config.samples), key=lambda i: logprobs[i + 1])
+    yield MbrResult(candidates=tokens[1:], texts=texts[1:], logprobs=[round(v, 6) for v in logprobs[1:]],
+                    utilities=[[round(u, 4) for u in row] for row in matrix],
+                    expected=[round(u, 4) for u in expected], chosen=best, best_by_logprob=by_logprob,
+                    greedy_ids=tokens[0], greedy_text=texts[0], greedy_logprob=round(logprobs[0], 6))
+    position = len(prompt_ids)
+    for step, (token, step_stat) in enumerate(zip(tokens[best + 1], stats[best + 1], strict=True)):
+        yield commit_token(model, step, position + step, token, stats=step_stat)

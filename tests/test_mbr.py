@@ -1,0 +1,54 @@
+"""Minimum Bayes risk decoding: chrF on hand-checked pairs, the consensus choice, and the strategy's record."""
+
+import pytest
+
+from explorer.request import RunRequest
+from explorer.runner import run_to_end
+from explorer.strategies.mbr import mbr_choice
+from explorer.utility import chrf, expected_utilities
+
+PROMPT = "the cat sat on the mat. the cat"
+
+
+def test_chrf_on_hand_checked_pairs():
+    assert chrf("the cat", "the cat") == pytest.approx(100.0)
+    assert chrf("abc", "xyz") == 0.0 and chrf("", "abc") == 0.0
+    # "ab" vs "abc": unigrams P 2/2, R 2/3; bigrams P 1/1, R 1/2; orders 3..6: the hypothesis has none
+    precision, recall = (1 + 1) / 2, (2 / 3 + 1 / 2) / 2
+    expected = 100 * 5 * precision * recall / (4 * precision + recall)
+    assert chrf("ab", "abc") == pytest.approx(expected)
+    assert chrf("a b", "ab") == pytest.approx(100.0)  # spaces are not characters to chrF
+
+
+def test_mbr_picks_the_consensus_not_the_outlier():
+    texts = ["the cat sat on the mat", "the cat sat on a mat", "a dog ran in the park", "the cat sat on the mat."]
+    chosen, matrix, expected = mbr_choice(texts)
+    assert chosen in (0, 3) and min(range(4), key=lambda i: expected[i]) == 2
+    assert expected == pytest.approx(expected_utilities(matrix))
+    assert expected[0] == pytest.approx((matrix[0][1] + matrix[0][2] + matrix[0][3]) / 3)
+
+
+def test_the_run_commits_the_mbr_choice_and_records_every_candidate(tiny_flat):
+    request = RunRequest.build("mbr", {"samples": 5}, PROMPT, max_new_tokens=10, chat=False, seed=4)
+    trace = run_to_end(tiny_flat, request)
+    result = next(e for e in trace.events if e.kind == "mbr_result")
+    assert len(result.candidates) == 5 and len(result.utilities) == 5 and all(len(r) == 5 for r in result.utilities)
+    assert result.chosen == mbr_choice(result.texts)[0]
+    assert trace.token_ids == result.candidates[result.chosen]
+    assert [s.logprob for s in trace.token_steps] and sum(s.logprob for s in trace.token_steps) == pytest.approx(
+        result.logprobs[result.chosen], abs=1e-3)
+    assert result.best_by_logprob == max(range(5), key=lambda i: result.logprobs[i])
+    assert run_to_end(tiny_flat, request).token_ids == trace.token_ids  # seeded
+    greedy = run_to_end(tiny_flat, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=10, chat=False))
+    assert result.greedy_ids == greedy.token_ids  # the comparison row is greedy decoding
+    with pytest.raises(ValueError, match="use fewer samples or fewer new tokens"):  # refused before it runs
+        RunRequest.build("mbr", {"samples": 32}, PROMPT, max_new_tokens=600, chat=False)
+
+
+def test_the_mbr_view_marks_the_choice(tiny_flat):
+    from viz.catalog import get_view
+    from viz.theme import has_data
+
+    trace = run_to_end(tiny_flat, RunRequest.build("mbr", {"samples": 4}, PROMPT, max_new_tokens=6, chat=False))
+    figure = get_view("mbr").render([trace], 0)
+    assert has_data(figure) and "★" in " ".join(figure.data[0].y)
