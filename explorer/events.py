@@ -307,12 +307,29 @@ class MbrResult:
     greedy_logprob: float = 0.0
 
 
+@dataclass(frozen=True)
+class FinishRace:
+    """First-finish search: every raced sample as it stood when the race stopped (tokens, texts, lengths,
+    log-probability sums, whether it finished), the order in which samples finished, the one kept and why."""
+
+    kind: ClassVar[str] = "finish_race"
+    samples: list[list[int]]
+    texts: list[str]
+    lengths: list[int]
+    logprobs: list[float]
+    finished: list[bool]
+    finish_order: list[int]
+    chosen: int
+    reason: str = ""
+
+
 Event = (RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch
-         | PoolUpdate | LensStep | AttentionStep | UnmaskStep | MbrResult)
+         | PoolUpdate | LensStep | AttentionStep | UnmaskStep | MbrResult
+         | FinishRace)
 EVENT_TYPES: dict[str, type] = {
     cls.kind: cls
     for cls in (RunStarted, TokenStep, RunFinished, DraftRound, BeamStep, BeamResult, CandidateStep, TrialBranch,
-                PoolUpdate, LensStep, AttentionStep, UnmaskStep, MbrResult)
+                PoolUpdate, LensStep, AttentionStep, UnmaskStep, MbrResult, FinishRace)
 }
 
 

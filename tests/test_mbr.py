@@ -1,6 +1,7 @@
 """Minimum Bayes risk decoding: chrF on hand-checked pairs, the consensus choice, and the strategy's record."""
 
 import pytest
+import torch
 
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
@@ -52,3 +53,33 @@ def test_the_mbr_view_marks_the_choice(tiny_flat):
     trace = run_to_end(tiny_flat, RunRequest.build("mbr", {"samples": 4}, PROMPT, max_new_tokens=6, chat=False))
     figure = get_view("mbr").render([trace], 0)
     assert has_data(figure) and "★" in " ".join(figure.data[0].y)
+
+
+def test_first_finish_keeps_the_first_sample_to_end(tiny_flat):
+    from explorer.strategies.batch_sampling import sample_rows
+    from viz.catalog import get_view
+    from viz.theme import has_data
+
+    request = RunRequest.build("first_finish", {"samples": 8, "temperature": 1.5}, "the cat sat", max_new_tokens=40,
+                               chat=False, seed=2)
+    trace = run_to_end(tiny_flat, request)
+    race = next(e for e in trace.events if e.kind == "finish_race")
+    eos = tiny_flat.eos_token_ids
+    if race.finish_order:
+        winner = race.finish_order[0]
+        assert race.chosen == winner and race.samples[winner][-1] in eos
+        assert race.lengths[winner] == min(race.lengths)  # it ended first: nobody is shorter and finished later
+        assert trace.finished.target_forward_passes == race.lengths[winner]  # the race stopped with it
+        assert all(sum(t in eos for t in race.samples[r]) == 0 for r in range(8) if r not in race.finish_order)
+    assert trace.token_ids == race.samples[race.chosen]
+    assert run_to_end(tiny_flat, request).token_ids == trace.token_ids  # seeded
+    # the race stops at the first finisher; letting every sample run on can only make them longer
+    everyone = sample_rows(tiny_flat, trace.started.prompt_ids, 8, 1.5, torch.Generator().manual_seed(2), 40)
+    assert all(len(a) >= len(b) for a, b in zip(everyone.tokens, race.samples, strict=True))
+    unfinished = run_to_end(tiny_flat, RunRequest.build("first_finish", {"samples": 3}, "the cat sat",
+                                                        max_new_tokens=2, chat=False))
+    record = next(e for e in unfinished.events if e.kind == "finish_race")
+    assert not record.finish_order and record.reason.startswith("none finished")
+    assert has_data(get_view("first-finish").render([trace], 0))
+    with pytest.raises(ValueError, match="use fewer samples or fewer new tokens"):
+        RunRequest.build("first_finish", {"samples": 32}, "Hi", max_new_tokens=1000)

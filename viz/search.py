@@ -273,3 +273,26 @@ def mbr_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     figure.update_xaxes(title_text="log-probability (sum)", row=1, col=2)
     figure.update_yaxes(title_text="expected utility", row=1, col=2)
     return figure
+
+
+def first_finish_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
+    """First-finish search: each raced sample's length when the race stopped, the winner (the first to finish)
+    highlighted, finished samples with their finishing place."""
+    race = next((e for e in trace.events if e.kind == "finish_race"), None) if trace is not None else None
+    if race is None:
+        return empty_figure("Run a first_finish lane to see its race.")
+    places = {row: place + 1 for place, row in enumerate(race.finish_order)}
+    labels = [f"sample {i}" for i in range(len(race.samples))]
+    colors = [FIRST_DIVERGENCE if i == race.chosen else LANE_COLORS[0] if race.finished[i] else "#BBBBBB"
+              for i in range(len(race.samples))]
+    notes = [f"finished {places[i]}{'st' if places[i] == 1 else 'th'}" if i in places else "still running"
+             for i in range(len(race.samples))]
+    figure = go.Figure(go.Bar(x=race.lengths, y=labels, orientation="h", marker=dict(color=colors), text=notes,
+                              textposition="outside", showlegend=False,
+                              hovertext=[f"{html.escape(show_token(t, 80))}<br>log p {lp:.2f}"
+                                         for t, lp in zip(race.texts, race.logprobs, strict=True)],
+                              hoverinfo="text"))
+    figure.update_yaxes(autorange="reversed")
+    return base_layout(figure, f"First-finish race — {lane_name(trace, lane)}: kept sample {race.chosen} "
+                               f"({html.escape(race.reason)})", "tokens when the race stopped", "",
+                       height=max(260, 40 * len(race.samples) + 140))

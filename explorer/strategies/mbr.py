@@ -19,8 +19,8 @@ import torch
 
 from explorer.events import Event, MbrResult
 from explorer.params import Checked, param
-from explorer.sampling import StepStats, step_stats
-from explorer.strategies.base import RECORD_TOP_K, commit_token, register
+from explorer.strategies.base import commit_token, register
+from explorer.strategies.batch_sampling import sample_rows
 from explorer.utility import expected_utilities, utility_matrix
 
 MAX_MBR_TOKENS = 16 * 1024  # (samples + the greedy row) x new tokens held in the batched cache
@@ -54,33 +54,9 @@ def mbr_choice(texts: list[str]) -> tuple[int, list[list[float]], list[float]]:
 def run(model: Any, prompt_ids: Sequence[int], config: MbrConfig, rng: torch.Generator, *,
         max_new_tokens: int) -> Iterator[Event]:
     check_mbr_cost(config.samples, max_new_tokens)
-    rows = config.samples + 1  # row 0: greedy, for comparison
-    eos = model.eos_token_ids
-    session = model.session()
-    logits = session.forward(list(prompt_ids), all_logits=False)[-1:].expand(rows, -1)  # (rows, vocab)
-    session.repeat(rows)
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    stats: list[list[StepStats]] = [[] for _ in range(rows)]
-    logprobs = [0.0] * rows
-    done = [False] * rows
-    for _ in range(max_new_tokens):
-        scaled = torch.softmax(logits[1:].float() / config.temperature, dim=-1)
-        drawn = torch.multinomial(scaled, 1, generator=rng)[:, 0].tolist()
-        chosen = [int(torch.argmax(logits[0]))] + drawn
-        feed = []
-        for row, token in enumerate(chosen):
-            if done[row]:
-                feed.append(tokens[row][-1])
-                continue
-            step = step_stats(logits[row], None, token, RECORD_TOP_K)
-            tokens[row].append(token)
-            stats[row].append(step)
-            logprobs[row] += step.logprob
-            done[row] = token in eos
-            feed.append(token)
-        if all(done):
-            break
-        logits = session.forward_rows(feed)
+    samples = sample_rows(model, prompt_ids, config.samples + 1, config.temperature, rng, max_new_tokens,
+                          greedy_row=True)  # row 0: greedy, for comparison
+    tokens, stats, logprobs = samples.tokens, samples.stats, samples.logprobs
     texts = [model.decode(t) for t in tokens]
     best, matrix, expected = mbr_choice(texts[1:])
     by_logprob = max(range(config.samples), key=lambda i: logprobs[i + 1])
