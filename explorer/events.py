@@ -323,13 +323,30 @@ class FinishRace:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class ExtractSpans:
+    """exact-extract: the prompt positions a span may start at, and for each start the log-probability of the
+    spans of length 1..L from there (row = start, column = length − 1; -inf where none), the best span (its
+    start, length and text) and the free greedy answer for comparison."""
+
+    kind: ClassVar[str] = "extract_spans"
+    starts: list[int]
+    log_probs: list[list[float]]
+    best_start: int
+    best_length: int
+    best_text: str
+    greedy_ids: list[int] = field(default_factory=list)
+    greedy_text: str = ""
+
+
 Event = (RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch
          | PoolUpdate | LensStep | AttentionStep | UnmaskStep | MbrResult
-         | FinishRace)
+         | FinishRace | ExtractSpans)
 EVENT_TYPES: dict[str, type] = {
     cls.kind: cls
     for cls in (RunStarted, TokenStep, RunFinished, DraftRound, BeamStep, BeamResult, CandidateStep, TrialBranch,
-                PoolUpdate, LensStep, AttentionStep, UnmaskStep, MbrResult, FinishRace)
+                PoolUpdate, LensStep, AttentionStep, UnmaskStep, MbrResult, FinishRace,
+                ExtractSpans)
 }
 
 

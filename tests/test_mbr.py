@@ -83,3 +83,37 @@ def test_first_finish_keeps_the_first_sample_to_end(tiny_flat):
     assert has_data(get_view("first-finish").render([trace], 0))
     with pytest.raises(ValueError, match="use fewer samples or fewer new tokens"):
         RunRequest.build("first_finish", {"samples": 32}, "Hi", max_new_tokens=1000)
+
+
+def test_exact_extract_scores_every_span_exactly_and_commits_the_best(tiny):
+    """Against a brute-force reference: each span's log P from a teacher-forced pass of prompt + span."""
+    from explorer.strategies.exact_extract import best_span, span_starts
+    from viz.catalog import get_view
+    from viz.theme import has_data
+
+    assert span_starts([1, 5, 6, 2, 7], {1, 2}) == [(1, 2), (2, 1), (4, 1)]
+    assert best_span([[-3.0, -1.0], [-2.0, float("-inf")]]) == (0, 2)
+    prompt = "cat sat mat"
+    trace = run_to_end(tiny, RunRequest.build("exact_extract", {"max_span": 3}, prompt, max_new_tokens=8,
+                                              chat=False))
+    spans = next(e for e in trace.events if e.kind == "extract_spans")
+    ids = trace.started.prompt_ids
+    eos = sorted(tiny.eos_token_ids)
+    for row, start in enumerate(spans.starts):
+        for length in range(1, 4):
+            if start + length > len(ids) or any(t in (tiny.tokenizer.all_special_ids or []) for t in
+                                                ids[start:start + length]):
+                assert spans.log_probs[row][length - 1] == float("-inf")
+                continue
+            span = ids[start:start + length]
+            logits = tiny.session().forward(ids + span)  # (prompt + span, vocab)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            expected = sum(float(logp[len(ids) - 1 + k, t]) for k, t in enumerate(span))
+            expected += float(torch.logsumexp(logp[len(ids) - 1 + length, eos], dim=-1))
+            assert spans.log_probs[row][length - 1] == pytest.approx(expected, abs=1e-3)
+    best = max(((r, k) for r, row in enumerate(spans.log_probs) for k, v in enumerate(row) if v > float("-inf")),
+               key=lambda rk: spans.log_probs[rk[0]][rk[1]])
+    assert (spans.best_start, spans.best_length) == (spans.starts[best[0]], best[1] + 1)
+    span = ids[spans.best_start:spans.best_start + spans.best_length]
+    assert trace.token_ids[:len(span)] == span and trace.token_ids[len(span)] in tiny.eos_token_ids
+    assert has_data(get_view("exact-extract").render([trace], 0))

@@ -296,3 +296,24 @@ def first_finish_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     return base_layout(figure, f"First-finish race — {lane_name(trace, lane)}: kept sample {race.chosen} "
                                f"({html.escape(race.reason)})", "tokens when the race stopped", "",
                        height=max(260, 40 * len(race.samples) + 140))
+
+
+def exact_extract_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
+    """exact-extract: log P of every span (rows: where it starts in the prompt, columns: its length), the best
+    span marked, and the free greedy answer in the title for comparison."""
+    spans = next((e for e in trace.events if e.kind == "extract_spans"), None) if trace is not None else None
+    if spans is None:
+        return empty_figure("Run an exact_extract lane to see its span probabilities.")
+    z = [[None if v == float("-inf") else v for v in row] for row in spans.log_probs]
+    starts = [f"{p}" for p in spans.starts]
+    figure = go.Figure(go.Heatmap(z=z, x=list(range(1, len(z[0]) + 1)) if z else [], y=starts,
+                                  colorscale=SEQUENTIAL, colorbar=dict(title="log P"),
+                                  hovertemplate="start %{y}, length %{x}: log P %{z:.2f}<extra></extra>"))
+    row = spans.starts.index(spans.best_start)
+    figure.add_trace(go.Scatter(x=[spans.best_length], y=[starts[row]], mode="markers", name="best span",
+                                marker=dict(symbol="star", size=16, color=FIRST_DIVERGENCE)))
+    title = (f"exact-extract — {lane_name(trace, lane)}: best span {html.escape(show_token(spans.best_text, 30))!s} "
+             f"vs greedy {html.escape(show_token(spans.greedy_text, 30))!s}")
+    figure.update_yaxes(autorange="reversed", type="category")
+    return base_layout(figure, title, "span length (tokens)", "start position in the prompt",
+                       height=min(900, 200 + 14 * len(starts)))

@@ -11,6 +11,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     diverse_beam,
     eoser,
     ete,
+    exact_extract,
     first_finish,
     greedy,
     jacobi,
