@@ -117,3 +117,25 @@ def test_exact_extract_scores_every_span_exactly_and_commits_the_best(tiny):
     span = ids[spans.best_start:spans.best_start + spans.best_length]
     assert trace.token_ids[:len(span)] == span and trace.token_ids[len(span)] in tiny.eos_token_ids
     assert has_data(get_view("exact-extract").render([trace], 0))
+
+
+def test_instructive_decoding_takes_the_argmax_of_the_contrast(tiny):
+    from explorer.strategies.instructive import contrast, noisy_context
+    from viz.catalog import get_view
+    from viz.theme import has_data
+
+    greedy = run_to_end(tiny, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=12, chat=False))
+    plain = run_to_end(tiny, RunRequest.build("instructive", {"epsilon": 0}, PROMPT, max_new_tokens=12, chat=False))
+    assert plain.token_ids == greedy.token_ids  # ε = 0: greedy
+    trace = run_to_end(tiny, RunRequest.build("instructive", {"epsilon": 1.0}, PROMPT, max_new_tokens=12,
+                                              chat=False))
+    ids, noisy = trace.started.prompt_ids, noisy_context(tiny, trace.started.prompt_ids, "opposite")
+    for step in trace.token_steps:  # the reference: two fresh teacher-forced passes per step
+        done = trace.token_ids[:step.step]
+        z = tiny.session().forward(ids + done)[-1]
+        z_noisy = tiny.session().forward(noisy + done)[-1]
+        assert step.token_id == int(torch.argmax(contrast(z, z_noisy, 1.0)))
+        assert step.details["flipped"] == float(step.token_id != int(torch.argmax(z)))
+    assert sum(s.details["flipped"] for s in trace.token_steps) > 0  # the contrast did change tokens here
+    assert noisy_context(tiny, [5, 6, 7], "null") == [7]
+    assert has_data(get_view("instructive").render([trace], 0))

@@ -317,3 +317,22 @@ def exact_extract_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     figure.update_yaxes(autorange="reversed", type="category")
     return base_layout(figure, title, "span length (tokens)", "start position in the prompt",
                        height=min(900, 200 + 14 * len(starts)))
+
+
+def instructive_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
+    """Instructive decoding: per step, the chosen token's rank under the real instruction alone (0 = what
+    greedy would have taken); steps where the noisy-instruction contrast flipped the choice are highlighted."""
+    if trace is None or trace.started.strategy != "instructive" or not trace.token_steps:
+        return empty_figure("Run an instructive lane to see where the noisy-instruction contrast changed a token.")
+    steps = trace.token_steps
+    flipped = [s.details.get("flipped", 0.0) > 0 for s in steps]
+    hover = [f"step {s.step}: {html.escape(show_token(s.token_text))} (rank {s.rank} under the instruction alone; "
+             f"its top-1 was {html.escape(show_token(trace.token_text(int(s.details.get('plain_top', -1)))))})"
+             for s in steps]
+    figure = go.Figure(go.Bar(x=[s.step for s in steps], y=[s.rank for s in steps],
+                              marker=dict(color=[FIRST_DIVERGENCE if f else LANE_COLORS[0] for f in flipped]),
+                              hovertext=hover, hoverinfo="text", showlegend=False))
+    eps = trace.started.config.get("epsilon")
+    return base_layout(figure, f"Instructive decoding — {lane_name(trace, lane)}: {sum(flipped)} of {len(steps)} "
+                               f"tokens flipped by the contrast (ε = {eps})", "step",
+                       "chosen token's rank without the contrast")

@@ -14,6 +14,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     exact_extract,
     first_finish,
     greedy,
+    instructive,
     jacobi,
     localleap,
     lookahead,
