@@ -328,7 +328,8 @@ def test_modernbert_chat_diffusion_model_from_the_hub_answers_a_few_prompts():
 
 
 def test_ccd_averages_recent_predictions_and_commits_what_stayed_consistent(tiny):
-    from explorer.strategies.ccd import entropy, marginal_and_consistency
+    from explorer.strategies.ccd import marginal_and_consistency
+    from explorer.strategies.unmasking import probs_entropy as entropy
 
     steady = [torch.tensor([0.7, 0.2, 0.1])] * 3
     mean, information = marginal_and_consistency(steady)

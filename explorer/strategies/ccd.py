@@ -30,6 +30,7 @@ from explorer.strategies.unmasking import (
     StepView,
     UnmaskingConfig,
     commit_top,
+    probs_entropy,
     register_diffusion,
 )
 
@@ -55,16 +56,11 @@ class CcdConfig(UnmaskingConfig):
                              f"{MAX_BUFFERED_BLOCK})")
 
 
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """H per row of `probs` (..., vocab), nats."""
-    return -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
-
-
 def marginal_and_consistency(history: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """p̄ = mean of the buffered distributions `(vocab,)` each, and I = H(p̄) − mean H(p^(t))."""
     stacked = torch.stack(history).double()  # (k, vocab)
     mean = stacked.mean(0)
-    return mean, entropy(mean) - entropy(stacked).mean()
+    return mean, probs_entropy(mean) - probs_entropy(stacked).mean()
 
 
 class CcdSchedule(Schedule):
@@ -87,7 +83,7 @@ class CcdSchedule(Schedule):
             buffer.append(view.probs[row].half())  # float16: the buffer is the memory this method costs
             del buffer[:-config.history]
             mean, information = marginal_and_consistency(buffer)
-            scores[row] = -entropy(mean)
+            scores[row] = -probs_entropy(mean)
             proposals[row] = int(torch.argmax(mean))
             consistent[row] = bool(information <= config.consistency and mean.max() >= config.confidence)
             recorded[row] = round(float(information), 6)

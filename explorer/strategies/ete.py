@@ -22,7 +22,14 @@ from dataclasses import dataclass
 import torch
 
 from explorer.params import param
-from explorer.strategies.unmasking import Decision, Schedule, StepView, UnmaskingConfig, register_diffusion
+from explorer.strategies.unmasking import (
+    Decision,
+    Schedule,
+    StepView,
+    UnmaskingConfig,
+    probs_entropy,
+    register_diffusion,
+)
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ class EteSchedule(Schedule):
         config = self.config
         probs = view.probs.gather(1, view.proposals[:, None])[:, 0]
         bits = [-math.log2(max(float(p), 1e-300)) for p in probs]
-        entropies = (-(view.probs * torch.log(view.probs.clamp_min(1e-300))).sum(-1)).tolist()
+        entropies = probs_entropy(view.probs).tolist()
         if config.cross_block and view.in_block.any():
             first = int(view.positions[view.in_block].min())
             size = int(view.positions[view.in_block].max()) - first + 1

@@ -71,12 +71,10 @@ def run(model: Any, prompt_ids: Sequence[int], config: ExactExtractConfig, rng: 
                          "shorten the passage or max_span")
     eos = sorted(model.eos_token_ids)
     table: list[list[float]] = []
-    first_logits = None
     for chunk in range(0, len(starts), BATCH):
         group = starts[chunk:chunk + BATCH]
         session = model.session()
         last = session.forward(prompt, all_logits=False)[-1]  # (vocab,): the first span token's distribution
-        first_logits = last if first_logits is None else first_logits
         first = torch.log_softmax(last.float(), dim=-1)
         session.repeat(len(group))
         scores = torch.zeros(len(group))
@@ -105,11 +103,9 @@ def run(model: Any, prompt_ids: Sequence[int], config: ExactExtractConfig, rng: 
         logits = session.forward([token])[-1]
     yield ExtractSpans(starts=[s for s, _ in starts], log_probs=table, best_start=start, best_length=size,
                        best_text=model.decode(span), greedy_ids=greedy, greedy_text=model.decode(greedy))
-    # commit the span token by token, with the distributions it was scored under
-    session = model.session()
-    logits = session.forward(prompt, all_logits=False)[-1]
+    # commit the span with the distributions it was scored under: one teacher-forced pass over prompt + span
+    rows = model.session().forward(prompt + span)[len(prompt) - 1:]  # (len(span) + 1, vocab)
     for step, token in enumerate(span):
-        yield commit_token(model, step, len(prompt) + step, token, logits)
-        logits = session.forward([token])[-1]
+        yield commit_token(model, step, len(prompt) + step, token, rows[step])
     if eos and len(span) < max_new_tokens:
-        yield commit_token(model, len(span), len(prompt) + len(span), int(eos[0]), logits)
+        yield commit_token(model, len(span), len(prompt) + len(span), int(eos[0]), rows[len(span)])

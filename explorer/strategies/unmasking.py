@@ -71,6 +71,11 @@ class UnmaskingConfig(Checked):
 
 
 # ------------------------------------------------------------------------------------------- pure rules
+def probs_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """H in nats per row of probabilities `(..., vocab)` (zeros contribute nothing)."""
+    return -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
+
+
 def transfer_counts(masked: int, steps: int) -> list[int]:
     """LLaDA's linear schedule: how many of `masked` positions each of `steps` steps commits."""
     steps = max(1, steps)
@@ -97,7 +102,7 @@ def position_scores(probs: torch.Tensor, proposals: torch.Tensor, remasking: str
         top2 = torch.topk(probs, min(2, probs.shape[1]), dim=-1).values
         return top2[:, 0] - (top2[:, 1] if top2.shape[1] > 1 else 0.0)
     if remasking == "entropy":
-        return (probs * torch.log(probs.clamp_min(1e-300))).sum(-1)  # −H: the most certain first
+        return -probs_entropy(probs)  # −H: the most certain first
     generator_device = rng.device if rng is not None else probs.device
     return torch.rand(probs.shape[0], generator=rng, dtype=torch.float64, device=generator_device).to(probs.device)
 
@@ -247,7 +252,7 @@ def mask_predict(model: Any, prompt_ids: Sequence[int], config: UnmaskingConfig,
             reuse.committed = chosen.tolist()
             yield UnmaskStep(step=step, block_start=first, block_end=last, masked=rows.tolist(),
                              predicted_ids=proposals.tolist(), confidences=_floats(scores),
-                             margins=_floats(_margins(probs)), entropies=_floats(_entropies(probs)),
+                             margins=_floats(_margins(probs)), entropies=_floats(probs_entropy(probs)),
                              committed=chosen.tolist(), committed_ids=[int(canvas[start + p]) for p in chosen],
                              scores=decision.scores, all_in=decision.all_in, rule=decision.rule,
                              recomputed=recomputed)
@@ -300,8 +305,6 @@ def _margins(probs: torch.Tensor) -> torch.Tensor:
     return position_scores(probs, torch.argmax(probs, dim=-1), "margin", None)
 
 
-def _entropies(probs: torch.Tensor) -> torch.Tensor:
-    return -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
 
 
 def _floats(values: torch.Tensor) -> list[float]:
