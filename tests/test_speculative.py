@@ -43,6 +43,8 @@ GREEDY_RULE_METHODS = [
     ("self_speculative", {}),  # searched skip set: CLaSp's DP after every verification, on the shared cache
     ("self_speculative", {"search": "rank", "search_every": 2}),
     ("self_speculative", {"cache": "separate"}),
+    ("spectr", {}),
+    ("spectr", {"drafts": 2, "draft_length": 4, "draft_model": "target"}),
 ]
 
 

@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 
 from explorer.trace import Trace
 from viz.diffusion import unmasking_commits_figure, unmasking_order_figure, unmasking_replay_figure
+from viz.drafting import entropy_handover_figure, exit_layer_figure, layer_acceptance_figure, spectr_figure
 from viz.figures import divergence_figure, entropy_curves, mirostat_figure, top_h_figure, topk_heatmap
 from viz.search import (
     beam_tree_figure,
@@ -107,6 +108,12 @@ VIEWS = [
     View("layer-skip", "Speculative", "layer skip", _all(layer_skip_figure)),
     View("skip-sets", "Speculative", "skipped layers per round",
          _one(skip_set_figure, _strategy("self_speculative"))),
+    View("spectr", "Speculative", "SpecTr vs rejection sampling", _one(spectr_figure, _strategy("spectr"))),
+    View("exit-layer", "Speculative", "DEL exit layer per round", _one(exit_layer_figure, _strategy("del"))),
+    View("layer-acceptance", "Speculative", "DEL per-layer acceptance",
+         _one(layer_acceptance_figure, _strategy("del"))),
+    View("entropy-handover", "Speculative", "EAD: who wrote each token", _one(entropy_handover_figure,
+                                                                             _strategy("ead"))),
     View("draft-tree", "Trees & Jacobi", "draft tree per round (slider)", _one(draft_tree_figure, _drafted)),
     View("tree-size", "Trees & Jacobi", "tree size vs accepted length", _all(tree_size_figure)),
     View("pool", "Trees & Jacobi", "n-gram pool / adjacency graph", _one(pool_figure, _pooled)),

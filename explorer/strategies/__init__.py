@@ -25,6 +25,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     prophet,
     sample,
     self_speculative,
+    spectr,
     speculative,
     token_recycling,
     top_h,

@@ -52,6 +52,54 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return excess / total if total > 0 else p
 
 
+def kseq_beta(p: torch.Tensor, q: torch.Tensor, rho: float) -> float:
+    """SpecTr's beta_{p,q}(rho) = sum_x min(q(x), p(x) / rho): the chance that one draw is accepted."""
+    return float(torch.minimum(q, p / rho).sum())
+
+
+def kseq_rho(p: torch.Tensor, q: torch.Tensor, k: int) -> float:
+    """The smallest rho in [1, k] with rho * beta(rho) >= 1 - (1 - beta(rho))^k (Sun et al. 2023, K-SEQ): the
+    largest acceptance for which the residual below stays a distribution. rho * beta grows and 1 - (1 - beta)^k
+    falls with rho, so a bisection finds it; k = 1 gives rho = 1 (plain speculative sampling)."""
+    if k <= 1:
+        return 1.0
+    low, high = 1.0, float(k)
+    for _ in range(40):
+        mid = 0.5 * (low + high)
+        beta = kseq_beta(p, q, mid)
+        if mid * beta >= 1.0 - (1.0 - beta) ** k:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def kseq_accept(p: torch.Tensor, q: torch.Tensor, rho: float) -> torch.Tensor:
+    """K-SEQ's acceptance probability of a draw x: min(1, p(x) / (rho q(x)))."""
+    return accept_probability(p / rho, q)
+
+
+def kseq_residual(p: torch.Tensor, q: torch.Tensor, rho: float, k: int) -> torch.Tensor:
+    """Where K-SEQ draws when all k draws are rejected: p_res = (p - min(q, p / rho) (1 - (1 - beta)^k) / beta)
+    / (1 - beta)^k, so that acceptance and residual together give exactly p."""
+    beta = kseq_beta(p, q, rho)
+    rejected_all = (1.0 - beta) ** k
+    if rejected_all < 1e-12 or beta <= 0:
+        return p
+    mass = torch.clamp(p - torch.minimum(q, p / rho) * (1.0 - rejected_all) / beta, min=0.0)
+    return mass / mass.sum() if mass.sum() > 0 else p
+
+
+def rrs_root_acceptance(p: torch.Tensor, q: torch.Tensor, k: int) -> float:
+    """Recursive rejection sampling's chance of accepting one of k i.i.d. draws from q: draw i is accepted with
+    probability sum_x min(q, p_{i-1}), p_i = residual(p_{i-1}, q) (deterministic, whatever was drawn)."""
+    none = 1.0
+    for _ in range(k):
+        none *= 1.0 - float(torch.minimum(q, p).sum())
+        p = residual(p, q)
+    return 1.0 - none
+
+
 # ------------------------------------------------------------------------------------------ the draft
 @dataclass
 class DraftTree:
@@ -64,7 +112,11 @@ class DraftTree:
     draft_probs: list[float] = field(default_factory=list)
     q_dists: torch.Tensor | None = None
     details: dict[str, float] = field(default_factory=dict)
-    mode: str = "iid"  # how siblings were drawn from q: iid, without_replacement, or point (deterministic)
+    # how siblings were drawn from q: iid, without_replacement, point (deterministic), or a multiset of i.i.d.
+    # draws with `multiplicity[i]` draws of node i (the trie of k i.i.d. chains), verified by SpecTr's K-SEQ
+    # ("kseq") or by recursive rejection sampling over the same draws ("multiset")
+    mode: str = "iid"
+    multiplicity: list[int] = field(default_factory=list)
 
     @property
     def is_chain(self) -> bool:
@@ -150,7 +202,10 @@ def verify_tree(logits: torch.Tensor, draft: DraftTree, rule: str, filters: Samp
     after a rejection p <- norm(max(0, p - q)), and for children drawn without replacement q also loses x
     (renormalised). If every child is rejected the correction is drawn from what is left of p. Deterministic
     children (mode point) have q = a point mass, so the output is distributed exactly as p in every mode.
-    `hidden_states` of the same pass are handed on in the Verdict."""
+    `hidden_states` of the same pass are handed on in the Verdict. Multiset drafts (modes kseq, multiset) under
+    the sampling rule go to `verify_multiset`."""
+    if rule == "sampling" and draft.mode in MULTISET_MODES:
+        return verify_multiset(logits, draft, filters, context, rng, hidden_states)
     n = len(draft.tokens)
     kids_of = children(draft.parents)
     argmax = logits.argmax(dim=-1).tolist()
@@ -203,6 +258,68 @@ def verify_tree(logits: torch.Tensor, draft: DraftTree, rule: str, filters: Samp
         current = accepted
     kind = "bonus" if not kids_of.get(current) else "correction"
     return Verdict(len(path), bonus, kind, p_list, q_list, u_list, verdicts, argmax, hidden_states, path)
+
+
+MULTISET_MODES = ("kseq", "multiset")
+
+
+def verify_multiset(logits: torch.Tensor, draft: DraftTree, filters: SamplingFilters, context: Sequence[int],
+                    rng: torch.Generator, hidden_states: torch.Tensor | None = None) -> Verdict:
+    """Verify the trie of k i.i.d. draft chains (node i stands for `multiplicity[i]` draws of its token from q
+    at its parent) under the sampling rule. At each node the m draws below it are tested one by one in a
+    uniformly random order (the order of i.i.d. draws; grouping equal tokens would bias the result):
+    - mode "kseq" (SpecTr's K-SEQ, Sun et al. 2023, arXiv:2310.15141, Algorithm 2): draw x is accepted with
+      probability min(1, p(x) / (rho q(x))), rho = kseq_rho(p, q, m); if all m are rejected the token is drawn
+      from kseq_residual(p, q, rho, m);
+    - mode "multiset" (recursive rejection sampling over the same draws): min(1, p(x) / q(x)), and after each
+      rejection p <- residual(p, q).
+    After an acceptance of token x the chains that drew x go on: their next tokens are i.i.d. from q(. | x), so
+    the walk repeats with m = multiplicity of x. Both give exactly p."""
+    n = len(draft.tokens)
+    kids_of = children(draft.parents)
+    p_list: list[float | None] = [None] * n
+    u_list: list[float | None] = [None] * n
+    q_list = [float(x) for x in draft.draft_probs]
+    verdicts = ["unreached"] * n
+    path: list[int] = []
+    history = list(context)
+    current = -1
+    while True:
+        p = torch.softmax(filters.apply(logits[current + 1], history), dim=-1)
+        kids = kids_of.get(current, [])
+        if not kids:
+            bonus = int(torch.multinomial(p, 1, generator=rng))
+            break
+        q = draft.q_dists[kids[0]]  # every draw under one node comes from the same q
+        draws = [kid for kid in kids for _ in range(draft.multiplicity[kid])]
+        order = torch.randperm(len(draws), generator=rng, device=rng.device).tolist()
+        rho = kseq_rho(p, q, len(draws)) if draft.mode == "kseq" else 1.0
+        accepted = None
+        for index in order:
+            kid = draws[index]
+            token = draft.tokens[kid]
+            chance = float(kseq_accept(p, q, rho)[token])
+            u = float(torch.rand((), generator=rng, device=rng.device))
+            if p_list[kid] is None:
+                p_list[kid], q_list[kid], u_list[kid] = float(p[token]), float(q[token]), u
+            if u < chance:
+                accepted = kid
+                break
+            verdicts[kid] = "rejected"
+            if draft.mode == "multiset":
+                p = residual(p, q)
+        if accepted is None:
+            left = kseq_residual(p, q, rho, len(draws)) if draft.mode == "kseq" else p
+            bonus = int(torch.multinomial(left, 1, generator=rng))
+            break
+        for kid in kids:
+            verdicts[kid] = "accepted" if kid == accepted else "rejected"
+        path.append(accepted)
+        history.append(draft.tokens[accepted])
+        current = accepted
+    kind = "bonus" if not kids_of.get(current) else "correction"
+    return Verdict(len(path), bonus, kind, p_list, q_list, u_list, verdicts, logits.argmax(dim=-1).tolist(),
+                   hidden_states, path)
 
 
 def verify_rollback(logits: torch.Tensor, draft: DraftTree, alpha: float, rule: str, filters: SamplingFilters,

@@ -1,0 +1,161 @@
+"""SpecTr: speculative decoding with k i.i.d. drafts verified by optimal-transport selection (Sun, Suresh, Ro,
+Beirami, Jain, Yu 2023, "SpecTr: Fast Speculative Decoding via Optimal Transport", arXiv:2310.15141).
+
+Notation: p = target, q = draft, k = number of drafts, L = draft length (gamma), rho in [1, k] = K-SEQ's
+acceptance slack, beta(rho) = sum_x min(q(x), p(x)/rho).
+1. Draft: k i.i.d. sequences of L tokens from the draft model. They are drawn as a trie: the k draws at the root
+   are grouped by token, and each distinct token with m draws gets m i.i.d. draws from q(. | its prefix) below
+   it (the same distribution as k independent chains, with one draft pass per level instead of k).
+2. Verify all of it in one tree-masked target pass.
+3. Select with K-SEQ (the paper's (1 - 1/e)-optimal transport plan, Algorithm 2): at each depth the m draws that
+   agree with the accepted prefix are tested in turn, draw x accepted with probability min(1, p(x)/(rho q(x)));
+   if none is accepted the correction comes from the residual p_res (draft_verify.kseq_residual). The output
+   is distributed exactly as p (tested on a toy vocabulary). With k = 1, rho = 1: plain speculative sampling.
+The comparison the paper is about, recorded every round on the same drafts: the chance that the root's k draws
+yield an accepted token under K-SEQ (1 - (1 - beta)^k) and under recursive rejection sampling
+(`rrs_root_acceptance`), and the number of tokens RRS would have accepted on this very draft (a shadow
+verification with a generator of its own: the output is untouched). `selection = multiset` verifies with RRS
+instead, for a side-by-side run.
+Under the greedy rule the trie is verified by exact match (token-identical to greedy; k drafts then only widen
+the tree). Departures: the paper's drafts come from a separate small model; offline the default drafter is the
+target with its middle layers skipped (any same-vocabulary model id works). rho is found by bisection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from explorer.events import Event
+from explorer.params import param
+from explorer.strategies.base import register, tree_prepare
+from explorer.strategies.draft_models import DraftCache, load_draft_model, shares_weights
+from explorer.strategies.draft_verify import (
+    Drafter,
+    DraftTree,
+    SpeculativeConfig,
+    draft_verify,
+    kseq_beta,
+    kseq_rho,
+    rrs_root_acceptance,
+    verify_multiset,
+)
+from explorer.trees import path_to
+
+SELECTIONS = ("kseq", "multiset")
+
+
+@dataclass(frozen=True)
+class SpecTrConfig(SpeculativeConfig):
+    drafts: int = param(4, "number of i.i.d. drafts k", minimum=1, maximum=16, step=1)
+    draft_length: int = param(3, "tokens per draft L", minimum=1, maximum=8, step=1)
+    selection: str = param("kseq", "sampling rule: kseq (SpecTr's optimal-transport selection) or multiset "
+                                   "(recursive rejection sampling over the same draws)", choices=SELECTIONS)
+    draft_model: str = param("layer-skip", "drafter: 'layer-skip' (the target minus its middle quarter of layers), "
+                             "'target', or an HF id / local path of a model with the target's vocabulary",
+                             model=True)
+
+    def draft_nodes(self) -> int:
+        return self.drafts * self.draft_length
+
+
+def group_draws(draws: Sequence[int]) -> list[tuple[int, int]]:
+    """i.i.d. draws -> (token, count) in order of first appearance."""
+    counts: dict[int, int] = {}
+    for token in draws:
+        counts[int(token)] = counts.get(int(token), 0) + 1
+    return list(counts.items())
+
+
+class SpecTrDrafter(Drafter):
+    """Draws the trie of k i.i.d. chains, one draft pass per level, on the draft's cache; computes the K-SEQ vs
+    RRS comparison from the verification pass."""
+
+    watches_logits = True
+
+    def __init__(self, lm: Any, config: SpecTrConfig, rng: torch.Generator, name: str, *, shared: bool):
+        self.lm, self.config, self.rng, self.name = lm, config, rng, name
+        self.cache = DraftCache(lm, shared)
+        seed = int(torch.randint(0, 2**62, (), generator=rng))
+        self.shadow_rng = torch.Generator(device=rng.device).manual_seed(seed)  # RRS's shadow draws
+        self._draft = DraftTree()
+        self._context: list[int] = []
+        self._details: dict[str, float | str] = {}
+
+    def bind(self, target_session: Any) -> None:
+        self.cache.bind(target_session)
+
+    def _q(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        sampling = self.config.rule == "sampling"
+        return torch.softmax(self.config.apply(logits, history) if sampling else logits, dim=-1)
+
+    def propose(self, context: Sequence[int]) -> DraftTree:
+        base, passes = len(context), self.lm.forward_passes
+        tokens: list[int] = []
+        parents: list[int] = []
+        counts: list[int] = []
+        rows: list[torch.Tensor] = []
+        frontier = [(-1, self._q(self.cache.start(context), context), self.config.drafts)]  # (node, q, draws)
+        for level in range(self.config.draft_length):
+            new: list[int] = []
+            for node, q, m in frontier:
+                for token, count in group_draws(torch.multinomial(q, m, replacement=True, generator=self.rng).tolist()):
+                    tokens.append(token)
+                    parents.append(node)
+                    counts.append(count)
+                    rows.append(q)
+                    new.append(len(tokens) - 1)
+            if level + 1 == self.config.draft_length:
+                break
+            logits = self.cache.session.forward([tokens[i] for i in new], parents=parents, tree_base=base)
+            frontier = [(node, self._q(logits[j], [*context, *(tokens[i] for i in path_to(parents, node))]),
+                         counts[node]) for j, node in enumerate(new)]
+        self.cache.finish()
+        mode = self.config.selection if self.config.rule == "sampling" else "iid"
+        draft = DraftTree(tokens, parents, [float(rows[i][t]) for i, t in enumerate(tokens)], torch.stack(rows),
+                          mode=mode, multiplicity=counts)
+        draft.details.update(nodes=float(len(tokens)), drafts=float(self.config.drafts),
+                             draft_forward_passes=float(self.lm.forward_passes - passes))
+        self._draft, self._context = draft, list(context)
+        return draft
+
+    def observe_logits(self, inputs: Sequence[int], logits: torch.Tensor, parents: Sequence[int] | None) -> None:
+        """The comparison on this round's drafts: both rules' chance of accepting at the root, and what RRS
+        would have accepted (sampling rule only; a prefill or a plain step has no drafts)."""
+        draft = self._draft
+        self._details = {}
+        if self.config.rule != "sampling" or not draft.tokens or len(inputs) != len(draft.tokens) + 1:
+            return
+        p = torch.softmax(self.config.apply(logits[0], self._context), dim=-1)
+        q = draft.q_dists[0]
+        k = self.config.drafts
+        beta = kseq_beta(p, q, kseq_rho(p, q, k))
+        shadow = DraftTree(draft.tokens, draft.parents, draft.draft_probs, draft.q_dists, mode="multiset",
+                           multiplicity=draft.multiplicity)
+        rrs = verify_multiset(logits, shadow, self.config, self._context, self.shadow_rng)
+        self._details = {"kseq_root_accept": 1.0 - (1.0 - beta) ** k, "rrs_root_accept": rrs_root_acceptance(p, q, k),
+                         "rho": kseq_rho(p, q, k), "rrs_accepted": float(rrs.accepted_count)}
+
+    def round_details(self) -> dict[str, float | str]:
+        return dict(self._details)
+
+
+def spectr_drafter(model: Any, config: SpecTrConfig, rng: torch.Generator) -> SpecTrDrafter:
+    draft = load_draft_model(model, config.draft_model)
+    return SpecTrDrafter(draft, config, rng, f"SpecTr k={config.drafts} from {draft.info.model_id}",
+                         shared=shares_weights(model, draft))
+
+
+def prepare(model: Any, config: SpecTrConfig) -> None:
+    tree_prepare(model, config)
+    load_draft_model(model, config.draft_model)
+
+
+@register("spectr", SpecTrConfig, "SpecTr: k i.i.d. drafts, verified by optimal-transport (K-SEQ) selection",
+          prepare=prepare, family="speed-up: draft-verify",
+          paper="Sun et al. 2023, SpecTr, arXiv:2310.15141")
+def run(model: Any, prompt_ids: Sequence[int], config: SpecTrConfig, rng: torch.Generator) -> Iterator[Event]:
+    yield from draft_verify(model, prompt_ids, spectr_drafter(model, config, rng), config, rng)

@@ -1,0 +1,134 @@
+"""Issue 19's draft-verify family: SpecTr (K-SEQ selection), ADED, DEL, D^3 and EAD. Exactness on toy
+vocabularies, token identity with greedy under the greedy rule, and what each records."""
+
+import itertools
+
+import pytest
+import torch
+
+from explorer.events import DraftRound, TokenStep
+from explorer.request import RunRequest
+from explorer.runner import run_to_end
+from explorer.strategies import make_config
+from explorer.strategies.draft_verify import (
+    DraftTree,
+    SpeculativeConfig,
+    draft_verify,
+    kseq_accept,
+    kseq_beta,
+    kseq_residual,
+    kseq_rho,
+    rrs_root_acceptance,
+    verify_tree,
+)
+from explorer.strategies.spectr import SpecTrDrafter, group_draws
+from tests.fakes import FakeLM
+from viz.catalog import get_view
+
+PROMPT = "the cat sat on the mat. the cat sat on"
+
+
+def random_pair(g: torch.Generator, vocab: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    p = torch.softmax(torch.randn(vocab, generator=g, dtype=torch.float64) * 2, 0)
+    q = torch.softmax(torch.randn(vocab, generator=g, dtype=torch.float64) * 2, 0)
+    return p, q
+
+
+# ---------------------------------------------------------------------------------------------- SpecTr
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_kseq_output_is_exactly_p_by_enumerating_every_draw(k):
+    g = torch.Generator().manual_seed(k)
+    for _ in range(20):
+        p, q = random_pair(g)
+        rho = kseq_rho(p, q, k)
+        assert 1.0 <= rho <= k
+        accept = kseq_accept(p, q, rho)
+        left = kseq_residual(p, q, rho, k)
+        output = torch.zeros(4, dtype=torch.float64)
+        for draws in itertools.product(range(4), repeat=k):  # k i.i.d. draws from q, tested in order
+            weight = float(torch.prod(q[list(draws)]))
+            none_yet = 1.0
+            for x in draws:
+                output[x] += weight * none_yet * accept[x]
+                none_yet *= 1 - float(accept[x])
+            output += weight * none_yet * left
+        torch.testing.assert_close(output, p)
+
+
+def test_kseq_accepts_more_than_one_draft_and_rho_one_is_plain_speculative_sampling():
+    g = torch.Generator().manual_seed(3)
+    p, q = random_pair(g)
+    overlap = float(torch.minimum(p, q).sum())
+    assert kseq_rho(p, q, 1) == 1.0 and kseq_beta(p, q, 1.0) == pytest.approx(overlap)
+    assert rrs_root_acceptance(p, q, 1) == pytest.approx(overlap)
+    beta = kseq_beta(p, q, kseq_rho(p, q, 4))
+    assert 1 - (1 - beta) ** 4 > overlap + 0.05  # four drafts are accepted more often than one
+
+
+@pytest.mark.parametrize("mode", ["kseq", "multiset"])
+def test_verify_multiset_one_level_frequencies_match_p(mode):
+    p_logits = torch.tensor([[1.5, 0.2, -0.5, 0.8]] + [[0.0] * 4] * 3)
+    q = torch.softmax(torch.tensor([-1.0, 1.0, 1.2, 0.0]), 0)
+    g = torch.Generator().manual_seed(1)
+    config = SpeculativeConfig(rule="sampling")
+    counts = torch.zeros(4)
+    n = 12000
+    for _ in range(n):
+        grouped = group_draws(torch.multinomial(q, 3, replacement=True, generator=g).tolist())
+        tokens = [t for t, _ in grouped]
+        draft = DraftTree(tokens, [-1] * len(tokens), [float(q[t]) for t in tokens], q.repeat(len(tokens), 1),
+                          mode=mode, multiplicity=[c for _, c in grouped])
+        verdict = verify_tree(p_logits[: len(tokens) + 1], draft, "sampling", config, [0], g)
+        counts[tokens[verdict.path[0]] if verdict.accepted_count else verdict.bonus_token] += 1
+    target = torch.softmax(p_logits[0], 0)
+    assert 0.5 * (counts / n - target).abs().sum() < 0.015
+
+
+def toy_pair():
+    target_table = torch.tensor([[2.0, 0.0, -1.0], [-1.0, 1.5, 0.5], [0.3, -0.3, 1.0]])
+    draft_table = torch.tensor([[-1.0, 1.0, 2.0], [1.0, -1.0, 1.0], [2.0, 0.5, -2.0]])
+    return (FakeLM(lambda ctx: target_table[ctx[-1]].clone(), 3), FakeLM(lambda ctx: draft_table[ctx[-1]].clone(), 3),
+            target_table)
+
+
+def exact_sequences(table: torch.Tensor, length: int = 3) -> dict[tuple[int, ...], float]:
+    exact = {}
+    for seq in itertools.product(range(3), repeat=length):
+        prob, last = 1.0, 0
+        for token in seq:
+            prob *= float(torch.softmax(table[last], 0)[token])
+            last = token
+        exact[seq] = prob
+    return exact
+
+
+@pytest.mark.parametrize("selection", ["kseq", "multiset"])
+def test_spectr_joint_distribution_over_three_tokens_is_the_targets(selection):
+    target, draft, table = toy_pair()
+    config = make_config("spectr", {"rule": "sampling", "drafts": 3, "draft_length": 2, "selection": selection})
+    counts: dict[tuple[int, ...], int] = {}
+    runs = 3000
+    for seed in range(runs):
+        rng = torch.Generator().manual_seed(seed)
+        drafter = SpecTrDrafter(draft, config, rng, "toy", shared=False)
+        steps = (e for e in draft_verify(target, [0], drafter, config, rng) if isinstance(e, TokenStep))
+        key = tuple(s.token_id for s in itertools.islice(steps, 3))
+        counts[key] = counts.get(key, 0) + 1
+    exact = exact_sequences(table)
+    assert 0.5 * sum(abs(counts.get(s, 0) / runs - exact[s]) for s in exact) < 0.05
+
+
+def test_spectr_records_the_kseq_vs_rrs_comparison_on_the_same_drafts(tiny_flat):
+    request = RunRequest.build("spectr", {"rule": "sampling", "drafts": 4}, PROMPT, max_new_tokens=24, chat=False,
+                               seed=2)
+    trace = run_to_end(tiny_flat, request)
+    rounds = [e for e in trace.events if isinstance(e, DraftRound)]
+    assert rounds and all({"kseq_root_accept", "rrs_root_accept", "rrs_accepted", "rho"} <= set(r.details)
+                          for r in rounds)
+    assert all(1.0 <= r.details["rho"] <= 4.0 for r in rounds)
+    # the trie holds at most k chains: at most k nodes per level
+    assert all(len(r.draft_tokens) <= 4 * 3 for r in rounds)
+    again = run_to_end(tiny_flat, request)
+    assert again.token_ids == trace.token_ids
+    figure = get_view("spectr").render([trace], 0)
+    assert len(figure.data) == 4 and "SpecTr vs rejection sampling" in figure.layout.title.text

@@ -1,0 +1,115 @@
+"""Views of the adaptive drafters: SpecTr's selection against recursive rejection sampling on the same drafts,
+DEL's per-layer acceptance and chosen exit, and EAD's entropy-driven hand-overs between two models."""
+
+from __future__ import annotations
+
+from statistics import fmean
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from explorer.trace import Trace
+from viz.labels import lane_name, show_token
+from viz.theme import LANE_COLORS, base_layout, empty_figure
+
+
+def spectr_figure(trace: Trace | None, max_rounds: int = 300, lane: int = 0) -> go.Figure:
+    """Per round, on the same k drafts: the chance that the root's draws yield an accepted token under K-SEQ and
+    under recursive rejection sampling, and the tokens each accepted (RRS: a shadow verification)."""
+    rounds = [r for r in (trace.rounds if trace is not None else []) if "kseq_root_accept" in r.details]
+    if not rounds:
+        return empty_figure("Run a spectr lane with the sampling rule to compare K-SEQ with rejection sampling.")
+    rounds = rounds[:max_rounds]
+    x = [r.round for r in rounds]
+    kseq = [float(r.details["kseq_root_accept"]) for r in rounds]
+    rrs = [float(r.details["rrs_root_accept"]) for r in rounds]
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                           subplot_titles=("chance the first token is accepted", "draft tokens accepted"))
+    figure.add_trace(go.Scatter(x=x, y=kseq, mode="lines+markers", name="K-SEQ (SpecTr)",
+                                line=dict(color=LANE_COLORS[0]), hovertemplate="round %{x}: %{y:.3f}"), row=1, col=1)
+    figure.add_trace(go.Scatter(x=x, y=rrs, mode="lines+markers", name="rejection sampling",
+                                line=dict(color=LANE_COLORS[1], dash="dash"), marker_symbol="x",
+                                hovertemplate="round %{x}: %{y:.3f}"), row=1, col=1)
+    figure.add_trace(go.Bar(x=x, y=[r.accepted_count for r in rounds], name="accepted (K-SEQ)",
+                            marker_color=LANE_COLORS[0], hovertemplate="round %{x}: %{y} accepted"), row=2, col=1)
+    figure.add_trace(go.Scatter(x=x, y=[float(r.details["rrs_accepted"]) for r in rounds], mode="markers",
+                                name="accepted (RRS, same drafts)", marker=dict(color=LANE_COLORS[1], symbol="x",
+                                                                                 size=9),
+                                hovertemplate="round %{x}: RRS would accept %{y}"), row=2, col=1)
+    mean_kseq = fmean(r.accepted_count for r in rounds)
+    mean_rrs = fmean(float(r.details["rrs_accepted"]) for r in rounds)
+    base_layout(figure, f"SpecTr vs rejection sampling — {lane_name(trace, lane)}: {mean_kseq:.2f} vs "
+                        f"{mean_rrs:.2f} accepted per round", "", "", height=480)
+    figure.update_yaxes(title_text="probability", range=[0, 1.02], row=1, col=1)
+    figure.update_yaxes(title_text="tokens", row=2, col=1)
+    figure.update_xaxes(title_text="round", row=2, col=1)
+    return figure
+
+
+def exit_layer_figure(trace: Trace | None, max_rounds: int = 300, lane: int = 0) -> go.Figure:
+    """DEL: the exit layer and draft length chosen each round, and the accepted tokens."""
+    rounds = [r for r in (trace.rounds if trace is not None else []) if "exit_layer" in r.details]
+    if not rounds:
+        return empty_figure("Run a del lane to see the exit layer it chose round by round.")
+    rounds = rounds[:max_rounds]
+    x = [r.round for r in rounds]
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                           subplot_titles=("exit layer E", "draft length and accepted tokens"))
+    figure.add_trace(go.Scatter(x=x, y=[float(r.details["exit_layer"]) for r in rounds], mode="lines+markers",
+                                line=dict(color=LANE_COLORS[0], shape="hv"), name="exit layer",
+                                hovertemplate="round %{x}: exit after layer %{y}"), row=1, col=1)
+    figure.add_trace(go.Bar(x=x, y=[len(r.draft_tokens) for r in rounds], name="drafted",
+                            marker_color="#BBBBBB", hovertemplate="round %{x}: %{y} drafted"), row=2, col=1)
+    figure.add_trace(go.Bar(x=x, y=[r.accepted_count for r in rounds], name="accepted",
+                            marker_color=LANE_COLORS[2], hovertemplate="round %{x}: %{y} accepted"), row=2, col=1)
+    figure.update_layout(barmode="overlay")
+    base_layout(figure, f"Dynamic exit layer — {lane_name(trace, lane)}", "", "", height=460)
+    figure.update_yaxes(title_text="layer", row=1, col=1)
+    figure.update_yaxes(title_text="tokens", row=2, col=1)
+    figure.update_xaxes(title_text="round", row=2, col=1)
+    return figure
+
+
+def layer_acceptance_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
+    """DEL's running estimate of how often a draft exiting after each layer matches the target (the last
+    round's estimate), with the exit layers it chose."""
+    rounds = [r for r in (trace.rounds if trace is not None else []) if "layer_acceptance" in r.details]
+    if not rounds:
+        return empty_figure("Run a del lane to see its per-layer acceptance estimates.")
+    estimates = [[float(v) for v in str(r.details["layer_acceptance"]).split(",")] for r in rounds]
+    layers = list(range(1, len(estimates[-1]) + 1))
+    figure = go.Figure(go.Heatmap(x=[r.round for r in rounds], y=layers, z=[list(col) for col in zip(*estimates,
+                                                                                                        strict=True)],
+                                  colorscale="Cividis", zmin=0, zmax=1, colorbar=dict(title="acceptance"),
+                                  hovertemplate="round %{x}, exit after layer %{y}: %{z:.2f}"))
+    figure.add_trace(go.Scatter(x=[r.round for r in rounds], y=[float(r.details["exit_layer"]) for r in rounds],
+                                mode="markers", marker=dict(color="#D55E00", symbol="diamond", size=7),
+                                name="chosen exit", hovertemplate="round %{x}: chose layer %{y}"))
+    base_layout(figure, f"Per-layer acceptance estimate — {lane_name(trace, lane)}", "round",
+                "exit after layer", height=420)
+    return figure
+
+
+def entropy_handover_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
+    """EAD: the rolling entropy that decides who writes each token, the threshold, and each token's owner."""
+    steps = [s for s in (trace.token_steps if trace is not None else []) if "rolling_entropy" in s.details]
+    if not steps:
+        return empty_figure("Run an ead lane to see which model wrote each token.")
+    x = [s.step for s in steps]
+    large = [s for s in steps if s.details.get("large", 0.0) >= 0.5]
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=x, y=[s.details["rolling_entropy"] for s in steps], mode="lines", name="rolling "
+                                "entropy", line=dict(color=LANE_COLORS[0]),
+                                hovertemplate="step %{x}: rolling entropy %{y:.2f} nats"))
+    for owner, chosen, color, symbol in (("small model", [s for s in steps if s not in large], LANE_COLORS[2],
+                                          "circle"), ("large model", large, LANE_COLORS[3], "square")):
+        figure.add_trace(go.Scatter(x=[s.step for s in chosen], y=[s.details["rolling_entropy"] for s in chosen],
+                                    mode="markers", name=owner, marker=dict(color=color, symbol=symbol, size=8),
+                                    text=[show_token(s.token_text) for s in chosen],
+                                    hovertemplate="step %{x}: %{text} (" + owner + ")<extra></extra>"))
+    threshold = float(steps[0].details["threshold"])
+    figure.add_hline(y=threshold, line_dash="dash", line_color="#555555", annotation_text=f"threshold {threshold:g}")
+    share = len(large) / len(steps)
+    base_layout(figure, f"Entropy-adaptive decoding — {lane_name(trace, lane)}: {share:.0%} of tokens by the large "
+                        "model", "step", "nats", height=400)
+    return figure
