@@ -10,6 +10,7 @@ from explorer.events import DraftRound, TokenStep
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import make_config
+from explorer.strategies.aded import TrigramMatrix, puct_tree
 from explorer.strategies.draft_verify import (
     DraftTree,
     SpeculativeConfig,
@@ -132,3 +133,47 @@ def test_spectr_records_the_kseq_vs_rrs_comparison_on_the_same_drafts(tiny_flat)
     assert again.token_ids == trace.token_ids
     figure = get_view("spectr").render([trace], 0)
     assert len(figure.data) == 4 and "SpecTr vs rejection sampling" in figure.layout.title.text
+
+
+# ------------------------------------------------------------------------------------------------ ADED
+def toy_matrix() -> TrigramMatrix:
+    matrix = TrigramMatrix()
+    for a, b, c, w in [(0, 1, 2, 5.0), (0, 1, 3, 3.0), (0, 1, 4, 2.0), (1, 2, 5, 4.0), (1, 2, 6, 1.0),
+                       (2, 5, 7, 1.0), (1, 3, 8, 1.0)]:
+        matrix.add(a, b, c, w)
+    return matrix
+
+
+def test_aded_prior_backs_off_to_bigrams():
+    matrix = toy_matrix()
+    assert matrix.prior(0, 1, 2) == [(2, 0.5), (3, 0.3)]
+    assert matrix.prior(9, 2, 1) == [(5, 0.8)]  # no row for (9, 2): the bigram row of 2
+    assert matrix.prior(9, 9, 3) == []
+
+
+def test_aded_without_exploration_drafts_the_matrix_argmax_chain():
+    nodes = puct_tree(toy_matrix(), [0, 1], simulations=20, budget=10, depth=5, exploration=0.0, k=4)
+    assert [n.token for n in nodes] == [2, 5, 7] and [n.parent for n in nodes] == [-1, 0, 1]
+    assert not any(n.explore for n in nodes)
+
+
+def test_aded_exploration_widens_the_tree_within_budget_and_depth():
+    nodes = puct_tree(toy_matrix(), [0, 1], simulations=40, budget=6, depth=2, exploration=4.0, k=4)
+    assert 3 < len(nodes) <= 6
+    assert {n.token for n in nodes if n.parent == -1} >= {2, 3, 4}
+    assert any(n.explore for n in nodes) and all(n.parent < i for i, n in enumerate(nodes))
+    assert all(n.parent == -1 or nodes[n.parent].parent == -1 for n in nodes)  # depth <= 2
+
+
+def test_aded_adapts_its_matrix_and_a_kept_matrix_starts_warm(tiny):
+    prompt = "one two three four five six seven"
+    config = {"keep_table": True}
+    first = run_to_end(tiny, RunRequest.build("aded", config, prompt, max_new_tokens=30, chat=False))
+    second = run_to_end(tiny, RunRequest.build("aded", config, prompt, max_new_tokens=30, chat=False))
+    rows = [r.details["matrix_rows"] for r in first.rounds]
+    assert rows == sorted(rows) and rows[-1] > rows[0]  # the matrix grows as decoding goes
+    assert second.token_ids == first.token_ids
+    assert len(second.rounds) < len(first.rounds)  # warm: more accepted per round
+    assert any(e.kind == "pool_update" for e in first.events)
+    figure = get_view("aded").render([first], 0)
+    assert len(figure.data) == 4

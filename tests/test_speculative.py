@@ -44,6 +44,8 @@ GREEDY_RULE_METHODS = [
     ("self_speculative", {"search": "rank", "search_every": 2}),
     ("self_speculative", {"cache": "separate"}),
     ("spectr", {}),
+    ("aded", {}),
+    ("aded", {"exploration": 0.0, "budget": 4}),
     ("spectr", {"drafts": 2, "draft_length": 4, "draft_model": "target"}),
 ]
 

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 
 from explorer.trace import Trace
 from viz.diffusion import unmasking_commits_figure, unmasking_order_figure, unmasking_replay_figure
-from viz.drafting import entropy_handover_figure, exit_layer_figure, layer_acceptance_figure, spectr_figure
+from viz.drafting import aded_figure, entropy_handover_figure, exit_layer_figure, layer_acceptance_figure, spectr_figure
 from viz.figures import divergence_figure, entropy_curves, mirostat_figure, top_h_figure, topk_heatmap
 from viz.search import (
     beam_tree_figure,
@@ -116,6 +116,7 @@ VIEWS = [
                                                                              _strategy("ead"))),
     View("draft-tree", "Trees & Jacobi", "draft tree per round (slider)", _one(draft_tree_figure, _drafted)),
     View("tree-size", "Trees & Jacobi", "tree size vs accepted length", _all(tree_size_figure)),
+    View("aded", "Trees & Jacobi", "ADED acceptance and matrix growth", _one(aded_figure, _strategy("aded"))),
     View("pool", "Trees & Jacobi", "n-gram pool / adjacency graph", _one(pool_figure, _pooled)),
     View("jacobi-grid", "Trees & Jacobi", "iteration x position", _one(jacobi_grid, _strategy("jacobi"))),
     View("jacobi-graph", "Trees & Jacobi", "convergence dependencies", _one(jacobi_graph_figure, _strategy("jacobi"))),

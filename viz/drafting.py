@@ -113,3 +113,39 @@ def entropy_handover_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     base_layout(figure, f"Entropy-adaptive decoding — {lane_name(trace, lane)}: {share:.0%} of tokens by the large "
                         "model", "step", "nats", height=400)
     return figure
+
+
+def aded_figure(trace: Trace | None, max_rounds: int = 300, lane: int = 0) -> go.Figure:
+    """ADED: accepted tokens per round split by whether they came from an exploring or an exploiting branch,
+    their running mean (the acceptance trend), and the tri-gram matrix's growth."""
+    rounds = [r for r in (trace.rounds if trace is not None else []) if "matrix_rows" in r.details]
+    if not rounds:
+        return empty_figure("Run an aded lane to see its matrix grow and its acceptance adapt.")
+    rounds = rounds[:max_rounds]
+    x = [r.round for r in rounds]
+    explored, exploited = [], []
+    for r in rounds:
+        flags = [flag == "1" for flag in str(r.details.get("explore_mask", "")).split(",") if flag]
+        accepted = [i for i, verdict in enumerate(r.verdicts) if verdict == "accepted"]
+        explored.append(sum(1 for i in accepted if i < len(flags) and flags[i]))
+        exploited.append(len(accepted) - explored[-1])
+    window = 8
+    trend = [fmean(r.accepted_count for r in rounds[max(0, i - window + 1): i + 1]) for i in range(len(rounds))]
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, row_heights=[0.6, 0.4],
+                           subplot_titles=("accepted draft tokens (running mean of 8 rounds)",
+                                           "tri-gram matrix rows"))
+    figure.add_trace(go.Bar(x=x, y=exploited, name="on exploiting branches", marker_color=LANE_COLORS[0],
+                            hovertemplate="round %{x}: %{y} accepted (exploit)"), row=1, col=1)
+    figure.add_trace(go.Bar(x=x, y=explored, name="on exploring branches", marker_color=LANE_COLORS[1],
+                            hovertemplate="round %{x}: %{y} accepted (explore)"), row=1, col=1)
+    figure.add_trace(go.Scatter(x=x, y=trend, mode="lines", name="running mean", line=dict(color="#000000"),
+                                hovertemplate="round %{x}: mean %{y:.2f}"), row=1, col=1)
+    figure.add_trace(go.Scatter(x=x, y=[float(r.details["matrix_rows"]) for r in rounds], mode="lines",
+                                name="matrix rows", line=dict(color=LANE_COLORS[2], shape="hv"),
+                                hovertemplate="round %{x}: %{y} rows"), row=2, col=1)
+    figure.update_layout(barmode="stack")
+    base_layout(figure, f"ADED: acceptance as the matrix adapts — {lane_name(trace, lane)}", "", "", height=480)
+    figure.update_yaxes(title_text="tokens", row=1, col=1)
+    figure.update_yaxes(title_text="rows", row=2, col=1)
+    figure.update_xaxes(title_text="round", row=2, col=1)
+    return figure

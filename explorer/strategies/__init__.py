@@ -2,6 +2,7 @@
 
 from explorer.strategies import (  # noqa: F401  (importing registers them)
     adablock,
+    aded,
     beam,
     cautious,
     ccd,
