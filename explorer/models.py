@@ -245,17 +245,19 @@ class KVSession:
         self.layers: list[int] | None = None  # a view's layers (indices into the cache); None: every layer
         self.attentions: torch.Tensor | None = None  # the last pass's attention weights, when it asked for them
 
-    def view(self, lm: LanguageModel) -> KVSession:
+    def view(self, lm: LanguageModel, length: int | None = None) -> KVSession:
         """A session that runs `lm`, a view of this session's model that runs a subset of its layers (a layer-skip
-        view), on this session's own cache from its current length: the kept layers read the cached K/V of
-        the context and write their own; skipped layers' cache entries are left alone. Crop the view back to
-        where it started before this session runs again."""
+        view), on this session's own cache from its current length (or from `length`, for a view that goes on
+        where an earlier view with more layers stopped): the kept layers read the cached K/V of the context and
+        write their own; skipped layers' cache entries are left alone. Crop the view back to where it started
+        before this session runs again."""
         view = KVSession.__new__(KVSession)
         ours = decoder_layers(self.lm.model)
         kept = [next(i for i, layer in enumerate(ours) if layer is theirs) for theirs in decoder_layers(lm.model)]
         if not kept or kept[0] != 0:
             raise ValueError("a view on a shared cache must run layer 0")
-        view.lm, view.cache, view.length, view.layers, view.attentions = lm, self.cache, self.length, kept, None
+        view.lm, view.cache, view.layers, view.attentions = lm, self.cache, kept, None
+        view.length = self.length if length is None else length
         return view
 
     @torch.inference_mode()

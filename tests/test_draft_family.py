@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from explorer.events import DraftRound, TokenStep
+from explorer.models import decoder_layers
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import make_config
 from explorer.strategies.aded import TrigramMatrix, puct_tree
+from explorer.strategies.depth_decay import decayed_depths
 from explorer.strategies.draft_verify import (
     DraftTree,
     SpeculativeConfig,
@@ -22,7 +24,9 @@ from explorer.strategies.draft_verify import (
     rrs_root_acceptance,
     verify_tree,
 )
+from explorer.strategies.dynamic_exit import best_exit, tokens_per_layer
 from explorer.strategies.spectr import SpecTrDrafter, group_draws
+from explorer.testing import tiny_model
 from tests.fakes import FakeLM
 from viz.catalog import get_view
 
@@ -177,3 +181,64 @@ def test_aded_adapts_its_matrix_and_a_kept_matrix_starts_warm(tiny):
     assert any(e.kind == "pool_update" for e in first.events)
     figure = get_view("aded").render([first], 0)
     assert len(figure.data) == 4
+
+
+# ------------------------------------------------------------------------------------------- DEL, D^3
+def test_tokens_per_layer_and_the_best_exit():
+    # alpha = 0: a round yields one token whatever is drafted, so the cheapest round wins
+    assert tokens_per_layer(0.0, 1, 1, 10) == pytest.approx(1 / 11)
+    assert best_exit({2: 0.0, 5: 0.0}, 6, 10)[:2] == (2, 1)
+    # alpha = 0.9 at exit 2: (1 - 0.9^(d+1)) / 0.1 / (2d + 10), best at a long draft
+    exit_layer, length, tpl = best_exit({2: 0.9, 8: 0.95}, 8, 10)
+    assert exit_layer == 2 and length > 3
+    assert tpl == pytest.approx((1 - 0.9 ** (length + 1)) / 0.1 / (2 * length + 10))
+
+
+def test_decayed_depths_follow_the_power_law():
+    assert decayed_depths(30, 0.9, 4) == [27, 24, 21, 19]
+    assert decayed_depths(8, 0.5, 4, min_layers=2) == [4, 2, 2, 2]
+    assert decayed_depths(4, 0.999, 2) == [3, 3]
+
+
+def shallow_exact_model():
+    """A tiny model whose layers after the second add nothing: an exit after layer 2 is exactly the model."""
+    lm = tiny_model(0, scale=8.0, layers=6)
+    with torch.no_grad():
+        for layer in list(decoder_layers(lm.model))[2:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return lm
+
+
+def test_del_finds_the_exit_that_agrees_and_drafts_long():
+    lm = shallow_exact_model()
+    request = RunRequest.build("del", {"confidence": 0.0}, PROMPT, max_new_tokens=48, chat=False)
+    trace = run_to_end(lm, request)
+    assert trace.token_ids == run_to_end(lm, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=48,
+                                                               chat=False)).token_ids
+    first = trace.rounds[0]
+    estimates = dict(zip(first.details["candidate_exits"].split(","),
+                         (float(v) for v in first.details["layer_acceptance"].split(",")), strict=True))
+    assert estimates["2"] == pytest.approx(1.0) and estimates["5"] == pytest.approx(1.0)  # seeded by the prompt
+    assert all(r.details["exit_layer"] <= 2 for r in trace.rounds)  # never pays for the useless deep layers
+    assert trace.metrics()["mean_accepted_tokens"] > 3
+    for name in ("exit-layer", "layer-acceptance"):
+        assert get_view(name).render([trace], 0).data
+
+
+def test_del_on_a_random_model_drafts_short_at_the_cheapest_exit(tiny):
+    trace = run_to_end(tiny_model(0, scale=8.0, layers=6), RunRequest.build("del", {"confidence": 0.0}, PROMPT,
+                                                                          max_new_tokens=24, chat=False))
+    assert {len(r.draft_tokens) for r in trace.rounds[2:]} == {1}
+
+
+def test_depth_decay_drafts_each_token_with_fewer_layers():
+    lm = shallow_exact_model()
+    trace = run_to_end(lm, RunRequest.build("depth_decay", {"alpha": 0.6, "adaptive": False, "draft_length": 4},
+                                            PROMPT, max_new_tokens=32, chat=False))
+    assert {r.details["draft_depths"] for r in trace.rounds} == {"3,2,1,1"}  # floor(6 * 0.6^i)
+    # exits after 2 or 3 layers are exact here, after 1 they are not: the first two draft tokens are always
+    # accepted, and every rejection falls on a one-layer token
+    assert all(r.accepted_count >= 2 for r in trace.rounds)
+    assert any(r.accepted_count < 4 for r in trace.rounds)
+    assert get_view("draft-depth").render([trace], 0).data

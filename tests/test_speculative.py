@@ -46,6 +46,10 @@ GREEDY_RULE_METHODS = [
     ("spectr", {}),
     ("aded", {}),
     ("aded", {"exploration": 0.0, "budget": 4}),
+    ("del", {}),
+    ("del", {"confidence": 0.0, "draft_length": 3}),
+    ("depth_decay", {}),
+    ("depth_decay", {"alpha": 0.5, "adaptive": False}),
     ("spectr", {"drafts": 2, "draft_length": 4, "draft_model": "target"}),
 ]
 

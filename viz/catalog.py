@@ -13,7 +13,14 @@ import plotly.graph_objects as go
 
 from explorer.trace import Trace
 from viz.diffusion import unmasking_commits_figure, unmasking_order_figure, unmasking_replay_figure
-from viz.drafting import aded_figure, entropy_handover_figure, exit_layer_figure, layer_acceptance_figure, spectr_figure
+from viz.drafting import (
+    aded_figure,
+    draft_depth_figure,
+    entropy_handover_figure,
+    exit_layer_figure,
+    layer_acceptance_figure,
+    spectr_figure,
+)
 from viz.figures import divergence_figure, entropy_curves, mirostat_figure, top_h_figure, topk_heatmap
 from viz.search import (
     beam_tree_figure,
@@ -112,6 +119,8 @@ VIEWS = [
     View("exit-layer", "Speculative", "DEL exit layer per round", _one(exit_layer_figure, _strategy("del"))),
     View("layer-acceptance", "Speculative", "DEL per-layer acceptance",
          _one(layer_acceptance_figure, _strategy("del"))),
+    View("draft-depth", "Speculative", "D^3 layers per draft token",
+         _one(draft_depth_figure, _strategy("depth_decay"))),
     View("entropy-handover", "Speculative", "EAD: who wrote each token", _one(entropy_handover_figure,
                                                                              _strategy("ead"))),
     View("draft-tree", "Trees & Jacobi", "draft tree per round (slider)", _one(draft_tree_figure, _drafted)),

@@ -77,9 +77,9 @@ def layer_acceptance_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     if not rounds:
         return empty_figure("Run a del lane to see its per-layer acceptance estimates.")
     estimates = [[float(v) for v in str(r.details["layer_acceptance"]).split(",")] for r in rounds]
-    layers = list(range(1, len(estimates[-1]) + 1))
-    figure = go.Figure(go.Heatmap(x=[r.round for r in rounds], y=layers, z=[list(col) for col in zip(*estimates,
-                                                                                                        strict=True)],
+    layers = [int(v) for v in str(rounds[-1].details["candidate_exits"]).split(",")]
+    z = [list(column) for column in zip(*estimates, strict=True)]  # (exit, round)
+    figure = go.Figure(go.Heatmap(x=[r.round for r in rounds], y=layers, z=z,
                                   colorscale="Cividis", zmin=0, zmax=1, colorbar=dict(title="acceptance"),
                                   hovertemplate="round %{x}, exit after layer %{y}: %{z:.2f}"))
     figure.add_trace(go.Scatter(x=[r.round for r in rounds], y=[float(r.details["exit_layer"]) for r in rounds],
@@ -148,4 +148,26 @@ def aded_figure(trace: Trace | None, max_rounds: int = 300, lane: int = 0) -> go
     figure.update_yaxes(title_text="tokens", row=1, col=1)
     figure.update_yaxes(title_text="rows", row=2, col=1)
     figure.update_xaxes(title_text="round", row=2, col=1)
+    return figure
+
+
+def draft_depth_figure(trace: Trace | None, max_rounds: int = 200, lane: int = 0) -> go.Figure:
+    """D^3 as a drafter: the layers each draft token ran (round x draft index), accepted tokens outlined."""
+    rounds = [r for r in (trace.rounds if trace is not None else []) if r.details.get("draft_depths")]
+    if not rounds:
+        return empty_figure("Run a depth_decay lane to see the layers each draft token ran.")
+    rounds = rounds[:max_rounds]
+    depths = [[int(v) for v in str(r.details["draft_depths"]).split(",")] for r in rounds]
+    width = max(len(d) for d in depths)
+    z = [[d[i] if i < len(d) else None for d in depths] for i in range(width)]
+    x = [r.round for r in rounds]
+    figure = go.Figure(go.Heatmap(x=x, y=list(range(1, width + 1)), z=z, colorscale="Cividis",
+                                  colorbar=dict(title="layers"), xgap=1, ygap=1,
+                                  hovertemplate="round %{x}, draft token %{y}: %{z} layers<extra></extra>"))
+    accepted = [(r.round, i + 1) for r in rounds for i in range(r.accepted_count)]
+    figure.add_trace(go.Scatter(x=[a for a, _ in accepted], y=[b for _, b in accepted], mode="markers",
+                                marker=dict(symbol="square-open", size=12, color="#D55E00", line=dict(width=2)),
+                                name="accepted", hovertemplate="round %{x}: draft token %{y} accepted<extra></extra>"))
+    base_layout(figure, f"Draft depth per token (D^3) — {lane_name(trace, lane)}", "round", "draft token i",
+                height=380)
     return figure

@@ -292,3 +292,74 @@ class UniversalDrafter(Drafter):
 
     def observe(self, verdict: Verdict) -> None:
         self.length.update(verdict, self._drafted)
+
+
+def early_exit_prepare(model: Any, config: Any) -> None:
+    """The `prepare` of early-exit drafters: the model needs a layer to exit after and one to skip."""
+    if len(decoder_layers(model.model)) < 2:
+        raise ValueError("early-exit drafting needs a model with at least 2 layers")
+
+
+def early_exit_view(lm: Any, kept: int) -> Any:
+    """The target cut after its first `kept` layers (then its final norm and LM head): an early-exit draft."""
+    total = len(decoder_layers(lm.model))
+    return layer_skip_view(lm, set(range(max(1, min(kept, total)), total)))
+
+
+class EarlyExitDrafter(Drafter):
+    """Drafts a chain with early exits of the target on the target's own cache, the i-th draft token from a pass
+    through the first `depths[i]` layers (a non-increasing list, so every pass finds the K/V it attends to in the
+    layers it runs: the pass before it ran at least as many). Drafting stops early when the exit's top
+    probability is below `confidence` (0: never; the first token is always drafted). Subclasses choose
+    `depths()` per round."""
+
+    wants_hidden_states = False
+
+    def __init__(self, model: Any, config: ChainDraftConfig, rng: torch.Generator, confidence: float = 0.0):
+        self.model, self.config, self.rng, self.confidence = model, config, rng, confidence
+        self.total = len(decoder_layers(model.model))
+        self.target: Any = None
+        self.views: dict[int, Any] = {}
+        self.drafted_depths: list[int] = []
+
+    def bind(self, target_session: Any) -> None:
+        self.target = target_session
+
+    def view(self, kept: int) -> Any:
+        if kept not in self.views:
+            self.views[kept] = early_exit_view(self.model, kept)
+        return self.views[kept]
+
+    def depths(self) -> list[int]:
+        """Layers kept for each draft token of this round (non-increasing, each in [1, L])."""
+        raise NotImplementedError
+
+    def propose(self, context: Sequence[int]) -> DraftTree:
+        depths = self.depths()
+        if any(b > a for a, b in zip(depths, depths[1:], strict=False)):
+            raise ValueError("early-exit depths must not increase along a draft")
+        base = self.target.length  # every committed token but the last
+        sampling = self.config.rule == "sampling"
+        tokens: list[int] = []
+        draft_probs: list[float] = []
+        rows: list[torch.Tensor] = []
+        passes = 0
+        inputs = [context[-1]]
+        for i, kept in enumerate(depths):
+            session = self.target.view(self.view(kept), length=base + i)
+            logits = session.forward(inputs, all_logits=False)[-1]
+            passes += 1
+            q = torch.softmax(self.config.apply(logits, [*context, *tokens]) if sampling else logits, dim=-1)
+            if self.confidence and tokens and float(q.max()) < self.confidence:
+                break  # the exit is unsure: stop drafting this round (after one token, so each round verifies)
+            token = int(torch.multinomial(q, 1, generator=self.rng)) if sampling else int(q.argmax())
+            tokens.append(token)
+            draft_probs.append(float(q[token]))
+            rows.append(q)
+            inputs = [token]
+        if passes:  # drop every position the drafts wrote (the first pass ran the most layers)
+            self.target.view(self.view(depths[0]), length=base + passes).crop(base)
+        self.drafted_depths = depths[: len(tokens)]
+        q_dists = torch.stack(rows) if sampling and rows else None
+        return DraftTree.chain(tokens, draft_probs, q_dists, draft_forward_passes=float(passes),
+                               draft_layers=float(sum(depths[:passes])))

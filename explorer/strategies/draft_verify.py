@@ -162,6 +162,7 @@ class Drafter(ABC):
     name: str = "drafter"
     wants_hidden_states: bool = False  # the verification pass returns hidden states in Verdict.hidden_states
     watches_logits: bool = False  # observe_logits sees every target pass (the prefill too)
+    wants_prefill_hidden_states: bool = False  # observe_prefill sees the prompt pass's hidden states
 
     def bind(self, target_session: Any) -> None:
         """See the target's KV session (drafters that draft on the target's own cache keep it). Between
@@ -174,6 +175,11 @@ class Drafter(ABC):
 
     def observe(self, verdict: Verdict) -> None:
         """Learn from the target's verdict on the last draft."""
+        return None  # a no-op by default
+
+    def observe_prefill(self, inputs: Sequence[int], logits: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        """See the prompt pass (every prompt token but the last): logits `(len(inputs), vocab)`, hidden states
+        `(layers + 1, len(inputs), hidden)`."""
         return None  # a no-op by default
 
     def observe_logits(self, inputs: Sequence[int], logits: torch.Tensor, parents: Sequence[int] | None) -> None:
@@ -392,9 +398,13 @@ def draft_verify(model: Any, prompt_ids: Sequence[int], drafter: Drafter, config
     drafter.bind(session)
     context = list(prompt_ids)
     if len(context) > 1:  # the last prompt token goes in with the first draft
-        prefill = session.forward(context[:-1], all_logits=drafter.watches_logits)
+        hidden = drafter.wants_prefill_hidden_states
+        out = session.forward(context[:-1], all_logits=drafter.watches_logits or hidden, hidden_states=hidden)
+        prefill = out[0] if hidden else out
         if drafter.watches_logits:
             drafter.observe_logits(context[:-1], prefill, None)
+        if hidden:
+            drafter.observe_prefill(context[:-1], prefill, out[1])
     step = 0
     for round_index in itertools.count():
         t0 = time.perf_counter()
