@@ -13,6 +13,7 @@ from explorer.runner import run_to_end
 from explorer.strategies import make_config
 from explorer.strategies.aded import TrigramMatrix, puct_tree
 from explorer.strategies.depth_decay import decayed_depths
+from explorer.strategies.draft_models import load_draft_model
 from explorer.strategies.draft_verify import (
     DraftTree,
     SpeculativeConfig,
@@ -25,6 +26,7 @@ from explorer.strategies.draft_verify import (
     verify_tree,
 )
 from explorer.strategies.dynamic_exit import best_exit, tokens_per_layer
+from explorer.strategies.ead import next_owner
 from explorer.strategies.spectr import SpecTrDrafter, group_draws
 from explorer.testing import tiny_model
 from tests.fakes import FakeLM
@@ -242,3 +244,40 @@ def test_depth_decay_drafts_each_token_with_fewer_layers():
     assert all(r.accepted_count >= 2 for r in trace.rounds)
     assert any(r.accepted_count < 4 for r in trace.rounds)
     assert get_view("draft-depth").render([trace], 0).data
+
+
+# ------------------------------------------------------------------------------------------------- EAD
+def test_ead_switching_rule_waits_min_run_tokens():
+    assert next_owner(False, 3.0, 2.0, written=4, min_run=5) is False  # not yet: the small model keeps writing
+    assert next_owner(False, 3.0, 2.0, written=5, min_run=5) is True
+    assert next_owner(True, 1.0, 2.0, written=5, min_run=5) is False
+    assert next_owner(True, 2.0, 2.0, written=9, min_run=5) is False  # at the threshold: back to the small one
+
+
+def test_ead_follows_its_rule_and_records_each_tokens_owner():
+    lm = tiny_model(0, scale=3.0, layers=4)
+    params = {"threshold": 6.45, "window": 3, "min_run": 2}
+    trace = run_to_end(lm, RunRequest.build("ead", params, PROMPT, max_new_tokens=40, chat=False))
+    steps = trace.token_steps
+    owners = [s.details["large"] == 1.0 for s in steps]
+    assert owners[0] is False and any(owners) and not all(owners)
+    large, written = False, 0  # replay the rule on the recorded entropies
+    for step in steps:
+        assert (step.details["large"] == 1.0) == large
+        written += 1
+        switch = next_owner(large, step.details["rolling_entropy"], 6.45, written, 2)
+        large, written = (switch, 0) if switch != large else (large, written)
+    assert trace.finished.target_forward_passes == sum(owners)  # the large model ran once per token it wrote
+    assert get_view("entropy-handover").render([trace], 0).data
+
+
+def test_ead_is_the_small_models_greedy_below_any_entropy_and_exact_with_itself():
+    lm = tiny_model(0, scale=3.0, layers=4)
+    small = load_draft_model(lm, "layer-skip")
+    never = run_to_end(lm, RunRequest.build("ead", {"threshold": 16.0}, PROMPT, max_new_tokens=30, chat=False))
+    assert never.token_ids == run_to_end(small, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=30,
+                                                                 chat=False)).token_ids
+    greedy = run_to_end(lm, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=30, chat=False)).token_ids
+    itself = run_to_end(lm, RunRequest.build("ead", {"threshold": 0.0, "small_model": "target", "min_run": 1}, PROMPT,
+                                             max_new_tokens=30, chat=False))
+    assert itself.token_ids == greedy

@@ -100,7 +100,7 @@ def entropy_handover_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     figure = go.Figure()
     figure.add_trace(go.Scatter(x=x, y=[s.details["rolling_entropy"] for s in steps], mode="lines", name="rolling "
                                 "entropy", line=dict(color=LANE_COLORS[0]),
-                                hovertemplate="step %{x}: rolling entropy %{y:.2f} nats"))
+                                hovertemplate="step %{x}: rolling entropy %{y:.2f} bits"))
     for owner, chosen, color, symbol in (("small model", [s for s in steps if s not in large], LANE_COLORS[2],
                                           "circle"), ("large model", large, LANE_COLORS[3], "square")):
         figure.add_trace(go.Scatter(x=[s.step for s in chosen], y=[s.details["rolling_entropy"] for s in chosen],
@@ -111,7 +111,7 @@ def entropy_handover_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     figure.add_hline(y=threshold, line_dash="dash", line_color="#555555", annotation_text=f"threshold {threshold:g}")
     share = len(large) / len(steps)
     base_layout(figure, f"Entropy-adaptive decoding — {lane_name(trace, lane)}: {share:.0%} of tokens by the large "
-                        "model", "step", "nats", height=400)
+                        "model", "step", "bits", height=400)
     return figure
 
 

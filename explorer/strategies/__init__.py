@@ -12,6 +12,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     diffusion,
     diverse_beam,
     dynamic_exit,
+    ead,
     eoser,
     ete,
     exact_extract,
