@@ -3,9 +3,11 @@
 Usage: python benchmarks/bench_speculative.py [--new-tokens 64] [--repeats 3] [--prompts assets/prompts.jsonl]
        [--methods greedy,prompt_lookup,...]
 For every method and prompt: median wall time over the repeats; speedup = greedy's time / the method's time on
-the same prompt (same process, same machine); mean accepted tokens per verification round. transformers'
-`generate` with prompt_lookup_num_tokens=10 and with an assistant model are in the table as references. The
-draft model for `speculative` and for transformers' assistant is the same: the embedded model cut to its first
+the same prompt (same process, same machine); mean accepted tokens per verification round; agreement = the share
+of the output before its first token that differs from greedy's (100% for every lossless method: a check; below
+it for the lossy ones, EAD here, whose share of tokens written by the large model is printed after the table).
+transformers' `generate` with prompt_lookup_num_tokens=10 and with an assistant model are in the table as references.
+The draft model for `speculative` and for transformers' assistant is the same: the embedded model cut to its first
 8 layers (no smaller model with this vocabulary is available offline).
 """
 
@@ -63,15 +65,35 @@ def main() -> None:
         "tree_dynamic_skip4": ("tree_speculative", {"mode": "dynamic", "budget": 8, "skip": "13-16"}),
         "token_recycling": ("token_recycling", {}),
         "lookahead": ("lookahead", {}),
+        "aded": ("aded", {}),
+        "spectr_k4_skip4": ("spectr", {"drafts": 4, "draft_length": 3, "draft_model": "layer-skip"}),
+        "del": ("del", {}),
+        "depth_decay": ("depth_decay", {}),
+        "ead_skip_middle": ("ead", {}),
     }
     references = {"hf_greedy": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10},
                   f"hf_assistant_{DRAFT_LAYERS}L": {"assistant_model": assistant}}
     chosen = [m for m in args.methods.split(",") if m] or [*ours, *references]
 
+    outputs: dict[tuple[str, str], list[int]] = {}
+    large_share: dict[str, list[float]] = defaultdict(list)
+
     def run_ours(method: str, prompt: str) -> tuple[float, int, float]:
         name, params = ours[method]
         trace = run_to_end(lm, RunRequest.build(name, params, prompt, chat=True, max_new_tokens=args.new_tokens))
+        outputs[method, prompt] = trace.token_ids
+        owners = [s.details["large"] for s in trace.token_steps if "large" in s.details]
+        if owners:
+            large_share[method].append(sum(owners) / len(owners))
         return trace.finished.wall_time_s, len(trace.token_ids), trace.mean_accepted_tokens
+
+    def agreement(method: str, prompt: str) -> float:
+        mine, reference = outputs.get((method, prompt)), outputs.get(("greedy", prompt))
+        if mine is None or not reference:
+            return float("nan")
+        same = next((i for i, (a, b) in enumerate(zip(mine, reference, strict=False)) if a != b),
+                    min(len(mine), len(reference)))
+        return same / max(len(mine), 1)
 
     def run_hf(method: str, prompt: str) -> tuple[float, int, float]:
         ids = torch.tensor([lm.encode_prompt(prompt, chat=True)])
@@ -95,9 +117,10 @@ def main() -> None:
     print(f"embedded SmolLM2-135M-Instruct, cpu fp32, {torch.get_num_threads()} threads, {args.new_tokens} new tokens, "
           f"median of {args.repeats}; speedup = greedy time / method time on the same prompt (geometric mean "
           f"over the category's prompts); MAT = mean accepted tokens per verification round")
-    header = "| method | " + " | ".join(f"{c}: tok/s, speedup, MAT" for c in categories) + " | all: speedup |"
+    header = ("| method | " + " | ".join(f"{c}: tok/s, speedup, MAT" for c in categories)
+              + " | all: speedup | all: agreement |")
     print(header)
-    print("|---|" + "---:|" * (len(categories) + 1))
+    print("|---|" + "---:|" * (len(categories) + 2))
     for method in chosen:
         cells, all_ratios = [], []
         for category in categories:
@@ -109,7 +132,11 @@ def main() -> None:
             speed = f"{statistics.geometric_mean(ratios):.2f}x" if ratios else "–"
             cells.append(f"{tps:.1f}, {speed}, {'–' if mat != mat else f'{mat:.2f}'}")
         overall = f"{statistics.geometric_mean(all_ratios):.2f}x" if all_ratios else "–"
-        print(f"| {method} | " + " | ".join(cells) + f" | {overall} |")
+        agree = [agreement(method, item["prompt"]) for item in prompts]
+        agree_cell = "–" if any(a != a for a in agree) else f"{statistics.mean(agree):.0%}"
+        print(f"| {method} | " + " | ".join(cells) + f" | {overall} | {agree_cell} |")
+    for method, shares in large_share.items():
+        print(f"{method}: {statistics.mean(shares):.0%} of tokens written by the large model")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1))
 

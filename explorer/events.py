@@ -339,14 +339,36 @@ class ExtractSpans:
     greedy_text: str = ""
 
 
+@dataclass(frozen=True)
+class LatticeResult:
+    """Lattice decoding: the lattice's nodes (token ids, texts, positions; node 0 is the end of the prompt), its
+    edges (from, to, the log-probability of `to`'s token where the edge was found, whether a recombination
+    made it), the terminal nodes, the number of distinct complete paths, the merges, the chosen path and the
+    greedy path (node ids, root excluded)."""
+
+    kind: ClassVar[str] = "lattice_result"
+    tokens: list[int]
+    texts: list[str]
+    depths: list[int]
+    edge_from: list[int]
+    edge_to: list[int]
+    edge_logprobs: list[float]
+    edge_merged: list[bool]
+    terminal: list[int]
+    path_count: int
+    merges: int
+    chosen: list[int]
+    greedy: list[int] = field(default_factory=list)
+
+
 Event = (RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch
          | PoolUpdate | LensStep | AttentionStep | UnmaskStep | MbrResult
-         | FinishRace | ExtractSpans)
+         | FinishRace | ExtractSpans | LatticeResult)
 EVENT_TYPES: dict[str, type] = {
     cls.kind: cls
     for cls in (RunStarted, TokenStep, RunFinished, DraftRound, BeamStep, BeamResult, CandidateStep, TrialBranch,
                 PoolUpdate, LensStep, AttentionStep, UnmaskStep, MbrResult, FinishRace,
-                ExtractSpans)
+                ExtractSpans, LatticeResult)
 }
 
 

@@ -336,3 +336,57 @@ def instructive_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     return base_layout(figure, f"Instructive decoding — {lane_name(trace, lane)}: {sum(flipped)} of {len(steps)} "
                                f"tokens flipped by the contrast (ε = {eps})", "step",
                        "chosen token's rank without the contrast")
+
+
+def lattice_graph(result: object) -> nx.DiGraph:
+    """The lattice as a networkx graph: nodes with token text and position, edges with log p and `merged`."""
+    graph = nx.DiGraph()
+    for node, (text, depth) in enumerate(zip(result.texts, result.depths, strict=True)):
+        graph.add_node(node, text=text, depth=depth)
+    for source, target, logp, merged in zip(result.edge_from, result.edge_to, result.edge_logprobs,
+                                            result.edge_merged, strict=True):
+        graph.add_edge(source, target, logp=logp, merged=merged)
+    return graph
+
+
+def lattice_figure(trace: Trace | None, lane: int = 0, max_nodes: int = 400) -> go.Figure:
+    """Lattice decoding: nodes by position (x) in order of discovery (y), edges found by search in grey, merge
+    edges (recombination) dashed, the chosen path and the greedy path drawn over them."""
+    result = next((e for e in trace.events if e.kind == "lattice_result"), None) if trace is not None else None
+    if result is None:
+        return empty_figure("Run a lattice lane to see its lattice.")
+    graph = lattice_graph(result)
+    rows: dict[int, int] = {}
+    position: dict[int, tuple[float, float]] = {}
+    for node in sorted(graph.nodes)[:max_nodes]:
+        depth = graph.nodes[node]["depth"]
+        position[node] = (float(depth), -float(rows.get(depth, 0)))
+        rows[depth] = rows.get(depth, 0) + 1
+    figure = go.Figure()
+    chosen = set(zip([0, *result.chosen], result.chosen, strict=False))
+    greedy = set(zip([0, *result.greedy], result.greedy, strict=False))
+    styles = (("search edge", lambda e, m: not m, dict(color="#CCCCCC", width=1)),
+              ("merge edge (recombination)", lambda e, m: m, dict(color="#E69F00", width=1.5, dash="dash")),
+              ("greedy path", lambda e, m: e in greedy, dict(color="#999999", width=3, dash="dot")),
+              ("chosen path", lambda e, m: e in chosen, dict(color=LANE_COLORS[0], width=3.5)))
+    for name, wanted, line in styles:
+        xs, ys = [], []
+        for a, b, data in graph.edges(data=True):
+            if a in position and b in position and wanted((a, b), data["merged"]):
+                xs += [position[a][0], position[b][0], None]
+                ys += [position[a][1], position[b][1], None]
+        figure.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, line=line, hoverinfo="skip"))
+    nodes = sorted(position)
+    terminal = set(result.terminal)
+    figure.add_trace(go.Scatter(
+        x=[position[n][0] for n in nodes], y=[position[n][1] for n in nodes], mode="markers+text",
+        text=[show_token(graph.nodes[n]["text"], 8) if n else "prompt" for n in nodes], textposition="top center",
+        textfont=dict(size=9), name="token", marker=dict(size=8, color=["#D55E00" if n in terminal else "#56B4E9"
+                                                                        for n in nodes]),
+        hovertext=[f"{html.escape(show_token(graph.nodes[n]['text'], 30))} at position {graph.nodes[n]['depth']}"
+                   f"{' (end)' if n in terminal else ''}" for n in nodes], hoverinfo="text"))
+    figure.update_yaxes(visible=False)
+    height = int(min(900, 280 + 24 * max(rows.values(), default=1)))
+    return base_layout(figure, f"Lattice — {lane_name(trace, lane)}: {result.path_count} distinct paths from "
+                               f"{len(result.tokens) - 1} nodes, {result.merges} merges", "position", "",
+                       height=height)

@@ -20,6 +20,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     greedy,
     instructive,
     jacobi,
+    lattice,
     localleap,
     lookahead,
     mbr,
