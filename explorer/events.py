@@ -361,14 +361,44 @@ class LatticeResult:
     greedy: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SuperposedStep:
+    """One step of superposed decoding: the drafts going in (texts) with their superposition weights, and the
+    k x k candidates (which draft, which token, the model's log p, the n-gram filter's log P, the combined
+    score), best first, with the indices of those kept."""
+
+    kind: ClassVar[str] = "superposed_step"
+    step: int
+    drafts: list[str]
+    weights: list[float]
+    candidate_drafts: list[int]
+    candidate_tokens: list[int]
+    candidate_texts: list[str]
+    model_logprobs: list[float]
+    ngram_logprobs: list[float]
+    scores: list[float]
+    kept: list[int]
+
+
+@dataclass(frozen=True)
+class SuperposedResult:
+    """Superposed decoding's final drafts (token ids, texts, scores), best first, and the one committed."""
+
+    kind: ClassVar[str] = "superposed_result"
+    drafts: list[list[int]]
+    texts: list[str]
+    scores: list[float]
+    chosen: int
+
+
 Event = (RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch
          | PoolUpdate | LensStep | AttentionStep | UnmaskStep | MbrResult
-         | FinishRace | ExtractSpans | LatticeResult)
+         | FinishRace | ExtractSpans | LatticeResult | SuperposedStep | SuperposedResult)
 EVENT_TYPES: dict[str, type] = {
     cls.kind: cls
     for cls in (RunStarted, TokenStep, RunFinished, DraftRound, BeamStep, BeamResult, CandidateStep, TrialBranch,
                 PoolUpdate, LensStep, AttentionStep, UnmaskStep, MbrResult, FinishRace,
-                ExtractSpans, LatticeResult)
+                ExtractSpans, LatticeResult, SuperposedStep, SuperposedResult)
 }
 
 

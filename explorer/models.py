@@ -323,6 +323,19 @@ class KVSession:
         return logits
 
     @torch.inference_mode()
+    def forward_embedding(self, vector: torch.Tensor) -> torch.Tensor:
+        """Run one input given as an embedding vector `(hidden,)` instead of a token (e.g. a superposition of
+        several tokens' embeddings) at the next position; return the next-token logits `(vocab,)`."""
+        device = self.lm.device
+        embeds = vector.to(device=device, dtype=self.lm.model.dtype).reshape(1, 1, -1)  # (1, 1, hidden)
+        positions = torch.tensor([[self.length]], device=device)
+        out = self.lm.model(inputs_embeds=embeds, past_key_values=self.cache, use_cache=True, position_ids=positions,
+                            logits_to_keep=1)
+        self.lm.forward_passes += 1
+        self.length += 1
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
     def forward_rows(self, token_ids: Sequence[int], *, hidden_states: bool = False
                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One new token per row of a batched cache (after `repeat`): logits `(rows, vocab)` and, with

@@ -33,6 +33,7 @@ from viz.search import (
     mbr_figure,
     momentum_figure,
     repetition_figure,
+    superposed_figure,
 )
 from viz.speculative import (
     acceptance_by_position_figure,
@@ -137,6 +138,8 @@ VIEWS = [
     View("mbr", "Search", "MBR utility matrix", _one(mbr_figure, _strategy("mbr"))),
     View("first-finish", "Search", "first-finish race", _one(first_finish_figure, _strategy("first_finish"))),
     View("lattice", "Search", "lattice (merges, distinct paths)", _one(lattice_figure, _strategy("lattice"))),
+    View("superposed", "Search", "superposed drafts and candidates",
+         _one(superposed_figure, _strategy("superposed"))),
     View("exact-extract", "Search", "span probabilities", _one(exact_extract_figure, _strategy("exact_extract"))),
     View("repetition", "Sampling", "repetition", _all(repetition_figure)),
     View("instructive", "Sampling", "instructive decoding: flipped tokens",

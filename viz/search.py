@@ -390,3 +390,49 @@ def lattice_figure(trace: Trace | None, lane: int = 0, max_nodes: int = 400) -> 
     return base_layout(figure, f"Lattice — {lane_name(trace, lane)}: {result.path_count} distinct paths from "
                                f"{len(result.tokens) - 1} nodes, {result.merges} merges", "position", "",
                        height=height)
+
+
+def superposed_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
+    """Superposed decoding: each step's superposition weights (one bar segment per draft), and the k^2
+    candidates by combined score, kept ones filled, with the model's and the n-gram filter's log-probabilities
+    in the hover; the final drafts are listed in the legend."""
+    steps = [e for e in trace.events if e.kind == "superposed_step"] if trace is not None else []
+    result = next((e for e in trace.events if e.kind == "superposed_result"), None) if trace is not None else None
+    if not steps or result is None:
+        return empty_figure("Run a superposed lane to see its drafts, weights and candidates.")
+    from plotly.subplots import make_subplots
+
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, row_heights=[0.35, 0.65],
+                           subplot_titles=("superposition weights γ (one segment per draft)",
+                                           "k² candidates: combined score (filled = kept)"))
+    width = max(len(s.weights) for s in steps)
+    for slot in range(width):
+        figure.add_trace(go.Bar(x=[s.step for s in steps], y=[s.weights[slot] if slot < len(s.weights) else 0
+                                                             for s in steps],
+                                marker_color=lane_color(slot), name=f"draft slot {slot + 1}", showlegend=False,
+                                hovertemplate="step %{x}: γ = %{y:.3f}<extra>slot " + str(slot + 1) + "</extra>"),
+                         row=1, col=1)
+    for kept, symbol in ((False, "circle-open"), (True, "circle")):
+        xs, ys, hover = [], [], []
+        for s in steps:
+            chosen = set(s.kept)
+            for index, score in enumerate(s.scores):
+                if (index in chosen) == kept:
+                    xs.append(s.step)
+                    ys.append(score)
+                    hover.append(f"draft {s.candidate_drafts[index] + 1} + "
+                                 f"{html.escape(show_token(s.candidate_texts[index], 20))}: model log p "
+                                 f"{s.model_logprobs[index]:.2f}, n-gram log P {s.ngram_logprobs[index]:.2f}")
+        figure.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="kept" if kept else "dropped",
+                                    marker=dict(symbol=symbol, size=8, color=LANE_COLORS[0] if kept else "#999999"),
+                                    hovertext=hover, hoverinfo="text"), row=2, col=1)
+    for rank, text in enumerate(result.texts):
+        figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", marker=dict(color=lane_color(rank)),
+                                    name=f"{'★ ' if rank == result.chosen else ''}{html.escape(show_token(text, 40))}"))
+    figure.update_layout(barmode="stack")
+    base_layout(figure, f"Superposed decoding — {lane_name(trace, lane)}: {len(result.texts)} drafts from one pass "
+                        "per step", "", "", height=520)
+    figure.update_yaxes(title_text="γ", row=1, col=1)
+    figure.update_yaxes(title_text="score (log)", row=2, col=1)
+    figure.update_xaxes(title_text="step", row=2, col=1)
+    return figure

@@ -32,6 +32,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     self_speculative,
     spectr,
     speculative,
+    superposed,
     token_recycling,
     top_h,
     tree_speculative,
