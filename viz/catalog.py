@@ -21,7 +21,14 @@ from viz.drafting import (
     layer_acceptance_figure,
     spectr_figure,
 )
-from viz.figures import divergence_figure, entropy_curves, mirostat_figure, top_h_figure, topk_heatmap
+from viz.figures import (
+    constraint_figure,
+    divergence_figure,
+    entropy_curves,
+    mirostat_figure,
+    top_h_figure,
+    topk_heatmap,
+)
 from viz.search import (
     beam_tree_figure,
     cautious_figure,
@@ -141,6 +148,8 @@ VIEWS = [
     View("superposed", "Search", "superposed drafts and candidates",
          _one(superposed_figure, _strategy("superposed"))),
     View("exact-extract", "Search", "span probabilities", _one(exact_extract_figure, _strategy("exact_extract"))),
+    View("constraint", "Sampling", "constraint checks and weights", _one(constraint_figure,
+                                                                           _strategy("constrained"))),
     View("repetition", "Sampling", "repetition", _all(repetition_figure)),
     View("instructive", "Sampling", "instructive decoding: flipped tokens",
          _one(instructive_figure, _strategy("instructive"))),

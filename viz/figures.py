@@ -14,6 +14,7 @@ from viz.labels import lane_name, show_token
 from viz.theme import (
     DIFFERENT,
     FIRST_DIVERGENCE,
+    LANE_COLORS,
     SAME,
     SEQUENTIAL,
     base_layout,
@@ -188,5 +189,38 @@ def top_h_figure(traces: Sequence[Trace]) -> go.Figure:
     base_layout(figure, "Top-H: kept set and entropy bound", "", "", height=520)
     figure.update_yaxes(title_text="tokens", type="log", row=1, col=1)
     figure.update_yaxes(title_text="nats", row=2, col=1)
+    figure.update_xaxes(title_text="step", row=2, col=1)
+    return figure
+
+
+def constraint_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
+    """Constrained decoding: constraint evaluations per token (AWRS's walk vs the |V| a mask needs), and the
+    importance weight log w per token beside the exact log Z where it was computed."""
+    steps = [s for s in (trace.token_steps if trace is not None else []) if "evaluations" in s.details]
+    if not steps:
+        return empty_figure("Run a constrained lane to see how many constraint checks each token cost.")
+    x = [s.step for s in steps]
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                           subplot_titles=("constraint evaluations per token (log scale)",
+                                           "log importance weight (estimate of log Z)"))
+    figure.add_trace(go.Bar(x=x, y=[s.details["evaluations"] for s in steps], name="this method",
+                            marker_color=LANE_COLORS[0], hovertext=[show_token(s.token_text) for s in steps],
+                            hovertemplate="step %{x} (%{hovertext}): %{y} evaluations<extra></extra>"), row=1, col=1)
+    if any("mask_evaluations" in s.details for s in steps):
+        figure.add_trace(go.Scatter(x=x, y=[s.details.get("mask_evaluations") for s in steps], mode="lines",
+                                    name="full mask (|V|)", line=dict(color="#999999", dash="dash"),
+                                    hovertemplate="step %{x}: %{y} evaluations<extra>mask</extra>"), row=1, col=1)
+    figure.add_trace(go.Scatter(x=x, y=[s.details["log_weight"] for s in steps], mode="markers", name="log w",
+                                marker=dict(color=LANE_COLORS[1], size=8),
+                                hovertemplate="step %{x}: log w = %{y:.2f}<extra></extra>"), row=2, col=1)
+    if any("exact_log_z" in s.details for s in steps):
+        figure.add_trace(go.Scatter(x=x, y=[s.details.get("exact_log_z") for s in steps], mode="lines",
+                                    name="exact log Z", line=dict(color="#000000", shape="hv"),
+                                    hovertemplate="step %{x}: log Z = %{y:.2f}<extra></extra>"), row=2, col=1)
+    total = sum(s.details["evaluations"] for s in steps)
+    base_layout(figure, f"Constraint checks — {lane_name(trace, lane)}: {total:.0f} evaluations for {len(steps)} "
+                        "tokens", "", "", height=480)
+    figure.update_yaxes(type="log", title_text="evaluations", row=1, col=1)
+    figure.update_yaxes(title_text="log", row=2, col=1)
     figure.update_xaxes(title_text="step", row=2, col=1)
     return figure

@@ -6,6 +6,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     beam,
     cautious,
     ccd,
+    constrained,
     contrastive,
     credit_decoding,
     depth_decay,
