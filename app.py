@@ -368,8 +368,8 @@ def make_control(config: type, spec: dataclasses.Field, interactive: bool = True
 
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingFilters)}
-STRATEGY_CHOICES = [(f"{name} · {REGISTRY[name].family}", name) for name in
-                    sorted(STRATEGY_NAMES, key=lambda n: (FAMILIES.index(REGISTRY[n].family), n))]
+STRATEGY_CHOICES = [(f"{name} · {REGISTRY[name].family}", name) for name in  # greedy, the baseline, first
+                    sorted(STRATEGY_NAMES, key=lambda n: (FAMILIES.index(REGISTRY[n].family), n != "greedy", n))]
 
 
 def strategy_about(name: str) -> str:

@@ -59,11 +59,30 @@ class PrefixConstraint(Constraint):
         self.prefix.append(token)
 
 
+class _PlainTokens:
+    """A tokenizer llguidance's HF reader does not know (e.g. a character-level one with a Fuse decoder), given
+    to it as the bytes of each token's own text."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+        self.bos_token_id = tokenizer.bos_token_id
+        self.tokens = [tokenizer.decode([i]).encode("utf-8") for i in range(len(tokenizer))]
+        self.special_token_ids = list(tokenizer.all_special_ids)
+
+    def __call__(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 @cache
 def _ll_tokenizer(tokenizer: Any) -> Any:
+    import llguidance
     import llguidance.hf
 
-    return llguidance.hf.from_tokenizer(tokenizer)
+    try:
+        return llguidance.hf.from_tokenizer(tokenizer)
+    except ValueError:  # a decoder it cannot read: give it the tokens' texts
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_PlainTokens(tokenizer)))
 
 
 class GrammarConstraint(Constraint):

@@ -89,3 +89,12 @@ def test_a_json_schema_constrains_the_output(embedded):
                                                   "What is the capital of France? Reply in JSON.",
                                                   max_new_tokens=40, seed=0))
     assert set(json.loads(trace.text)) == {"answer"}
+
+
+@pytest.mark.parametrize("method", ["awrs", "mask"])
+def test_the_strategy_on_a_tiny_character_model(tiny_flat, method):
+    pattern = "(cat|dog)s? [a-z]{2,6}"
+    trace = run_to_end(tiny_flat, RunRequest.build("constrained", {"pattern": pattern, "method": method}, "the cat",
+                                                   max_new_tokens=30, chat=False, seed=1))
+    assert trace.finished.status == "ok" and re.fullmatch(pattern, trace.text)
+    assert trace.token_steps[-1].token_id in tiny_flat.eos_token_ids  # the constraint completed, then the end
