@@ -46,10 +46,11 @@ def main() -> None:
             rounds += [r for r in trace.rounds if "kseq_root_accept" in r.details]
             tokens += len(trace.token_ids)
             seconds += trace.finished.wall_time_s
-        print(f"| {k} | {len(rounds)} | {statistics.mean(r.details['kseq_root_accept'] for r in rounds):.3f} | "
-              f"{statistics.mean(r.details['rrs_root_accept'] for r in rounds):.3f} | "
+        kseq, rrs, rrs_accepted = (statistics.mean(float(r.details[key]) for r in rounds)
+                                   for key in ("kseq_root_accept", "rrs_root_accept", "rrs_accepted"))
+        print(f"| {k} | {len(rounds)} | {kseq:.3f} | {rrs:.3f} | "
               f"{statistics.mean(r.accepted_count for r in rounds):.2f} | "
-              f"{statistics.mean(r.details['rrs_accepted'] for r in rounds):.2f} | {tokens / seconds:.1f} |", flush=True)
+              f"{rrs_accepted:.2f} | {tokens / seconds:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

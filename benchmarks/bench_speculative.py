@@ -135,8 +135,17 @@ def main() -> None:
         agree = [agreement(method, item["prompt"]) for item in prompts]
         agree_cell = "–" if any(a != a for a in agree) else f"{statistics.mean(agree):.0%}"
         print(f"| {method} | " + " | ".join(cells) + f" | {overall} | {agree_cell} |")
+    from explorer.models import decoder_layers
+    from explorer.strategies.draft_models import middle_layers
+
+    total = len(decoder_layers(lm.model))
+    small_cost = (total - len(middle_layers(total))) / total  # the default small model: the middle quarter skipped
     for method, shares in large_share.items():
-        print(f"{method}: {statistics.mean(shares):.0%} of tokens written by the large model")
+        share = statistics.mean(shares)
+        compute = share + (1 - share) * small_cost
+        print(f"{method}: {share:.0%} of tokens written by the large model; compute ~ {compute:.0%} "
+              f"of the large model's per token (small model = {small_cost:.0%} of its layers; catch-up passes not "
+              "counted)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1))
 

@@ -138,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--gpus-per-worker", type=float, default=0.0, help="with --ray: GPUs each actor takes")
     sweep.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
+    train = sub.add_parser("train-drafter", help="train an EAGLE-style draft head for a model (resumable)")
+    train.add_argument("--kind", default="eagle", choices=["eagle"], help="the head to train")
+    train.add_argument("--model", default=None, help="HF model id or local path (default: the embedded model)")
+    train.add_argument("--out", required=True, help="directory for the head, its manifest and the checkpoint")
+    train.add_argument("--corpus-tokens", type=int, default=20000, help="tokens of local text, teacher-forced")
+    train.add_argument("--answers", type=int, default=0, help="self-generated chat answers to add")
+    train.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size K")
+    train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--lr", type=float, default=3e-4)
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
     report = sub.add_parser("report", help="write LaTeX/Markdown tables and figures of a sweep's runs")
     report.add_argument("--db", default=None)
     report.add_argument("--out", required=True, help="output directory")
@@ -159,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"run": cmd_run, "runs": cmd_runs, "show": cmd_show, "strategies": cmd_strategies,
                     "export": cmd_export, "import": cmd_import, "figure": cmd_figure, "sweep": cmd_sweep,
-                    "report": cmd_report, "branch": cmd_branch}
+                    "report": cmd_report, "branch": cmd_branch, "train-drafter": cmd_train_drafter}
         return commands[args.command](args)
     except ValueError as error:
         print(f"error: {one_line(str(error))}", file=sys.stderr)
@@ -181,6 +192,22 @@ def _interrupt(signum: int, frame: Any) -> None:
 def one_line(text: str) -> str:
     """Errors print as one line: control characters (from files, prompts, model names) are escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def cmd_train_drafter(args: argparse.Namespace) -> int:
+    from explorer.models import load_model
+    from explorer.train_drafter import train
+
+    for name in ("corpus_tokens", "vocab", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    model = load_model(args.model, dtype="float32", device="auto")
+    record = train(model, args.out, corpus_tokens=args.corpus_tokens, answers=args.answers, vocab=args.vocab,
+                   steps=args.steps, lr=args.lr, progress=not args.quiet)
+    last = record["curve"][-1] if record["curve"] else {}
+    print(f"head written to {args.out}: {record['train_tokens']} training tokens, held-out top-1 agreement "
+          f"{last.get('agreement', float('nan')):.3f}; use it with --strategy eagle --param drafter={args.out}")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

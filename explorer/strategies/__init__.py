@@ -14,6 +14,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     diverse_beam,
     dynamic_exit,
     ead,
+    eagle,
     eoser,
     ete,
     exact_extract,

@@ -1,0 +1,116 @@
+"""Trained draft heads that read the target's own features (EAGLE, Li, Wei, Zhang, Zhang 2024, "EAGLE:
+Speculative Sampling Requires Rethinking Feature Uncertainty", arXiv:2401.15077), with a reduced draft
+vocabulary (FR-Spec, Zhao et al. 2025, arXiv:2502.14856; EAGLE-3's d2t map).
+
+Notation: f_i = the target's feature at position i (its last hidden state, after the final norm: what its LM head
+reads to predict token i + 1), e(x) = the target's (frozen) token embedding, W = the target's (frozen) LM head,
+V_d = the draft vocabulary (the K tokens the head may propose, ids into the target's vocabulary).
+The head: g_i = FC([e(x_(i+1)); f_i]) (2H -> H), one decoder layer of the target's architecture (its own
+weights, its own KV cache) and a final norm over the sequence g, giving the predicted feature f^_(i+1); the
+draft distribution is softmax(f^_(i+1) W[V_d]^T) over V_d (zero outside it). Drafting goes on in feature space:
+the next input pairs the drafted token with the predicted feature.
+Training (explorer/train_drafter.py): teacher-forced target passes give (x, f) sequences; loss = SmoothL1(f^, f)
++ w_ce CE(f^ W[V_d]^T, the target's argmax), as EAGLE's regression + classification.
+Saved as `head.safetensors` (fp16) + `head.json` (the architecture, V_d, the target it was trained for, the
+training record); the target's embedding and LM head are not saved (they are the target's).
+Departure: EAGLE-1's head has no final norm (it regresses pre-norm features of the second-to-top layer); ours
+reads and predicts the normed last hidden state, so the norm keeps f^ on its scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from explorer.models import decoder_layers
+
+HEAD_FILE, CONFIG_FILE = "head.safetensors", "head.json"
+
+
+def body_config(target_config: Any) -> Any:
+    """The target's config cut to one decoder layer with a vocabulary of one (the head never embeds ids)."""
+    config = copy.deepcopy(target_config)
+    config.num_hidden_layers, config.vocab_size = 1, 1
+    config.pad_token_id = config.bos_token_id = config.eos_token_id = None
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:1]
+    return config
+
+
+class EagleHead(nn.Module):
+    """FC + one decoder layer + norm over [e(x_(i+1)); f_i] -> f^_(i+1), scored against W[V_d]."""
+
+    def __init__(self, target_config: Any, draft_ids: list[int]):
+        super().__init__()
+        from transformers import AutoModel
+
+        hidden = target_config.hidden_size
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.body = AutoModel.from_config(body_config(target_config))
+        self.body.embed_tokens = None  # inputs come as vectors
+        self.register_buffer("draft_ids", torch.tensor(draft_ids, dtype=torch.long), persistent=False)
+        self.target_config = target_config
+
+    def predict(self, embeds: torch.Tensor, features: torch.Tensor, cache: Any = None,
+                position_ids: torch.Tensor | None = None, attention_mask: Any = None) -> torch.Tensor:
+        """f^ for each (e(x_(i+1)), f_i) pair: `embeds`, `features` (batch, n, hidden) -> (batch, n, hidden)."""
+        inputs = self.fc(torch.cat([embeds, features], dim=-1))
+        out = self.body(inputs_embeds=inputs, past_key_values=cache, use_cache=cache is not None,
+                        position_ids=position_ids, attention_mask=attention_mask)
+        return out.last_hidden_state
+
+    def logits(self, predicted: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
+        """Scores over V_d: (..., hidden) -> (..., K)."""
+        return predicted @ lm_head_weight[self.draft_ids].to(predicted.dtype).T
+
+
+def head_record(head: EagleHead, target: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "eagle", "target_model": target.info.model_id, "target_weights_hash": target.info.weights_hash,
+            "hidden_size": target.model.config.hidden_size, "draft_ids": head.draft_ids.tolist(), **extra}
+
+
+def save_head(head: EagleHead, target: Any, directory: str | Path, extra: dict[str, Any]) -> Path:
+    """Write head.safetensors (fp16) and head.json (with the weights' sha256) into `directory`."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(directory / HEAD_FILE))
+    digest = hashlib.sha256((directory / HEAD_FILE).read_bytes()).hexdigest()
+    record = head_record(head, target, {**extra, "sha256": digest})
+    (directory / CONFIG_FILE).write_text(json.dumps(record, indent=1))
+    return directory
+
+
+def load_head(target: Any, directory: str | Path) -> EagleHead:
+    """A head saved by `save_head` for this target (its hidden size and vocabulary are checked)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file() or not (directory / HEAD_FILE).is_file():
+        raise ValueError(f"{directory} holds no draft head ({CONFIG_FILE} + {HEAD_FILE})")
+    record = json.loads((directory / CONFIG_FILE).read_text())
+    if record.get("hidden_size") != target.model.config.hidden_size:
+        raise ValueError(f"the head in {directory} was trained for hidden size {record.get('hidden_size')}, this "
+                         f"model has {target.model.config.hidden_size}")
+    vocab = target.model.config.vocab_size
+    if max(record["draft_ids"]) >= vocab:
+        raise ValueError(f"the head in {directory} drafts token ids past this model's vocabulary of {vocab}")
+    head = EagleHead(target.model.config, record["draft_ids"])
+    state = load_file(str(directory / HEAD_FILE))
+    head.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    head.record = record
+    return head.to(device=target.device, dtype=target.model.dtype).eval()
+
+
+def check_head_architecture(target: Any) -> None:
+    """A head copies one decoder layer of the target's architecture: it needs decoder layers to copy."""
+    if not len(decoder_layers(target.model)):
+        raise ValueError("an EAGLE head needs a decoder-only target")

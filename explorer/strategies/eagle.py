@@ -1,0 +1,130 @@
+"""EAGLE: speculative decoding with a trained feature-level draft head (Li, Wei, Zhang, Zhang 2024, "EAGLE:
+Speculative Sampling Requires Rethinking Feature Uncertainty", arXiv:2401.15077); the head is explorer.heads.
+
+Notation: c = committed tokens, f_j = the target's feature after c_j (its normed last hidden state), f^ = the
+head's predicted feature, V_d = the head's draft vocabulary, gamma = draft length.
+1. Feed the head the pairs (e(c_(j+1)), f_j) it has not seen (the real features come from the target's own
+   passes: the prompt pass, then each verification); its output at the last pair, whose token is the last
+   committed one, predicts the first draft token.
+2. Draft autoregressively in feature space: the pair (e(d_i), f^) gives the next f^, gamma tokens in all
+   (argmax under the greedy rule; a draw from the filtered q over V_d under the sampling rule).
+3. The target verifies the chain in one pass (exact under both rules: q is 0 outside V_d), and its hidden states
+   give the real features of the accepted positions for the next round; the head's speculative pairs are
+   dropped from its cache.
+The head is loaded from `drafter` (a directory written by `python -m explorer train-drafter`).
+Departures: a chain (EAGLE-2's dynamic draft tree is not built here yet); see explorer/heads.py for the head's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from explorer.events import Event
+from explorer.heads import load_head
+from explorer.params import param
+from explorer.strategies.base import register
+from explorer.strategies.draft_models import ChainDraftConfig
+from explorer.strategies.draft_verify import Drafter, DraftLength, DraftTree, Verdict, draft_verify
+
+HEADS: dict[tuple[str, str], Any] = {}  # (model weights, head directory) -> the loaded head
+
+
+@dataclass(frozen=True)
+class EagleConfig(ChainDraftConfig):
+    drafter: str = param("", "directory of a trained draft head (head.json + head.safetensors)", model=True)
+    draft_length: int = param(5, "maximum draft length gamma", minimum=1, maximum=16, step=1)
+
+
+def head_for(model: Any, directory: str) -> Any:
+    if not directory.strip():
+        raise ValueError("eagle needs a trained head: set drafter to a directory written by "
+                         "`python -m explorer train-drafter`")
+    key = (f"{model.info.model_id}@{model.info.weights_hash}", str(Path(directory).expanduser().resolve()))
+    if key not in HEADS:
+        HEADS[key] = load_head(model, Path(directory).expanduser())
+    return HEADS[key]
+
+
+class EagleDrafter(Drafter):
+    name = "EAGLE head"
+    wants_hidden_states = True  # the verification pass's last hidden states are the next real features
+    wants_prefill_hidden_states = True  # so are the prompt's
+
+    def __init__(self, model: Any, head: Any, config: EagleConfig, rng: torch.Generator):
+        from transformers import DynamicCache
+
+        self.model, self.head, self.config, self.rng = model, head, config, rng
+        self.embed = model.model.get_input_embeddings()
+        self.lm_head = model.model.get_output_embeddings().weight
+        self.cache = DynamicCache(config=head.body.config)
+        self.features: list[torch.Tensor] = []  # f_0 .. f_(m-1): the target's real features, (hidden,) each
+        self.fed = 0  # real pairs in the head's cache
+        self.length = DraftLength(config.draft_length, config.adaptive)
+        self._drafted = 0
+
+    def observe_prefill(self, inputs: Sequence[int], logits: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        self.features.extend(hidden_states[-1])
+
+    def _q(self, scores: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        """The draft distribution over the full vocabulary (zero outside V_d)."""
+        full = torch.full((self.lm_head.shape[0],), float("-inf"), device=scores.device)
+        full[self.head.draft_ids] = scores.float()
+        if self.config.rule == "sampling":
+            full = self.config.apply(full, history)
+        return torch.softmax(full, dim=-1)
+
+    @torch.inference_mode()
+    def propose(self, context: Sequence[int]) -> DraftTree:
+        needed = len(context) - 1  # pairs j = 0 .. n-2: (e(c_(j+1)), f_j)
+        if needed == 0:  # a one-token prompt: no feature yet; any one-token draft gets the first one verified
+            self._drafted = 1
+            return DraftTree.chain([int(self.head.draft_ids[0])])
+        if len(self.features) < needed:
+            raise RuntimeError("the EAGLE head is missing target features")
+        speculative = self.cache.get_seq_length() - self.fed
+        if speculative > 0:
+            self.cache.crop(-speculative)  # last round's drafted pairs leave the head's cache
+        ids = torch.tensor(list(context[self.fed + 1: needed + 1]), device=self.model.device)
+        features = torch.stack(self.features[self.fed:needed]).unsqueeze(0)  # (1, new pairs, hidden)
+        predicted = self.head.predict(self.embed(ids).unsqueeze(0), features, self.cache)[:, -1]  # 1.
+        self.fed = needed
+        tokens: list[int] = []
+        probs: list[float] = []
+        rows: list[torch.Tensor] = []
+        for i in range(self.length.current):  # 2.
+            q = self._q(self.head.logits(predicted[0], self.lm_head), [*context, *tokens])
+            token = int(torch.multinomial(q, 1, generator=self.rng)) if self.config.rule == "sampling" \
+                else int(q.argmax())
+            tokens.append(token)
+            probs.append(float(q[token]))
+            rows.append(q)
+            if i + 1 < self.length.current:
+                embed = self.embed(torch.tensor([[token]], device=self.model.device))
+                predicted = self.head.predict(embed, predicted.unsqueeze(1), self.cache)[:, -1]
+        self._drafted = len(tokens)
+        q_dists = torch.stack(rows) if self.config.rule == "sampling" else None
+        return DraftTree.chain(tokens, probs, q_dists, gamma=float(self.length.current))
+
+    def observe(self, verdict: Verdict) -> None:
+        """3. The real features of the verified positions that were committed: row 0 (the last committed token)
+        and the accepted draft tokens."""
+        self.length.update(verdict, self._drafted)
+        if verdict.hidden_states is not None:
+            rows = [0, *(node + 1 for node in verdict.path)]
+            self.features.extend(verdict.hidden_states[-1, rows])
+
+
+def prepare(model: Any, config: EagleConfig) -> None:
+    head_for(model, config.drafter)
+
+
+@register("eagle", EagleConfig, "EAGLE: a trained head drafts from the target's own features", prepare=prepare,
+          family="speed-up: draft-verify", paper="Li et al. 2024, EAGLE, arXiv:2401.15077")
+def run(model: Any, prompt_ids: Sequence[int], config: EagleConfig, rng: torch.Generator) -> Iterator[Event]:
+    yield from draft_verify(model, prompt_ids, EagleDrafter(model, head_for(model, config.drafter), config, rng),
+                            config, rng)
