@@ -194,4 +194,7 @@ def train(model: Any, out: str | Path, *, corpus_tokens: int = 20000, answers: i
                       + (f" + {answers} self-generated chat answers" if answers else "")}
     save_head(head, model, out, {"training": record})
     (out / "training.json").write_text(json.dumps(record, indent=1))
+    from viz.drafting import training_curve_figure  # a figure of the curve beside the head
+
+    training_curve_figure(record).write_html(out / "training.html", include_plotlyjs="cdn")
     return record

@@ -15,6 +15,8 @@ from explorer.runner import run_to_end
 from explorer.strategies import get_strategy, make_config
 from explorer.testing import tiny_model
 from explorer.train_drafter import train
+from viz.catalog import get_view
+from viz.drafting import training_curve_figure
 
 PROMPTS = ["the cat sat on the mat. the cat sat on the mat. the cat", "abc abc abc abd", "x"]
 
@@ -73,3 +75,15 @@ def test_a_missing_or_foreign_head_is_a_clear_error(trained, tmp_path):
     with pytest.raises(ValueError, match="hidden size"):
         load_head(tiny_model(0, hidden=32), directory)
     assert torch.is_tensor(load_head(lm, directory).fc.weight)
+
+
+def test_the_coverage_view_and_the_training_curve(trained):
+    lm, directory, record = trained
+    trace = run_to_end(lm, RunRequest.build("eagle", {"drafter": str(directory)}, PROMPTS[0], max_new_tokens=30,
+                                            chat=False))
+    flags = [r.details["target_in_vocab"] for r in trace.rounds]
+    assert flags and all(len(f.split(",")) == len(r.draft_tokens) + 1 for f, r in zip(flags, trace.rounds,
+                                                                                      strict=True))
+    assert "outside it" in get_view("draft-vocabulary").render([trace], 0).layout.title.text
+    assert (directory / "training.html").is_file()
+    assert len(training_curve_figure(record).data) == 2

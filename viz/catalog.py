@@ -16,6 +16,7 @@ from viz.diffusion import unmasking_commits_figure, unmasking_order_figure, unma
 from viz.drafting import (
     aded_figure,
     draft_depth_figure,
+    draft_vocabulary_figure,
     entropy_handover_figure,
     exit_layer_figure,
     layer_acceptance_figure,
@@ -130,6 +131,8 @@ VIEWS = [
          _one(layer_acceptance_figure, _strategy("del"))),
     View("draft-depth", "Speculative", "D^3 layers per draft token",
          _one(draft_depth_figure, _strategy("depth_decay"))),
+    View("draft-vocabulary", "Speculative", "draft-vocabulary coverage (eagle)",
+         _one(draft_vocabulary_figure, _strategy("eagle"))),
     View("entropy-handover", "Speculative", "EAD: who wrote each token", _one(entropy_handover_figure,
                                                                              _strategy("ead"))),
     View("draft-tree", "Trees & Jacobi", "draft tree per round (slider)", _one(draft_tree_figure, _drafted)),

@@ -171,3 +171,47 @@ def draft_depth_figure(trace: Trace | None, max_rounds: int = 200, lane: int = 0
     base_layout(figure, f"Draft depth per token (D^3) — {lane_name(trace, lane)}", "round", "draft token i",
                 height=380)
     return figure
+
+
+def draft_vocabulary_figure(trace: Trace | None, max_rounds: int = 300, lane: int = 0) -> go.Figure:
+    """A reduced draft vocabulary's cost: per round, the accepted draft tokens, and whether the target's token at
+    the first position the draft missed (the correction or bonus) lay outside the draft vocabulary — a miss the
+    head could not have avoided."""
+    rounds = [r for r in (trace.rounds if trace is not None else []) if r.details.get("target_in_vocab")]
+    if not rounds:
+        return empty_figure("Run an eagle lane to see how often the target's token was outside the draft vocabulary.")
+    rounds = rounds[:max_rounds]
+    flags = [[flag == "1" for flag in str(r.details["target_in_vocab"]).split(",")] for r in rounds]
+    outside_at_miss = [not f[r.accepted_count] if r.accepted_count < len(f) else False for r, f in zip(rounds, flags,
+                                                                                                       strict=True)]
+    committed = [f[: r.accepted_count + 1] for r, f in zip(rounds, flags, strict=True)]
+    share = sum(not x for f in committed for x in f) / max(1, sum(len(f) for f in committed))
+    x = [r.round for r in rounds]
+    figure = go.Figure(go.Bar(x=x, y=[r.accepted_count for r in rounds], name="accepted draft tokens",
+                              marker_color=LANE_COLORS[0], hovertemplate="round %{x}: %{y} accepted<extra></extra>"))
+    misses = [(r.round, r.accepted_count) for r, out in zip(rounds, outside_at_miss, strict=True) if out]
+    figure.add_trace(go.Scatter(x=[m[0] for m in misses], y=[m[1] + 0.3 for m in misses], mode="markers",
+                                name="target's token outside the draft vocabulary",
+                                marker=dict(symbol="x", size=10, color="#D55E00"),
+                                hovertemplate="round %{x}: the target's token was not draftable<extra></extra>"))
+    base_layout(figure, f"Draft-vocabulary coverage — {lane_name(trace, lane)}: {share:.1%} of committed target "
+                        "tokens outside it", "round", "tokens", height=380)
+    return figure
+
+
+def training_curve_figure(record: dict) -> go.Figure:
+    """A draft head's training record (train-drafter's training.json): loss and held-out top-1 agreement."""
+    curve = record.get("curve") or []
+    if not curve:
+        return empty_figure("This head's record has no training curve.")
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    steps = [point["step"] for point in curve]
+    figure.add_trace(go.Scatter(x=steps, y=[point["loss"] for point in curve], mode="lines+markers", name="loss",
+                                line=dict(color=LANE_COLORS[0])), secondary_y=False)
+    figure.add_trace(go.Scatter(x=steps, y=[point["agreement"] for point in curve], mode="lines+markers",
+                                name="held-out top-1 agreement", line=dict(color=LANE_COLORS[1], dash="dash")),
+                     secondary_y=True)
+    base_layout(figure, f"Draft head training: {record.get('train_tokens', 0)} tokens, "
+                        f"{record.get('vocab', 0)}-token draft vocabulary", "step", "loss", height=380)
+    figure.update_yaxes(title_text="agreement", range=[0, 1], secondary_y=True)
+    return figure

@@ -54,6 +54,7 @@ class EagleDrafter(Drafter):
     name = "EAGLE head"
     wants_hidden_states = True  # the verification pass's last hidden states are the next real features
     wants_prefill_hidden_states = True  # so are the prompt's
+    watches_logits = True  # draft-vocabulary coverage: is the target's token at each verified position in V_d?
 
     def __init__(self, model: Any, head: Any, config: EagleConfig, rng: torch.Generator):
         from transformers import DynamicCache
@@ -66,6 +67,16 @@ class EagleDrafter(Drafter):
         self.fed = 0  # real pairs in the head's cache
         self.length = DraftLength(config.draft_length, config.adaptive)
         self._drafted = 0
+        self._coverage = ""
+
+    def observe_logits(self, inputs: Sequence[int], logits: torch.Tensor, parents: Sequence[int] | None) -> None:
+        if self._drafted and len(inputs) == self._drafted + 1:  # a verification pass (not the prompt's)
+            inside = torch.isin(logits.argmax(dim=-1), self.head.draft_ids)
+            self._coverage = ",".join("1" if x else "0" for x in inside.tolist())
+
+    def round_details(self) -> dict[str, float | str]:
+        """Per verified position: whether the target's own token there is one the head could have drafted."""
+        return {"target_in_vocab": self._coverage} if self._coverage else {}
 
     def observe_prefill(self, inputs: Sequence[int], logits: torch.Tensor, hidden_states: torch.Tensor) -> None:
         self.features.extend(hidden_states[-1])
