@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--prompts", default=str(ROOT / "assets" / "prompts.jsonl"))
     parser.add_argument("--methods", default="")
     parser.add_argument("--json-out", default="")
+    parser.add_argument("--eagle-head", default=str(ROOT / "assets" / "drafters" / "smollm2-135m-eagle"),
+                        help="a trained head for the 'eagle' row (train-drafter's output directory)")
     args = parser.parse_args()
 
     lm = load_model(None, dtype="float32", device="cpu")
@@ -70,6 +72,7 @@ def main() -> None:
         "del": ("del", {}),
         "depth_decay": ("depth_decay", {}),
         "ead_skip_middle": ("ead", {}),
+        "eagle": ("eagle", {"drafter": args.eagle_head}),
     }
     references = {"hf_greedy": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10},
                   f"hf_assistant_{DRAFT_LAYERS}L": {"assistant_model": assistant}}

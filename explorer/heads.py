@@ -31,6 +31,7 @@ from torch import nn
 from explorer.models import decoder_layers
 
 HEAD_FILE, CONFIG_FILE = "head.safetensors", "head.json"
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "drafters"  # heads that come with the repository
 
 
 def body_config(target_config: Any) -> Any:
@@ -108,6 +109,17 @@ def load_head(target: Any, directory: str | Path) -> EagleHead:
     head.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     head.record = record
     return head.to(device=target.device, dtype=target.model.dtype).eval()
+
+
+def shipped_head(target: Any) -> Path | None:
+    """The head shipped in assets/drafters for this target (matched by its weights' hash, else its id)."""
+    for manifest in sorted(SHIPPED.glob(f"*/{CONFIG_FILE}")):
+        record = json.loads(manifest.read_text())
+        if target.info.weights_hash and record.get("target_weights_hash") == target.info.weights_hash:
+            return manifest.parent
+        if record.get("target_model") == target.info.model_id:
+            return manifest.parent
+    return None
 
 
 def check_head_architecture(target: Any) -> None:

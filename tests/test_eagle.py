@@ -87,3 +87,22 @@ def test_the_coverage_view_and_the_training_curve(trained):
     assert "outside it" in get_view("draft-vocabulary").render([trace], 0).layout.title.text
     assert (directory / "training.html").is_file()
     assert len(training_curve_figure(record).data) == 2
+
+
+def test_the_dynamic_tree_is_lossless_and_its_top_path_is_the_chain(trained):
+    lm, directory, _ = trained
+    for prompt in PROMPTS[:2]:
+        greedy = run_to_end(lm, RunRequest.build("greedy", {}, prompt, max_new_tokens=30, chat=False))
+        tree = run_to_end(lm, RunRequest.build("eagle", {"drafter": str(directory), "tree": "dynamic", "top_k": 3,
+                                                         "depth": 4, "budget": 8}, prompt, max_new_tokens=30,
+                                               chat=False))
+        assert tree.token_ids == greedy.token_ids
+        assert max(len(r.draft_tokens) for r in tree.rounds) == 8 and not all(r.parents == list(range(-1, 7))
+                                                                               for r in tree.rounds)
+        # one child per level: the tree is the head's greedy chain, drafted through tree-masked head passes
+        chain = run_to_end(lm, RunRequest.build("eagle", {"drafter": str(directory), "draft_length": 4,
+                                                          "adaptive": False}, prompt, max_new_tokens=30, chat=False))
+        narrow = run_to_end(lm, RunRequest.build("eagle", {"drafter": str(directory), "tree": "dynamic", "top_k": 1,
+                                                           "depth": 4, "budget": 4}, prompt, max_new_tokens=30,
+                                                 chat=False))
+        assert [r.draft_tokens for r in narrow.rounds] == [r.draft_tokens for r in chain.rounds]

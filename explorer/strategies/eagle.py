@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from explorer.events import Event
-from explorer.heads import load_head
+from explorer.heads import load_head, shipped_head
+from explorer.models import tree_attention_masks
 from explorer.params import param
 from explorer.strategies.base import register
 from explorer.strategies.draft_models import ChainDraftConfig
@@ -36,14 +37,27 @@ HEADS: dict[tuple[str, str], Any] = {}  # (model weights, head directory) -> the
 
 @dataclass(frozen=True)
 class EagleConfig(ChainDraftConfig):
-    drafter: str = param("", "directory of a trained draft head (head.json + head.safetensors)", model=True)
+    tree: str = param("chain", "chain: gamma tokens; dynamic: EAGLE-2's tree (expand the top_k most confident "
+                               "nodes per level, keep the budget best)", choices=("chain", "dynamic"))
+    top_k: int = param(4, "dynamic tree: nodes expanded per level and children per node", minimum=1, maximum=10,
+                       step=1)
+    depth: int = param(5, "dynamic tree: levels", minimum=1, maximum=10, step=1)
+    budget: int = param(16, "dynamic tree: nodes kept for verification", minimum=1, maximum=64, step=1)
+
+    def draft_nodes(self) -> int:
+        return self.budget if self.tree == "dynamic" else self.draft_length
+    drafter: str = param("", "directory of a trained draft head (head.json + head.safetensors); empty: the head "
+                             "shipped for this model in assets/drafters", model=True)
     draft_length: int = param(5, "maximum draft length gamma", minimum=1, maximum=16, step=1)
 
 
 def head_for(model: Any, directory: str) -> Any:
     if not directory.strip():
-        raise ValueError("eagle needs a trained head: set drafter to a directory written by "
-                         "`python -m explorer train-drafter`")
+        shipped = shipped_head(model)
+        if shipped is None:
+            raise ValueError("eagle needs a trained head: no head ships for this model, set drafter to a directory "
+                             "written by `python -m explorer train-drafter`")
+        directory = str(shipped)
     key = (f"{model.info.model_id}@{model.info.weights_hash}", str(Path(directory).expanduser().resolve()))
     if key not in HEADS:
         HEADS[key] = load_head(model, Path(directory).expanduser())
@@ -68,6 +82,7 @@ class EagleDrafter(Drafter):
         self.length = DraftLength(config.draft_length, config.adaptive)
         self._drafted = 0
         self._coverage = ""
+        self._features: dict[int, torch.Tensor] = {}  # dynamic tree: each expanded node's predicted feature
 
     def observe_logits(self, inputs: Sequence[int], logits: torch.Tensor, parents: Sequence[int] | None) -> None:
         if self._drafted and len(inputs) == self._drafted + 1:  # a verification pass (not the prompt's)
@@ -104,6 +119,8 @@ class EagleDrafter(Drafter):
         features = torch.stack(self.features[self.fed:needed]).unsqueeze(0)  # (1, new pairs, hidden)
         predicted = self.head.predict(self.embed(ids).unsqueeze(0), features, self.cache)[:, -1]  # 1.
         self.fed = needed
+        if self.config.tree == "dynamic":
+            return self._dynamic(context, predicted)
         tokens: list[int] = []
         probs: list[float] = []
         rows: list[torch.Tensor] = []
@@ -120,6 +137,73 @@ class EagleDrafter(Drafter):
         self._drafted = len(tokens)
         q_dists = torch.stack(rows) if self.config.rule == "sampling" else None
         return DraftTree.chain(tokens, probs, q_dists, gamma=float(self.length.current))
+
+    def _dynamic(self, context: Sequence[int], predicted: torch.Tensor) -> DraftTree:
+        """EAGLE-2 (Li et al. 2024, arXiv:2406.16858): value(node) = product of the head's confidences on its
+        path. Expand: each level, the top_k most valuable new nodes are run through the head in one tree-masked
+        pass, and the top_k of all their children (by value) become the next level. Rerank: the `budget` most
+        valuable nodes (a child is never worth more than its parent, so they form a tree) are verified, as
+        point masses (the target's rule decides, exactly)."""
+        config, k = self.config, self.config.top_k
+        tokens: list[int] = []
+        parents: list[int] = []
+        values: list[float] = []
+        probs = torch.softmax(self.head.logits(predicted[0], self.lm_head).float(), dim=-1)  # over V_d
+        top = torch.topk(probs, min(k, probs.numel()))
+        for p, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            tokens.append(int(self.head.draft_ids[index]))
+            parents.append(-1)
+            values.append(p)
+        frontier = list(range(len(tokens)))
+        cached: dict[int, int] = {}  # node -> its place among the tree nodes in the head's cache
+        for _ in range(config.depth - 1):
+            embeds = self.embed(torch.tensor([[tokens[i] for i in frontier]], device=self.model.device))
+            inputs = torch.stack([predicted[0] if parents[i] < 0 else self._features[parents[i]] for i in frontier])
+            for node in frontier:
+                cached[node] = len(cached)
+            order = sorted(cached, key=cached.get)
+            tree_parents = [cached[parents[n]] if parents[n] >= 0 else -1 for n in order]
+            mask = tree_attention_masks(self.head.body.config, tree_parents, self.fed, inputs.dtype,
+                                        self.model.device, new=len(frontier))
+            positions = torch.tensor([[self.fed + self._depth(parents, i) for i in frontier]], device=self.model.device)
+            out = self.head.predict(embeds, inputs.unsqueeze(0), self.cache, position_ids=positions,
+                                    attention_mask=mask)[0]  # (frontier, hidden)
+            for row, node in enumerate(frontier):
+                self._features[node] = out[row]
+            children = torch.softmax(self.head.logits(out, self.lm_head).float(), dim=-1)  # (frontier, K)
+            best = torch.topk(children, min(k, children.shape[-1]), dim=-1)
+            candidates = sorted(((values[node] * p, node, int(self.head.draft_ids[index]))
+                                 for row, node in enumerate(frontier)
+                                 for p, index in zip(best.values[row].tolist(), best.indices[row].tolist(),
+                                                     strict=True)), reverse=True)[:k]
+            frontier = []
+            for value, node, token in candidates:
+                tokens.append(token)
+                parents.append(node)
+                values.append(value)
+                frontier.append(len(tokens) - 1)
+        self._features = {}
+        keep = sorted(sorted(range(len(tokens)), key=lambda i: -values[i])[: config.budget])  # rerank
+        keep_set = set(keep)
+        for node in list(keep):  # ancestors first (ties can drop one): keep the tree whole
+            parent = parents[node]
+            while parent >= 0 and parent not in keep_set:
+                keep_set.add(parent)
+                parent = parents[parent]
+        keep = sorted(keep_set)
+        index = {old: new for new, old in enumerate(keep)}
+        tree = DraftTree([tokens[i] for i in keep], [index[parents[i]] if parents[i] >= 0 else -1 for i in keep],
+                         [values[i] for i in keep], None, mode="point")
+        tree.details.update(nodes=float(len(keep)), expanded=float(len(tokens)))
+        self._drafted = len(keep)
+        return tree
+
+    @staticmethod
+    def _depth(parents: list[int], node: int) -> int:
+        depth = 0
+        while parents[node] >= 0:
+            node, depth = parents[node], depth + 1
+        return depth
 
     def observe(self, verdict: Verdict) -> None:
         """3. The real features of the verified positions that were committed: row 0 (the last committed token)
