@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
     train = sub.add_parser("train-drafter", help="train an EAGLE-style draft head for a model (resumable)")
-    train.add_argument("--kind", default="eagle", choices=["eagle"], help="the head to train")
+    train.add_argument("--kind", default="eagle", choices=["eagle", "medusa"], help="the head to train")
+    train.add_argument("--heads", type=int, default=3, help="medusa: number of heads K")
     train.add_argument("--model", default=None, help="HF model id or local path (default: the embedded model)")
     train.add_argument("--out", required=True, help="directory for the head, its manifest and the checkpoint")
     train.add_argument("--corpus-tokens", type=int, default=20000, help="tokens of local text, teacher-forced")
@@ -202,11 +203,14 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     model = load_model(args.model, dtype="float32", device="auto")
-    record = train(model, args.out, corpus_tokens=args.corpus_tokens, answers=args.answers, vocab=args.vocab,
+    if not 1 <= args.heads <= 8:
+        raise ValueError("--heads must be between 1 and 8")
+    record = train(model, args.out, kind=args.kind, heads=args.heads, corpus_tokens=args.corpus_tokens,
+                   answers=args.answers, vocab=args.vocab,
                    steps=args.steps, lr=args.lr, progress=not args.quiet)
     last = record["curve"][-1] if record["curve"] else {}
     print(f"head written to {args.out}: {record['train_tokens']} training tokens, held-out top-1 agreement "
-          f"{last.get('agreement', float('nan')):.3f}; use it with --strategy eagle --param drafter={args.out}")
+          f"{last.get('agreement', float('nan')):.3f}; use it with --strategy {args.kind} --param drafter={args.out}")
     return 0
 
 

@@ -71,12 +71,48 @@ class EagleHead(nn.Module):
         return predicted @ lm_head_weight[self.draft_ids].to(predicted.dtype).T
 
 
-def head_record(head: EagleHead, target: Any, extra: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": "eagle", "target_model": target.info.model_id, "target_weights_hash": target.info.weights_hash,
+class ResBlock(nn.Module):
+    """Medusa's block: h + SiLU(W h + b)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.linear.weight)  # starts as the identity, as Medusa initialises it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + nn.functional.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """Medusa-1 (Cai et al. 2024, arXiv:2401.10774): head k (k = 1..K) reads the target's last hidden state h_t
+    (what its LM head reads to predict x_(t+1)) and predicts x_(t+1+k): ResBlock, then a linear layer over V_d
+    (initialised from the target's LM head rows, as Medusa initialises from the LM head)."""
+
+    def __init__(self, target_config: Any, draft_ids: list[int], count: int,
+                 lm_head_weight: torch.Tensor | None = None):
+        super().__init__()
+        hidden = target_config.hidden_size
+        self.blocks = nn.ModuleList(ResBlock(hidden) for _ in range(count))
+        self.outputs = nn.ModuleList(nn.Linear(hidden, len(draft_ids), bias=False) for _ in range(count))
+        if lm_head_weight is not None:
+            for output in self.outputs:
+                output.weight.data.copy_(lm_head_weight[torch.tensor(draft_ids)].float())
+        self.register_buffer("draft_ids", torch.tensor(draft_ids, dtype=torch.long), persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> (K, ..., |V_d|): head k's scores for x_(t+1+k)."""
+        return torch.stack([output(block(hidden)) for block, output in zip(self.blocks, self.outputs, strict=True)])
+
+
+def head_record(head: nn.Module, target: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    kind = "medusa" if isinstance(head, MedusaHeads) else "eagle"
+    count = {"heads": len(head.blocks)} if kind == "medusa" else {}
+    return {"kind": kind, **count, "target_model": target.info.model_id,
+            "target_weights_hash": target.info.weights_hash,
             "hidden_size": target.model.config.hidden_size, "draft_ids": head.draft_ids.tolist(), **extra}
 
 
-def save_head(head: EagleHead, target: Any, directory: str | Path, extra: dict[str, Any]) -> Path:
+def save_head(head: nn.Module, target: Any, directory: str | Path, extra: dict[str, Any]) -> Path:
     """Write head.safetensors (fp16) and head.json (with the weights' sha256) into `directory`."""
     from safetensors.torch import save_file
 
@@ -90,7 +126,7 @@ def save_head(head: EagleHead, target: Any, directory: str | Path, extra: dict[s
     return directory
 
 
-def load_head(target: Any, directory: str | Path) -> EagleHead:
+def load_head(target: Any, directory: str | Path, kind: str = "eagle") -> nn.Module:
     """A head saved by `save_head` for this target (its hidden size and vocabulary are checked)."""
     from safetensors.torch import load_file
 
@@ -104,17 +140,22 @@ def load_head(target: Any, directory: str | Path) -> EagleHead:
     vocab = target.model.config.vocab_size
     if max(record["draft_ids"]) >= vocab:
         raise ValueError(f"the head in {directory} drafts token ids past this model's vocabulary of {vocab}")
-    head = EagleHead(target.model.config, record["draft_ids"])
+    if record.get("kind", "eagle") != kind:
+        raise ValueError(f"{directory} holds a {record.get('kind')} head, not a {kind} head")
+    head = (EagleHead(target.model.config, record["draft_ids"]) if kind == "eagle"
+            else MedusaHeads(target.model.config, record["draft_ids"], int(record["heads"])))
     state = load_file(str(directory / HEAD_FILE))
     head.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     head.record = record
     return head.to(device=target.device, dtype=target.model.dtype).eval()
 
 
-def shipped_head(target: Any) -> Path | None:
+def shipped_head(target: Any, kind: str = "eagle") -> Path | None:
     """The head shipped in assets/drafters for this target (matched by its weights' hash, else its id)."""
     for manifest in sorted(SHIPPED.glob(f"*/{CONFIG_FILE}")):
         record = json.loads(manifest.read_text())
+        if record.get("kind", "eagle") != kind:
+            continue
         if target.info.weights_hash and record.get("target_weights_hash") == target.info.weights_hash:
             return manifest.parent
         if record.get("target_model") == target.info.model_id:

@@ -1,4 +1,4 @@
-"""Train an EAGLE-style draft head (explorer.heads) for a target model, on this machine.
+"""Train a draft head (explorer.heads: EAGLE-style or Medusa) for a target model, on this machine.
 
 Data (no download): the target's own features by teacher-forced passes (no generation needed) over local English
 text — the Python standard library's docstrings (explorer.ngram.stdlib_docstrings) and this repository's docs —
@@ -6,8 +6,9 @@ plus, optionally, the target's own chat answers to prompts made from those docst
 HASS and EAGLE's re-generated data do), generated in batches. Each sequence gives pairs (e(x_(j+1)), f_j) ->
 f_(j+1) and the target's argmax at j + 1.
 Loss (EAGLE's): SmoothL1(f^, f) + w_ce CE(f^ W[V_d]^T, the target's argmax), with U(-noise, noise) added to the
-input features (EAGLE's robustness to its own drafted features). V_d = the K tokens the target predicts most
-often on the data (plus its end tokens).
+input features (EAGLE's robustness to its own drafted features). Medusa-1's: sum over heads k of
+CE(head_k(h_t), x_(t+1+k)), the sequence's own tokens (the target's own answers where self-generated).
+V_d = the K tokens the target predicts most often on the data (plus its end tokens).
 Resumable: a checkpoint (head, optimiser, step, data) is written to OUT every `--save-every` steps and picked up
 by the same command; the finished head is written with save_head (fp16 + manifest with sha256), and
 `training.json` holds the loss and held-out top-1 agreement curves (the training-curve view reads it).
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from explorer.heads import EagleHead, save_head
+from explorer.heads import EagleHead, MedusaHeads, save_head
 from explorer.ngram import stdlib_docstrings
 
 REPO_DOCS = ("README.md", "BENCHMARKS.md", "ARCHITECTURE.md")
@@ -116,8 +117,35 @@ def pair_batch(head: EagleHead, model: Any, s: Sequence_, noise: float, index_of
     return embeds.unsqueeze(0), features.unsqueeze(0), s.features[1:].unsqueeze(0), labels
 
 
-def evaluate(head: EagleHead, model: Any, held_out: list[Sequence_], index_of: torch.Tensor) -> float:
-    """Top-1 agreement of the head's draft with the target's argmax on held-out pairs (teacher-forced)."""
+def medusa_labels(s: Sequence_, heads: int, index_of: torch.Tensor) -> torch.Tensor:
+    """(K, n): head k's label at t is x_(t+1+k) as an index into V_d (-100 past the end, outside V_d, or in a
+    chat prompt)."""
+    n = len(s.ids)
+    labels = torch.full((heads, n), -100, dtype=torch.long)
+    for k in range(1, heads + 1):
+        if n > k + 1:
+            labels[k - 1, : n - k - 1] = index_of[s.ids[k + 1:]]
+    labels[:, : max(0, s.first)] = -100
+    return labels
+
+
+def medusa_loss(head: MedusaHeads, s: Sequence_, index_of: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Summed CE over the heads, and head 1's top-1 accuracy."""
+    scores = head(s.features)  # (K, n, |V_d|)
+    labels = medusa_labels(s, len(head.blocks), index_of)
+    loss = sum(nn.functional.cross_entropy(scores[k], labels[k], ignore_index=-100) for k in range(len(head.blocks))
+               if (labels[k] >= 0).any())
+    keep = labels[0] >= 0
+    accuracy = float((scores[0].argmax(-1)[keep] == labels[0][keep]).float().mean()) if keep.any() else 0.0
+    return loss, accuracy
+
+
+def evaluate(head: Any, model: Any, held_out: list[Sequence_], index_of: torch.Tensor) -> float:
+    """Top-1 agreement on held-out data: an EAGLE head's draft vs the target's argmax (teacher-forced pairs); a
+    Medusa head 1's guess vs the token two ahead."""
+    if isinstance(head, MedusaHeads):
+        with torch.no_grad():
+            return sum(medusa_loss(head, s, index_of)[1] for s in held_out) / max(1, len(held_out))
     lm_head = model.model.get_output_embeddings().weight.float()
     hits = total = 0
     with torch.no_grad():
@@ -131,7 +159,8 @@ def evaluate(head: EagleHead, model: Any, held_out: list[Sequence_], index_of: t
     return hits / max(total, 1)
 
 
-def train(model: Any, out: str | Path, *, corpus_tokens: int = 20000, answers: int = 0, vocab: int = 8192,
+def train(model: Any, out: str | Path, *, kind: str = "eagle", heads: int = 3, corpus_tokens: int = 20000,
+          answers: int = 0, vocab: int = 8192,
           steps: int = 2000, lr: float = 3e-4, ce_weight: float = 0.1, noise: float = 0.1, save_every: int = 200,
           seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Collect (or reload) the data, train (or resume) the head, write it to `out`; returns the training record."""
@@ -150,14 +179,15 @@ def train(model: Any, out: str | Path, *, corpus_tokens: int = 20000, answers: i
         held_out, sequences = data[:cut], data[cut:]
         draft_ids = draft_vocabulary(sequences, vocab, set(model.eos_token_ids))
         state = {"step": 0, "curve": [], "data_s": time.perf_counter() - started}
-    head = EagleHead(model.model.config, draft_ids).to(model.device)
+    lm_head = model.model.get_output_embeddings().weight.detach().float()
+    head = (EagleHead(model.model.config, draft_ids) if kind == "eagle"
+            else MedusaHeads(model.model.config, draft_ids, heads, lm_head)).to(model.device)
     optimiser = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr)
     if "head" in state:
         head.load_state_dict(state["head"])
         optimiser.load_state_dict(state["optimiser"])
     index_of = torch.full((model.model.config.vocab_size,), -100, dtype=torch.long)
     index_of[torch.tensor(draft_ids)] = torch.arange(len(draft_ids))
-    lm_head = model.model.get_output_embeddings().weight.detach().float()
     regression, classify = nn.SmoothL1Loss(), nn.CrossEntropyLoss(ignore_index=-100)
     order = random.Random(seed + state["step"])
     bar = None
@@ -168,9 +198,12 @@ def train(model: Any, out: str | Path, *, corpus_tokens: int = 20000, answers: i
     curve = state["curve"]
     for step in range(state["step"], steps):
         s = sequences[order.randrange(len(sequences))]
-        embeds, features, targets, labels = pair_batch(head, model, s, noise, index_of)
-        predicted = head.predict(embeds, features)
-        loss = regression(predicted, targets) + ce_weight * classify(head.logits(predicted[0], lm_head), labels)
+        if kind == "medusa":
+            loss = medusa_loss(head, s, index_of)[0]
+        else:
+            embeds, features, targets, labels = pair_batch(head, model, s, noise, index_of)
+            predicted = head.predict(embeds, features)
+            loss = regression(predicted, targets) + ce_weight * classify(head.logits(predicted[0], lm_head), labels)
         optimiser.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -187,9 +220,9 @@ def train(model: Any, out: str | Path, *, corpus_tokens: int = 20000, answers: i
     if bar is not None:
         bar.close()
     tokens = sum(len(s.ids) for s in sequences)
-    record = {"steps": steps, "train_tokens": tokens, "held_out_sequences": len(held_out), "corpus_tokens":
-              corpus_tokens, "answers": answers, "vocab": len(draft_ids), "lr": lr, "ce_weight": ce_weight,
-              "noise": noise, "curve": curve,
+    record = {"kind": kind, "steps": steps, "train_tokens": tokens, "held_out_sequences": len(held_out),
+              "corpus_tokens": corpus_tokens, "answers": answers, "vocab": len(draft_ids), "lr": lr,
+              "ce_weight": ce_weight, "noise": noise, "curve": curve,
               "data": "stdlib docstrings + repository docs (teacher-forced)"
                       + (f" + {answers} self-generated chat answers" if answers else "")}
     save_head(head, model, out, {"training": record})

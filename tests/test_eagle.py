@@ -13,6 +13,7 @@ from explorer.heads import CONFIG_FILE, HEAD_FILE, load_head
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import get_strategy, make_config
+from explorer.strategies.medusa import medusa_tree
 from explorer.testing import tiny_model
 from explorer.train_drafter import train
 from viz.catalog import get_view
@@ -106,3 +107,32 @@ def test_the_dynamic_tree_is_lossless_and_its_top_path_is_the_chain(trained):
                                                            "depth": 4, "budget": 4}, prompt, max_new_tokens=30,
                                                  chat=False))
         assert [r.draft_tokens for r in narrow.rounds] == [r.draft_tokens for r in chain.rounds]
+
+
+# ---------------------------------------------------------------------------------------------- Medusa
+@pytest.fixture(scope="module")
+def medusa(tmp_path_factory):
+    lm = tiny_model(0, scale=8.0)
+    directory = tmp_path_factory.mktemp("medusa")
+    record = train(lm, directory, kind="medusa", heads=3, corpus_tokens=3000, steps=60, vocab=48, save_every=30,
+                   progress=False)
+    return lm, directory, record
+
+
+def test_medusa_training_and_the_tree(medusa):
+    lm, directory, record = medusa
+    assert record["kind"] == "medusa" and record["curve"][-1]["loss"] < record["curve"][0]["loss"]
+    assert medusa_tree([[1, 2], [3], [4, 5]]) == ([1, 2, 3, 3, 4, 5, 4, 5], [-1, -1, 0, 1, 2, 2, 3, 3],
+                                                  [0, 0, 1, 1, 2, 2, 2, 2])
+    with pytest.raises(ValueError, match="holds a medusa head"):
+        load_head(lm, directory, kind="eagle")
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_medusa_is_token_identical_to_greedy(medusa, prompt):
+    lm, directory, _ = medusa
+    greedy = run_to_end(lm, RunRequest.build("greedy", {}, prompt, max_new_tokens=30, chat=False))
+    trace = run_to_end(lm, RunRequest.build("medusa", {"drafter": str(directory), "widths": "3,2,1"}, prompt,
+                                            max_new_tokens=30, chat=False))
+    assert trace.token_ids == greedy.token_ids
+    assert max(len(r.draft_tokens) for r in trace.rounds) == 3 + 6 + 6

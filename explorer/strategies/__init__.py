@@ -26,6 +26,7 @@ from explorer.strategies import (  # noqa: F401  (importing registers them)
     localleap,
     lookahead,
     mbr,
+    medusa,
     mirostat,
     momentum,
     prompt_lookup,
