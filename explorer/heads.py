@@ -13,8 +13,16 @@ Training (explorer/train_drafter.py): teacher-forced target passes give (x, f) s
 + w_ce CE(f^ W[V_d]^T, the target's argmax), as EAGLE's regression + classification.
 Saved as `head.safetensors` (fp16) + `head.json` (the architecture, V_d, the target it was trained for, the
 training record); the target's embedding and LM head are not saved (they are the target's).
-Departure: EAGLE-1's head has no final norm (it regresses pre-norm features of the second-to-top layer); ours
-reads and predicts the normed last hidden state, so the norm keeps f^ on its scale.
+Departure: EAGLE-1's head has no final norm and its decoder layer no input norm (it regresses the normed last
+hidden state directly); ours keeps both (the norm keeps f^ on the features' scale). Published EAGLE-1 heads load
+as released (`load_published`: those two norms are identities there) and Medusa-1 heads likewise.
+Published formats (`load_published`, a directory or a Hub id with config.json + weights):
+- EAGLE-1 (e.g. yuhuili/EAGLE-Vicuna-7B-v1.3): `fc.weight`, `fc.bias`, `layers.0.*` (no input_layernorm),
+  config.json a Llama config with one hidden layer; drafts over the whole vocabulary.
+- Medusa-1 (e.g. FasterDecoding/medusa-vicuna-7b-v1.3): `medusa_lm_head.safetensors` / `.pt` with
+  `{head}.{layer}.linear.weight|bias` (ResBlocks) and `{head}.{medusa_num_layers}.weight` (hidden -> vocab),
+  config.json with medusa_num_heads, medusa_num_layers.
+EAGLE-3's format (a fused low/mid/high feature input, `midlayer.*`, `d2t`) is not read yet.
 """
 
 from __future__ import annotations
@@ -47,14 +55,17 @@ def body_config(target_config: Any) -> Any:
 class EagleHead(nn.Module):
     """FC + one decoder layer + norm over [e(x_(i+1)); f_i] -> f^_(i+1), scored against W[V_d]."""
 
-    def __init__(self, target_config: Any, draft_ids: list[int]):
+    def __init__(self, target_config: Any, draft_ids: list[int], *, eagle1: bool = False):
         super().__init__()
         from transformers import AutoModel
 
         hidden = target_config.hidden_size
-        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=eagle1)
         self.body = AutoModel.from_config(body_config(target_config))
         self.body.embed_tokens = None  # inputs come as vectors
+        if eagle1:  # EAGLE-1 as released: no input norm in its layer, no final norm
+            self.body.layers[0].input_layernorm = nn.Identity()
+            self.body.norm = nn.Identity()
         self.register_buffer("draft_ids", torch.tensor(draft_ids, dtype=torch.long), persistent=False)
         self.target_config = target_config
 
@@ -89,10 +100,10 @@ class MedusaHeads(nn.Module):
     (initialised from the target's LM head rows, as Medusa initialises from the LM head)."""
 
     def __init__(self, target_config: Any, draft_ids: list[int], count: int,
-                 lm_head_weight: torch.Tensor | None = None):
+                 lm_head_weight: torch.Tensor | None = None, layers: int = 1):
         super().__init__()
         hidden = target_config.hidden_size
-        self.blocks = nn.ModuleList(ResBlock(hidden) for _ in range(count))
+        self.blocks = nn.ModuleList(nn.Sequential(*(ResBlock(hidden) for _ in range(layers))) for _ in range(count))
         self.outputs = nn.ModuleList(nn.Linear(hidden, len(draft_ids), bias=False) for _ in range(count))
         if lm_head_weight is not None:
             for output in self.outputs:
@@ -106,7 +117,7 @@ class MedusaHeads(nn.Module):
 
 def head_record(head: nn.Module, target: Any, extra: dict[str, Any]) -> dict[str, Any]:
     kind = "medusa" if isinstance(head, MedusaHeads) else "eagle"
-    count = {"heads": len(head.blocks)} if kind == "medusa" else {}
+    count = {"heads": len(head.blocks), "layers": len(head.blocks[0])} if kind == "medusa" else {}
     return {"kind": kind, **count, "target_model": target.info.model_id,
             "target_weights_hash": target.info.weights_hash,
             "hidden_size": target.model.config.hidden_size, "draft_ids": head.draft_ids.tolist(), **extra}
@@ -143,10 +154,72 @@ def load_head(target: Any, directory: str | Path, kind: str = "eagle") -> nn.Mod
     if record.get("kind", "eagle") != kind:
         raise ValueError(f"{directory} holds a {record.get('kind')} head, not a {kind} head")
     head = (EagleHead(target.model.config, record["draft_ids"]) if kind == "eagle"
-            else MedusaHeads(target.model.config, record["draft_ids"], int(record["heads"])))
+            else MedusaHeads(target.model.config, record["draft_ids"], int(record["heads"]),
+                             layers=int(record.get("layers", 1))))
     state = load_file(str(directory / HEAD_FILE))
     head.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     head.record = record
+    return head.to(device=target.device, dtype=target.model.dtype).eval()
+
+
+def _read_weights(directory: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    for name in names:
+        path = directory / name
+        if path.is_file():
+            if path.suffix == ".safetensors":
+                return load_file(str(path))
+            return torch.load(path, map_location="cpu", weights_only=True)
+    raise ValueError(f"{directory} has none of {', '.join(names)}")
+
+
+def _published_directory(source: str) -> Path:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.pt"]))
+    except Exception as error:  # noqa: BLE001 - the Hub's many errors become one line
+        raise ValueError(f"cannot load the drafter {source!r}: {str(error).splitlines()[0]}") from None
+
+
+def load_published(target: Any, source: str, kind: str) -> nn.Module:
+    """A head in its authors' released format (see the module docstring), from a directory or a Hub id."""
+    directory = _published_directory(source)
+    config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+    hidden, vocab = target.model.config.hidden_size, target.model.config.vocab_size
+    if config.get("hidden_size", hidden) != hidden:
+        raise ValueError(f"the drafter {source!r} was trained for hidden size {config.get('hidden_size')}, this "
+                         f"model has {hidden}")
+    if kind == "medusa":
+        state = _read_weights(directory, ("medusa_lm_head.safetensors", "medusa_lm_head.pt"))
+        heads, layers = int(config.get("medusa_num_heads", 0)), int(config.get("medusa_num_layers", 1))
+        if not heads:
+            heads = len({key.split(".")[0] for key in state})
+        head = MedusaHeads(target.model.config, list(range(vocab)), heads, layers=layers)
+        mapped = {}
+        for key, value in state.items():
+            index, layer, *rest = key.split(".")
+            mapped[f"outputs.{index}.weight" if int(layer) == layers else f"blocks.{index}.{layer}.{'.'.join(rest)}"] \
+                = value
+    else:
+        state = _read_weights(directory, ("model.safetensors", "pytorch_model.bin"))
+        head = EagleHead(target.model.config, list(range(vocab)), eagle1=True)
+        mapped = {("" if key.startswith("fc.") else "body.") + key: value for key, value in state.items()
+                  if not key.startswith("embed_tokens")}
+    try:
+        missing, unexpected = head.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=False)
+    except RuntimeError as error:  # shapes that do not fit this model
+        raise ValueError(f"the drafter {source!r} does not fit this model: "
+                         f"{str(error).splitlines()[-1].strip()}") from None
+    missing = [m for m in missing if "rotary" not in m]
+    if missing or unexpected:
+        raise ValueError(f"the drafter {source!r} is not a released {kind} head: missing "
+                         f"{', '.join(missing[:3]) or 'nothing'}, unexpected {', '.join(unexpected[:3]) or 'nothing'}")
+    head.record = {"kind": kind, "published": source, **config}
     return head.to(device=target.device, dtype=target.model.dtype).eval()
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from explorer.events import DraftRound
-from explorer.heads import CONFIG_FILE, HEAD_FILE, load_head
+from explorer.heads import CONFIG_FILE, HEAD_FILE, load_head, load_published
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import get_strategy, make_config
@@ -70,7 +70,7 @@ def test_eagle_sampling_drafts_only_inside_its_vocabulary_and_replays(trained):
 
 def test_a_missing_or_foreign_head_is_a_clear_error(trained, tmp_path):
     lm, directory, _ = trained
-    for params, message in (({}, "needs a trained head"), ({"drafter": str(tmp_path)}, "holds no draft head")):
+    for params, message in (({}, "needs a trained head"), ({"drafter": str(tmp_path)}, "has none of")):
         with pytest.raises(ValueError, match=message):
             get_strategy("eagle").prepare(lm, make_config("eagle", params))
     with pytest.raises(ValueError, match="hidden size"):
@@ -136,3 +136,66 @@ def test_medusa_is_token_identical_to_greedy(medusa, prompt):
                                             max_new_tokens=30, chat=False))
     assert trace.token_ids == greedy.token_ids
     assert max(len(r.draft_tokens) for r in trace.rounds) == 3 + 6 + 6
+
+
+# ----------------------------------------------------------------------------- published formats, as released
+def write_published_eagle1(lm, directory):
+    """A randomly initialised EAGLE-1 head in the authors' format: config.json (one-layer Llama config) and
+    pytorch_model.bin with fc.weight/bias and layers.0.* (no input_layernorm), for the tiny model."""
+    config = lm.model.config
+    hidden, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
+    g = torch.Generator().manual_seed(5)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.05
+
+    attention = {"q": (hidden, hidden), "k": (kv, hidden), "v": (kv, hidden), "o": (hidden, hidden)}
+    state = {"fc.weight": rand(hidden, 2 * hidden), "fc.bias": rand(hidden),
+             **{f"layers.0.self_attn.{name}_proj.weight": rand(*shape) for name, shape in attention.items()},
+             "layers.0.mlp.gate_proj.weight": rand(inter, hidden), "layers.0.mlp.up_proj.weight": rand(inter, hidden),
+             "layers.0.mlp.down_proj.weight": rand(hidden, inter),
+             "layers.0.post_attention_layernorm.weight": torch.ones(hidden),
+             "embed_tokens.weight": rand(config.vocab_size, hidden)}
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / "pytorch_model.bin")
+    (directory / "config.json").write_text(json.dumps({**config.to_dict(), "num_hidden_layers": 1, "bias": True}))
+    return directory
+
+
+def write_published_medusa(lm, directory, heads=3, layers=1):
+    from safetensors.torch import save_file
+
+    hidden, vocab = lm.model.config.hidden_size, lm.model.config.vocab_size
+    g = torch.Generator().manual_seed(6)
+    state = {}
+    for i in range(heads):
+        for j in range(layers):
+            state[f"{i}.{j}.linear.weight"] = torch.randn(hidden, hidden, generator=g) * 0.05
+            state[f"{i}.{j}.linear.bias"] = torch.zeros(hidden)
+        state[f"{i}.{layers}.weight"] = torch.randn(vocab, hidden, generator=g)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / "medusa_lm_head.safetensors"))
+    (directory / "config.json").write_text(json.dumps({"medusa_num_heads": heads, "medusa_num_layers": layers,
+                                                        "hidden_size": hidden, "base_model_name_or_path": "tiny"}))
+    return directory
+
+
+def test_released_eagle1_and_medusa_heads_load_and_stay_lossless(tmp_path):
+    lm = tiny_model(1, scale=8.0)
+    eagle1 = write_published_eagle1(lm, tmp_path / "eagle1")
+    medusa1 = write_published_medusa(lm, tmp_path / "medusa1", heads=3, layers=2)
+    head = load_published(lm, str(eagle1), "eagle")
+    assert head.fc.bias is not None and isinstance(head.body.norm, torch.nn.Identity)
+    assert len(load_published(lm, str(medusa1), "medusa").blocks[0]) == 2
+    for prompt in PROMPTS:
+        greedy = run_to_end(lm, RunRequest.build("greedy", {}, prompt, max_new_tokens=24, chat=False))
+        for name, params in (("eagle", {"drafter": str(eagle1)}),
+                             ("eagle", {"drafter": str(eagle1), "tree": "dynamic"}),
+                             ("medusa", {"drafter": str(medusa1)})):
+            trace = run_to_end(lm, RunRequest.build(name, params, prompt, max_new_tokens=24, chat=False))
+            assert trace.finished.status == "ok" and trace.token_ids == greedy.token_ids
+    (tmp_path / "broken").mkdir()
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "broken" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_published(lm, str(tmp_path / "broken"), "eagle")

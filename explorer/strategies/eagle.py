@@ -11,7 +11,8 @@ head's predicted feature, V_d = the head's draft vocabulary, gamma = draft lengt
 3. The target verifies the chain in one pass (exact under both rules: q is 0 outside V_d), and its hidden states
    give the real features of the accepted positions for the next round; the head's speculative pairs are
    dropped from its cache.
-The head is loaded from `drafter` (a directory written by `python -m explorer train-drafter`).
+The head is loaded from `drafter`: a directory written by `python -m explorer train-drafter`, or a released
+EAGLE-1 head (a directory or Hub id: explorer.heads.load_published); empty: the head shipped for the model.
 Departures: a chain (EAGLE-2's dynamic draft tree is not built here yet); see explorer/heads.py for the head's.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from explorer.events import Event
-from explorer.heads import load_head, shipped_head
+from explorer.heads import CONFIG_FILE, load_head, load_published, shipped_head
 from explorer.models import tree_attention_masks
 from explorer.params import param
 from explorer.strategies.base import register
@@ -60,7 +61,9 @@ def head_for(model: Any, directory: str) -> Any:
         directory = str(shipped)
     key = (f"{model.info.model_id}@{model.info.weights_hash}", str(Path(directory).expanduser().resolve()))
     if key not in HEADS:
-        HEADS[key] = load_head(model, Path(directory).expanduser())
+        path = Path(directory).expanduser()
+        HEADS[key] = (load_head(model, path) if (path / CONFIG_FILE).is_file()
+                      else load_published(model, directory, "eagle"))  # a released EAGLE-1 head
     return HEADS[key]
 
 

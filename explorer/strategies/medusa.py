@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from explorer.events import Event
-from explorer.heads import load_head, shipped_head
+from explorer.heads import CONFIG_FILE, load_head, load_published, shipped_head
 from explorer.params import param
 from explorer.strategies.base import register, tree_prepare
 from explorer.strategies.draft_verify import Drafter, DraftTree, SpeculativeConfig, Verdict, draft_verify
@@ -71,7 +71,9 @@ def heads_for(model: Any, directory: str) -> Any:
         directory = str(shipped)
     key = (f"{model.info.model_id}@{model.info.weights_hash}", str(Path(directory).expanduser().resolve()))
     if key not in HEADS:
-        HEADS[key] = load_head(model, Path(directory).expanduser(), kind="medusa")
+        path = Path(directory).expanduser()
+        HEADS[key] = (load_head(model, path, kind="medusa") if (path / CONFIG_FILE).is_file()
+                      else load_published(model, directory, "medusa"))  # released Medusa-1 heads
     return HEADS[key]
 
 
