@@ -240,3 +240,24 @@ def check_head_architecture(target: Any) -> None:
     """A head copies one decoder layer of the target's architecture: it needs decoder layers to copy."""
     if not len(decoder_layers(target.model)):
         raise ValueError("an EAGLE head needs a decoder-only target")
+
+
+_LOADED: dict[tuple[str, str, str], nn.Module] = {}  # (target weights, kind, head source) -> the loaded head
+
+
+def resolve_head(target: Any, source: str, kind: str) -> nn.Module:
+    """The head a strategy drafts with: `source` empty -> the head shipped for this target; a directory with
+    head.json -> ours; anything else -> a released head (load_published). Loaded once per process."""
+    if not source.strip():
+        shipped = shipped_head(target, kind)
+        if shipped is None:
+            raise ValueError(f"{kind} needs a trained head: none ships for this model, set drafter to a directory "
+                             f"written by `python -m explorer train-drafter --kind {kind}`")
+        source = str(shipped)
+    path = Path(source).expanduser()
+    key = (f"{target.info.model_id}@{target.info.weights_hash}", kind,
+           str(path.resolve()) if path.exists() else source)
+    if key not in _LOADED:
+        _LOADED[key] = (load_head(target, path, kind) if (path / CONFIG_FILE).is_file()
+                        else load_published(target, source, kind))
+    return _LOADED[key]

@@ -37,3 +37,23 @@ def path_to(parents: Sequence[int], node: int) -> list[int]:
         path.append(node)
         node = parents[node]
     return path[::-1]
+
+
+def parse_widths(text: str) -> list[int]:
+    """'3,2,1' -> [3, 2, 1]: children per node at each depth of a uniform tree (at most 8 levels)."""
+    try:
+        widths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"widths must be comma-separated counts like '2,2,1', got {text!r}") from None
+    if not widths or min(widths) < 1 or len(widths) > 8:
+        raise ValueError(f"widths must be 1 to 8 comma-separated counts >= 1 like '2,2,1', got {text!r}")
+    return widths
+
+
+def uniform_tree_size(widths: Sequence[int]) -> int:
+    """Nodes of the tree with widths[d] children under every node of depth d - 1: w1 + w1 w2 + ..."""
+    nodes, level = 0, 1
+    for width in widths:
+        level *= width
+        nodes += level
+    return nodes

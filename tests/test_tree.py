@@ -20,9 +20,9 @@ from explorer.strategies.draft_verify import (
     verify_tree,
 )
 from explorer.strategies.lookahead import LookaheadConfig, LookaheadDrafter, hits, prefix_tree
-from explorer.strategies.token_recycling import parse_widths
 from explorer.strategies.tree_speculative import TreeDrafter, gumbel_top_k
 from explorer.testing import tiny_model
+from explorer.trees import parse_widths
 from tests.fakes import FakeLM
 
 TREE_METHODS = [

@@ -20,20 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from explorer.events import Event
-from explorer.heads import CONFIG_FILE, load_head, load_published, shipped_head
+from explorer.heads import resolve_head
 from explorer.models import tree_attention_masks
 from explorer.params import param
 from explorer.strategies.base import register
 from explorer.strategies.draft_models import ChainDraftConfig
 from explorer.strategies.draft_verify import Drafter, DraftLength, DraftTree, Verdict, draft_verify
-
-HEADS: dict[tuple[str, str], Any] = {}  # (model weights, head directory) -> the loaded head
 
 
 @dataclass(frozen=True)
@@ -50,21 +47,6 @@ class EagleConfig(ChainDraftConfig):
     drafter: str = param("", "directory of a trained draft head (head.json + head.safetensors); empty: the head "
                              "shipped for this model in assets/drafters", model=True)
     draft_length: int = param(5, "maximum draft length gamma", minimum=1, maximum=16, step=1)
-
-
-def head_for(model: Any, directory: str) -> Any:
-    if not directory.strip():
-        shipped = shipped_head(model)
-        if shipped is None:
-            raise ValueError("eagle needs a trained head: no head ships for this model, set drafter to a directory "
-                             "written by `python -m explorer train-drafter`")
-        directory = str(shipped)
-    key = (f"{model.info.model_id}@{model.info.weights_hash}", str(Path(directory).expanduser().resolve()))
-    if key not in HEADS:
-        path = Path(directory).expanduser()
-        HEADS[key] = (load_head(model, path) if (path / CONFIG_FILE).is_file()
-                      else load_published(model, directory, "eagle"))  # a released EAGLE-1 head
-    return HEADS[key]
 
 
 class EagleDrafter(Drafter):
@@ -218,11 +200,11 @@ class EagleDrafter(Drafter):
 
 
 def prepare(model: Any, config: EagleConfig) -> None:
-    head_for(model, config.drafter)
+    resolve_head(model, config.drafter, "eagle")
 
 
 @register("eagle", EagleConfig, "EAGLE: a trained head drafts from the target's own features", prepare=prepare,
           family="speed-up: draft-verify", paper="Li et al. 2024, EAGLE, arXiv:2401.15077")
 def run(model: Any, prompt_ids: Sequence[int], config: EagleConfig, rng: torch.Generator) -> Iterator[Event]:
-    yield from draft_verify(model, prompt_ids, EagleDrafter(model, head_for(model, config.drafter), config, rng),
-                            config, rng)
+    drafter = EagleDrafter(model, resolve_head(model, config.drafter, "eagle"), config, rng)
+    yield from draft_verify(model, prompt_ids, drafter, config, rng)

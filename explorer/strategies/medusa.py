@@ -20,18 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from explorer.events import Event
-from explorer.heads import CONFIG_FILE, load_head, load_published, shipped_head
+from explorer.heads import resolve_head
 from explorer.params import param
 from explorer.strategies.base import register, tree_prepare
 from explorer.strategies.draft_verify import Drafter, DraftTree, SpeculativeConfig, Verdict, draft_verify
-
-HEADS: dict[tuple[str, str], Any] = {}
+from explorer.trees import parse_widths, uniform_tree_size
 
 
 @dataclass(frozen=True)
@@ -45,36 +43,7 @@ class MedusaConfig(SpeculativeConfig):
         parse_widths(self.widths)
 
     def draft_nodes(self) -> int:
-        nodes, level = 0, 1
-        for width in parse_widths(self.widths):
-            level *= width
-            nodes += level
-        return nodes
-
-
-def parse_widths(text: str) -> list[int]:
-    try:
-        widths = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"widths must be comma-separated counts like '3,2,1', got {text!r}") from None
-    if not widths or min(widths) < 1 or len(widths) > 8:
-        raise ValueError(f"widths must be 1 to 8 comma-separated counts >= 1 like '3,2,1', got {text!r}")
-    return widths
-
-
-def heads_for(model: Any, directory: str) -> Any:
-    if not directory.strip():
-        shipped = shipped_head(model, kind="medusa")
-        if shipped is None:
-            raise ValueError("medusa needs trained heads: none ship for this model, set drafter to a directory "
-                             "written by `python -m explorer train-drafter --kind medusa`")
-        directory = str(shipped)
-    key = (f"{model.info.model_id}@{model.info.weights_hash}", str(Path(directory).expanduser().resolve()))
-    if key not in HEADS:
-        path = Path(directory).expanduser()
-        HEADS[key] = (load_head(model, path, kind="medusa") if (path / CONFIG_FILE).is_file()
-                      else load_published(model, directory, "medusa"))  # released Medusa-1 heads
-    return HEADS[key]
+        return uniform_tree_size(parse_widths(self.widths))
 
 
 def medusa_tree(candidates: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[int]]:
@@ -133,11 +102,12 @@ class MedusaDrafter(Drafter):
 
 def prepare(model: Any, config: MedusaConfig) -> None:
     tree_prepare(model, config)
-    heads_for(model, config.drafter)
+    resolve_head(model, config.drafter, "medusa")
 
 
 @register("medusa", MedusaConfig, "Medusa: trained heads guess the next tokens from one hidden state, verified as "
           "a tree", prepare=prepare, family="speed-up: draft-verify",
           paper="Cai et al. 2024, Medusa, arXiv:2401.10774")
 def run(model: Any, prompt_ids: Sequence[int], config: MedusaConfig, rng: torch.Generator) -> Iterator[Event]:
-    yield from draft_verify(model, prompt_ids, MedusaDrafter(heads_for(model, config.drafter), config), config, rng)
+    drafter = MedusaDrafter(resolve_head(model, config.drafter, "medusa"), config)
+    yield from draft_verify(model, prompt_ids, drafter, config, rng)

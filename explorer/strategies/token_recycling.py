@@ -27,6 +27,7 @@ from explorer.events import Event, PoolUpdate
 from explorer.params import param
 from explorer.strategies.base import register, tree_prepare
 from explorer.strategies.draft_verify import Drafter, DraftTree, SpeculativeConfig, draft_verify
+from explorer.trees import parse_widths, uniform_tree_size
 
 TREES = ("template", "widths")
 TEMPLATE_BASES = (8, 6, 2, 1, 1, 1)  # B_d: children of a depth-d node that is its parent's best child
@@ -70,21 +71,7 @@ class TokenRecyclingConfig(SpeculativeConfig):
         """The tree's size when every entry is filled."""
         if self.tree == "template":
             return len(template_shape()[0])
-        nodes, level = 0, 1
-        for width in parse_widths(self.widths):
-            level *= width
-            nodes += level
-        return nodes
-
-
-def parse_widths(text: str) -> list[int]:
-    try:
-        widths = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"widths must be comma-separated counts like '2,2,1', got {text!r}") from None
-    if not widths or min(widths) < 1:
-        raise ValueError(f"widths must be comma-separated counts >= 1 like '2,2,1', got {text!r}")
-    return widths
+        return uniform_tree_size(parse_widths(self.widths))
 
 
 class RecyclingDrafter(Drafter):
