@@ -98,3 +98,17 @@ def test_the_strategy_on_a_tiny_character_model(tiny_flat, method):
                                                    max_new_tokens=30, chat=False, seed=1))
     assert trace.finished.status == "ok" and re.fullmatch(pattern, trace.text)
     assert trace.token_steps[-1].token_id in tiny_flat.eos_token_ids  # the constraint completed, then the end
+
+
+def test_a_pattern_is_checked_before_the_run_and_escaped_in_titles(tiny_flat):
+    from explorer.strategies import get_strategy, make_config
+    from viz.labels import lane_name
+
+    with pytest.raises(ValueError, match="1 to 2000 characters"):
+        make_config("constrained", {"pattern": ""})
+    with pytest.raises(ValueError, match="cannot compile the regex"):
+        get_strategy("constrained").prepare(tiny_flat, make_config("constrained", {"pattern": "(unclosed"}))
+    trace = run_to_end(tiny_flat, RunRequest.build("constrained", {"pattern": "<b>x</b>|<script>"}, "hi",
+                                                   max_new_tokens=12, chat=False, seed=1))
+    assert "<script>" not in lane_name(trace, 0) and "&lt;script&gt;" in lane_name(trace, 0)
+    assert "<script" not in get_view("constraint").render([trace], 0).layout.title.text

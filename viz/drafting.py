@@ -3,6 +3,7 @@ DEL's per-layer acceptance and chosen exit, and EAD's entropy-driven hand-overs 
 
 from __future__ import annotations
 
+import html
 from statistics import fmean
 
 import plotly.graph_objects as go
@@ -105,7 +106,7 @@ def entropy_handover_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
                                           "circle"), ("large model", large, LANE_COLORS[3], "square")):
         figure.add_trace(go.Scatter(x=[s.step for s in chosen], y=[s.details["rolling_entropy"] for s in chosen],
                                     mode="markers", name=owner, marker=dict(color=color, symbol=symbol, size=8),
-                                    text=[show_token(s.token_text) for s in chosen],
+                                    text=[html.escape(show_token(s.token_text)) for s in chosen],
                                     hovertemplate="step %{x}: %{text} (" + owner + ")<extra></extra>"))
     threshold = float(steps[0].details["threshold"])
     figure.add_hline(y=threshold, line_dash="dash", line_color="#555555", annotation_text=f"threshold {threshold:g}")

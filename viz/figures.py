@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -203,8 +204,9 @@ def constraint_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
                            subplot_titles=("constraint evaluations per token (log scale)",
                                            "log importance weight (estimate of log Z)"))
+    tokens = [html.escape(show_token(s.token_text)) for s in steps]
     figure.add_trace(go.Bar(x=x, y=[s.details["evaluations"] for s in steps], name="this method",
-                            marker_color=LANE_COLORS[0], hovertext=[show_token(s.token_text) for s in steps],
+                            marker_color=LANE_COLORS[0], hovertext=tokens,
                             hovertemplate="step %{x} (%{hovertext}): %{y} evaluations<extra></extra>"), row=1, col=1)
     if any("mask_evaluations" in s.details for s in steps):
         figure.add_trace(go.Scatter(x=x, y=[s.details.get("mask_evaluations") for s in steps], mode="lines",

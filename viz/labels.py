@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 from explorer.trace import Trace
 
 
@@ -17,7 +19,7 @@ def lane_name(trace: Trace, index: int) -> str:
     started = trace.started
     changed = {k: v for k, v in started.config.items()
                if (started.defaults.get(k, _MISSING) != v if started.defaults else not _is_default_like(k, v))}
-    config = ", ".join(f"{k}={_short(v)}" for k, v in changed.items())
+    config = html.escape(", ".join(f"{k}={_short(v)}" for k, v in changed.items()))  # values may be typed text
     label = f"{index + 1}: {started.strategy}"
     return f"{label} ({config})" if config else label
 

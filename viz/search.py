@@ -380,7 +380,8 @@ def lattice_figure(trace: Trace | None, lane: int = 0, max_nodes: int = 400) -> 
     terminal = set(result.terminal)
     figure.add_trace(go.Scatter(
         x=[position[n][0] for n in nodes], y=[position[n][1] for n in nodes], mode="markers+text",
-        text=[show_token(graph.nodes[n]["text"], 8) if n else "prompt" for n in nodes], textposition="top center",
+        text=[html.escape(show_token(graph.nodes[n]["text"], 8)) if n else "prompt" for n in nodes],
+        textposition="top center",
         textfont=dict(size=9), name="token", marker=dict(size=8, color=["#D55E00" if n in terminal else "#56B4E9"
                                                                         for n in nodes]),
         hovertext=[f"{html.escape(show_token(graph.nodes[n]['text'], 30))} at position {graph.nodes[n]['depth']}"

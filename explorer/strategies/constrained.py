@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from explorer.constraints import KINDS, GrammarConstraint
+from explorer.constraints import KINDS, MAX_PATTERN, GrammarConstraint
 from explorer.events import Event
 from explorer.params import Checked, param
 from explorer.strategies.base import commit_token, register
@@ -49,6 +49,11 @@ class ConstrainedConfig(Checked):
     temperature: float = param(1.0, "divide logits by this (> 0)", minimum=0.05, maximum=3.0, step=0.05)
     compare: bool = param(False, "also compute the full mask each step: exact log Z and the evaluations masking "
                                  "needs, beside AWRS's")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.pattern.strip() or len(self.pattern) > MAX_PATTERN:
+            raise ValueError(f"pattern must be a regex or JSON schema of 1 to {MAX_PATTERN} characters")
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,12 @@ def masked_step(logp: torch.Tensor, allowed: torch.Tensor, rng: torch.Generator)
     return int(torch.multinomial(torch.softmax(kept, dim=-1), 1, generator=rng)), log_z
 
 
+def prepare(model: Any, config: ConstrainedConfig) -> None:
+    GrammarConstraint(model.tokenizer, config.kind, config.pattern)  # a pattern that does not compile: one line, no run
+
+
 @register("constrained", ConstrainedConfig, "constrained decoding (regex / JSON schema): AWRS or full masking",
-          family="sampling", paper="Lipkin et al. 2025, AWRS, arXiv:2504.05410")
+          prepare=prepare, family="sampling", paper="Lipkin et al. 2025, AWRS, arXiv:2504.05410")
 def run(model: Any, prompt_ids: Sequence[int], config: ConstrainedConfig, rng: torch.Generator) -> Iterator[Event]:
     constraint = GrammarConstraint(model.tokenizer, config.kind, config.pattern)
     vocab = model.model.config.vocab_size
