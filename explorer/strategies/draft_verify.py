@@ -300,11 +300,12 @@ def verify_multiset(logits: torch.Tensor, draft: DraftTree, filters: SamplingFil
         draws = [kid for kid in kids for _ in range(draft.multiplicity[kid])]
         order = torch.randperm(len(draws), generator=rng, device=rng.device).tolist()
         rho = kseq_rho(p, q, len(draws)) if draft.mode == "kseq" else 1.0
+        chances = kseq_accept(p, q, rho)  # (vocab,): recomputed only when p changes (RRS)
         accepted = None
         for index in order:
             kid = draws[index]
             token = draft.tokens[kid]
-            chance = float(kseq_accept(p, q, rho)[token])
+            chance = float(chances[token])
             u = float(torch.rand((), generator=rng, device=rng.device))
             if p_list[kid] is None:
                 p_list[kid], q_list[kid], u_list[kid] = float(p[token]), float(q[token]), u
@@ -314,6 +315,7 @@ def verify_multiset(logits: torch.Tensor, draft: DraftTree, filters: SamplingFil
             verdicts[kid] = "rejected"
             if draft.mode == "multiset":
                 p = residual(p, q)
+                chances = kseq_accept(p, q, rho)
         if accepted is None:
             left = kseq_residual(p, q, rho, len(draws)) if draft.mode == "kseq" else p
             bonus = int(torch.multinomial(left, 1, generator=rng))

@@ -132,12 +132,13 @@ class SpecTrDrafter(Drafter):
         p = torch.softmax(self.config.apply(logits[0], self._context), dim=-1)
         q = draft.q_dists[0]
         k = self.config.drafts
-        beta = kseq_beta(p, q, kseq_rho(p, q, k))
+        rho = kseq_rho(p, q, k)
+        beta = kseq_beta(p, q, rho)
         shadow = DraftTree(draft.tokens, draft.parents, draft.draft_probs, draft.q_dists, mode="multiset",
                            multiplicity=draft.multiplicity)
         rrs = verify_multiset(logits, shadow, self.config, self._context, self.shadow_rng)
         self._details = {"kseq_root_accept": 1.0 - (1.0 - beta) ** k, "rrs_root_accept": rrs_root_acceptance(p, q, k),
-                         "rho": kseq_rho(p, q, k), "rrs_accepted": float(rrs.accepted_count)}
+                         "rho": rho, "rrs_accepted": float(rrs.accepted_count)}
 
     def round_details(self) -> dict[str, float | str]:
         return dict(self._details)
