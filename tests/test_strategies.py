@@ -169,9 +169,23 @@ def test_stop_on_eos_and_stop_string():
     assert trace.token_ids == [3, 4] and trace.finished.stop_reason == "max_new_tokens"
 
 
-def test_invariants_of_every_registered_strategy(tiny_flat):
+@pytest.fixture(scope="module")
+def trained_heads(tiny_flat, tmp_path_factory):
+    """The parameters of strategies that need a trained head: heads trained for a few steps on the tiny model."""
+    from explorer.train_drafter import train
+
+    params = {}
+    for kind in ("eagle", "medusa"):
+        directory = tmp_path_factory.mktemp(kind)
+        train(tiny_flat, directory, kind=kind, corpus_tokens=1500, steps=10, vocab=32, save_every=10, progress=False)
+        params[kind] = {"drafter": str(directory)}
+    return params
+
+
+def test_invariants_of_every_registered_strategy(tiny_flat, trained_heads):
     for name in REGISTRY:
-        events = list(run_strategy(tiny_flat, RunRequest.build(name, {}, "Hi", max_new_tokens=12, seed=2)))
+        params = trained_heads.get(name, {})
+        events = list(run_strategy(tiny_flat, RunRequest.build(name, params, "Hi", max_new_tokens=12, seed=2)))
         finishes = [e for e in events if isinstance(e, RunFinished)]
         steps = [e for e in events if isinstance(e, TokenStep)]
         assert len(finishes) == 1 and events[-1] is finishes[0]
