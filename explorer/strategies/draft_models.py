@@ -204,7 +204,7 @@ class ModelDrafter(Drafter):
         fell_back = 0.0
         sampling = self.config.rule == "sampling"
         for i in range(gamma):
-            q = torch.softmax(self.config.apply(logits, [*context, *tokens]) if sampling else logits, dim=-1)
+            q = self.config.draft_distribution(logits, [*context, *tokens])
             if self.fallback_threshold and float(q.max()) < self.fallback_threshold:
                 fell_back = 1.0  # the draft is unsure: hand the step to the target
                 break
@@ -349,7 +349,7 @@ class EarlyExitDrafter(Drafter):
             session = self.target.view(self.view(kept), length=base + i)
             logits = session.forward(inputs, all_logits=False)[-1]
             passes += 1
-            q = torch.softmax(self.config.apply(logits, [*context, *tokens]) if sampling else logits, dim=-1)
+            q = self.config.draft_distribution(logits, [*context, *tokens])
             if self.confidence and tokens and float(q.max()) < self.confidence:
                 break  # the exit is unsure: stop drafting this round (after one token, so each round verifies)
             token = int(torch.multinomial(q, 1, generator=self.rng)) if sampling else int(q.argmax())

@@ -382,6 +382,11 @@ class SpeculativeConfig(SamplingFilters):
     top_k: int = param(0, "sampling rule: top-k (0 = off)", minimum=0, maximum=200, step=1)
     top_p: float = param(1.0, "sampling rule: top-p (1 = off)", minimum=0.01, maximum=1.0, step=0.01)
 
+    def draft_distribution(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        """A drafter's q over `logits` `(..., vocab)`: filtered as p is under the sampling rule, plain softmax
+        under the greedy rule (where only its argmax matters)."""
+        return torch.softmax(self.apply(logits, history) if self.rule == "sampling" else logits, dim=-1)
+
 
 def choose_plain(logits: torch.Tensor, config: SpeculativeConfig, context: Sequence[int],
                  rng: torch.Generator) -> tuple[int, torch.Tensor | None]:

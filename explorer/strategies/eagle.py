@@ -85,9 +85,7 @@ class EagleDrafter(Drafter):
         """The draft distribution over the full vocabulary (zero outside V_d)."""
         full = torch.full((self.lm_head.shape[0],), float("-inf"), device=scores.device)
         full[self.head.draft_ids] = scores.float()
-        if self.config.rule == "sampling":
-            full = self.config.apply(full, history)
-        return torch.softmax(full, dim=-1)
+        return self.config.draft_distribution(full, history)
 
     @torch.inference_mode()
     def propose(self, context: Sequence[int]) -> DraftTree:

@@ -124,13 +124,14 @@ def build_lattice(model: Any, prompt_ids: Sequence[int], config: LatticeConfig, 
     def place(parent: int, token: int, logp: float) -> int | None:
         """Add the candidate, or merge it (step 2): None when merged."""
         nonlocal merges
-        found = index.get(key(parent, token))
+        place_key = key(parent, token)
+        found = index.get(place_key)
         if found is not None:
             lattice.edges.append((parent, found, logp, True))
             merges += 1
             return None
         node = lattice.add(parent, token, logp)
-        index[key(parent, token)] = node
+        index[place_key] = node
         return node
 
     def complete(node: int) -> None:

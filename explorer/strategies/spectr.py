@@ -88,17 +88,14 @@ class SpecTrDrafter(Drafter):
     def bind(self, target_session: Any) -> None:
         self.cache.bind(target_session)
 
-    def _q(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
-        sampling = self.config.rule == "sampling"
-        return torch.softmax(self.config.apply(logits, history) if sampling else logits, dim=-1)
-
     def propose(self, context: Sequence[int]) -> DraftTree:
         base, passes = len(context), self.lm.forward_passes
         tokens: list[int] = []
         parents: list[int] = []
         counts: list[int] = []
         rows: list[torch.Tensor] = []
-        frontier = [(-1, self._q(self.cache.start(context), context), self.config.drafts)]  # (node, q, draws)
+        q_of = self.config.draft_distribution
+        frontier = [(-1, q_of(self.cache.start(context), context), self.config.drafts)]  # (node, q, draws)
         for level in range(self.config.draft_length):
             new: list[int] = []
             for node, q, m in frontier:
@@ -111,7 +108,7 @@ class SpecTrDrafter(Drafter):
             if level + 1 == self.config.draft_length:
                 break
             logits = self.cache.session.forward([tokens[i] for i in new], parents=parents, tree_base=base)
-            frontier = [(node, self._q(logits[j], [*context, *(tokens[i] for i in path_to(parents, node))]),
+            frontier = [(node, q_of(logits[j], [*context, *(tokens[i] for i in path_to(parents, node))]),
                          counts[node]) for j, node in enumerate(new)]
         self.cache.finish()
         mode = self.config.selection if self.config.rule == "sampling" else "iid"

@@ -93,14 +93,10 @@ class TreeDrafter(Drafter):
     def bind(self, target_session: Any) -> None:
         self.cache.bind(target_session)
 
-    def _q(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
-        sampling = self.config.rule == "sampling"
-        return torch.softmax(self.config.apply(logits, history) if sampling else logits, dim=-1)
-
     def propose(self, context: Sequence[int]) -> DraftTree:
         base = len(context)
         passes = self.lm.forward_passes
-        root = self._q(self.cache.start(context), context)  # the draft's cache now holds `base` positions
+        root = self.config.draft_distribution(self.cache.start(context), context)  # the cache holds `base` positions
         tree = self._dynamic(context, root, base) if self.config.mode == "dynamic" else self._levels(context, root,
                                                                                                     base)
         self.cache.finish()  # the tree leaves the draft's cache
@@ -137,7 +133,8 @@ class TreeDrafter(Drafter):
             if level + 1 == config.depth or not new:
                 break
             logits = self.session.forward([tokens[i] for i in new], parents=parents, tree_base=base)  # one pass
-            frontier = [(node, self._q(logits[j], [*context, *self._path_tokens(parents, tokens, node)]))
+            frontier = [(node, self.config.draft_distribution(logits[j], [*context,
+                                                                          *self._path_tokens(parents, tokens, node)]))
                         for j, node in enumerate(new)]
         mode = SIBLING_MODE[config.mode]
         q_dists = torch.stack(rows) if rows and mode != "point" else None  # point masses need no q rows
@@ -176,7 +173,7 @@ class TreeDrafter(Drafter):
                 break
             logits = self.session.forward([tokens[i] for i in new], parents=parents, tree_base=base)  # one pass
             for j, node in enumerate(new):
-                q = self._q(logits[j], [*context, *self._path_tokens(parents, tokens, node)])
+                q = self.config.draft_distribution(logits[j], [*context, *self._path_tokens(parents, tokens, node)])
                 q_of[node], left[node] = q, q.clone()
         tree = DraftTree(tokens, parents, draft_probs, torch.stack(rows) if sampling and rows else None,
                          mode="without_replacement" if sampling else "point")
