@@ -146,9 +146,35 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--corpus-tokens", type=int, default=20000, help="tokens of local text, teacher-forced")
     train.add_argument("--answers", type=int, default=0, help="self-generated chat answers to add")
     train.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size K")
+    train.add_argument("--data", default=None, help="a self-distillation file from `drafter-data` (.npz) to train "
+                       "on instead of local text and fresh answers")
+    train.add_argument("--fraction", type=float, default=1.0, help="with --data: the share of it to train on")
     train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--batch", type=int, default=1, help="sequences per step")
+    train.add_argument("--minutes", type=float, default=None, help="stop after this much training time")
+    train.add_argument("--unroll", type=int, default=1, help="eagle: draft steps trained on the head's own "
+                       "predicted features (1: EAGLE's teacher forcing only)")
     train.add_argument("--lr", type=float, default=3e-4)
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    distill = sub.add_parser("drafter-data", help="write a draft head's training data: the model's own answers to "
+                             "prompts made on this machine (.npz)")
+    distill.add_argument("--model", default=None, help="HF model id or local path (default: the embedded model)")
+    distill.add_argument("--out", required=True, help="the .npz file to write")
+    distill.add_argument("--prompts", type=int, default=2000, help="about this many prompts")
+    distill.add_argument("--samples", type=int, default=1, help="sampled answers per prompt, beside the greedy one")
+    distill.add_argument("--temperature", type=float, default=0.7, help="for the sampled answers")
+    distill.add_argument("--max-new-tokens", type=int, default=256)
+    distill.add_argument("--batch", type=int, default=64, help="prompts generated at once")
+    distill.add_argument("--questions", default=None, help="also every turn of a question file in Spec-Bench's "
+                         "format (one JSON object with `turns` per line)")
+    distill.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    distill.add_argument("--dtype", default="float32", help="float32 or bfloat16 (generation only: training "
+                         "recomputes features in the model's training dtype)")
+    distill.add_argument("--no-features", action="store_true", help="store tokens only (training then recomputes "
+                         "the features per batch: the choice on a GPU, where the file stays small)")
+    distill.add_argument("--quiet", action="store_true", help="no progress bar")
 
     report = sub.add_parser("report", help="write LaTeX/Markdown tables and figures of a sweep's runs")
     report.add_argument("--db", default=None)
@@ -171,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"run": cmd_run, "runs": cmd_runs, "show": cmd_show, "strategies": cmd_strategies,
                     "export": cmd_export, "import": cmd_import, "figure": cmd_figure, "sweep": cmd_sweep,
-                    "report": cmd_report, "branch": cmd_branch, "train-drafter": cmd_train_drafter}
+                    "report": cmd_report, "branch": cmd_branch, "train-drafter": cmd_train_drafter,
+                    "drafter-data": cmd_drafter_data}
         return commands[args.command](args)
     except ValueError as error:
         print(f"error: {one_line(str(error))}", file=sys.stderr)
@@ -202,15 +229,43 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     for name in ("corpus_tokens", "vocab", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    model = load_model(args.model, dtype="float32", device="auto")
     if not 1 <= args.heads <= 8:
         raise ValueError("--heads must be between 1 and 8")
+    if not 0 < args.fraction <= 1:
+        raise ValueError("--fraction must be in (0, 1]")
+    if not 1 <= args.batch <= 4096 or not 1 <= args.unroll <= 8:
+        raise ValueError("--batch must be between 1 and 4096, --unroll between 1 and 8")
+    if args.data and not Path(args.data).is_file():
+        raise ValueError(f"--data {args.data}: no such file (write one with `python -m explorer drafter-data`)")
+    model = load_model(args.model, dtype="float32", device=args.device)
     record = train(model, args.out, kind=args.kind, heads=args.heads, corpus_tokens=args.corpus_tokens,
-                   answers=args.answers, vocab=args.vocab,
-                   steps=args.steps, lr=args.lr, progress=not args.quiet)
+                   answers=args.answers, data=args.data, fraction=args.fraction, vocab=args.vocab,
+                   steps=args.steps, batch=args.batch, minutes=args.minutes, unroll=args.unroll, lr=args.lr,
+                   progress=not args.quiet)
     last = record["curve"][-1] if record["curve"] else {}
     print(f"head written to {args.out}: {record['train_tokens']} training tokens, held-out top-1 agreement "
           f"{last.get('agreement', float('nan')):.3f}; use it with --strategy {args.kind} --param drafter={args.out}")
+    return 0
+
+
+def cmd_drafter_data(args: argparse.Namespace) -> int:
+    from explorer.drafter_data import self_distill
+    from explorer.models import load_model
+
+    if not 1 <= args.prompts <= 1_000_000 or not 0 <= args.samples <= 16 or not 1 <= args.batch <= 4096:
+        raise ValueError("--prompts must be between 1 and 1000000, --samples between 0 and 16, --batch between 1 "
+                         "and 4096")
+    if not 1 <= args.max_new_tokens <= 4096 or not 0 < args.temperature <= 4:
+        raise ValueError("--max-new-tokens must be between 1 and 4096, --temperature in (0, 4]")
+    if args.questions and not Path(args.questions).is_file():
+        raise ValueError(f"--questions {args.questions}: no such file")
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    record = self_distill(model, args.out, prompts=args.prompts, samples=args.samples, temperature=args.temperature,
+                          max_new_tokens=args.max_new_tokens, batch=args.batch, questions=args.questions,
+                          features=not args.no_features, progress=not args.quiet)
+    print(f"wrote {args.out}: {record['sequences']} sequences, {record['tokens']} tokens "
+          f"({record['answer_tokens']} answer tokens) from {record['prompts']} prompts; train a head on it with "
+          f"`python -m explorer train-drafter --data {args.out} --out DIR`")
     return 0
 
 

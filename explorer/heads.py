@@ -22,7 +22,10 @@ Published formats (`load_published`, a directory or a Hub id with config.json + 
 - Medusa-1 (e.g. FasterDecoding/medusa-vicuna-7b-v1.3): `medusa_lm_head.safetensors` / `.pt` with
   `{head}.{layer}.linear.weight|bias` (ResBlocks) and `{head}.{medusa_num_layers}.weight` (hidden -> vocab),
   config.json with medusa_num_heads, medusa_num_layers.
-EAGLE-3's format (a fused low/mid/high feature input, `midlayer.*`, `d2t`) is not read yet.
+- EAGLE-3 (e.g. yuhuili/EAGLE3-LLaMA3.1-Instruct-8B; Li et al. 2025, arXiv:2503.01840): `fc.weight` (3H -> H),
+  `midlayer.{input_layernorm, hidden_norm, self_attn.*, post_attention_layernorm, mlp.*}`, `norm.weight`,
+  `lm_head.weight` over the draft vocabulary, `d2t` (target id = d + d2t[d]); config.json a Llama config with
+  `draft_vocab_size`. Read as Eagle3Head below.
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ class EagleHead(nn.Module):
         self.register_buffer("draft_ids", torch.tensor(draft_ids, dtype=torch.long), persistent=False)
         self.target_config = target_config
 
+    def feature(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The head's input feature from a pass's stacked hidden states (layers + 1, positions, H): the last."""
+        return hidden_states[-1]
+
     def predict(self, embeds: torch.Tensor, features: torch.Tensor, cache: Any = None,
                 position_ids: torch.Tensor | None = None, attention_mask: Any = None) -> torch.Tensor:
         """f^ for each (e(x_(i+1)), f_i) pair: `embeds`, `features` (batch, n, hidden) -> (batch, n, hidden)."""
@@ -80,6 +87,76 @@ class EagleHead(nn.Module):
     def logits(self, predicted: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
         """Scores over V_d: (..., hidden) -> (..., K)."""
         return predicted @ lm_head_weight[self.draft_ids].to(predicted.dtype).T
+
+
+class _FusedInput(nn.Module):
+    """EAGLE-3's layer input: [RMSNorm_e(e(x)); RMSNorm_h(g)] (2H), put where the decoder layer's input norm sits, so
+    that the layer's residual stream stays g (H). The embedding rows are handed over before each call."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hidden_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.embeds: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.input_layernorm(self.embeds), self.hidden_norm(hidden)], dim=-1)
+
+
+class Eagle3Head(nn.Module):
+    """EAGLE-3's draft head as released (Li, Wei, Zhang, Zhang 2025, "EAGLE-3: Scaling up Inference Acceleration of
+    Large Language Models via Training-Time Test", arXiv:2503.01840). Its input feature is the fusion of three of
+    the target's hidden states, low/mid/high: the inputs of decoder layers 2, L//2 and L-3 (hidden_states[i] in
+    transformers' numbering), g = FC([h_low; h_mid; h_high]) (3H -> H). One Llama decoder layer whose attention
+    reads [norm(e(x)); norm(g)] (2H) with g as its residual stream gives a; the draft scores are
+    lm_head(norm(a)) over the draft vocabulary (its own trained head, K x H), mapped to target ids by d2t.
+    Drafting on, a itself is the next input feature (no FC: it is already H wide), as the authors' code does."""
+
+    def __init__(self, config: Any, d2t: torch.Tensor, target_layers: int):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaModel
+
+        body = LlamaConfig(**{k: v for k, v in config.to_dict().items() if k not in ("architectures", "auto_map")})
+        body.num_hidden_layers, body.vocab_size, body.layer_types = 1, 1, None
+        body.pad_token_id = body.bos_token_id = body.eos_token_id = None
+        hidden = body.hidden_size
+        self.fc = nn.Linear(3 * getattr(config, "target_hidden_size", hidden), hidden, bias=False)
+        self.body = LlamaModel(body)
+        self.body.embed_tokens = None
+        layer = self.body.layers[0]
+        layer.input_layernorm = _FusedInput(body)
+        attention = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            old = getattr(attention, name)
+            setattr(attention, name, nn.Linear(2 * hidden, old.out_features, bias=old.bias is not None))
+        self.body.norm = nn.Identity()  # a (pre-norm) is what drafting feeds back; the norm is for scoring only
+        self.norm = type(layer.post_attention_layernorm)(hidden, eps=body.rms_norm_eps)
+        self.lm_head = nn.Linear(hidden, len(d2t), bias=False)
+        self.register_buffer("draft_ids", torch.arange(len(d2t)) + d2t.long(), persistent=False)
+        self.feature_layers = (2, target_layers // 2, target_layers - 3)
+        self.target_config = config
+
+    def feature(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The head's input: the stacked hidden states (layers + 1, positions, H) -> (positions, 3H)."""
+        return torch.cat([hidden_states[i] for i in self.feature_layers], dim=-1)
+
+    def predict(self, embeds: torch.Tensor, features: torch.Tensor, cache: Any = None,
+                position_ids: torch.Tensor | None = None, attention_mask: Any = None) -> torch.Tensor:
+        inputs = self.fc(features) if features.shape[-1] != self.fc.out_features else features
+        fused = self.body.layers[0].input_layernorm
+        fused.embeds = embeds.to(inputs.dtype)
+        try:
+            out = self.body(inputs_embeds=inputs, past_key_values=cache, use_cache=cache is not None,
+                            position_ids=position_ids, attention_mask=attention_mask)
+        finally:
+            fused.embeds = None
+        return out.last_hidden_state
+
+    def logits(self, predicted: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
+        """Scores over the draft vocabulary from the head's own LM head (the target's is not used)."""
+        return self.lm_head(self.norm(predicted))
 
 
 class ResBlock(nn.Module):
@@ -207,6 +284,8 @@ def load_published(target: Any, source: str, kind: str) -> nn.Module:
                 = value
     else:
         state = _read_weights(directory, ("model.safetensors", "pytorch_model.bin"))
+        if any(key.startswith("midlayer.") for key in state):
+            return _load_eagle3(target, source, config, state)
         head = EagleHead(target.model.config, list(range(vocab)), eagle1=True)
         mapped = {("" if key.startswith("fc.") else "body.") + key: value for key, value in state.items()
                   if not key.startswith("embed_tokens")}
@@ -220,6 +299,47 @@ def load_published(target: Any, source: str, kind: str) -> nn.Module:
         raise ValueError(f"the drafter {source!r} is not a released {kind} head: missing "
                          f"{', '.join(missing[:3]) or 'nothing'}, unexpected {', '.join(unexpected[:3]) or 'nothing'}")
     head.record = {"kind": kind, "published": source, **config}
+    return head.to(device=target.device, dtype=target.model.dtype).eval()
+
+
+def _load_eagle3(target: Any, source: str, config: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    """An EAGLE-3 head as released (Eagle3Head): its Llama config, `midlayer.*` renamed to our one-layer body."""
+    from transformers import LlamaConfig
+
+    vocab = target.model.config.vocab_size
+    if config.get("vocab_size", vocab) != vocab:
+        raise ValueError(f"the drafter {source!r} was trained for a vocabulary of {config.get('vocab_size')}, this "
+                         f"model has {vocab}")
+    layers = len(decoder_layers(target.model))
+    if layers < 4:
+        raise ValueError(f"an EAGLE-3 head reads layers 2, L/2 and L-3 of its target: this model has {layers}")
+    draft = int(config.get("draft_vocab_size") or vocab)
+    d2t = state.get("d2t", torch.zeros(draft, dtype=torch.long))
+    if len(d2t) != draft or int((torch.arange(draft) + d2t.long()).max()) >= vocab:
+        raise ValueError(f"the drafter {source!r} has a d2t map that does not fit its draft vocabulary of {draft} "
+                         f"and this model's vocabulary of {vocab}")
+    known = set(LlamaConfig().to_dict()) | {"draft_vocab_size", "target_hidden_size"}
+    head = Eagle3Head(LlamaConfig(**{k: v for k, v in config.items() if k in known}), d2t, layers)
+    names = {"input_layernorm.": "input_layernorm.input_layernorm.", "hidden_norm.": "input_layernorm.hidden_norm."}
+    mapped = {}
+    for key, value in state.items():
+        if key.startswith("midlayer."):
+            rest = key.removeprefix("midlayer.")
+            for old, new in names.items():
+                rest = new + rest.removeprefix(old) if rest.startswith(old) else rest
+            mapped["body.layers.0." + rest] = value
+        elif key.split(".")[0] in ("fc", "norm", "lm_head"):
+            mapped[key] = value
+    try:
+        missing, unexpected = head.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=False)
+    except RuntimeError as error:
+        raise ValueError(f"the drafter {source!r} does not fit this model: "
+                         f"{str(error).splitlines()[-1].strip()}") from None
+    missing = [m for m in missing if "rotary" not in m]
+    if missing or unexpected:
+        raise ValueError(f"the drafter {source!r} is not a released EAGLE-3 head: missing "
+                         f"{', '.join(missing[:3]) or 'nothing'}, unexpected {', '.join(unexpected[:3]) or 'nothing'}")
+    head.record = {"kind": "eagle", "format": "eagle3", "published": source, **config}
     return head.to(device=target.device, dtype=target.model.dtype).eval()
 
 

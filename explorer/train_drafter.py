@@ -1,17 +1,20 @@
 """Train a draft head (explorer.heads: EAGLE-style or Medusa) for a target model, on this machine.
 
-Data (no download): the target's own features by teacher-forced passes (no generation needed) over local English
-text — the Python standard library's docstrings (explorer.ngram.stdlib_docstrings) and this repository's docs —
-plus, optionally, the target's own chat answers to prompts made from those docstrings (self-distillation, as
-HASS and EAGLE's re-generated data do), generated in batches. Each sequence gives pairs (e(x_(j+1)), f_j) ->
-f_(j+1) and the target's argmax at j + 1.
+Data (no download): a self-distillation file written by `python -m explorer drafter-data` (explorer.drafter_data:
+the target's own answers to prompts made on this machine; features come from a teacher-forced target pass per
+batch, so a GPU trains on millions of tokens), or, without one, the target's own features by teacher-forced
+passes over local English text (the Python standard library's docstrings, this repository's docs) plus,
+optionally, the target's own chat answers to prompts made from those docstrings, generated in batches.
+Each sequence gives pairs (e(x_(j+1)), f_j) -> f_(j+1) and the target's argmax at j + 1.
 Loss (EAGLE's): SmoothL1(f^, f) + w_ce CE(f^ W[V_d]^T, the target's argmax), with U(-noise, noise) added to the
 input features (EAGLE's robustness to its own drafted features). Medusa-1's: sum over heads k of
 CE(head_k(h_t), x_(t+1+k)), the sequence's own tokens (the target's own answers where self-generated).
 V_d = the K tokens the target predicts most often on the data (plus its end tokens).
-Resumable: a checkpoint (head, optimiser, step, data) is written to OUT every `--save-every` steps and picked up
-by the same command; the finished head is written with save_head (fp16 + manifest with sha256), and
-`training.json` holds the loss and held-out top-1 agreement curves (the training-curve view reads it).
+Batches of `batch` sequences, right-padded; `unroll` > 1 trains on the head's own predicted features too (see
+eagle_loss); `minutes` bounds the training time. Resumable: a checkpoint (head, optimiser, step, data) is
+written to OUT every `save_every` steps and picked up by the same command; the finished head is written with
+save_head (fp16 + manifest with sha256), and `training.json` holds the loss and the held-out top-1 agreement
+per draft depth (the training-curve view reads it).
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ REPO_DOCS = ("README.md", "BENCHMARKS.md", "ARCHITECTURE.md")
 @dataclass
 class Sequence_:
     ids: torch.Tensor  # (n,)
-    features: torch.Tensor  # (n, hidden): f_j
-    argmax: torch.Tensor  # (n,): the target's prediction after j
+    features: torch.Tensor | None  # (n, hidden): f_j (None: computed per batch, see pad_batch)
+    argmax: torch.Tensor | None  # (n,): the target's prediction after j
     first: int  # the first position whose pair is trained on (after a chat prompt: the answer)
 
 
@@ -96,99 +99,188 @@ def answer_sequences(model: Any, count: int, max_new_tokens: int = 96, batch: in
     return sequences
 
 
-def draft_vocabulary(sequences: list[Sequence_], size: int, eos: set[int]) -> list[int]:
-    counts = Counter()
-    for s in sequences:
-        counts.update(s.argmax.tolist())
-    ids = [t for t, _ in counts.most_common(size)]
-    return sorted(set(ids) | set(eos))
+def pad_batch(model: Any, batch: list[Sequence_]) -> tuple[torch.Tensor, ...]:
+    """Right-padded (ids, features, argmax, valid, first) of a batch: features and argmax as stored, or from one
+    teacher-forced target pass over the padded batch (right padding leaves a causal model's real positions as
+    they are)."""
+    width = max(len(s.ids) for s in batch)
+    device = model.device
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, s in enumerate(batch):
+        ids[row, : len(s.ids)] = s.ids
+    ids = ids.to(device)
+    lengths = torch.tensor([len(s.ids) for s in batch], device=device)
+    valid = torch.arange(width, device=device)[None] < lengths[:, None]
+    first = torch.tensor([s.first for s in batch], device=device)
+    if all(s.features is not None for s in batch):
+        hidden = batch[0].features.shape[-1]
+        features = torch.zeros(len(batch), width, hidden)
+        argmax = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, s in enumerate(batch):
+            features[row, : len(s.ids)], argmax[row, : len(s.ids)] = s.features, s.argmax
+        return ids, features.to(device), argmax.to(device), valid, first
+    with torch.no_grad():  # the decoder's last hidden state is hidden_states[-1]; argmax in slices (no |V| logits)
+        features = model.model.get_decoder()(input_ids=ids).last_hidden_state.float()
+        weight = model.model.get_output_embeddings().weight.float()
+        argmax = torch.cat([(rows @ weight.T).argmax(-1) for rows in features.split(8)])
+    return ids, features, argmax, valid, first
 
 
-def pair_batch(head: EagleHead, model: Any, s: Sequence_, noise: float, index_of: torch.Tensor
-               ) -> tuple[torch.Tensor, ...]:
-    embed = model.model.get_input_embeddings()
-    with torch.no_grad():
-        embeds = embed(s.ids[1:].to(model.device)).float()  # e(x_(j+1)), j = 0 .. n-2
-    features = s.features[:-1]
+def eagle_loss(head: EagleHead, model: Any, batch: tuple[torch.Tensor, ...], index_of: torch.Tensor,
+               lm_head: torch.Tensor, *, noise: float = 0.0, ce_weight: float = 0.1, unroll: int = 1
+               ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """EAGLE's loss over a padded batch, and (hits, count) of top-1 agreement with the target per unroll step.
+    Step u (0-based) feeds the pairs (e(x_(j+1+u)), input_j) -> f^_(j+1+u), input = f_j (+ noise) at u = 0 and
+    the head's own f^_(j+u) after: the head trained on its own features as drafting meets them (HASS's
+    harmonised training, Zhang et al. 2025, arXiv:2408.15766). Departure: at u >= 1 every position of the
+    sequence reads predicted features, where drafting reads real ones for the accepted context."""
+    ids, features, argmax, valid, first = batch
+    embeds = model.model.get_input_embeddings()(ids).float()
+    inputs = features[:, :-1]
     if noise:
-        features = features + (torch.rand_like(features) * 2 - 1) * noise
-    labels = index_of[s.argmax[1:]]  # the target's prediction after j + 1, as an index into V_d (-100: outside)
-    labels[: max(0, s.first)] = -100
-    return embeds.unsqueeze(0), features.unsqueeze(0), s.features[1:].unsqueeze(0), labels
+        inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise
+    total, agreement = 0.0, []
+    n = features.shape[1] - 1
+    for u in range(min(unroll, n)):
+        span = n - u
+        predicted = head.predict(embeds[:, 1 + u:], inputs[:, :span])
+        pairs = torch.arange(span, device=ids.device)
+        reg_mask = valid[:, 1 + u:]
+        ce_mask = reg_mask & (pairs[None] >= first[:, None])
+        labels = index_of[argmax[:, 1 + u:]]
+        ce_mask = ce_mask & (labels >= 0)
+        regression = nn.functional.smooth_l1_loss(predicted, features[:, 1 + u:], reduction="none").mean(-1)
+        scores = head.logits(predicted[ce_mask], lm_head)
+        loss = regression[reg_mask].mean()
+        if ce_mask.any():
+            loss = loss + ce_weight * nn.functional.cross_entropy(scores, labels[ce_mask])
+        total = total + loss
+        agreement.append((int((scores.argmax(-1) == labels[ce_mask]).sum()), int(ce_mask.sum())))
+        inputs = predicted[:, :-1]
+    return total / max(1, min(unroll, n)), agreement
 
 
-def medusa_labels(s: Sequence_, heads: int, index_of: torch.Tensor) -> torch.Tensor:
-    """(K, n): head k's label at t is x_(t+1+k) as an index into V_d (-100 past the end, outside V_d, or in a
-    chat prompt)."""
-    n = len(s.ids)
-    labels = torch.full((heads, n), -100, dtype=torch.long)
-    for k in range(1, heads + 1):
-        if n > k + 1:
-            labels[k - 1, : n - k - 1] = index_of[s.ids[k + 1:]]
-    labels[:, : max(0, s.first)] = -100
-    return labels
+def medusa_loss(head: MedusaHeads, batch: tuple[torch.Tensor, ...], index_of: torch.Tensor
+                ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Summed CE over the heads (head k at t: x_(t+1+k), the sequence's own token, as an index into V_d; only
+    answer positions), and (hits, count) of top-1 agreement per head."""
+    ids, features, _, valid, first = batch
+    scores = head(features)  # (K, batch, n, |V_d|)
+    n = ids.shape[1]
+    loss, agreement = 0.0, []
+    for k in range(1, len(head.blocks) + 1):
+        if n <= k + 1:
+            break
+        labels = index_of[ids[:, k + 1:]]
+        positions = torch.arange(n - k - 1, device=ids.device)
+        keep = valid[:, k + 1:] & (positions[None] >= first[:, None]) & (labels >= 0)
+        if keep.any():
+            chosen = scores[k - 1, :, : n - k - 1][keep]
+            loss = loss + nn.functional.cross_entropy(chosen, labels[keep])
+            agreement.append((int((chosen.argmax(-1) == labels[keep]).sum()), int(keep.sum())))
+    return loss, agreement
 
 
-def medusa_loss(head: MedusaHeads, s: Sequence_, index_of: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Summed CE over the heads, and head 1's top-1 accuracy."""
-    scores = head(s.features)  # (K, n, |V_d|)
-    labels = medusa_labels(s, len(head.blocks), index_of)
-    loss = sum(nn.functional.cross_entropy(scores[k], labels[k], ignore_index=-100) for k in range(len(head.blocks))
-               if (labels[k] >= 0).any())
-    keep = labels[0] >= 0
-    accuracy = float((scores[0].argmax(-1)[keep] == labels[0][keep]).float().mean()) if keep.any() else 0.0
-    return loss, accuracy
-
-
-def evaluate(head: Any, model: Any, held_out: list[Sequence_], index_of: torch.Tensor) -> float:
-    """Top-1 agreement on held-out data: an EAGLE head's draft vs the target's argmax (teacher-forced pairs); a
-    Medusa head 1's guess vs the token two ahead."""
-    if isinstance(head, MedusaHeads):
-        with torch.no_grad():
-            return sum(medusa_loss(head, s, index_of)[1] for s in held_out) / max(1, len(held_out))
+def evaluate(head: Any, model: Any, held_out: list[Sequence_], index_of: torch.Tensor, batch: int = 8
+             ) -> list[float]:
+    """Top-1 agreement on held-out data per draft depth: an EAGLE head's draft vs the target's argmax
+    (teacher-forced pairs at depth 1, its own predicted feature at depth 2); Medusa head k's guess vs the token
+    k + 1 ahead."""
     lm_head = model.model.get_output_embeddings().weight.float()
-    hits = total = 0
+    hits, totals = [0, 0, 0], [0, 0, 0]
     with torch.no_grad():
-        for s in held_out:
-            embeds, features, _, labels = pair_batch(head, model, s, 0.0, index_of)
-            predicted = head.predict(embeds, features)
-            guess = head.logits(predicted[0], lm_head).argmax(-1)
-            keep = labels >= 0
-            hits += int((guess[keep] == labels[keep]).sum())
-            total += int(keep.sum())
-    return hits / max(total, 1)
+        for start in range(0, len(held_out), batch):
+            padded = pad_batch(model, held_out[start:start + batch])
+            if isinstance(head, MedusaHeads):
+                counts = medusa_loss(head, padded, index_of)[1]
+            else:
+                counts = eagle_loss(head, model, padded, index_of, lm_head, unroll=2)[1]
+            for depth, (h, t) in enumerate(counts[:3]):
+                hits[depth] += h
+                totals[depth] += t
+    return [round(h / t, 4) for h, t in zip(hits, totals, strict=True) if t]
+
+
+def load_data(model: Any, *, data: str | Path | None, corpus_tokens: int, answers: int, fraction: float,
+              seed: int, max_length: int = 1024) -> tuple[list[Sequence_], list[Sequence_], str]:
+    """(training sequences, held-out sequences, a description). From self-distillation files (comma-separated;
+    explorer.drafter_data; features as stored, else computed per batch; sequences over `max_length` tokens left
+    out), else local text and `answers` fresh answers (features computed once, here)."""
+    if data:
+        from explorer.drafter_data import load_sequences
+
+        sequences, parts = [], []
+        for name in str(data).split(","):  # several files: their union
+            ids, first, record = load_sequences(name)
+            sequences += [Sequence_(i, f, a, start)
+                          for (i, f, a), start in zip(ids, first, strict=True) if len(i) <= max_length]
+            parts.append(f"{Path(name).name}: {record['prompts']} prompts x {record['answers_per_prompt']} answers, "
+                         f"{record['tokens']} tokens")
+        description = "self-distillation data " + "; ".join(parts)
+    else:
+        sequences = corpus_sequences(model, corpus_tokens) + (answer_sequences(model, answers) if answers else [])
+        description = ("stdlib docstrings + repository docs (teacher-forced)"
+                       + (f" + {answers} self-generated chat answers" if answers else ""))
+    random.Random(seed).shuffle(sequences)
+    cut = max(1, min(len(sequences) // 20, 200))
+    held_out, sequences = sequences[:cut], sequences[cut:]
+    if fraction < 1:
+        sequences = sequences[: max(1, int(len(sequences) * fraction))]
+        description += f", {fraction:g} of it used"
+    return sequences, held_out, description
+
+
+def vocabulary_counts(model: Any, sequences: list[Sequence_], size: int, batch: int = 16) -> list[int]:
+    """V_d: the `size` tokens the target predicts most often on the training data, plus its end tokens."""
+    counts: Counter = Counter()
+    for start in range(0, len(sequences), batch):
+        chunk = sequences[start:start + batch]
+        if all(s.argmax is not None for s in chunk):
+            for s in chunk:
+                counts.update(s.argmax.tolist())
+        else:
+            _, _, argmax, valid, _ = pad_batch(model, chunk)
+            counts.update(argmax[valid].tolist())
+    ids = [t for t, _ in counts.most_common(size)]
+    return sorted(set(ids) | set(model.eos_token_ids))
 
 
 def train(model: Any, out: str | Path, *, kind: str = "eagle", heads: int = 3, corpus_tokens: int = 20000,
-          answers: int = 0, vocab: int = 8192,
-          steps: int = 2000, lr: float = 3e-4, ce_weight: float = 0.1, noise: float = 0.1, save_every: int = 200,
-          seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Collect (or reload) the data, train (or resume) the head, write it to `out`; returns the training record."""
+          answers: int = 0, data: str | Path | None = None, fraction: float = 1.0, vocab: int = 8192,
+          steps: int = 2000, batch: int = 1, minutes: float | None = None, unroll: int = 1, lr: float = 3e-4,
+          ce_weight: float = 0.1, noise: float = 0.1, save_every: int = 200, seed: int = 0,
+          progress: bool = True) -> dict[str, Any]:
+    """Collect (or reload) the data, train (or resume) the head, write it to `out`; returns the training record.
+    Stops after `steps` steps of `batch` sequences, or after `minutes` of training when given."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
     torch.manual_seed(seed)
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
-        sequences, held_out, draft_ids = state["sequences"], state["held_out"], state["draft_ids"]
+        if state.get("data"):
+            sequences, held_out, description = load_data(model, data=state["data"], corpus_tokens=0, answers=0,
+                                                          fraction=state["fraction"], seed=seed)
+        else:
+            sequences, held_out, description = state["sequences"], state["held_out"], state["description"]
+        draft_ids = state["draft_ids"]
     else:
         started = time.perf_counter()
-        data = corpus_sequences(model, corpus_tokens) + (answer_sequences(model, answers) if answers else [])
-        random.Random(seed).shuffle(data)
-        cut = max(1, len(data) // 20)
-        held_out, sequences = data[:cut], data[cut:]
-        draft_ids = draft_vocabulary(sequences, vocab, set(model.eos_token_ids))
-        state = {"step": 0, "curve": [], "data_s": time.perf_counter() - started}
+        sequences, held_out, description = load_data(model, data=data, corpus_tokens=corpus_tokens,
+                                                     answers=answers, fraction=fraction, seed=seed)
+        draft_ids = vocabulary_counts(model, sequences, vocab)
+        state = {"step": 0, "curve": [], "data_s": time.perf_counter() - started, "data": str(data or ""),
+                 "fraction": fraction, "description": description, "train_s": 0.0}
     lm_head = model.model.get_output_embeddings().weight.detach().float()
     head = (EagleHead(model.model.config, draft_ids) if kind == "eagle"
             else MedusaHeads(model.model.config, draft_ids, heads, lm_head)).to(model.device)
-    optimiser = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr)
+    optimiser = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
     if "head" in state:
         head.load_state_dict(state["head"])
         optimiser.load_state_dict(state["optimiser"])
     index_of = torch.full((model.model.config.vocab_size,), -100, dtype=torch.long)
     index_of[torch.tensor(draft_ids)] = torch.arange(len(draft_ids))
-    regression, classify = nn.SmoothL1Loss(), nn.CrossEntropyLoss(ignore_index=-100)
+    index_of = index_of.to(model.device)
     order = random.Random(seed + state["step"])
     bar = None
     if progress:
@@ -196,38 +288,53 @@ def train(model: Any, out: str | Path, *, kind: str = "eagle", heads: int = 3, c
 
         bar = tqdm(total=steps, initial=state["step"], desc="training draft head", unit="step")
     curve = state["curve"]
-    for step in range(state["step"], steps):
-        s = sequences[order.randrange(len(sequences))]
+    began, step = time.perf_counter() - state["train_s"], state["step"]
+    interval: list[float] = []
+    while step < steps:
+        padded = pad_batch(model, [sequences[order.randrange(len(sequences))] for _ in range(batch)])
         if kind == "medusa":
-            loss = medusa_loss(head, s, index_of)[0]
+            loss = medusa_loss(head, padded, index_of)[0]
         else:
-            embeds, features, targets, labels = pair_batch(head, model, s, noise, index_of)
-            predicted = head.predict(embeds, features)
-            loss = regression(predicted, targets) + ce_weight * classify(head.logits(predicted[0], lm_head), labels)
+            loss = eagle_loss(head, model, padded, index_of, lm_head, noise=noise, ce_weight=ce_weight,
+                              unroll=unroll)[0]
+        done = max(step / steps, (time.perf_counter() - began) / (minutes * 60) if minutes else 0.0)
+        for group in optimiser.param_groups:  # linear decay to a tenth
+            group["lr"] = lr * (1 - 0.9 * min(1.0, done))
         optimiser.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         optimiser.step()
+        step += 1
+        interval.append(loss.item())
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % save_every == 0 or step + 1 == steps:
-            curve.append({"step": step + 1, "loss": round(loss.item(), 5),
-                          "agreement": round(evaluate(head, model, held_out, index_of), 4)})
-            torch.save({**state, "step": step + 1, "curve": curve, "head": head.state_dict(),
-                        "optimiser": optimiser.state_dict(), "sequences": sequences, "held_out": held_out,
-                        "draft_ids": draft_ids}, checkpoint)
+        late = minutes is not None and time.perf_counter() - began > minutes * 60
+        if step % save_every == 0 or step == steps or late:
+            agreement = evaluate(head, model, held_out, index_of)
+            curve.append({"step": step, "sequences_seen": step * batch,
+                          "loss": round(sum(interval) / len(interval), 5),  # the mean since the last point
+                          "agreement": agreement[0] if agreement else 0.0, "agreement_by_depth": agreement})
+            state.update(step=step, curve=curve, train_s=time.perf_counter() - began, draft_ids=draft_ids,
+                         head=head.state_dict(), optimiser=optimiser.state_dict())
+            if not state["data"]:
+                state.update(sequences=sequences, held_out=held_out)
+            torch.save(state, checkpoint)
+            interval = []
+        if late:
+            break
     if bar is not None:
         bar.close()
     tokens = sum(len(s.ids) for s in sequences)
-    record = {"kind": kind, "steps": steps, "train_tokens": tokens, "held_out_sequences": len(held_out),
-              "corpus_tokens": corpus_tokens, "answers": answers, "vocab": len(draft_ids), "lr": lr,
-              "ce_weight": ce_weight, "noise": noise, "curve": curve,
-              "data": "stdlib docstrings + repository docs (teacher-forced)"
-                      + (f" + {answers} self-generated chat answers" if answers else "")}
+    record = {"kind": kind, "steps": step, "batch": batch, "train_tokens": tokens,
+              "held_out_sequences": len(held_out), "corpus_tokens": corpus_tokens, "answers": answers,
+              "vocab": len(draft_ids), "lr": lr, "ce_weight": ce_weight, "noise": noise, "unroll": unroll,
+              "train_minutes": round(state["train_s"] / 60, 2), "curve": curve, "data": description}
     save_head(head, model, out, {"training": record})
     (out / "training.json").write_text(json.dumps(record, indent=1))
-    from viz.drafting import training_curve_figure  # a figure of the curve beside the head
-
+    try:
+        from viz.drafting import training_curve_figure  # a figure of the curve beside the head
+    except ImportError:  # plotly missing (a bare training machine): the curve is in training.json
+        return record
     training_curve_figure(record).write_html(out / "training.html", include_plotlyjs="cdn")
     return record

@@ -199,3 +199,106 @@ def test_released_eagle1_and_medusa_heads_load_and_stay_lossless(tmp_path):
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "broken" / "pytorch_model.bin")
     with pytest.raises(ValueError, match="does not fit this model"):
         load_published(lm, str(tmp_path / "broken"), "eagle")
+
+
+def test_self_distillation_data_and_its_features_match_teacher_forcing(tmp_path):
+    """drafter-data: prompts of every kind (none of the benchmark's), greedy + sampled answers; the features and
+    argmax read off the generation's own (left-padded, cached) passes equal a teacher-forced pass; a head trains
+    on the file in batches, unrolled, with or without stored features."""
+    from explorer.drafter_data import benchmark_prompts, load_sequences, make_prompts, self_distill
+    from explorer.train_drafter import teacher_forced
+
+    lm = tiny_model(0, scale=8.0)
+    prompts = make_prompts(lm, count=16, batch=8, progress=False)
+    assert len(prompts) >= 10 and not set(prompts) & benchmark_prompts()
+    assert any(p.startswith("Write a") for p in prompts) and any("Python" in p for p in prompts)
+    for features in (True, False):
+        path = tmp_path / f"data{features}.npz"
+        record = self_distill(lm, path, prompts=8, samples=1, max_new_tokens=12, batch=3, features=features,
+                              progress=False)
+        rows, first, stored = load_sequences(path)
+        assert record == stored and len(rows) == record["sequences"] and record["answers_per_prompt"] == 2
+        for (ids, f, a), start in list(zip(rows, first, strict=True))[:6]:
+            assert 0 < start < len(ids) - 1  # a chat prompt, then at least two answer positions
+            if features:
+                reference = teacher_forced(lm, ids.tolist())
+                assert torch.allclose(f.float(), reference.features, atol=2e-2)
+                assert (a == reference.argmax).float().mean() > 0.95
+        out = tmp_path / f"head{features}"
+        record = train(lm, out, data=path, steps=6, batch=4, unroll=2, vocab=32, save_every=3, progress=False)
+        assert record["steps"] == 6 and len(record["curve"][-1]["agreement_by_depth"]) == 2
+        assert load_head(lm, out).draft_ids.numel() <= 32 + len(lm.eos_token_ids)
+
+
+def _rms(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def test_a_released_eagle3_head_loads_matches_its_formula_and_stays_lossless(tmp_path):
+    """A tiny random checkpoint in EAGLE-3's released format (config.json with draft_vocab_size; fc 3H -> H,
+    midlayer.* with hidden_norm and 2H-wide q/k/v, norm, lm_head over the draft vocabulary, d2t): the loaded head's
+    first draft scores equal the formula computed by hand (one position: attention is v then o), the draft ids
+    follow d2t, and EAGLE drafting with it is token-identical to greedy (chain and dynamic tree)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    lm = tiny_model(3, layers=8, scale=8.0)
+    target = lm.model.config
+    hidden, vocab, draft = target.hidden_size, target.vocab_size, 40
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=512)
+    head_dim, kv = hidden // 4, 2 * (hidden // 4)
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"fc.weight": (hidden, 3 * hidden), "midlayer.self_attn.q_proj.weight": (hidden, 2 * hidden),
+              "midlayer.self_attn.k_proj.weight": (kv, 2 * hidden),
+              "midlayer.self_attn.v_proj.weight": (kv, 2 * hidden),
+              "midlayer.self_attn.o_proj.weight": (hidden, hidden), "midlayer.mlp.gate_proj.weight": (96, hidden),
+              "midlayer.mlp.up_proj.weight": (96, hidden), "midlayer.mlp.down_proj.weight": (hidden, 96),
+              "lm_head.weight": (draft, hidden)}
+    state = {k: torch.randn(*shape, generator=generator) * 0.2 for k, shape in shapes.items()}
+    for norm in ("midlayer.input_layernorm", "midlayer.hidden_norm", "midlayer.post_attention_layernorm", "norm"):
+        state[f"{norm}.weight"] = 1 + 0.1 * torch.randn(hidden, generator=generator)
+    chosen = torch.randperm(vocab, generator=generator)[:draft].sort().values
+    state["d2t"] = chosen - torch.arange(draft)  # target id = d + d2t[d], as released
+    state["t2d"] = torch.zeros(vocab, dtype=torch.bool).index_fill_(0, chosen, True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**config.to_dict(), "draft_vocab_size": draft,
+                                                      "architectures": ["LlamaForCausalLMEagle3"]}))
+    head = load_published(lm, str(tmp_path), "eagle")
+    assert head.draft_ids.tolist() == chosen.tolist() and head.feature_layers == (2, 4, 5)
+
+    ids = lm.encode_prompt("abc", chat=False)
+    with torch.no_grad():
+        out = lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        stacked = torch.stack([h[0] for h in out.hidden_states])
+        feature = head.feature(stacked)[:1]  # position 0
+        embed = lm.model.get_input_embeddings()(torch.tensor([ids[1]]))
+        got = head.logits(head.predict(embed[None], feature[None]), None)[0, 0]
+        eps = 1e-6
+        g = feature @ state["fc.weight"].T
+        u = torch.cat([_rms(embed, state["midlayer.input_layernorm.weight"], eps),
+                       _rms(g, state["midlayer.hidden_norm.weight"], eps)], -1)
+        v = (u @ state["midlayer.self_attn.v_proj.weight"].T).view(2, head_dim).repeat_interleave(2, 0).reshape(1, -1)
+        a = g + v @ state["midlayer.self_attn.o_proj.weight"].T
+        m = _rms(a, state["midlayer.post_attention_layernorm.weight"], eps)
+        a = a + (torch.nn.functional.silu(m @ state["midlayer.mlp.gate_proj.weight"].T)
+                 * (m @ state["midlayer.mlp.up_proj.weight"].T)) @ state["midlayer.mlp.down_proj.weight"].T
+        expected = _rms(a, state["norm.weight"], eps) @ state["lm_head.weight"].T
+    assert torch.allclose(got, expected[0], atol=1e-4)
+
+    for prompt in PROMPTS[:2]:
+        greedy = run_to_end(lm, RunRequest.build("greedy", {}, prompt, max_new_tokens=24, chat=False))
+        for params in ({}, {"tree": "dynamic", "top_k": 3, "depth": 3, "budget": 8}):
+            run = run_to_end(lm, RunRequest.build("eagle", {"drafter": str(tmp_path), **params}, prompt,
+                                                  max_new_tokens=24, chat=False))
+            assert run.token_ids == greedy.token_ids
+            drafted = {t for r in run.rounds for t in r.draft_tokens}
+            assert drafted and drafted <= set(chosen.tolist())
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    save_file({**{k: v.contiguous() for k, v in state.items()}, "d2t": torch.full((draft,), vocab)},
+              str(foreign / "model.safetensors"))
+    (foreign / "config.json").write_text((tmp_path / "config.json").read_text())
+    with pytest.raises(ValueError, match="d2t"):
+        load_published(lm, str(foreign), "eagle")

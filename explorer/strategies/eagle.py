@@ -12,8 +12,10 @@ head's predicted feature, V_d = the head's draft vocabulary, gamma = draft lengt
    give the real features of the accepted positions for the next round; the head's speculative pairs are
    dropped from its cache.
 The head is loaded from `drafter`: a directory written by `python -m explorer train-drafter`, or a released
-EAGLE-1 head (a directory or Hub id: explorer.heads.load_published); empty: the head shipped for the model.
-Departures: a chain (EAGLE-2's dynamic draft tree is not built here yet); see explorer/heads.py for the head's.
+EAGLE-1 or EAGLE-3 head (a directory or Hub id: explorer.heads.load_published; an EAGLE-3 head reads the fused
+low/mid/high hidden states instead of f_j and scores with its own LM head); empty: the head shipped for the model.
+`tree=dynamic` drafts EAGLE-2's dynamic tree instead of a chain (see _dynamic). See explorer/heads.py for the
+heads' departures.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class EagleDrafter(Drafter):
         return {"target_in_vocab": self._coverage} if self._coverage else {}
 
     def observe_prefill(self, inputs: Sequence[int], logits: torch.Tensor, hidden_states: torch.Tensor) -> None:
-        self.features.extend(hidden_states[-1])
+        self.features.extend(self.head.feature(hidden_states))
 
     def _q(self, scores: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         """The draft distribution over the full vocabulary (zero outside V_d)."""
@@ -194,7 +196,7 @@ class EagleDrafter(Drafter):
         self.length.update(verdict, self._drafted)
         if verdict.hidden_states is not None:
             rows = [0, *(node + 1 for node in verdict.path)]
-            self.features.extend(verdict.hidden_states[-1, rows])
+            self.features.extend(self.head.feature(verdict.hidden_states)[rows])
 
 
 def prepare(model: Any, config: EagleConfig) -> None:
