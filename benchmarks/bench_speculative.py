@@ -73,6 +73,7 @@ def main() -> None:
         "depth_decay": ("depth_decay", {}),
         "ead_skip_middle": ("ead", {}),
         "eagle": ("eagle", {"drafter": args.eagle_head}),
+        "eagle_tree": ("eagle", {"drafter": args.eagle_head, "tree": "dynamic"}),
     }
     references = {"hf_greedy": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10},
                   f"hf_assistant_{DRAFT_LAYERS}L": {"assistant_model": assistant}}

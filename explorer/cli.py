@@ -1,11 +1,13 @@
-"""Command line: `python -m explorer run|branch|runs|show|strategies|export|import|figure|sweep|report`.
+"""Command line: `python -m explorer run|branch|runs|show|strategies|export|import|figure|sweep|report|
+drafter-data|train-drafter`.
 
 run decodes one prompt and stores its trace; branch continues a stored run from a step with another token;
 runs lists stored runs and show prints one's per-step table;
 strategies lists the strategies and their parameters; export writes runs as CSV, Parquet, JSONL or bundles, and
 import loads a bundle; figure exports a view for a paper; sweep runs prompts x strategies x seeds (resumable)
-and report writes its tables and figures. Bad input exits with status 2 and one line saying what to fix; a run
-that fails is stored as failed and exits with status 1.
+and report writes its tables and figures; drafter-data writes a draft head's training data (the model's own answers)
+and train-drafter trains an EAGLE or Medusa head on it. Bad input exits with status 2 and one line saying what to
+fix; a run that fails is stored as failed and exits with status 1.
 """
 
 from __future__ import annotations
@@ -241,11 +243,18 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     record = train(model, args.out, kind=args.kind, heads=args.heads, corpus_tokens=args.corpus_tokens,
                    answers=args.answers, data=args.data, fraction=args.fraction, vocab=args.vocab,
                    steps=args.steps, batch=args.batch, minutes=args.minutes, unroll=args.unroll, lr=args.lr,
-                   progress=not args.quiet)
+                   progress=not args.quiet, command=_command_line())
     last = record["curve"][-1] if record["curve"] else {}
     print(f"head written to {args.out}: {record['train_tokens']} training tokens, held-out top-1 agreement "
           f"{last.get('agreement', float('nan')):.3f}; use it with --strategy {args.kind} --param drafter={args.out}")
     return 0
+
+
+def _command_line() -> str:
+    """This command as typed (recorded with a draft head and its data, so both can be made again)."""
+    import shlex
+
+    return "python -m explorer " + shlex.join(sys.argv[1:])
 
 
 def cmd_drafter_data(args: argparse.Namespace) -> int:
@@ -262,7 +271,7 @@ def cmd_drafter_data(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     record = self_distill(model, args.out, prompts=args.prompts, samples=args.samples, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, batch=args.batch, questions=args.questions,
-                          features=not args.no_features, progress=not args.quiet)
+                          features=not args.no_features, progress=not args.quiet, command=_command_line())
     print(f"wrote {args.out}: {record['sequences']} sequences, {record['tokens']} tokens "
           f"({record['answer_tokens']} answer tokens) from {record['prompts']} prompts; train a head on it with "
           f"`python -m explorer train-drafter --data {args.out} --out DIR`")

@@ -195,7 +195,7 @@ def make_prompts(model: Any, *, count: int, batch: int = 64, questions: str | Pa
 
 def self_distill(model: Any, out: str | Path, *, prompts: int = 2000, samples: int = 1, temperature: float = 0.7,
                  max_new_tokens: int = 256, batch: int = 64, questions: str | Path | None = None, seed: int = 0,
-                 features: bool = False, progress: bool = True) -> dict[str, Any]:
+                 features: bool = False, progress: bool = True, command: str = "") -> dict[str, Any]:
     """Write the data set (see the module docstring) to `out` (.npz); returns its description. With `features`,
     the target's features and argmax are stored too (fp16, from the generation's own passes), so training needs
     no target pass: the choice for a CPU."""
@@ -212,7 +212,8 @@ def self_distill(model: Any, out: str | Path, *, prompts: int = 2000, samples: i
     record = {"prompts": len(asks), "answers_per_prompt": len(passes), "temperature": temperature,
               "max_new_tokens": max_new_tokens, "sequences": len(rows), "answer_tokens": sum(len(r[1]) for r in rows),
               "target_model": model.info.model_id, "target_weights_hash": model.info.weights_hash,
-              "questions_file": Path(questions).name if questions else None, "seed": seed, "features": features}
+              "questions_file": Path(questions).name if questions else None, "seed": seed, "features": features,
+              "command": command}
     if features:  # the answer's last token has no feature (it was never fed): the sequence ends before it
         sequences = [r[0] + r[1][:-1] for r in rows]
         extra = {"features": torch.cat([r[2] for r in rows]).numpy(), "argmax": torch.cat([r[3] for r in rows]).numpy()}

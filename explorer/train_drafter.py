@@ -202,22 +202,30 @@ def evaluate(head: Any, model: Any, held_out: list[Sequence_], index_of: torch.T
 
 
 def load_data(model: Any, *, data: str | Path | None, corpus_tokens: int, answers: int, fraction: float,
-              seed: int, max_length: int = 1024) -> tuple[list[Sequence_], list[Sequence_], str]:
-    """(training sequences, held-out sequences, a description). From self-distillation files (comma-separated;
-    explorer.drafter_data; features as stored, else computed per batch; sequences over `max_length` tokens left
-    out), else local text and `answers` fresh answers (features computed once, here)."""
+              seed: int, max_length: int = 1024, max_prompt: int = 64
+              ) -> tuple[list[Sequence_], list[Sequence_], str, list[dict[str, Any]]]:
+    """(training sequences, held-out sequences, a description, the data files' records). From self-distillation
+    files (comma-separated; explorer.drafter_data; features as stored, else computed per batch; sequences over
+    `max_length` tokens left out; with stored features only the last `max_prompt` prompt positions are kept: the
+    features still carry the whole prompt, and training time goes to the answers), else local text and `answers`
+    fresh answers (features computed once, here)."""
     if data:
         from explorer.drafter_data import load_sequences
 
-        sequences, parts = [], []
+        sequences, parts, records = [], [], []
         for name in str(data).split(","):  # several files: their union
             ids, first, record = load_sequences(name)
-            sequences += [Sequence_(i, f, a, start)
-                          for (i, f, a), start in zip(ids, first, strict=True) if len(i) <= max_length]
+            records.append(record)
+            for (i, f, a), start in zip(ids, first, strict=True):
+                cut = max(0, start - max_prompt) if f is not None else 0  # stored features hold the whole context
+                if len(i) - cut <= max_length:
+                    sequences.append(Sequence_(i[cut:], None if f is None else f[cut:], None if a is None else a[cut:],
+                                               start - cut))
             parts.append(f"{Path(name).name}: {record['prompts']} prompts x {record['answers_per_prompt']} answers, "
                          f"{record['tokens']} tokens")
         description = "self-distillation data " + "; ".join(parts)
     else:
+        records = []
         sequences = corpus_sequences(model, corpus_tokens) + (answer_sequences(model, answers) if answers else [])
         description = ("stdlib docstrings + repository docs (teacher-forced)"
                        + (f" + {answers} self-generated chat answers" if answers else ""))
@@ -227,7 +235,7 @@ def load_data(model: Any, *, data: str | Path | None, corpus_tokens: int, answer
     if fraction < 1:
         sequences = sequences[: max(1, int(len(sequences) * fraction))]
         description += f", {fraction:g} of it used"
-    return sequences, held_out, description
+    return sequences, held_out, description, records
 
 
 def vocabulary_counts(model: Any, sequences: list[Sequence_], size: int, batch: int = 16) -> list[int]:
@@ -249,7 +257,7 @@ def train(model: Any, out: str | Path, *, kind: str = "eagle", heads: int = 3, c
           answers: int = 0, data: str | Path | None = None, fraction: float = 1.0, vocab: int = 8192,
           steps: int = 2000, batch: int = 1, minutes: float | None = None, unroll: int = 1, lr: float = 3e-4,
           ce_weight: float = 0.1, noise: float = 0.1, save_every: int = 200, seed: int = 0,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, command: str = "") -> dict[str, Any]:
     """Collect (or reload) the data, train (or resume) the head, write it to `out`; returns the training record.
     Stops after `steps` steps of `batch` sequences, or after `minutes` of training when given."""
     out = Path(out)
@@ -259,18 +267,19 @@ def train(model: Any, out: str | Path, *, kind: str = "eagle", heads: int = 3, c
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         if state.get("data"):
-            sequences, held_out, description = load_data(model, data=state["data"], corpus_tokens=0, answers=0,
-                                                          fraction=state["fraction"], seed=seed)
+            sequences, held_out, description, _ = load_data(model, data=state["data"], corpus_tokens=0,
+                                                             answers=0, fraction=state["fraction"], seed=seed)
         else:
             sequences, held_out, description = state["sequences"], state["held_out"], state["description"]
         draft_ids = state["draft_ids"]
     else:
         started = time.perf_counter()
-        sequences, held_out, description = load_data(model, data=data, corpus_tokens=corpus_tokens,
-                                                     answers=answers, fraction=fraction, seed=seed)
+        sequences, held_out, description, records = load_data(model, data=data, corpus_tokens=corpus_tokens,
+                                                              answers=answers, fraction=fraction, seed=seed)
         draft_ids = vocabulary_counts(model, sequences, vocab)
         state = {"step": 0, "curve": [], "data_s": time.perf_counter() - started, "data": str(data or ""),
-                 "fraction": fraction, "description": description, "train_s": 0.0}
+                 "fraction": fraction, "description": description, "train_s": 0.0,
+                 "data_records": records}
     lm_head = model.model.get_output_embeddings().weight.detach().float()
     head = (EagleHead(model.model.config, draft_ids) if kind == "eagle"
             else MedusaHeads(model.model.config, draft_ids, heads, lm_head)).to(model.device)
@@ -329,7 +338,8 @@ def train(model: Any, out: str | Path, *, kind: str = "eagle", heads: int = 3, c
     record = {"kind": kind, "steps": step, "batch": batch, "train_tokens": tokens,
               "held_out_sequences": len(held_out), "corpus_tokens": corpus_tokens, "answers": answers,
               "vocab": len(draft_ids), "lr": lr, "ce_weight": ce_weight, "noise": noise, "unroll": unroll,
-              "train_minutes": round(state["train_s"] / 60, 2), "curve": curve, "data": description}
+              "train_minutes": round(state["train_s"] / 60, 2), "curve": curve, "data": description,
+              "data_records": state.get("data_records", []), "command": command}
     save_head(head, model, out, {"training": record})
     (out / "training.json").write_text(json.dumps(record, indent=1))
     try:

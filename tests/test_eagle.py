@@ -302,3 +302,20 @@ def test_a_released_eagle3_head_loads_matches_its_formula_and_stays_lossless(tmp
     (foreign / "config.json").write_text((tmp_path / "config.json").read_text())
     with pytest.raises(ValueError, match="d2t"):
         load_published(lm, str(foreign), "eagle")
+
+
+def test_the_shipped_head_is_the_embedded_models_default_and_lossless(embedded):
+    """assets/drafters holds a head for the embedded model: its manifest's sha256 matches the weights, it is
+    found by the model's weights hash, an empty `drafter` uses it, and drafting with it is exactly greedy."""
+    from explorer.heads import SHIPPED, shipped_head
+
+    directory = shipped_head(embedded, "eagle")
+    assert directory is not None and directory.parent == SHIPPED
+    manifest = json.loads((directory / CONFIG_FILE).read_text())
+    assert manifest["sha256"] == hashlib.sha256((directory / HEAD_FILE).read_bytes()).hexdigest()
+    assert manifest["target_weights_hash"] == embedded.info.weights_hash and manifest["training"]["command"]
+    prompt = "Explain what a binary search does."
+    greedy = run_to_end(embedded, RunRequest.build("greedy", {}, prompt, max_new_tokens=24))
+    for params in ({}, {"tree": "dynamic"}):
+        eagle = run_to_end(embedded, RunRequest.build("eagle", params, prompt, max_new_tokens=24))
+        assert eagle.token_ids == greedy.token_ids and eagle.mean_accepted_tokens > 1
