@@ -74,6 +74,10 @@ def main() -> None:
         "ead_skip_middle": ("ead", {}),
         "eagle": ("eagle", {"drafter": args.eagle_head}),
         "eagle_tree": ("eagle", {"drafter": args.eagle_head, "tree": "dynamic"}),
+        "eagle_g1": ("eagle", {"drafter": args.eagle_head, "draft_length": 1, "adaptive": False}),
+        "eagle_g2": ("eagle", {"drafter": args.eagle_head, "draft_length": 2, "adaptive": False}),
+        "eagle_tree_small": ("eagle", {"drafter": args.eagle_head, "tree": "dynamic", "top_k": 2, "depth": 3,
+                                       "budget": 4}),
     }
     references = {"hf_greedy": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10},
                   f"hf_assistant_{DRAFT_LAYERS}L": {"assistant_model": assistant}}

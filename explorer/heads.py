@@ -289,6 +289,12 @@ def load_published(target: Any, source: str, kind: str) -> nn.Module:
         head = EagleHead(target.model.config, list(range(vocab)), eagle1=True)
         mapped = {("" if key.startswith("fc.") else "body.") + key: value for key, value in state.items()
                   if not key.startswith("embed_tokens")}
+    return _fill(head, mapped, target, source, f"released {kind}", {"kind": kind, "published": source, **config})
+
+
+def _fill(head: nn.Module, mapped: dict[str, torch.Tensor], target: Any, source: str, what: str,
+          record: dict[str, Any]) -> nn.Module:
+    """Load released weights (renamed to ours) into `head`; a shape or a name that does not fit is one line."""
     try:
         missing, unexpected = head.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=False)
     except RuntimeError as error:  # shapes that do not fit this model
@@ -296,9 +302,9 @@ def load_published(target: Any, source: str, kind: str) -> nn.Module:
                          f"{str(error).splitlines()[-1].strip()}") from None
     missing = [m for m in missing if "rotary" not in m]
     if missing or unexpected:
-        raise ValueError(f"the drafter {source!r} is not a released {kind} head: missing "
+        raise ValueError(f"the drafter {source!r} is not a {what} head: missing "
                          f"{', '.join(missing[:3]) or 'nothing'}, unexpected {', '.join(unexpected[:3]) or 'nothing'}")
-    head.record = {"kind": kind, "published": source, **config}
+    head.record = record
     return head.to(device=target.device, dtype=target.model.dtype).eval()
 
 
@@ -330,17 +336,8 @@ def _load_eagle3(target: Any, source: str, config: dict[str, Any], state: dict[s
             mapped["body.layers.0." + rest] = value
         elif key.split(".")[0] in ("fc", "norm", "lm_head"):
             mapped[key] = value
-    try:
-        missing, unexpected = head.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=False)
-    except RuntimeError as error:
-        raise ValueError(f"the drafter {source!r} does not fit this model: "
-                         f"{str(error).splitlines()[-1].strip()}") from None
-    missing = [m for m in missing if "rotary" not in m]
-    if missing or unexpected:
-        raise ValueError(f"the drafter {source!r} is not a released EAGLE-3 head: missing "
-                         f"{', '.join(missing[:3]) or 'nothing'}, unexpected {', '.join(unexpected[:3]) or 'nothing'}")
-    head.record = {"kind": "eagle", "format": "eagle3", "published": source, **config}
-    return head.to(device=target.device, dtype=target.model.dtype).eval()
+    return _fill(head, mapped, target, source, "released EAGLE-3",
+                 {"kind": "eagle", "format": "eagle3", "published": source, **config})
 
 
 def shipped_head(target: Any, kind: str = "eagle") -> Path | None:
