@@ -668,3 +668,21 @@ def test_export_handlers_write_files(tiny_flat, tmp_path, monkeypatch):
     assert "heatmap" in with_data and "beam-tree" not in with_data  # greedy lanes: no beam tree to draw
     assert {f"{v}.{fmt}" for v in with_data for fmt in ("svg", "pdf", "png")} == set(names)
 
+
+
+@pytest.mark.browser
+def test_browser_eagle_lane_uses_the_shipped_head_on_the_embedded_model(server, browser):
+    """A newcomer picks `eagle` on the embedded model and leaves the drafter empty: the head shipped in
+    assets/drafters drafts, the lane matches the greedy lane token for token, and the page shows its rounds."""
+    url, db = server
+    page = open_page(browser, url, "Explain what a binary search does.", strategies={1: "greedy", 2: "eagle"})
+    page.get_by_label("Model (embedded, HF id or local path)").fill("embedded")
+    set_number(page, "max new tokens", "20")
+    page.locator("#run").click()
+    page.wait_for_selector("#permalink a", timeout=120_000)
+    greedy, eagle = permalink_runs(page, db)
+    assert eagle.status == "ok" and eagle.started.model_id.startswith("embedded")
+    assert eagle.token_ids == greedy.token_ids and eagle.mean_accepted_tokens > 1
+    assert eagle.rounds and eagle.rounds[0].drafter
+    metrics = page.locator("#lane2-metrics").inner_text()
+    assert "mean accepted" in metrics and f"{eagle.mean_accepted_tokens:.2f}" in metrics
