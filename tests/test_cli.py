@@ -67,3 +67,18 @@ def test_prompt_lookup_from_the_cli(tiny_dir, db):
     metrics = json.loads(out.stdout)["metrics"]
     assert metrics["mean_accepted_tokens"] >= 1.0 and metrics["target_forward_passes"] >= 1
     assert "acceptance_by_position" in metrics and "draft_rounds" in metrics
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train-drafter", "--out", "h", "--data", "missing.npz"], "--data missing.npz: no such file"),
+    (["train-drafter", "--out", "h", "--fraction", "0"], "--fraction must be in (0, 1]"),
+    (["train-drafter", "--out", "h", "--batch", "0"], "--batch must be between 1 and 4096"),
+    (["drafter-data", "--out", "d.npz", "--prompts", "0"], "--prompts must be between 1 and 1000000"),
+    (["drafter-data", "--out", "d.npz", "--temperature", "0"], "--temperature in (0, 4]"),
+    (["drafter-data", "--out", "d.npz", "--questions", "missing.jsonl"], "--questions missing.jsonl: no such file"),
+])
+def test_drafter_commands_refuse_bad_input_in_one_line(db, args, message):
+    result = cli(*args, db=db, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and lines[-1].startswith("error:") and message in lines[-1]
+    assert "Traceback" not in result.stderr
