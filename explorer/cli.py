@@ -171,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--batch", type=int, default=64, help="prompts generated at once")
     distill.add_argument("--questions", default=None, help="also every turn of a question file in Spec-Bench's "
                          "format (one JSON object with `turns` per line)")
+    distill.add_argument("--seed", type=int, default=0, help="another seed gives other questions, texts and picks")
     distill.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    distill.add_argument("--dtype", default="float32", help="float32 or bfloat16 (generation only: training "
-                         "recomputes features in the model's training dtype)")
+    distill.add_argument("--dtype", default="float32", help="float32 or bfloat16 (stored features are the "
+                         "generation's: with bfloat16 add --no-features, so training recomputes them in float32)")
     distill.add_argument("--no-features", action="store_true", help="store tokens only (training then recomputes "
                          "the features per batch: the choice on a GPU, where the file stays small)")
     distill.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -271,7 +272,8 @@ def cmd_drafter_data(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     record = self_distill(model, args.out, prompts=args.prompts, samples=args.samples, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, batch=args.batch, questions=args.questions,
-                          features=not args.no_features, progress=not args.quiet, command=_command_line())
+                          seed=args.seed, features=not args.no_features, progress=not args.quiet,
+                          command=_command_line())
     print(f"wrote {args.out}: {record['sequences']} sequences, {record['tokens']} tokens "
           f"({record['answer_tokens']} answer tokens) from {record['prompts']} prompts; train a head on it with "
           f"`python -m explorer train-drafter --data {args.out} --out DIR`")

@@ -1,8 +1,9 @@
 """Train a draft head (explorer.heads: EAGLE-style or Medusa) for a target model, on this machine.
 
 Data (no download): a self-distillation file written by `python -m explorer drafter-data` (explorer.drafter_data:
-the target's own answers to prompts made on this machine; features come from a teacher-forced target pass per
-batch, so a GPU trains on millions of tokens), or, without one, the target's own features by teacher-forced
+the target's own answers to prompts made on this machine; the features stored with them, read off the
+generation's own passes, or, in a file without them, from a teacher-forced target pass per batch: cheap on a GPU),
+or, without one, the target's own features by teacher-forced
 passes over local English text (the Python standard library's docstrings, this repository's docs) plus,
 optionally, the target's own chat answers to prompts made from those docstrings, generated in batches.
 Each sequence gives pairs (e(x_(j+1)), f_j) -> f_(j+1) and the target's argmax at j + 1.
