@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--corpus-tokens", type=int, default=20000, help="tokens of local text, teacher-forced")
     train.add_argument("--answers", type=int, default=0, help="self-generated chat answers to add")
     train.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size K")
-    train.add_argument("--data", default=None, help="a self-distillation file from `drafter-data` (.npz) to train "
-                       "on instead of local text and fresh answers")
+    train.add_argument("--data", default=None, help="self-distillation files from `drafter-data` (.npz, comma-"
+                       "separated) to train on instead of local text and fresh answers")
     train.add_argument("--fraction", type=float, default=1.0, help="with --data: the share of it to train on")
     train.add_argument("--steps", type=int, default=2000)
     train.add_argument("--batch", type=int, default=1, help="sequences per step")
@@ -238,8 +238,9 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         raise ValueError("--fraction must be in (0, 1]")
     if not 1 <= args.batch <= 4096 or not 1 <= args.unroll <= 8:
         raise ValueError("--batch must be between 1 and 4096, --unroll between 1 and 8")
-    if args.data and not Path(args.data).is_file():
-        raise ValueError(f"--data {args.data}: no such file (write one with `python -m explorer drafter-data`)")
+    for name in args.data.split(",") if args.data else ():  # several files: comma-separated
+        if not Path(name).is_file():
+            raise ValueError(f"--data {name}: no such file (write one with `python -m explorer drafter-data`)")
     model = load_model(args.model, dtype="float32", device=args.device)
     record = train(model, args.out, kind=args.kind, heads=args.heads, corpus_tokens=args.corpus_tokens,
                    answers=args.answers, data=args.data, fraction=args.fraction, vocab=args.vocab,

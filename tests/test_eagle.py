@@ -228,6 +228,9 @@ def test_self_distillation_data_and_its_features_match_teacher_forcing(tmp_path)
         record = train(lm, out, data=path, steps=6, batch=4, unroll=2, vocab=32, save_every=3, progress=False)
         assert record["steps"] == 6 and len(record["curve"][-1]["agreement_by_depth"]) == 2
         assert load_head(lm, out).draft_ids.numel() <= 32 + len(lm.eos_token_ids)
+    both = train(lm, tmp_path / "both", data=f"{tmp_path / 'dataTrue.npz'},{tmp_path / 'dataFalse.npz'}", steps=2,
+                 batch=2, vocab=32, progress=False)
+    assert both["data"].count("prompts x 2 answers") == 2 and len(both["data_records"]) == 2
 
 
 def _rms(x, weight, eps):
