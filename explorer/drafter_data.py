@@ -14,9 +14,9 @@ answers (as HASS and EAGLE's re-generated data use) to prompts spread over the k
 The benchmark's prompt set (assets/prompts.jsonl) is never used, and a prompt equal to one of its prompts is
 dropped, so `benchmarks/bench_speculative.py` measures heads on prompts they were not trained on.
 Answers: greedy (what the benchmark decodes) plus `samples` answers drawn at `temperature` per prompt (more
-contexts of the same distribution; the labels are the target's argmax at each position either way, computed
-when training). Written as one .npz: token ids (prompt + answer), sequence offsets, the first answer position, and with
-`features` the target's features (fp16) and argmax read off the generation's own passes.
+contexts of the same distribution; the labels are the target's argmax at each position either way). Written as
+one .npz: token ids (prompt + answer), sequence offsets, the first answer position, and with `features` the
+target's features (fp16) and argmax read off the generation's own passes.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Data (no download): a self-distillation file written by `python -m explorer drafter-data` (explorer.drafter_data:
 the target's own answers to prompts made on this machine; the features stored with them, read off the
 generation's own passes, or, in a file without them, from a teacher-forced target pass per batch: cheap on a GPU),
-or, without one, the target's own features by teacher-forced
-passes over local English text (the Python standard library's docstrings, this repository's docs) plus,
-optionally, the target's own chat answers to prompts made from those docstrings, generated in batches.
+or, without one, the target's own features by teacher-forced passes over local English text (the Python standard
+library's docstrings, this repository's docs) plus, optionally, the target's own chat answers to prompts made from
+those docstrings, generated in batches.
 Each sequence gives pairs (e(x_(j+1)), f_j) -> f_(j+1) and the target's argmax at j + 1.
 Loss (EAGLE's): SmoothL1(f^, f) + w_ce CE(f^ W[V_d]^T, the target's argmax), with U(-noise, noise) added to the
 input features (EAGLE's robustness to its own drafted features). Medusa-1's: sum over heads k of
@@ -74,30 +74,17 @@ def corpus_sequences(model: Any, tokens: int, chunk: int = 256) -> list[Sequence
     return [teacher_forced(model, stream[i:i + chunk]) for i in range(0, min(len(stream), tokens) - 8, chunk)]
 
 
-@torch.no_grad()
 def answer_sequences(model: Any, count: int, max_new_tokens: int = 96, batch: int = 8) -> list[Sequence_]:
     """The target's own greedy chat answers to prompts made from docstrings, teacher-forced for features."""
+    from explorer.drafter_data import generate
+
     topics = [t.split("\n\n")[0][:300] for t in stdlib_docstrings() if len(t) > 80]
     random.Random(0).shuffle(topics)
     asks = ("Explain this in plain words: ", "Summarize in two sentences: ", "Give an example of: ",
             "What is this used for? ")
     prompts = [asks[i % len(asks)] + topic for i, topic in enumerate(topics[:count])]
-    sequences = []
-    tokenizer = model.tokenizer
-    tokenizer.padding_side = "left"
-    for start in range(0, len(prompts), batch):
-        encoded = [model.encode_prompt(p, chat=True) for p in prompts[start:start + batch]]
-        width = max(len(e) for e in encoded)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
-        out = model.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
-        for row, prompt_ids in enumerate(encoded):
-            answer = out[row, width:].tolist()
-            ends = [i for i, t in enumerate(answer) if t in model.eos_token_ids]
-            answer = answer[: ends[0] + 1] if ends else answer
-            sequences.append(teacher_forced(model, prompt_ids + answer, first=len(prompt_ids) - 1))
-    return sequences
+    return [teacher_forced(model, prompt_ids + answer, first=len(prompt_ids) - 1)
+            for prompt_ids, answer in generate(model, prompts, max_new_tokens=max_new_tokens, batch=batch)]
 
 
 def pad_batch(model: Any, batch: list[Sequence_]) -> tuple[torch.Tensor, ...]:

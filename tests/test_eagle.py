@@ -231,6 +231,10 @@ def test_self_distillation_data_and_its_features_match_teacher_forcing(tmp_path)
     both = train(lm, tmp_path / "both", data=f"{tmp_path / 'dataTrue.npz'},{tmp_path / 'dataFalse.npz'}", steps=2,
                  batch=2, vocab=32, progress=False)
     assert both["data"].count("prompts x 2 answers") == 2 and len(both["data_records"]) == 2
+    from explorer.train_drafter import answer_sequences  # the no-file path's fresh answers share `generate`
+
+    fresh = answer_sequences(lm, 3, max_new_tokens=6, batch=2)
+    assert len(fresh) == 3 and all(0 < s.first < len(s.ids) and s.features.shape[0] == len(s.ids) for s in fresh)
 
 
 def _rms(x, weight, eps):
