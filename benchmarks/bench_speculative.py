@@ -59,6 +59,8 @@ def main() -> None:
         "greedy": ("greedy", {}),
         "prompt_lookup": ("prompt_lookup", {}),
         "jacobi": ("jacobi", {"window": 8}),
+        "speculative": ("speculative", {}),  # draft_model 'auto': the shipped EAGLE head on the embedded model
+        "speculative_layer_skip": ("speculative", {"draft_model": "layer-skip"}),
         "self_speculative": ("self_speculative", {}),
         "self_spec_exit10": ("self_speculative", {"exit_after": 10}),
         f"speculative_{DRAFT_LAYERS}L": ("speculative", {"draft_model": str(draft_dir), "draft_length": 4}),
@@ -76,7 +78,7 @@ def main() -> None:
         "eagle_tree": ("eagle", {"drafter": args.eagle_head, "tree": "dynamic"}),
         "eagle_g1": ("eagle", {"drafter": args.eagle_head, "draft_length": 1, "adaptive": False}),
         "eagle_g2": ("eagle", {"drafter": args.eagle_head, "draft_length": 2, "adaptive": False}),
-        "eagle_tree_small": ("eagle", {"drafter": args.eagle_head, "tree": "dynamic", "top_k": 2, "depth": 3,
+        "eagle_tree_small": ("eagle", {"drafter": args.eagle_head, "tree": "dynamic", "tree_top_k": 2, "depth": 3,
                                        "budget": 4}),
     }
     references = {"hf_greedy": {}, "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10},

@@ -43,6 +43,8 @@ from explorer.models import decoder_layers
 
 HEAD_FILE, CONFIG_FILE = "head.safetensors", "head.json"
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "drafters"  # heads that come with the repository
+EAGLE_HEAD = "eagle-head"  # a drafter setting: the EAGLE head shipped for the target in SHIPPED
+AUTO = "auto"  # a drafter setting: the best drafter that comes with the target (its shipped head, else layer-skip)
 
 
 def body_config(target_config: Any) -> Any:
@@ -363,9 +365,10 @@ _LOADED: dict[tuple[str, str, str], nn.Module] = {}  # (target weights, kind, he
 
 
 def resolve_head(target: Any, source: str, kind: str) -> nn.Module:
-    """The head a strategy drafts with: `source` empty -> the head shipped for this target; a directory with
-    head.json -> ours; anything else -> a released head (load_published). Loaded once per process."""
-    if not source.strip():
+    """The head a strategy drafts with: `source` empty, 'eagle-head' or 'auto' -> the head shipped for this
+    target; a directory with head.json -> ours; anything else -> a released head (load_published). Loaded once per
+    process."""
+    if source.strip() in ("", EAGLE_HEAD, AUTO):
         shipped = shipped_head(target, kind)
         if shipped is None:
             raise ValueError(f"{kind} needs a trained head: none ships for this model, set drafter to a directory "

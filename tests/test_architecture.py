@@ -58,3 +58,21 @@ def test_limits_are_checked_from_the_field_metadata():
         make_config("diverse_beam", {"diversity": "nan"})
     with pytest.raises(ValueError, match="num_beams must be a int"):
         make_config("beam", {"num_beams": "inf"})
+
+
+def test_no_draft_verify_config_redefines_a_field_of_the_sampling_rule():
+    """A subclass field with the name of one of SpeculativeConfig's (rule, temperature, top_k, top_p) would
+    silently change how drafts are verified (EAGLE-2's tree top-k once filtered the sampling rule to top-4)."""
+    import dataclasses
+
+    import explorer.strategies  # noqa: F401  (fills the registry)
+    from explorer.strategies.base import REGISTRY
+    from explorer.strategies.draft_verify import SpeculativeConfig
+
+    rule = {field.name: field for field in dataclasses.fields(SpeculativeConfig)}
+    for name, spec in REGISTRY.items():
+        if issubclass(spec.config, SpeculativeConfig):
+            for field in dataclasses.fields(spec.config):
+                if field.name in rule:
+                    assert (field.default, field.metadata) == (rule[field.name].default,
+                                                               rule[field.name].metadata), (name, field.name)

@@ -68,6 +68,42 @@ def test_eagle_sampling_drafts_only_inside_its_vocabulary_and_replays(trained):
     assert run_to_end(lm, request).token_ids == trace.token_ids
 
 
+def test_speculative_drafts_with_the_shipped_head_by_default_and_stays_lossless(trained, tmp_path, monkeypatch):
+    """draft_model 'auto' (the default): the head shipped for the target where there is one, layer-skip
+    elsewhere; 'eagle-head' asks for the head. Both rules stay exact; BiLD's settings need a draft model."""
+    import shutil
+
+    import explorer.heads as heads
+
+    lm, directory, _ = trained
+    prompt = PROMPTS[0]
+    greedy = run_to_end(lm, RunRequest.build("greedy", {}, prompt, max_new_tokens=30, chat=False))
+    before = run_to_end(lm, RunRequest.build("speculative", {}, prompt, max_new_tokens=30, chat=False))
+    assert before.token_ids == greedy.token_ids and "skipping" in before.rounds[0].drafter  # no head ships for it
+    with pytest.raises(ValueError, match="needs a trained head"):
+        get_strategy("speculative").prepare(lm, make_config("speculative", {"draft_model": "eagle-head"}))
+    shutil.copytree(directory, tmp_path / "tiny-eagle")
+    monkeypatch.setattr(heads, "SHIPPED", tmp_path)  # now a head ships for the tiny model
+    for params in ({}, {"draft_model": "eagle-head", "draft_length": 3, "adaptive": False}):
+        trace = run_to_end(lm, RunRequest.build("speculative", params, prompt, max_new_tokens=30, chat=False))
+        assert trace.token_ids == greedy.token_ids and trace.started.config["draft_model"] == params.get(
+            "draft_model", "auto")
+        assert {r.drafter for r in trace.rounds} == {"EAGLE head"} and trace.mean_accepted_tokens > 1
+    sampled = RunRequest.build("speculative", {"rule": "sampling"}, prompt, max_new_tokens=30, chat=False, seed=4)
+    trace = run_to_end(lm, sampled)
+    vocab = set(load_head(lm, directory).draft_ids.tolist())
+    assert all(t in vocab for r in trace.rounds for t in r.draft_tokens)
+    assert run_to_end(lm, sampled).token_ids == trace.token_ids
+    for params in ({"rollback": 1.0}, {"fallback_threshold": 0.3}):
+        with pytest.raises(ValueError, match="need a draft model"):
+            get_strategy("speculative").prepare(lm, make_config("speculative", params))
+    layer_skip = run_to_end(lm, RunRequest.build("speculative", {"draft_model": "layer-skip"}, prompt,
+                                                 max_new_tokens=30, chat=False))
+    assert "skipping" in layer_skip.rounds[0].drafter
+    with pytest.raises(ValueError, match="not as a draft model"):
+        get_strategy("tree_speculative").prepare(lm, make_config("tree_speculative", {"draft_model": "eagle-head"}))
+
+
 def test_a_missing_or_foreign_head_is_a_clear_error(trained, tmp_path):
     lm, directory, _ = trained
     for params, message in (({}, "needs a trained head"), ({"drafter": str(tmp_path)}, "has none of")):
@@ -94,7 +130,7 @@ def test_the_dynamic_tree_is_lossless_and_its_top_path_is_the_chain(trained):
     lm, directory, _ = trained
     for prompt in PROMPTS[:2]:
         greedy = run_to_end(lm, RunRequest.build("greedy", {}, prompt, max_new_tokens=30, chat=False))
-        tree = run_to_end(lm, RunRequest.build("eagle", {"drafter": str(directory), "tree": "dynamic", "top_k": 3,
+        tree = run_to_end(lm, RunRequest.build("eagle", {"drafter": str(directory), "tree": "dynamic", "tree_top_k": 3,
                                                          "depth": 4, "budget": 8}, prompt, max_new_tokens=30,
                                                chat=False))
         assert tree.token_ids == greedy.token_ids
@@ -103,9 +139,9 @@ def test_the_dynamic_tree_is_lossless_and_its_top_path_is_the_chain(trained):
         # one child per level: the tree is the head's greedy chain, drafted through tree-masked head passes
         chain = run_to_end(lm, RunRequest.build("eagle", {"drafter": str(directory), "draft_length": 4,
                                                           "adaptive": False}, prompt, max_new_tokens=30, chat=False))
-        narrow = run_to_end(lm, RunRequest.build("eagle", {"drafter": str(directory), "tree": "dynamic", "top_k": 1,
-                                                           "depth": 4, "budget": 4}, prompt, max_new_tokens=30,
-                                                 chat=False))
+        narrow = run_to_end(lm, RunRequest.build("eagle", {"drafter": str(directory), "tree": "dynamic",
+                                                           "tree_top_k": 1, "depth": 4, "budget": 4}, prompt,
+                                                 max_new_tokens=30, chat=False))
         assert [r.draft_tokens for r in narrow.rounds] == [r.draft_tokens for r in chain.rounds]
 
 
@@ -295,7 +331,7 @@ def test_a_released_eagle3_head_loads_matches_its_formula_and_stays_lossless(tmp
 
     for prompt in PROMPTS[:2]:
         greedy = run_to_end(lm, RunRequest.build("greedy", {}, prompt, max_new_tokens=24, chat=False))
-        for params in ({}, {"tree": "dynamic", "top_k": 3, "depth": 3, "budget": 8}):
+        for params in ({}, {"tree": "dynamic", "tree_top_k": 3, "depth": 3, "budget": 8}):
             run = run_to_end(lm, RunRequest.build("eagle", {"drafter": str(tmp_path), **params}, prompt,
                                                   max_new_tokens=24, chat=False))
             assert run.token_ids == greedy.token_ids
@@ -313,7 +349,8 @@ def test_a_released_eagle3_head_loads_matches_its_formula_and_stays_lossless(tmp
 
 def test_the_shipped_head_is_the_embedded_models_default_and_lossless(embedded):
     """assets/drafters holds a head for the embedded model: its manifest's sha256 matches the weights, it is
-    found by the model's weights hash, an empty `drafter` uses it, and drafting with it is exactly greedy."""
+    found by the model's weights hash, an empty `drafter` uses it (and speculative's default 'auto' drafter), and
+    drafting with it is exactly greedy."""
     from explorer.heads import SHIPPED, shipped_head
 
     directory = shipped_head(embedded, "eagle")
@@ -326,3 +363,5 @@ def test_the_shipped_head_is_the_embedded_models_default_and_lossless(embedded):
     for params in ({}, {"tree": "dynamic"}):
         eagle = run_to_end(embedded, RunRequest.build("eagle", params, prompt, max_new_tokens=24))
         assert eagle.token_ids == greedy.token_ids and eagle.mean_accepted_tokens > 1
+    speculative = run_to_end(embedded, RunRequest.build("speculative", {}, prompt, max_new_tokens=24))
+    assert speculative.token_ids == greedy.token_ids and speculative.rounds[0].drafter == "EAGLE head"

@@ -48,7 +48,8 @@ COPY_PROMPT = ("Repeat this sentence exactly, then say why it is true: The quick
 @pytest.mark.parametrize("name, params", [
     ("prompt_lookup", {}),
     ("jacobi", {"window": 6}),
-    ("speculative", {"draft_length": 4}),
+    ("speculative", {"draft_length": 4}),  # 'auto': the EAGLE head shipped for the embedded model
+    ("speculative", {"draft_length": 4, "draft_model": "layer-skip"}),
     ("self_speculative", {"skip": "12-17"}),
     ("self_speculative", {"exit_after": 10}),
     ("self_speculative", {}),  # CLaSp's DP search on the shared cache

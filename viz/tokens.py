@@ -132,5 +132,6 @@ def metrics_html(trace: Trace | None, baseline: Trace | None = None, live: tuple
     drafts_with_itself = "draft_model" in config and str(config["draft_model"]).strip() in ("", "target")
     if drafts_with_itself and not str(config.get("skip", "")).strip():
         warning = ('<div class="lane-warning">⚠ the draft is the target itself: every draft is accepted and no '
-                   "time is saved. Use draft_model 'layer-skip' or a smaller model with the same vocabulary.</div>")
+                   "time is saved. Use draft_model 'auto' (the model's shipped EAGLE head, else layer-skip) or a "
+                   "smaller model with the same vocabulary.</div>")
     return f'<div class="lane-metrics">{body}</div>{warning}'

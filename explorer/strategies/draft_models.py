@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
+from explorer.heads import AUTO, EAGLE_HEAD
 from explorer.models import MODEL_CACHE, check_same_vocabulary, decoder_layers, layer_path, same_tokenizer
 from explorer.params import param
 from explorer.strategies.draft_verify import Drafter, DraftLength, DraftTree, SpeculativeConfig, Verdict
 
 SELF = ("", "target")
 LAYER_SKIP = "layer-skip"  # the target with its middle quarter of layers skipped: the default drafter
-BUILTIN_DRAFTS = (*SELF, LAYER_SKIP)  # drafts made from the target itself (nothing to load)
+BUILTIN_DRAFTS = (*SELF, LAYER_SKIP, EAGLE_HEAD, AUTO)  # drafts that come with the target (nothing a visitor names)
 
 
 def middle_layers(total: int) -> set[int]:
@@ -53,7 +54,9 @@ def load_draft_model(model: Any, draft_model: str, *, any_tokenizer: bool = Fals
     re-tokenised, see UniversalDrafter)."""
     if draft_model.strip() in SELF:
         return model.for_run()
-    if draft_model.strip() == LAYER_SKIP:
+    if draft_model.strip() == EAGLE_HEAD:
+        raise ValueError(f"'{EAGLE_HEAD}' drafts in the speculative and eagle strategies only, not as a draft model")
+    if draft_model.strip() in (LAYER_SKIP, AUTO):  # no head drafts here: the layer-skip view is the best built in
         return layer_skip_view(model, middle_layers(len(decoder_layers(model.model))))
     draft = MODEL_CACHE.get(draft_model, dtype=model.info.dtype, device=model.info.device).for_run()
     if not any_tokenizer:

@@ -37,10 +37,10 @@ from explorer.strategies.draft_verify import Drafter, DraftLength, DraftTree, Ve
 
 @dataclass(frozen=True)
 class EagleConfig(ChainDraftConfig):
-    tree: str = param("chain", "chain: gamma tokens; dynamic: EAGLE-2's tree (expand the top_k most confident "
+    tree: str = param("chain", "chain: gamma tokens; dynamic: EAGLE-2's tree (expand the tree_top_k most confident "
                                "nodes per level, keep the budget best)", choices=("chain", "dynamic"))
-    top_k: int = param(4, "dynamic tree: nodes expanded per level and children per node", minimum=1, maximum=10,
-                       step=1)
+    tree_top_k: int = param(4, "dynamic tree: nodes expanded per level and children per node (EAGLE-2's top-k; "
+                                "the sampling rule's top_k filters the distributions)", minimum=1, maximum=10, step=1)
     depth: int = param(5, "dynamic tree: levels", minimum=1, maximum=10, step=1)
     budget: int = param(16, "dynamic tree: nodes kept for verification", minimum=1, maximum=64, step=1)
 
@@ -125,11 +125,11 @@ class EagleDrafter(Drafter):
 
     def _dynamic(self, context: Sequence[int], predicted: torch.Tensor) -> DraftTree:
         """EAGLE-2 (Li et al. 2024, arXiv:2406.16858): value(node) = product of the head's confidences on its
-        path. Expand: each level, the top_k most valuable new nodes are run through the head in one tree-masked
-        pass, and the top_k of all their children (by value) become the next level. Rerank: the `budget` most
-        valuable nodes (a child is never worth more than its parent, so they form a tree) are verified, as
-        point masses (the target's rule decides, exactly)."""
-        config, k = self.config, self.config.top_k
+        path. Expand: each level, the tree_top_k most valuable new nodes are run through the head in one
+        tree-masked pass, and the tree_top_k of all their children (by value) become the next level. Rerank: the
+        `budget` most valuable nodes (a child is never worth more than its parent, so they form a tree) are
+        verified, as point masses (the target's rule decides, exactly)."""
+        config, k = self.config, self.config.tree_top_k
         tokens: list[int] = []
         parents: list[int] = []
         values: list[float] = []

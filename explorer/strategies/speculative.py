@@ -16,14 +16,18 @@ more of the small model's tokens. Departure: BiLD lets the small model run until
 at the draft length gamma (draft_length up to 16; BiLD's own setting has no cap).
 A draft model with another tokenizer drafts through universal assisted decoding (draft_models.UniversalDrafter:
 its text re-tokenised into target tokens, verified as point masses, still lossless).
-The draft model: any causal LM; by default ('layer-skip') the target itself with its
-middle quarter of layers skipped (Draft & Verify's drafter, drafting on the target's own KV cache), since no
-separate small model is available offline; 'target' drafts with the full target (it accepts everything and
-saves nothing).
+The drafter: any causal LM; 'layer-skip', the target itself with its middle quarter of layers skipped (Draft &
+Verify's drafter, drafting on the target's own KV cache), since no separate small model is available offline;
+'eagle-head', the trained EAGLE head shipped for the target in assets/drafters (the eagle strategy's drafter, as a
+chain of up to gamma tokens: see strategies/eagle.py); 'target' drafts with the full target (it accepts everything
+and saves nothing). The default, 'auto', is the shipped EAGLE head where the target has one (the embedded model:
+a head token costs ~3 % of a target pass, a layer-skip token ~75 %) and layer-skip elsewhere; the rounds' drafter
+name says which drafted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +35,9 @@ from typing import Any
 import torch
 
 from explorer.events import Event
+from explorer.heads import AUTO, EAGLE_HEAD, shipped_head
 from explorer.params import param
-from explorer.strategies.base import register
+from explorer.strategies.base import get_strategy, register
 from explorer.strategies.draft_models import (
     ChainDraftConfig,
     ModelDrafter,
@@ -46,7 +51,8 @@ from explorer.strategies.draft_verify import draft_verify
 
 @dataclass(frozen=True)
 class DraftModelConfig(ChainDraftConfig):
-    draft_model: str = param("layer-skip", "drafter: 'layer-skip' (the target minus its middle quarter of layers), "
+    draft_model: str = param(AUTO, "drafter: 'auto' (the EAGLE head shipped for this model, else layer-skip), "
+                             "'eagle-head' (that head), 'layer-skip' (the target minus its middle quarter of layers), "
                              "'target' (itself: accepts everything, saves nothing), or an HF id / local path of a "
                              "model with the target's vocabulary", model=True)
     fallback_threshold: float = param(0.0, "BiLD fallback: stop drafting when the draft's top probability is below "
@@ -55,7 +61,17 @@ class DraftModelConfig(ChainDraftConfig):
                                  "most this (0 = off: exact verification)", minimum=0.0, maximum=20.0, step=0.1)
 
 
+def drafts_with_head(model: Any, config: DraftModelConfig) -> bool:
+    """Whether the shipped EAGLE head drafts: asked for ('eagle-head'), or 'auto' on a target that has one."""
+    name = config.draft_model.strip()
+    return name == EAGLE_HEAD or (name == AUTO and shipped_head(model, "eagle") is not None)
+
+
 def prepare(model: Any, config: DraftModelConfig) -> None:
+    if drafts_with_head(model, config):
+        eagle, eagle_config = as_eagle(config)
+        eagle.prepare(model, eagle_config)  # the head is loaded once (cached) before the run
+        return
     draft = load_draft_model(model, config.draft_model, any_tokenizer=True)  # loaded once (cached) before the run
     check_bild(model, draft, config)
 
@@ -65,11 +81,26 @@ def check_bild(model: Any, draft: Any, config: DraftModelConfig) -> None:
         raise ValueError("BiLD's fallback and rollback need a draft with the target's tokenizer")
 
 
+def as_eagle(config: DraftModelConfig) -> tuple[Any, Any]:
+    """The eagle strategy (found in the registry: strategies do not import each other) and its config for this
+    run: a chain from the shipped head, with this run's draft length and rule."""
+    if config.rollback or config.fallback_threshold:
+        raise ValueError("BiLD's fallback and rollback need a draft model: set draft_model to 'layer-skip' or a "
+                         "model (the EAGLE head drafts here by default)")
+    eagle = get_strategy("eagle")
+    shared = {field.name: getattr(config, field.name) for field in dataclasses.fields(ChainDraftConfig)}
+    return eagle, eagle.config(**shared, drafter=EAGLE_HEAD)
+
+
 @register("speculative", DraftModelConfig, "speculative decoding with a draft model (greedy or sampling rule)",
           prepare=prepare,
           family="speed-up: draft-verify",
           paper="Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318")
 def run(model: Any, prompt_ids: Sequence[int], config: DraftModelConfig, rng: torch.Generator) -> Iterator[Event]:
+    if drafts_with_head(model, config):
+        eagle, eagle_config = as_eagle(config)
+        yield from eagle.run(model, prompt_ids, eagle_config, rng)
+        return
     draft = load_draft_model(model, config.draft_model, any_tokenizer=True)
     check_bild(model, draft, config)
     if not same_vocabulary(model, draft):  # universal assisted decoding: drafts re-tokenised into target tokens
