@@ -368,6 +368,9 @@ def resolve_head(target: Any, source: str, kind: str) -> nn.Module:
     """The head a strategy drafts with: `source` empty, 'eagle-head' or 'auto' -> the head shipped for this
     target; a directory with head.json -> ours; anything else -> a released head (load_published). Loaded once per
     process."""
+    if source.strip() in ("target", "layer-skip"):  # the draft models' settings: never a Hub id to look up
+        raise ValueError(f"{source.strip()!r} is a draft model, not a trained head: leave {kind}'s drafter empty for "
+                         "the head shipped for this model, or give a head's directory")
     if source.strip() in ("", EAGLE_HEAD, AUTO):
         shipped = shipped_head(target, kind)
         if shipped is None:

@@ -106,7 +106,8 @@ def test_speculative_drafts_with_the_shipped_head_by_default_and_stays_lossless(
 
 def test_a_missing_or_foreign_head_is_a_clear_error(trained, tmp_path):
     lm, directory, _ = trained
-    for params, message in (({}, "needs a trained head"), ({"drafter": str(tmp_path)}, "has none of")):
+    for params, message in (({}, "needs a trained head"), ({"drafter": str(tmp_path)}, "has none of"),
+                            ({"drafter": "layer-skip"}, "is a draft model, not a trained head")):
         with pytest.raises(ValueError, match=message):
             get_strategy("eagle").prepare(lm, make_config("eagle", params))
     with pytest.raises(ValueError, match="hidden size"):

@@ -147,6 +147,9 @@ def test_the_allow_list_answers_the_same_for_every_refused_model(tmp_path):
     with pytest.raises(ValueError, match="30 nodes per round; the limit here is 20"):
         ServerPolicy(max_tree_nodes=20).limit(RunRequest.build("tree_speculative", {"branching": 2, "depth": 4}, "hi"))
     assert "draft trees up to 20 nodes" in ServerPolicy(max_tree_nodes=20).describe()
+    for drafter in ("auto", "eagle-head", "layer-skip"):  # drafters that come with the model: nothing to load
+        policy.limit(RunRequest.build("speculative", {"draft_model": drafter}, "hi"))
+        policy.limit(RunRequest.build("eagle", {"drafter": "" if drafter == "layer-skip" else drafter}, "hi"))
     limited = policy.limit(RunRequest.build("speculative", {"draft_model": "target"}, "hi"))
     assert limited.time_limit_s == policy.time_limit_s and limited.max_prompt_tokens == policy.max_prompt_tokens
 
