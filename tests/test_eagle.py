@@ -70,7 +70,8 @@ def test_eagle_sampling_drafts_only_inside_its_vocabulary_and_replays(trained):
 
 def test_speculative_drafts_with_the_shipped_head_by_default_and_stays_lossless(trained, tmp_path, monkeypatch):
     """draft_model 'auto' (the default): the head shipped for the target where there is one, layer-skip
-    elsewhere; 'eagle-head' asks for the head. Both rules stay exact; BiLD's settings need a draft model."""
+    elsewhere and with BiLD's settings (which need a draft model); 'eagle-head' asks for the head. Both rules stay
+    exact."""
     import shutil
 
     import explorer.heads as heads
@@ -94,9 +95,12 @@ def test_speculative_drafts_with_the_shipped_head_by_default_and_stays_lossless(
     vocab = set(load_head(lm, directory).draft_ids.tolist())
     assert all(t in vocab for r in trace.rounds for t in r.draft_tokens)
     assert run_to_end(lm, sampled).token_ids == trace.token_ids
-    for params in ({"rollback": 1.0}, {"fallback_threshold": 0.3}):
-        with pytest.raises(ValueError, match="need a draft model"):
-            get_strategy("speculative").prepare(lm, make_config("speculative", params))
+    for params in ({"rollback": 1.0}, {"fallback_threshold": 0.3}):  # BiLD: 'auto' drafts with layer-skip
+        trace = run_to_end(lm, RunRequest.build("speculative", params, prompt, max_new_tokens=12, chat=False))
+        assert trace.status == "ok" and all("skipping" in r.drafter for r in trace.rounds)
+        assert trace.rounds or "fallback_threshold" in params  # the fallback may hand every step to the target
+        with pytest.raises(ValueError, match="need a draft model, not the EAGLE head"):
+            get_strategy("speculative").prepare(lm, make_config("speculative", {**params, "draft_model": "eagle-head"}))
     layer_skip = run_to_end(lm, RunRequest.build("speculative", {"draft_model": "layer-skip"}, prompt,
                                                  max_new_tokens=30, chat=False))
     assert "skipping" in layer_skip.rounds[0].drafter

@@ -21,8 +21,8 @@ Verify's drafter, drafting on the target's own KV cache), since no separate smal
 'eagle-head', the trained EAGLE head shipped for the target in assets/drafters (the eagle strategy's drafter, as a
 chain of up to gamma tokens: see strategies/eagle.py); 'target' drafts with the full target (it accepts everything
 and saves nothing). The default, 'auto', is the shipped EAGLE head where the target has one (the embedded model:
-a head token costs ~3 % of a target pass, a layer-skip token ~75 %) and layer-skip elsewhere; the rounds' drafter
-name says which drafted.
+a head token costs ~3 % of a target pass, a layer-skip token ~75 %) and layer-skip elsewhere or with a BiLD
+setting; the rounds' drafter name says which drafted.
 """
 
 from __future__ import annotations
@@ -62,9 +62,11 @@ class DraftModelConfig(ChainDraftConfig):
 
 
 def drafts_with_head(model: Any, config: DraftModelConfig) -> bool:
-    """Whether the shipped EAGLE head drafts: asked for ('eagle-head'), or 'auto' on a target that has one."""
+    """Whether the shipped EAGLE head drafts: asked for ('eagle-head'), or 'auto' on a target that has one and
+    no BiLD setting (those need a draft model's distributions: 'auto' then means layer-skip)."""
     name = config.draft_model.strip()
-    return name == EAGLE_HEAD or (name == AUTO and shipped_head(model, "eagle") is not None)
+    bild = bool(config.rollback or config.fallback_threshold)
+    return name == EAGLE_HEAD or (name == AUTO and not bild and shipped_head(model, "eagle") is not None)
 
 
 def prepare(model: Any, config: DraftModelConfig) -> None:
@@ -85,8 +87,8 @@ def as_eagle(config: DraftModelConfig) -> tuple[Any, Any]:
     """The eagle strategy (found in the registry: strategies do not import each other) and its config for this
     run: a chain from the shipped head, with this run's draft length and rule."""
     if config.rollback or config.fallback_threshold:
-        raise ValueError("BiLD's fallback and rollback need a draft model: set draft_model to 'layer-skip' or a "
-                         "model (the EAGLE head drafts here by default)")
+        raise ValueError("BiLD's fallback and rollback need a draft model, not the EAGLE head: set draft_model to "
+                         "'auto', 'layer-skip' or a model")
     eagle = get_strategy("eagle")
     shared = {field.name: getattr(config, field.name) for field in dataclasses.fields(ChainDraftConfig)}
     return eagle, eagle.config(**shared, drafter=EAGLE_HEAD)
