@@ -86,10 +86,10 @@ def test_a_run_over_its_time_budget_is_stopped_and_stored_as_such(tiny, store):
 
 
 def test_the_worst_allowed_requests_stay_within_a_stated_memory_peak(tiny_dir, tmp_path):
-    """Each worst allowed request, on a tiny model, in a fresh process: peak RSS under 1.5 GB (torch itself
-    takes ~0.4 GB of that)."""
+    """Each worst allowed request, on a tiny model, in a fresh process: peak RSS under 1 GB (~0.4 GB measured,
+    most of it torch itself). The peak is the process's own VmHWM: ru_maxrss carries over from the parent across
+    the spawn, so it read the test process's size (1.5 GB once the embedded model is loaded), not the requests'."""
     script = f"""
-import resource
 from explorer.models import load_model
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
@@ -104,12 +104,12 @@ worst = [("tree_speculative", {{"branching": 2, "depth": 6}}, 64),
          ("jacobi", {{"window": 32}}, 128)]
 for name, params, tokens in worst:
     run_to_end(lm, RunRequest.build(name, params, "hello " * 50, max_new_tokens=tokens, chat=False))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) // 1024)
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     peak_mb = int(out.stdout.strip().splitlines()[-1])
-    assert peak_mb < 1500, peak_mb
+    assert peak_mb < 1000, peak_mb
 
 
 def test_a_strategy_that_commits_nothing_has_failed(store):
