@@ -108,6 +108,25 @@ def test_speculative_drafts_with_the_shipped_head_by_default_and_stays_lossless(
         get_strategy("tree_speculative").prepare(lm, make_config("tree_speculative", {"draft_model": "eagle-head"}))
 
 
+def test_the_heads_draft_rows_are_gathered_once_and_follow_the_lm_head(trained):
+    """EagleHead.logits keeps W[V_d]: the scores equal the product with freshly gathered rows, in inference mode
+    and then with autograd (an inference tensor would refuse backward), and follow an in-place change of W."""
+    lm, directory, _ = trained
+    head = load_head(lm, directory)
+    weight = lm.model.get_output_embeddings().weight.detach().clone()
+    predicted = torch.randn(3, weight.shape[1])
+    with torch.inference_mode():
+        assert torch.allclose(head.logits(predicted, weight), predicted @ weight[head.draft_ids].T)
+        rows = head._rows
+        head.logits(predicted, weight)
+        assert head._rows is rows  # kept, not gathered again
+    wanting_grad = predicted.clone().requires_grad_()
+    head.logits(wanting_grad, weight).sum().backward()
+    assert torch.allclose(wanting_grad.grad, weight[head.draft_ids].sum(dim=0).expand(3, -1))
+    weight.mul_(2.0)
+    assert torch.allclose(head.logits(predicted, weight), predicted @ weight[head.draft_ids].T)
+
+
 def test_a_missing_or_foreign_head_is_a_clear_error(trained, tmp_path):
     lm, directory, _ = trained
     for params, message in (({}, "needs a trained head"), ({"drafter": str(tmp_path)}, "has none of"),
