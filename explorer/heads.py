@@ -73,8 +73,7 @@ class EagleHead(nn.Module):
             self.body.norm = nn.Identity()
         self.register_buffer("draft_ids", torch.tensor(draft_ids, dtype=torch.long), persistent=False)
         self.target_config = target_config
-        self._rows: torch.Tensor | None = None  # W[V_d], gathered by `logits` for the key below
-        self._rows_key: tuple[Any, ...] | None = None
+        self._rows: tuple[tuple[Any, ...], torch.Tensor] | None = None  # (key, W[V_d]), kept by `logits`
 
     def feature(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The head's input feature from a pass's stacked hidden states (layers + 1, positions, H): the last."""
@@ -93,9 +92,11 @@ class EagleHead(nn.Module):
         and kept (gathering them, 8192 x 576 floats, cost 3.4 ms per draft token: more than the product itself)."""
         key = (lm_head_weight.data_ptr(), lm_head_weight._version, predicted.dtype, predicted.device,
                torch.is_inference_mode_enabled())  # an inference-mode tensor must not reach autograd
-        if self._rows_key != key:
-            self._rows, self._rows_key = lm_head_weight[self.draft_ids].to(predicted.dtype), key
-        return predicted @ self._rows.T
+        kept = self._rows  # one read and one write of a (key, rows) pair: lanes in threads share a head
+        if kept is None or kept[0] != key:
+            kept = (key, lm_head_weight[self.draft_ids].to(predicted.dtype))
+            self._rows = kept
+        return predicted @ kept[1].T
 
 
 class _FusedInput(nn.Module):
