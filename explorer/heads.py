@@ -376,10 +376,13 @@ def resolve_head(target: Any, source: str, kind: str) -> nn.Module:
     """The head a strategy drafts with: `source` empty, 'eagle-head' or 'auto' -> the head shipped for this
     target; a directory with head.json -> ours; anything else -> a released head (load_published). Loaded once per
     process."""
-    if source.strip() in ("target", "layer-skip"):  # the draft models' settings: never a Hub id to look up
+    from explorer.strategies.draft_models import BUILTIN_DRAFTS  # here: draft_models imports this module
+
+    shipped_names = ("", EAGLE_HEAD, AUTO)
+    if source.strip() in BUILTIN_DRAFTS and source.strip() not in shipped_names:  # 'target', 'layer-skip'
         raise ValueError(f"{source.strip()!r} is a draft model, not a trained head: leave {kind}'s drafter empty for "
                          "the head shipped for this model, or give a head's directory")
-    if source.strip() in ("", EAGLE_HEAD, AUTO):
+    if source.strip() in shipped_names:
         shipped = shipped_head(target, kind)
         if shipped is None:
             raise ValueError(f"{kind} needs a trained head: none ships for this model, set drafter to a directory "

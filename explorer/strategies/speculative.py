@@ -60,13 +60,17 @@ class DraftModelConfig(ChainDraftConfig):
     rollback: float = param(0.0, "BiLD rollback (lossy): keep draft tokens while -ln p(x) under the target is at "
                                  "most this (0 = off: exact verification)", minimum=0.0, maximum=20.0, step=0.1)
 
+    @property
+    def bild(self) -> bool:
+        """Whether a BiLD setting (fallback or rollback) is on: both need a draft model's distributions."""
+        return bool(self.rollback or self.fallback_threshold)
+
 
 def drafts_with_head(model: Any, config: DraftModelConfig) -> bool:
     """Whether the shipped EAGLE head drafts: asked for ('eagle-head'), or 'auto' on a target that has one and
     no BiLD setting (those need a draft model's distributions: 'auto' then means layer-skip)."""
     name = config.draft_model.strip()
-    bild = bool(config.rollback or config.fallback_threshold)
-    return name == EAGLE_HEAD or (name == AUTO and not bild and shipped_head(model, "eagle") is not None)
+    return name == EAGLE_HEAD or (name == AUTO and not config.bild and shipped_head(model, "eagle") is not None)
 
 
 def prepare(model: Any, config: DraftModelConfig) -> None:
@@ -79,14 +83,14 @@ def prepare(model: Any, config: DraftModelConfig) -> None:
 
 
 def check_bild(model: Any, draft: Any, config: DraftModelConfig) -> None:
-    if (config.rollback or config.fallback_threshold) and not same_vocabulary(model, draft):
+    if config.bild and not same_vocabulary(model, draft):
         raise ValueError("BiLD's fallback and rollback need a draft with the target's tokenizer")
 
 
 def as_eagle(config: DraftModelConfig) -> tuple[Any, Any]:
     """The eagle strategy (found in the registry: strategies do not import each other) and its config for this
     run: a chain from the shipped head, with this run's draft length and rule."""
-    if config.rollback or config.fallback_threshold:
+    if config.bild:
         raise ValueError("BiLD's fallback and rollback need a draft model, not the EAGLE head: set draft_model to "
                          "'auto', 'layer-skip' or a model")
     eagle = get_strategy("eagle")
