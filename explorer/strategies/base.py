@@ -30,7 +30,16 @@ class StrategySpec:
     needs_budget: bool = False  # search strategies get `max_new_tokens=` (they commit only at the end)
     prepare: Callable[[Any, Any], None] | None = None  # checks (model, config) before the run is stored
     family: str = "other"  # sampling, search, speed-up: draft-verify, speed-up: model-free
-    paper: str = ""  # the paper(s) it implements
+    paper: str = ""  # the paper(s) it implements: "Authors year, name, arXiv:id"
+    # The fidelity ledger (`fidelity_ledger`): the authors' code this follows ("owner/repo: path: function", or
+    # "none public"), and each way this implementation departs from the paper and that code, one line each.
+    reference_code: str = ""
+    departures: tuple[str, ...] = ()
+
+    @property
+    def fidelity(self) -> str:
+        """'faithful' when nothing departs from the paper and the authors' code, else 'departures'."""
+        return "departures" if self.departures else "faithful"
 
 
 FAMILIES = ("sampling", "search", "speed-up: draft-verify", "speed-up: model-free", "diffusion", "other")
@@ -38,15 +47,16 @@ REGISTRY: dict[str, StrategySpec] = {}
 
 
 def register(name: str, config: type, summary: str, *, needs_budget: bool = False,
-             prepare: Callable[[Any, Any], None] | None = None, family: str = "other", paper: str = ""
-             ) -> Callable[[Callable], Callable]:
+             prepare: Callable[[Any, Any], None] | None = None, family: str = "other", paper: str = "",
+             reference_code: str = "", departures: Sequence[str] = ()) -> Callable[[Callable], Callable]:
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}")
 
     def decorate(run: Callable) -> Callable:
         if name in REGISTRY:
             raise ValueError(f"strategy {name!r} is registered twice")
-        REGISTRY[name] = StrategySpec(name, run, config, summary, needs_budget, prepare, family, paper)
+        REGISTRY[name] = StrategySpec(name, run, config, summary, needs_budget, prepare, family, paper,
+                                      reference_code, tuple(departures))
         return run
 
     return decorate

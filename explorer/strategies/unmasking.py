@@ -321,10 +321,12 @@ def diffusion_prepare(model: Any, config: UnmaskingConfig) -> None:
 
 
 def register_diffusion(name: str, config: type, summary: str, paper: str, schedule: type = Schedule,
-                       prepare: Any = diffusion_prepare) -> None:
+                       prepare: Any = diffusion_prepare, reference_code: str = "",
+                       departures: Sequence[str] = ()) -> None:
     """Register a diffusion strategy: the shared sampler with `schedule(config, model, rng)` deciding."""
     def run(model: Any, prompt_ids: Sequence[int], config: UnmaskingConfig, rng: torch.Generator, *,
             max_new_tokens: int) -> Iterator[Event]:
         yield from mask_predict(model, prompt_ids, config, rng, max_new_tokens, schedule(config, model, rng))
 
-    register(name, config, summary, needs_budget=True, prepare=prepare, family="diffusion", paper=paper)(run)
+    register(name, config, summary, needs_budget=True, prepare=prepare, family="diffusion", paper=paper,
+             reference_code=reference_code, departures=departures)(run)
