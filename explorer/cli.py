@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     branch.add_argument("--lens", action="store_true")
     branch.add_argument("--attention", action="store_true")
 
-    sub.add_parser("strategies", help="list strategies and their parameters")
+    listing = sub.add_parser("strategies", help="list strategies and their parameters (--fidelity: the ledger)")
+    listing.add_argument("--fidelity", action="store_true",
+                         help="print the fidelity ledger: each strategy's paper, the authors' code it follows, "
+                              "and every departure from them")
+    listing.add_argument("--markdown", action="store_true", help="with --fidelity: as one Markdown table")
 
     export = sub.add_parser("export", help="export runs: per-step table (csv, parquet), events (jsonl), bundles, "
                                            "Spec-Bench answer files (specbench)")
@@ -156,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--minutes", type=float, default=None, help="stop after this much training time")
     train.add_argument("--unroll", type=int, default=1, help="eagle: draft steps trained on the head's own "
                        "predicted features (1: EAGLE's teacher forcing only)")
+    train.add_argument("--labels", default="soft", choices=["soft", "hard"], help="eagle: the classification "
+                       "target, the target's next-token distribution over V_d (soft, EAGLE's) or its argmax (hard)")
     train.add_argument("--lr", type=float, default=3e-4)
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -178,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--no-features", action="store_true", help="store tokens only (training then recomputes "
                          "the features per batch: the choice on a GPU, where the file stays small)")
     distill.add_argument("--quiet", action="store_true", help="no progress bar")
+    distill.add_argument("--text", default=None, help="instead of answers: teacher-forced chunks of local text "
+                         "(files or folders of .txt/.md/.rst, comma-separated); the head learns the target's own "
+                         "distribution on them (soft labels)")
+    distill.add_argument("--text-tokens", type=int, default=1_000_000, help="with --text: tokens in all")
+    distill.add_argument("--licence", default="", help="with --text: the text's licence, kept in the data's record")
 
     report = sub.add_parser("report", help="write LaTeX/Markdown tables and figures of a sweep's runs")
     report.add_argument("--db", default=None)
@@ -245,7 +256,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     record = train(model, args.out, kind=args.kind, heads=args.heads, corpus_tokens=args.corpus_tokens,
                    answers=args.answers, data=args.data, fraction=args.fraction, vocab=args.vocab,
                    steps=args.steps, batch=args.batch, minutes=args.minutes, unroll=args.unroll, lr=args.lr,
-                   progress=not args.quiet, command=_command_line())
+                   labels=args.labels, progress=not args.quiet, command=_command_line())
     last = record["curve"][-1] if record["curve"] else {}
     print(f"head written to {args.out}: {record['train_tokens']} training tokens, held-out top-1 agreement "
           f"{last.get('agreement', float('nan')):.3f}; use it with --strategy {args.kind} --param drafter={args.out}")
@@ -270,6 +281,8 @@ def cmd_drafter_data(args: argparse.Namespace) -> int:
         raise ValueError("--max-new-tokens must be between 1 and 4096, --temperature in (0, 4]")
     if args.questions and not Path(args.questions).is_file():
         raise ValueError(f"--questions {args.questions}: no such file")
+    if args.text:
+        return _text_data(args)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     record = self_distill(model, args.out, prompts=args.prompts, samples=args.samples, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, batch=args.batch, questions=args.questions,
@@ -278,6 +291,27 @@ def cmd_drafter_data(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {record['sequences']} sequences, {record['tokens']} tokens "
           f"({record['answer_tokens']} answer tokens) from {record['prompts']} prompts; train a head on it with "
           f"`python -m explorer train-drafter --data {args.out} --out DIR`")
+    return 0
+
+
+def _text_data(args: argparse.Namespace) -> int:
+    from explorer.drafter_data import text_data, text_files
+    from explorer.models import load_model
+
+    if not 256 <= args.text_tokens <= 100_000_000:
+        raise ValueError("--text-tokens must be between 256 and 100000000")
+    if not args.licence.strip():
+        raise ValueError("--text needs --licence: say under which licence the text may be used")
+    if args.no_features:
+        raise ValueError("--text stores features (teacher-forced at prefill speed): drop --no-features")
+    sources = [s.strip() for s in args.text.split(",") if s.strip()]
+    text_files(sources)  # refuse a bad path before loading the model
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    record = text_data(model, args.out, sources, tokens=args.text_tokens, licence=args.licence,
+                       batch=min(args.batch, 64), seed=args.seed, progress=not args.quiet, command=_command_line())
+    print(f"wrote {args.out}: {record['sequences']} chunks, {record['tokens']} tokens of text from "
+          f"{record['text_files']} files; train a head on it with `python -m explorer train-drafter --data "
+          f"{args.out} --out DIR`")
     return 0
 
 
@@ -412,6 +446,13 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
     from explorer.strategies import REGISTRY
 
+    if args.fidelity:
+        from explorer.fidelity import ledger_markdown, ledger_text
+
+        print(ledger_markdown() if args.markdown else ledger_text(), end="")
+        return 0
+    if args.markdown:
+        raise ValueError("--markdown goes with --fidelity")
     for name, spec in sorted(REGISTRY.items()):
         print(f"{name}: {spec.summary}")
         for field in dataclasses.fields(spec.config):

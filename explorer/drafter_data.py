@@ -219,10 +219,82 @@ def self_distill(model: Any, out: str | Path, *, prompts: int = 2000, samples: i
         extra = {"features": torch.cat([r[2] for r in rows]).numpy(), "argmax": torch.cat([r[3] for r in rows]).numpy()}
     else:
         sequences, extra = [r[0] + r[1] for r in rows], {}
+    write_data(out, sequences, [len(r[0]) - 1 for r in rows], record, extra)
+    return record
+
+
+def write_data(out: str | Path, sequences: list[list[int]], first: list[int], record: dict[str, Any],
+               extra: dict[str, Any]) -> None:
+    """One .npz: token ids, sequence offsets, the first trained position per sequence, the record, and `extra`
+    (features, argmax)."""
     record["tokens"] = sum(len(s) for s in sequences)
     offsets = np.cumsum([0] + [len(s) for s in sequences])
     np.savez(out, tokens=np.fromiter((t for s in sequences for t in s), dtype=np.uint32), offsets=offsets,
-             first=np.asarray([len(r[0]) - 1 for r in rows], dtype=np.int64), record=json.dumps(record), **extra)
+             first=np.asarray(first, dtype=np.int64), record=json.dumps(record), **extra)
+
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+
+
+def text_files(sources: list[str | Path]) -> list[Path]:
+    """The text files named, and those below the folders named (.txt, .md, .rst), in a fixed order."""
+    files: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            files += sorted(p for p in source.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+        elif source.is_file():
+            files.append(source)
+        else:
+            raise ValueError(f"--text {source}: no such file or folder")
+    if not files:
+        raise ValueError("--text: no .txt, .md or .rst files found there")
+    return files
+
+
+@torch.no_grad()
+def text_data(model: Any, out: str | Path, sources: list[str | Path], *, tokens: int, licence: str, chunk: int = 256,
+              batch: int = 16, seed: int = 0, progress: bool = True, command: str = "") -> dict[str, Any]:
+    """Teacher-forced chunks of local text (`tokens` tokens in all, `chunk` each) with the target's features and
+    argmax, written like `self_distill`'s data. With soft labels (the target's own distribution at every position,
+    computed from the stored features while training) any text teaches the head the target's behaviour, at
+    prefill speed. Chunks are drawn from the files in a seeded order; a file holding one of the benchmark's
+    prompts is skipped, so the benchmark stays held out."""
+    files = text_files(sources)
+    random.Random(seed).shuffle(files)
+    hidden = benchmark_prompts()
+    stream: list[int] = []
+    used: list[str] = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if len(text) < 200 or any(prompt in text for prompt in hidden):
+            continue
+        stream += model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        used.append(str(path))
+        if len(stream) >= tokens:
+            break
+    chunks = [stream[i:i + chunk] for i in range(0, min(len(stream), tokens) - chunk + 1, chunk)]
+    if not chunks:
+        raise ValueError(f"--text: fewer than {chunk} tokens of text found")
+    bar = _bar(progress, len(chunks), "teacher-forcing text")
+    features, argmax = [], []
+    for start in range(0, len(chunks), batch):
+        ids = torch.tensor(chunks[start:start + batch], device=model.device)
+        result = model.model(input_ids=ids, output_hidden_states=True)
+        features += list(result.hidden_states[-1].half().cpu())  # (chunk, hidden) each: normed, as generation's
+        argmax += list(result.logits.argmax(-1).cpu())
+        if bar is not None:
+            bar.update(len(ids))
+    if bar is not None:
+        bar.close()
+    record = {"text_files": len(used), "text_sources": [str(s) for s in sources], "licence": licence,
+              "chunk": chunk, "sequences": len(chunks), "answer_tokens": 0, "prompts": 0, "seed": seed,
+              "target_model": model.info.model_id, "target_weights_hash": model.info.weights_hash,
+              "features": True, "command": command}
+    write_data(out, chunks, [0] * len(chunks), record,
+               {"features": torch.cat(features).numpy(), "argmax": torch.cat(argmax).numpy()})
     return record
 
 

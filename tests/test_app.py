@@ -11,6 +11,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from explorer.recorder import Recorder
 from explorer.request import RunRequest
+from explorer.strategies import REGISTRY
 from explorer.runner import run_to_end
 from explorer.testing import running_app
 from store import Store
@@ -431,6 +432,25 @@ def test_browser_strategy_choice_is_explained_and_filters_follow_the_rule(server
     page.get_by_role("option", name="sampling", exact=True).click()
     page.wait_for_function("() => !document.querySelector(\"#lane1 input[aria-label='number input for "
                            "temperature']\").disabled", timeout=10_000)
+
+
+@pytest.mark.browser
+def test_browser_fidelity_link_opens_the_strategys_ledger_entry(server, browser, tmp_path):
+    url, _ = server
+    page = open_page(browser, url, strategies={1: "eagle"})
+    link = page.locator("#lane1-about a")
+    assert link.inner_text().startswith("fidelity: ") and link.get_attribute("href") == "?fidelity=eagle"
+    with page.context.expect_page() as opened:
+        link.click()
+    entry_page = opened.value
+    entry_page.wait_for_function("document.querySelector('#fidelity-entry')?.textContent.includes('eagle')",
+                                 timeout=30_000)
+    text = entry_page.locator("#fidelity-entry").inner_text()
+    assert "SafeAILab/EAGLE" in text and "arXiv:2401.15077" in text
+    assert entry_page.locator("#fidelity-ledger tr").count() == len(REGISTRY) + 1
+    entry_page.screenshot(path=str(tmp_path / "fidelity.png"), full_page=False)
+    entry_page.close()
+    page.close()
 
 
 def draft_model_box(page, lane: int):
