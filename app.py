@@ -77,7 +77,8 @@ _STORE: Store | None = None
 _STORE_LOCK = threading.Lock()
 CSS = """
 .fidelity-ledger { border-collapse: collapse; font-size: 13px; }
-.fidelity-ledger th, .fidelity-ledger td { border-bottom: 1px solid #ddd; padding: 4px 8px; vertical-align: top; text-align: left; }
+.fidelity-ledger th, .fidelity-ledger td { border-bottom: 1px solid #ddd; padding: 4px 8px; vertical-align: top;
+  text-align: left; }
 .fidelity-ledger ul { margin: 0; padding-left: 16px; }
 .tokens { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 14px; overflow-wrap: anywhere; }
 #lane-summary { overflow-x: auto; }

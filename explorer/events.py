@@ -364,8 +364,8 @@ class LatticeResult:
 @dataclass(frozen=True)
 class SuperposedStep:
     """One step of superposed decoding: the drafts going in (texts) with their superposition weights, and the
-    k x k candidates (which draft, which token, the model's log p, the n-gram filter's log P, the combined
-    score), best first, with the indices of those kept."""
+    k x n scored candidates (which draft, which token, the model's log p, the n-gram filter's log P, the combined
+    score; those scoring -inf are left out), best first, with the indices of those kept."""
 
     kind: ClassVar[str] = "superposed_step"
     step: int

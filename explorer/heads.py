@@ -10,7 +10,8 @@ weights, its own KV cache) and a final norm over the sequence g, giving the pred
 draft distribution is softmax(f^_(i+1) W[V_d]^T) over V_d (zero outside it). Drafting goes on in feature space:
 the next input pairs the drafted token with the predicted feature.
 Training (explorer/train_drafter.py): teacher-forced target passes give (x, f) sequences; loss = SmoothL1(f^, f)
-+ w_ce CE(f^ W[V_d]^T, the target's argmax), as EAGLE's regression + classification.
++ w_ce CE(softmax(f^ W[V_d]^T), softmax(f W[V_d]^T)), as EAGLE's regression + classification against the target's
+own next-token distribution (restricted to V_d).
 Saved as `head.safetensors` (fp16) + `head.json` (the architecture, V_d, the target it was trained for, the
 training record); the target's embedding and LM head are not saved (they are the target's).
 Departure: EAGLE-1's head has no final norm and its decoder layer no input norm (it regresses the normed last
@@ -18,7 +19,9 @@ hidden state directly); ours keeps both (the norm keeps f^ on the features' scal
 as released (`load_published`: those two norms are identities there) and Medusa-1 heads likewise.
 Published formats (`load_published`, a directory or a Hub id with config.json + weights):
 - EAGLE-1 (e.g. yuhuili/EAGLE-Vicuna-7B-v1.3): `fc.weight`, `fc.bias`, `layers.0.*` (no input_layernorm),
-  config.json a Llama config with one hidden layer; drafts over the whole vocabulary.
+  config.json a Llama config with one hidden layer; drafts over the whole vocabulary. Checkpoints saved with an
+  older transformers also hold `layers.0.self_attn.rotary_emb.inv_freq` (a persistent buffer then): such buffers,
+  computed from the config, are ignored (NON_WEIGHT_BUFFERS; the authors' loader reads with strict=False).
 - Medusa-1 (e.g. FasterDecoding/medusa-vicuna-7b-v1.3): `medusa_lm_head.safetensors` / `.pt` with
   `{head}.{layer}.linear.weight|bias` (ResBlocks) and `{head}.{medusa_num_layers}.weight` (hidden -> vocab),
   config.json with medusa_num_heads, medusa_num_layers.
@@ -45,6 +48,8 @@ HEAD_FILE, CONFIG_FILE = "head.safetensors", "head.json"
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "drafters"  # heads that come with the repository
 EAGLE_HEAD = "eagle-head"  # a drafter setting: the EAGLE head shipped for the target in SHIPPED
 AUTO = "auto"  # a drafter setting: the best drafter that comes with the target (its shipped head, else layer-skip)
+# Buffers a released checkpoint may hold that are no weights (recomputed from the config): ignored when loading.
+NON_WEIGHT_BUFFERS = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
 def body_config(target_config: Any) -> Any:
@@ -304,7 +309,9 @@ def load_published(target: Any, source: str, kind: str) -> nn.Module:
 
 def _fill(head: nn.Module, mapped: dict[str, torch.Tensor], target: Any, source: str, what: str,
           record: dict[str, Any]) -> nn.Module:
-    """Load released weights (renamed to ours) into `head`; a shape or a name that does not fit is one line."""
+    """Load released weights (renamed to ours) into `head`; a shape or a name that does not fit is one line.
+    Known non-weight buffers (NON_WEIGHT_BUFFERS) are dropped first; any other name the head lacks is refused."""
+    mapped = {k: v for k, v in mapped.items() if not k.endswith(NON_WEIGHT_BUFFERS)}
     try:
         missing, unexpected = head.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=False)
     except RuntimeError as error:  # shapes that do not fit this model

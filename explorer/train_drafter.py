@@ -7,9 +7,20 @@ or, without one, the target's own features by teacher-forced passes over local E
 library's docstrings, this repository's docs) plus, optionally, the target's own chat answers to prompts made from
 those docstrings, generated in batches.
 Each sequence gives pairs (e(x_(j+1)), f_j) -> f_(j+1) and the target's argmax at j + 1.
-Loss (EAGLE's): SmoothL1(f^, f) + w_ce CE(f^ W[V_d]^T, the target's argmax), with U(-noise, noise) added to the
-input features (EAGLE's robustness to its own drafted features). Medusa-1's: sum over heads k of
-CE(head_k(h_t), x_(t+1+k)), the sequence's own tokens (the target's own answers where self-generated).
+Loss (EAGLE's, as its authors' SafeAILab/EAGLE: eagle/train/main.py: compute_loss has it, with v_w = 1, p_w = 0.1):
+SmoothL1(f^, f) + w_ce CE(q, p), q = softmax(f^_(j+1) W[V_d]^T) the head's draft distribution and the soft target
+p = softmax(f_(j+1) W[V_d]^T): the frozen target LM head over the stored target feature, i.e. the target's own
+next-token distribution restricted to V_d and renormalised (the mass outside V_d is dropped: q is zero there, so
+CE against it would be infinite, and the head could not learn it anyway). Positions where the target's argmax lies
+outside V_d are left out of the CE term, as EAGLE-3's code does with a reduced vocabulary
+(eagle/traineagle3/cnets.py: position_mask). `labels="hard"` trains on the target's argmax instead (one-hot p).
+Feature noise (EAGLE's robustness to its own drafted features), as the authors' code adds it
+(eagle/train/main.py: AddUniformNoise, "noise": "uniform", "std": 0.2, applied per sequence of n positions):
+(U(0, 1) - 0.5) * 0.2 * 512 / n per element, i.e. U(-a, a) with a = noise * 512 / n and noise = 0.1: U(-0.1, 0.1)
+at n = 512 (the paper's figure), wider on shorter sequences; n here is the sequence's own length as trained (a
+chat prompt cut to its last `max_prompt` tokens), not the authors' (up to 2048 tokens of ShareGPT).
+Medusa-1's loss: sum over heads k of CE(head_k(h_t), x_(t+1+k)), the sequence's own tokens (the target's own
+answers where self-generated).
 V_d = the K tokens the target predicts most often on the data (plus its end tokens).
 Batches of `batch` sequences, right-padded; `unroll` > 1 trains on the head's own predicted features too (see
 eagle_loss); `minutes` bounds the training time. Resumable: a checkpoint (head, optimiser, step, data) is
@@ -114,19 +125,35 @@ def pad_batch(model: Any, batch: list[Sequence_]) -> tuple[torch.Tensor, ...]:
     return ids, features, argmax, valid, first
 
 
+def feature_noise(inputs: torch.Tensor, lengths: torch.Tensor, noise: float) -> torch.Tensor:
+    """EAGLE's uniform feature noise for `inputs` (batch, n, hidden): U(-a, a) per element with a = noise * 512 / the
+    row's sequence length `lengths` (batch,), the authors' AddUniformNoise (std 0.2 = 2 * noise) on sequences of
+    different lengths."""
+    half_width = noise * 512 / lengths.clamp(min=1).to(inputs.dtype)  # (batch,)
+    return (torch.rand_like(inputs) * 2 - 1) * half_width[:, None, None]
+
+
+def soft_cross_entropy(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum_v p_v log q_v, q = softmax(scores), p = target (rows of probabilities)."""
+    return -(target * torch.log_softmax(scores, dim=-1)).sum(-1).mean()
+
+
 def eagle_loss(head: EagleHead, model: Any, batch: tuple[torch.Tensor, ...], index_of: torch.Tensor,
-               lm_head: torch.Tensor, *, noise: float = 0.0, ce_weight: float = 0.1, unroll: int = 1
-               ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+               lm_head: torch.Tensor, *, noise: float = 0.0, ce_weight: float = 0.1, unroll: int = 1,
+               labels: str = "soft") -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """EAGLE's loss over a padded batch, and (hits, count) of top-1 agreement with the target per unroll step.
-    Step u (0-based) feeds the pairs (e(x_(j+1+u)), input_j) -> f^_(j+1+u), input = f_j (+ noise) at u = 0 and
-    the head's own f^_(j+u) after: the head trained on its own features as drafting meets them (HASS's
+    CE against the soft target p = softmax(f_(j+1+u) W[V_d]^T) (`labels="soft"`, EAGLE's) or the target's argmax
+    (`"hard"`). Step u (0-based) feeds the pairs (e(x_(j+1+u)), input_j) -> f^_(j+1+u), input = f_j (+ noise) at
+    u = 0 and the head's own f^_(j+u) after: the head trained on its own features as drafting meets them (HASS's
     harmonised training, Zhang et al. 2025, arXiv:2408.15766). Departure: at u >= 1 every position of the
     sequence reads predicted features, where drafting reads real ones for the accepted context."""
+    if labels not in ("soft", "hard"):
+        raise ValueError(f"labels must be 'soft' or 'hard', not {labels!r}")
     ids, features, argmax, valid, first = batch
     embeds = model.model.get_input_embeddings()(ids).float()
     inputs = features[:, :-1]
     if noise:
-        inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise
+        inputs = inputs + feature_noise(inputs, valid.sum(dim=1), noise)
     total, agreement = 0.0, []
     n = features.shape[1] - 1
     for u in range(min(unroll, n)):
@@ -135,15 +162,20 @@ def eagle_loss(head: EagleHead, model: Any, batch: tuple[torch.Tensor, ...], ind
         pairs = torch.arange(span, device=ids.device)
         reg_mask = valid[:, 1 + u:]
         ce_mask = reg_mask & (pairs[None] >= first[:, None])
-        labels = index_of[argmax[:, 1 + u:]]
-        ce_mask = ce_mask & (labels >= 0)
+        hard = index_of[argmax[:, 1 + u:]]
+        ce_mask = ce_mask & (hard >= 0)  # the target's argmax in V_d (EAGLE-3's position mask)
         regression = nn.functional.smooth_l1_loss(predicted, features[:, 1 + u:], reduction="none").mean(-1)
         scores = head.logits(predicted[ce_mask], lm_head)
         loss = regression[reg_mask].mean()
         if ce_mask.any():
-            loss = loss + ce_weight * nn.functional.cross_entropy(scores, labels[ce_mask])
+            if labels == "soft":
+                with torch.no_grad():  # the frozen target LM head over the stored target features
+                    p = torch.softmax(head.logits(features[:, 1 + u:][ce_mask], lm_head).float(), dim=-1)
+                loss = loss + ce_weight * soft_cross_entropy(scores.float(), p)
+            else:
+                loss = loss + ce_weight * nn.functional.cross_entropy(scores, hard[ce_mask])
         total = total + loss
-        agreement.append((int((scores.argmax(-1) == labels[ce_mask]).sum()), int(ce_mask.sum())))
+        agreement.append((int((scores.argmax(-1) == hard[ce_mask]).sum()), int(ce_mask.sum())))
         inputs = predicted[:, :-1]
     return total / max(1, min(unroll, n)), agreement
 
@@ -244,10 +276,12 @@ def vocabulary_counts(model: Any, sequences: list[Sequence_], size: int, batch: 
 def train(model: Any, out: str | Path, *, kind: str = "eagle", heads: int = 3, corpus_tokens: int = 20000,
           answers: int = 0, data: str | Path | None = None, fraction: float = 1.0, vocab: int = 8192,
           steps: int = 2000, batch: int = 1, minutes: float | None = None, unroll: int = 1, lr: float = 3e-4,
-          ce_weight: float = 0.1, noise: float = 0.1, save_every: int = 200, seed: int = 0,
+          ce_weight: float = 0.1, noise: float = 0.1, labels: str = "soft", save_every: int = 200, seed: int = 0,
           progress: bool = True, command: str = "") -> dict[str, Any]:
     """Collect (or reload) the data, train (or resume) the head, write it to `out`; returns the training record.
     Stops after `steps` steps of `batch` sequences, or after `minutes` of training when given."""
+    if labels not in ("soft", "hard"):
+        raise ValueError(f"labels must be 'soft' or 'hard', not {labels!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
@@ -293,7 +327,7 @@ def train(model: Any, out: str | Path, *, kind: str = "eagle", heads: int = 3, c
             loss = medusa_loss(head, padded, index_of)[0]
         else:
             loss = eagle_loss(head, model, padded, index_of, lm_head, noise=noise, ce_weight=ce_weight,
-                              unroll=unroll)[0]
+                              unroll=unroll, labels=labels)[0]
         done = max(step / steps, (time.perf_counter() - began) / (minutes * 60) if minutes else 0.0)
         for group in optimiser.param_groups:  # linear decay to a tenth
             group["lr"] = lr * (1 - 0.9 * min(1.0, done))
@@ -325,7 +359,8 @@ def train(model: Any, out: str | Path, *, kind: str = "eagle", heads: int = 3, c
     tokens = sum(len(s.ids) for s in sequences)
     record = {"kind": kind, "steps": step, "batch": batch, "train_tokens": tokens,
               "held_out_sequences": len(held_out), "corpus_tokens": corpus_tokens, "answers": answers,
-              "vocab": len(draft_ids), "lr": lr, "ce_weight": ce_weight, "noise": noise, "unroll": unroll,
+              "vocab": len(draft_ids), "lr": lr, "ce_weight": ce_weight, "noise": noise, "labels": labels,
+              "unroll": unroll,
               "train_minutes": round(state["train_s"] / 60, 2), "curve": curve, "data": description,
               "data_records": state.get("data_records", []), "command": command}
     save_head(head, model, out, {"training": record})

@@ -1,8 +1,11 @@
 """Utilities that compare two texts, for minimum-Bayes-risk decoding (pure Python, no torch).
 
 chrF (Popović 2015, "chrF: character n-gram F-score for automatic MT evaluation"): character n-grams of orders
-1..N (spaces removed, as sacrebleu's default), precision and recall per order averaged over the orders both
-texts have, combined as F_β = (1 + β²)·P·R / (β²·P + R) with β = 2 (recall weighted higher), times 100.
+1..N taken after removing ALL whitespace (spaces, tabs, newlines, Unicode spaces: sacrebleu's default
+`whitespace=False`, `''.join(line.split())` in sacrebleu/metrics/helpers.py: extract_all_char_ngrams), precision
+and recall per order averaged over the orders both texts have (sacrebleu's default effective order, no epsilon
+smoothing), combined as F_β = (1 + β²)·P·R / (β²·P + R) with β = 2 (recall weighted higher), times 100: sacrebleu's
+sentence-level chrF with one reference.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from collections import Counter
 
 
 def char_ngrams(text: str, n: int) -> Counter:
-    chars = text.replace(" ", "")
+    chars = "".join(text.split())  # every whitespace character goes, not only spaces
     return Counter(chars[i:i + n] for i in range(len(chars) - n + 1))
 
 

@@ -11,8 +11,8 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from explorer.recorder import Recorder
 from explorer.request import RunRequest
-from explorer.strategies import REGISTRY
 from explorer.runner import run_to_end
+from explorer.strategies import REGISTRY
 from explorer.testing import running_app
 from store import Store
 from tests.test_viz import hostile_trace

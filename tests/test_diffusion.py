@@ -12,8 +12,8 @@ from explorer.recorder import Recorder
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies.credit_decoding import fuse, update_credits
-from explorer.strategies.prophet import ProphetConfig, gap_threshold, logit_gaps
-from explorer.strategies.unmasking import commit_above, commit_top, position_scores, transfer_counts
+from explorer.strategies.prophet import ProphetConfig, ProphetSchedule, gap_threshold, logit_gaps
+from explorer.strategies.unmasking import StepView, commit_above, commit_top, position_scores, transfer_counts
 from explorer.testing import save_tiny_masked_lm, tiny_masked_lm
 
 PROMPT = "the cat sat on the mat. the cat"
@@ -101,6 +101,28 @@ def test_prophet_goes_all_in_once_the_gap_clears_its_falling_threshold(tiny):
     assert not any(s.all_in for s in unmask_steps(never)) and never.token_ids == base.token_ids
     with pytest.raises(ValueError, match="tau_high"):
         RunRequest.build("prophet", {"tau_high": 1, "tau_mid": 2}, PROMPT)
+
+
+def test_prophet_all_in_commits_the_noised_predictions_of_a_normal_step(tiny):
+    """At temperature > 0 a step's x̂ is the argmax of Gumbel-noised logits; the all-in commit fills the remaining
+    masks with that same x̂ (the authors' generate: x[remaining_mask] = x0[remaining_mask]), not the plain argmax."""
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 6.0]])
+    noised = torch.tensor([1, 1, 0])  # what Gumbel noise might have drawn: not the argmax at rows 0 and 2
+    probs = torch.softmax(logits.double(), dim=-1)
+    view = StepView(0, 0, 4, 0.0, torch.arange(3), torch.tensor([True, True, False]), logits, probs, noised,
+                    probs.gather(1, noised[:, None])[:, 0], 1)
+    decision = ProphetSchedule(ProphetConfig(tau_high=0.0, tau_mid=0.0, tau_low=0.0, temperature=1.0)).decide(view)
+    assert decision.all_in and decision.committed.tolist() == [True, True, True]
+    committed = decision.proposals if decision.proposals is not None else view.proposals
+    assert committed.tolist() == [1, 1, 0]
+
+    trace = run_to_end(tiny, RunRequest.build("prophet", {"tau_high": 0, "tau_mid": 0, "tau_low": 0,
+                                                          "temperature": 1.5}, PROMPT, max_new_tokens=16,
+                                              chat=False, seed=7))
+    (step,) = unmask_steps(trace)
+    assert step.all_in and step.committed == step.masked
+    assert step.committed_ids == step.predicted_ids  # the noised x̂ of this very step
+    assert trace.token_ids == step.predicted_ids
 
 
 def test_trace_credit_decays_accumulates_and_lifts_a_stable_token():

@@ -2,6 +2,7 @@
 vocabularies, token identity with greedy under the greedy rule, and what each records."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ from explorer.models import decoder_layers
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import make_config
-from explorer.strategies.aded import TrigramMatrix, puct_tree
-from explorer.strategies.depth_decay import decayed_depths
+from explorer.strategies.aded import AdedDrafter, TrigramMatrix, cut, drafts, merge, puct, search
+from explorer.strategies.depth_decay import DepthDecayDrafter, decayed_depths, retained_layers
 from explorer.strategies.draft_models import load_draft_model
 from explorer.strategies.draft_verify import (
     DraftTree,
@@ -70,6 +71,32 @@ def test_kseq_accepts_more_than_one_draft_and_rho_one_is_plain_speculative_sampl
     assert rrs_root_acceptance(p, q, 1) == pytest.approx(overlap)
     beta = kseq_beta(p, q, kseq_rho(p, q, 4))
     assert 1 - (1 - beta) ** 4 > overlap + 0.05  # four drafts are accepted more often than one
+
+
+def test_kseq_rho_is_the_smallest_valid_rho():
+    """SpecTr's K-SEQ (Sun et al. 2023, Algorithm 2) takes rho* in [1, k] solving 1 - (1 - beta(rho))^k =
+    rho beta(rho): the smallest rho whose residual is a distribution, hence the largest acceptance 1 - (1 - beta)^k
+    (beta falls with rho). A larger rho stays exact but accepts less, so exactness tests cannot tell; pin it."""
+    # closed form: p = (1/2, 1/2), q = (1, 0): beta(rho) = 1 / (2 rho) and rho beta = 1/2, so rho* solves
+    # (1 - 1 / (2 rho))^k = 1/2: rho* = 1 / (2 (1 - 2^(-1/k)))
+    p, q = torch.tensor([0.5, 0.5], dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
+    for k in (2, 3, 4):
+        assert kseq_rho(p, q, k) == pytest.approx(1 / (2 * (1 - 2 ** (-1 / k))), abs=1e-9)
+
+    def holds(p, q, k, rho):  # the constraint rho beta >= 1 - (1 - beta)^k, in plain Python
+        beta = sum(min(qx, px / rho) for px, qx in zip(p, q, strict=True))
+        return rho * beta >= 1 - (1 - beta) ** k
+
+    g = torch.Generator().manual_seed(11)
+    for k in (2, 3, 5):
+        for _ in range(5):
+            p, q = random_pair(g, vocab=5)
+            rho = kseq_rho(p, q, k)
+            grid = [1 + (k - 1) * i / 20000 for i in range(20001)]  # an independent scan of [1, k]
+            smallest = next(r for r in grid if holds(p.tolist(), q.tolist(), k, r))
+            assert smallest - (k - 1) / 20000 - 1e-9 <= rho <= smallest + 1e-9
+            beta = kseq_beta(p, q, rho)
+            assert rho * beta == pytest.approx(1 - (1 - beta) ** k, abs=1e-9)  # equality, not just >=
 
 
 @pytest.mark.parametrize("mode", ["kseq", "multiset"])
@@ -142,33 +169,56 @@ def test_spectr_records_the_kseq_vs_rrs_comparison_on_the_same_drafts(tiny_flat)
 
 
 # ------------------------------------------------------------------------------------------------ ADED
-def toy_matrix() -> TrigramMatrix:
-    matrix = TrigramMatrix()
-    for a, b, c, w in [(0, 1, 2, 5.0), (0, 1, 3, 3.0), (0, 1, 4, 2.0), (1, 2, 5, 4.0), (1, 2, 6, 1.0),
-                       (2, 5, 7, 1.0), (1, 3, 8, 1.0)]:
-        matrix.add(a, b, c, w)
-    return matrix
+def test_aded_puct_is_the_authors_formula():
+    # Q + (c1 + ln((N_p + c2 + 1) / c2)) P sqrt(N_p) / (1 + N), by hand: W = 3, N = 2, P = 0.5, N_p = 10
+    expected = 1.5 + (32.0 + math.log(19 / 8)) * 0.5 * math.sqrt(10) / 3
+    assert puct(3.0, 2, 0.5, 10, 32.0, 8.0) == pytest.approx(expected)
+    assert puct(0.0, 0, 0.9, 10, 32.0, 8.0) == math.inf  # unvisited: tried first
+    assert puct(2.0, 1, 0.5, 0, 32.0, 8.0) == pytest.approx(2.0)  # sqrt(N_p) = 0, not sqrt(N_p + 1)
 
 
-def test_aded_prior_backs_off_to_bigrams():
-    matrix = toy_matrix()
-    assert matrix.prior(0, 1, 2) == [(2, 0.5), (3, 0.3)]
-    assert matrix.prior(9, 2, 1) == [(5, 0.8)]  # no row for (9, 2): the bigram row of 2
-    assert matrix.prior(9, 9, 3) == []
+def test_aded_search_follows_puct_by_hand():
+    matrix = TrigramMatrix({(0, 1): {2: 0.6, 3: 0.4}})  # neither child has a row: every path ends there
+    nodes = search(matrix, [0, 1], simulations=3, depth=3, c1=32.0, c2=8.0, draws=iter([]))
+    # 1: the root's whole row is expanded, the heavier child valued 1 + 0.6; 2: the unvisited child (+inf),
+    # valued 1 + 0.4; 3: PUCT(2) = 1.6 + E 0.6 sqrt(2) / 2 > PUCT(3) = 1.4 + E 0.4 sqrt(2) / 2
+    assert [(n.pair, n.visits) for n in nodes] == [((0, 1), 3), ((1, 2), 2), ((1, 3), 1)]
+    assert [n.value for n in nodes] == pytest.approx([4.6, 3.2, 1.4])
 
 
-def test_aded_without_exploration_drafts_the_matrix_argmax_chain():
-    nodes = puct_tree(toy_matrix(), [0, 1], simulations=20, budget=10, depth=5, exploration=0.0, k=4)
-    assert [n.token for n in nodes] == [2, 5, 7] and [n.parent for n in nodes] == [-1, 0, 1]
-    assert not any(n.explore for n in nodes)
+def test_aded_drafts_the_visited_paths_extended_by_the_row_argmax():
+    chain = TrigramMatrix({(0, 1): {2: 1.0}, (1, 2): {3: 1.0}, (2, 3): {4: 1.0}, (3, 4): {5: 1.0}, (4, 5): {6: 1.0}})
+    nodes = search(chain, [0, 1], simulations=20, depth=3, c1=32.0, c2=8.0, draws=iter([0.5] * 60))
+    assert len(nodes) == 4 and max(n.depth for n in nodes) == 3  # the search stops at depth D
+    found = drafts(chain, nodes, paths=24, budget=64)
+    assert found == [[2, 3], [2, 3, 4], [2, 3, 4, 5]]  # D + 1 tokens at most
+    assert merge(found, 64) == ([2, 3, 4, 5], [-1, 0, 1, 2])
 
 
-def test_aded_exploration_widens_the_tree_within_budget_and_depth():
-    nodes = puct_tree(toy_matrix(), [0, 1], simulations=40, budget=6, depth=2, exploration=4.0, k=4)
-    assert 3 < len(nodes) <= 6
-    assert {n.token for n in nodes if n.parent == -1} >= {2, 3, 4}
-    assert any(n.explore for n in nodes) and all(n.parent < i for i, n in enumerate(nodes))
-    assert all(n.parent == -1 or nodes[n.parent].parent == -1 for n in nodes)  # depth <= 2
+def test_aded_cut_drops_the_paths_with_most_distinct_tokens_first():
+    assert cut([[1, 2], [1, 2, 3], [4]], 4) == [[1, 2], [4]]  # 6 distinct > 4: the 3-token path goes
+    assert cut([[5, 5, 5], [6, 7]], 3) == [[5, 5, 5], [6, 7]]  # distinct tokens count, not length
+
+
+def test_aded_adaptation_bumps_the_last_sixteen_tokens_trigrams_up_to_the_cap():
+    context = list(range(100, 120))  # 20 distinct tokens: the last 16 hold 14 tri-grams
+    matrix = TrigramMatrix({(103, 104): {105: 1.0}, (118, 118): {118: 2.99}})
+    touched = matrix.adapt(context)
+    assert touched == [(a, a + 1) for a in range(104, 118)]
+    assert matrix.rows[(104, 105)] == {106: pytest.approx(0.04)}
+    assert matrix.rows[(117, 118)] == {119: pytest.approx(0.04)}  # the newest token's tri-gram
+    assert matrix.rows[(103, 104)] == {105: 1.0}  # outside the window
+    matrix.adapt([118] * 3)
+    assert matrix.rows[(118, 118)][118] == 3.0  # capped
+
+
+def test_aded_first_round_holds_the_trigram_ending_at_the_prompts_last_token():
+    drafter = AdedDrafter(make_config("aded", {}), torch.Generator().manual_seed(0))
+    draft = drafter.propose([7, 8, 9, 7, 8])  # tri-grams 789, 897 and 978, the last ending at the last token
+    # each seeded from the prompt (normalised: 1.0), then adapted (+0.04)
+    assert drafter.matrix.rows == {(7, 8): {9: pytest.approx(1.04)}, (8, 9): {7: pytest.approx(1.04)},
+                                   (9, 7): {8: pytest.approx(1.04)}}
+    assert draft.tokens == [9, 7, 8, 9] and draft.parents == [-1, 0, 1, 2]
 
 
 def test_aded_adapts_its_matrix_and_a_kept_matrix_starts_warm(tiny):
@@ -179,7 +229,8 @@ def test_aded_adapts_its_matrix_and_a_kept_matrix_starts_warm(tiny):
     rows = [r.details["matrix_rows"] for r in first.rounds]
     assert rows == sorted(rows) and rows[-1] > rows[0]  # the matrix grows as decoding goes
     assert second.token_ids == first.token_ids
-    assert len(second.rounds) < len(first.rounds)  # warm: more accepted per round
+    # warm: more accepted per pass (a cold first run has nothing to draft until the prompt's tail repeats)
+    assert second.finished.target_forward_passes < first.finished.target_forward_passes
     assert any(e.kind == "pool_update" for e in first.events)
     figure = get_view("aded").render([first], 0)
     assert len(figure.data) == 4
@@ -234,15 +285,42 @@ def test_del_on_a_random_model_drafts_short_at_the_cheapest_exit(tiny):
     assert {len(r.draft_tokens) for r in trace.rounds[2:]} == {1}
 
 
+def middle_exact_model():
+    """A tiny model whose middle layers (1-4 of 6) add nothing: a pass that keeps the first and the last layer is
+    exactly the model, an early exit is not."""
+    lm = tiny_model(0, scale=8.0, layers=6)
+    with torch.no_grad():
+        for layer in list(decoder_layers(lm.model))[1:5]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return lm
+
+
+def test_depth_decay_keeps_the_first_and_last_layers_and_skips_the_middle():
+    assert retained_layers(8, 8) == list(range(8))
+    assert retained_layers(8, 5) == [0, 1, 2, 6, 7]  # ceil(5 / 2) first, floor(5 / 2) last
+    assert retained_layers(8, 1) == [0]
+    lm = tiny_model(0, layers=8)
+    config = make_config("depth_decay", {"alpha": 0.85, "adaptive": False, "draft_length": 4})
+    drafter = DepthDecayDrafter(lm, config, torch.Generator().manual_seed(0))
+    assert drafter.depths() == [6, 5, 4, 4]  # floor(8 * 0.85^i)
+    ours = list(decoder_layers(lm.model))
+    ran = [[next(i for i, mine in enumerate(ours) if mine is layer) for layer in decoder_layers(drafter.view(n).model)]
+           for n in drafter.depths()]
+    assert ran == [[0, 1, 2, 5, 6, 7], [0, 1, 2, 6, 7], [0, 1, 6, 7], [0, 1, 6, 7]]
+
+
 def test_depth_decay_drafts_each_token_with_fewer_layers():
-    lm = shallow_exact_model()
-    trace = run_to_end(lm, RunRequest.build("depth_decay", {"alpha": 0.6, "adaptive": False, "draft_length": 4},
-                                            PROMPT, max_new_tokens=32, chat=False))
-    assert {r.details["draft_depths"] for r in trace.rounds} == {"3,2,1,1"}  # floor(6 * 0.6^i)
-    # exits after 2 or 3 layers are exact here, after 1 they are not: the first two draft tokens are always
-    # accepted, and every rejection falls on a one-layer token
-    assert all(r.accepted_count >= 2 for r in trace.rounds)
-    assert any(r.accepted_count < 4 for r in trace.rounds)
+    lm = middle_exact_model()
+    params = {"alpha": 0.6, "adaptive": False, "draft_length": 4}
+    trace = run_to_end(lm, RunRequest.build("depth_decay", params, PROMPT, max_new_tokens=32, chat=False))
+    greedy = run_to_end(lm, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=32, chat=False))
+    assert trace.token_ids == greedy.token_ids
+    assert {r.details["draft_depths"] for r in trace.rounds} == {"3,2,2,2"}  # floor(6 * 0.6^i), at least 2
+    assert {r.details["draft_layers"] for r in trace.rounds} == {"0-1,5;0,5;0,5;0,5"}
+    # the skipped middle layers add nothing here, so every draft token is the target's (an early exit, which
+    # drops the last layer, would be rejected)
+    assert all(r.accepted_count == 4 for r in trace.rounds)
     assert get_view("draft-depth").render([trace], 0).data
 
 

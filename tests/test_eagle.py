@@ -4,6 +4,7 @@ exact under the sampling rule (q is zero outside the draft vocabulary)."""
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -13,9 +14,17 @@ from explorer.heads import CONFIG_FILE, HEAD_FILE, load_head, load_published
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import get_strategy, make_config
+from explorer.strategies.draft_verify import (
+    DraftTree,
+    SpeculativeConfig,
+    TypicalAcceptance,
+    verify_tree,
+    verify_typical,
+)
 from explorer.strategies.medusa import medusa_tree
 from explorer.testing import tiny_model
 from explorer.train_drafter import train
+from explorer.trees import path_to
 from viz.catalog import get_view
 from viz.drafting import training_curve_figure
 
@@ -196,6 +205,102 @@ def test_medusa_is_token_identical_to_greedy(medusa, prompt):
                                             max_new_tokens=30, chat=False))
     assert trace.token_ids == greedy.token_ids
     assert max(len(r.draft_tokens) for r in trace.rounds) == 3 + 6 + 6
+
+
+def authors_typical_choice(logits, tokens, parents, temperature, epsilon, delta):
+    """An independent rendering of the authors' rule (FasterDecoding/Medusa, medusa/model/utils.py:
+    evaluate_posterior, sampling='typical', fast=True; generate_candidates takes the next first token as the
+    argmax): one candidate row per leaf path, p = softmax(logits / T), threshold min(epsilon, delta exp(-H)) with
+    their log(p + 1e-5), accept length = cumprod of the mask, the longest wins, ties by the summed log p.
+    Returns (accepted node indices, the next token)."""
+    leaves = [i for i in range(len(tokens)) if i not in parents]
+    paths = []
+    for leaf in leaves:
+        path = [leaf]
+        while parents[path[-1]] >= 0:
+            path.append(parents[path[-1]])
+        paths.append(path[::-1])
+    candidates = torch.tensor([[tokens[i] for i in path] for path in paths])  # (paths, depth)
+    rows = torch.stack([logits[[0, *(i + 1 for i in path)]] for path in paths])  # (paths, depth + 1, vocab)
+    prob = torch.softmax(rows[:, :-1] / temperature, dim=-1)
+    candidate_prob = prob.gather(-1, candidates[..., None])[..., 0]
+    entropy = -(prob * torch.log(prob + 1e-5)).sum(-1)
+    threshold = torch.minimum(torch.full_like(entropy, epsilon), torch.exp(-entropy) * delta)
+    lengths = torch.cumprod((candidate_prob > threshold).int(), dim=1).sum(dim=1)
+    length = int(lengths.max())
+    best = 0
+    if length:
+        tied = torch.where(lengths == length)[0]
+        best = int(tied[torch.argmax(torch.log(candidate_prob[tied, :length]).sum(-1))])
+    return paths[best][:length], int(rows[best, length].argmax())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_medusa_typical_acceptance_picks_the_authors_candidate(temperature):
+    """On hand-built trees (top-3 x top-2 x top-2 candidates) and random target rows, the accepted path and the
+    next token equal the authors' rule: the longest accepted candidate, ties broken by likelihood."""
+    g = torch.Generator().manual_seed(int(temperature * 10))
+    config = SpeculativeConfig(rule="sampling", temperature=temperature)
+    typical = TypicalAcceptance(posterior_threshold=0.09, posterior_alpha=0.3)
+    lengths, tie_breaks = set(), 0
+    for _ in range(300):
+        levels = [torch.randperm(6, generator=g)[:w].tolist() for w in (3, 2, 2)]
+        tokens, parents, _ = medusa_tree(levels)
+        logits = torch.randn(len(tokens) + 1, 6, generator=g) * 2.5
+        draft = DraftTree(tokens, parents, [1.0] * len(tokens), None, mode="point")
+        verdict = verify_typical(logits, draft, typical, config, [0])
+        path, next_token = authors_typical_choice(logits, tokens, parents, temperature, 0.09, 0.3)
+        assert (verdict.path, verdict.bonus_token) == (path, next_token)
+        assert verdict.u == [None] * len(tokens) and verdict.details["acceptance"] == "typical"
+        lengths.add(len(path))
+        passing = [i for i, v in enumerate(verdict.node_verdicts) if v != "unreached" and i not in path
+                   and verdict.p[i] > float(verdict.details["typical_threshold"].split(",")[i])]
+        tie_breaks += any(len(path_to(parents, i)) == len(path) for i in passing)
+    assert lengths == {0, 1, 2, 3} and tie_breaks > 10  # every accept length, and ties the likelihood decided
+
+
+def test_medusa_typical_acceptance_is_lossy_where_exact_rejection_is_not():
+    """p(x) = 0.2 clears min(0.09, 0.3 exp(-H)): typical accepts x outright, while exact speculative sampling of
+    the point-mass candidate with the same generator draws u = 0.50 > 0.2 and rejects it; p(y) = 0.05 at a peaked
+    row falls short of the bar, yet exact sampling accepts it whenever u < 0.05."""
+    config = SpeculativeConfig(rule="sampling")
+    typical = TypicalAcceptance(0.09, 0.3)
+    p = torch.tensor([0.2, 0.3, 0.25, 0.25])
+    logits = torch.log(torch.stack([p, p]))
+    draft = DraftTree.chain([0])
+    draft.mode = "point"
+    rng = torch.Generator().manual_seed(0)
+    exact = verify_tree(logits, draft, "sampling", config, [1], rng)
+    assert exact.u[0] > 0.2 and exact.node_verdicts == ["rejected"]
+    lossy = verify_typical(logits, draft, typical, config, [1])
+    assert lossy.node_verdicts == ["accepted"] and lossy.path == [0] and lossy.bonus_token == 1  # then the argmax
+    threshold = float(lossy.details["typical_threshold"])
+    entropy = -float((p * p.log()).sum())
+    assert threshold == pytest.approx(min(0.09, 0.3 * math.exp(-entropy))) and lossy.p[0] == pytest.approx(0.2)
+    peaked = torch.tensor([0.05, 0.9, 0.05])
+    rejected = verify_typical(torch.log(torch.stack([peaked, peaked])), draft, typical, config, [1])
+    assert rejected.accepted_count == 0 and rejected.bonus_token == 1 and rejected.bonus_kind == "correction"
+    assert float(rejected.details["typical_threshold"]) == pytest.approx(0.09)  # here the hard threshold binds
+
+
+def test_medusa_typical_acceptance_runs_records_its_thresholds_and_asks_for_the_sampling_rule(medusa):
+    lm, directory, _ = medusa
+    with pytest.raises(ValueError, match="set rule to sampling"):
+        make_config("medusa", {"acceptance": "typical"})
+    params = {"drafter": str(directory), "rule": "sampling", "acceptance": "typical"}
+    trace = run_to_end(lm, RunRequest.build("medusa", params, PROMPTS[0], max_new_tokens=30, chat=False, seed=3))
+    assert len(trace.token_ids) == 30 and trace.rounds
+    for r in trace.rounds:
+        thresholds = r.details["typical_threshold"].split(",")
+        assert r.details["acceptance"] == "typical" and r.u == [None] * len(r.draft_tokens)
+        assert len(thresholds) == len(r.draft_tokens)
+        for p, bar, verdict in zip(r.p, thresholds, r.verdicts, strict=True):
+            assert (p is None) == (bar == "") == (verdict == "unreached")
+            if verdict == "accepted":
+                assert p > float(bar)
+    again = run_to_end(lm, RunRequest.build("medusa", params, PROMPTS[0], max_new_tokens=30, chat=False, seed=3))
+    assert again.token_ids == trace.token_ids
+    assert make_config("medusa", {}).acceptance == "exact"  # lossless stays the default
 
 
 # ----------------------------------------------------------------------------- published formats, as released
@@ -389,3 +494,142 @@ def test_the_shipped_head_is_the_embedded_models_default_and_lossless(embedded):
         assert eagle.token_ids == greedy.token_ids and eagle.mean_accepted_tokens > 1
     speculative = run_to_end(embedded, RunRequest.build("speculative", {}, prompt, max_new_tokens=24))
     assert speculative.token_ids == greedy.token_ids and speculative.rounds[0].drafter == "EAGLE head"
+
+
+# ------------------------------------------------------------------- faithful to the papers, round 3 (EAGLE)
+class _TableHead:
+    """A fake EAGLE head whose draft distributions we write by hand: the predicted feature of a node is the one-hot
+    of its token (the fake embedding is the identity), and the scores of its children are row `token` of `table`
+    (log-probabilities), so the head's top-k children of each node are known in advance."""
+
+    def __init__(self, table):
+        from transformers import LlamaConfig
+
+        self.table = table  # (V, V)
+        self.draft_ids = torch.arange(table.shape[0])
+        self.body = type("Body", (), {"config": LlamaConfig(hidden_size=16, intermediate_size=16,
+                                                            num_attention_heads=2, num_key_value_heads=2,
+                                                            num_hidden_layers=1, vocab_size=1)})()
+
+    def predict(self, embeds, features, cache=None, position_ids=None, attention_mask=None):
+        return embeds
+
+    def logits(self, predicted, lm_head_weight):
+        return predicted @ self.table
+
+
+def _table_drafter(rows, config):
+    from types import SimpleNamespace
+
+    from explorer.strategies.eagle import EagleDrafter
+
+    vocab = 12
+    table = torch.full((vocab, vocab), 1e-4)
+    for token, children in rows.items():
+        for child, p in children.items():
+            table[token, child] = p
+    table = (table / table.sum(-1, keepdim=True)).log()
+    embedding = torch.nn.Embedding(vocab, vocab)
+    embedding.weight.data = torch.eye(vocab)
+    inner = SimpleNamespace(get_input_embeddings=lambda: embedding,
+                            get_output_embeddings=lambda: SimpleNamespace(weight=torch.zeros(vocab, vocab)))
+    model = SimpleNamespace(model=inner, device=torch.device("cpu"))
+    return EagleDrafter(model, _TableHead(table), config, torch.Generator().manual_seed(0))
+
+
+def test_eagle2_reranks_every_candidate_of_the_pool():
+    """EAGLE-2 as its authors' code (cnets.py: topK_genrate) builds it: every frontier node adds its top-k children to
+    the pool, the best k of them are expanded next, and the `budget` best of the WHOLE pool (k + (depth - 1) k^2
+    candidates) by path probability are verified. Here k = 2, 3 levels: the pool holds 10 candidates; B's second
+    child b2 (0.4 * 0.45 = 0.18) is not expanded but beats x2 (0.162) and y2, so it is among the 7 kept."""
+    A, B, a1, a2, b1, b2, x1, x2, y1, y2 = range(1, 11)  # noqa: N806 - the nodes' names
+    rows = {0: {A: 0.6, B: 0.4}, A: {a1: 0.9, a2: 0.1}, B: {b1: 0.55, b2: 0.45}, a1: {x1: 0.5, x2: 0.3, 11: 0.2},
+            b1: {y1: 0.9, y2: 0.1}}
+    config = make_config("eagle", {"tree": "dynamic", "tree_top_k": 2, "depth": 3, "budget": 7})
+    predicted = torch.nn.functional.one_hot(torch.tensor([0]), 12).float()  # the root's distribution: row 0
+    with torch.inference_mode():
+        tree = _table_drafter(rows, config)._dynamic([5, 6], predicted)
+    assert tree.tokens == [A, B, a1, b1, b2, x1, y1] and tree.parents == [-1, -1, 0, 1, 1, 2, 3]
+    assert tree.details["pool"] == 2 + (3 - 1) * 2 * 2 == 10
+    assert tree.draft_probs == pytest.approx([0.6, 0.4, 0.54, 0.22, 0.18, 0.27, 0.198], rel=1e-2)
+    small = make_config("eagle", {"tree": "dynamic", "tree_top_k": 2, "depth": 3, "budget": 4})
+    with torch.inference_mode():
+        tree = _table_drafter(rows, small)._dynamic([5, 6], predicted)
+    assert tree.tokens == [A, B, a1, x1] and tree.parents == [-1, -1, 0, 2]  # a chosen node's ancestors are in
+
+
+def test_best_nodes_keeps_a_tree_under_ties():
+    """Ties (a child as likely as its parent: q = 1) go to the node generated first, so the parent ranks first."""
+    from explorer.strategies.eagle import best_nodes
+
+    parents, scores = [-1, -1, 0, 2], [-0.5, -0.5, -0.5, -0.5]
+    assert best_nodes(range(4), scores, 3) == [0, 1, 2]
+    assert all(parents[n] in best_nodes(range(4), scores, k) or parents[n] < 0
+               for k in range(1, 5) for n in best_nodes(range(4), scores, k))
+
+
+def test_eagle_loss_trains_on_the_targets_soft_distribution():
+    """EAGLE's classification term is CE against p = softmax(f_(j+1) W[V_d]^T), the frozen target LM head over the
+    stored target feature (renormalised over V_d), not against the target's argmax: on a hand-built batch the loss
+    equals SmoothL1 + w CE computed independently with torch's cross entropy on probability targets, and differs
+    from the argmax version (still there as labels='hard')."""
+    from explorer.heads import EagleHead
+    from explorer.train_drafter import eagle_loss
+
+    lm = tiny_model(0, scale=8.0)
+    config = lm.model.config
+    vocab, hidden, n = config.vocab_size, config.hidden_size, 7
+    draft_ids = list(range(0, vocab, 2))  # V_d: the even ids
+    head = EagleHead(config, draft_ids)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, n), generator=g)
+    features = torch.randn(1, n, hidden, generator=g)
+    argmax = torch.tensor([draft_ids[3 * i % len(draft_ids)] for i in range(n)])[None]  # inside V_d: all trained
+    index_of = torch.full((vocab,), -100, dtype=torch.long)
+    index_of[torch.tensor(draft_ids)] = torch.arange(len(draft_ids))
+    batch = (ids, features, argmax, torch.ones(1, n, dtype=torch.bool), torch.zeros(1, dtype=torch.long))
+    weight = lm.model.get_output_embeddings().weight.detach().float()
+    with torch.no_grad():
+        predicted = head.predict(lm.model.get_input_embeddings()(ids).float()[:, 1:], features[:, :-1])
+        regression = torch.nn.functional.smooth_l1_loss(predicted, features[:, 1:])
+        rows = weight[torch.tensor(draft_ids)]
+        scores = predicted[0] @ rows.T
+        p = torch.softmax(features[0, 1:] @ rows.T, dim=-1)
+        soft = regression + 1.0 * torch.nn.functional.cross_entropy(scores, p)
+        hard = regression + 1.0 * torch.nn.functional.cross_entropy(scores, index_of[argmax[0, 1:]])
+        got = eagle_loss(head, lm, batch, index_of, weight, ce_weight=1.0)[0]
+        assert abs(float(soft - hard)) > 0.01  # 600 times the tolerance below
+        assert float(got) == pytest.approx(float(soft), rel=1e-5)
+        assert float(eagle_loss(head, lm, batch, index_of, weight, ce_weight=1.0, labels="hard")[0]) == \
+            pytest.approx(float(hard), rel=1e-5)
+    with pytest.raises(ValueError, match="labels must be"):
+        eagle_loss(head, lm, batch, index_of, weight, labels="argmax")
+
+
+def test_feature_noise_follows_the_authors_uniform_scale():
+    """The authors' AddUniformNoise (std 0.2): (U(0,1) - 0.5) * 0.2 * 512 / n, i.e. U(-0.1, 0.1) on a 512-position
+    sequence and U(-0.2, 0.2) on a 256-position one."""
+    from explorer.train_drafter import feature_noise
+
+    noise = feature_noise(torch.zeros(2, 512, 64), torch.tensor([512, 256]), 0.1)
+    for row, half_width in ((0, 0.1), (1, 0.2)):
+        assert half_width * 0.99 < float(noise[row].abs().max()) <= half_width
+        assert float(noise[row].std()) == pytest.approx(half_width / 3 ** 0.5, rel=0.02)  # uniform's std
+        assert abs(float(noise[row].mean())) < 0.01 * half_width * 10
+
+
+def test_a_released_eagle1_head_with_a_rotary_buffer_loads(tmp_path):
+    """Checkpoints saved by an older transformers hold the rotary buffer `layers.0.self_attn.rotary_emb.inv_freq`:
+    it is ignored, the weights load; a truly unknown key is still refused."""
+    lm = tiny_model(1, scale=8.0)
+    directory = write_published_eagle1(lm, tmp_path / "eagle1")
+    state = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    head_dim = lm.model.config.hidden_size // lm.model.config.num_attention_heads
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    torch.save({**state, "layers.0.self_attn.rotary_emb.inv_freq": inv_freq}, directory / "pytorch_model.bin")
+    head = load_published(lm, str(directory), "eagle")
+    assert torch.equal(head.fc.weight.float(), state["fc.weight"].to(head.fc.weight.dtype).float())
+    unknown = write_published_eagle1(lm, tmp_path / "unknown")
+    torch.save({**state, "layers.0.self_attn.mystery.weight": torch.zeros(3)}, unknown / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="unexpected body.layers.0.self_attn.mystery.weight"):
+        load_published(lm, str(unknown), "eagle")

@@ -21,6 +21,36 @@ def test_chrf_on_hand_checked_pairs():
     assert chrf("a b", "ab") == pytest.approx(100.0)  # spaces are not characters to chrF
 
 
+def test_chrf_removes_every_whitespace_character_as_sacrebleu_does():
+    """sacrebleu (whitespace=False) joins `line.split()`: tabs, newlines and Unicode spaces go, not only spaces and
+    not only the ends. Here stripping only the ends (or only " ") would leave "\n" and "\t" as characters."""
+    assert chrf("the cat\nsat", "the cat sat") == pytest.approx(100.0)
+    assert chrf("a\tb\u00a0c", "abc") == pytest.approx(100.0)
+    # "ab\ncd" vs "abcd" with the newline kept: unigrams P 4/5, bigrams P 2/4, trigrams P 0/3, 4-grams P 0/2;
+    # recalls 4/4, 2/3, 0/2, 0/1; all-whitespace removal makes the two texts equal instead
+    precision, recall = (4 / 5 + 2 / 4) / 4, (1 + 2 / 3) / 4
+    kept = 100 * 5 * precision * recall / (4 * precision + recall)
+    assert chrf("ab\ncd", "abcd") == pytest.approx(100.0) != pytest.approx(kept)
+
+
+SACREBLEU_PAIRS = [
+    ("the cat sat on the mat", "the cat sat on a mat"),
+    ("the cat\nsat on\tthe mat.", "The cat sat on the mat"),
+    ("  a dog ran in the park  ", "a dog\n\nran in the\u2003park"),
+    ("ab", "abc"),
+    ("abc", "xyz"),
+    ("x", "a much longer reference text"),
+    ("Once upon a time, there was a tiny model.\n\nIt said hello.", "Once upon a time there was a model. Hello!"),
+]
+
+
+@pytest.mark.parametrize("hypothesis, reference", SACREBLEU_PAIRS)
+def test_chrf_equals_sacrebleus_sentence_chrf(hypothesis, reference):
+    sacrebleu = pytest.importorskip("sacrebleu")
+    expected = sacrebleu.sentence_chrf(hypothesis, [reference]).score
+    assert chrf(hypothesis, reference) == pytest.approx(expected, abs=1e-9)
+
+
 def test_mbr_picks_the_consensus_not_the_outlier():
     texts = ["the cat sat on the mat", "the cat sat on a mat", "a dog ran in the park", "the cat sat on the mat."]
     chosen, matrix, expected = mbr_choice(texts)

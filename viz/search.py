@@ -394,7 +394,7 @@ def lattice_figure(trace: Trace | None, lane: int = 0, max_nodes: int = 400) -> 
 
 
 def superposed_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
-    """Superposed decoding: each step's superposition weights (one bar segment per draft), and the k^2
+    """Superposed decoding: each step's superposition weights (one bar segment per draft), and the k·n
     candidates by combined score, kept ones filled, with the model's and the n-gram filter's log-probabilities
     in the hover; the final drafts are listed in the legend."""
     steps = [e for e in trace.events if e.kind == "superposed_step"] if trace is not None else []
@@ -405,7 +405,7 @@ def superposed_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
 
     figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, row_heights=[0.35, 0.65],
                            subplot_titles=("superposition weights γ (one segment per draft)",
-                                           "k² candidates: combined score (filled = kept)"))
+                                           "k·n candidates: combined score (filled = kept)"))
     width = max(len(s.weights) for s in steps)
     for slot in range(width):
         figure.add_trace(go.Bar(x=[s.step for s in steps], y=[s.weights[slot] if slot < len(s.weights) else 0

@@ -7,6 +7,12 @@ proposals in a window of the next ⌈w·L⌉ positions (w = 0.25 of the canvas) 
 ≥ τ_d, the block ends just after it, otherwise it keeps the default length. Inside a block, tokens are committed
 by Fast-dLLM's threshold rule (the authors' code requires it). The paper's "volatility band" is the region of
 fluctuating confidence this aligns block boundaries with; the views show it as the confidence per step.
+
+Authors' code: lgxi24/AdaBlock-dLLM llada/generate_adablock.py (compute_block_length, generate_adablock): the same
+window, delimiter confidence and fallback. Departures: delimiters are given as texts and count only when they encode
+to one token (the authors pass token ids: [198] for LLaDA, 24 ids for Dream); remasking=margin or entropy puts the
+threshold on those scores (the authors' code offers low_confidence and random); on a causal LM the canvas is read
+with the shift, and the caches run only on causal LMs (see diffusion.py).
 """
 
 from __future__ import annotations
@@ -67,4 +73,16 @@ class AdaBlockSchedule(Schedule):
 
 
 register_diffusion("adablock", AdaBlockConfig, "diffusion: blocks end at confidently predicted delimiters",
-                   paper="Lu et al. 2025, AdaBlock-dLLM, arXiv:2509.26432", schedule=AdaBlockSchedule)
+                   paper="Lu et al. 2025, AdaBlock-dLLM, arXiv:2509.26432", schedule=AdaBlockSchedule,
+                   reference_code=("lgxi24/AdaBlock-dLLM: llada/generate_adablock.py: compute_block_length, "
+                                   "generate_adablock"),
+                   departures=(
+                       "Delimiters are texts that count only when they encode to one token; the authors pass token "
+                       "ids ([198] for LLaDA, a list of 24 for Dream).",
+                       "remasking=margin or entropy applies the commit threshold to those scores; the authors' code "
+                       "offers low_confidence and random only.",
+                       "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
+                       "bidirectional diffusion LMs (LLaDA, Dream).",
+                       "cache=prefix/dual/dkv run only on causal LMs, where under causal attention they are exact; "
+                       "the authors' prefix and dual caches are approximate caches for bidirectional diffusion LMs.",
+                   ))

@@ -46,7 +46,9 @@ class BeamConfig(Checked):
 
 
 @register("beam", BeamConfig, "beam search (recorded tree; matches transformers' num_beams)", needs_budget=True,
-          family='search', paper="beam search as transformers' generate(num_beams) runs it")
+          family='search', paper="beam search as transformers' generate(num_beams) runs it",
+          reference_code="huggingface/transformers: src/transformers/generation/utils.py: GenerationMixin._beam_search",
+          departures=())
 def run(model: Any, prompt_ids: Sequence[int], config: BeamConfig, rng: torch.Generator, *,
         max_new_tokens: int) -> Iterator[Event]:
     group = BeamGroup(config.num_beams, model.eos_token_ids, len(prompt_ids), len(prompt_ids) + max_new_tokens,

@@ -10,6 +10,13 @@ committed. Defaults are the authors' (H_min 0.01, H_max 1.5, N_max 10). With H_m
 reaches it is plain sampling.
 Departure: a trial that meets no punctuation stops at `max_trial_tokens` (a safety cap, generous by default;
 the paper has none), and N_max x max_trial_tokens is bounded so one step's cost is bounded.
+Departures from the authors' code (README's _sample_reflect_perplexity), found in the fidelity review, not fixed:
+- a trial also ends at ')', ']' or '}' there, and only on the single-token ids of the punctuation marks, while
+  `ends_trial` matches any of . , ; : ! ? or a newline anywhere in the token's text;
+- a trial's perplexity there uses the processed (temperature-scaled) probabilities, here the raw model's (the
+  same at temperature 1);
+- there N = int(1 + (N_max - 1) * clamp((H - H_min) / (H_max - H_min), 0, 1)), which differs from
+  `trial_count` near the bounds (e.g. 2 trials against 1 at 15% of the range).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from explorer.params import Checked, param
 from explorer.sampling import StepStats, entropy, sample, step_stats
 from explorer.strategies.base import RECORD_TOP_K, commit_token, register
 
-PUNCTUATION = set(".,;:!?\n")
+PUNCTUATION = set(".,;:!?\n")  # departure: the authors' list also has ')', ']', '}' (as single-token ids)
 MAX_TRIAL_PASSES = 2048  # forward passes one uncertain step may spend on its trials
 
 
@@ -63,7 +70,21 @@ def ends_trial(text: str) -> bool:
 @register("cautious", CautiousConfig, "cautious next-token prediction: branch at uncertain steps, keep the "
                                       "lowest-perplexity trial",
           family="search",
-          paper="Wang et al. 2025, cautious next-token prediction, arXiv:2507.03038")
+          paper="Wang et al. 2025, cautious next-token prediction, arXiv:2507.03038",
+          reference_code=("wyzjack/CNTP: README.md (key code snippet): GenerationMixin._sample_reflect_perplexity "
+                          "(also in custom_transformers_packages/*/transformers/generation/utils.py)"),
+          departures=(
+              "a trial that meets no punctuation stops at max_trial_tokens (the authors' trials run to "
+              "punctuation or the generation's stopping criteria), and n_max x max_trial_tokens is capped",
+              "UNMARKED: a trial ends on any of . , ; : ! ? newline anywhere in a token's text; the authors' code "
+              "ends it only on the single-token ids of . , newline ? ! : ; ) ] }, so ')', ']' and '}' never end a "
+              "trial here and multi-character tokens containing punctuation do",
+              "UNMARKED: the trial perplexity uses the raw model's log-probabilities; the authors' code uses the "
+              "processed (temperature-scaled) probabilities the tokens were drawn from (same at temperature 1)",
+              "trial count N = max(1, min(N_max, floor(x * N_max))), x = (H - H_min) / (H_max - H_min); the "
+              "authors' code uses int(1 + (N_max - 1) * clamp(x, 0, 1)), e.g. 2 trials against 1 at x = 0.15 "
+              "(our formula is taken as the paper's Algorithm 1; the paper's text was not rechecked here)",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: CautiousConfig, rng: torch.Generator) -> Iterator[Event]:
     session = model.session()
     logits = session.forward(list(prompt_ids), all_logits=False)[-1]
@@ -99,6 +120,7 @@ def run(model: Any, prompt_ids: Sequence[int], config: CautiousConfig, rng: torc
                 raw = session.forward([token])[-1]
                 if token in eos or ends_trial(model.piece(token)):
                     break
+            # departure: raw-model log-probs; the authors' code scores the processed (temperature-scaled) ones
             perplexity = math.exp(-sum(s.logprob for s in stats) / len(stats))
             trials.append((tokens, stats, perplexity))
             session.crop(base)

@@ -14,6 +14,15 @@ context is easy, one when it is hard.
 Departure: the paper's exact budget formula was not in the sources we could read; the rule above (a consistency
 bound and a confidence floor) is our reading of "the budget follows the consistency metric". The buffer keeps
 the distributions of positions in the current block only (memory: k × block × vocab).
+
+Authors' code: tonyckc/CCD-DLM-code model.py (_sample_inference_lookahead), a preliminary release on Dream. It does
+not average distributions or compute I: after 5 warm-up steps it commits the positions that sat in the previous
+step's verification buffer (its top-ranked masked positions, growing to (1 + expand_ratio) × the uniform count)
+and kept the same argmax over the two steps, else the uniform count by entropy; the committed token is the current
+step's prediction. This module follows the paper's formulation instead (departure). Further departures: proposals
+are argmax p̄ at any temperature; the buffer is float16; at a block's first step the buffer holds one distribution,
+so I = 0 and every position with max p̄ ≥ τ commits (WRONG: a bug to fix); on a causal LM the canvas is read with
+the shift, and the caches run only on causal LMs (see diffusion.py).
 """
 
 from __future__ import annotations
@@ -102,4 +111,25 @@ class CcdSchedule(Schedule):
 
 register_diffusion("ccd", CcdConfig, "diffusion: predictions averaged over recent steps; commit what stayed "
                                      "consistent", paper="Chen et al. 2025, CCD, arXiv:2512.02044",
-                   schedule=CcdSchedule)
+                   schedule=CcdSchedule,
+                   reference_code="tonyckc/CCD-DLM-code: model.py: _sample_inference_lookahead",
+                   departures=(
+                       "WRONG: at a block's first step each position has one buffered distribution, so I = 0 and "
+                       "every position with max p̄ ≥ τ commits at once (no consistency check on that step).",
+                       "The adaptive budget (every position with I ≤ ε and max p̄ ≥ τ, at least one) is our reading of "
+                       "the paper; its exact budget formula was not in the sources we read.",
+                       "The authors' released code does not average distributions or compute I: after 5 warm-up steps "
+                       "it commits positions that were in the previous step's top-ranked verification buffer and kept "
+                       "the same argmax over two steps (else the uniform count by entropy); we follow the paper's "
+                       "formulation.",
+                       "Commits argmax p̄ at any temperature; the authors' code commits the current step's (sampled) "
+                       "prediction.",
+                       "The buffer keeps the current block's positions only, in float16; the authors' code decodes "
+                       "the canvas without blocks.",
+                       "Non-adaptive mode (LLaDA's count): a shorter last block when the canvas is not a multiple of "
+                       "block_length, and steps spread over the blocks.",
+                       "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
+                       "bidirectional diffusion LMs (Dream, LLaDA).",
+                       "cache=prefix/dual/dkv run only on causal LMs, where under causal attention they are exact, "
+                       "not as the approximate caches defined for bidirectional diffusion LMs.",
+                   ))

@@ -18,7 +18,9 @@ Recorded per token: evaluations, rejected tokens, log w (and its running sum); w
 log Z and the |V| evaluations masking would have made, so the view shows both side by side.
 Departures: one particle (the paper's SMC over many particles, resampling on these weights, is not run here;
 the weights it needs are recorded); the recursive estimator only (the paper also gives a geometric variant for
-peaked distributions).
+peaked distributions). The authors' released sampler (awrs-colm-2025 experiments/sampler.py, AWRS.sample) uses a
+different unbiased weight: it runs a second rejection round past the accepted token and returns
+Z * (1 - R) / (N + 1), N = the rejections of both rounds; ours spends one extra evaluation instead.
 """
 
 from __future__ import annotations
@@ -106,7 +108,17 @@ def prepare(model: Any, config: ConstrainedConfig) -> None:
 
 
 @register("constrained", ConstrainedConfig, "constrained decoding (regex / JSON schema): AWRS or full masking",
-          prepare=prepare, family="sampling", paper="Lipkin et al. 2025, AWRS, arXiv:2504.05410")
+          prepare=prepare, family="sampling", paper="Lipkin et al. 2025, AWRS, arXiv:2504.05410",
+          reference_code=("genlm/awrs-colm-2025: experiments/sampler.py: AWRS.sample (the same estimator ships in "
+                          "genlm/genlm-control: genlm/control/sampler/token.py)"),
+          departures=(
+              "one particle: the paper's sequential Monte Carlo over many particles (resampling on these weights) "
+              "is not run; the per-token and summed log-weights it would use are recorded",
+              "weight estimator: (1 - R) x (1 if the next token in the Gumbel order is allowed, else q_x), one "
+              "extra evaluation; the authors' AWRS.sample runs a second rejection round and returns "
+              "Z (1 - R) / (N + 1), N = rejections over both rounds (both unbiased for Z; different variances)",
+              "the paper's geometric estimator variant for peaked distributions is not offered",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: ConstrainedConfig, rng: torch.Generator) -> Iterator[Event]:
     constraint = GrammarConstraint(model.tokenizer, config.kind, config.pattern)
     vocab = model.model.config.vocab_size

@@ -7,6 +7,8 @@ hidden state of candidate v, h_j (j < t) = those of the context so far (prompt i
 The k candidates run through the model side by side in one pass (a tree of k siblings), which also yields the
 next distribution of whichever is chosen; the cache is then compacted to the chosen one.
 With alpha = 0 it is greedy decoding.
+Departure (defaults only): k = 4 (transformers' documented example); the authors' released examples use k = 5,
+alpha = 0.6.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ def degeneration_penalty(candidates: torch.Tensor, context: torch.Tensor) -> tor
 @register("contrastive", ContrastiveConfig, "contrastive search: probability minus similarity to the context",
           prepare=tree_prepare,
           family="search",
-          paper="Su et al. 2022, arXiv:2202.06417")
+          paper="Su et al. 2022, arXiv:2202.06417",
+          reference_code="yxuansu/SimCTG: simctg/utlisgpt.py: ContrastiveDecodingOneStepFast, ranking_fast",
+          departures=(
+              "default k = 4 (transformers' documented example); the authors' released examples call "
+              "fast_contrastive_search with k = 5, alpha = 0.6",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: ContrastiveConfig, rng: torch.Generator) -> Iterator[Event]:
     session = model.session()
     logits, hidden = session.forward(list(prompt_ids), hidden_states=True)

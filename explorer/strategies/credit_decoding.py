@@ -7,10 +7,16 @@ under-confident), C_i(v*) += p_i(v*)^α. The credit is fused with the current lo
 l̃_i(v) = l_i(v) + λ·log(1 + C_i(v)), so a token that a position has kept predicting reaches the commit threshold
 earlier: every position whose fused confidence max_v softmax(l̃_i)(v) clears τ is committed (at least the best
 one, Fast-dLLM's rule), with its fused argmax. Defaults γ = 0.65, λ = 0.70, α = 0.5, τ = 0.95 (those of the
-public implementations we read).
+unofficial sglang port we read).
 
-Departure: credits are kept for every token a position has ranked first (a dict per position), not in a fixed
-number of slots.
+Reference code: inclusionAI/dInfer python/dinfer/decoding/parallel_strategy.py (CreditThresholdParallelDecoder),
+Ant Group's dLLM inference framework, which ships CreditDecoding (no standalone release by the authors was found).
+Its rule is the one above, with a credit matrix over the whole vocabulary (as our dict per position; the sglang
+port keeps 4 slots) and decay 0.8, exponent 0.2, λ 0.7. Departures: our defaults are the sglang port's; credits are
+kept for every masked position of the canvas, so positions in blocks not yet open accrue credit from early steps
+(found in the fidelity review, a bug to fix: dInfer and the sglang port keep credits for the current block's
+masked positions only); on a causal LM the canvas is read with the shift, and the caches run only on causal LMs
+(see diffusion.py).
 """
 
 from __future__ import annotations
@@ -84,4 +90,17 @@ class CreditSchedule(Schedule):
 
 register_diffusion("credit_decoding", CreditConfig, "diffusion: trace credits from past steps let stable tokens "
                                                   "commit earlier",
-                   paper="Wang et al. 2025, CreditDecoding, arXiv:2510.06133", schedule=CreditSchedule)
+                   paper="Wang et al. 2025, CreditDecoding, arXiv:2510.06133", schedule=CreditSchedule,
+                   reference_code=("inclusionAI/dInfer: python/dinfer/decoding/parallel_strategy.py: "
+                                   "CreditThresholdParallelDecoder"),
+                   departures=(
+                       "UNMARKED: credits decay and accrue for every masked position of the canvas at every step, "
+                       "including blocks not yet open, so a block opens with credit earned on early context; dInfer "
+                       "keeps a credit matrix for the current block's masked positions only.",
+                       "Defaults γ 0.65, α 0.5, λ 0.70, τ 0.95 are the unofficial sglang port's; dInfer's decoder "
+                       "uses decay 0.8, exponent 0.2, λ 0.7 (threshold per run, 0.8 in its eval guide).",
+                       "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
+                       "bidirectional diffusion LMs (LLaDA).",
+                       "cache=prefix/dual/dkv run only on causal LMs, where under causal attention they are exact, "
+                       "not as the approximate caches defined for bidirectional diffusion LMs.",
+                   ))

@@ -1,7 +1,13 @@
 """Masked diffusion LM decoding: LLaDA's low-confidence remasking (Nie et al. 2025, "Large Language Diffusion
 Models", arXiv:2502.09992) with semi-autoregressive blocks, and Fast-dLLM's confidence-threshold parallel
 decoding (Wu et al. 2025, arXiv:2505.22618) when `threshold` > 0. The sampler and its notation are in
-`unmasking.py`; this strategy is its base rule, with no schedule of its own."""
+`unmasking.py`; this strategy is its base rule, with no schedule of its own.
+
+Authors' code: ML-GSAI/LLaDA generate.py (generate, get_num_transfer_tokens) and NVlabs/Fast-dLLM llada/generate.py
+(get_transfer_index with threshold, generate_with_prefix_cache, generate_with_dual_cache); the rules match. Departures
+not marked in unmasking.py: remasking=margin and entropy come from Dream's sampler (LLaDA and Fast-dLLM offer
+low_confidence and random), and the caches run only on causal LMs (CanvasKV), where under causal attention they
+are exact, not as the approximate caches Fast-dLLM and dKV-Cache define for bidirectional diffusion LMs."""
 
 from __future__ import annotations
 
@@ -16,4 +22,17 @@ class DiffusionConfig(UnmaskingConfig):
 
 
 register_diffusion("diffusion", DiffusionConfig, "masked diffusion: unmask the most confident positions per step",
-                   paper="Nie et al. 2025, LLaDA, arXiv:2502.09992; Wu et al. 2025, Fast-dLLM, arXiv:2505.22618")
+                   paper="Nie et al. 2025, LLaDA, arXiv:2502.09992; Wu et al. 2025, Fast-dLLM, arXiv:2505.22618",
+                   reference_code=("ML-GSAI/LLaDA: generate.py: generate; NVlabs/Fast-dLLM: llada/generate.py: "
+                                   "get_transfer_index, generate_with_prefix_cache, generate_with_dual_cache"),
+                   departures=(
+                       "A canvas whose length is not a multiple of block_length gets a shorter last block, and steps "
+                       "not divisible by the blocks are spread over them (LLaDA and Fast-dLLM assert both divide).",
+                       "On a causal LM the canvas is read causally with a one-position shift (the sampler then reduces "
+                       "to AR decoding); LLaDA and Fast-dLLM run a bidirectional mask predictor.",
+                       "cache=prefix/dual (Fast-dLLM) and dkv (dKV-Cache-Decode) run only on causal LMs, where under "
+                       "causal attention they are exact; the papers define them as approximate caches for "
+                       "bidirectional diffusion LMs (LLaDA, Dream), which cannot use them here.",
+                       "remasking=margin and entropy are Dream's scores, not LLaDA's or Fast-dLLM's (their code offers "
+                       "low_confidence and random).",
+                   ))

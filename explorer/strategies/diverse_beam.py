@@ -5,6 +5,10 @@ Notation: B beams split into G groups of B/G, lambda = diversity strength. At ea
 order; group g scores its continuations with log p(v | beam) - lambda * (number of times v was chosen by
 groups 1..g-1 at this step), then runs an ordinary beam step (see beam.BeamGroup). All groups share one
 batched forward pass. With lambda = 0 every group is an independent beam search of width B/G.
+Departures: each group's beam step, stop rule and length penalty are transformers' (beam_search.BeamGroup), not
+the authors' Lua code's (no length penalty there, B/G candidates per group, each group's own top B/G returned);
+the penalised scores accumulate into the beam scores, as in the authors' code and transformers, whereas the
+paper's objective adds lambda * Delta to the current step only.
 """
 
 from __future__ import annotations
@@ -44,7 +48,19 @@ class DiverseBeamConfig(Checked):
 @register("diverse_beam", DiverseBeamConfig, "diverse beam search: G groups with a Hamming diversity penalty",
           needs_budget=True,
           family="search",
-          paper="Vijayakumar et al. 2016, arXiv:1610.02424")
+          paper="Vijayakumar et al. 2016, arXiv:1610.02424",
+          reference_code="ashwinkalyan/dbs: dbs/beam_utils.lua: beam_utils.beam_search (add_diversity, beam_step)",
+          departures=(
+              "each group's beam step is transformers' (2 x B/G candidates, finished hypotheses kept aside, "
+              "length penalty lp, default 1.0, early-stopping heuristic, n-best across groups by normalised "
+              "score); the authors' code keeps B/G candidates, no length penalty, parks a beam that emits EOS "
+              "at score -1000 and returns each group's top B/G by summed log-probability",
+              "diversity penalties accumulate into the running beam score and the final ranking (as the "
+              "authors' beam_step and transformers do); the paper's objective adds lambda * Delta to the "
+              "current step's selection only",
+              "the Hamming count uses only the previous groups' continuing beams at this step (as transformers); "
+              "the authors' code also counts a beam of an earlier group that just emitted EOS",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: DiverseBeamConfig, rng: torch.Generator, *,
         max_new_tokens: int) -> Iterator[Event]:
     width = config.num_beams // config.groups

@@ -303,18 +303,25 @@ def early_exit_prepare(model: Any, config: Any) -> None:
         raise ValueError("early-exit drafting needs a model with at least 2 layers")
 
 
+def early_exit_layers(total: int, count: int) -> list[int]:
+    """The layers an early exit after `count` layers runs: the first `count` (at least one, at most `total`)."""
+    return list(range(max(1, min(count, total))))
+
+
 def early_exit_view(lm: Any, kept: int) -> Any:
     """The target cut after its first `kept` layers (then its final norm and LM head): an early-exit draft."""
     total = len(decoder_layers(lm.model))
-    return layer_skip_view(lm, set(range(max(1, min(kept, total)), total)))
+    return layer_skip_view(lm, set(range(total)) - set(early_exit_layers(total, kept)))
 
 
 class EarlyExitDrafter(Drafter):
-    """Drafts a chain with early exits of the target on the target's own cache, the i-th draft token from a pass
-    through the first `depths[i]` layers (a non-increasing list, so every pass finds the K/V it attends to in the
-    layers it runs: the pass before it ran at least as many). Drafting stops early when the exit's top
-    probability is below `confidence` (0: never; the first token is always drafted). Subclasses choose
-    `depths()` per round."""
+    """Drafts a chain with shallow views of the target on the target's own cache: the i-th draft token from a
+    pass through `depths()[i]` layers, which ones `kept_layers(count)` says (by default the first `count`: an early
+    exit; D^3 keeps the first and the last ones). Each token's layers must be among the previous token's, so that
+    every pass finds the K/V it attends to in the layers it runs (the pass before it ran them); the layers a draft
+    skips have no K/V for the draft positions, and the verification pass, which runs every layer from the last
+    committed token on, writes them. Drafting stops early when the draft's top probability is below `confidence`
+    (0: never; the first token is always drafted). Subclasses choose `depths()` per round."""
 
     wants_hidden_states = False
 
@@ -328,10 +335,15 @@ class EarlyExitDrafter(Drafter):
     def bind(self, target_session: Any) -> None:
         self.target = target_session
 
-    def view(self, kept: int) -> Any:
-        if kept not in self.views:
-            self.views[kept] = early_exit_view(self.model, kept)
-        return self.views[kept]
+    def kept_layers(self, count: int) -> list[int]:
+        """The layers (indices, ascending, layer 0 first) a pass that keeps `count` of them runs."""
+        return early_exit_layers(self.total, count)
+
+    def view(self, count: int) -> Any:
+        if count not in self.views:
+            skipped = set(range(self.total)) - set(self.kept_layers(count))
+            self.views[count] = layer_skip_view(self.model, skipped)
+        return self.views[count]
 
     def depths(self) -> list[int]:
         """Layers kept for each draft token of this round (non-increasing, each in [1, L])."""
@@ -339,8 +351,10 @@ class EarlyExitDrafter(Drafter):
 
     def propose(self, context: Sequence[int]) -> DraftTree:
         depths = self.depths()
-        if any(b > a for a, b in zip(depths, depths[1:], strict=False)):
-            raise ValueError("early-exit depths must not increase along a draft")
+        layer_sets = [set(self.kept_layers(count)) for count in depths]
+        if any(not later <= earlier for earlier, later in zip(layer_sets, layer_sets[1:], strict=False)):
+            raise ValueError("each draft token must run a subset of the layers the token before it ran: the depths "
+                             "must not increase along a draft")
         base = self.target.length  # every committed token but the last
         sampling = self.config.rule == "sampling"
         tokens: list[int] = []
@@ -348,8 +362,8 @@ class EarlyExitDrafter(Drafter):
         rows: list[torch.Tensor] = []
         passes = 0
         inputs = [context[-1]]
-        for i, kept in enumerate(depths):
-            session = self.target.view(self.view(kept), length=base + i)
+        for i, count in enumerate(depths):
+            session = self.target.view(self.view(count), length=base + i)
             logits = session.forward(inputs, all_logits=False)[-1]
             passes += 1
             q = self.config.draft_distribution(logits, [*context, *tokens])
@@ -360,7 +374,7 @@ class EarlyExitDrafter(Drafter):
             draft_probs.append(float(q[token]))
             rows.append(q)
             inputs = [token]
-        if passes:  # drop every position the drafts wrote (the first pass ran the most layers)
+        if passes:  # drop every position the drafts wrote (the first pass's layers hold every later one's)
             self.target.view(self.view(depths[0]), length=base + passes).crop(base)
         self.drafted_depths = depths[: len(tokens)]
         q_dists = torch.stack(rows) if sampling and rows else None

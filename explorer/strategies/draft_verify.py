@@ -22,6 +22,7 @@ plus the accepted draft tokens (`commit_cache`).
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +35,7 @@ from explorer.events import DraftRound, Event
 from explorer.params import param
 from explorer.sampling import SamplingFilters
 from explorer.strategies.base import commit_token
-from explorer.trees import children
+from explorer.trees import children, path_to
 
 RULES = ("greedy", "sampling")
 
@@ -145,6 +146,7 @@ class Verdict:
     target_argmax: list[int]  # the target's argmax at every verified position (Jacobi's next guesses)
     hidden_states: torch.Tensor | None = None  # (layers + 1, nodes + 1, hidden) for drafters that want them
     path: list[int] = field(default_factory=list)  # accepted draft nodes, root to leaf
+    details: dict[str, float | str] = field(default_factory=dict)  # what the verifier decided, for the round
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -363,6 +365,72 @@ def verify_rollback(logits: torch.Tensor, draft: DraftTree, alpha: float, rule: 
                    logits.argmax(dim=-1).tolist())
 
 
+@dataclass(frozen=True)
+class TypicalAcceptance:
+    """Medusa's typical acceptance (Cai et al. 2024, arXiv:2401.10774, Sec. 2.3.1): a hard threshold epsilon
+    (`posterior_threshold`) and an entropy-scaled one delta (`posterior_alpha`)."""
+
+    posterior_threshold: float
+    posterior_alpha: float
+
+
+def typical_threshold(p: torch.Tensor, posterior_threshold: float, posterior_alpha: float) -> float:
+    """The bar a drafted token's p must clear: min(epsilon, delta * exp(-H(p))), H in nats (0 log 0 = 0; the
+    authors' code takes log(p + 1e-5), a guard that shifts H by at most ~1e-5 per vocabulary entry)."""
+    logp = torch.log(p.clamp_min(1e-300))
+    entropy = float(-(p * logp).sum())
+    return min(posterior_threshold, posterior_alpha * math.exp(-entropy))
+
+
+def verify_typical(logits: torch.Tensor, draft: DraftTree, typical: TypicalAcceptance, filters: SamplingFilters,
+                   context: Sequence[int], hidden_states: torch.Tensor | None = None) -> Verdict:
+    """Medusa's typical acceptance on a tree, LOSSY (the output is not distributed as p): node i, whose token
+    follows its parent's position, passes if p(x_i) > typical_threshold(p) there, p = the filtered softmax at
+    that position (the authors: softmax(logits / T)); a path is accepted up to its first failing node. Among
+    all root-to-node paths the longest accepted one wins, ties broken by the higher sum of log p over it
+    (`evaluate_posterior`), exact ties by the first node; the token after it is the target's argmax (the
+    paper takes the first token greedily so that every round makes progress). No uniform draw is used (u is
+    None); the threshold of every reached node is recorded in `details["typical_threshold"]` (comma-separated,
+    empty where unreached)."""
+    n = len(draft.tokens)
+    kids_of = children(draft.parents)
+    p_list: list[float | None] = [None] * n
+    thresholds: list[float | None] = [None] * n
+    verdicts = ["unreached"] * n
+    # walk down from the root through passing nodes only; rank each passing node's path by (length, sum of
+    # log p, earlier node): the authors' longest accepted candidate, then the most likely
+    best, best_key = -1, (0, 0.0, 1)
+    stack: list[tuple[int, list[int], int, float]] = [(-1, [], 0, 0.0)]  # (node, its path's tokens, depth, log p)
+    while stack:
+        node, tokens, depth, loglik = stack.pop()
+        kids = kids_of.get(node, [])
+        if not kids:
+            continue
+        p = torch.softmax(filters.apply(logits[node + 1], [*context, *tokens]), dim=-1)  # (vocab,)
+        bar = typical_threshold(p, typical.posterior_threshold, typical.posterior_alpha)
+        for kid in kids:
+            token = draft.tokens[kid]
+            p_list[kid], thresholds[kid] = float(p[token]), bar
+            if float(p[token]) <= bar:
+                verdicts[kid] = "rejected"
+                continue
+            verdicts[kid] = "passed"
+            key = (depth + 1, loglik + float(torch.log(p[token])), -kid)
+            if key > best_key:
+                best, best_key = kid, key
+            stack.append((kid, [*tokens, token], depth + 1, key[1]))
+    path = path_to(draft.parents, best)
+    on_path = set(path)
+    verdicts = ["accepted" if i in on_path else "rejected" if v == "passed" else v for i, v in enumerate(verdicts)]
+    bonus = int(logits[best + 1].argmax())
+    kind = "bonus" if not kids_of.get(best) else "correction"
+    details: dict[str, float | str] = {
+        "acceptance": "typical",
+        "typical_threshold": ",".join("" if t is None else f"{t:.6g}" for t in thresholds)}
+    return Verdict(len(path), bonus, kind, p_list, [float(x) for x in draft.draft_probs], [None] * n, verdicts,
+                   logits.argmax(dim=-1).tolist(), hidden_states, path, details)
+
+
 def _point_mass(token: int, like: torch.Tensor) -> torch.Tensor:
     mass = torch.zeros_like(like)
     mass[token] = 1.0
@@ -398,9 +466,11 @@ def choose_plain(logits: torch.Tensor, config: SpeculativeConfig, context: Seque
 
 
 def draft_verify(model: Any, prompt_ids: Sequence[int], drafter: Drafter, config: SpeculativeConfig,
-                 rng: torch.Generator, *, rollback: float = 0.0) -> Iterator[Event]:
+                 rng: torch.Generator, *, rollback: float = 0.0,
+                 typical: TypicalAcceptance | None = None) -> Iterator[Event]:
     """Yield a DraftRound per verification and a TokenStep per committed token. With `rollback` > 0 drafts are
-    verified by BiLD's lossy rollback policy (`verify_rollback`) instead of the exact rules."""
+    verified by BiLD's lossy rollback policy (`verify_rollback`) instead of the exact rules; with `typical`
+    (under the sampling rule) by Medusa's lossy typical acceptance (`verify_typical`)."""
     session = model.session()
     drafter.bind(session)
     context = list(prompt_ids)
@@ -426,11 +496,14 @@ def draft_verify(model: Any, prompt_ids: Sequence[int], drafter: Drafter, config
             continue
         if rollback:
             verdict = verify_rollback(logits, draft, rollback, config.rule, config, context, rng)  # 3. accept
+        elif typical is not None and config.rule == "sampling":
+            verdict = verify_typical(logits, draft, typical, config, context, hidden)  # 3. accept
         else:
             verdict = verify_tree(logits, draft, config.rule, config, context, rng, hidden)  # 3. accept
         t2 = time.perf_counter()
         commit_cache(session, len(context), draft, verdict)  # 4. commit
-        details = {**draft.details, **drafter.round_details()}  # what drafted this round, before it learns
+        # what drafted this round (before it learns) and what the verifier decided
+        details = {**draft.details, **drafter.round_details(), **verdict.details}
         if rollback:
             details["rolled_back"] = float(len(draft.tokens) - verdict.accepted_count)
         drafter.observe(verdict)

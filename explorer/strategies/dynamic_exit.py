@@ -6,8 +6,9 @@ length (speculation length), alpha_l = the estimated chance that a token drafted
 1. Shadow tokens: the verification pass returns every layer's hidden states; at each verified position up to
    the first mismatch (the rows whose token the target committed), the shadow token of layer l is
    argmax head(norm(h_l)): the token an exit at l would have drafted. alpha_l is the share of shadow tokens
-   equal to the target's, as a running average (weight `decay` on the past), over the candidate exits; the
-   prompt's last positions (the prefill) give the first estimate, so it is context-aware from round one.
+   equal to the target's, over the candidate exits. Departure (ours; the authors' code, hoenza/DEL, could not be
+   read here): the estimate is a running average with weight `decay` (0.7) on the past, and the prompt's last
+   PROMPT_POSITIONS positions (the prefill) give the first estimate, so it is context-aware from round one.
 2. Choose the exit and length that maximise tokens per layer,
    TPL(l, d) = [(1 - alpha_l^(d+1)) / (1 - alpha_l)] / (d l + L)
    (expected tokens a round yields over the layers it runs: d draft passes of l layers, one verification of L).
@@ -44,8 +45,8 @@ class DelConfig(ChainDraftConfig):
     draft_length: int = param(6, "longest draft d", minimum=1, maximum=16, step=1)
     stride: int = param(0, "candidate exits every this many layers (0: about eight candidates)", minimum=0,
                         maximum=64, step=1)
-    decay: float = param(0.7, "running-average weight on past acceptance estimates", minimum=0.0, maximum=0.99,
-                         step=0.01)
+    decay: float = param(0.7, "running-average weight on past acceptance estimates (ours, not the paper's)",
+                         minimum=0.0, maximum=0.99, step=0.01)
     confidence: float = param(0.3, "dynamic draft exiting: stop drafting when the exit's top probability is below "
                                    "this (0 = off)", minimum=0.0, maximum=0.99, step=0.01)
 
@@ -99,13 +100,15 @@ class DelDrafter(EarlyExitDrafter):
         return dict(zip(self.candidates, (shadow == wanted).float().mean(dim=-1).tolist(), strict=True))
 
     def update(self, matches: dict[int, float]) -> None:
+        # Departure (ours): an exponential running average, weight `decay` on the past
         for layer, rate in matches.items():
             self.alphas[layer] = rate if not self.seen else self.decay * self.alphas[layer] + (1 - self.decay) * rate
         self.seen = True
         self.choice = best_exit(self.alphas, self.config.draft_length, self.total)  # step 2
 
     def observe_prefill(self, inputs: Sequence[int], logits: torch.Tensor, hidden_states: torch.Tensor) -> None:
-        """The prompt seeds alpha: shadow tokens at its last positions against the target's own predictions."""
+        """The prompt seeds alpha: shadow tokens at its last positions against the target's own predictions.
+        Departure (ours: not in the paper's text we could read, nor checked against the authors' code)."""
         tail = min(PROMPT_POSITIONS, len(inputs))
         self.update(self.shadow_matches(hidden_states[:, -tail:], logits[-tail:].argmax(dim=-1).tolist()))
 
@@ -126,6 +129,17 @@ class DelDrafter(EarlyExitDrafter):
 
 @register("del", DelConfig, "DEL: early-exit self-speculation choosing exit layer and draft length per round",
           prepare=early_exit_prepare, family="speed-up: draft-verify",
-          paper="Entezari Zarch et al. 2025, DEL, arXiv:2504.05598")
+          paper="Entezari Zarch et al. 2025, DEL, arXiv:2504.05598",
+          reference_code="hoenza/DEL: (linked from the paper; no copy could be read here, so not checked)",
+          departures=(
+              "alpha_l is a running average with weight decay = 0.7 on the past: ours, not checked against the "
+              "authors' code",
+              "the prompt's last 16 positions seed alpha_l (shadow tokens of the prefill against the target's own "
+              "argmax): ours, not checked against the authors' code",
+              "candidate exits every stride-th layer, not every layer (the shadow LM head over all layers costs "
+              "several full passes per round on a CPU)",
+              "the draft-exit confidence threshold is one fixed value; the paper adapts it per layer",
+              "at least one token is drafted per round, so alpha keeps being measured",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: DelConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, DelDrafter(model, config, rng), config, rng)

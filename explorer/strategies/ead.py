@@ -60,7 +60,12 @@ def prepare(model: Any, config: EadConfig) -> None:
 
 @register("ead", EadConfig, "entropy-adaptive decoding: a small model hands over to the large one when unsure "
           "(lossy)", prepare=prepare, family="speed-up: draft-verify",
-          paper="Simonds 2025, Entropy Adaptive Decoding, arXiv:2502.06833")
+          paper="Simonds 2025, Entropy Adaptive Decoding, arXiv:2502.06833",
+          reference_code="none public",
+          departures=(
+              "the default small model is the target with its middle quarter of layers skipped ('layer-skip'); "
+              "the paper pairs two sizes of one family (e.g. Llama 3.2 1B / 3.1 11B)",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: EadConfig, rng: torch.Generator) -> Iterator[Event]:
     small = load_draft_model(model, config.small_model)
     sessions = {False: small.session(), True: model.session()}

@@ -10,6 +10,15 @@ linear schedule with t = step / (steps − 1) (γ_min 0.4 there, 0.01 with ASS: 
 
 Departure: the authors' ASS also splits the canvas into power-of-two blocks; here the 2^i schedule runs inside
 each of our blocks (one block, block_length 0, is their single-block case).
+
+Authors' code: yjyddq/EOSER-ASS-RL eval/generate.py (eoser_generate, eoser_ass_generate, sampling, ass_sampling); in
+the one-block setting the counts and γ(t) match. Further departures: without ASS, γ(t) runs over each block's steps
+(the authors divide the block-local step by the total steps − 1, so with several blocks their γ never reaches
+γ_max); every EOS id of the model is scaled (the authors: tokenizer.eos_token_id); the factor multiplies whatever
+score `remasking` gives, while the authors scale the probability only (they assert low_confidence; random is
+unscaled), so with remasking=entropy (scores −H ≤ 0) γ < 1 raises an EOS proposal's score instead of lowering it
+(found in the fidelity review, a bug to fix); on a causal LM the canvas is read with the shift, and the caches run
+only on causal LMs (see diffusion.py).
 """
 
 from __future__ import annotations
@@ -77,7 +86,8 @@ class EoserSchedule(Schedule):
 
     def decide(self, view: StepView) -> Decision:
         factor = eos_factor(self.config, view.block_step, len(self.block_counts))
-        is_eos = torch.tensor([int(t) in self.eos_ids for t in view.proposals.tolist()], dtype=torch.bool)
+        is_eos = torch.tensor([int(t) in self.eos_ids for t in view.proposals.tolist()], dtype=torch.bool,
+                              device=view.scores.device)
         scores = torch.where(is_eos, view.scores * factor, view.scores)
         committed = commit_top(scores, view.in_block, view.count)
         return Decision(committed, scores=[round(float(s), 6) for s in scores],
@@ -85,4 +95,25 @@ class EoserSchedule(Schedule):
 
 
 register_diffusion("eoser", EoserConfig, "diffusion: reject early EOS, commit 1, 2, 4, ... tokens per step",
-                   paper="Yang et al. 2025, EOSER and ASS, arXiv:2509.23924", schedule=EoserSchedule)
+                   paper="Yang et al. 2025, EOSER and ASS, arXiv:2509.23924", schedule=EoserSchedule,
+                   reference_code=("yjyddq/EOSER-ASS-RL: eval/generate.py: eoser_generate, eoser_ass_generate, "
+                                   "sampling, ass_sampling"),
+                   departures=(
+                       "ASS: the authors also cut the canvas into power-of-two blocks (block_num, gen_length = 2^S); "
+                       "here 1, 2, 4, ... runs inside each of our blocks, for any length (block_length 0 = their "
+                       "one-block case).",
+                       "UNMARKED: the EOS factor multiplies whatever score remasking gives; with remasking=entropy the "
+                       "scores are −H ≤ 0, so γ < 1 raises an EOS proposal's score (promotes EOS), and random scores "
+                       "are scaled too; the authors scale the probability only (low_confidence asserted).",
+                       "Without ASS, γ(t) runs from γ_min to γ_max over each block's steps; the authors' "
+                       "eoser_generate divides the block-local step by the total steps − 1, so with several blocks "
+                       "their γ never reaches γ_max.",
+                       "Every EOS id of the model is scaled (end-of-turn too); the authors scale "
+                       "tokenizer.eos_token_id only.",
+                       "Without ASS: a shorter last block when the canvas is not a multiple of block_length, and steps "
+                       "spread over the blocks (the authors assert both divide).",
+                       "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
+                       "bidirectional diffusion LMs (LLaDA).",
+                       "cache=prefix/dual/dkv run only on causal LMs, where under causal attention they are exact, "
+                       "not as the approximate caches defined for bidirectional diffusion LMs.",
+                   ))

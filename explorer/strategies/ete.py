@@ -12,6 +12,11 @@ positions (highest entropy first, each with its argmax), whose commitment turns 
 Departure: only the abstract was in the sources we could read; the exploit/explore split above, the
 cross-block reach of one block and the defaults (τ 0.9, B 2 bits) are our reading of it. Each step records the
 bits it committed (as `scores`, per position: −log₂ p of the proposal).
+
+No public code by the authors was found. Found in the fidelity review (a bug to fix): the reach is twice the span
+of the current block's still-masked positions (from the first of them), so it shrinks as the block fills and may
+end inside the block, rather than taking in the next block. Also: on a causal LM the canvas is read with the
+shift, and the caches run only on causal LMs (see diffusion.py).
 """
 
 from __future__ import annotations
@@ -76,4 +81,16 @@ class EteSchedule(Schedule):
 
 
 register_diffusion("ete", EteConfig, "diffusion: commit the confident, spend a bit budget on the uncertain",
-                   paper="Fu et al. 2025, From Bits to Rounds (ETE), arXiv:2511.21103", schedule=EteSchedule)
+                   paper="Fu et al. 2025, From Bits to Rounds (ETE), arXiv:2511.21103", schedule=EteSchedule,
+                   reference_code="none public (no code by the authors found; only the abstract was read)",
+                   departures=(
+                       "The exploit/explore split (exploit τ, then a B-bit budget spent on the block's highest-entropy "
+                       "positions), the cross-block reach and the defaults (τ 0.9, B 2 bits) are our reading of the "
+                       "abstract, not the paper's algorithm.",
+                       "UNMARKED: the cross-block reach is twice the span of the block's still-masked positions, so it "
+                       "shrinks as the block fills and may end inside the block, not the next block as described.",
+                       "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
+                       "bidirectional diffusion LMs.",
+                       "cache=prefix/dual/dkv run only on causal LMs, where under causal attention they are exact, "
+                       "not as the approximate caches defined for bidirectional diffusion LMs.",
+                   ))

@@ -11,7 +11,9 @@ span-probability heatmap) and the free greedy continuation for comparison.
 
 Departures: the passage is the prompt itself (its tokens between special tokens, e.g. inside a chat template),
 as tokenized in context; a span may not cross a special token. The end-of-span term uses every end token the
-model declares (log of their summed probability).
+model declares (log of their summed probability). The authors score spans with a T5 encoder-decoder (the decoder
+starts at <extra_id_0>, a span ends with <extra_id_1>); here a decoder-only model continues the prompt. Their
+length-normalised variant (log P / (length + 1)) is not offered.
 """
 
 from __future__ import annotations
@@ -57,7 +59,19 @@ def best_span(table: list[list[float]]) -> tuple[int, int]:
 
 @register("exact_extract", ExactExtractConfig, "the most probable span of the prompt (extractive QA)",
           needs_budget=True, family="search",
-          paper="Castel et al. 2022, exact-extract, arXiv:2108.05857")
+          paper="Castel et al. 2022, exact-extract, arXiv:2108.05857",
+          reference_code="ocastel/exact-extract: src/decoding/exact_extract.py: mlspan, mlspan_calc",
+          departures=(
+              "decoder-only: spans are scored as continuations of the prompt; the authors score them with a T5 "
+              "encoder-decoder (passage and question in the encoder, decoder from <extra_id_0>, span ended by "
+              "<extra_id_1>)",
+              "the passage is the prompt itself (its text between special tokens), as tokenized in context; a "
+              "span may not cross a special token",
+              "the end-of-span term is log of the summed probability of every end token the model declares; the "
+              "authors use one end token (<extra_id_1>)",
+              "spans are limited to max_span tokens (default 16) and only the unnormalised log P is ranked; the "
+              "authors also report a length-normalised variant",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: ExactExtractConfig, rng: torch.Generator, *,
         max_new_tokens: int) -> Iterator[Event]:
     prompt = list(prompt_ids)

@@ -8,6 +8,8 @@ event records every sample as it stood when the race stopped (its tokens, length
 finished).
 Departure: when no sample finishes within the token budget, the paper has nothing to return; we commit the
 sample with the highest mean log-probability per token (and say so in the record).
+Departures: samples are plain temperature draws (no top-p / top-k); when several samples end at the same step,
+the lowest row wins (the paper does not say how a tie breaks).
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ class FirstFinishConfig(Checked):
 
 
 @register("first_finish", FirstFinishConfig, "race n samples, keep the first that finishes", needs_budget=True,
-          family="search", paper="Agarwal et al. 2025, First Finish Search, arXiv:2505.18149")
+          family="search", paper="Agarwal et al. 2025, First Finish Search, arXiv:2505.18149",
+          reference_code="none public",
+          departures=(
+              "when no sample finishes within the token budget the paper has nothing to return; we commit the "
+              "sample with the highest mean log-probability per token",
+              "each sample is plain ancestral sampling at one temperature (no top-p / top-k), whatever sampling "
+              "settings the paper's models ran with",
+              "samples that end at the same step tie; the lowest row index wins",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: FirstFinishConfig, rng: torch.Generator, *,
         max_new_tokens: int) -> Iterator[Event]:
     race = sample_rows(model, prompt_ids, config.samples, config.temperature, rng, max_new_tokens,

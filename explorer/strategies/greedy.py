@@ -19,7 +19,10 @@ class GreedyConfig(Checked):
 
 
 @register("greedy", GreedyConfig, "argmax token at every step",
-          family='sampling', paper="the argmax rule (transformers' greedy generate is the reference)")
+          family='sampling', paper="the argmax rule (transformers' greedy generate is the reference)",
+          reference_code="huggingface/transformers: src/transformers/generation/utils.py: GenerationMixin._sample "
+                         "(do_sample=False: argmax of the processed scores)",
+          departures=())
 def run(model: Any, prompt_ids: Sequence[int], config: GreedyConfig, rng: torch.Generator) -> Iterator[Event]:
     def choose(logits: torch.Tensor, context: list[int]) -> Choice:
         return Choice(int(torch.argmax(logits)))

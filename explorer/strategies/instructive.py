@@ -10,7 +10,10 @@ or "null" (no instruction: the prompt's last token only, standing in for the pap
 the raw distribution (rank = the chosen token's rank under the real instruction alone) and the contrasted one.
 
 Departure: the noisy instruction is put before the whole prompt (chat template included) instead of rewriting
-the user turn, because a strategy sees token ids, not the prompt text.
+the user turn, because a strategy sees token ids, not the prompt text. So the real instruction stays in the
+noisy context, where the authors' code (SniGenerator.inst_aware_batchify) replaces the task definition with the
+noisy one. Their "none" instruction drops only the definition and keeps the task input; our "null" keeps only
+the prompt's last token, so the input is gone as well.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class InstructiveConfig(Checked):
 
 
 def noisy_context(model: Any, prompt_ids: Sequence[int], noisy: str) -> list[int]:
-    if noisy == "null":
+    if noisy == "null":  # departure: the authors' "none" keeps the task input, dropping only the definition
         return list(prompt_ids[-1:])
     return list(model.tokenizer.encode(OPPOSITE, add_special_tokens=False)) + list(prompt_ids)
 
@@ -48,7 +51,15 @@ def contrast(real: torch.Tensor, noisy: torch.Tensor, epsilon: float) -> torch.T
 
 
 @register("instructive", InstructiveConfig, "contrast with a noisy ('opposite') instruction: z − ε·z̃",
-          family="sampling", paper="Kim et al. 2023, Instructive Decoding, arXiv:2311.00233")
+          family="sampling", paper="Kim et al. 2023, Instructive Decoding, arXiv:2311.00233",
+          reference_code=("joonkeekim/Instructive-Decoding: src/base_generator.py: Generator.inst_decode (noisy "
+                          "inputs: src/sni_generator.py: SniGenerator.inst_aware_batchify)"),
+          departures=(
+              "the 'opposite' instruction is prepended to the whole prompt, so the real instruction stays in the "
+              "noisy context; the authors' code replaces the task definition with it (meta-instruction + input)",
+              "'null' keeps only the prompt's last token; the authors' 'none' drops only the definition and keeps "
+              "the task input",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: InstructiveConfig, rng: torch.Generator
         ) -> Iterator[Event]:
     real, noisy = model.session(), model.session()

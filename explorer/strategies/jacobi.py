@@ -19,6 +19,11 @@ Variants (`variant`):
 New positions start as `init`: "pad" (the paper's initialisation: the tokenizer's padding token, or EOS when it
 has none) or "copy" (copies of the last token).
 Each DraftRound is one iteration: its draft tokens are the window's row of the iteration x position grid.
+
+Authors' code: teelinsan/parallel-decoding src/ipi/decoders/jacobi.py (JacobiDecoder.decode) and gs_jacobi.py
+(GSJacobiDecoder.decode), greedy, on encoder-decoder translation models. Their Jacobi iterates the whole output at
+once (its length taken from the greedy output) until an iteration changes nothing; the default "sliding" window
+here is not the paper's (departure), and the sampling rule (the guesses verified by speculative sampling) is ours.
 """
 
 from __future__ import annotations
@@ -80,7 +85,17 @@ class JacobiDrafter(Drafter):
 
 @register("jacobi", JacobiConfig, "Jacobi decoding: fixed-point iteration over a window of future tokens",
           family="speed-up: model-free",
-          paper="Santilli et al. 2023, arXiv:2305.10427")
+          paper="Santilli et al. 2023, arXiv:2305.10427",
+          reference_code=("teelinsan/parallel-decoding: src/ipi/decoders/jacobi.py: JacobiDecoder.decode; "
+                          "src/ipi/decoders/gs_jacobi.py: GSJacobiDecoder.decode"),
+          departures=(
+              "The default variant 'sliding' (a W = 8 window refilled after each iteration, as Lookahead and CLLM "
+              "use) is not the paper's; its Jacobi iterates the whole output, of a length taken from the greedy "
+              "output, at once.",
+              "blocks (GS-Jacobi) commits each position as soon as the iterations before it prove it converged; the "
+              "paper commits a block when an iteration leaves it unchanged (one extra pass).",
+              "The sampling rule (the guesses verified by speculative sampling) is ours; the paper is greedy only.",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: JacobiConfig, rng: torch.Generator) -> Iterator[Event]:
     pad = getattr(model.tokenizer, "pad_token_id", None)
     pad_id = pad if isinstance(pad, int) else min(model.eos_token_ids, default=0)

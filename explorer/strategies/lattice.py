@@ -1,29 +1,43 @@
 """Lattice decoding: best-first search with hypothesis recombination (Xu, Jonnalagadda, Durrett 2022, "Massive-
-scale Decoding for Text Generation using Lattices", arXiv:2112.07660).
+scale Decoding for Text Generation using Lattices", arXiv:2112.07660), as the authors' RCB search runs it:
+jiacheng-xu/lattice-generation, src/recom_search/model/model_bfs_zip.py: bfs_rcb_any and step_bfs_rcb_any
+(with `-dfs_expand -merge rcb`), merge.py: similarity_heuristic, merge_strategy.py: merge_imp.
 
-Notation: O = the search frontier (a priority queue of (parent node, next token) candidates, scored by the
-hypothesis's log-probability s(y) = sum log p), n = the recombination n-gram size, G = the lattice (nodes =
-tokens at positions, edges = "this token can follow that one").
-1. Pop the best candidate from O.
-2. Recombination (RCB): if a node of G at the same position already ends in the same n-gram as the candidate,
-   the candidate is merged into it: a merge edge joins the candidate's parent to that node, and the two
-   hypotheses share every continuation found from there (the model would continue them alike).
-3. Otherwise add the node and complete its path depth-first (the paper's modification of best-first search):
-   follow the model's argmax token by token, pushing the runner-up tokens of every step onto O, until an end
-   token, the length limit, or a merge.
+Notation: G = the lattice (nodes = tokens, edges = "this token can follow that one"; node 0 is the end of the
+prompt and plays the decoder's start token); O = the search frontier; s(y) = Σ log p along a hypothesis y's
+first path (each node's first parent); |y| = its length, start token included (the authors' `length`, with
+their summarization prefix of one token); α = the length power (`avg_score`); k = runner-ups a step (`k_best`
+− 1); n = the recombination n-gram size (`ngram_suffix`); L = the length window (`len_diff`).
+1. Pop the candidate y with the best s(y) / |y|^α (s(y) when α = 0) from O and add it to G. A popped
+   candidate is never merged itself, nor indexed: only top-1 continuations are (step 3).
+2. Complete y depth-first: call the model, push the k runner-ups onto O (one that ends, by an end token or the
+   length limit, joins G as a finished node at once; one whose text, stripped and lower-cased, repeats a better
+   token's is skipped), and take the top-1 token y'.
+3. Recombination (RCB) of y': look up the nodes v of G that end some n-token path (over every parent, merge
+   edges included) with the last n tokens of y'. The first v whose first matching path (parents in order)
+   differs in length from |y'| by less than L takes y': an edge joins y''s parent to v with log p(y' | y),
+   y' is dropped and the completion stops (v's continuations now also continue y). The merge is refused
+   (and no other v tried) when the parent is v or one already reaches the other. Otherwise y' joins G, every
+   n-token path into it is indexed, and the completion goes on until an end token or the length limit.
 The budget is the number of model calls (`expansions`); nothing is pruned, so G encodes many more complete
-outputs than calls: the number of distinct paths is counted over G. The run commits G's best complete path by
-mean log-probability (Viterbi over the edges' scores); a LatticeResult records G for the lattice view.
-Departures: merges only join nodes at the same position (so G stays a DAG with one layer per position; the
-paper also merges across lengths, and offers ZIP, a more aggressive merge); candidates are scored by s(y)
-without the paper's length heuristics; a merged path's score through its new edge is the sum of the scores
-each edge had where it was found (the approximation recombination makes).
+outputs than calls. A LatticeResult records G (positions = depth along each node's first path).
+Departures (marked where they happen): RCB only (the authors' default merge is ZIP, which also merges the
+matched n-gram's nodes backwards); the matched path is measured from its own first node (the authors'
+BeamNodeFull.get_tokens_match_suffix restarts from v and counts v's whole path plus n, shifting the window by
+n); the no-cycle check covers all of G (the authors' get_antecedent looks back 10 steps); the budget is hard
+(the authors check it only between completions); a path ends at the model's end tokens or max_new_tokens (the
+authors end at "." or "</s>" once 10 tokens long, and a completion runs on past max_len); the default budget
+is 48 calls (the authors' runs: max_len × beam size, 35 × 16); the run commits one path, G's best by mean
+log-probability within max_new_tokens (the authors return the lattice; their analysis ranks paths by mean,
+evaluation/analysis.py: avg_score), scored along its edges (a merge edge carries the log p found on the
+dropped hypothesis: the approximation recombination makes).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,10 +54,19 @@ ROOT = 0
 @dataclass(frozen=True)
 class LatticeConfig(Checked):
     expansions: int = param(48, "budget: model calls", minimum=1, maximum=512, step=1)
-    branching: int = param(2, "runner-up tokens pushed onto the frontier at each step", minimum=1, maximum=8,
-                           step=1)
-    ngram: int = param(2, "n: merge hypotheses whose last n tokens agree (at the same position)", minimum=1,
-                       maximum=6, step=1)
+    branching: int = param(4, "k: runner-up tokens pushed onto the frontier at each step (authors: k_best 5 = "
+                              "top-1 + 4)", minimum=1, maximum=8, step=1)
+    ngram: int = param(4, "n: merge a continuation into a node that ends a path with the same last n tokens",
+                       minimum=1, maximum=8, step=1)
+    len_diff: int = param(5, "L: merge only when the two paths' lengths differ by less than L (1 = same length)",
+                          minimum=1, maximum=32, step=1)
+    length_power: float = param(0.75, "α: the frontier ranks runner-ups by s(y) / |y|^α (0 = the plain sum)",
+                                minimum=0.0, maximum=2.0, step=0.05)
+
+
+def frontier_score(score: float, length: int, power: float) -> float:
+    """The authors' heap priority of a runner-up: s(y) / |y|^α, or s(y) when α = 0 (`avg_score` ≤ 0)."""
+    return score / length ** power if power > 0 else score
 
 
 @dataclass
@@ -51,18 +74,19 @@ class Lattice:
     """G as plain lists: node 0 is the end of the prompt."""
 
     tokens: list[int]
-    depths: list[int]
+    depths: list[int]  # length of the node's first path (root excluded)
     main_parent: list[int]  # the node each node was first reached from
-    scores: list[float]  # s(y) of the path that created the node
+    parents: list[list[int]]  # every parent, first one first, then merge sources in the order they came
+    scores: list[float]  # s(y) along the first path
     edges: list[tuple[int, int, float, bool]]  # (from, to, log p of `to`'s token there, merge?)
     terminal: list[bool]
 
     @classmethod
     def start(cls) -> Lattice:
-        return cls([-1], [0], [-1], [0.0], [], [False])
+        return cls([-1], [0], [-1], [[]], [0.0], [], [False])
 
     def main_path(self, node: int) -> list[int]:
-        """The tokens of the path that created `node` (root excluded)."""
+        """The tokens of the node's first path (root excluded)."""
         tokens: list[int] = []
         while node != ROOT:
             tokens.append(self.tokens[node])
@@ -73,33 +97,98 @@ class Lattice:
         self.tokens.append(token)
         self.depths.append(self.depths[parent] + 1)
         self.main_parent.append(parent)
+        self.parents.append([parent])
         self.scores.append(self.scores[parent] + logp)
         self.terminal.append(False)
         self.edges.append((parent, len(self.tokens) - 1, logp, False))
         return len(self.tokens) - 1
 
+    def join(self, source: int, target: int, logp: float) -> None:
+        """A merge edge (merge_strategy.py: merge_imp): `target` gains `source` as a parent."""
+        self.parents[target].append(source)
+        self.edges.append((source, target, logp, True))
+
+    def ngrams(self, node: int, n: int) -> set[tuple[int, ...]]:
+        """The tokens of every n-node path into `node` through any parent, root excluded (bfs_util.py:
+        HashObject.add_helper)."""
+        ends = {(node, (self.tokens[node],))}
+        for _ in range(n - 1):
+            ends = {(p, (self.tokens[p], *gram)) for top, gram in ends for p in self.parents[top] if p != ROOT}
+        return {gram for _, gram in ends}
+
+    def match_start(self, node: int, gram: Sequence[int]) -> int | None:
+        """The first node of the first path into `node` (parents in order) whose tokens are `gram`."""
+        if self.tokens[node] != gram[-1]:
+            return None
+        if len(gram) == 1:
+            return node
+        for parent in self.parents[node]:
+            start = self.match_start(parent, gram[:-1]) if parent != ROOT else None
+            if start is not None:
+                return start
+        return None
+
+    def ancestors(self, node: int) -> set[int]:
+        seen, todo = set(), [node]
+        while todo:
+            for parent in self.parents[todo.pop()]:
+                if parent not in seen:
+                    seen.add(parent)
+                    todo.append(parent)
+        return seen
+
+    def topological_order(self) -> list[int]:
+        """Merge edges may point to older nodes, so node ids are not an order: Kahn's algorithm."""
+        indegree = [len(p) for p in self.parents]
+        children: list[list[int]] = [[] for _ in self.tokens]
+        for source, target, _, _ in self.edges:
+            children[source].append(target)
+        order, ready = [], deque(n for n, d in enumerate(indegree) if d == 0)
+        while ready:
+            order.append(node := ready.popleft())
+            for child in children[node]:
+                indegree[child] -= 1
+                if indegree[child] == 0:
+                    ready.append(child)
+        return order
+
     def path_count(self) -> int:
-        """Distinct root-to-terminal paths (edges only go one position deeper, so depth order is topological)."""
+        """Distinct root-to-terminal paths."""
         count = [0] * len(self.tokens)
         count[ROOT] = 1
-        for source, target, _, _ in sorted(self.edges, key=lambda e: self.depths[e[0]]):
-            count[target] += count[source]
+        outgoing = defaultdict(list)
+        for source, target, _, _ in self.edges:
+            outgoing[source].append(target)
+        for node in self.topological_order():
+            for target in outgoing[node]:
+                count[target] += count[node]
         return sum(c for c, end in zip(count, self.terminal, strict=True) if end)
 
-    def best_path(self) -> list[int]:
-        """The terminal path with the best mean log-probability (Viterbi best sum per node), root excluded."""
-        best = [float("-inf")] * len(self.tokens)
-        back = [-1] * len(self.tokens)
-        best[ROOT] = 0.0
-        for source, target, logp, _ in sorted(self.edges, key=lambda e: self.depths[e[0]]):
-            if best[source] + logp > best[target]:
-                best[target], back[target] = best[source] + logp, source
-        ends = [n for n, end in enumerate(self.terminal) if end and best[n] > float("-inf")]
-        node = max(ends, key=lambda n: (best[n] / self.depths[n], -n))
+    def best_path(self, max_length: int | None = None) -> list[int]:
+        """The terminal path with the best mean log-probability among those of at most `max_length` tokens
+        (paths through merge edges differ in length, so Viterbi keeps the best sum per (node, length))."""
+        outgoing = defaultdict(list)
+        for source, target, logp, _ in self.edges:
+            outgoing[source].append((target, logp))
+        best: dict[tuple[int, int], tuple[float, tuple[int, int] | None]] = {(ROOT, 0): (0.0, None)}
+        by_node: dict[int, list[int]] = defaultdict(list, {ROOT: [0]})
+        for node in self.topological_order():
+            for length in by_node[node]:
+                score = best[node, length][0]
+                if max_length is not None and length >= max_length:
+                    continue
+                for target, logp in outgoing[node]:
+                    state = (target, length + 1)
+                    if state not in best:
+                        by_node[target].append(length + 1)
+                    if state not in best or score + logp > best[state][0]:
+                        best[state] = (score + logp, (node, length))
+        ends = [(n, length) for (n, length) in best if n != ROOT and self.terminal[n]]
+        state: tuple[int, int] | None = max(ends, key=lambda e: (best[e][0] / e[1], -e[0], -e[1]))
         path = []
-        while node != ROOT:
-            path.append(node)
-            node = back[node]
+        while state is not None and state[0] != ROOT:
+            path.append(state[0])
+            state = best[state][1]
         return path[::-1]
 
 
@@ -107,8 +196,8 @@ def build_lattice(model: Any, prompt_ids: Sequence[int], config: LatticeConfig, 
                   ) -> tuple[Lattice, int, list[int]]:
     """Steps 1-3 until the budget is spent: (G, merges, the first completion = greedy's nodes)."""
     lattice = Lattice.start()
-    index: dict[tuple[int, tuple[int, ...]], int] = {}  # (depth, last n tokens) -> node
-    frontier: list[tuple[float, int, int, int, float]] = []  # (-s, order, parent, token, log p)
+    index: dict[tuple[int, ...], list[int]] = defaultdict(list)  # last n tokens -> nodes ending such a path
+    frontier: list[tuple[float, int, int, int, float]] = []  # (-priority, order, parent, token, log p)
     order = itertools.count()
     session = model.session()
     prompt = list(prompt_ids)
@@ -117,65 +206,105 @@ def build_lattice(model: Any, prompt_ids: Sequence[int], config: LatticeConfig, 
     base = session.length
     calls, merges = 0, 0
 
-    def key(parent: int, token: int) -> tuple[int, tuple[int, ...]]:
-        tail = [*lattice.main_path(parent), token][-config.ngram:]
-        return lattice.depths[parent] + 1, tuple(tail)
+    def ends(token: int, depth: int) -> bool:
+        # departure: the model's end tokens or max_new_tokens (authors: "." or "</s>" once 10 long)
+        return token in model.eos_token_ids or depth >= max_new_tokens
 
-    def place(parent: int, token: int, logp: float) -> int | None:
-        """Add the candidate, or merge it (step 2): None when merged."""
-        nonlocal merges
-        place_key = key(parent, token)
-        found = index.get(place_key)
-        if found is not None:
-            lattice.edges.append((parent, found, logp, True))
-            merges += 1
+    def merge_target(parent: int, token: int) -> int | None:
+        """Step 3 for y' = parent's path + token: the node to merge into, or None (similarity_heuristic,
+        merge_imp's refusals)."""
+        depth = lattice.depths[parent] + 1
+        if depth < config.ngram:  # |y'| must exceed n, the start token counted
             return None
-        node = lattice.add(parent, token, logp)
-        index[place_key] = node
-        return node
+        gram = tuple([*lattice.main_path(parent), token][-config.ngram:])
+        # the authors' candidates come from a set; ours in the order they were indexed
+        for node in index.get(gram, []):
+            start = lattice.match_start(node, gram)
+            if start is None:
+                continue
+            # departure: the matched path's own length (first path to its first node, then the n-gram)
+            length = lattice.depths[start] + config.ngram - 1
+            if abs(length - depth) >= config.len_diff:
+                continue
+            # the first similar candidate decides, as in the authors' loop; departure: reachability over all
+            # of G (no cycle, no shortcut), where get_antecedent looks back 10 steps
+            if node == parent or node in lattice.ancestors(parent) or parent in lattice.ancestors(node):
+                return None
+            return node
+        return None
 
-    def complete(node: int) -> None:
-        """Step 3: depth-first greedy completion from `node`, pushing runner-ups."""
-        nonlocal calls
+    def push_runner_ups(node: int, ids: list[int], values: list[float]) -> None:
+        """Step 2: the k runner-ups onto O; a finished one joins G at once; repeated texts are skipped."""
+        seen = {model.piece(ids[0]).strip().lower()}
+        depth = lattice.depths[node] + 1
+        for token, value in zip(ids[1:], values[1:], strict=True):
+            text = model.piece(token).strip().lower()
+            if text in seen:
+                continue
+            seen.add(text)
+            if ends(token, depth):
+                lattice.terminal[lattice.add(node, token, value)] = True
+                continue
+            priority = frontier_score(lattice.scores[node] + value, depth + 1, config.length_power)
+            heapq.heappush(frontier, (-priority, next(order), node, token, value))
+
+    def complete(node: int) -> list[int]:
+        """Steps 2-3 from `node`: the nodes added along the top-1 path."""
+        nonlocal calls, merges
+        added: list[int] = []
         session.crop(base)
         inputs = [prompt[-1], *lattice.main_path(node)]
         while calls < config.expansions:
-            logp = torch.log_softmax(session.forward(inputs, all_logits=False)[-1].float(), dim=-1)
+            logp = torch.log_softmax(session.forward(inputs, all_logits=False)[-1].float(), dim=-1)  # (vocab,)
             calls += 1
             top = torch.topk(logp, min(config.branching + 1, logp.shape[-1]))
             ids, values = top.indices.tolist(), top.values.tolist()
-            for token, value in zip(ids[1:], values[1:], strict=True):
-                heapq.heappush(frontier, (-(lattice.scores[node] + value), next(order), node, token, value))
-            child = place(node, ids[0], values[0])
-            if child is None:
-                return
+            push_runner_ups(node, ids, values)
+            target = merge_target(node, ids[0])
+            if target is not None:  # y' is dropped: its continuations are target's
+                lattice.join(node, target, values[0])
+                merges += 1
+                return added
+            child = lattice.add(node, ids[0], values[0])
+            for gram in lattice.ngrams(child, config.ngram):
+                index[gram].append(child)
+            added.append(child)
             node, inputs = child, [ids[0]]
-            if ids[0] in model.eos_token_ids or lattice.depths[node] >= max_new_tokens:
+            if ends(ids[0], lattice.depths[node]):
                 lattice.terminal[node] = True
-                return
-        lattice.terminal[node] = True  # the budget ran out mid-path: it ends here
+                return added
+        lattice.terminal[node] = True  # departure: the budget ran out mid-path, so it ends here
+        return added
 
-    complete(ROOT)
-    greedy_nodes = list(range(1, len(lattice.tokens)))  # the first completion is the greedy path
+    greedy_nodes = complete(ROOT)  # the first completion is the greedy path
     while frontier and calls < config.expansions:
         _, _, parent, token, logp = heapq.heappop(frontier)  # step 1
-        node = place(parent, token, logp)
-        if node is None:
-            continue
-        if token in model.eos_token_ids or lattice.depths[node] >= max_new_tokens:
-            lattice.terminal[node] = True
-            continue
-        complete(node)
+        complete(lattice.add(parent, token, logp))
     return lattice, merges, greedy_nodes
 
 
 @register("lattice", LatticeConfig, "lattice decoding: best-first search with hypothesis recombination",
           needs_budget=True, family="search",
-          paper="Xu, Jonnalagadda, Durrett 2022, lattice decoding, arXiv:2112.07660")
+          paper="Xu, Jonnalagadda, Durrett 2022, lattice decoding, arXiv:2112.07660",
+          reference_code="jiacheng-xu/lattice-generation: src/recom_search/model/model_bfs_zip.py: bfs_rcb_any",
+          departures=(
+              "RCB merges only: the authors' default -merge zip (ZIP, merging the matched n-gram's nodes "
+              "backwards) is not implemented",
+              "the matched path's length is its own; the authors' BeamNodeFull.get_tokens_match_suffix counts the "
+              "candidate's whole path plus n, shifting the len_diff window by n",
+              "the merge refuses any cycle or shortcut over all of G; the authors' get_antecedent looks back 10 "
+              "steps",
+              "the budget is a hard limit on model calls; the authors check it only between completions",
+              "a path ends at the model's end tokens or max_new_tokens; the authors end at '.' or '</s>' after 10 "
+              "tokens, and a completion runs on past max_len",
+              "default budget 48 model calls; the authors' runs use max_len x beam size (35 x 16 = 560)",
+              "the run commits one path, G's best by mean log-probability within max_new_tokens; the authors "
+              "return the lattice",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: LatticeConfig, rng: torch.Generator, *,
         max_new_tokens: int) -> Iterator[Event]:
     lattice, merges, greedy_nodes = build_lattice(model, prompt_ids, config, max_new_tokens)
-    chosen = lattice.best_path()
+    chosen = lattice.best_path(max_new_tokens)
     yield LatticeResult(tokens=lattice.tokens, texts=[model.piece(t) if t >= 0 else "" for t in lattice.tokens],
                         depths=lattice.depths, edge_from=[e[0] for e in lattice.edges],
                         edge_to=[e[1] for e in lattice.edges], edge_logprobs=[round(e[2], 6) for e in lattice.edges],

@@ -12,6 +12,13 @@ no anchor, the step commits the single most confident position (the conservative
 Departure: the paper's exact threshold schedule and defaults were not in the sources we could read (its code
 was not either); the linear decay and the defaults here (τ_anchor 0.9, τ_relaxed 0.6, radius 2) follow the
 published description of the two principles.
+
+The authors' code is public (friedrichor/LocalLeap) but was not in the sources we could read; a third-party port
+citing its scripts/llada/run.sh gives κ (anchor) 0.9, τ (neighbour threshold) 0.75, W (radius) 4 for LLaDA-8B and
+applies one neighbour threshold τ within the radius, on top of the baseline count. So further departures (our
+reading, unverified against that code): the linearly rising neighbour threshold, the defaults τ_relaxed 0.6 and
+radius 2, and the no-anchor fallback of one position (with anchors no baseline count is kept); on a causal LM the
+canvas is read with the shift, and the caches run only on causal LMs (see diffusion.py).
 """
 
 from __future__ import annotations
@@ -67,7 +74,8 @@ class LocalLeapSchedule(Schedule):
                    if e and c >= config.anchor]
         if not anchors:
             return Decision(commit_top(view.scores, eligible, 1), rule="no anchor: the most confident position")
-        thresholds = torch.tensor(local_thresholds(positions, anchors, config), dtype=view.scores.dtype)
+        thresholds = torch.tensor(local_thresholds(positions, anchors, config), dtype=view.scores.dtype,
+                                  device=view.scores.device)
         committed = eligible & (view.scores >= thresholds)
         return Decision(committed, scores=[round(float(t), 4) for t in thresholds],
                         rule=f"{len(anchors)} anchors ≥ {config.anchor:g}; neighbours within {config.radius} "
@@ -76,4 +84,18 @@ class LocalLeapSchedule(Schedule):
 
 register_diffusion("localleap", LocalLeapConfig, "diffusion: commit around high-confidence anchors with relaxed "
                                                  "thresholds",
-                   paper="Kong et al. 2025, LocalLeap, arXiv:2510.07081", schedule=LocalLeapSchedule)
+                   paper="Kong et al. 2025, LocalLeap, arXiv:2510.07081", schedule=LocalLeapSchedule,
+                   reference_code=("friedrichor/LocalLeap: scripts/llada/run.sh (public, but not in the sources we "
+                                   "could read: not compared)"),
+                   departures=(
+                       "The neighbour threshold rises linearly with the distance (τ_relaxed at d = 1 to τ_anchor past "
+                       "the radius); a third-party port of the authors' code uses one threshold τ within radius W.",
+                       "Defaults τ_relaxed 0.6 and radius 2 are ours; the authors' LLaDA run uses κ 0.9, τ 0.75, W 4 "
+                       "(per a third-party port citing their run.sh).",
+                       "With no anchor a step commits the single most confident position, and with anchors only the "
+                       "thresholded ones: our reading (that port keeps the baseline fixed count and adds neighbours).",
+                       "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
+                       "bidirectional diffusion LMs (LLaDA).",
+                       "cache=prefix/dual/dkv run only on causal LMs, where under causal attention they are exact, "
+                       "not as the approximate caches defined for bidirectional diffusion LMs.",
+                   ))

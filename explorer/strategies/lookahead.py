@@ -22,6 +22,12 @@ between levels); we feed only the newest level (W tokens) and keep the older one
 which the n-grams are read along the same diagonals. A trie node that the window and an n-gram share is the
 window's. The window starts as the last W context tokens (the paper: random tokens); positions a level lacks
 (after a shift) are filled with the level's last token.
+
+Authors' code: hao-ai-lab/LookaheadDecoding lade/decoding.py (jacobi_greedy_search_multilevel, update_token_map).
+Further departures from it: the window is itself verified as a candidate chain (Jacobi hits), while the authors'
+code only verifies the pooled n-grams; our levels shift past what was committed (accepted + 1), while theirs
+(ALWAYS_FWD_ONE, asserted) advance one position per step whatever was accepted; the pool keeps 16 n-grams per key
+and verifies the G newest, theirs keeps GUESS_SET_SIZE per key (LRU) and verifies them all.
 """
 
 
@@ -145,6 +151,22 @@ class LookaheadDrafter(Drafter):
 @register("lookahead", LookaheadConfig, "lookahead decoding: Jacobi window + n-gram pool, verified in one pass",
           prepare=tree_prepare,
           family="speed-up: model-free",
-          paper="Fu et al. 2024, lookahead decoding, arXiv:2402.02057")
+          paper="Fu et al. 2024, lookahead decoding, arXiv:2402.02057",
+          reference_code=("hao-ai-lab/LookaheadDecoding: lade/decoding.py: jacobi_greedy_search_multilevel, "
+                          "update_token_map"),
+          departures=(
+              "Only the newest level (W tokens) goes through each pass, the older N - 2 kept as memory for the "
+              "n-grams; the paper feeds all N - 1 levels ((N - 1) x W tokens) with attention between them.",
+              "The window is itself verified as a candidate chain (Jacobi hits); the authors' code verifies only the "
+              "pooled n-grams and never accepts window tokens.",
+              "After a step the levels shift past the committed tokens (accepted + 1); the authors' code "
+              "(ALWAYS_FWD_ONE, asserted) moves the window one position per step whatever was accepted.",
+              "The pool keeps up to 16 n-grams per key and verifies the G newest (G = 3); the authors keep "
+              "GUESS_SET_SIZE per key (LRU) and verify them all.",
+              "Verified n-grams are merged into a trie, a node shared with the window being the window's; the "
+              "authors verify each n-gram as its own branch (the same accepted tokens under the greedy rule).",
+              "The window starts as the last W context tokens (the authors: random prompt tokens), and positions a "
+              "level lacks after a shift repeat its last token.",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: LookaheadConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, LookaheadDrafter(config), config, rng)

@@ -6,7 +6,9 @@ Notation: H = {y_1 .. y_N} ancestral samples from the model (temperature T); u(h
 standing in for references (the Monte-Carlo estimate of the expected utility under the model). The N samples run
 as one batch on a shared prompt cache; a greedy row runs beside them for comparison (not a candidate). The run
 commits y*; an MbrResult records every candidate, its log-probability, the utility matrix, the expected
-utilities, the choice, the best-of-N by log-probability, and the greedy output.
+utilities, the choice, the best-of-N by log-probability, and the greedy output. chrF is sacrebleu's sentence chrF
+(explorer.utility.chrf: every whitespace character removed before the character n-grams). Departure: the
+self-comparison is left out of the expected utility (see `departures` below).
 """
 
 from __future__ import annotations
@@ -50,7 +52,14 @@ def mbr_choice(texts: list[str]) -> tuple[int, list[list[float]], list[float]]:
 
 @register("mbr", MbrConfig, "sample N candidates, commit the one that agrees most with the others (chrF)",
           needs_budget=True, family="search",
-          paper="Eikema & Aziz 2020, MBR by sampling, arXiv:2005.10283; chrF: Popović 2015")
+          paper="Eikema & Aziz 2020, MBR by sampling, arXiv:2005.10283; chrF: Popović 2015",
+          reference_code="Roxot/mbr-nmt: mbr_nmt/mbr.py: mbr; chrF as mjpost/sacrebleu: sacrebleu/metrics/chrf.py: "
+                         "CHRF (default whitespace=False)",
+          departures=(
+              "the expected utility leaves the candidate out, 1/(N−1) Σ_{r≠h} u(h, r); the authors' mbr averages "
+              "over all N samples, itself included (u(h, h) = 100 lifts every non-empty candidate alike, so the "
+              "choice differs only for an empty one)",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: MbrConfig, rng: torch.Generator, *,
         max_new_tokens: int) -> Iterator[Event]:
     check_mbr_cost(config.samples, max_new_tokens)

@@ -9,9 +9,15 @@ committed token):
 1. Head k's top-s_k tokens are the candidates at depth k of the tree; every node at depth k - 1 gets all of
    them as children (the heads guess each position independently: the tree is the Cartesian product, pruned by
    the widths, as Medusa's sparse trees are).
-2. The target verifies the tree in one tree-masked pass; the accepted path and the bonus token are committed
-   (deterministic candidates: point masses, exact under both rules), and the hidden state of the last accepted
-   position is the next h.
+2. The target verifies the tree in one tree-masked pass; the accepted path and the bonus token are committed,
+   and the hidden state of the last accepted position is the next h. The acceptance (`acceptance`):
+   - exact (default, lossless): the greedy rule, or under the sampling rule speculative sampling with the
+     candidates as point masses (a sibling x accepted with probability p(x), p the residual left by the siblings
+     rejected before it): the output is distributed as p;
+   - typical (Sec. 2.3.1, the paper's choice for sampling; LOSSY): x passes if p(x) > min(epsilon, delta *
+     exp(-H(p))) (epsilon = `posterior_threshold`, delta = `posterior_alpha`, the authors' 0.09 and 0.3), the
+     longest passing path wins (ties: the more likely), and the token after it is the target's argmax (the
+     paper's greedy first token). draft_verify.verify_typical; each round records the thresholds.
 Departures: the widths are uniform per depth (Medusa ships hand-tuned sparse trees of 64 nodes); heads predict
 over a reduced draft vocabulary V_d (their output rows start as the LM head's rows for V_d).
 """
@@ -28,8 +34,17 @@ from explorer.events import Event
 from explorer.heads import resolve_head
 from explorer.params import param
 from explorer.strategies.base import register, tree_prepare
-from explorer.strategies.draft_verify import Drafter, DraftTree, SpeculativeConfig, Verdict, draft_verify
+from explorer.strategies.draft_verify import (
+    Drafter,
+    DraftTree,
+    SpeculativeConfig,
+    TypicalAcceptance,
+    Verdict,
+    draft_verify,
+)
 from explorer.trees import parse_widths, uniform_tree_size
+
+ACCEPTANCES = ("exact", "typical")
 
 
 @dataclass(frozen=True)
@@ -37,10 +52,26 @@ class MedusaConfig(SpeculativeConfig):
     widths: str = param("3,2,1", "top-k tokens of head 1, 2, ... (children per node at each depth)")
     drafter: str = param("", "directory of trained Medusa heads (head.json + head.safetensors); empty: the heads "
                              "shipped for this model in assets/drafters", model=True)
+    acceptance: str = param("exact", "sampling rule: exact (speculative sampling, lossless) or typical (Medusa's "
+                                     "typical acceptance, p > min(ε, δ·exp(−H)); LOSSY: faster, not distributed "
+                                     "as the target)", choices=ACCEPTANCES)
+    posterior_threshold: float = param(0.09, "typical acceptance: the hard threshold ε (authors: 0.09)",
+                                       minimum=0.0, maximum=1.0, step=0.01)
+    posterior_alpha: float = param(0.3, "typical acceptance: δ, the entropy-scaled threshold δ·exp(−H) "
+                                        "(authors: 0.3 ≈ √ε)", minimum=0.0, maximum=1.0, step=0.01)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_widths(self.widths)
+        if self.acceptance == "typical" and self.rule != "sampling":
+            raise ValueError("typical acceptance is a sampling rule: set rule to sampling (under the greedy rule "
+                             "Medusa matches the argmax, as acceptance = exact does)")
+
+    def typical(self) -> TypicalAcceptance | None:
+        """The typical-acceptance thresholds, or None for exact acceptance."""
+        if self.acceptance != "typical":
+            return None
+        return TypicalAcceptance(self.posterior_threshold, self.posterior_alpha)
 
     def draft_nodes(self) -> int:
         return uniform_tree_size(parse_widths(self.widths))
@@ -107,7 +138,18 @@ def prepare(model: Any, config: MedusaConfig) -> None:
 
 @register("medusa", MedusaConfig, "Medusa: trained heads guess the next tokens from one hidden state, verified as "
           "a tree", prepare=prepare, family="speed-up: draft-verify",
-          paper="Cai et al. 2024, Medusa, arXiv:2401.10774")
+          paper="Cai et al. 2024, Medusa, arXiv:2401.10774",
+          reference_code="FasterDecoding/Medusa: medusa/model/utils.py: generate_candidates, evaluate_posterior",
+          departures=(
+              "uniform widths per depth (the Cartesian product of the heads' top-k), not the authors' hand-tuned "
+              "sparse 64-node trees (medusa_choices)",
+              "the heads are trained here for minutes on local text over a reduced draft vocabulary V_d, not on "
+              "ShareGPT over the full vocabulary (released Medusa-1 heads can be loaded instead)",
+              "under the sampling rule the default acceptance is exact speculative sampling (lossless); the paper's "
+              "typical acceptance is the lossy option acceptance = typical",
+              "typical acceptance takes p from the configured filters (temperature, and top-k / top-p when set; "
+              "the authors apply temperature only) and exact entropy (the authors: log(p + 1e-5))",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: MedusaConfig, rng: torch.Generator) -> Iterator[Event]:
     drafter = MedusaDrafter(resolve_head(model, config.drafter, "medusa"), config)
-    yield from draft_verify(model, prompt_ids, drafter, config, rng)
+    yield from draft_verify(model, prompt_ids, drafter, config, rng, typical=config.typical())

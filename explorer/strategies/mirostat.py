@@ -17,6 +17,12 @@ The kept set always holds at least the top token (the paper's set would be empty
 is more surprising than mu).
 Departure (version 1): when s_hat <= 1 (a tail at least as heavy as Zipf with exponent 1) the formula has no
 finite positive k; we floor eps_hat at MIN_EPSILON, and compute k in logs (2^mu overflows for large mu).
+Departure (version 1, from the authors' mirostat.py): they sample from the top k + 1 and fit s_hat on 100 ratios
+(p_1 .. p_101); we keep the top k and m - 1 = 99 ratios, as Algorithm 1 writes it. Default eta = 0.1 is
+llama.cpp's; the authors' script runs learning rate 1.
+Departure (version 2, found in the fidelity review, not fixed): the observed surprise S(x) is taken under the full
+distribution; llama.cpp (llama_sampler_mirostat_v2_apply) takes it under the truncated set renormalised, so
+its feedback sees smaller surprises and mu settles differently.
 """
 
 from __future__ import annotations
@@ -86,7 +92,20 @@ def mirostat_truncate(logits: torch.Tensor, mu: float) -> torch.Tensor:
 
 @register("mirostat", MirostatConfig, "Mirostat: adaptive truncation toward a target surprise",
           family="sampling",
-          paper="Basu et al. 2021, Mirostat, arXiv:2007.14966")
+          paper="Basu et al. 2021, Mirostat, arXiv:2007.14966",
+          reference_code=("basusourya/mirostat: mirostat.py: estimate_s, compute_k and the sampling loop (version 1); "
+                          "ggml-org/llama.cpp: src/llama-sampling.cpp: llama_sampler_mirostat_v2_apply (version 2)"),
+          departures=(
+              "version 1: when s_hat <= 1 the paper's k has no finite positive value; eps_hat is floored at "
+              "1e-3 and k computed in logs, clipped to [1, N]",
+              "version 1: top k tokens and a Zipf fit on 99 ratios of the top 100 (Algorithm 1 as written); the "
+              "authors' mirostat.py keeps the top k + 1 and fits 100 ratios (p_1 .. p_101)",
+              "default eta = 0.1 (llama.cpp's default); the authors' mirostat.py uses learning rate 1",
+              "version 2 is llama.cpp's truncation at surprise mu, not one of the paper's numbered algorithms",
+              "UNMARKED: version 2 measures the observed surprise under the full (temperature-scaled) "
+              "distribution; llama.cpp's llama_sampler_mirostat_v2_apply measures it under the truncated set "
+              "renormalised, so mu is updated from different errors",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: MirostatConfig, rng: torch.Generator) -> Iterator[Event]:
     mu = 2.0 * config.tau
 
@@ -102,6 +121,7 @@ def run(model: Any, prompt_ids: Sequence[int], config: MirostatConfig, rng: torc
         else:
             kept = mirostat_truncate(scaled, mu)
         token = sample(kept, rng)  # 3.
+        # Departure (version 2): llama.cpp measures this under the truncated, renormalised distribution.
         observed = float(surprise_bits(scaled)[token])
         details["surprise"] = observed
         mu -= config.eta * (observed - config.tau)  # 4.-5.

@@ -12,6 +12,9 @@ Resistance R (`resistance`):
   their alpha = 0.2 and loops looked for up to 5 tokens (MomentumDecoding, `ngram_lookup_table`).
 - "linear" (a named variant): R(L) = max(0, L - free_length), so loops up to free_length tokens repeat freely.
 With alpha = 0 it is greedy decoding.
+Departure: "table" is the authors' first released table (MomentumDecoding commit 2b58b6f, 4 Dec 2022); their
+models/utlis_ngram.py changed it within a day (R(5) = 5), and its current default is 0, 0, 0, 0, 5 (a comment
+gives 0, 1, 2, 3, 4, 5 "for GPT2-XL"). Which table the paper's runs used is not recorded in the code.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from explorer.params import Checked, param
 from explorer.strategies.base import commit_token, register
 
 RESISTANCES = ("table", "linear")
-AUTHORS_TABLE = (0.0, 1.0, 3.0, 4.0, 5.0, 6.0)  # R(L) for L = 0..5; infinite beyond
+AUTHORS_TABLE = (0.0, 1.0, 3.0, 4.0, 5.0, 6.0)  # R(L) for L = 0..5; infinite beyond (authors' first release)
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,15 @@ def resistance(length: int, config: MomentumConfig) -> float:
 
 @register("momentum", MomentumConfig, "momentum decoding: greedy exploration with a resistance on loops",
           family="search",
-          paper="Lan et al. 2022, momentum decoding, arXiv:2212.02175")
+          paper="Lan et al. 2022, momentum decoding, arXiv:2212.02175",
+          reference_code=("gmftbyGMFTBY/MomentumDecoding: models/utlis_ngram.py: ResistanceDecodingNGram, "
+                          "find_max_repetition_length, ngram_lookup_table_ours"),
+          departures=(
+              "resistance='table' is the authors' first released table (commit 2b58b6f, R = 0, 1, 3, 4, 5, 6); "
+              "their current ngram_lookup_table_ours defaults to 0, 0, 0, 0, 5 (a comment gives 0, 1, 2, 3, 4, 5 "
+              "'for GPT2-XL'), and the code does not record which table the paper's runs used",
+              "resistance='linear' (max(0, L - free_length)) is our own variant, not the authors'",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: MomentumConfig, rng: torch.Generator) -> Iterator[Event]:
     session = model.session()
     graph = NgramGraph(prompt_ids, config.max_ngram)

@@ -7,6 +7,12 @@ text with nothing to copy pays almost nothing). After a draft that is rejected o
 1, 2, 4, ... (up to `backoff`) steps, so chance matches in free text cost little. The draft is deterministic
 (q = a point mass), verified by the greedy rule or exactly by the sampling rule. gamma starts at 2 and adapts
 to recent acceptance (see DraftLength).
+
+Authors' code: apoorvumang/prompt-lookup-decoding find_candidate_pred_tokens (README, demo-pld.ipynb): n from 3
+down to 1, the first (earliest) match whose 10 following tokens all exist, a fixed 10-token draft, greedy
+decoding. CopySpec (RazvanDu/CopySpec speculative_copying.py) also copies from the first occurrence. Departures:
+the latest match, n down to min_ngram 2, shorter continuations accepted, the adaptive length, the back-off and the
+sampling rule are ours.
 """
 
 from __future__ import annotations
@@ -85,6 +91,18 @@ class PromptLookupDrafter(Drafter):
 
 @register("prompt_lookup", PromptLookupConfig, "prompt lookup: copy the continuation of the latest n-gram match",
           family="speed-up: model-free",
-          paper="Saxena 2023, prompt lookup decoding; CopySpec, Dumitru et al. 2025, arXiv:2502.08923")
+          paper="Saxena 2023, prompt lookup decoding; CopySpec, Dumitru et al. 2025, arXiv:2502.08923",
+          reference_code=("apoorvumang/prompt-lookup-decoding: README.md (demo-pld.ipynb): "
+                          "find_candidate_pred_tokens; RazvanDu/CopySpec: speculative_copying.py: "
+                          "SpeculativeDecoder.generate"),
+          departures=(
+              "Copies after the latest earlier match; the authors' find_candidate_pred_tokens (and CopySpec) take the "
+              "first, earliest match.",
+              "n runs from max_ngram 3 down to min_ngram 2; the authors go down to 1.",
+              "The draft starts at 2 tokens and adapts (up to 10), and a match with fewer tokens after it still "
+              "drafts; the authors copy a fixed 10 and use only a match with all 10 following it.",
+              "After a fully rejected draft, lookups pause for 1, 2, 4, ... steps (back-off): ours.",
+              "The sampling rule is ours; the authors' experiments are greedy (sampling untested in their README).",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: PromptLookupConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, PromptLookupDrafter(config), config, rng)

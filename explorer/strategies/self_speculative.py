@@ -21,6 +21,13 @@ Skip-set search (`search`):
 - "rank" (a cheaper named mode): score each layer by the mean cosine similarity cos(x*_l, x*_(l+1)) of its
   input and output over the accepted positions and skip the M most similar layers (no compounding).
 `skip` or `exit_after` fix S and turn the search off. Layer 0 is never skipped.
+
+Authors' code: dilab-zju/self-speculative-decoding decoding.py (exact_self_speculative_generate,
+self_speculative_sample) for Draft & Verify; CLaSp published no code we found. Departures: whole decoder layers
+are skipped (Draft & Verify skips attention and MLP sublayers separately); the skip set comes from CLaSp's DP or the
+"rank" mode, not Draft & Verify's offline Bayesian optimisation (searching.py); the draft length adapts (DraftLength:
+doubles after full acceptance, accepted + 1 after a rejection) instead of Draft & Verify's adaptive draft-exiting
+threshold on the draft's top probability; M = 4 and the middle-layers start are ours.
 """
 
 from __future__ import annotations
@@ -168,7 +175,18 @@ class LayerSkipDrafter(ModelDrafter):
 @register("self_speculative", SelfSpeculativeConfig, "layer-skip self-speculation (CLaSp's skip-set search)",
           prepare=prepare,
           family="speed-up: draft-verify",
-          paper="Draft & Verify, Zhang et al. 2024, arXiv:2309.08168; CLaSp, Chen et al. 2025, arXiv:2505.24196")
+          paper="Draft & Verify, Zhang et al. 2024, arXiv:2309.08168; CLaSp, Chen et al. 2025, arXiv:2505.24196",
+          reference_code=("dilab-zju/self-speculative-decoding: decoding.py: exact_self_speculative_generate, "
+                          "self_speculative_sample (Draft & Verify); CLaSp: none public"),
+          departures=(
+              "Skips whole decoder layers; Draft & Verify skips attention and MLP sublayers separately.",
+              "The skip set comes from CLaSp's DP (default) or the 'rank' mode (ours), not Draft & Verify's offline "
+              "Bayesian optimisation (searching.py).",
+              "The draft length adapts (doubles after full acceptance, accepted + 1 after a rejection); Draft & "
+              "Verify stops drafting when the draft's top probability falls below an adaptively tuned threshold.",
+              "M = 4 skipped layers by default, starting from the middle layers before the first search, and layer 0 "
+              "never skipped: our choices.",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: SelfSpeculativeConfig, rng: torch.Generator
         ) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, LayerSkipDrafter(model, config, rng), config, rng)

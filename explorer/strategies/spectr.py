@@ -18,7 +18,9 @@ verification with a generator of its own: the output is untouched). `selection =
 instead, for a side-by-side run.
 Under the greedy rule the trie is verified by exact match (token-identical to greedy; k drafts then only widen
 the tree). Departures: the paper's drafts come from a separate small model; offline the default drafter is the
-target with its middle layers skipped (any same-vocabulary model id works). rho is found by bisection.
+target with its middle layers skipped (any same-vocabulary model id works). rho* is the root of
+1 - (1 - beta(rho))^k = rho beta(rho) in [1, k] (the smallest valid rho, hence the largest acceptance), found by
+bisection to ~1e-12 (draft_verify.kseq_rho; a test pins it against a closed form and a grid scan).
 """
 
 from __future__ import annotations
@@ -154,6 +156,11 @@ def prepare(model: Any, config: SpecTrConfig) -> None:
 
 @register("spectr", SpecTrConfig, "SpecTr: k i.i.d. drafts, verified by optimal-transport (K-SEQ) selection",
           prepare=prepare, family="speed-up: draft-verify",
-          paper="Sun et al. 2023, SpecTr, arXiv:2310.15141")
+          paper="Sun et al. 2023, SpecTr, arXiv:2310.15141",
+          reference_code="none public (the paper's Algorithm 2, K-SEQ)",
+          departures=(
+              "the default drafter is the target with its middle quarter of layers skipped, not a separate small "
+              "model (draft_model names one with the target's vocabulary)",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: SpecTrConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, spectr_drafter(model, config, rng), config, rng)

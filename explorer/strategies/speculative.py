@@ -12,8 +12,13 @@ top probability is below `fallback_threshold` (alpha_FB), handing the step to th
 `rollback` = alpha_RB > 0 they are verified by BiLD's rollback policy instead (draft_verify.verify_rollback):
 keep the small model's tokens up to the first whose cross-entropy -ln p(x) under the large model exceeds
 alpha_RB, where the large model's token replaces it. That is BiLD's lossy trade-off: a larger alpha_RB keeps
-more of the small model's tokens. Departure: BiLD lets the small model run until it falls back; we also stop
-at the draft length gamma (draft_length up to 16; BiLD's own setting has no cap).
+more of the small model's tokens. Departure: BiLD lets the small model run until it falls back or reaches
+num_small_iters (10 in the authors' kssteven418/BigLittleDecoder T5BiLDModel); we stop at the draft length gamma
+(draft_length up to 16, adaptive). BiLD's code is greedy and encoder-decoder (T5); under the sampling rule our
+rollback samples the large model's token, and with rollback = 0 the fallback drafts are verified exactly (a hybrid:
+BiLD always applies its rollback policy).
+Further departures (from Leviathan et al. and Chen et al., who published no code): gamma adapts as above (the
+papers fix it), and the default drafter is not a separate small model (see below).
 A draft model with another tokenizer drafts through universal assisted decoding (draft_models.UniversalDrafter:
 its text re-tokenised into target tokens, verified as point masses, still lossless).
 The drafter: any causal LM; 'layer-skip', the target itself with its middle quarter of layers skipped (Draft &
@@ -101,7 +106,24 @@ def as_eagle(config: DraftModelConfig) -> tuple[Any, Any]:
 @register("speculative", DraftModelConfig, "speculative decoding with a draft model (greedy or sampling rule)",
           prepare=prepare,
           family="speed-up: draft-verify",
-          paper="Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318")
+          paper="Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318",
+          reference_code=("none public (Leviathan et al.; Chen et al.); the BiLD options follow "
+                          "kssteven418/BigLittleDecoder: src/transformers/models/t5/modeling_t5.py: "
+                          "T5BiLDModel._greedy_search_body"),
+          departures=(
+              "The draft length adapts (doubles after a fully accepted draft, falls to accepted + 1 after a "
+              "rejection); the papers use a fixed gamma.",
+              "The default drafter 'auto' is the EAGLE head shipped for the target (the eagle strategy then runs) or "
+              "else the target minus its middle quarter of layers; the papers draft with a separate smaller model.",
+              "A draft model with another tokenizer drafts by universal assisted decoding (re-tokenised text, "
+              "verified as point masses), which is not in these papers.",
+              "BiLD: drafting also stops at gamma (≤ 16); the authors' code stops the small model at its fallback or "
+              "after num_small_iters (10).",
+              "BiLD with rollback = 0 verifies the fallback drafts exactly (lossless), a hybrid: BiLD always applies "
+              "its rollback policy.",
+              "BiLD under the sampling rule samples the large model's token from the filtered p; the authors' code is "
+              "greedy (argmax) and for encoder-decoder models (T5).",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: DraftModelConfig, rng: torch.Generator) -> Iterator[Event]:
     if drafts_with_head(model, config):
         eagle, eagle_config = as_eagle(config)

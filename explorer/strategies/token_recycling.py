@@ -13,6 +13,12 @@ last committed token along a static tree shape (`tree`):
 The tree is deterministic (point masses), so it is verified exactly by either rule, in one pass.
 The paper keeps M across requests to the same model; `keep_table` does so (a table per model in this process,
 shared by every run with the switch on), so a run starts warm from what earlier runs recycled.
+
+Authors' code: Luowaterbi/TokenRecycling evaluation/inference_recycling.py (recycling_forward) and
+model/recycling/tree_template_.py (template "2.2.2": 80 nodes, levels 8, 21, 25, 15, 8, 3). Departures besides the
+template: keep_table is off by default (the authors keep one matrix across all requests); the prompt pass updates
+the table (the authors update it from the tree passes only); a node whose parent token has no entry is left out
+(the authors' matrix starts at zeros, so it drafts token 0); the sampling rule is ours (their code is greedy).
 """
 
 from __future__ import annotations
@@ -146,7 +152,19 @@ class RecyclingDrafter(Drafter):
 @register("token_recycling", TokenRecyclingConfig, "Token Recycling: draft trees from recycled top-k candidates",
           prepare=tree_prepare,
           family="speed-up: model-free",
-          paper="Luo et al. 2024, Token Recycling, arXiv:2408.08696")
+          paper="Luo et al. 2024, Token Recycling, arXiv:2408.08696",
+          reference_code=("Luowaterbi/TokenRecycling: evaluation/inference_recycling.py: recycling_forward; "
+                          "model/recycling/tree_template_.py: choose_tree_template"),
+          departures=(
+              "tree=template is a rule-built 79-node tree (levels 8, 21, 17, 11, 11, 11); the authors ship a "
+              "hand-tuned 80-node template (2.2.2: levels 8, 21, 25, 15, 8, 3).",
+              "The adjacency table is per run unless keep_table is on (off by default); the authors keep one matrix "
+              "across all requests (hot start).",
+              "The prompt pass updates the table too; the authors update it only from the draft-tree passes.",
+              "A node whose parent token has no entry (or too few candidates) is left out; the authors' matrix "
+              "starts at zeros, so such nodes draft token 0.",
+              "The sampling rule (exact rejection over point masses) is ours; the authors' code is greedy only.",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: TokenRecyclingConfig, rng: torch.Generator
         ) -> Iterator[Event]:
     table = TABLES.setdefault(f"{model.info.model_id}@{model.info.weights_hash}", {}) if config.keep_table else None

@@ -7,13 +7,19 @@ Notation: p = model distribution (after temperature), S = the kept set, alpha in
 tau = alpha * H(p) the bound.
 
 Two bounds, named by `bound`:
-- "paper" (default): the authors' released logits processor, which transformers' `TopHLogitsWarper` also
-  follows. p is renormalised over the `TOP_N` = 100 most likely tokens, H = H(p) over those, and the kept set
-  grows while the *unnormalised* partial entropy -sum_{i in S} p_i ln p_i stays <= alpha * H.
+- "paper" (default): transformers' `TopHLogitsWarper`, an adaptation of the authors' released logits processor
+  (not identical to it: see the departure below). p is renormalised over the `TOP_N` = 100 most likely
+  tokens, H = H(p) over those, and the kept set grows while the *unnormalised* partial entropy
+  -sum_{i in S} p_i ln p_i stays <= alpha * H.
 - "renormalised" (our first reading of the paper's constraint, a named variant): q = p restricted to S and
   renormalised, bounded by H(q) <= alpha * H(p) with H over the whole vocabulary. With S_k = sum of the top-k
   probabilities and A_k = sum p_i ln p_i over them, H(q_k) = ln S_k - A_k / S_k. It keeps more tokens than
   the paper's rule (at alpha 0.4 and temperature 1.5 on the embedded model, a median 13 against 5).
+Departure ("paper" bound, found in the fidelity review, not fixed): the authors' logit_processor.py does not
+renormalise over the top 100. With p the full-vocabulary probabilities, it keeps the prefix whose partial entropy
+-sum_S p ln p stays <= alpha * (-sum over the top 100 of p ln p). Transformers' TopHLogitsWarper, which we
+follow, renormalises p over the top 100 first, and the kept sets differ whenever the top-100 mass is below 1.
+Both cap the search at the top 100 tokens; the paper's ECMM problem ranges over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ def top_h_filter(logits: torch.Tensor, alpha: float, bound: str = "paper") -> tu
     the partial entropy -sum_S p ln p for "paper", H(q) of the renormalised kept set for "renormalised"."""
     if bound == "paper":
         top_logits, order = torch.topk(logits.double(), min(TOP_N, logits.shape[-1]))  # sorted, descending
-        logp = torch.log_softmax(top_logits, dim=-1)  # p renormalised over the top n
+        # p renormalised over the top n (transformers); departure: the authors' code keeps the full-vocabulary p
+        logp = torch.log_softmax(top_logits, dim=-1)
         terms = -(logp.exp() * logp).nan_to_num(0.0)  # -p ln p; 0 where p underflows
         tau = alpha * float(terms.sum())
         partial = terms.cumsum(0)
@@ -81,7 +88,17 @@ def top_h_filter(logits: torch.Tensor, alpha: float, bound: str = "paper") -> tu
 
 @register("top_h", TopHConfig, "Top-H: keep tokens while their entropy stays under alpha * H",
           family="sampling",
-          paper="Potraghloo et al. 2025, Top-H, arXiv:2509.02510")
+          paper="Potraghloo et al. 2025, Top-H, arXiv:2509.02510",
+          reference_code="ErfanBaghaei/Top-H-Decoding: logit_processor.py: TopH_LogitsProcessor.__call__",
+          departures=(
+              "UNMARKED: bound='paper' renormalises p over the top 100 before taking the partial entropies "
+              "(transformers' TopHLogitsWarper); the authors' TopH_LogitsProcessor uses the full-vocabulary "
+              "probabilities of the top 100 unrenormalised, so the kept set differs whenever the top-100 mass < 1",
+              "bound='paper' searches only the top 100 tokens, as both released codes do; the paper's ECMM "
+              "problem ranges over the whole vocabulary",
+              "bound='renormalised' (H(q) <= alpha * H(p) over the whole vocabulary) is our own reading, not the "
+              "authors' rule",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: TopHConfig, rng: torch.Generator) -> Iterator[Event]:
     def choose(logits: torch.Tensor, context: list[int]) -> Choice:
         kept, tau, kept_entropy = top_h_filter(logits / config.temperature, config.alpha, config.bound)

@@ -19,6 +19,14 @@ The drafter is a draft model ('target' = the model itself) or the model with lay
 each level in one pass of its own (tree mask over its KV cache), and drops the tree from its cache afterwards.
 Drafts that run the target's own layers (itself, a layer-skip view) draft on the target's own KV cache, as
 Draft & Verify does (see draft_models.DraftCache).
+
+Authors' code compared: NJUNLP/MCSD MCSD/inference/strategies.py (TreeStrategy; _MCSSwReplacement and
+_MCSSwoReplacement are the sample and without-replacement acceptance rules used here). SpecInfer's
+flexflow/FlexFlow was not compared; RSD and DySpec published no code we found. Departures: one width k for every
+level (SpecInfer and MCSD take a width per level, k_config); topk children under the sampling rule are verified as
+point masses (MCSD at draft temperature 0 uses the renormalised top-k q); the dynamic tree expands every slot above
+the threshold per draft pass (our reading of DySpec); the default drafter is a layer-skip view of the target, not
+a separate small model.
 """
 
 from __future__ import annotations
@@ -205,6 +213,17 @@ def prepare(model: Any, config: TreeConfig) -> None:
           prepare=prepare,
           family="speed-up: draft-verify",
           paper=("SpecInfer, Miao et al. 2024, arXiv:2305.09781; RSD, Jeon et al. 2024, arXiv:2402.14160; DySpec, "
-                 "Xiong et al. 2024, arXiv:2410.11744"))
+                 "Xiong et al. 2024, arXiv:2410.11744"),
+          reference_code=("NJUNLP/MCSD: MCSD/inference/strategies.py: TreeStrategy, _MCSSwReplacement, "
+                          "_MCSSwoReplacement (SpecInfer's flexflow/FlexFlow not compared; RSD, DySpec: none public)"),
+          departures=(
+              "One width k for every level; SpecInfer and MCSD take a width per level (k_config).",
+              "topk children are verified as point masses under the sampling rule (exact); MCSD at draft temperature "
+              "0 uses the renormalised top-k q, and SpecInfer's multi-step sampling assumes sampled children.",
+              "dynamic: every child slot whose value v(parent)·R clears the threshold is expanded in one draft pass "
+              "per wave, up to the budget; our reading of DySpec, whose code was not available.",
+              "The default drafter is the target minus its middle quarter of layers (on the target's KV cache); the "
+              "papers draft with separate small models.",
+          ))
 def run(model: Any, prompt_ids: Sequence[int], config: TreeConfig, rng: torch.Generator) -> Iterator[Event]:
     yield from draft_verify(model, prompt_ids, tree_drafter(model, config, rng), config, rng)

@@ -12,6 +12,16 @@ positions instead of the whole canvas.
 Departure: the paper was not among the sources we could read; this follows its abstract's three zones, with
 the delayed caching of committed tokens taken from dKV-Cache; on a causal model the far field cannot matter to
 the window anyway (it lies to its right).
+
+The authors' code (vhicrgit/Window-Diffusion, arXiv:2601.20332; llada/model/modeling_llada.py: generate) differs,
+and this module does not follow it (a fix to come): every refresh_cycle steps a phase opens with a full pass over
+the whole canvas (far field included) that refreshes every K/V and commits LLaDA's fixed count, top-k over all
+masked positions; inside the phase only the active tokens (the first active_tokens masked, plus those committed in
+the phase, which stay active) are recomputed, attending to the prompt, the decoded tokens and the first
+window_tokens masked positions as cached at the phase's start, and each step commits the fixed count among them.
+We never recompute the far field after the first pass, refresh only the buffer, recompute a committed position
+once, and commit by Fast-dLLM's threshold. With block_length > 0 the window is still the canvas's first W masked
+positions, so positions outside the open block get committed (a bug). The authors' code has no blocks.
 """
 
 from __future__ import annotations
@@ -95,4 +105,21 @@ def window_prepare(model: Any, config: WindowConfig) -> None:
 
 register_diffusion("window_diffusion", WindowConfig, "diffusion: a sliding window of active positions, a cached "
                                                      "buffer, the far field pruned",
-                   paper="Window-Diffusion (METHODS F07)", schedule=WindowSchedule, prepare=window_prepare)
+                   paper="Window-Diffusion, arXiv:2601.20332 (METHODS F07)", schedule=WindowSchedule,
+                   prepare=window_prepare,
+                   reference_code="vhicrgit/Window-Diffusion: llada/model/modeling_llada.py: generate",
+                   departures=(
+                       "WRONG: with block_length > 0 the window is the first W masked positions of the whole canvas, "
+                       "so it commits positions outside the open block.",
+                       "WRONG: does not follow the authors' code, which opens every refresh_cycle-step phase with a "
+                       "full pass over the whole canvas (all K/V refreshed, far field included) and commits LLaDA's "
+                       "fixed count per step; ours never recomputes the far field after step 0, refreshes only the "
+                       "buffer, and commits by Fast-dLLM's threshold.",
+                       "Positions committed inside a phase stay active (recomputed every step) until the next refresh "
+                       "in the authors' code; ours recomputes them once, the step after (dKV-Cache's delayed caching).",
+                       "Defaults W 16, B 32 (a 48-position window), refresh 4 are ours; the authors' LLaDA demo uses "
+                       "active_tokens 16, window_tokens 64, refresh_cycle 32 (Dream: 32, 128, 32).",
+                       "Runs only on causal LMs (K/V reuse; the canvas read with a one-position shift), where the far "
+                       "field, right of the window, cannot affect it; the method is for bidirectional diffusion LMs "
+                       "(LLaDA, Dream), where pruning it is an approximation.",
+                   ))
