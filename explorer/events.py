@@ -50,6 +50,9 @@ class RunStarted:
     probes: dict[str, Any] = field(default_factory=dict)  # optional records: {"lens": true, "attention": {...}}
 
 
+# RunStarted.tags["canvas"] of a diffusion strategy's run: a diffusion LM, or an autoregressive model read as a
+# canvas (the sampler then reduces to one token per step, which is not the method's behaviour on a diffusion LM).
+CANVAS_DIFFUSION, CANVAS_AUTOREGRESSIVE = "diffusion LM", "autoregressive model"
 BRANCH_ORIGINS = ("prefix", "forced")  # a branch's tokens that its strategy did not choose
 
 

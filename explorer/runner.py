@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from explorer.events import (
+    CANVAS_AUTOREGRESSIVE,
+    CANVAS_DIFFUSION,
     STATUS_CANCELLED,
     STATUS_FAILED,
     STATUS_OK,
@@ -78,6 +80,9 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
     recorder = recorder or Recorder()
     started = request.run_started(run_id=new_run_id(), model_info=model.info, chat=chat, prompt_ids=prompt_ids,
                                   versions=library_versions())
+    if spec.family == "diffusion":  # say what read the canvas: a causal LM decodes it one token per step
+        reader = CANVAS_DIFFUSION if getattr(model, "diffusion", None) is not None else CANVAS_AUTOREGRESSIVE
+        started = dataclasses.replace(started, tags={**started.tags, "canvas": reader})
     probe = None
     if request.lens or request.attention:  # made before the run is stored: a bad layer range refuses it
         from explorer.probes import Probe, parse_layer_range

@@ -256,3 +256,19 @@ def test_vertical_axis_titles_fit_their_plots(lanes, drafted, tiny):
                 axis = figure.layout[name] if name in figure.layout else None
                 title = axis.title.text if axis is not None and axis.title else None
                 assert not title or len(title) <= 28, (view.name, title)
+
+
+def test_a_diffusion_lane_on_an_autoregressive_model_says_so():
+    """The sampler on a causal LM reads the canvas left to right, one token per step: the lane says that this is
+    not the method's behaviour; on a diffusion LM (a masked LM) it says nothing."""
+    from explorer.events import CANVAS_AUTOREGRESSIVE, CANVAS_DIFFUSION
+    from explorer.testing import tiny_masked_lm, tiny_model
+
+    request = RunRequest.build("diffusion", {"block_length": 4}, "Hello", max_new_tokens=8)
+    causal = run_to_end(tiny_model(0), request)
+    masked = run_to_end(tiny_masked_lm(0), request)
+    assert causal.started.tags["canvas"] == CANVAS_AUTOREGRESSIVE and masked.started.tags["canvas"] == CANVAS_DIFFUSION
+    assert "an autoregressive model read as a canvas: expect one token per step" in metrics_html(causal)
+    assert "read as a canvas" not in metrics_html(masked)
+    greedy = run_to_end(tiny_model(0), RunRequest.build("greedy", {}, "Hello", max_new_tokens=4))
+    assert "canvas" not in greedy.started.tags and "read as a canvas" not in metrics_html(greedy)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import math
 
+from explorer.events import CANVAS_AUTOREGRESSIVE
 from explorer.trace import Trace
 from explorer.trees import node_positions
 from viz.summary import speedup_against
@@ -134,4 +135,8 @@ def metrics_html(trace: Trace | None, baseline: Trace | None = None, live: tuple
         warning = ('<div class="lane-warning">⚠ the draft is the target itself: every draft is accepted and no '
                    "time is saved. Use draft_model 'auto' (the model's shipped EAGLE head, else layer-skip) or a "
                    "smaller model with the same vocabulary.</div>")
+    if trace.started.tags.get("canvas") == CANVAS_AUTOREGRESSIVE:
+        warning += ('<div class="lane-warning">⚠ an autoregressive model read as a canvas: expect one token per '
+                    "step, from left to right. This is not how the method behaves on a diffusion LM: load one "
+                    "(a masked LM, LLaDA, Dream, dllm's AR-to-diffusion models) to see real unmasking.</div>")
     return f'<div class="lane-metrics">{body}</div>{warning}'
