@@ -241,8 +241,12 @@ def load_data(model: Any, *, data: str | Path | None, corpus_tokens: int, answer
                 if len(i) - cut <= max_length:
                     sequences.append(Sequence_(i[cut:], None if f is None else f[cut:], None if a is None else a[cut:],
                                                start - cut))
-            parts.append(f"{Path(name).name}: {record['prompts']} prompts x {record['answers_per_prompt']} answers, "
-                         f"{record['tokens']} tokens")
+            if "licence" in record:  # drafter-data --text: teacher-forced local text
+                parts.append(f"{Path(name).name}: {record['tokens']} tokens of text from {record['text_files']} "
+                             f"files ({record['licence']})")
+            else:
+                parts.append(f"{Path(name).name}: {record['prompts']} prompts x {record['answers_per_prompt']} "
+                             f"answers, {record['tokens']} tokens")
         description = "self-distillation data " + "; ".join(parts)
     else:
         records = []

@@ -76,10 +76,12 @@ def ends_trial(text: str) -> bool:
           departures=(
               "a trial that meets no punctuation stops at max_trial_tokens (the authors' trials run to "
               "punctuation or the generation's stopping criteria), and n_max x max_trial_tokens is capped",
-              "UNMARKED: a trial ends on any of . , ; : ! ? newline anywhere in a token's text; the authors' code "
+              "review finding, not fixed: "
+              "a trial ends on any of . , ; : ! ? newline anywhere in a token's text; the authors' code "
               "ends it only on the single-token ids of . , newline ? ! : ; ) ] }, so ')', ']' and '}' never end a "
               "trial here and multi-character tokens containing punctuation do",
-              "UNMARKED: the trial perplexity uses the raw model's log-probabilities; the authors' code uses the "
+              "review finding, not fixed: "
+              "the trial perplexity uses the raw model's log-probabilities; the authors' code uses the "
               "processed (temperature-scaled) probabilities the tokens were drawn from (same at temperature 1)",
               "trial count N = max(1, min(N_max, floor(x * N_max))), x = (H - H_min) / (H_max - H_min); the "
               "authors' code uses int(1 + (N_max - 1) * clamp(x, 0, 1)), e.g. 2 trials against 1 at x = 0.15 "

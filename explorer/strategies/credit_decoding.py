@@ -94,7 +94,8 @@ register_diffusion("credit_decoding", CreditConfig, "diffusion: trace credits fr
                    reference_code=("inclusionAI/dInfer: python/dinfer/decoding/parallel_strategy.py: "
                                    "CreditThresholdParallelDecoder"),
                    departures=(
-                       "UNMARKED: credits decay and accrue for every masked position of the canvas at every step, "
+                       "review finding, not fixed: "
+                       "credits decay and accrue for every masked position of the canvas at every step, "
                        "including blocks not yet open, so a block opens with credit earned on early context; dInfer "
                        "keeps a credit matrix for the current block's masked positions only.",
                        "Defaults γ 0.65, α 0.5, λ 0.70, τ 0.95 are the unofficial sglang port's; dInfer's decoder "

@@ -102,7 +102,8 @@ register_diffusion("eoser", EoserConfig, "diffusion: reject early EOS, commit 1,
                        "ASS: the authors also cut the canvas into power-of-two blocks (block_num, gen_length = 2^S); "
                        "here 1, 2, 4, ... runs inside each of our blocks, for any length (block_length 0 = their "
                        "one-block case).",
-                       "UNMARKED: the EOS factor multiplies whatever score remasking gives; with remasking=entropy the "
+                       "review finding, not fixed: "
+                       "the EOS factor multiplies whatever score remasking gives; with remasking=entropy the "
                        "scores are −H ≤ 0, so γ < 1 raises an EOS proposal's score (promotes EOS), and random scores "
                        "are scaled too; the authors scale the probability only (low_confidence asserted).",
                        "Without ASS, γ(t) runs from γ_min to γ_max over each block's steps; the authors' "

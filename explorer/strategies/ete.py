@@ -87,7 +87,8 @@ register_diffusion("ete", EteConfig, "diffusion: commit the confident, spend a b
                        "The exploit/explore split (exploit τ, then a B-bit budget spent on the block's highest-entropy "
                        "positions), the cross-block reach and the defaults (τ 0.9, B 2 bits) are our reading of the "
                        "abstract, not the paper's algorithm.",
-                       "UNMARKED: the cross-block reach is twice the span of the block's still-masked positions, so it "
+                       "review finding, not fixed: "
+                       "the cross-block reach is twice the span of the block's still-masked positions, so it "
                        "shrinks as the block fills and may end inside the block, not the next block as described.",
                        "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
                        "bidirectional diffusion LMs.",

@@ -102,7 +102,7 @@ def mirostat_truncate(logits: torch.Tensor, mu: float) -> torch.Tensor:
               "authors' mirostat.py keeps the top k + 1 and fits 100 ratios (p_1 .. p_101)",
               "default eta = 0.1 (llama.cpp's default); the authors' mirostat.py uses learning rate 1",
               "version 2 is llama.cpp's truncation at surprise mu, not one of the paper's numbered algorithms",
-              "UNMARKED: version 2 measures the observed surprise under the full (temperature-scaled) "
+              "review finding, not fixed: version 2 measures the observed surprise under the full (temperature-scaled) "
               "distribution; llama.cpp's llama_sampler_mirostat_v2_apply measures it under the truncated set "
               "renormalised, so mu is updated from different errors",
           ))

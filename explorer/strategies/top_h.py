@@ -91,7 +91,8 @@ def top_h_filter(logits: torch.Tensor, alpha: float, bound: str = "paper") -> tu
           paper="Potraghloo et al. 2025, Top-H, arXiv:2509.02510",
           reference_code="ErfanBaghaei/Top-H-Decoding: logit_processor.py: TopH_LogitsProcessor.__call__",
           departures=(
-              "UNMARKED: bound='paper' renormalises p over the top 100 before taking the partial entropies "
+              "review finding, not fixed: "
+              "bound='paper' renormalises p over the top 100 before taking the partial entropies "
               "(transformers' TopHLogitsWarper); the authors' TopH_LogitsProcessor uses the full-vocabulary "
               "probabilities of the top 100 unrenormalised, so the kept set differs whenever the top-100 mass < 1",
               "bound='paper' searches only the top 100 tokens, as both released codes do; the paper's ECMM "
