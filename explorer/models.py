@@ -120,6 +120,11 @@ DIFFUSION_ARCHITECTURES: dict[str, tuple[int | None, bool, str]] = {
     "A2DQwen2LMHeadModel": (None, False, "AutoModelForCausalLM"),
     "A2DQwen3LMHeadModel": (None, False, "AutoModelForCausalLM"),
 }
+# Block diffusion LMs with a denoiser of their own (DiffusionGemma: a causal encoder writes the prompt's and each
+# finished canvas's K/V; a bidirectional decoder with self-conditioning denoises a canvas that starts as random
+# tokens). They have no [MASK] (mask id -1), so the mask-predict strategies refuse them: `entropy_bound` runs them.
+BLOCK_DIFFUSION_ARCHITECTURES = ("DiffusionGemmaForBlockDiffusion",)
+BLOCK_DIFFUSION = DiffusionInfo(mask_id=-1, shift=False, bidirectional=True)
 
 
 @dataclass
@@ -184,10 +189,18 @@ class LanguageModel:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
+    @property
+    def block_diffusion(self) -> bool:
+        """A block diffusion LM with its own encoder and denoiser (`BLOCK_DIFFUSION_ARCHITECTURES`)."""
+        return type(self.model).__name__ in BLOCK_DIFFUSION_ARCHITECTURES
+
     def canvas_info(self) -> DiffusionInfo:
         """How this model reads a diffusion canvas: its own when it is a diffusion LM; a causal LM reads it
         causally, predicting position i from i - 1 (so that the sampler on it reduces to AR decoding), with the
         tokenizer's mask token, else its unknown, padding or end token, standing for [MASK]."""
+        if self.block_diffusion:
+            raise ValueError(f"{self.info.model_id} denoises canvases of random tokens with its own decoder and has "
+                             "no [MASK]: use the entropy_bound strategy")
         if self.diffusion is not None:
             return self.diffusion
         tokenizer = self.tokenizer
@@ -640,7 +653,7 @@ def load_model(model_id: str | None = None, *, dtype: str = "auto", device: str 
                trust_remote_code: bool = False) -> LanguageModel:
     """Load the embedded model (`None`/`"embedded"`), a local directory, or a Hugging Face model id: a causal LM,
     or a masked diffusion LM (a `*ForMaskedLM`, or LLaDA/Dream, which ship remote code and load only with
-    `trust_remote_code`)."""
+    `trust_remote_code`), or a block diffusion LM (DiffusionGemma)."""
     from transformers import AutoTokenizer
 
     torch_device = resolve_device(device)
@@ -693,6 +706,8 @@ def _load_weights(source: str, tokenizer: Any, dtype: torch.dtype, trust_remote_
                              "--trust-remote-code (DECODING_EXPLORER_TRUST_REMOTE_CODE=1 for the app)") from None
         raise
     architecture = (getattr(config, "architectures", None) or [""])[0]
+    if architecture in BLOCK_DIFFUSION_ARCHITECTURES:  # shipped with transformers: no remote code
+        return getattr(transformers, architecture).from_pretrained(source, dtype=dtype), BLOCK_DIFFUSION
     if architecture in DIFFUSION_ARCHITECTURES:
         mask_id, shift, auto = DIFFUSION_ARCHITECTURES[architecture]
         model = getattr(transformers, auto).from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -824,6 +839,11 @@ MODEL_CACHE = ModelCache()
 def warm_up(lm: LanguageModel) -> None:
     """Run a few short passes so that the first timed run does not pay for kernel set-up (lanes that start
     first would otherwise look slower)."""
+    if lm.block_diffusion:  # its encoder over a few tokens, then its decoder over a canvas of them
+        ids = torch.arange(8, device=lm.device)[None]
+        with torch.no_grad():
+            lm.model(input_ids=ids, decoder_input_ids=ids)
+        return
     if lm.diffusion is not None:
         lm.for_run().canvas_logits(list(range(8)))
         return

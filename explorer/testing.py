@@ -189,6 +189,45 @@ def save_tiny_masked_lm(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def tiny_diffusion_gemma(seed: int = 0, *, canvas_length: int = 8, scale: float = 16.0,
+                         model_id: str = "tiny-random-diffusion-gemma") -> LanguageModel:
+    """A 2-layer DiffusionGemma (block diffusion: a causal encoder, a bidirectional decoder with self-conditioning,
+    one sliding and one full attention layer, a 2-expert MoE, and the tiny vision tower its encoder always has)
+    with random weights and the character tokenizer. `scale` multiplies the decoder's final norm (sharper canvas
+    distributions; the encoder's K/V is unchanged)."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    from explorer.models import BLOCK_DIFFUSION
+
+    tokenizer = tiny_tokenizer()
+    vocab = len(tokenizer)
+    text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, global_head_dim=16, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"], num_experts=2, top_k_experts=1,
+                moe_intermediate_size=8, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, patch_size=4, image_size=8)
+    config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas_length,
+                                  image_token_id=vocab + 1, boi_token_id=vocab + 2, eoi_token_id=vocab + 3)
+    torch.manual_seed(seed)  # weight initialisation only
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    with torch.no_grad():
+        model.model.decoder.norm.weight.mul_(scale)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    info = ModelInfo(model_id=model_id, weights_hash=f"seed:{seed}", dtype="float32", device="cpu")
+    return LanguageModel(model=model, tokenizer=tokenizer, info=info, diffusion=BLOCK_DIFFUSION)
+
+
+def save_tiny_diffusion_gemma(path: str | Path, seed: int = 0, canvas_length: int = 8) -> Path:
+    path = Path(path)
+    lm = tiny_diffusion_gemma(seed, canvas_length=canvas_length)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
 # ------------------------------------------------------------------------------ the app in a subprocess
 APP_ROOT = Path(__file__).resolve().parents[1]
 

@@ -259,11 +259,14 @@ def test_kv_reuse_is_exact_under_causal_attention_and_recomputes_less(tiny, cach
     assert sum(len(s.recomputed) for s in steps) < sum(len(s.recomputed) for s in unmask_steps(plain)) == 24 * 24
     for step in steps:
         opens = step.step == 0 or step.block_start != steps[step.step - 1].block_start
+        block_step = sum(1 for s in steps[:step.step] if s.block_start == step.block_start)
         if cache == "dual" and not opens:
             assert step.recomputed == list(range(step.block_start, step.block_end))
         if cache == "prefix" and not opens:
             assert step.recomputed == list(range(step.block_start, 24))
-        if cache == "dkv" and step.step:
+        if cache == "dkv" and block_step < 2:  # rebuilt when a block opens (and its step 1, as the authors')
+            assert step.recomputed == list(range(24))
+        elif cache == "dkv":
             assert set(step.recomputed) == set(step.masked) | set(steps[step.step - 1].committed)
 
 
@@ -280,27 +283,6 @@ def test_delayed_caching_left_to_right_is_greedy_and_reuse_is_refused_where_it_c
         run_to_end(masked_lm, RunRequest.build("diffusion", {"cache": "prefix"}, "Hi", max_new_tokens=4))
     with pytest.raises(ValueError, match="use cache=none"):
         RunRequest.build("diffusion", {"cache": "dual", "cfg_scale": 1}, "Hi")
-
-
-def test_window_diffusion_recomputes_its_window_and_prunes_the_far_field(tiny):
-    from explorer.strategies.window_diffusion import zones
-
-    masked = torch.tensor([False, True, True, False, True, True, True, True])
-    assert zones(masked, 2, 3) == ([1, 2], [4, 5, 6], [7])
-    greedy = run_to_end(tiny, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=20, chat=False))
-    one = run_to_end(tiny, RunRequest.build("window_diffusion", {"threshold": 0, "window": 1, "buffer": 4}, PROMPT,
-                                            max_new_tokens=20, chat=False))
-    assert one.token_ids == greedy.token_ids  # a one-position window on a causal model is greedy decoding
-    trace = run_to_end(tiny, RunRequest.build("window_diffusion", {"window": 4, "buffer": 6, "refresh": 3}, PROMPT,
-                                              max_new_tokens=24, chat=False))
-    steps = unmask_steps(trace)
-    for before, step in zip(steps, steps[1:], strict=False):
-        active, buffer, far = step.masked[:4], step.masked[4:10], step.masked[10:]
-        expected = set(active) | set(before.committed) | (set(buffer) if step.step % 3 == 0 else set())
-        assert set(step.recomputed) == expected and not set(far) & set(step.recomputed)
-        assert set(step.committed) <= set(active)
-    with pytest.raises(ValueError, match="leave cache=none"):
-        RunRequest.build("window_diffusion", {"cache": "dual"}, "Hi")
 
 
 def test_localleap_commits_anchors_and_their_confident_neighbours():
@@ -413,3 +395,133 @@ def test_an_ar_to_diffusion_checkpoint_is_recognised_by_its_architecture(tmp_pat
     assert loaded.diffusion.mask_id == loaded.tokenizer.mask_token_id
     trace = run_to_end(loaded, RunRequest.build("diffusion", {"block_length": 4}, "Hi", max_new_tokens=8))
     assert trace.status == "ok" and len(trace.token_ids) == 8
+
+
+def test_ccd_commits_only_the_fallback_before_two_buffered_steps(tiny):
+    """On one buffered distribution I = H(p̄) − H(p) is 0 whatever the model said: no position is consistent before
+    its buffer holds two steps (the authors' code, too, compares a position's argmax at two steps), so a block's
+    first step commits only the one position the adaptive budget always takes, however low τ is."""
+    from explorer.strategies.ccd import CcdConfig, CcdSchedule
+
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.1, 0.85, 0.05], [0.6, 0.3, 0.1]],
+                         dtype=torch.float64)
+    positions, in_block = torch.arange(4), torch.tensor([True, True, True, False])  # 3 lies outside the block
+
+    def view(rows: list[int], block_step: int) -> StepView:
+        p = probs[rows]
+        return StepView(block_step, block_step, 4, 0.0, positions[rows], in_block[rows], p.log().float(), p,
+                        p.argmax(-1), p.max(-1).values, 1)
+
+    schedule = CcdSchedule(CcdConfig(block_length=4, confidence=0.01))
+    first = schedule.decide(view([0, 1, 2, 3], 0))
+    assert first.committed.tolist() == [True, False, False, False]  # one: the lowest entropy of p̄
+    second = schedule.decide(view([1, 2, 3], 1))  # the same predictions again: I = 0 on two steps
+    assert second.committed.tolist() == [True, True, False]
+
+    trace = run_to_end(tiny, RunRequest.build("ccd", {"block_length": 8, "confidence": 0.01}, PROMPT,
+                                              max_new_tokens=16, chat=False))
+    steps = unmask_steps(trace)
+    opening = [s for k, s in enumerate(steps) if k == 0 or s.block_start != steps[k - 1].block_start]
+    assert [len(s.committed) for s in opening] == [1, 1]  # not the whole block at its first step
+    assert sorted(p for s in steps for p in s.committed) == list(range(16))
+
+
+def test_window_diffusion_zones_follow_the_authors_phases_by_hand():
+    """The authors' rule (modeling_llada.py: generate, build_window_plan, update_window_plan): a phase opens with a
+    full pass every R steps; then each step recomputes the active tokens (the first W masked, those committed in
+    the phase, and for one step those the phase's opening committed) on the stored K/V of the window (the decoded
+    positions and the first W + B masked when the phase opened); the masked positions past it are pruned."""
+    from explorer.strategies.window_diffusion import WindowConfig, WindowSchedule, zones
+
+    masked = torch.tensor([False, True, True, False, True, True, True, True, True, True])
+    assert zones(masked, 2, 3) == ([1, 2], [4, 5, 6], [7, 8, 9])
+    schedule = WindowSchedule(WindowConfig(window=2, buffer=3, refresh=4))
+    assert schedule.recompute(4, 0, 10, masked, [0, 3], block_step=4) is None  # a phase opens: full pass
+    # step 5: the opening (step 4) committed 0 and 3: active 1, 2 and (once) 0, 3; window 1 2 4 5 6; far 7 8 9
+    assert schedule.recompute(5, 0, 10, masked, [0, 3], block_step=5) == ([0, 1, 2, 3], [4, 5, 6])
+    masked[1] = False  # step 5 committed 1: it stays active; 0 and 3 are cached; the window does not move
+    assert schedule.recompute(6, 0, 10, masked, [1], block_step=6) == ([1, 2, 4], [0, 3, 5, 6])
+    masked[4] = False
+    assert schedule.recompute(7, 0, 10, masked, [4], block_step=7) == ([1, 2, 4, 5], [0, 3, 6])
+    assert schedule.recompute(8, 0, 10, masked, [5], block_step=8) is None
+
+
+def test_window_diffusion_commits_in_the_open_block_and_runs_on_a_masked_lm(tiny, masked_lm):
+    # all-visible attention: positions past the open block can be the most confident ones (not so causally)
+    params = {"block_length": 8, "window": 3, "buffer": 4, "refresh": 4, "attention": "bidirectional"}
+    trace = run_to_end(tiny, RunRequest.build("window_diffusion", params, PROMPT, max_new_tokens=24, chat=False))
+    steps = unmask_steps(trace)
+    assert all(s.block_start <= p < s.block_end for s in steps for p in s.committed)
+    assert [len(s.committed) for s in steps] == [1] * 24  # LLaDA's fixed count: steps = tokens, one each
+    phase: set[int] = set()
+    for before, step in zip([None, *steps], steps, strict=False):
+        if step.step % 4 == 0:  # a phase opens: everything recomputed, any masked position of the block eligible
+            assert step.recomputed == list(range(24))
+            phase = set()
+            continue
+        expected = set(step.masked[:3]) | phase | set(before.committed)
+        assert set(step.recomputed) == expected
+        assert set(step.committed) <= set(step.masked[:3])  # only the active zone commits
+        phase |= set(step.committed)
+    greedy = run_to_end(tiny, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=16, chat=False))
+    one = run_to_end(tiny, RunRequest.build("window_diffusion", {"block_length": 1, "window": 1, "buffer": 2,
+                                                                 "refresh": 3}, PROMPT, max_new_tokens=16,
+                                            chat=False))
+    assert one.token_ids == greedy.token_ids  # one-position blocks on a causal model: greedy decoding, K/V exact
+    defaults = run_to_end(masked_lm, RunRequest.build("window_diffusion", {}, "Hello", max_new_tokens=12))
+    assert defaults.status == "ok" and len(defaults.token_ids) == 12
+    assert all(s.recomputed == list(range(12)) and "full pass" in s.rule for s in unmask_steps(defaults))
+    with pytest.raises(ValueError, match="leave cache=none"):
+        RunRequest.build("window_diffusion", {"cache": "dual"}, "Hi")
+
+
+def test_dkv_cache_decode_rebuilds_when_a_block_opens_and_refreshes_every_8_steps(tiny):
+    """The authors' llada_dkv_cache_decode.py: generate: the cache is dropped when a block opens; a block's
+    steps 0 and 1 and every step i with i % cache_reloading_step == 0 are full passes (8: their LLaDA setting);
+    the others recompute the masked positions and those committed the step before (delayed caching)."""
+    from explorer.strategies.unmasking import UnmaskingConfig
+
+    assert UnmaskingConfig().refresh == 8
+    params = {"block_length": 16}
+    plain = run_to_end(tiny, RunRequest.build("diffusion", params, PROMPT, max_new_tokens=32, chat=False))
+    cached = run_to_end(tiny, RunRequest.build("diffusion", {**params, "cache": "dkv"}, PROMPT, max_new_tokens=32,
+                                               chat=False))
+    assert cached.token_ids == plain.token_ids  # exact under causal attention
+    steps = unmask_steps(cached)
+    assert [s.step for s in steps if s.recomputed == list(range(32))] == [0, 1, 8, 16, 17, 24]
+    for before, step in zip(steps, steps[1:], strict=False):
+        if step.step not in (1, 8, 16, 17, 24):
+            assert set(step.recomputed) == set(step.masked) | set(before.committed)
+
+
+def test_dkv_cache_greedy_recomputes_the_next_commits_the_last_ones_and_a_window(tiny, masked_lm):
+    """dKV-Cache-Greedy (llada_dkv_cache_greedy.py: generate, find_window_tokens): a random decoding order fixed
+    when a block opens; a full pass every R steps of a block; in between only the positions this step commits,
+    those the step before committed, and W masked neighbours of each, nearest first, alternating left, right."""
+    from explorer.strategies.dkv_cache import greedy_window
+
+    masked = [False, True, True, False, True, True, True, False, True, True]
+    assert greedy_window([5], masked, {5}, 3) == [4, 6, 2]
+    assert greedy_window([5], masked, {5}, 4) == [4, 6, 2, 8]
+    assert greedy_window([2, 5], masked, {2, 5}, 2) == [1, 4, 6, 8]
+    assert greedy_window([9], masked, {9}, 9) == [8, 6, 5, 4, 2, 1]  # fewer than W masked: all of them
+
+    params = {"block_length": 8, "refresh": 3, "window": 2}
+    trace = run_to_end(tiny, RunRequest.build("dkv_greedy", params, PROMPT, max_new_tokens=16, chat=False, seed=5))
+    steps = unmask_steps(trace)
+    assert sorted(p for s in steps for p in s.committed) == list(range(16)) and len(steps) == 16
+    for k, step in enumerate(steps):
+        block_step = k % 8
+        if block_step % 3 == 0:
+            assert step.recomputed == list(range(16))
+            continue
+        is_masked = [p in step.masked for p in range(16)]
+        taken = set(step.committed) | set(steps[k - 1].committed)
+        expected = taken | set(greedy_window(step.committed, is_masked, taken, 2))
+        assert set(step.recomputed) == expected
+    again = run_to_end(tiny, RunRequest.build("dkv_greedy", params, PROMPT, max_new_tokens=16, chat=False, seed=5))
+    assert again.token_ids == trace.token_ids
+    with pytest.raises(ValueError, match="remasking must be one of random"):
+        RunRequest.build("dkv_greedy", {"remasking": "low_confidence"}, "Hi")
+    fallback = run_to_end(masked_lm, RunRequest.build("dkv_greedy", {"block_length": 4}, "Hello", max_new_tokens=8))
+    assert fallback.status == "ok" and all(s.recomputed == list(range(8)) for s in unmask_steps(fallback))

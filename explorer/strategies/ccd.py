@@ -9,20 +9,23 @@ argmax p̄. The consistency of a position's history is the conditional mutual in
 the context given the state, I_i = H(p̄_i) − (1/k) Σ_t H(p_i^(t)) (≥ 0; 0 when every step agreed). CCD-DS, the
 adaptive budget (`adaptive`): instead of LLaDA's fixed count, a step commits every position of the block whose
 history is consistent (I_i ≤ ε) and whose marginal is confident (max p̄_i ≥ τ), at least one: many when the
-context is easy, one when it is hard.
+context is easy, one when it is hard. A position is consistent only once its buffer holds two steps or more: on
+one distribution I_i = 0 whatever the model said, so a block's first step commits only the one position the
+budget always takes (the authors' code likewise compares a position's argmax at two steps before trusting it).
 
 Departure: the paper's exact budget formula was not in the sources we could read; the rule above (a consistency
 bound and a confidence floor) is our reading of "the budget follows the consistency metric". The buffer keeps
 the distributions of positions in the current block only (memory: k × block × vocab).
 
-Authors' code: tonyckc/CCD-DLM-code model.py (_sample_inference_lookahead), a preliminary release on Dream. It does
-not average distributions or compute I: after 5 warm-up steps it commits the positions that sat in the previous
-step's verification buffer (its top-ranked masked positions, growing to (1 + expand_ratio) × the uniform count)
-and kept the same argmax over the two steps, else the uniform count by entropy; the committed token is the current
-step's prediction. This module follows the paper's formulation instead (departure). Further departures: proposals
-are argmax p̄ at any temperature; the buffer is float16; at a block's first step the buffer holds one distribution,
-so I = 0 and every position with max p̄ ≥ τ commits (WRONG: a bug to fix); on a causal LM the canvas is read with
-the shift, and the caches run only on causal LMs (see diffusion.py).
+Authors' code: tonyckc/CCD-DLM-code model.py (ExtendedDreamModel._sample_inference_lookahead), a preliminary
+release on Dream. It does not average distributions or compute I: for warm_up_steps = 5 it commits the uniform
+count by entropy; then a step commits the positions that sat in the previous step's verification buffer (its
+top-ranked masked positions: 1 at first, one more each step up to u + ⌊u × expand_ratio⌋, u = the uniform count,
+expand_ratio 4.0 in inference_optimization_release.py) and whose argmax is the one of the previous step
+(`history_maximum_token_id_list[-2]`; [-1] is this step's), else the uniform count; the committed token is the
+current step's prediction. This module follows the paper's formulation instead (departure). Further departures:
+proposals are argmax p̄ at any temperature; the buffer is float16; on a causal LM the canvas is read with the
+shift, and the caches run only on causal LMs (see diffusion.py).
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ MAX_BUFFERED_BLOCK = 512  # what block_length 0 (the whole canvas) counts as
 
 @dataclass(frozen=True)
 class CcdConfig(UnmaskingConfig):
-    history: int = param(4, "k: the steps whose predictions are averaged", minimum=1, maximum=32, step=1)
+    history: int = param(4, "k: the steps whose predictions are averaged (at least 2: I on one step is 0)",
+                         minimum=2, maximum=32, step=1)
     adaptive: bool = param(True, "CCD-DS: commit every consistent, confident position (off: LLaDA's fixed count)")
     consistency: float = param(0.05, "ε: the most mutual information (nats) a consistent position may show",
                                minimum=0.0, maximum=5.0, step=0.01)
@@ -94,7 +98,8 @@ class CcdSchedule(Schedule):
             mean, information = marginal_and_consistency(buffer)
             scores[row] = -probs_entropy(mean)
             proposals[row] = int(torch.argmax(mean))
-            consistent[row] = bool(information <= config.consistency and mean.max() >= config.confidence)
+            consistent[row] = bool(len(buffer) >= 2 and information <= config.consistency
+                                   and mean.max() >= config.confidence)  # I on one distribution is 0: no evidence
             recorded[row] = round(float(information), 6)
         self.buffers = {p: b for p, b in self.buffers.items() if p in kept}  # a new block starts afresh
         if config.adaptive:
@@ -114,14 +119,13 @@ register_diffusion("ccd", CcdConfig, "diffusion: predictions averaged over recen
                    schedule=CcdSchedule,
                    reference_code="tonyckc/CCD-DLM-code: model.py: _sample_inference_lookahead",
                    departures=(
-                       "WRONG: at a block's first step each position has one buffered distribution, so I = 0 and "
-                       "every position with max p̄ ≥ τ commits at once (no consistency check on that step).",
                        "The adaptive budget (every position with I ≤ ε and max p̄ ≥ τ, at least one) is our reading of "
                        "the paper; its exact budget formula was not in the sources we read.",
                        "The authors' released code does not average distributions or compute I: after 5 warm-up steps "
                        "it commits positions that were in the previous step's top-ranked verification buffer and kept "
                        "the same argmax over two steps (else the uniform count by entropy); we follow the paper's "
-                       "formulation.",
+                       "formulation, with the same two-step rule: no position is consistent before its buffer holds "
+                       "two steps.",
                        "Commits argmax p̄ at any temperature; the authors' code commits the current step's (sampled) "
                        "prediction.",
                        "The buffer keeps the current block's positions only, in float16; the authors' code decodes "

@@ -24,7 +24,8 @@ class DiffusionConfig(UnmaskingConfig):
 register_diffusion("diffusion", DiffusionConfig, "masked diffusion: unmask the most confident positions per step",
                    paper="Nie et al. 2025, LLaDA, arXiv:2502.09992; Wu et al. 2025, Fast-dLLM, arXiv:2505.22618",
                    reference_code=("ML-GSAI/LLaDA: generate.py: generate; NVlabs/Fast-dLLM: llada/generate.py: "
-                                   "get_transfer_index, generate_with_prefix_cache, generate_with_dual_cache"),
+                                   "get_transfer_index, generate_with_prefix_cache, generate_with_dual_cache; "
+                                   "horseee/dKV-Cache: generation_utils/llada_dkv_cache_decode.py: generate"),
                    departures=(
                        "A canvas whose length is not a multiple of block_length gets a shorter last block, and steps "
                        "not divisible by the blocks are spread over them (LLaDA and Fast-dLLM assert both divide).",

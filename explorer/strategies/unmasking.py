@@ -59,10 +59,11 @@ class UnmaskingConfig(Checked):
                                    "every position sees every other (what AR-to-diffusion adaptation trains)",
                            choices=ATTENTION)
     cache: str = param("none", "reuse K/V across steps (causal models): prefix or dual = Fast-dLLM's caches "
-                               "(refreshed when a block opens), dkv = dKV-Cache's delayed caching; none = a full "
-                               "pass every step", choices=CACHES)
-    refresh: int = param(0, "dkv: a full pass every this many steps (0: only the first)", minimum=0, maximum=1024,
-                         step=1)
+                               "(refreshed when a block opens), dkv = dKV-Cache-Decode's delayed caching (rebuilt "
+                               "when a block opens); none = a full pass every step", choices=CACHES)
+    refresh: int = param(8, "dkv: a full pass at every this many steps of a block, besides its first two (8: the "
+                            "authors' LLaDA setting; 1: every step; 0: only the first two)", minimum=0,
+                         maximum=1024, step=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -162,16 +163,21 @@ class Schedule:
     def __init__(self, config: UnmaskingConfig, model: Any = None, rng: torch.Generator | None = None):
         self.config, self.model, self.rng = config, model, rng
 
-    def recompute(self, step: int, first: int, last: int | None, masked: torch.Tensor, committed_before: list[int]
-                  ) -> tuple[list[int], list[int] | None] | None:
-        """The generated positions this step recomputes, and those whose stored K/V it reuses (None: all the
-        others); None for a full pass. `cache`: prefix (Fast-dLLM: a full pass when a block opens, then the block
-        and what follows it on the prefix's K/V), dual (Fast-dLLM: then only the block, on the K/V of everything
-        else), dkv (dKV-Cache-Decode: every masked position and those committed at the step before, whose K/V
-        is stored one step late, once their token is in; a full pass every `refresh` steps)."""
+    def recompute(self, step: int, first: int, last: int | None, masked: torch.Tensor, committed_before: list[int],
+                  *, block_step: int = 0) -> tuple[list[int], list[int] | None] | None:
+        """The generated positions this step (`block_step` of its block; `last` is None when the block opens)
+        recomputes, and those whose stored K/V it reuses (None: all the others); None for a full pass. `cache`:
+        prefix (Fast-dLLM: a full pass when a block opens, then the block and what follows it on the prefix's K/V),
+        dual (Fast-dLLM: then only the block, on the K/V of everything else), dkv (dKV-Cache-Decode, Ma et al. 2025,
+        arXiv:2505.15781; horseee/dKV-Cache generation_utils/llada_dkv_cache_decode.py: generate): every masked
+        position and those committed at the step before, whose K/V is cached one step late, once their token is
+        in; the cache is dropped when a block opens (their `past_qkv = None` per block), and a block's steps 0 and
+        1 (their step 0 stores nothing) and every step i with i % `refresh` == 0 (their cache_reloading_step) are
+        full passes."""
         config, length = self.config, masked.shape[0]
-        if (config.cache in ("prefix", "dual") and last is None) or (
-                config.cache == "dkv" and config.refresh and step % config.refresh == 0):
+        if config.cache in ("prefix", "dual") and last is None:
+            return None
+        if config.cache == "dkv" and (block_step < 2 or (config.refresh and block_step % config.refresh == 0)):
             return None
         if config.cache == "prefix":
             return list(range(first, length)), None
@@ -276,12 +282,16 @@ class CanvasReuse:
         wanted = config.cache != "none" or schedule.reuses_kv
         self.kv = CanvasKV(model, bidirectional, start) if wanted else None
         self.committed: list[int] = []  # generated positions committed at the step before
+        self.block_opened = 0  # the step at which the current block opened
 
     def step(self, canvas: torch.Tensor, step: int, first: int, last: int | None, masked: torch.Tensor
              ) -> tuple[torch.Tensor, list[int]]:
         """Logits `(length, vocab)` of the generated positions, and the generated positions recomputed."""
         start, ids = self.start, canvas.tolist()
-        plan = None if step == 0 else self.schedule.recompute(step, first, last, masked, self.committed)
+        if last is None:  # a block opens
+            self.block_opened = step
+        plan = None if step == 0 else self.schedule.recompute(step, first, last, masked, self.committed,
+                                                              block_step=step - self.block_opened)
         if plan is None:
             return self.kv.run(ids), list(range(self.length))
         compute, reuse = plan
@@ -309,6 +319,17 @@ def _margins(probs: torch.Tensor) -> torch.Tensor:
 
 def _floats(values: torch.Tensor) -> list[float]:
     return [round(float(v), 6) for v in values.tolist()]
+
+
+def kv_reuse_refusal(model: Any) -> str | None:
+    """Why `model` cannot reuse canvas K/V (CanvasKV: causal models without sliding windows), or None if it can."""
+    from explorer.models import CanvasKV
+
+    try:
+        CanvasKV.check(model)
+    except ValueError as refusal:
+        return str(refusal)
+    return None
 
 
 def diffusion_prepare(model: Any, config: UnmaskingConfig) -> None:
