@@ -36,7 +36,7 @@ from explorer.models import MODEL_CACHE
 from explorer.presets import all_pairs, find_pair
 from explorer.request import RunRequest, check_max_new_tokens, parse_run_ids
 from explorer.sampling import SamplingFilters
-from explorer.serving import ServerPolicy
+from explorer.serving import DIFFUSION_DEMO_HUB_ID, ServerPolicy
 from explorer.strategies import REGISTRY
 from explorer.strategies.base import FAMILIES, field_type
 from explorer.trace import Trace
@@ -382,6 +382,8 @@ def strategy_about(name: str) -> str:
     spec = REGISTRY[name]
     about = f"{spec.summary}. *{spec.paper}*" if spec.paper else spec.summary
     status = f"{len(spec.departures)} departures" if spec.departures else "faithful"
+    if spec.family == "diffusion" and DIFFUSION_DEMO_HUB_ID in POLICY.allowed_models:
+        about += f" · on a diffusion LM: set the model to `{DIFFUSION_DEMO_HUB_ID}`"
     return f'{about} · <a href="?fidelity={name}" target="_blank">fidelity: {status}</a>'
 
 

@@ -5,7 +5,8 @@ anything runs.
 Environment: DECODING_EXPLORER_MAX_NEW_TOKENS (512), DECODING_EXPLORER_MAX_PROMPT_TOKENS (2048),
 DECODING_EXPLORER_TIME_LIMIT_S (300: compute seconds per run; a run past it is stopped and stored as
 "stopped"), DECODING_EXPLORER_ALLOWED_MODELS (comma-separated; default: the embedded model and the default
-model), DECODING_EXPLORER_ALLOW_ANY_MODEL (1: any Hugging Face Hub id too, never a local path),
+model, and the small diffusion LM a Space preloads, DIFFUSION_DEMO_HUB_ID, where it is in the local Hugging Face cache),
+DECODING_EXPLORER_ALLOW_ANY_MODEL (1: any Hugging Face Hub id too, never a local path),
 DECODING_EXPLORER_MAX_MODEL_GB (2: weight size a Hub id may have, read from the Hub before downloading),
 DECODING_EXPLORER_PUBLIC_GALLERY (1: everyone's runs are listed in History; default 1 locally, 0 on a Space),
 DECODING_EXPLORER_MAX_TREE_NODES (128, the hard ceiling: draft nodes verified per round),
@@ -31,6 +32,10 @@ MAX_LANES = 4  # lanes the page has
 MAX_BEAMS = 16  # the beam strategies' own ceiling
 _RUNNING: dict[str, int] = {}  # visitor -> runs going now (the app's Run and API calls)
 _RUNNING_LOCK = threading.Lock()
+# A small public masked diffusion LM (a ModernBERT-base fine-tuned to chat by MDLM, 0.2 B parameters, from the
+# dllm project) that the Space preloads beside the embedded model (README front matter: preload_from_hub), so a
+# visitor sees real unmasking; allowed by default wherever it is already in the Hugging Face cache.
+DIFFUSION_DEMO_HUB_ID = "dllm-hub/ModernBERT-base-chat-v0.1"
 EMBEDDED_NAMES = ("embedded", "default", "", "embedded:SmolLM2-135M-Instruct")
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
@@ -41,6 +46,17 @@ def hub_weight_bytes(model_id: str) -> int:
 
     info = HfApi().model_info(model_id, files_metadata=True)
     return sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith((".safetensors", ".bin")))
+
+
+def in_hub_cache(model_id: str) -> bool:
+    """Whether a Hub model is in the local Hugging Face cache (a Space's preload_from_hub). Never downloads."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(model_id, local_files_only=True)
+        return True
+    except Exception:  # not in the cache (LocalEntryNotFoundError), no huggingface_hub, ...
+        return False
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -68,7 +84,8 @@ class ServerPolicy:
     def from_env(cls, env: Mapping[str, str] = os.environ, default_model: str = "embedded") -> ServerPolicy:
         try:
             allowed = env.get("DECODING_EXPLORER_ALLOWED_MODELS")
-            models = [m.strip() for m in allowed.split(",")] if allowed else ["embedded", default_model]
+            models = [m.strip() for m in allowed.split(",")] if allowed else ["embedded", default_model] + (
+                [DIFFUSION_DEMO_HUB_ID] if in_hub_cache(DIFFUSION_DEMO_HUB_ID) else [])
             return cls(
                 max_new_tokens=min(int(env.get("DECODING_EXPLORER_MAX_NEW_TOKENS", "512")), MAX_NEW_TOKENS_LIMIT),
                 max_prompt_tokens=int(env.get("DECODING_EXPLORER_MAX_PROMPT_TOKENS", "2048")),

@@ -16,7 +16,7 @@ import yaml
 from explorer.models import EMBEDDED_HUB_ID, load_model
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
-from explorer.serving import ServerPolicy
+from explorer.serving import DIFFUSION_DEMO_HUB_ID, ServerPolicy
 from explorer.testing import APP_ROOT as ROOT
 from explorer.testing import running_app
 from store import Store
@@ -35,6 +35,32 @@ def test_front_matter_is_a_space_config():
     assert int(str(meta["sdk_version"]).split(".")[0]) >= 5 and meta["license"] == "apache-2.0"
     assert 0 < len(meta["short_description"]) <= 60 and meta["tags"]
     assert EMBEDDED_HUB_ID in meta["models"] and EMBEDDED_HUB_ID in meta["preload_from_hub"]
+    assert DIFFUSION_DEMO_HUB_ID in meta["models"] and DIFFUSION_DEMO_HUB_ID in meta["preload_from_hub"]
+
+
+def test_the_preloaded_diffusion_lm_is_allowed_and_loads_as_a_diffusion_model(tmp_path, monkeypatch):
+    """A Space preloads a small masked diffusion LM: where it is in the Hub cache the policy allows it (a visitor
+    sees real unmasking), and it loads as a diffusion LM; elsewhere it is not offered."""
+    import huggingface_hub.constants
+
+    from explorer.serving import in_hub_cache
+    from explorer.testing import save_tiny_masked_lm
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    assert not in_hub_cache(DIFFUSION_DEMO_HUB_ID)
+    assert DIFFUSION_DEMO_HUB_ID not in ServerPolicy.from_env({"SPACE_ID": "someone/explorer"}).allowed_models
+    snapshot = tmp_path / "hub" / f"models--{DIFFUSION_DEMO_HUB_ID.replace('/', '--')}"
+    save_tiny_masked_lm(snapshot / "snapshots" / "0123abc")
+    (snapshot / "refs").mkdir()
+    (snapshot / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    policy = ServerPolicy.from_env({"SPACE_ID": "someone/explorer"})
+    assert policy.check_model(DIFFUSION_DEMO_HUB_ID) == DIFFUSION_DEMO_HUB_ID
+    assert DIFFUSION_DEMO_HUB_ID in policy.describe()
+    lm = load_model(DIFFUSION_DEMO_HUB_ID, device="cpu")
+    assert lm.diffusion is not None
+    trace = run_to_end(lm, RunRequest.build("diffusion", {"block_length": 4}, "Hello", max_new_tokens=8))
+    assert trace.finished.status == "ok" and trace.started.tags["canvas"] == "diffusion LM"
 
 
 def test_requirements_are_the_projects_dependencies_with_a_cpu_torch():
