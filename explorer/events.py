@@ -292,6 +292,27 @@ class UnmaskStep:
 
 
 @dataclass(frozen=True)
+class CacheDrift:
+    """How much a diffusion step's K/V reuse changed its decision (the sampler's `drift_every`): at `step` a
+    second, full pass (no cache) over the same canvas; per masked position of the open block [block_start,
+    block_end) (`positions`, ascending), the top-1 token and its probability under the step's own (approximate)
+    logits and under the full pass's, and the largest |logit difference| over those positions. `full_pass`: the
+    step itself was a full pass (a cache refresh), so the two agree up to float rounding."""
+
+    kind: ClassVar[str] = "cache_drift"
+    step: int
+    block_start: int
+    block_end: int
+    positions: list[int]
+    cached_ids: list[int]
+    cached_confidences: list[float]
+    full_ids: list[int]
+    full_confidences: list[float]
+    max_logit_difference: float
+    full_pass: bool
+
+
+@dataclass(frozen=True)
 class MbrResult:
     """Minimum Bayes risk decoding: the sampled candidates (token ids, texts, log-probability sums under the
     model), the utility matrix U[i][j] = u(candidate i, candidate j as reference), each candidate's expected
@@ -395,12 +416,12 @@ class SuperposedResult:
 
 
 Event = (RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch
-         | PoolUpdate | LensStep | AttentionStep | UnmaskStep | MbrResult
+         | PoolUpdate | LensStep | AttentionStep | UnmaskStep | CacheDrift | MbrResult
          | FinishRace | ExtractSpans | LatticeResult | SuperposedStep | SuperposedResult)
 EVENT_TYPES: dict[str, type] = {
     cls.kind: cls
     for cls in (RunStarted, TokenStep, RunFinished, DraftRound, BeamStep, BeamResult, CandidateStep, TrialBranch,
-                PoolUpdate, LensStep, AttentionStep, UnmaskStep, MbrResult, FinishRace,
+                PoolUpdate, LensStep, AttentionStep, UnmaskStep, CacheDrift, MbrResult, FinishRace,
                 ExtractSpans, LatticeResult, SuperposedStep, SuperposedResult)
 }
 

@@ -181,6 +181,56 @@ def tiny_masked_lm(seed: int = 0, *, model_id: str = "tiny-random-modernbert") -
                          diffusion=DiffusionInfo(mask_id=tokenizer.mask_token_id, shift=False, bidirectional=True))
 
 
+def tiny_a2d_model(seed: int = 0, *, layers: int = 2, scale: float = 8.0, model_id: str = "tiny-random-a2d-llama"
+                   ) -> LanguageModel:
+    """A tiny AR-to-diffusion model: a randomly initialised Llama (a causal architecture, with its KV cache API)
+    whose attention sees every position unless told otherwise, as dllm's A2D models run their base model with an
+    all-visible mask; the character tokenizer with <mask>; read as a masked diffusion LM (bidirectional, no shift,
+    as dllm's MDLM sampler reads A2D models). `scale` sharpens its distributions."""
+    from explorer.models import DiffusionInfo
+
+    tokenizer = tiny_tokenizer(mask=True)
+    torch.manual_seed(seed)  # weight initialisation only
+    model = _a2d_class()(_tiny_llama_config(tokenizer, layers)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    info = ModelInfo(model_id=model_id, weights_hash=f"a2d:{layers}:seed:{seed}", dtype="float32", device="cpu")
+    return LanguageModel(model=model, tokenizer=tokenizer, info=info,
+                         diffusion=DiffusionInfo(mask_id=tokenizer.mask_token_id, shift=False, bidirectional=True))
+
+
+def _tiny_llama_config(tokenizer: object, layers: int) -> object:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+
+
+_A2D: list[type] = []
+
+
+def _a2d_class() -> type:
+    """LlamaForCausalLM whose forward, given no 4-D mask, attends to every position (cached ones included)."""
+    if not _A2D:
+        from transformers import LlamaForCausalLM
+
+        class TinyA2DLlama(LlamaForCausalLM):
+            def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                        **kwargs: object) -> object:
+                if attention_mask is None or attention_mask.dim() == 2:  # departure: padding masks are ignored
+                    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+                    seen = cache.get_seq_length() if cache is not None else 0
+                    batch, length = input_ids.shape
+                    attention_mask = torch.zeros(batch, 1, length, seen + length, dtype=self.dtype,
+                                                 device=input_ids.device)
+                return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+        _A2D.append(TinyA2DLlama)
+    return _A2D[0]
+
+
 def save_tiny_masked_lm(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     lm = tiny_masked_lm(seed)

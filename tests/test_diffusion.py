@@ -525,3 +525,163 @@ def test_dkv_cache_greedy_recomputes_the_next_commits_the_last_ones_and_a_window
         RunRequest.build("dkv_greedy", {"remasking": "low_confidence"}, "Hi")
     fallback = run_to_end(masked_lm, RunRequest.build("dkv_greedy", {"block_length": 4}, "Hello", max_new_tokens=8))
     assert fallback.status == "ok" and all(s.recomputed == list(range(8)) for s in unmask_steps(fallback))
+
+
+# ------------------------------------------------------------------ caches on bidirectional models, cache drift
+def drift_records(trace) -> list:
+    return [e for e in trace.events if e.kind == "cache_drift"]
+
+
+def canvases(trace, mask_id: int) -> list[list[int]]:
+    """The canvas (prompt ‖ generated) as each recorded step found it, rebuilt from the commits before it."""
+    prompt, steps = trace.started.prompt_ids, unmask_steps(trace)
+    generated = [mask_id] * (max(max(s.masked) for s in steps) + 1)
+    found = []
+    for step in steps:
+        found.append([*prompt, *generated])
+        for position, token in zip(step.committed, step.committed_ids, strict=True):
+            generated[position] = token
+    return found
+
+
+def fast_dllm_pass(lm, opened: list[int], now: list[int], first: int, last: int, dual: bool) -> torch.Tensor:
+    """The authors' cached pass, written as NVlabs/Fast-dLLM llada/generate.py writes it, on the model's own
+    attention (all-visible for an A2D model) and HF's own cache: a full pass over the canvas as the block
+    [first, last) opened (absolute positions) keeps its K/V; generate_with_prefix_cache truncates them to the
+    prefix and runs x[:, first:]; generate_with_dual_cache keeps the prefix and the suffix and runs the block only.
+    Logits `(recomputed, vocab)` from position `first` on."""
+    from transformers import DynamicCache
+
+    model = lm.model
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([opened]), past_key_values=cache, use_cache=True)
+        kept = torch.tensor([*range(first), *(range(last, len(now)) if dual else ())])
+        reused = DynamicCache(config=model.config)  # the prefix's K/V (past_key_values[:, :, :first]), dual: + suffix
+        for index, layer in enumerate(cache.layers):
+            reused.update(layer.keys.index_select(2, kept), layer.values.index_select(2, kept), index)
+        end = last if dual else len(now)
+        return model(input_ids=torch.tensor([now[first:end]]), position_ids=torch.arange(first, end)[None],
+                     past_key_values=reused, use_cache=True).logits[0]
+
+
+@pytest.fixture(scope="module")
+def a2d():
+    from explorer.testing import tiny_a2d_model
+
+    return tiny_a2d_model(0)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_fast_dllm_caches_on_a_bidirectional_model_are_the_authors_approximation(a2d, cache):
+    """On an AR-to-diffusion model (all-visible attention) every step's logits are those of the authors' cached pass:
+    equal to a full pass when the block opens, and later computed on the prefix's (and, dual, the suffix's) K/V from
+    the block's opening, which are stale by design: they attended to the block while it was still masked. So the
+    cached steps differ from a full pass, unlike under causal attention."""
+    trace = run_to_end(a2d, RunRequest.build("diffusion", {"block_length": 8, "cache": cache, "drift_every": 1},
+                                             PROMPT, max_new_tokens=16, chat=False))
+    steps, start = unmask_steps(trace), len(trace.started.prompt_ids)
+    mask_id = a2d.canvas_info().mask_id
+    opened: list[int] = []
+    for step, now in zip(steps, canvases(trace, mask_id), strict=True):
+        first, last = start + step.block_start, start + step.block_end
+        opens = step.step == 0 or step.block_start != steps[step.step - 1].block_start
+        if opens:
+            opened = now
+            reference = a2d.canvas_logits(now)[first:]  # a full pass over the canvas
+        else:
+            reference = fast_dllm_pass(a2d, opened, now, first, last, cache == "dual")
+        probs = torch.softmax(reference.double(), dim=-1)  # row r: absolute position first + r
+        compared = [p for p in step.masked if step.block_start <= p < (step.block_end if cache == "dual" else 16)]
+        rows = [start + p - first for p in compared]
+        assert [step.predicted_ids[step.masked.index(p)] for p in compared] == probs[rows].argmax(-1).tolist()
+        assert [step.confidences[step.masked.index(p)] for p in compared] == pytest.approx(
+            probs[rows].max(-1).values.tolist(), abs=1e-5)
+        assert step.recomputed == (list(range(16)) if opens else list(range(step.block_start, 16 if cache == "prefix"
+                                                                             else step.block_end)))
+    drifts = drift_records(trace)
+    assert [d.step for d in drifts] == [s.step for s in steps]
+    # a full pass only when a block opens (at block 0 a cached step recomputes every generated position too, on
+    # the prompt's stale K/V)
+    assert [d.step for d in drifts if d.full_pass] == [0, 8]
+    assert all(d.max_logit_difference <= 1e-4 for d in drifts if d.full_pass)  # the block's first step: exact
+    assert all(d.max_logit_difference > 1e-3 for d in drifts if not d.full_pass)  # stale K/V: approximate
+    assert trace.finished.target_forward_passes == len(steps)  # the drift passes are not the method's work
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual", "dkv"])
+def test_caches_on_a_one_layer_bidirectional_model_are_exact(cache):
+    """Where the papers say a reused K/V may differ: a position's layer-1 K/V depend only on its own token and
+    position, so a one-layer model's reused K/V are never stale (the tokens of the prefix, and of the suffix's
+    masks, do not change while a block denoises): the cache drift is zero at every step. The drift of a deeper
+    model (the test above) comes only from layers that attended to positions whose tokens changed since."""
+    from explorer.testing import tiny_a2d_model
+
+    shallow = tiny_a2d_model(0, layers=1)
+    params = {"block_length": 8, "cache": cache, "drift_every": 1, "refresh": 3}
+    trace = run_to_end(shallow, RunRequest.build("diffusion", params, PROMPT, max_new_tokens=16, chat=False))
+    drifts = drift_records(trace)
+    assert len(drifts) == len(unmask_steps(trace)) and not all(d.full_pass for d in drifts)
+    assert all(d.max_logit_difference <= 1e-4 and d.cached_ids == d.full_ids for d in drifts)
+    plain = run_to_end(shallow, RunRequest.build("diffusion", {"block_length": 8}, PROMPT, max_new_tokens=16,
+                                                 chat=False))
+    assert trace.token_ids == plain.token_ids
+
+
+def test_dkv_cache_decode_on_a_bidirectional_model_drifts_between_refreshes_and_a_refresh_resets_it(a2d):
+    """dKV-Cache-Decode run bidirectionally: a decoded position's K/V is cached one step late and goes stale as
+    other positions are decoded; a block's steps 0 and 1 and every step i with i % refresh == 0 are full passes,
+    at which the drift record shows no difference at all."""
+    params = {"block_length": 8, "cache": "dkv", "refresh": 3, "drift_every": 1}
+    trace = run_to_end(a2d, RunRequest.build("diffusion", params, PROMPT, max_new_tokens=16, chat=False))
+    steps, drifts = unmask_steps(trace), drift_records(trace)
+    refreshes = [k for k in range(16) if k % 8 < 2 or (k % 8) % 3 == 0]
+    assert [d.step for d in drifts if d.full_pass] == refreshes == [s.step for s in steps
+                                                                    if s.recomputed == list(range(16))]
+    for record in drifts:
+        if record.full_pass:
+            assert record.cached_ids == record.full_ids and record.max_logit_difference <= 1e-4
+            assert record.cached_confidences == pytest.approx(record.full_confidences, abs=1e-5)
+    assert max(d.max_logit_difference for d in drifts if not d.full_pass) > 1e-3
+    every_other = run_to_end(a2d, RunRequest.build("diffusion", {**params, "drift_every": 2}, PROMPT,
+                                                   max_new_tokens=16, chat=False))
+    assert [d.step for d in drift_records(every_other)] == list(range(0, 16, 2))
+    assert every_other.token_ids == trace.token_ids  # the drift pass changes nothing that is committed
+
+
+def test_drift_is_zero_under_causal_attention_and_reuse_is_refused_in_one_line_where_impossible(tiny, masked_lm):
+    params = {"block_length": 8, "cache": "dual", "drift_every": 1}
+    trace = run_to_end(tiny, RunRequest.build("diffusion", params, PROMPT, max_new_tokens=16, chat=False))
+    drifts = drift_records(trace)
+    assert len(drifts) == 16 and all(d.max_logit_difference <= 1e-4 and d.cached_ids == d.full_ids for d in drifts)
+    nothing = run_to_end(tiny, RunRequest.build("diffusion", {"drift_every": 1}, PROMPT, max_new_tokens=8,
+                                                chat=False))
+    assert not drift_records(nothing)  # no K/V reused: nothing to compare
+    with pytest.raises(ValueError, match="cannot reuse canvas K/V") as refused:
+        run_to_end(masked_lm, RunRequest.build("diffusion", {"cache": "dual"}, "Hi", max_new_tokens=4))
+    message = str(refused.value)
+    assert "\n" not in message and "no KV cache" in message and "attention=bidirectional" in message
+
+
+def test_the_cache_drift_view_draws_each_recorded_step(a2d, tiny, store):
+    from viz.catalog import get_view
+    from viz.theme import has_data
+
+    params = {"block_length": 8, "cache": "dkv", "refresh": 3, "drift_every": 1}
+    trace = run_to_end(a2d, RunRequest.build("diffusion", params, PROMPT, max_new_tokens=16, chat=False),
+                       recorder=Recorder(store))
+    assert store.load_trace(trace.run_id) == trace  # the CacheDrift records round-trip
+    greedy = run_to_end(tiny, RunRequest.build("greedy", {}, PROMPT, max_new_tokens=8, chat=False))
+    figure = get_view("cache-drift").render([greedy, trace], 0)  # lane 1 has no drift: the view falls back
+    drifts = drift_records(trace)
+    cached, refresh = figure.data[0], figure.data[1]
+    assert list(cached.x) == [d.step for d in drifts]
+    assert list(cached.y) == pytest.approx([sum(c != f for c, f in zip(d.cached_ids, d.full_ids, strict=True))
+                                            / len(d.positions) for d in drifts])
+    confidence = figure.data[2]
+    assert list(confidence.y) == pytest.approx([sum(abs(c - f) for c, f in zip(
+        d.cached_confidences, d.full_confidences, strict=True)) / len(d.positions) for d in drifts])
+    assert list(refresh.x) == [d.step for d in drifts if d.full_pass] and max(confidence.y) > 0
+    assert all("block [" in text for text in cached.hovertext)
+    assert figure.layout.xaxis2.title.text == "denoising step" and figure.layout.yaxis.title.text
+    assert not has_data(get_view("cache-drift").render([greedy], 0))

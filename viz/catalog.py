@@ -12,7 +12,12 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 
 from explorer.trace import Trace
-from viz.diffusion import unmasking_commits_figure, unmasking_order_figure, unmasking_replay_figure
+from viz.diffusion import (
+    cache_drift_figure,
+    unmasking_commits_figure,
+    unmasking_order_figure,
+    unmasking_replay_figure,
+)
 from viz.drafting import (
     aded_figure,
     draft_depth_figure,
@@ -167,6 +172,8 @@ VIEWS = [
     View("unmasking-replay", "Diffusion", "canvas replay (slider)", _one(unmasking_replay_figure,
                                                                         _probed("unmask_step"))),
     View("unmasking-commits", "Diffusion", "tokens per step, confidence at commit", _all(unmasking_commits_figure)),
+    View("cache-drift", "Diffusion", "cache drift (cached vs full pass)", _one(cache_drift_figure,
+                                                                             _probed("cache_drift"))),
 ]
 VIEW_NAMES = [view.name for view in VIEWS]
 

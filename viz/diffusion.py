@@ -1,5 +1,6 @@
-"""Masked diffusion LM views: the unmasking order (step × position), a replay of the canvas step by step, and
-what each step committed (confidence at commit per position, tokens per forward pass)."""
+"""Masked diffusion LM views: the unmasking order (step × position), a replay of the canvas step by step, what
+each step committed (confidence at commit per position, tokens per forward pass), and how far a K/V cache moved
+the decisions from a full pass (cache drift)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from plotly.subplots import make_subplots
 
 from explorer.trace import Trace
 from viz.labels import lane_name, show_token
-from viz.theme import FIRST_DIVERGENCE, SEQUENTIAL, base_layout, empty_figure, lane_color
+from viz.theme import FIRST_DIVERGENCE, SAME, SEQUENTIAL, base_layout, empty_figure, lane_color
 
 MASK = "▒"
 
@@ -163,4 +164,74 @@ def unmasking_commits_figure(traces: list[Trace]) -> go.Figure:
     figure.update_xaxes(title_text="generated position", row=2, col=1)
     figure.update_yaxes(title_text="tokens", row=1, col=1)
     figure.update_yaxes(title_text="score", row=2, col=1)
+    return figure
+
+
+def drift_records(trace: Trace | None) -> list:
+    return [e for e in trace.events if e.kind == "cache_drift"] if trace is not None else []
+
+
+@dataclass(frozen=True)
+class Drift:
+    step: int
+    changed: list[int]  # open-block positions whose top-1 differs between the cached and the full pass
+    positions: int  # open-block masked positions compared
+    mean_confidence_difference: float
+    full_pass: bool
+
+    @property
+    def changed_fraction(self) -> float:
+        return len(self.changed) / self.positions if self.positions else 0.0
+
+
+def drift(record) -> Drift:
+    """One CacheDrift record summed up: which top-1s the cache changed, mean |confidence difference|."""
+    pairs = list(zip(record.positions, record.cached_ids, record.full_ids, record.cached_confidences,
+                     record.full_confidences, strict=True))
+    changed = [position for position, cached, full, _, _ in pairs if cached != full]
+    gaps = [abs(cached - full) for *_, cached, full in pairs]
+    return Drift(record.step, changed, len(pairs), sum(gaps) / len(gaps) if gaps else 0.0, record.full_pass)
+
+
+def cache_drift_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
+    """Per recorded step (the sampler's drift_every): the fraction of the open block's masked positions whose top-1
+    under the cached (approximate) pass differs from a full pass over the same canvas, and the mean |difference| of
+    their top-1 probabilities; steps that were full passes themselves (a cache refresh) are marked."""
+    records = drift_records(trace)
+    if not records:
+        return empty_figure("Run a diffusion lane with cache prefix, dual or dkv and drift_every > 0 to see how far "
+                            "the cache moves its decisions from a full pass.")
+    summaries = [drift(r) for r in records]
+    hover = []
+    for record, summary in zip(records, summaries, strict=True):
+        flips = {p: (c, f) for p, c, f in zip(record.positions, record.cached_ids, record.full_ids, strict=True)
+                 if c != f}
+        listed = ", ".join(f"{p}: {html.escape(trace.token_text(c))!s} (cached) vs "
+                           f"{html.escape(trace.token_text(f))!s} (full)" for p, (c, f) in list(flips.items())[:6])
+        hover.append(f"step {record.step}, block [{record.block_start}, {record.block_end})"
+                     f"{' — a full pass (refresh)' if record.full_pass else ''}<br>"
+                     f"top-1 differs at {len(flips)} of {summary.positions} positions"
+                     f"{': ' + listed if listed else ''}{' …' if len(flips) > 6 else ''}<br>"
+                     f"mean |Δ confidence| {summary.mean_confidence_difference:.4f}, "
+                     f"max |Δ logit| {record.max_logit_difference:.4f}")
+    steps = [s.step for s in summaries]
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
+                           subplot_titles=("top-1 changed by the cache", "confidence changed by the cache"))
+    color = lane_color(lane)
+    for row, values in ((1, [s.changed_fraction for s in summaries]),
+                        (2, [s.mean_confidence_difference for s in summaries])):
+        figure.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name="cached step", showlegend=row == 1,
+                                    line=dict(color=color), marker=dict(color=color, size=7),
+                                    hovertext=hover, hoverinfo="text"), row=row, col=1)
+        refreshed = [(s.step, v, h) for s, v, h in zip(summaries, values, hover, strict=True) if s.full_pass]
+        if refreshed:
+            figure.add_trace(go.Scatter(x=[r[0] for r in refreshed], y=[r[1] for r in refreshed], mode="markers",
+                                        name="full pass (refresh)", showlegend=row == 1,
+                                        marker=dict(symbol="square-open", size=11, color=SAME, line=dict(width=2)),
+                                        hovertext=[r[2] for r in refreshed], hoverinfo="text"), row=row, col=1)
+    base_layout(figure, f"Cache drift — {lane_name(trace, lane)} (cached pass vs a full pass, open block)", "", "",
+                height=560)
+    figure.update_xaxes(title_text="denoising step", row=2, col=1)
+    figure.update_yaxes(title_text="fraction of positions", range=[-0.03, 1.03], row=1, col=1)
+    figure.update_yaxes(title_text="mean |Δ confidence|", rangemode="tozero", row=2, col=1)
     return figure

@@ -12,7 +12,7 @@ Authors' code: lgxi24/AdaBlock-dLLM llada/generate_adablock.py (compute_block_le
 window, delimiter confidence and fallback. Departures: delimiters are given as texts and count only when they encode
 to one token (the authors pass token ids: [198] for LLaDA, 24 ids for Dream); remasking=margin or entropy puts the
 threshold on those scores (the authors' code offers low_confidence and random); on a causal LM the canvas is read
-with the shift, and the caches run only on causal LMs (see diffusion.py).
+with the shift, and the caches need a causal architecture with a KV cache (see diffusion.py).
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ register_diffusion("adablock", AdaBlockConfig, "diffusion: blocks end at confide
                        "offers low_confidence and random only.",
                        "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
                        "bidirectional diffusion LMs (LLaDA, Dream).",
-                       "cache=prefix/dual/dkv run only on causal LMs, where under causal attention they are exact; "
-                       "the authors' prefix and dual caches are approximate caches for bidirectional diffusion LMs.",
+                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
+                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
+                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
+                       "run with cache=none.",
                    ))

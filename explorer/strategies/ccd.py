@@ -25,7 +25,7 @@ expand_ratio 4.0 in inference_optimization_release.py) and whose argmax is the o
 (`history_maximum_token_id_list[-2]`; [-1] is this step's), else the uniform count; the committed token is the
 current step's prediction. This module follows the paper's formulation instead (departure). Further departures:
 proposals are argmax p̄ at any temperature; the buffer is float16; on a causal LM the canvas is read with the
-shift, and the caches run only on causal LMs (see diffusion.py).
+shift, and the caches need a causal architecture with a KV cache (see diffusion.py).
 """
 
 from __future__ import annotations
@@ -134,6 +134,8 @@ register_diffusion("ccd", CcdConfig, "diffusion: predictions averaged over recen
                        "block_length, and steps spread over the blocks.",
                        "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
                        "bidirectional diffusion LMs (Dream, LLaDA).",
-                       "cache=prefix/dual/dkv run only on causal LMs, where under causal attention they are exact, "
-                       "not as the approximate caches defined for bidirectional diffusion LMs.",
+                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
+                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
+                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
+                       "run with cache=none.",
                    ))

@@ -15,8 +15,8 @@ Its rule is the one above, with a credit matrix over the whole vocabulary (as ou
 port keeps 4 slots) and decay 0.8, exponent 0.2, λ 0.7. Departures: our defaults are the sglang port's; credits are
 kept for every masked position of the canvas, so positions in blocks not yet open accrue credit from early steps
 (found in the fidelity review, a bug to fix: dInfer and the sglang port keep credits for the current block's
-masked positions only); on a causal LM the canvas is read with the shift, and the caches run only on causal LMs
-(see diffusion.py).
+masked positions only); on a causal LM the canvas is read with the shift, and the caches need a causal
+architecture with a KV cache (see diffusion.py).
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ register_diffusion("credit_decoding", CreditConfig, "diffusion: trace credits fr
                        "uses decay 0.8, exponent 0.2, λ 0.7 (threshold per run, 0.8 in its eval guide).",
                        "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
                        "bidirectional diffusion LMs (LLaDA).",
-                       "cache=prefix/dual/dkv run only on causal LMs, where under causal attention they are exact, "
-                       "not as the approximate caches defined for bidirectional diffusion LMs.",
+                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
+                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
+                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
+                       "run with cache=none.",
                    ))

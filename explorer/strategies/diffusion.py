@@ -6,8 +6,9 @@ decoding (Wu et al. 2025, arXiv:2505.22618) when `threshold` > 0. The sampler an
 Authors' code: ML-GSAI/LLaDA generate.py (generate, get_num_transfer_tokens) and NVlabs/Fast-dLLM llada/generate.py
 (get_transfer_index with threshold, generate_with_prefix_cache, generate_with_dual_cache); the rules match. Departures
 not marked in unmasking.py: remasking=margin and entropy come from Dream's sampler (LLaDA and Fast-dLLM offer
-low_confidence and random), and the caches run only on causal LMs (CanvasKV), where under causal attention they
-are exact, not as the approximate caches Fast-dLLM and dKV-Cache define for bidirectional diffusion LMs."""
+low_confidence and random), and the caches reuse K/V only on models of a causal architecture with a KV cache
+(CanvasKV): exact under causal attention, the papers' approximate caches on AR-to-diffusion models read
+bidirectionally; masked LMs without a KV cache API run without them."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ register_diffusion("diffusion", DiffusionConfig, "masked diffusion: unmask the m
                        "not divisible by the blocks are spread over them (LLaDA and Fast-dLLM assert both divide).",
                        "On a causal LM the canvas is read causally with a one-position shift (the sampler then reduces "
                        "to AR decoding); LLaDA and Fast-dLLM run a bidirectional mask predictor.",
-                       "cache=prefix/dual (Fast-dLLM) and dkv (dKV-Cache-Decode) run only on causal LMs, where under "
-                       "causal attention they are exact; the papers define them as approximate caches for "
-                       "bidirectional diffusion LMs (LLaDA, Dream), which cannot use them here.",
+                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
+                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
+                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
+                       "run with cache=none.",
                        "remasking=margin and entropy are Dream's scores, not LLaDA's or Fast-dLLM's (their code offers "
                        "low_confidence and random).",
                    ))

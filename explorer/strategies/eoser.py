@@ -17,8 +17,8 @@ the one-block setting the counts and γ(t) match. Further departures: without AS
 γ_max); every EOS id of the model is scaled (the authors: tokenizer.eos_token_id); the factor multiplies whatever
 score `remasking` gives, while the authors scale the probability only (they assert low_confidence; random is
 unscaled), so with remasking=entropy (scores −H ≤ 0) γ < 1 raises an EOS proposal's score instead of lowering it
-(found in the fidelity review, a bug to fix); on a causal LM the canvas is read with the shift, and the caches run
-only on causal LMs (see diffusion.py).
+(found in the fidelity review, a bug to fix); on a causal LM the canvas is read with the shift, and the caches need
+a causal architecture with a KV cache (see diffusion.py).
 """
 
 from __future__ import annotations
@@ -115,6 +115,8 @@ register_diffusion("eoser", EoserConfig, "diffusion: reject early EOS, commit 1,
                        "spread over the blocks (the authors assert both divide).",
                        "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
                        "bidirectional diffusion LMs (LLaDA).",
-                       "cache=prefix/dual/dkv run only on causal LMs, where under causal attention they are exact, "
-                       "not as the approximate caches defined for bidirectional diffusion LMs.",
+                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
+                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
+                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
+                       "run with cache=none.",
                    ))

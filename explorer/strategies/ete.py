@@ -16,7 +16,7 @@ bits it committed (as `scores`, per position: −log₂ p of the proposal).
 No public code by the authors was found. Found in the fidelity review (a bug to fix): the reach is twice the span
 of the current block's still-masked positions (from the first of them), so it shrinks as the block fills and may
 end inside the block, rather than taking in the next block. Also: on a causal LM the canvas is read with the
-shift, and the caches run only on causal LMs (see diffusion.py).
+shift, and the caches need a causal architecture with a KV cache (see diffusion.py).
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ register_diffusion("ete", EteConfig, "diffusion: commit the confident, spend a b
                        "shrinks as the block fills and may end inside the block, not the next block as described.",
                        "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
                        "bidirectional diffusion LMs.",
-                       "cache=prefix/dual/dkv run only on causal LMs, where under causal attention they are exact, "
-                       "not as the approximate caches defined for bidirectional diffusion LMs.",
+                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
+                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
+                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
+                       "run with cache=none.",
                    ))

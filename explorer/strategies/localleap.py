@@ -18,7 +18,7 @@ citing its scripts/llada/run.sh gives κ (anchor) 0.9, τ (neighbour threshold) 
 applies one neighbour threshold τ within the radius, on top of the baseline count. So further departures (our
 reading, unverified against that code): the linearly rising neighbour threshold, the defaults τ_relaxed 0.6 and
 radius 2, and the no-anchor fallback of one position (with anchors no baseline count is kept); on a causal LM the
-canvas is read with the shift, and the caches run only on causal LMs (see diffusion.py).
+canvas is read with the shift, and the caches need a causal architecture with a KV cache (see diffusion.py).
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ register_diffusion("localleap", LocalLeapConfig, "diffusion: commit around high-
                        "thresholded ones: our reading (that port keeps the baseline fixed count and adds neighbours).",
                        "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
                        "bidirectional diffusion LMs (LLaDA).",
-                       "cache=prefix/dual/dkv run only on causal LMs, where under causal attention they are exact, "
-                       "not as the approximate caches defined for bidirectional diffusion LMs.",
+                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
+                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
+                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
+                       "run with cache=none.",
                    ))

@@ -16,6 +16,31 @@ Recorded: an UnmaskStep per denoising step (every masked position's proposal, sc
 was committed and why), and a TokenStep per position once it and every position before it are committed, with
 the raw distribution it was committed from (origin "unmasked", `details` = the step and the score then).
 
+Caches (`cache`; CanvasKV in explorer/models.py holds the K/V). Notation: a step at which the canvas is x_t
+recomputes the positions C_t (their queries, keys, values) on the stored K/V of the others, computed at the step
+s < t they were last recomputed, when the canvas was x_s. On a bidirectional mask predictor (an AR-to-diffusion
+model, or a causal LM read with attention=bidirectional) a reused K/V is stale wherever the positions it attended
+to changed between s and t: the approximation the papers make and measure. Under causal attention a position's K/V
+depends only on what precedes it, so every cache here is exact there (and the sampler token-identical to cache=none).
+- prefix: Fast-dLLM's prefix cache (NVlabs/Fast-dLLM llada/generate.py: generate_with_prefix_cache): a full pass
+  over x when a block opens, whose K/V of the prompt and the finished blocks (positions before the block) is kept
+  for the block's other steps; each of those recomputes the block and everything after it, attending to all of it.
+- dual: Fast-dLLM's dual cache (generate_with_dual_cache): the same, with the K/V of the masks after the block kept
+  too; each step recomputes only the block (their `replace_position`).
+- dkv: dKV-Cache-Decode (Ma et al. 2025, arXiv:2505.15781; horseee/dKV-Cache
+  generation_utils/llada_dkv_cache_decode.py: generate): a decoded position's K/V is cached one step after its
+  token is in; every masked position is recomputed; the cache is rebuilt when a block opens and every `refresh`
+  steps of a block.
+CanvasKV keeps every position's K/V in one stored canvas where the authors truncate past_key_values (prefix) or
+replace the block's entries in place (dual, dKV); the positions reused, and the step their K/V came from, are the
+same. A model whose K/V cannot be reused (a masked LM without a KV cache API, sliding windows, an attention that
+ignores explicit positions or 4-D masks) is refused in one line that names what works (CanvasKV.check).
+`drift_every` = N > 0 measures the approximation: every N-th step (step % N == 0) of a run that reuses K/V also
+runs a full pass over the same canvas and records, per masked position of the open block, the cached pass's top-1
+token and its probability against the full pass's (plain argmax, without the Gumbel noise of temperature > 0), as
+a CacheDrift event. That pass is not the method's work: it runs on its own pass counter (not in forward passes)
+and changes nothing that is committed, though its time is in the run's wall time.
+
 Departures, marked where they happen: a canvas whose length is not a multiple of the block length gets a
 shorter last block, and steps not divisible by the blocks are spread over them (LLaDA asserts both divide);
 on a causal LM the canvas is read causally with the shift (so that the sampler reduces to AR decoding there).
@@ -30,7 +55,7 @@ from typing import Any
 
 import torch
 
-from explorer.events import Event, TokenStep, UnmaskStep
+from explorer.events import CacheDrift, Event, TokenStep, UnmaskStep
 from explorer.params import Checked, param
 from explorer.strategies.base import commit_token, register
 
@@ -58,12 +83,17 @@ class UnmaskingConfig(Checked):
     attention: str = param("auto", "auto: the model's own attention (causal for a causal LM); bidirectional: "
                                    "every position sees every other (what AR-to-diffusion adaptation trains)",
                            choices=ATTENTION)
-    cache: str = param("none", "reuse K/V across steps (causal models): prefix or dual = Fast-dLLM's caches "
-                               "(refreshed when a block opens), dkv = dKV-Cache-Decode's delayed caching (rebuilt "
-                               "when a block opens); none = a full pass every step", choices=CACHES)
+    cache: str = param("none", "reuse K/V across steps: prefix or dual = Fast-dLLM's caches (refreshed when a "
+                               "block opens), dkv = dKV-Cache-Decode's delayed caching (rebuilt when a block opens); "
+                               "approximate on a bidirectional model, exact on a causal reading; none = a full pass "
+                               "every step", choices=CACHES)
     refresh: int = param(8, "dkv: a full pass at every this many steps of a block, besides its first two (8: the "
                             "authors' LLaDA setting; 1: every step; 0: only the first two)", minimum=0,
                          maximum=1024, step=1)
+    drift_every: int = param(0, "cache drift: every this many steps also run a full pass and record how the cached "
+                                "pass's top-1 and confidence differ from it in the open block (0: off; not counted "
+                                "as the method's passes; a run that reuses no K/V records nothing)", minimum=0,
+                             maximum=1024, step=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -242,6 +272,10 @@ def mask_predict(model: Any, prompt_ids: Sequence[int], config: UnmaskingConfig,
                 steps_left = max(0, steps_left - block_steps)
                 counts = schedule.counts(int(masked[first:last].sum()), block_steps)
             in_block = (rows >= first) & (rows < last)
+            drift = None
+            if config.drift_every and reuse.kv is not None and step % config.drift_every == 0:
+                drift = _cache_drift(model, canvas, length, config, bidirectional, logits, rows[in_block], step,
+                                     (first, last), reuse.full_pass)
             count = counts[block_step] if block_step < len(counts) else 1  # past its steps: one per step
             view = StepView(step, block_step, block_steps, min(1.0, step / max(1, planned)), rows, in_block,
                             row_logits, probs, proposals, scores, max(1, count))
@@ -262,6 +296,8 @@ def mask_predict(model: Any, prompt_ids: Sequence[int], config: UnmaskingConfig,
                              committed=chosen.tolist(), committed_ids=[int(canvas[start + p]) for p in chosen],
                              scores=decision.scores, all_in=decision.all_in, rule=decision.rule,
                              recomputed=recomputed)
+            if drift is not None:
+                yield drift
             while emitted < length and emitted in committed_steps:  # the committed prefix, in order
                 yield committed_steps.pop(emitted)
                 emitted += 1
@@ -283,6 +319,7 @@ class CanvasReuse:
         self.kv = CanvasKV(model, bidirectional, start) if wanted else None
         self.committed: list[int] = []  # generated positions committed at the step before
         self.block_opened = 0  # the step at which the current block opened
+        self.full_pass = True  # the last step ran a full pass (nothing reused)
 
     def step(self, canvas: torch.Tensor, step: int, first: int, last: int | None, masked: torch.Tensor
              ) -> tuple[torch.Tensor, list[int]]:
@@ -292,6 +329,7 @@ class CanvasReuse:
             self.block_opened = step
         plan = None if step == 0 else self.schedule.recompute(step, first, last, masked, self.committed,
                                                               block_step=step - self.block_opened)
+        self.full_pass = plan is None
         if plan is None:
             return self.kv.run(ids), list(range(self.length))
         compute, reuse = plan
@@ -311,22 +349,38 @@ def _guided_logits(model: Any, canvas: torch.Tensor, length: int, config: Unmask
     return logits
 
 
+def _cache_drift(model: Any, canvas: torch.Tensor, length: int, config: UnmaskingConfig, bidirectional: bool | None,
+                 logits: torch.Tensor, positions: torch.Tensor, step: int, block: tuple[int, int],
+                 full_pass: bool) -> CacheDrift:
+    """The step's (cached) logits `(length, vocab)` against a full pass over the same canvas, at `positions` (the
+    open block's masked ones): top-1 and its probability under each. The full pass runs on the model's own pass
+    counter view (`for_run`), so the run's forward passes count only the method's work."""
+    full = _guided_logits(model.for_run(), canvas, length, config, bidirectional)  # (length, vocab)
+    cached_rows, full_rows = logits[positions], full[positions]  # (n, vocab)
+    cached_top = torch.softmax(cached_rows.double(), dim=-1).max(dim=-1)
+    full_top = torch.softmax(full_rows.double(), dim=-1).max(dim=-1)
+    difference = float((cached_rows - full_rows).abs().max()) if positions.numel() else 0.0
+    return CacheDrift(step=step, block_start=block[0], block_end=block[1], positions=positions.tolist(),
+                      cached_ids=cached_top.indices.tolist(), cached_confidences=_floats(cached_top.values),
+                      full_ids=full_top.indices.tolist(), full_confidences=_floats(full_top.values),
+                      max_logit_difference=round(difference, 6), full_pass=full_pass)
+
+
 def _margins(probs: torch.Tensor) -> torch.Tensor:
     return position_scores(probs, torch.argmax(probs, dim=-1), "margin", None)
-
-
 
 
 def _floats(values: torch.Tensor) -> list[float]:
     return [round(float(v), 6) for v in values.tolist()]
 
 
-def kv_reuse_refusal(model: Any) -> str | None:
-    """Why `model` cannot reuse canvas K/V (CanvasKV: causal models without sliding windows), or None if it can."""
+def kv_reuse_refusal(model: Any, bidirectional: bool | None = None) -> str | None:
+    """Why `model` cannot reuse canvas K/V read this way (CanvasKV.check; `bidirectional` None: the model's own
+    reading), or None if it can."""
     from explorer.models import CanvasKV
 
     try:
-        CanvasKV.check(model)
+        CanvasKV.check(model, bidirectional)
     except ValueError as refusal:
         return str(refusal)
     return None
@@ -334,11 +388,11 @@ def kv_reuse_refusal(model: Any) -> str | None:
 
 def diffusion_prepare(model: Any, config: UnmaskingConfig) -> None:
     """Refuse what cannot run before the run is stored."""
-    model.canvas_info()
+    info = model.canvas_info()
     if config.cache != "none":
         from explorer.models import CanvasKV
 
-        CanvasKV.check(model)
+        CanvasKV.check(model, info.bidirectional or config.attention == "bidirectional")
 
 
 def register_diffusion(name: str, config: type, summary: str, paper: str, schedule: type = Schedule,
