@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from explorer.models import decoder_layers
+from explorer.models import cache_kwarg, decoder_layers
 
 HEAD_FILE, CONFIG_FILE = "head.safetensors", "head.json"
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "drafters"  # heads that come with the repository
@@ -88,7 +88,7 @@ class EagleHead(nn.Module):
                 position_ids: torch.Tensor | None = None, attention_mask: Any = None) -> torch.Tensor:
         """f^ for each (e(x_(i+1)), f_i) pair: `embeds`, `features` (batch, n, hidden) -> (batch, n, hidden)."""
         inputs = self.fc(torch.cat([embeds, features], dim=-1))
-        out = self.body(inputs_embeds=inputs, past_key_values=cache, use_cache=cache is not None,
+        out = self.body(inputs_embeds=inputs, **cache_kwarg(self.body, cache), use_cache=cache is not None,
                         position_ids=position_ids, attention_mask=attention_mask)
         return out.last_hidden_state
 
@@ -163,7 +163,7 @@ class Eagle3Head(nn.Module):
         fused = self.body.layers[0].input_layernorm
         fused.embeds = embeds.to(inputs.dtype)
         try:
-            out = self.body(inputs_embeds=inputs, past_key_values=cache, use_cache=cache is not None,
+            out = self.body(inputs_embeds=inputs, **cache_kwarg(self.body, cache), use_cache=cache is not None,
                             position_ids=position_ids, attention_mask=attention_mask)
         finally:
             fused.embeds = None

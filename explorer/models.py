@@ -321,7 +321,7 @@ class KVSession:
         with eager_attention(self.lm.model, attentions):
             out = self.lm.model(
                 input_ids=ids,
-                past_key_values=self.cache,
+                **cache_kwarg(self.lm.model, self.cache),
                 use_cache=True,
                 output_hidden_states=hidden_states,
                 output_attentions=attentions,
@@ -343,8 +343,8 @@ class KVSession:
         device = self.lm.device
         embeds = vector.to(device=device, dtype=self.lm.model.dtype).reshape(1, 1, -1)  # (1, 1, hidden)
         positions = torch.tensor([[self.length]], device=device)
-        out = self.lm.model(inputs_embeds=embeds, past_key_values=self.cache, use_cache=True, position_ids=positions,
-                            logits_to_keep=1)
+        out = self.lm.model(inputs_embeds=embeds, **cache_kwarg(self.lm.model, self.cache), use_cache=True,
+                            position_ids=positions, logits_to_keep=1)
         self.lm.forward_passes += 1
         self.length += 1
         return out.logits[0, -1].float()
@@ -357,8 +357,8 @@ class KVSession:
         device = self.lm.device
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=device).reshape(-1, 1)  # (rows, 1)
         positions = torch.full_like(ids, self.length)
-        out = self.lm.model(input_ids=ids, past_key_values=self.cache, use_cache=True, position_ids=positions,
-                            output_hidden_states=hidden_states)
+        out = self.lm.model(input_ids=ids, **cache_kwarg(self.lm.model, self.cache), use_cache=True,
+                            position_ids=positions, output_hidden_states=hidden_states)
         self.lm.forward_passes += 1
         self.length += 1
         logits = out.logits[:, -1].float()
@@ -429,7 +429,7 @@ class KVSession:
             scratch.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
             x = states.reshape(batch, 1, -1).to(dtype)
             out = layers[index](x, attention_mask=None, position_ids=positions.expand(batch, 1),
-                                past_key_values=scratch, use_cache=True, **extra(index))
+                                **cache_kwarg(layers[index], scratch), use_cache=True, **extra(index))
             return (out[0] if isinstance(out, tuple) else out)[:, 0]
 
         return run
@@ -514,7 +514,7 @@ class CanvasKV:
         full = not reuse and len(compute) == length
         keep = length - self.first_row if full else 0  # a full pass: the LM head on the generated rows only
         out = lm.model(input_ids=ids[query][None], position_ids=query[None], attention_mask=mask[None, None],
-                       past_key_values=cache, use_cache=True, logits_to_keep=keep)
+                       **cache_kwarg(lm.model, cache), use_cache=True, logits_to_keep=keep)
         lm.forward_passes += 1
         fresh = out.logits[0].float()  # (computed or kept, vocab)
         if full:  # store everything
@@ -534,6 +534,19 @@ class CanvasKV:
 # on stored K/V reproduces the model's own full pass
 _CANVAS_SUPPORT: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[bool, bool], str | None]] = \
     weakref.WeakKeyDictionary()
+
+
+_CACHE_KEYWORD: dict[type, str] = {}
+
+
+def cache_kwarg(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The KV cache as the keyword `module.forward` takes: `cache` on transformers releases that renamed it (5.2x
+    deprecates `past_key_values`), `past_key_values` on older ones and on remote code that still uses it."""
+    kind = type(module)
+    if kind not in _CACHE_KEYWORD:
+        parameters = inspect.signature(module.forward).parameters
+        _CACHE_KEYWORD[kind] = "cache" if "cache" in parameters else "past_key_values"
+    return {_CACHE_KEYWORD[kind]: cache}
 
 
 def _takes_kv_cache(model: torch.nn.Module) -> bool:

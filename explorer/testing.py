@@ -8,6 +8,7 @@ load tests, and benchmarks/bench_load.py).
 
 from __future__ import annotations
 
+import inspect
 import socket
 import string
 import subprocess
@@ -216,16 +217,20 @@ def _a2d_class() -> type:
     if not _A2D:
         from transformers import LlamaForCausalLM
 
+        parent_keyword = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters \
+            else "past_key_values"  # transformers 5.2x renamed past_key_values
+
         class TinyA2DLlama(LlamaForCausalLM):
             def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                        **kwargs: object) -> object:
+                        cache: object = None, **kwargs: object) -> object:
+                cache = cache if cache is not None else kwargs.pop("past_key_values", None)
                 if attention_mask is None or attention_mask.dim() == 2:  # departure: padding masks are ignored
-                    cache = kwargs.get("cache", kwargs.get("past_key_values"))
                     seen = cache.get_seq_length() if cache is not None else 0
                     batch, length = input_ids.shape
                     attention_mask = torch.zeros(batch, 1, length, seen + length, dtype=self.dtype,
                                                  device=input_ids.device)
-                return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                       **{parent_keyword: cache}, **kwargs)
 
         _A2D.append(TinyA2DLlama)
     return _A2D[0]

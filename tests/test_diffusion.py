@@ -685,3 +685,21 @@ def test_the_cache_drift_view_draws_each_recorded_step(a2d, tiny, store):
     assert all("block [" in text for text in cached.hovertext)
     assert figure.layout.xaxis2.title.text == "denoising step" and figure.layout.yaxis.title.text
     assert not has_data(get_view("cache-drift").render([greedy], 0))
+
+
+DIFFUSION_STRATEGIES = sorted(name for name, spec in __import__("explorer.strategies", fromlist=["REGISTRY"])
+                              .REGISTRY.items() if spec.family == "diffusion")
+
+
+@pytest.mark.parametrize("name", DIFFUSION_STRATEGIES)
+def test_every_diffusion_strategy_runs_with_its_defaults_on_a_masked_lm_and_an_a2d_model(name, masked_lm):
+    """Each diffusion strategy, with its own default settings, on the two kinds of diffusion LM we can build here:
+    a masked LM (bidirectional, no KV cache API) and an AR-to-diffusion model (a causal architecture read
+    bidirectionally); each run finishes, commits tokens and records its steps as a diffusion LM's run."""
+    from explorer.testing import tiny_a2d_model
+
+    for lm in (masked_lm, tiny_a2d_model(0)):
+        trace = run_to_end(lm, RunRequest.build(name, {}, "Hello", max_new_tokens=8, chat=False))
+        assert trace.finished.status == "ok", (name, lm.info.model_id, trace.finished.error)
+        assert 1 <= len(trace.token_ids) <= 8 and trace.started.tags["canvas"] == "diffusion LM"
+        assert any(e.kind == "unmask_step" for e in trace.events), (name, lm.info.model_id)
