@@ -67,23 +67,7 @@ def main() -> None:
     print("| configuration | passes | tokens/pass | recomputed/step | seconds | tok/s | speedup | same tokens |")
     print("|---|---|---|---|---|---|---|---|")
     for name, strategy, params, baseline in rows:
-        times, tokens, passes, recomputed, steps = [], [], 0, 0, 0
-        for repeat in range(args.repeats):
-            total, outputs = 0.0, []
-            for prompt in PROMPTS:
-                request = RunRequest.build(strategy, params, prompt, max_new_tokens=args.new_tokens)
-                t0 = time.perf_counter()
-                trace = run_to_end(lm, request)
-                total += time.perf_counter() - t0
-                outputs.append(trace.token_ids)
-                if repeat == 0:
-                    passes += trace.finished.target_forward_passes
-                    unmasking = [e for e in trace.events if e.kind == "unmask_step"]
-                    recomputed += sum(len(e.recomputed) for e in unmasking)
-                    steps += len(unmasking)
-            times.append(total)
-            tokens = outputs
-        seconds = statistics.median(times)
+        seconds, tokens, passes, recomputed, steps = measure(lm, strategy, params, args)
         results[name] = (seconds, tokens)
         new = sum(len(t) for t in tokens)
         base = results.get(baseline or "")
@@ -92,6 +76,28 @@ def main() -> None:
         per_step = f"{recomputed / steps:.1f}" if steps else "–"
         print(f"| {name} | {passes} | {new / passes:.2f} | {per_step} | {seconds:.2f} | {new / seconds:.1f} | "
               f"{speedup} | {same} |")
+
+
+def measure(lm, strategy: str, params: dict, args: argparse.Namespace
+            ) -> tuple[float, list[list[int]], int, int, int]:
+    """(median seconds over the repeats, the tokens per prompt, and from the first repeat: passes, positions
+    recomputed, steps) of one configuration over PROMPTS."""
+    times, outputs, passes, recomputed, steps = [], [], 0, 0, 0
+    for repeat in range(args.repeats):
+        total, outputs = 0.0, []
+        for prompt in PROMPTS:
+            request = RunRequest.build(strategy, params, prompt, max_new_tokens=args.new_tokens)
+            t0 = time.perf_counter()
+            trace = run_to_end(lm, request)
+            total += time.perf_counter() - t0
+            outputs.append(trace.token_ids)
+            if repeat == 0:
+                passes += trace.finished.target_forward_passes
+                unmasking = [e for e in trace.events if e.kind == "unmask_step"]
+                recomputed += sum(len(e.recomputed) for e in unmasking)
+                steps += len(unmasking)
+        times.append(total)
+    return statistics.median(times), outputs, passes, recomputed, steps
 
 
 def drift_table(lm, args: argparse.Namespace) -> None:
@@ -105,31 +111,16 @@ def drift_table(lm, args: argparse.Namespace) -> None:
     reference: tuple[float, list[list[int]]] | None = None
     for cache, extra in [("none", {}), ("prefix", {}), ("dual", {}), ("dkv", {}), ("dkv refresh 4", {"refresh": 4})]:
         params = {**base, "cache": cache.split()[0], **extra}
-        times, outputs, passes, recomputed, steps, changed, compared, diffs = [], [], 0, 0, 0, 0, 0, []
-        for repeat in range(args.repeats):
-            total, outputs = 0.0, []
-            for prompt in PROMPTS:
-                timed = RunRequest.build("diffusion", params, prompt, max_new_tokens=args.new_tokens)
-                t0 = time.perf_counter()
-                trace = run_to_end(lm, timed)
-                total += time.perf_counter() - t0
-                outputs.append(trace.token_ids)
-                if repeat == 0:
-                    passes += trace.finished.target_forward_passes
-                    unmasking = [e for e in trace.events if e.kind == "unmask_step"]
-                    recomputed += sum(len(e.recomputed) for e in unmasking)
-                    steps += len(unmasking)
-                    if cache != "none":  # a second run with the drift record (its extra passes cost time)
-                        drifted = run_to_end(lm, RunRequest.build("diffusion", {**params, "drift_every": 1}, prompt,
-                                                                  max_new_tokens=args.new_tokens))
-                        for event in (e for e in drifted.events if e.kind == "cache_drift"):
-                            pairs = list(zip(event.cached_ids, event.full_ids, strict=True))
-                            changed += sum(a != b for a, b in pairs)
-                            compared += len(pairs)
-                            diffs += [abs(a - b) for a, b in zip(event.cached_confidences, event.full_confidences,
-                                                                 strict=True)]
-            times.append(total)
-        seconds = statistics.median(times)
+        seconds, outputs, passes, recomputed, steps = measure(lm, "diffusion", params, args)
+        changed, compared, diffs = 0, 0, []
+        for prompt in PROMPTS if cache != "none" else ():  # runs with the drift record (its extra passes cost time)
+            drifted = run_to_end(lm, RunRequest.build("diffusion", {**params, "drift_every": 1}, prompt,
+                                                      max_new_tokens=args.new_tokens))
+            for event in (e for e in drifted.events if e.kind == "cache_drift"):
+                pairs = list(zip(event.cached_ids, event.full_ids, strict=True))
+                changed += sum(a != b for a, b in pairs)
+                compared += len(pairs)
+                diffs += [abs(a - b) for a, b in zip(event.cached_confidences, event.full_confidences, strict=True)]
         if reference is None:
             reference = (seconds, outputs)
         differing = sum(a != b for ours, theirs in zip(outputs, reference[1], strict=True)

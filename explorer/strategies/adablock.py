@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from explorer.params import MAX_TEXT_PARAM, param
-from explorer.strategies.unmasking import Schedule, UnmaskingConfig, register_diffusion
+from explorer.strategies.unmasking import CACHE_DEPARTURE, Schedule, UnmaskingConfig, register_diffusion
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,5 @@ register_diffusion("adablock", AdaBlockConfig, "diffusion: blocks end at confide
                        "offers low_confidence and random only.",
                        "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
                        "bidirectional diffusion LMs (LLaDA, Dream).",
-                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
-                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
-                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
-                       "run with cache=none.",
+                       CACHE_DEPARTURE,
                    ))

@@ -37,6 +37,7 @@ import torch
 
 from explorer.params import param
 from explorer.strategies.unmasking import (
+    CACHE_DEPARTURE,
     Decision,
     Schedule,
     StepView,
@@ -134,8 +135,5 @@ register_diffusion("ccd", CcdConfig, "diffusion: predictions averaged over recen
                        "block_length, and steps spread over the blocks.",
                        "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
                        "bidirectional diffusion LMs (Dream, LLaDA).",
-                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
-                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
-                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
-                       "run with cache=none.",
+                       CACHE_DEPARTURE,
                    ))

@@ -29,6 +29,7 @@ import torch
 
 from explorer.params import param
 from explorer.strategies.unmasking import (
+    CACHE_DEPARTURE,
     Decision,
     Schedule,
     StepView,
@@ -102,8 +103,5 @@ register_diffusion("credit_decoding", CreditConfig, "diffusion: trace credits fr
                        "uses decay 0.8, exponent 0.2, λ 0.7 (threshold per run, 0.8 in its eval guide).",
                        "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
                        "bidirectional diffusion LMs (LLaDA).",
-                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
-                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
-                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
-                       "run with cache=none.",
+                       CACHE_DEPARTURE,
                    ))

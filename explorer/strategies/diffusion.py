@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from explorer.strategies.unmasking import UnmaskingConfig, register_diffusion
+from explorer.strategies.unmasking import CACHE_DEPARTURE, UnmaskingConfig, register_diffusion
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,7 @@ register_diffusion("diffusion", DiffusionConfig, "masked diffusion: unmask the m
                        "not divisible by the blocks are spread over them (LLaDA and Fast-dLLM assert both divide).",
                        "On a causal LM the canvas is read causally with a one-position shift (the sampler then reduces "
                        "to AR decoding); LLaDA and Fast-dLLM run a bidirectional mask predictor.",
-                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
-                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
-                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
-                       "run with cache=none.",
+                       CACHE_DEPARTURE,
                        "remasking=margin and entropy are Dream's scores, not LLaDA's or Fast-dLLM's (their code offers "
                        "low_confidence and random).",
                    ))

@@ -31,6 +31,7 @@ import torch
 
 from explorer.params import param
 from explorer.strategies.unmasking import (
+    NO_REUSE_NOTE,
     Decision,
     Schedule,
     StepView,
@@ -117,7 +118,7 @@ class DkvGreedySchedule(Schedule):
                                                             device=view.positions.device))
         rule = f"the next {view.count} in the block's random order"
         if not self.reuses_kv:
-            rule += " (full pass: this model cannot reuse canvas K/V)"
+            rule += NO_REUSE_NOTE
         return Decision(committed, rule=rule)
 
 

@@ -30,6 +30,7 @@ import torch
 
 from explorer.params import param
 from explorer.strategies.unmasking import (
+    CACHE_DEPARTURE,
     Decision,
     Schedule,
     StepView,
@@ -115,8 +116,5 @@ register_diffusion("eoser", EoserConfig, "diffusion: reject early EOS, commit 1,
                        "spread over the blocks (the authors assert both divide).",
                        "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
                        "bidirectional diffusion LMs (LLaDA).",
-                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
-                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
-                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
-                       "run with cache=none.",
+                       CACHE_DEPARTURE,
                    ))

@@ -28,6 +28,7 @@ import torch
 
 from explorer.params import param
 from explorer.strategies.unmasking import (
+    CACHE_DEPARTURE,
     Decision,
     Schedule,
     StepView,
@@ -92,8 +93,5 @@ register_diffusion("ete", EteConfig, "diffusion: commit the confident, spend a b
                        "shrinks as the block fills and may end inside the block, not the next block as described.",
                        "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
                        "bidirectional diffusion LMs.",
-                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
-                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
-                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
-                       "run with cache=none.",
+                       CACHE_DEPARTURE,
                    ))

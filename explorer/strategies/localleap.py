@@ -29,6 +29,7 @@ import torch
 
 from explorer.params import param
 from explorer.strategies.unmasking import (
+    CACHE_DEPARTURE,
     Decision,
     Schedule,
     StepView,
@@ -96,8 +97,5 @@ register_diffusion("localleap", LocalLeapConfig, "diffusion: commit around high-
                        "thresholded ones: our reading (that port keeps the baseline fixed count and adds neighbours).",
                        "On a causal LM the canvas is read causally with a one-position shift; the paper runs "
                        "bidirectional diffusion LMs (LLaDA).",
-                       "cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache "
-                       "(causal LMs; AR-to-diffusion models read bidirectionally, where they are the papers' "
-                       "approximate caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and "
-                       "run with cache=none.",
+                       CACHE_DEPARTURE,
                    ))

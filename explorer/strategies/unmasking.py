@@ -395,6 +395,14 @@ def diffusion_prepare(model: Any, config: UnmaskingConfig) -> None:
         CanvasKV.check(model, info.bidirectional or config.attention == "bidirectional")
 
 
+# The ledger line every mask-based diffusion strategy shares about the caches (they run in this sampler).
+CACHE_DEPARTURE = ("cache=prefix/dual/dkv reuse K/V only on models of a causal architecture with a KV cache (causal "
+                   "LMs; AR-to-diffusion models read bidirectionally, where they are the papers' approximate "
+                   "caches); masked LMs without a KV cache API (BERT, ModernBERT) are refused and run with "
+                   "cache=none.")
+NO_REUSE_NOTE = " (full pass: this model cannot reuse canvas K/V)"  # a step's rule where K/V cannot be reused
+
+
 def register_diffusion(name: str, config: type, summary: str, paper: str, schedule: type = Schedule,
                        prepare: Any = diffusion_prepare, reference_code: str = "",
                        departures: Sequence[str] = ()) -> None:

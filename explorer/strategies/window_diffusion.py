@@ -36,6 +36,7 @@ import torch
 
 from explorer.params import param
 from explorer.strategies.unmasking import (
+    NO_REUSE_NOTE,
     Decision,
     Schedule,
     StepView,
@@ -116,7 +117,7 @@ class WindowSchedule(Schedule):
         if opening:
             rule = f"phase opens (full pass): {rule}"
         elif not self.reuses_kv:
-            rule += " (full pass: this model cannot reuse canvas K/V)"
+            rule += NO_REUSE_NOTE
         return Decision(committed, rule=rule)
 
 
