@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ from typing import Any
 import gradio as gr
 
 from explorer.branch import branch_request
-from explorer.fidelity import entry_markdown, ledger_html
 from explorer.lanes import LaneEvent, lane_events, run_lanes
 from explorer.metrics import jsonable
 from explorer.models import MODEL_CACHE
@@ -378,30 +377,14 @@ STRATEGY_CHOICES = [(f"{name} · {REGISTRY[name].family}", name) for name in  # 
 
 
 def strategy_about(name: str) -> str:
-    """The lane's description line: what the strategy does, its paper, and a link to its fidelity entry."""
+    """The lane's description line: what the strategy does, its paper, and its fidelity status (the whole entry:
+    `python -m explorer strategies --fidelity`, README's ledger)."""
     spec = REGISTRY[name]
     about = f"{spec.summary}. *{spec.paper}*" if spec.paper else spec.summary
-    status = f"{len(spec.departures)} departures" if spec.departures else "faithful"
     if spec.family == "diffusion" and DIFFUSION_DEMO_HUB_ID in POLICY.allowed_models:
         about += f" · on a diffusion LM: set the model to `{DIFFUSION_DEMO_HUB_ID}`"
-    return f'{about} · <a href="?fidelity={name}" target="_blank">fidelity: {status}</a>'
-
-
-def fidelity_tab(tabs: gr.Tabs) -> tuple[Callable[..., dict[Any, Any]], list[Any]]:
-    """The fidelity ledger: one strategy's entry (chosen here or by ?fidelity=NAME), then the whole table."""
-    choice = gr.Dropdown(STRATEGY_CHOICES, value="greedy", label="strategy", elem_id="fidelity-strategy")
-    chosen = gr.Markdown(entry_markdown("greedy"), elem_id="fidelity-entry")
-    with gr.Accordion("every strategy", open=True):
-        gr.HTML(ledger_html(), elem_id="fidelity-ledger")
-    choice.change(entry_markdown, choice, chosen, queue=False)
-
-    def opened(request: gr.Request) -> dict[Any, Any]:
-        name = dict(request.query_params).get("fidelity", "") if request is not None else ""
-        if name not in REGISTRY:
-            return {choice: gr.skip()}
-        return {choice: name, chosen: entry_markdown(name), tabs: gr.Tabs(selected="fidelity")}
-
-    return opened, [choice, chosen, tabs]
+    status = f"{len(spec.departures)} departures" if spec.departures else "faithful"
+    return f"{about} · fidelity: {status} (README's fidelity ledger)"
 
 
 def filters_for_rule(count: int) -> Any:
@@ -927,10 +910,7 @@ def build() -> tuple[gr.Blocks, Page]:
                 page = compare_tab(tabs)
             with gr.Tab("History", id="history"):
                 history_tab(page)
-            with gr.Tab("Fidelity", id="fidelity"):
-                open_fidelity, fidelity_outputs = fidelity_tab(tabs)
         blocks.load(page.on_load, [page.color_by, page.view_lane], page.opened_outputs)
-        blocks.load(open_fidelity, None, fidelity_outputs, queue=False)
         gr.api(generate, api_name="generate")
         gr.api(branch, api_name="branch")
     return blocks, page
