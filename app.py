@@ -1,7 +1,9 @@
 """Decoding Explorer, the Gradio app: layout and wiring only. The work happens in explorer/, viz/ and store/.
 
 Every handler takes and returns `{component: value}` dicts, so nothing depends on the order of a flat list of
-components; a `Lane` owns its column and the controls of every strategy, generated from the registry.
+components; a `Lane` owns its column and draws the chosen strategy's controls (generated from the registry) when
+the strategy changes: the values set in them live in one state per lane, so the page holds a lane's controls for
+one strategy, not for all of them (a page of every strategy's controls made each streamed update cost seconds).
 
 Settings (environment): DECODING_EXPLORER_MODEL (default model: "embedded", an HF id or a local path),
 DECODING_EXPLORER_DB (SQLAlchemy URL), DECODING_EXPLORER_CONCURRENCY (runs decoding at once, default 1),
@@ -357,18 +359,21 @@ def branch(run_id: str, step: int, token: str, strategy: str = "", params: str =
 
 
 # -------------------------------------------------------------------------------------------- lanes
-def make_control(config: type, spec: dataclasses.Field, interactive: bool = True) -> gr.components.Component:
+def make_control(config: type, spec: dataclasses.Field, value: Any = dataclasses.MISSING,
+                 interactive: bool = True) -> gr.components.Component:
+    """The control of one config field, showing `value` (default: the field's default)."""
     kind, meta = field_type(config, spec.name), spec.metadata
+    value = spec.default if value is dataclasses.MISSING else value
     common = dict(label=spec.name, info=meta.get("help"), interactive=interactive)
     if kind is bool:
-        return gr.Checkbox(value=spec.default, **common)
+        return gr.Checkbox(value=value, **common)
     if "choices" in meta:
-        return gr.Dropdown(choices=list(meta["choices"]), value=spec.default, **common)
+        return gr.Dropdown(choices=list(meta["choices"]), value=value, **common)
     if kind is str:
-        return gr.Textbox(value=spec.default, **common)
+        return gr.Textbox(value=value, **common)
     if kind in (int, float) and "minimum" in meta and "maximum" in meta:
-        return gr.Slider(meta["minimum"], meta["maximum"], value=spec.default, step=meta.get("step"), **common)
-    return gr.Number(value=spec.default, precision=0 if kind is int else None, **common)
+        return gr.Slider(meta["minimum"], meta["maximum"], value=value, step=meta.get("step"), **common)
+    return gr.Number(value=value, precision=0 if kind is int else None, **common)
 
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingFilters)}
@@ -392,71 +397,103 @@ def filters_for_rule(count: int) -> Any:
     return lambda rule: [gr.update(interactive=rule == "sampling")] * count
 
 
-def strategy_controls(config: type) -> dict[str, gr.components.Component]:
-    """A strategy's controls, its own parameters first. A draft-verify method's sampling filters sit in a
-    collapsed 'sampling rule' group, disabled while its rule is greedy (they only shape p and q there)."""
+def strategy_controls(config: type, values: dict[str, Any] | None = None) -> dict[str, gr.components.Component]:
+    """A strategy's controls showing `values` (the rest at their defaults), its own parameters first. A
+    draft-verify method's sampling filters sit in a collapsed 'sampling rule' group, disabled while its rule is
+    greedy (they only shape p and q there)."""
+    values = values or {}
     fields = dataclasses.fields(config)
     rule = next((f for f in fields if f.name == "rule"), None)
     own = [f for f in fields if rule is None or f.name not in SAMPLING_FIELDS]
-    controls = {spec.name: make_control(config, spec) for spec in own}
+    controls = {spec.name: make_control(config, spec, values.get(spec.name, spec.default)) for spec in own}
     if rule is not None:
+        sampling = values.get("rule", rule.default) == "sampling"
         with gr.Accordion("sampling rule: filters applied to p and q (rule = sampling)", open=False):
             for spec in fields:
                 if spec.name in SAMPLING_FIELDS:
-                    controls[spec.name] = make_control(config, spec, interactive=rule.default == "sampling")
+                    controls[spec.name] = make_control(config, spec, values.get(spec.name, spec.default),
+                                                       interactive=sampling)
     return controls
+
+
+def remember(strategy: str, field: str) -> Any:
+    """A handler keeping a control's new value in its lane's state: {strategy: {field: value}}."""
+    def set_value(chosen: dict[str, dict[str, Any]] | None, value: Any) -> dict[str, dict[str, Any]]:
+        chosen = dict(chosen or {})
+        chosen[strategy] = {**chosen.get(strategy, {}), field: value}
+        return chosen
+    return set_value
+
+
+def draw_controls(strategy: str, chosen: dict[str, dict[str, Any]] | None, state: gr.State) -> None:
+    """Inside a lane's render: the controls of `strategy` with the values chosen before, each remembering its
+    changes in `state`, and the sampling filters of a draft-verify method enabled only under its sampling rule."""
+    if strategy not in REGISTRY:
+        return
+    controls = strategy_controls(REGISTRY[strategy].config, (chosen or {}).get(strategy))
+    for field_name, control in controls.items():
+        control.change(remember(strategy, field_name), [state, control], state, queue=False,
+                       show_progress="hidden", api_visibility="private")
+    if "rule" in controls:
+        filters = [c for name, c in controls.items() if name in SAMPLING_FIELDS]
+        controls["rule"].change(filters_for_rule(len(filters)), controls["rule"], filters, queue=False,
+                                show_progress="hidden", api_visibility="private")
+
+
+DRAFT_MODEL_STRATEGIES = [name for name in STRATEGY_NAMES
+                          if any(f.name == "draft_model" for f in dataclasses.fields(REGISTRY[name].config))]
 
 
 @dataclass
 class Lane:
-    """One lane's column: its strategy dropdown, a group of controls per strategy (built from the strategy's
-    config, only the chosen one visible), its token output and its metrics."""
+    """One lane's column: its strategy dropdown, the chosen strategy's controls (drawn from its config when the
+    strategy changes; the values set in them kept in `chosen`, {strategy: {parameter: value}}, so switching back
+    finds them again), its token output and its metrics. `redraw` changes when a handler sets `chosen` (a stored
+    run opened, a target + draft preset) so that the controls show it."""
 
     index: int
     column: gr.Column
     strategy: gr.Dropdown
     about: gr.Markdown
-    groups: dict[str, gr.Group]
-    controls: dict[str, dict[str, gr.components.Component]]  # strategy -> parameter -> control
+    chosen: gr.State
+    redraw: gr.State
     output: gr.HTML
     metrics: gr.HTML
 
     @classmethod
-    def build(cls, index: int, visible: bool) -> Lane:
-        chosen = DEFAULT_LANES[index]
+    def build(cls, index: int, visible: bool, load: Any) -> Lane:
+        first = DEFAULT_LANES[index]
         with gr.Column(visible=visible, min_width=260, elem_id=f"lane{index + 1}") as column:
             gr.Markdown(f"**Lane {index + 1}**")
-            strategy = gr.Dropdown(STRATEGY_CHOICES, value=chosen, label="strategy",
+            strategy = gr.Dropdown(STRATEGY_CHOICES, value=first, label="strategy",
                                    elem_id=f"lane{index + 1}-strategy")
-            about = gr.Markdown(strategy_about(chosen), elem_id=f"lane{index + 1}-about")
-            groups: dict[str, gr.Group] = {}
-            controls: dict[str, dict[str, gr.components.Component]] = {}
+            about = gr.Markdown(strategy_about(first), elem_id=f"lane{index + 1}-about")
+            chosen, redraw = gr.State({}), gr.State(0)
             with gr.Accordion("parameters", open=False):
-                for name in STRATEGY_NAMES:
-                    with gr.Group(visible=name == chosen) as groups[name]:
-                        controls[name] = strategy_controls(REGISTRY[name].config)
+                @gr.render(inputs=[strategy, chosen], triggers=[load, strategy.change, redraw.change], queue=False)
+                def controls(name: str, values: dict[str, dict[str, Any]] | None) -> None:
+                    draw_controls(name, values, chosen)
             output = gr.HTML(tokens_html(None), elem_id=f"lane{index + 1}-output", js_on_load=TOKEN_CLICK_JS)
             metrics = gr.HTML("", elem_id=f"lane{index + 1}-metrics")
-        lane = cls(index, column, strategy, about, groups, controls, output, metrics)
-        strategy.change(lane.show_controls, strategy, [about, *groups.values()], queue=False)
-        for group in controls.values():  # the sampling filters of a draft-verify method: only for its rule
-            if "rule" in group:
-                filters = [c for field, c in group.items() if field in SAMPLING_FIELDS]
-                group["rule"].change(filters_for_rule(len(filters)), group["rule"], filters, queue=False)
-        return lane
+        strategy.change(strategy_about, strategy, about, queue=False, api_visibility="private")
+        return cls(index, column, strategy, about, chosen, redraw, output, metrics)
 
     @property
     def inputs(self) -> list[gr.components.Component]:
-        return [self.strategy, *(c for group in self.controls.values() for c in group.values())]
-
-    def show_controls(self, strategy: str) -> dict[Any, Any]:
-        return {self.about: strategy_about(strategy),
-                **{group: gr.Group(visible=name == strategy) for name, group in self.groups.items()}}
+        return [self.strategy, self.chosen]
 
     def params(self, values: dict[Any, Any]) -> tuple[str, dict[str, Any]]:
-        """The chosen strategy and its parameters, read from the submitted values by component."""
+        """The chosen strategy and the parameters set for it (the rest take their defaults), from the submitted
+        values by component."""
         strategy = values[self.strategy]
-        return strategy, {name: values[control] for name, control in self.controls[strategy].items()}
+        return strategy, dict((values[self.chosen] or {}).get(strategy, {}))
+
+    def restored(self, strategy: str, config: dict[str, Any]) -> dict[Any, Any]:
+        """The lane set to `strategy` with the parameters of a stored run's `config`, its controls redrawn."""
+        fields = {f.name for f in dataclasses.fields(REGISTRY[strategy].config)}
+        return {self.strategy: gr.update(value=strategy),
+                self.chosen: {strategy: {k: v for k, v in config.items() if k in fields}},
+                self.redraw: time.monotonic_ns()}
 
     def render(self, trace: Trace | None, color_by: str, baseline: Trace | None,
                live: tuple[float, int] | None = None) -> dict[Any, Any]:
@@ -542,10 +579,7 @@ class Page:
                   self.seed: started.seed, self.max_new: min(started.max_new_tokens, MAX_NEW_TOKENS_CAP),
                   self.model_id: "embedded" if started.model_id.startswith("embedded") else started.model_id}
         for lane, trace in zip(self.lanes, traces, strict=False):
-            inputs[lane.strategy] = gr.update(value=trace.started.strategy)
-            controls = lane.controls.get(trace.started.strategy, {})
-            inputs |= {control: trace.started.config[name] for name, control in controls.items()
-                       if name in trace.started.config}
+            inputs |= lane.restored(trace.started.strategy, trace.started.config)
         return {**self.render_lanes(traces, color_by), **self.views_of(traces, view_lane, owner), self.traces: traces,
                 **self.render_summary(traces), self.link: permalink(traces), **self.show_lanes(len(traces), view_lane),
                 **inputs, self.tabs: gr.Tabs(selected="compare")}
@@ -714,7 +748,7 @@ class Page:
                 *self.views, self.traces, self.link, self.lane_count, self.tabs, self.add_btn, self.remove_btn,
                 self.baseline_btn, self.view_lane, self.summary, self.summary_markdown, self.summary_latex,
                 self.prompt, self.chat, self.system, self.seed, self.max_new, self.model_id,
-                *(c for lane in self.lanes for c in lane.inputs if c is not lane.strategy)]
+                *(c for lane in self.lanes for c in (lane.chosen, lane.redraw))]
 
 
 def pick_history_row(table: Any, current: str, event: gr.SelectData) -> str:
@@ -747,7 +781,7 @@ def delete_runs(run_ids: str, strategy: str, model: str, search: str, request: g
 
 
 # ------------------------------------------------------------------------------------------- layout
-def compare_tab(tabs: gr.Tabs) -> Page:
+def compare_tab(tabs: gr.Tabs, blocks: gr.Blocks) -> Page:
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", lines=3, scale=4, elem_id="prompt",
                             value="Write a short poem about the sea.")
@@ -782,7 +816,7 @@ def compare_tab(tabs: gr.Tabs) -> Page:
             attention_layers = gr.Textbox(value="", label="attention layers (e.g. 0-11; empty: all)",
                                           max_length=32, min_width=200)
     with gr.Row(equal_height=False):
-        lanes = [Lane.build(index, visible=index < min(2, MAX_LANES)) for index in range(MAX_LANES)]
+        lanes = [Lane.build(index, visible=index < min(2, MAX_LANES), load=blocks.load) for index in range(MAX_LANES)]
     with gr.Accordion("What if: click a token in a lane, pick another token, branch", open=False,
                       elem_id="what-if"):
         with gr.Row():
@@ -851,17 +885,25 @@ def compare_tab(tabs: gr.Tabs) -> Page:
     color_by.change(color_legend_html, color_by, color_key, queue=False)
     view_lane.change(page.render_views, [page.traces, view_lane], views)
     figures_btn.click(export_views, [page.traces, view_lane, figure_width], figures_file)
-    draft_boxes = [group["draft_model"] for lane in lanes for group in lane.controls.values() if "draft_model" in group]
-    pair.change(lambda name: choose_pair(name, model_id, draft_boxes), pair, [model_id, *draft_boxes], queue=False)
+    # queued, not queue=False: a queued event's reply names the states it changed, which redraws the lanes' controls
+    pair.change(lambda name, *chosen: choose_pair(name, model_id, lanes, chosen), [pair, *(x.chosen for x in lanes)],
+                [model_id, *(c for lane in lanes for c in (lane.chosen, lane.redraw))])
     return page
 
 
-def choose_pair(name: str, model_box: Any, draft_boxes: list[Any]) -> dict[Any, Any]:
-    """A preset sets the target model and every lane's draft model; '(none)' leaves them as they are."""
-    chosen = find_pair(name, PAIRS)
-    if chosen is None:
+def choose_pair(name: str, model_box: Any, lanes: list[Lane], chosen: tuple[Any, ...]) -> dict[Any, Any]:
+    """A preset sets the target model and, in every lane, the draft model of every strategy that has one;
+    '(none)' leaves them as they are."""
+    pair = find_pair(name, PAIRS)
+    if pair is None:
         return {}
-    return {model_box: chosen.target, **{box: chosen.draft for box in draft_boxes}}
+    out: dict[Any, Any] = {model_box: pair.target}
+    for lane, values in zip(lanes, chosen, strict=True):
+        values = dict(values or {})
+        for strategy in DRAFT_MODEL_STRATEGIES:
+            values[strategy] = {**values.get(strategy, {}), "draft_model": pair.draft}
+        out |= {lane.chosen: values, lane.redraw: time.monotonic_ns()}
+    return out
 
 
 def history_tab(page: Page) -> None:
@@ -907,7 +949,7 @@ def build() -> tuple[gr.Blocks, Page]:
         gr.Markdown("## Decoding Explorer\nRun decoding strategies side by side; every step is recorded.")
         with gr.Tabs() as tabs:
             with gr.Tab("Compare", id="compare"):
-                page = compare_tab(tabs)
+                page = compare_tab(tabs, blocks)
             with gr.Tab("History", id="history"):
                 history_tab(page)
         blocks.load(page.on_load, [page.color_by, page.view_lane], page.opened_outputs)

@@ -24,21 +24,35 @@ def test_import_builds_blocks_without_loading_weights():
     import app
 
     assert app.demo is not None and app.MODELS._models == {}
-    with_params = {name for name, controls in app.PAGE.lanes[0].controls.items() if controls}
-    assert with_params == set(app.STRATEGY_NAMES) - {"greedy"}  # greedy has no params
+    assert len(app.demo.blocks) < 400  # a lane draws one strategy's controls, not every strategy's (2165 before)
 
 
-def test_lane_specs_come_from_the_registry():
+def test_every_strategy_but_greedy_draws_its_controls_with_the_values_chosen():
+    import gradio as gr
+
     import app
 
-    values = {}
-    for lane, strategy in zip(app.PAGE.lanes, ("sample", "mirostat", "greedy", "greedy"), strict=True):
-        values[lane.strategy] = strategy
-        for name, controls in lane.controls.items():
-            values |= {control: f"{name}.{field}" for field, control in controls.items()}
-    specs = [lane.params(values) for lane in app.PAGE.lanes[:2]]
-    assert specs[0][0] == "sample" and specs[0][1]["top_p"] == "sample.top_p"
-    assert set(specs[1][1]) == {"tau", "eta", "temperature", "version"}
+    with gr.Blocks():
+        drawn = {name: app.strategy_controls(REGISTRY[name].config) for name in app.STRATEGY_NAMES}
+        chosen = app.strategy_controls(REGISTRY["speculative"].config, {"draft_length": 7, "rule": "sampling"})
+    assert {name for name, controls in drawn.items() if controls} == set(app.STRATEGY_NAMES) - {"greedy"}
+    assert set(drawn["mirostat"]) == {"tau", "eta", "temperature", "version"}
+    assert chosen["draft_length"].value == 7
+    assert chosen["temperature"].interactive  # the sampling rule enables the filters
+    assert not drawn["speculative"]["temperature"].interactive  # greedy rule (the default): off
+
+
+def test_lane_specs_come_from_the_lane_state():
+    import app
+
+    first, second = app.PAGE.lanes[:2]
+    set_top_p = app.remember("sample", "top_p")
+    chosen = app.remember("mirostat", "tau")(set_top_p({}, 0.5), 4.0)  # two controls changed, in two strategies
+    values = {first.strategy: "sample", first.chosen: chosen, second.strategy: "mirostat", second.chosen: None}
+    assert first.params(values) == ("sample", {"top_p": 0.5})  # the other strategy's values stay aside
+    assert second.params(values) == ("mirostat", {})  # nothing set: the config's defaults
+    restored = first.restored("sample", {"top_p": 0.25, "not_a_field": 1})
+    assert restored[first.chosen] == {"sample": {"top_p": 0.25}} and restored[first.redraw] > 0
 
 
 def test_render_views_fills_every_tab(tiny_flat):
@@ -474,9 +488,12 @@ def test_browser_target_and_draft_preset_sets_the_model_and_every_draft(server, 
     page.locator("#pair").get_by_role("option", name="tiny pair", exact=True).click()
     page.wait_for_function("document.querySelector('#pair input').value === 'tiny pair'")
     for lane in (1, 2):
-        box = draft_model_box(page, lane)
-        page.wait_for_function("([box, want]) => box.value === want", arg=[box.element_handle(),
-                                                                              str(tiny_draft_dir)])
+        draft_model_box(page, lane)
+        # the controls are redrawn with the preset's draft: look the box up afresh until it shows it
+        page.wait_for_function("([lane, want]) => [...document.querySelectorAll(`#lane${lane} label`)].some("
+                               "l => l.textContent.includes('draft_model') && l.querySelector('textarea') && "
+                               "l.querySelector('textarea').value === want)", arg=[lane, str(tiny_draft_dir)],
+                               timeout=30_000)
     page.locator("#run").click()
     page.wait_for_selector("#permalink a", timeout=60_000)
     stored = permalink_runs(page, db)
