@@ -31,6 +31,7 @@ from typing import Any
 import gradio as gr
 
 from explorer.branch import branch_request
+from explorer.fidelity import entry_markdown
 from explorer.lanes import LaneEvent, lane_events, run_lanes
 from explorer.metrics import jsonable
 from explorer.models import MODEL_CACHE
@@ -77,10 +78,8 @@ MODELS = MODEL_CACHE
 _STORE: Store | None = None
 _STORE_LOCK = threading.Lock()
 CSS = """
-.fidelity-ledger { border-collapse: collapse; font-size: 13px; }
-.fidelity-ledger th, .fidelity-ledger td { border-bottom: 1px solid #ddd; padding: 4px 8px; vertical-align: top;
-  text-align: left; }
-.fidelity-ledger ul { margin: 0; padding-left: 16px; }
+.fidelity-entry { font-size: 12px; }
+.fidelity-entry summary { cursor: pointer; color: #0072B2; }
 .tokens { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 14px; overflow-wrap: anywhere; }
 #lane-summary { overflow-x: auto; }
 #history th, #history th * { white-space: nowrap !important; word-break: keep-all !important; }
@@ -389,7 +388,9 @@ def strategy_about(name: str) -> str:
     if spec.family == "diffusion" and DIFFUSION_DEMO_HUB_ID in POLICY.allowed_models:
         about += f" · on a diffusion LM: set the model to `{DIFFUSION_DEMO_HUB_ID}`"
     status = f"{len(spec.departures)} departures" if spec.departures else "faithful"
-    return f"{about} · fidelity: {status} (README's fidelity ledger)"
+    # the fidelity entry opens in place (the whole ledger: README, `python -m explorer strategies --fidelity`)
+    return (f"{about}\n\n<details class='fidelity-entry'><summary>fidelity: {status} (its ledger entry)</summary>"
+            f"\n\n{entry_markdown(name, heading=False)}\n</details>")
 
 
 def filters_for_rule(count: int) -> Any:

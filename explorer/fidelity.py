@@ -79,11 +79,11 @@ def ledger_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-def entry_markdown(name: str) -> str:
-    """One strategy's entry, for the app's Fidelity tab."""
+def entry_markdown(name: str, heading: bool = True) -> str:
+    """One strategy's entry (the app opens it under a lane's description line, without the heading)."""
     item = entry(name)
-    head = (f"### `{item.name}` · {item.status}\n\n**Paper**: {item.paper}\n\n"
-            f"**Authors' code**: {item.reference_code or 'not recorded'}\n\n")
+    head = (f"### `{item.name}` · {item.status}\n\n" if heading else "") + (
+        f"**Paper**: {item.paper}\n\n**Authors' code**: {item.reference_code or 'not recorded'}\n\n")
     if not item.departures:
         return head + "No departures: this strategy follows the paper and the authors' code.\n"
     return head + "**Departures from the paper and the authors' code**:\n\n" + "".join(

@@ -436,6 +436,10 @@ def test_browser_strategy_choice_is_explained_and_filters_follow_the_rule(server
     assert options[0] == "greedy · sampling" and "speculative · speed-up: draft-verify" in options
     page.get_by_role("option", name=strategy_label("speculative"), exact=True).click()
     page.wait_for_function("document.querySelector('#lane1-about').textContent.includes('arXiv:2211.17192')")
+    entry = page.locator("#lane1-about details")  # the fidelity status opens the strategy's ledger entry
+    assert not entry.get_by_text("Authors' code", exact=True).is_visible()
+    entry.locator("summary").click()
+    entry.get_by_text("Authors' code", exact=True).wait_for(state="visible", timeout=10_000)
     lane = page.locator("#lane1")
     lane.get_by_text("parameters", exact=True).click()
     lane.get_by_text("sampling rule: filters applied to p and q", exact=False).click()
@@ -451,9 +455,11 @@ def test_browser_strategy_choice_is_explained_and_filters_follow_the_rule(server
 def test_a_lane_description_carries_its_fidelity_status():
     from app import strategy_about
 
-    assert strategy_about("eagle").endswith(f"fidelity: {len(REGISTRY['eagle'].departures)} departures "
-                                            "(README's fidelity ledger)")
-    assert "arXiv:2401.15077" in strategy_about("eagle") and "fidelity: faithful" in strategy_about("greedy")
+    eagle = strategy_about("eagle")
+    assert f"<summary>fidelity: {len(REGISTRY['eagle'].departures)} departures (its ledger entry)</summary>" in eagle
+    assert all(departure in eagle for departure in REGISTRY["eagle"].departures)  # the entry opens in place
+    assert "SafeAILab/EAGLE" in eagle and "arXiv:2401.15077" in eagle
+    assert "fidelity: faithful" in strategy_about("greedy")
 
 
 def draft_model_box(page, lane: int):
