@@ -95,3 +95,16 @@ def browser():
         )
         yield instance
         instance.close()
+
+
+@pytest.fixture(autouse=True)
+def _close_pages(request):
+    """Every page a browser test opens is closed when the test ends, pass or fail (`browser.new_page` opens a
+    context per page): no Gradio page is left polling the server while the next tests run."""
+    if "browser" not in request.fixturenames:
+        yield
+        return
+    browser = request.getfixturevalue("browser")
+    yield
+    for context in list(browser.contexts):
+        context.close()

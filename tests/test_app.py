@@ -726,3 +726,9 @@ def test_browser_eagle_lane_uses_the_shipped_head_on_the_embedded_model(server, 
     assert "mean accepted" in metrics and f"{eagle.mean_accepted_tokens:.2f}" in metrics
     assert speculative.token_ids == greedy.token_ids and speculative.started.config["draft_model"] == "auto"
     assert {r.drafter for r in speculative.rounds} == {"EAGLE head"}
+
+
+@pytest.mark.browser
+def test_browser_no_page_outlives_its_test(browser):
+    """Runs after the module's other browser tests: the pages they opened (several each) were all closed."""
+    assert browser.contexts == []
