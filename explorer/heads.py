@@ -42,12 +42,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from explorer.draft_source import AUTO, EAGLE_HEAD, MODEL, DraftSource
 from explorer.models import cache_kwarg, decoder_layers
 
 HEAD_FILE, CONFIG_FILE = "head.safetensors", "head.json"
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "drafters"  # heads that come with the repository
-EAGLE_HEAD = "eagle-head"  # a drafter setting: the EAGLE head shipped for the target in SHIPPED
-AUTO = "auto"  # a drafter setting: the best drafter that comes with the target (its shipped head, else layer-skip)
 # Buffers a released checkpoint may hold that are no weights (recomputed from the config): ignored when loading.
 NON_WEIGHT_BUFFERS = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
@@ -383,13 +382,12 @@ def resolve_head(target: Any, source: str, kind: str) -> nn.Module:
     """The head a strategy drafts with: `source` empty, 'eagle-head' or 'auto' -> the head shipped for this
     target; a directory with head.json -> ours; anything else -> a released head (load_published). Loaded once per
     process."""
-    from explorer.strategies.draft_models import BUILTIN_DRAFTS  # here: draft_models imports this module
-
-    shipped_names = ("", EAGLE_HEAD, AUTO)
-    if source.strip() in BUILTIN_DRAFTS and source.strip() not in shipped_names:  # 'target', 'layer-skip'
-        raise ValueError(f"{source.strip()!r} is a draft model, not a trained head: leave {kind}'s drafter empty for "
+    parsed = DraftSource.parse(source, empty=EAGLE_HEAD)
+    if parsed.kind not in (EAGLE_HEAD, AUTO, MODEL):  # 'target', 'layer-skip'
+        raise ValueError(f"{parsed.kind!r} is a draft model, not a trained head: leave {kind}'s drafter empty for "
                          "the head shipped for this model, or give a head's directory")
-    if source.strip() in shipped_names:
+    source = parsed.name
+    if parsed.kind != MODEL:
         shipped = shipped_head(target, kind)
         if shipped is None:
             raise ValueError(f"{kind} needs a trained head: none ships for this model, set drafter to a directory "

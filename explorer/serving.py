@@ -24,9 +24,9 @@ from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from explorer.draft_source import DraftSource
 from explorer.params import MAX_TREE_NODES
 from explorer.request import MAX_NEW_TOKENS_LIMIT, RunRequest
-from explorer.strategies.draft_models import BUILTIN_DRAFTS
 
 MAX_LANES = 4  # lanes the page has
 MAX_BEAMS = 16  # the beam strategies' own ceiling
@@ -137,7 +137,7 @@ class ServerPolicy:
                              f"is {self.max_tree_nodes}: use a smaller tree")
         for spec in dataclasses.fields(request.config):
             value = getattr(request.config, spec.name)
-            if spec.metadata.get("model") and value.strip() not in BUILTIN_DRAFTS:
+            if spec.metadata.get("model") and not DraftSource.parse(value).builtin:
                 self.check_model(value)
             if spec.metadata.get("crosses_runs") and value and not self.shared_state:
                 raise ValueError(f"{spec.name} would let this run see what other visitors' runs left behind: it is "

@@ -68,6 +68,15 @@ class Trace:
     def rounds(self) -> list[DraftRound]:
         return [e for e in self.events if isinstance(e, DraftRound)]
 
+    def has_round_detail(self, key: str) -> bool:
+        """Whether a draft round recorded `key` in its details (an empty string records nothing): how a view knows
+        that a run holds what it draws, whatever the strategy is called."""
+        return any(r.details.get(key) not in (None, "") for r in self.rounds)
+
+    def has_step_detail(self, key: str) -> bool:
+        """Whether a committed token recorded `key` in its details."""
+        return any(key in s.details for s in self.token_steps)
+
     @property
     def decoded_steps(self) -> list[TokenStep]:
         """The tokens the run's strategy chose: all of them, less a branch's copied prefix and forced token."""

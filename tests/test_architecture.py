@@ -37,7 +37,8 @@ def test_every_drafter_declares_the_whole_contract():
 
 def test_strategies_do_not_import_each_other():
     strategies = ROOT / "explorer" / "strategies"
-    shared = {"base", "draft_verify", "draft_models", "beam_search", "unmasking", "batch_sampling", "__init__"}
+    shared = {"base", "draft_verify", "draft_models", "eagle_drafter", "beam_search", "unmasking", "batch_sampling",
+              "__init__"}
     names = {p.stem for p in strategies.glob("*.py")} - shared
     for path in strategies.glob("*.py"):
         if path.stem in shared:
@@ -45,6 +46,51 @@ def test_strategies_do_not_import_each_other():
         source = path.read_text()
         for other in names - {path.stem}:
             assert f"explorer.strategies.{other} import" not in source, (path.stem, other)
+        assert "get_strategy(" not in source, path.stem  # nor run each other through the registry by name
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every module of explorer/, viz/ and store/ -> the project modules it imports (at the top or in a function)."""
+    import ast
+
+    modules = {}
+    for path in [*ROOT.glob("explorer/**/*.py"), *ROOT.glob("viz/**/*.py"), *ROOT.glob("store/**/*.py")]:
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_no_import_circle():
+    import networkx as nx
+
+    graph = nx.DiGraph([(a, b) for a, targets in import_graph().items() for b in targets])
+    assert list(nx.simple_cycles(graph)) == []
+
+
+def test_draft_sources_are_parsed_in_one_ground_floor_module():
+    from explorer.draft_source import MODEL, DraftSource
+
+    assert import_graph()["explorer.draft_source"] == set()  # the ground floor: it imports nothing of ours
+    assert DraftSource.parse("") == DraftSource("target")
+    assert DraftSource.parse("", empty="eagle-head").kind == "eagle-head"
+    assert DraftSource.parse(" layer-skip ").builtin and DraftSource.parse("auto").builtin
+    named = DraftSource.parse("HuggingFaceTB/SmolLM2-135M")
+    assert named == DraftSource(MODEL, "HuggingFaceTB/SmolLM2-135M") and not named.builtin
+    assert str(named) == "HuggingFaceTB/SmolLM2-135M" and str(DraftSource.parse("target")) == "target"
+    for path in ROOT.glob("explorer/**/*.py"):  # no module compares the sentinel strings itself
+        if path.stem != "draft_source":
+            assert "BUILTIN_DRAFTS" not in path.read_text(), path
 
 
 def test_limits_are_checked_from_the_field_metadata():

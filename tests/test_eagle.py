@@ -521,7 +521,7 @@ class _TableHead:
 def _table_drafter(rows, config):
     from types import SimpleNamespace
 
-    from explorer.strategies.eagle import EagleDrafter
+    from explorer.strategies.eagle_drafter import EagleDrafter
 
     vocab = 12
     table = torch.full((vocab, vocab), 1e-4)
@@ -534,7 +534,7 @@ def _table_drafter(rows, config):
     inner = SimpleNamespace(get_input_embeddings=lambda: embedding,
                             get_output_embeddings=lambda: SimpleNamespace(weight=torch.zeros(vocab, vocab)))
     model = SimpleNamespace(model=inner, device=torch.device("cpu"))
-    return EagleDrafter(model, _TableHead(table), config, torch.Generator().manual_seed(0))
+    return EagleDrafter(model, _TableHead(table), config, torch.Generator().manual_seed(0), config.dynamic_tree())
 
 
 def test_eagle2_reranks_every_candidate_of_the_pool():
@@ -560,7 +560,7 @@ def test_eagle2_reranks_every_candidate_of_the_pool():
 
 def test_best_nodes_keeps_a_tree_under_ties():
     """Ties (a child as likely as its parent: q = 1) go to the node generated first, so the parent ranks first."""
-    from explorer.strategies.eagle import best_nodes
+    from explorer.strategies.eagle_drafter import best_nodes
 
     parents, scores = [-1, -1, 0, 2], [-0.5, -0.5, -0.5, -0.5]
     assert best_nodes(range(4), scores, 3) == [0, 1, 2]

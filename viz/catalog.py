@@ -63,6 +63,8 @@ from viz.speculative import (
 )
 from viz.whatif import attention_graph_figure, branch_tree_figure, divergence_why_figure, logit_lens_figure
 
+# The strategies whose beam tree the app streams live while they run (app.py); the beam-tree view itself applies
+# to any trace with beam steps.
 BEAM_STRATEGIES = ("beam", "diverse_beam")
 
 
@@ -74,20 +76,31 @@ def pick(traces: Sequence[Trace | None], lane: int, wanted: Callable[[Trace], bo
     return next((t for t in traces if t is not None and wanted(t)), None)
 
 
-def _strategy(*names: str) -> Callable[[Trace], bool]:
-    return lambda t: t.started.strategy in names
-
-
+# Which per-lane view applies to a trace is decided by what the trace holds (the events or the recorded details
+# its figure draws), never by the strategy's name: a renamed strategy, or a new one that records the same data,
+# gets the view without a change here.
 def _drafted(t: Trace) -> bool:
     return bool(t.rounds)
 
 
-def _pooled(t: Trace) -> bool:
-    return any(e.kind == "pool_update" for e in t.events)
+def _kinds(*kinds: str) -> Callable[[Trace], bool]:
+    """Traces holding at least one event of every one of these kinds."""
+    return lambda t: all(any(e.kind == kind for e in t.events) for kind in kinds)
 
 
-def _probed(kind: str) -> Callable[[Trace], bool]:
-    return lambda t: any(e.kind == kind for e in t.events)
+def _round_detail(key: str) -> Callable[[Trace], bool]:
+    """Traces with a draft round that recorded `key` in its details (an empty string records nothing)."""
+    return lambda t: t.has_round_detail(key)
+
+
+def _step_detail(key: str) -> Callable[[Trace], bool]:
+    """Traces with a committed token that recorded `key` in its details."""
+    return lambda t: t.has_step_detail(key)
+
+
+def _candidates(feature_name: str) -> Callable[[Trace], bool]:
+    """Traces with a re-ranked step (CandidateStep) whose penalty came from this feature."""
+    return lambda t: any(e.kind == "candidate_step" and e.feature_name == feature_name for e in t.events)
 
 
 @dataclass(frozen=True)
@@ -129,51 +142,55 @@ VIEWS = [
     View("by-position", "Speculative", "per-position acceptance", _all(acceptance_by_position_figure)),
     View("layer-skip", "Speculative", "layer skip", _all(layer_skip_figure)),
     View("skip-sets", "Speculative", "skipped layers per round",
-         _one(skip_set_figure, _strategy("self_speculative"))),
-    View("spectr", "Speculative", "SpecTr vs rejection sampling", _one(spectr_figure, _strategy("spectr"))),
-    View("exit-layer", "Speculative", "DEL exit layer per round", _one(exit_layer_figure, _strategy("del"))),
+         _one(skip_set_figure, _round_detail("skipped_layers"))),
+    View("spectr", "Speculative", "SpecTr vs rejection sampling",
+         _one(spectr_figure, _round_detail("kseq_root_accept"))),
+    View("exit-layer", "Speculative", "DEL exit layer per round", _one(exit_layer_figure, _round_detail("exit_layer"))),
     View("layer-acceptance", "Speculative", "DEL per-layer acceptance",
-         _one(layer_acceptance_figure, _strategy("del"))),
+         _one(layer_acceptance_figure, _round_detail("layer_acceptance"))),
     View("draft-depth", "Speculative", "D^3 layers per draft token",
-         _one(draft_depth_figure, _strategy("depth_decay"))),
+         _one(draft_depth_figure, _round_detail("draft_depths"))),
     View("draft-vocabulary", "Speculative", "draft-vocabulary coverage (eagle)",
-         _one(draft_vocabulary_figure, _strategy("eagle"))),
+         _one(draft_vocabulary_figure, _round_detail("target_in_vocab"))),
     View("entropy-handover", "Speculative", "EAD: who wrote each token", _one(entropy_handover_figure,
-                                                                             _strategy("ead"))),
+                                                                             _step_detail("rolling_entropy"))),
     View("draft-tree", "Trees & Jacobi", "draft tree per round (slider)", _one(draft_tree_figure, _drafted)),
     View("tree-size", "Trees & Jacobi", "tree size vs accepted length", _all(tree_size_figure)),
-    View("aded", "Trees & Jacobi", "ADED acceptance and matrix growth", _one(aded_figure, _strategy("aded"))),
-    View("pool", "Trees & Jacobi", "n-gram pool / adjacency graph", _one(pool_figure, _pooled)),
-    View("jacobi-grid", "Trees & Jacobi", "iteration x position", _one(jacobi_grid, _strategy("jacobi"))),
-    View("jacobi-graph", "Trees & Jacobi", "convergence dependencies", _one(jacobi_graph_figure, _strategy("jacobi"))),
-    View("beam-tree", "Search", "beam tree", _one(beam_tree_figure, _strategy(*BEAM_STRATEGIES))),
-    View("contrastive", "Search", "contrastive candidates", _one(contrastive_figure, _strategy("contrastive"))),
-    View("momentum", "Search", "momentum graph", _one(momentum_figure, _strategy("momentum"))),
-    View("cautious", "Search", "cautious trials", _one(cautious_figure, _strategy("cautious"))),
-    View("mbr", "Search", "MBR utility matrix", _one(mbr_figure, _strategy("mbr"))),
-    View("first-finish", "Search", "first-finish race", _one(first_finish_figure, _strategy("first_finish"))),
-    View("lattice", "Search", "lattice (merges, distinct paths)", _one(lattice_figure, _strategy("lattice"))),
+    View("aded", "Trees & Jacobi", "ADED acceptance and matrix growth",
+         _one(aded_figure, _round_detail("matrix_rows"))),
+    View("pool", "Trees & Jacobi", "n-gram pool / adjacency graph", _one(pool_figure, _kinds("pool_update"))),
+    View("jacobi-grid", "Trees & Jacobi", "iteration x position", _one(jacobi_grid, _round_detail("iteration"))),
+    View("jacobi-graph", "Trees & Jacobi", "convergence dependencies",
+         _one(jacobi_graph_figure, _round_detail("iteration"))),
+    View("beam-tree", "Search", "beam tree", _one(beam_tree_figure, _kinds("beam_step"))),
+    View("contrastive", "Search", "contrastive candidates",
+         _one(contrastive_figure, _candidates("max cosine similarity"))),
+    View("momentum", "Search", "momentum graph", _one(momentum_figure, _candidates("loop length"))),
+    View("cautious", "Search", "cautious trials", _one(cautious_figure, _kinds("trial_branch"))),
+    View("mbr", "Search", "MBR utility matrix", _one(mbr_figure, _kinds("mbr_result"))),
+    View("first-finish", "Search", "first-finish race", _one(first_finish_figure, _kinds("finish_race"))),
+    View("lattice", "Search", "lattice (merges, distinct paths)", _one(lattice_figure, _kinds("lattice_result"))),
     View("superposed", "Search", "superposed drafts and candidates",
-         _one(superposed_figure, _strategy("superposed"))),
-    View("exact-extract", "Search", "span probabilities", _one(exact_extract_figure, _strategy("exact_extract"))),
+         _one(superposed_figure, _kinds("superposed_step", "superposed_result"))),
+    View("exact-extract", "Search", "span probabilities", _one(exact_extract_figure, _kinds("extract_spans"))),
     View("constraint", "Sampling", "constraint checks and weights", _one(constraint_figure,
-                                                                           _strategy("constrained"))),
+                                                                           _step_detail("evaluations"))),
     View("repetition", "Sampling", "repetition", _all(repetition_figure)),
     View("instructive", "Sampling", "instructive decoding: flipped tokens",
-         _one(instructive_figure, _strategy("instructive"))),
-    View("logit-lens", "What if", "logit lens (layer x step)", _one(logit_lens_figure, _probed("lens_step"))),
+         _one(instructive_figure, _step_detail("flipped"))),
+    View("logit-lens", "What if", "logit lens (layer x step)", _one(logit_lens_figure, _kinds("lens_step"))),
     View("attention-graph", "What if", "attention dependencies", _one(attention_graph_figure,
-                                                                    _probed("attention_step"))),
+                                                                    _kinds("attention_step"))),
     View("branch-tree", "What if", "branch tree", _all(branch_tree_figure)),
     View("why-parted", "What if", "why lanes parted", lambda traces, lane: divergence_why_figure(
         [t for t in traces if t is not None], lane)),
     View("unmasking-order", "Diffusion", "unmasking order (step x position)",
-         _one(unmasking_order_figure, _probed("unmask_step"))),
+         _one(unmasking_order_figure, _kinds("unmask_step"))),
     View("unmasking-replay", "Diffusion", "canvas replay (slider)", _one(unmasking_replay_figure,
-                                                                        _probed("unmask_step"))),
+                                                                        _kinds("unmask_step"))),
     View("unmasking-commits", "Diffusion", "tokens per step, confidence at commit", _all(unmasking_commits_figure)),
     View("cache-drift", "Diffusion", "cache drift (cached vs full pass)", _one(cache_drift_figure,
-                                                                             _probed("cache_drift"))),
+                                                                             _kinds("cache_drift"))),
 ]
 VIEW_NAMES = [view.name for view in VIEWS]
 

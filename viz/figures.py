@@ -144,8 +144,7 @@ def _detail_series(trace: Trace, key: str) -> tuple[list[int], list[float]]:
 
 def mirostat_figure(traces: Sequence[Trace]) -> go.Figure:
     """Observed surprise against the target tau, and the controller's mu, per step."""
-    lanes = [(i, t) for i, t in enumerate(traces) if t is not None and t.started.strategy == "mirostat"
-             and t.token_steps]
+    lanes = [(i, t) for i, t in enumerate(traces) if t is not None and t.has_step_detail("mu")]
     if not lanes:
         return empty_figure("Add a mirostat lane to see its surprise controller.")
     figure = go.Figure()
@@ -168,7 +167,7 @@ def mirostat_figure(traces: Sequence[Trace]) -> go.Figure:
 
 def top_h_figure(traces: Sequence[Trace]) -> go.Figure:
     """Kept-set size and the kept set's entropy against its bound, per step."""
-    lanes = [(i, t) for i, t in enumerate(traces) if t is not None and t.started.strategy == "top_h" and t.token_steps]
+    lanes = [(i, t) for i, t in enumerate(traces) if t is not None and t.has_step_detail("kept_entropy")]
     if not lanes:
         return empty_figure("Add a top_h lane to see its entropy-bounded kept sets.")
     figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.16,

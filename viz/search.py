@@ -322,7 +322,7 @@ def exact_extract_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
 def instructive_figure(trace: Trace | None, lane: int = 0) -> go.Figure:
     """Instructive decoding: per step, the chosen token's rank under the real instruction alone (0 = what
     greedy would have taken); steps where the noisy-instruction contrast flipped the choice are highlighted."""
-    if trace is None or trace.started.strategy != "instructive" or not trace.token_steps:
+    if trace is None or not trace.has_step_detail("flipped"):
         return empty_figure("Run an instructive lane to see where the noisy-instruction contrast changed a token.")
     steps = trace.token_steps
     flipped = [s.details.get("flipped", 0.0) > 0 for s in steps]

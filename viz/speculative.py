@@ -112,7 +112,7 @@ def round_timeline(trace: Trace | None, max_rounds: int = 200, lane: int = 0) ->
 
 def layer_skip_figure(traces: Sequence[Trace]) -> go.Figure:
     """Per skipped-layer set: how often its drafts agreed with the full model, and what a draft token cost."""
-    lanes = [(i, t) for i, t in enumerate(traces) if _has_rounds(t) and t.started.strategy == "self_speculative"]
+    lanes = [(i, t) for i, t in enumerate(traces) if _has_rounds(t) and t.has_round_detail("skipped_layers")]
     if not lanes:
         return empty_figure("Add a self_speculative lane to see agreement per skipped-layer set.")
     figure = make_subplots(rows=1, cols=2, subplot_titles=("first-token agreement with the full model",
@@ -215,7 +215,7 @@ def jacobi_cells(trace: Trace) -> tuple[list[JacobiCell], dict[int, int]]:
 
 
 def jacobi_grid(trace: Trace | None, max_positions: int = 80, lane: int = 0) -> go.Figure:
-    if not _has_rounds(trace) or trace.started.strategy != "jacobi":
+    if not _has_rounds(trace) or not trace.has_round_detail("iteration"):
         return empty_figure("Run a jacobi lane to see its iteration x position grid.")
     cells, converged = jacobi_cells(trace)
     first = min(c.position for c in cells)
@@ -251,7 +251,7 @@ def jacobi_dependency_graph(trace: Trace) -> nx.DiGraph:
 
 
 def jacobi_graph_figure(trace: Trace | None, max_positions: int = 80, lane: int = 0) -> go.Figure:
-    if not _has_rounds(trace) or trace.started.strategy != "jacobi":
+    if not _has_rounds(trace) or not trace.has_round_detail("iteration"):
         return empty_figure("Run a jacobi lane to see which positions converged after which.")
     graph = jacobi_dependency_graph(trace)
     nodes = sorted(graph.nodes)[:max_positions]

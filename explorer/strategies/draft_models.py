@@ -14,14 +14,10 @@ from typing import Any
 
 import torch
 
-from explorer.heads import AUTO, EAGLE_HEAD
+from explorer.draft_source import EAGLE_HEAD, MODEL, TARGET, DraftSource
 from explorer.models import MODEL_CACHE, check_same_vocabulary, decoder_layers, layer_path, same_tokenizer
 from explorer.params import param
 from explorer.strategies.draft_verify import Drafter, DraftLength, DraftTree, SpeculativeConfig, Verdict
-
-SELF = ("", "target")
-LAYER_SKIP = "layer-skip"  # the target with its middle quarter of layers skipped: the default drafter
-BUILTIN_DRAFTS = (*SELF, LAYER_SKIP, EAGLE_HEAD, AUTO)  # drafts that come with the target (nothing a visitor names)
 
 
 def middle_layers(total: int) -> set[int]:
@@ -52,13 +48,14 @@ def load_draft_model(model: Any, draft_model: str, *, any_tokenizer: bool = Fals
     """The drafting model for a run: the target itself ('target'), the target with its middle layers skipped
     ('layer-skip'), or a model sharing its vocabulary (with `any_tokenizer`, any causal LM: its drafts are then
     re-tokenised, see UniversalDrafter)."""
-    if draft_model.strip() in SELF:
+    source = DraftSource.parse(draft_model)
+    if source.kind == TARGET:
         return model.for_run()
-    if draft_model.strip() == EAGLE_HEAD:
+    if source.kind == EAGLE_HEAD:
         raise ValueError(f"'{EAGLE_HEAD}' drafts in the speculative and eagle strategies only, not as a draft model")
-    if draft_model.strip() in (LAYER_SKIP, AUTO):  # no head drafts here: the layer-skip view is the best built in
+    if source.kind != MODEL:  # layer-skip, auto: no head drafts here, the layer-skip view is the best built in
         return layer_skip_view(model, middle_layers(len(decoder_layers(model.model))))
-    draft = MODEL_CACHE.get(draft_model, dtype=model.info.dtype, device=model.info.device).for_run()
+    draft = MODEL_CACHE.get(source.name, dtype=model.info.dtype, device=model.info.device).for_run()
     if not any_tokenizer:
         check_same_vocabulary(model, draft)
     return draft

@@ -32,17 +32,17 @@ setting; the rounds' drafter name says which drafted.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from explorer.draft_source import AUTO, EAGLE_HEAD, DraftSource
 from explorer.events import Event
-from explorer.heads import AUTO, EAGLE_HEAD, shipped_head
+from explorer.heads import resolve_head, shipped_head
 from explorer.params import param
-from explorer.strategies.base import get_strategy, register
+from explorer.strategies.base import register
 from explorer.strategies.draft_models import (
     ChainDraftConfig,
     ModelDrafter,
@@ -52,6 +52,7 @@ from explorer.strategies.draft_models import (
     shares_weights,
 )
 from explorer.strategies.draft_verify import draft_verify
+from explorer.strategies.eagle_drafter import EagleDrafter
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,21 @@ class DraftModelConfig(ChainDraftConfig):
 def drafts_with_head(model: Any, config: DraftModelConfig) -> bool:
     """Whether the shipped EAGLE head drafts: asked for ('eagle-head'), or 'auto' on a target that has one and
     no BiLD setting (those need a draft model's distributions: 'auto' then means layer-skip)."""
-    name = config.draft_model.strip()
-    return name == EAGLE_HEAD or (name == AUTO and not config.bild and shipped_head(model, "eagle") is not None)
+    kind = DraftSource.parse(config.draft_model).kind
+    return kind == EAGLE_HEAD or (kind == AUTO and not config.bild and shipped_head(model, "eagle") is not None)
+
+
+def shipped_eagle_head(model: Any, config: DraftModelConfig) -> Any:
+    """The EAGLE head shipped for the target (loaded once per process)."""
+    if config.bild:
+        raise ValueError("BiLD's fallback and rollback need a draft model, not the EAGLE head: set draft_model to "
+                         "'auto', 'layer-skip' or a model")
+    return resolve_head(model, EAGLE_HEAD, "eagle")
 
 
 def prepare(model: Any, config: DraftModelConfig) -> None:
     if drafts_with_head(model, config):
-        eagle, eagle_config = as_eagle(config)
-        eagle.prepare(model, eagle_config)  # the head is loaded once (cached) before the run
+        shipped_eagle_head(model, config)  # the head is loaded once (cached) before the run
         return
     draft = load_draft_model(model, config.draft_model, any_tokenizer=True)  # loaded once (cached) before the run
     check_bild(model, draft, config)
@@ -90,17 +98,6 @@ def prepare(model: Any, config: DraftModelConfig) -> None:
 def check_bild(model: Any, draft: Any, config: DraftModelConfig) -> None:
     if config.bild and not same_vocabulary(model, draft):
         raise ValueError("BiLD's fallback and rollback need a draft with the target's tokenizer")
-
-
-def as_eagle(config: DraftModelConfig) -> tuple[Any, Any]:
-    """The eagle strategy (found in the registry: strategies do not import each other) and its config for this
-    run: a chain from the shipped head, with this run's draft length and rule."""
-    if config.bild:
-        raise ValueError("BiLD's fallback and rollback need a draft model, not the EAGLE head: set draft_model to "
-                         "'auto', 'layer-skip' or a model")
-    eagle = get_strategy("eagle")
-    shared = {field.name: getattr(config, field.name) for field in dataclasses.fields(ChainDraftConfig)}
-    return eagle, eagle.config(**shared, drafter=EAGLE_HEAD)
 
 
 @register("speculative", DraftModelConfig, "speculative decoding with a draft model (greedy or sampling rule)",
@@ -113,7 +110,7 @@ def as_eagle(config: DraftModelConfig) -> tuple[Any, Any]:
           departures=(
               "The draft length adapts (doubles after a fully accepted draft, falls to accepted + 1 after a "
               "rejection); the papers use a fixed gamma.",
-              "The default drafter 'auto' is the EAGLE head shipped for the target (the eagle strategy then runs) or "
+              "The default drafter 'auto' is the EAGLE head shipped for the target (drafting an EAGLE chain) or "
               "else the target minus its middle quarter of layers; the papers draft with a separate smaller model.",
               "A draft model with another tokenizer drafts by universal assisted decoding (re-tokenised text, "
               "verified as point masses), which is not in these papers.",
@@ -125,9 +122,9 @@ def as_eagle(config: DraftModelConfig) -> tuple[Any, Any]:
               "greedy (argmax) and for encoder-decoder models (T5).",
           ))
 def run(model: Any, prompt_ids: Sequence[int], config: DraftModelConfig, rng: torch.Generator) -> Iterator[Event]:
-    if drafts_with_head(model, config):
-        eagle, eagle_config = as_eagle(config)
-        yield from eagle.run(model, prompt_ids, eagle_config, rng)
+    if drafts_with_head(model, config):  # the EAGLE chain drafter, with this run's draft length and rule
+        drafter = EagleDrafter(model, shipped_eagle_head(model, config), config, rng)
+        yield from draft_verify(model, prompt_ids, drafter, config, rng)
         return
     draft = load_draft_model(model, config.draft_model, any_tokenizer=True)
     check_bild(model, draft, config)

@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
+from explorer.draft_source import TARGET, DraftSource
 from explorer.events import Event
 from explorer.params import param
 from explorer.strategies.base import register, tree_prepare
 from explorer.strategies.draft_models import (
-    SELF,
     DraftCache,
     layer_skip_view,
     load_draft_model,
@@ -194,7 +194,7 @@ def tree_drafter(model: Any, config: TreeConfig, rng: torch.Generator) -> TreeDr
     if config.skip.strip():
         return TreeDrafter(layer_skip_view(model, parse_layers(config.skip)), config, rng, "layer-skip tree",
                            shared=True)
-    if config.draft_model.strip() in SELF:
+    if DraftSource.parse(config.draft_model).kind == TARGET:
         return TreeDrafter(model.for_run(), config, rng, f"{config.mode} tree (self)", shared=True)
     draft = load_draft_model(model, config.draft_model)
     return TreeDrafter(draft, config, rng, f"{config.mode} tree from {draft.info.model_id}",
@@ -205,7 +205,7 @@ def prepare(model: Any, config: TreeConfig) -> None:
     tree_prepare(model, config)
     if config.skip.strip():
         layer_skip_view(model, parse_layers(config.skip))
-    elif config.draft_model.strip() not in SELF:
+    elif DraftSource.parse(config.draft_model).kind != TARGET:
         load_draft_model(model, config.draft_model)  # a layer-skip view checks the model has layers to skip
 
 
