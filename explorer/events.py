@@ -20,6 +20,10 @@ STATUSES = (STATUS_OK, STATUS_FAILED, STATUS_CANCELLED, STATUS_RUNNING, STATUS_S
 RUN_ID = re.compile(r"[0-9a-f]{12}")  # what the runner generates: safe in file names and URLs
 
 
+# A strategy's own per-step value: any plain JSON value (a number, a flag, a label, a list or an object of them), so
+# a boolean stays a boolean and a set stays a list.
+Detail = float | int | bool | str | None | list[Any] | dict[str, Any]
+
 @dataclass(frozen=True)
 class RunStarted:
     """Everything needed to reproduce the run."""
@@ -63,7 +67,8 @@ class TokenStep:
     `logprob`, `rank` and `entropy` describe the model's raw distribution (log-softmax of the logits, natural
     log). `top_ids`/`top_logprobs` are the raw top-k; `kept_top_ids`/`kept_top_logprobs` the top-k of the
     distribution the strategy actually drew from (after its transforms), whose support has `kept_count`
-    tokens. `details` holds strategy-specific scalars (Mirostat's mu, Top-H's bound, ...). `origin` says where
+    tokens. `details` holds strategy-specific plain JSON values (Mirostat's mu, Top-H's bound, whether
+    instructive decoding's contrast flipped the token, ...). `origin` says where
     the token came from in draft-verify strategies; in a branch, "prefix" (copied from the parent run) and
     "forced" (the token chosen at the fork) mark the tokens its strategy did not choose.
     """
@@ -83,7 +88,7 @@ class TokenStep:
     kept_top_logprobs: list[float]
     kept_count: int
     kept_logprob: float
-    details: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Detail] = field(default_factory=dict)
     # plain | draft (an accepted draft token) | bonus (the target's token after a round) | prefix (a branch's
     # copy of its parent's token) | forced (the token a branch chose instead of its parent's)
     origin: str = "plain"
@@ -142,7 +147,7 @@ class DraftRound:
     bonus_kind: str
     draft_time_s: float
     verify_time_s: float
-    details: dict[str, float | str] = field(default_factory=dict)
+    details: dict[str, Detail] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from explorer.events import Event, TokenStep
+from explorer.events import Detail, Event, TokenStep
 from explorer.sampling import StepStats, step_stats
 
 RECORD_TOP_K = 10
@@ -128,12 +128,12 @@ class Choice:
 
     token_id: int
     kept_logits: torch.Tensor | None = None
-    details: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Detail] = field(default_factory=dict)
 
 
 def commit_token(model: Any, step: int, position: int, token_id: int, raw: torch.Tensor | None = None,
                  kept: torch.Tensor | None = None, *, stats: StepStats | None = None,
-                 details: dict[str, float] | None = None, origin: str = "plain") -> TokenStep:
+                 details: dict[str, Detail] | None = None, origin: str = "plain") -> TokenStep:
     """The TokenStep of a committed token: from the raw logits `(vocab,)` it was chosen from (and the
     transformed logits it was drawn from, None: the raw ones), or from `stats` computed earlier."""
     if stats is None:

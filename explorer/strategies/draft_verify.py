@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from explorer.events import DraftRound, Event
+from explorer.events import Detail, DraftRound, Event
 from explorer.params import param
 from explorer.sampling import SamplingFilters
 from explorer.strategies.base import commit_token
@@ -112,7 +112,7 @@ class DraftTree:
     parents: list[int] = field(default_factory=list)
     draft_probs: list[float] = field(default_factory=list)
     q_dists: torch.Tensor | None = None
-    details: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Detail] = field(default_factory=dict)
     # how siblings were drawn from q: iid, without_replacement, point (deterministic), or a multiset of i.i.d.
     # draws with `multiplicity[i]` draws of node i (the trie of k i.i.d. chains), verified by SpecTr's K-SEQ
     # ("kseq") or by recursive rejection sampling over the same draws ("multiset")
@@ -146,7 +146,7 @@ class Verdict:
     target_argmax: list[int]  # the target's argmax at every verified position (Jacobi's next guesses)
     hidden_states: torch.Tensor | None = None  # (layers + 1, nodes + 1, hidden) for drafters that want them
     path: list[int] = field(default_factory=list)  # accepted draft nodes, root to leaf
-    details: dict[str, float | str] = field(default_factory=dict)  # what the verifier decided, for the round
+    details: dict[str, Detail] = field(default_factory=dict)  # what the verifier decided, for the round
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -189,7 +189,7 @@ class Drafter(ABC):
         vocab)`."""
         return None  # a no-op by default
 
-    def round_details(self) -> dict[str, float | str]:
+    def round_details(self) -> dict[str, Detail]:
         """Scalars recorded with the round that was just verified (e.g. the skipped layers)."""
         return {}
 
@@ -424,7 +424,7 @@ def verify_typical(logits: torch.Tensor, draft: DraftTree, typical: TypicalAccep
     verdicts = ["accepted" if i in on_path else "rejected" if v == "passed" else v for i, v in enumerate(verdicts)]
     bonus = int(logits[best + 1].argmax())
     kind = "bonus" if not kids_of.get(best) else "correction"
-    details: dict[str, float | str] = {
+    details: dict[str, Detail] = {
         "acceptance": "typical",
         "typical_threshold": ",".join("" if t is None else f"{t:.6g}" for t in thresholds)}
     return Verdict(len(path), bonus, kind, p_list, [float(x) for x in draft.draft_probs], [None] * n, verdicts,
@@ -544,7 +544,7 @@ def commit_cache(session: Any, committed: int, draft: DraftTree, verdict: Verdic
 
 
 def draft_round(model: Any, round_index: int, context: Sequence[int], drafter_name: str, rule: str,
-                draft: DraftTree, verdict: Verdict, details: dict[str, float | str], *, draft_time_s: float,
+                draft: DraftTree, verdict: Verdict, details: dict[str, Detail], *, draft_time_s: float,
                 verify_time_s: float) -> DraftRound:
     """The event of one round: every draft node with q, p, u and its verdict, and the bonus token."""
     return DraftRound(

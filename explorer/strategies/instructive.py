@@ -71,5 +71,5 @@ def run(model: Any, prompt_ids: Sequence[int], config: InstructiveConfig, rng: t
         token = int(torch.argmax(contrasted))
         plain = int(torch.argmax(z))
         yield commit_token(model, step, position + step, token, z, contrasted,
-                           details={"flipped": float(token != plain), "plain_top": float(plain)})
+                           details={"flipped": token != plain, "plain_top": plain})
         z, z_noisy = real.forward([token])[-1], noisy.forward([token])[-1]
