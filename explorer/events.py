@@ -20,9 +20,10 @@ STATUSES = (STATUS_OK, STATUS_FAILED, STATUS_CANCELLED, STATUS_RUNNING, STATUS_S
 RUN_ID = re.compile(r"[0-9a-f]{12}")  # what the runner generates: safe in file names and URLs
 
 
-# A strategy's own per-step value: any plain JSON value (a number, a flag, a label, a list or an object of them), so
-# a boolean stays a boolean and a set stays a list.
-Detail = float | int | bool | str | None | list[Any] | dict[str, Any]
+# A strategy's own per-step value: a plain JSON scalar (a number, a flag, a label, null) or a flat list of them, so a
+# boolean stays a boolean and a set stays a list; nothing nested (a hostile bundle cannot hide a deep tree here).
+Scalar = float | int | bool | str | None
+Detail = Scalar | list[Scalar]
 
 @dataclass(frozen=True)
 class RunStarted:
@@ -67,7 +68,7 @@ class TokenStep:
     `logprob`, `rank` and `entropy` describe the model's raw distribution (log-softmax of the logits, natural
     log). `top_ids`/`top_logprobs` are the raw top-k; `kept_top_ids`/`kept_top_logprobs` the top-k of the
     distribution the strategy actually drew from (after its transforms), whose support has `kept_count`
-    tokens. `details` holds strategy-specific plain JSON values (Mirostat's mu, Top-H's bound, whether
+    tokens. `details` holds strategy-specific plain JSON scalars or flat lists (Mirostat's mu, Top-H's bound, whether
     instructive decoding's contrast flipped the token, ...). `origin` says where
     the token came from in draft-verify strategies; in a branch, "prefix" (copied from the parent run) and
     "forced" (the token chosen at the fork) mark the tokens its strategy did not choose.

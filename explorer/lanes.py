@@ -17,7 +17,7 @@ from typing import Any
 from explorer.events import STATUS_CANCELLED, STATUS_FAILED, RunFinished, RunStarted, TokenStep
 from explorer.recorder import Recorder
 from explorer.request import RunRequest
-from explorer.runner import encode_request, run_strategy
+from explorer.runner import RunClock, encode_request, run_strategy
 from explorer.trace import Trace
 
 
@@ -48,9 +48,10 @@ def lane_events(model: Any, requests: Sequence[RunRequest]) -> Iterator[list[Lan
     if not requests:
         raise ValueError("add at least one lane")
     encode_request(model, requests[0])  # the lanes share the prompt: refuse it once, before any lane runs
-    recorders = [Recorder() for _ in requests]  # in memory only: they hold each run's live counters
-    runs = [run_strategy(model, request, recorder=recorder) for request, recorder in zip(requests, recorders,
-                                                                                        strict=True)]
+    recorders = [Recorder() for _ in requests]  # in memory only: a failed lane's RunFinished is read from them
+    clocks = [RunClock() for _ in requests]  # each run's live counters, kept by its runner
+    runs = [run_strategy(model, request, recorder=recorder, clock=clock)
+            for request, recorder, clock in zip(requests, recorders, clocks, strict=True)]
     active = list(range(len(requests)))
     turn = 0
     try:
@@ -61,7 +62,7 @@ def lane_events(model: Any, requests: Sequence[RunRequest]) -> Iterator[list[Lan
             shift = turn % len(active)
             round_events = []
             for index in active[shift:] + active[:shift]:
-                recorder = recorders[index]
+                recorder, clock = recorders[index], clocks[index]
                 try:
                     event, error = next(runs[index]), None
                 except StopIteration:
@@ -71,8 +72,8 @@ def lane_events(model: Any, requests: Sequence[RunRequest]) -> Iterator[list[Lan
                     active.remove(index)
                     # (None when it failed before its RunStarted: a draft model refused in prepare)
                     event, error = recorder.trace and recorder.trace.finished, f"{type(exc).__name__}: {exc}"
-                round_events.append(LaneEvent(index, event, recorder.busy_s, recorder.forward_passes, error,
-                                              recorder.prefill_s))
+                round_events.append(LaneEvent(index, event, clock.busy_s, clock.forward_passes, error,
+                                              clock.prefill_s))
             if round_events:
                 yield round_events
     finally:

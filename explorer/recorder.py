@@ -6,21 +6,32 @@ little per step and the database always holds a consistent prefix of the run.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from explorer.events import RunFinished, RunStarted
 from explorer.trace import Trace
 
 
+class RunSink(Protocol):
+    """Where a recorder writes a run (store.Store is one)."""
+
+    def begin_run(self, started: RunStarted, owner: str | None = None) -> None: ...
+
+    def append_events(self, run_id: str, first_seq: int, events: Sequence[Any],
+                      finished: RunFinished | None = None) -> None: ...
+
+    def run_ended(self, trace: Trace) -> None: ...
+
+
 class Recorder:
-    def __init__(self, store: Any | None = None, batch_size: int = 64, owner: str | None = None):
+    """Records the events it is given, nothing else (the run's clock is the runner's: runner.RunClock)."""
+
+    def __init__(self, store: RunSink | None = None, batch_size: int = 64, owner: str | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.store = store
         self.owner = owner  # who may list and delete the stored run (an app session); None: anyone local
-        self.busy_s = 0.0  # compute time and target passes so far, kept by the runner for live displays
-        self.forward_passes = 0
-        self.prefill_s = 0.0  # compute time to the first token (0 until it comes)
         self.batch_size = batch_size
         self.trace: Trace | None = None
         self._pending: list[Any] = []
@@ -44,7 +55,7 @@ class Recorder:
             raise ValueError("Recorder.start must come before finish")
         self.trace.add(finished)
         self._flush(finished)
-        if self.store is not None and hasattr(self.store, "run_ended"):
+        if self.store is not None:
             self.store.run_ended(self.trace)  # e.g. mirrored to a bundle folder
 
     def _flush(self, finished: RunFinished | None = None) -> None:

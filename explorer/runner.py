@@ -14,6 +14,7 @@ import platform
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,8 +60,21 @@ def encode_request(model: Any, request: RunRequest) -> tuple[bool, list[int]]:
     return chat, prompt_ids
 
 
-def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None = None) -> Iterator[Event]:
-    """Yield every event of one run; the last one is its RunFinished (unless the run raised)."""
+@dataclass
+class RunClock:
+    """A run's live counters, kept by its runner while it runs (for live displays: lanes read them after each
+    event): compute seconds so far, target forward passes so far, compute seconds to the first token (0 until it
+    comes). Time is counted only while the run computes, not while its consumer holds it."""
+
+    busy_s: float = 0.0
+    forward_passes: int = 0
+    prefill_s: float = 0.0
+
+
+def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None = None,
+                 clock: RunClock | None = None) -> Iterator[Event]:
+    """Yield every event of one run; the last one is its RunFinished (unless the run raised). `clock`, when
+    given, follows the run's compute time and passes as it goes."""
     spec = get_strategy(request.strategy)
     config, max_new_tokens, stops = request.config, request.max_new_tokens, list(request.stop_strings)
     model = model.for_run()  # count this run's forward passes only
@@ -96,9 +110,7 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
     rng = torch.Generator(device=model.device).manual_seed(request.seed)
     eos = model.eos_token_ids
     generated: list[int] = []
-    # Time is counted only while this run computes, not while its consumer holds it (interleaved lanes).
-    busy = 0.0
-    prefill_time = 0.0
+    clock = clock or RunClock()
     status, stop_reason, error = STATUS_OK, "max_new_tokens", None
     prefix = list(request.prefix)
     budget = {"max_new_tokens": max_new_tokens - len(prefix)} if spec.needs_budget else {}
@@ -114,8 +126,8 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
             error=error,
             text=model.decode(generated),
             new_tokens=len(generated),
-            wall_time_s=busy,
-            prefill_time_s=prefill_time,
+            wall_time_s=clock.busy_s,
+            prefill_time_s=clock.prefill_s,
             target_forward_passes=model.forward_passes,
         )
         recorder.finish(finished)
@@ -127,11 +139,11 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
         for event in events:
             if isinstance(event, TokenStep):
                 if not generated:
-                    prefill_time = recorder.prefill_s = busy + time.perf_counter() - mark
+                    clock.prefill_s = clock.busy_s + time.perf_counter() - mark
                 generated.append(event.token_id)
             recorder.observe(event)
-            busy += time.perf_counter() - mark
-            recorder.busy_s, recorder.forward_passes = busy, model.forward_passes
+            clock.busy_s += time.perf_counter() - mark
+            clock.forward_passes = model.forward_passes
             yield event
             if probe is not None and isinstance(event, TokenStep):  # not counted in the run's compute time
                 for extra in probe.observe(event):
@@ -143,7 +155,7 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
                 if reason:
                     stop_reason = reason
                     break
-            if request.time_limit_s is not None and busy > request.time_limit_s:
+            if request.time_limit_s is not None and clock.busy_s > request.time_limit_s:
                 status, stop_reason = STATUS_STOPPED, "time_limit"
                 error = f"stopped at its time limit of {request.time_limit_s:g} s"
                 break

@@ -122,3 +122,22 @@ def test_no_draft_verify_config_redefines_a_field_of_the_sampling_rule():
                 if field.name in rule:
                     assert (field.default, field.metadata) == (rule[field.name].default,
                                                                rule[field.name].metadata), (name, field.name)
+
+
+def test_the_run_clock_is_the_runners_and_the_recorder_only_records(tiny):
+    from explorer.recorder import Recorder
+    from explorer.request import RunRequest
+    from explorer.runner import RunClock, run_strategy
+
+    recorder, clock = Recorder(), RunClock()
+    seen = []
+    for event in run_strategy(tiny, RunRequest.build("greedy", {}, "Hi", max_new_tokens=5), recorder=recorder,
+                              clock=clock):
+        seen.append((event.kind, clock.forward_passes))
+    finished = recorder.trace.finished
+    assert clock.busy_s == finished.wall_time_s > 0 and clock.prefill_s == finished.prefill_time_s > 0
+    assert clock.forward_passes == finished.target_forward_passes == 5  # prefill + 4 single-token passes
+    steps = [passes for kind, passes in seen if kind == "token_step"]
+    assert steps == sorted(steps) and steps[0] == 1  # live: the passes so far, as each token arrives
+    assert not {"busy_s", "forward_passes", "prefill_s"} & set(vars(recorder))
+    assert "hasattr" not in (ROOT / "explorer" / "recorder.py").read_text()

@@ -45,14 +45,14 @@ def test_codec_packs_arrays_and_keeps_special_floats():
 
 
 def test_details_keep_plain_json_values_through_the_store_and_the_jsonl(any_store, tiny, tmp_path):
-    """A step's details hold any plain JSON value: a flag stays a bool (not 0.0/1.0), a list stays a list."""
+    """A step's details hold plain JSON scalars and flat lists: a flag stays a bool (not 0.0/1.0), a list a list."""
     from explorer.export import read_jsonl, write_jsonl
 
     trace = run_to_end(tiny, RunRequest.build("instructive", {"epsilon": 1.0}, "Hi", max_new_tokens=4),
                        recorder=Recorder(any_store))
     assert all(isinstance(s.details["flipped"], bool) for s in trace.token_steps)
     step = dataclasses.replace(trace.token_steps[0], details={"flag": True, "set": [3, 1], "label": "x",
-                                                              "nested": {"a": [1.5, None]}, "mu": 0.25})
+                                                              "mixed": [1.5, None, "a"], "mu": 0.25})
     trace.events[trace.events.index(trace.token_steps[0])] = step
     loaded = read_jsonl(write_jsonl([trace], tmp_path / "run.jsonl").read_text().splitlines())[0]  # strict load
     assert loaded.token_steps[0].details == step.details
