@@ -504,9 +504,10 @@ class Lane:
 
 
 # --------------------------------------------------------------------------------------------- page
-@dataclass
+@dataclass(kw_only=True)
 class Page:
-    """Every component the handlers read or write, by name."""
+    """Every component the handlers read or write, by name (built by keyword); the events' input and output
+    lists are derived from it (below), never kept by hand."""
 
     prompt: gr.Textbox
     chat: gr.Checkbox
@@ -532,6 +533,34 @@ class Page:
     views: list[gr.Plot] = field(default_factory=list)
     probes: dict[str, Any] = field(default_factory=dict)  # lens, attention, attention_layers: record switches
     branching: dict[str, Any] = field(default_factory=dict)  # lane, step, token, strategy, button: what if
+
+    # ------------------------------------------------------------------------------- derived lists
+    @property
+    def lane_outputs(self) -> list[Any]:
+        return [c for lane in self.lanes for c in (lane.output, lane.metrics)]
+
+    @property
+    def lane_controls(self) -> list[Any]:
+        """What `show_lanes` sets: how many lanes, their columns, the lane buttons and the per-lane view picker."""
+        return [self.lane_count, *(lane.column for lane in self.lanes), self.add_btn, self.remove_btn,
+                self.baseline_btn, self.view_lane]
+
+    @property
+    def run_inputs(self) -> set[Any]:
+        return {self.prompt, self.chat, self.system, self.model_id, self.seed, self.max_new, self.color_by,
+                self.view_lane, self.lane_count, *self.probes.values(),
+                *(c for lane in self.lanes for c in lane.inputs)}
+
+    @property
+    def run_outputs(self) -> list[Any]:
+        """What a run (and Stop) sets: the lanes, the views, the summary, the permalink, the buttons."""
+        return [*self.lane_outputs, *self.views, self.traces, self.link, self.run_btn, self.stop_btn, self.summary,
+                self.summary_markdown, self.summary_latex]
+
+    @property
+    def branch_outputs(self) -> list[Any]:
+        """A branch also opens a lane and says what runs there."""
+        return [*self.run_outputs, *(lane.strategy for lane in self.lanes), *self.lane_controls]
 
     # ------------------------------------------------------------------------------------ rendering
     def render_lanes(self, traces: list[Any], color_by: str, lives: list[tuple[float, int]] | None = None
@@ -745,9 +774,9 @@ class Page:
 
     @property
     def opened_outputs(self) -> list[Any]:
-        return [*(c for lane in self.lanes for c in (lane.output, lane.metrics, lane.column, lane.strategy)),
-                *self.views, self.traces, self.link, self.lane_count, self.tabs, self.add_btn, self.remove_btn,
-                self.baseline_btn, self.view_lane, self.summary, self.summary_markdown, self.summary_latex,
+        """Stored runs opened: what a run sets but the buttons, the lanes' controls, the tabs and the inputs."""
+        return [*[c for c in self.run_outputs if c not in (self.run_btn, self.stop_btn)],
+                *(lane.strategy for lane in self.lanes), *self.lane_controls, self.tabs,
                 self.prompt, self.chat, self.system, self.seed, self.max_new, self.model_id,
                 *(c for lane in self.lanes for c in (lane.chosen, lane.redraw))]
 
@@ -849,40 +878,35 @@ def compare_tab(tabs: gr.Tabs, blocks: gr.Blocks) -> Page:
         with gr.Tab(tab):
             plots |= {v.name: gr.Plot(label=v.label, show_label=False, elem_id=v.name) for v in VIEWS if v.tab == tab}
     views = [plots[v.name] for v in VIEWS]  # in the catalog's order, whatever order the tabs lay them out in
-    page = Page(prompt, chat, system, model_id, seed, max_new, color_by, view_lane, gr.State(len(first_lanes)),
-                gr.State([]), link, tabs, add_btn, remove_btn, baseline_btn, run_btn, stop_btn, summary,
-                summary_markdown, summary_latex, lanes, views,
+    page = Page(prompt=prompt, chat=chat, system=system, model_id=model_id, seed=seed, max_new=max_new,
+                color_by=color_by, view_lane=view_lane, lane_count=gr.State(len(first_lanes)), traces=gr.State([]),
+                link=link, tabs=tabs, add_btn=add_btn, remove_btn=remove_btn, baseline_btn=baseline_btn,
+                run_btn=run_btn, stop_btn=stop_btn, summary=summary, summary_markdown=summary_markdown,
+                summary_latex=summary_latex, lanes=lanes, views=views,
                 probes={"lens": lens, "attention": attention, "attention_layers": attention_layers},
                 branching={"lane": branch_lane, "step": branch_step, "token": branch_token,
                            "strategy": branch_strategy, "button": branch_btn})
 
-    lane_outputs = [c for lane in lanes for c in (lane.output, lane.metrics)]
-    run_inputs = {prompt, chat, system, model_id, seed, max_new, color_by, view_lane, page.lane_count,
-                  lens, attention, attention_layers, *(c for lane in lanes for c in lane.inputs)}
-    run_outputs = [*lane_outputs, *views, page.traces, link, run_btn, stop_btn, summary, summary_markdown,
-                   summary_latex]
-    run_event = run_btn.click(page.run, run_inputs, run_outputs, concurrency_limit=CONCURRENCY,
+    run_event = run_btn.click(page.run, page.run_inputs, page.run_outputs, concurrency_limit=CONCURRENCY,
                               api_visibility="private")
-    branch_outputs = [*run_outputs, *(c for lane in lanes for c in (lane.column, lane.strategy)), page.lane_count,
-                      add_btn, remove_btn, baseline_btn, view_lane]
-    branch_event = branch_btn.click(page.branch, {*run_inputs, page.traces, branch_lane, branch_step, branch_token,
-                                                 branch_strategy}, branch_outputs, concurrency_limit=CONCURRENCY,
+    branch_event = branch_btn.click(page.branch, {*page.run_inputs, page.traces, branch_lane, branch_step,
+                                                 branch_token, branch_strategy},
+                                    page.branch_outputs, concurrency_limit=CONCURRENCY,
                                     api_visibility="private", api_name="branch_lane")
     for lane in lanes:
         lane.output.click(page.pick_token(lane.index), page.traces, [branch_lane, branch_step, branch_token],
                           queue=False, api_visibility="private")
     branch_step.input(page.choose_step, [page.traces, branch_lane, branch_step], branch_token, queue=False,
                       api_visibility="private")
-    stop_btn.click(page.stop, [page.traces, color_by, view_lane], run_outputs, cancels=[run_event, branch_event],
-                   queue=False, api_visibility="private")
-    lane_columns = [page.lane_count, *(lane.column for lane in lanes), add_btn, remove_btn, baseline_btn, view_lane]
-    add_btn.click(lambda n, v: page.change_lanes(n, +1, v), [page.lane_count, view_lane], lane_columns, queue=False)
-    remove_btn.click(lambda n, v: page.change_lanes(n, -1, v), [page.lane_count, view_lane], lane_columns,
+    stop_btn.click(page.stop, [page.traces, color_by, view_lane], page.run_outputs,
+                   cancels=[run_event, branch_event], queue=False, api_visibility="private")
+    add_btn.click(lambda n, v: page.change_lanes(n, +1, v), [page.lane_count, view_lane], page.lane_controls,
+                  queue=False)
+    remove_btn.click(lambda n, v: page.change_lanes(n, -1, v), [page.lane_count, view_lane], page.lane_controls,
                      queue=False)
     baseline_btn.click(page.add_greedy_baseline, [page.lane_count, view_lane],
-                       [*lane_columns, *(lane.strategy for lane in lanes)],
-                       queue=False)
-    color_by.change(page.render_lanes, [page.traces, color_by], lane_outputs, queue=False)
+                       [*page.lane_controls, *(lane.strategy for lane in lanes)], queue=False)
+    color_by.change(page.render_lanes, [page.traces, color_by], page.lane_outputs, queue=False)
     color_by.change(color_legend_html, color_by, color_key, queue=False)
     view_lane.change(page.render_views, [page.traces, view_lane], views)
     figures_btn.click(export_views, [page.traces, view_lane, figure_width], figures_file)

@@ -55,6 +55,24 @@ def test_lane_specs_come_from_the_lane_state():
     assert restored[first.chosen] == {"sample": {"top_p": 0.25}} and restored[first.redraw] > 0
 
 
+def test_every_handler_writes_only_what_its_event_lists(tiny, monkeypatch):
+    """The events' output lists are derived from the Page: each handler's keys are among them (Gradio refuses a
+    key that is not an output of the event)."""
+    import app
+
+    page = app.PAGE
+    traces = [run_to_end(tiny, RunRequest.build(name, {}, "Hi", max_new_tokens=3)) for name in ("greedy", "sample")]
+    monkeypatch.setattr(app, "render_views", lambda traces, view_lane, owner=None: [None] * app.VIEW_COUNT)
+    finished = {**page.render_lanes(traces, "probability"), **page.views_of(traces, "1", "o"),
+                **page.render_summary(traces), page.traces: traces, page.link: ""}
+    assert set(finished) <= set(page.run_outputs)
+    assert set(page.show_lanes(3, "1")) <= set(page.lane_controls)
+    opened = page.opened(traces, "probability", "1", "o")
+    assert set(opened) <= set(page.opened_outputs)
+    assert set(page.lanes[0].restored("sample", {"top_p": 0.5})) <= set(page.opened_outputs)
+    assert set(page.run_outputs) <= set(page.branch_outputs) and set(page.lane_controls) <= set(page.branch_outputs)
+
+
 def test_render_views_fills_every_tab(tiny_flat):
     import app
 
