@@ -358,11 +358,10 @@ def branch(run_id: str, step: int, token: str, strategy: str = "", params: str =
 
 
 # -------------------------------------------------------------------------------------------- lanes
-def make_control(config: type, spec: dataclasses.Field, value: Any = dataclasses.MISSING,
-                 interactive: bool = True) -> gr.components.Component:
-    """The control of one config field, showing `value` (default: the field's default)."""
+def make_control(config: type, spec: dataclasses.Field, value: Any, interactive: bool = True
+                 ) -> gr.components.Component:
+    """The control of one config field, showing `value`."""
     kind, meta = field_type(config, spec.name), spec.metadata
-    value = spec.default if value is dataclasses.MISSING else value
     common = dict(label=spec.name, info=meta.get("help"), interactive=interactive)
     if kind is bool:
         return gr.Checkbox(value=value, **common)
@@ -381,8 +380,8 @@ STRATEGY_CHOICES = [(f"{name} · {REGISTRY[name].family}", name) for name in  # 
 
 
 def strategy_about(name: str) -> str:
-    """The lane's description line: what the strategy does, its paper, and its fidelity status (the whole entry:
-    `python -m explorer strategies --fidelity`, README's ledger)."""
+    """The lane's description line: what the strategy does, its paper, and its fidelity status, which opens the
+    strategy's ledger entry in place (the whole ledger: README, `python -m explorer strategies --fidelity`)."""
     spec = REGISTRY[name]
     about = f"{spec.summary}. *{spec.paper}*" if spec.paper else spec.summary
     if spec.family == "diffusion" and DIFFUSION_DEMO_HUB_ID in POLICY.allowed_models:

@@ -2,8 +2,8 @@
 departs from them, generated from the registry (`register(..., paper=, reference_code=, departures=)`), never kept
 by hand. The strategy docstrings stay the source of the reasoning; the registry carries the structured part.
 
-Shown by `python -m explorer strategies --fidelity`, in the app (a lane's description line ends in its status),
-and in README.md between the `fidelity-ledger` markers (`python -m explorer.fidelity`
+Shown by `python -m explorer strategies --fidelity`, in the app (a lane's description line ends in its status,
+which opens its entry), and in README.md between the `fidelity-ledger` markers (`python -m explorer.fidelity`
 rewrites that section; a test fails when it is stale or when a registered strategy has no entry).
 """
 
@@ -88,13 +88,6 @@ def entry_markdown(name: str, heading: bool = True) -> str:
         return head + "No departures: this strategy follows the paper and the authors' code.\n"
     return head + "**Departures from the paper and the authors' code**:\n\n" + "".join(
         f"- {d}\n" for d in item.departures)
-
-
-def entry_text(name: str) -> str:
-    """One strategy's entry as plain text (the app's hover text on a lane's fidelity status)."""
-    item = entry(name)
-    lines = [f"{item.name}: {item.status}", f"paper: {item.paper}", f"authors' code: {item.reference_code}"]
-    return "\n".join(lines + [f"- {d}" for d in item.departures])
 
 
 def ledger_html(highlight: str = "") -> str:
