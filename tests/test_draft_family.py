@@ -15,20 +15,20 @@ from explorer.strategies import make_config
 from explorer.strategies.aded import AdedDrafter, TrigramMatrix, cut, drafts, merge, puct, search
 from explorer.strategies.depth_decay import DepthDecayDrafter, decayed_depths, retained_layers
 from explorer.strategies.draft_models import load_draft_model
-from explorer.strategies.draft_verify import (
-    DraftTree,
-    SpeculativeConfig,
-    draft_verify,
+from explorer.strategies.draft_verify import DraftTree, SpeculativeConfig, draft_verify
+from explorer.strategies.dynamic_exit import best_exit, tokens_per_layer
+from explorer.strategies.ead import next_owner
+from explorer.strategies.spectr import (
+    SpecTrDrafter,
+    TrieSelection,
+    group_draws,
     kseq_accept,
     kseq_beta,
     kseq_residual,
     kseq_rho,
     rrs_root_acceptance,
-    verify_tree,
+    spectr_acceptance,
 )
-from explorer.strategies.dynamic_exit import best_exit, tokens_per_layer
-from explorer.strategies.ead import next_owner
-from explorer.strategies.spectr import SpecTrDrafter, group_draws
 from explorer.testing import tiny_model
 from tests.fakes import FakeLM
 from viz.catalog import get_view
@@ -111,8 +111,8 @@ def test_verify_multiset_one_level_frequencies_match_p(mode):
         grouped = group_draws(torch.multinomial(q, 3, replacement=True, generator=g).tolist())
         tokens = [t for t, _ in grouped]
         draft = DraftTree(tokens, [-1] * len(tokens), [float(q[t]) for t in tokens], q.repeat(len(tokens), 1),
-                          mode=mode, multiplicity=[c for _, c in grouped])
-        verdict = verify_tree(p_logits[: len(tokens) + 1], draft, "sampling", config, [0], g)
+                          mode="multiset", multiplicity=[c for _, c in grouped])
+        verdict = TrieSelection(config, mode).verify(p_logits[: len(tokens) + 1], draft, [0], g)
         counts[tokens[verdict.path[0]] if verdict.accepted_count else verdict.bonus_token] += 1
     target = torch.softmax(p_logits[0], 0)
     assert 0.5 * (counts / n - target).abs().sum() < 0.015
@@ -145,7 +145,8 @@ def test_spectr_joint_distribution_over_three_tokens_is_the_targets(selection):
     for seed in range(runs):
         rng = torch.Generator().manual_seed(seed)
         drafter = SpecTrDrafter(draft, config, rng, "toy", shared=False)
-        steps = (e for e in draft_verify(target, [0], drafter, config, rng) if isinstance(e, TokenStep))
+        rounds = draft_verify(target, [0], drafter, config, rng, acceptance=spectr_acceptance(config))
+        steps = (e for e in rounds if isinstance(e, TokenStep))
         key = tuple(s.token_id for s in itertools.islice(steps, 3))
         counts[key] = counts.get(key, 0) + 1
     exact = exact_sequences(table)

@@ -14,14 +14,9 @@ from explorer.heads import CONFIG_FILE, HEAD_FILE, load_head, load_published
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import get_strategy, make_config
-from explorer.strategies.draft_verify import (
-    DraftTree,
-    SpeculativeConfig,
-    TypicalAcceptance,
-    verify_tree,
-    verify_typical,
-)
-from explorer.strategies.medusa import medusa_tree
+from explorer.strategies.acceptance import RejectionSampling
+from explorer.strategies.draft_verify import DraftTree, SpeculativeConfig
+from explorer.strategies.medusa import TypicalAcceptance, medusa_tree
 from explorer.testing import tiny_model
 from explorer.train_drafter import train
 from explorer.trees import path_to
@@ -241,14 +236,14 @@ def test_medusa_typical_acceptance_picks_the_authors_candidate(temperature):
     next token equal the authors' rule: the longest accepted candidate, ties broken by likelihood."""
     g = torch.Generator().manual_seed(int(temperature * 10))
     config = SpeculativeConfig(rule="sampling", temperature=temperature)
-    typical = TypicalAcceptance(posterior_threshold=0.09, posterior_alpha=0.3)
+    typical = TypicalAcceptance(posterior_threshold=0.09, posterior_alpha=0.3, filters=config)
     lengths, tie_breaks = set(), 0
     for _ in range(300):
         levels = [torch.randperm(6, generator=g)[:w].tolist() for w in (3, 2, 2)]
         tokens, parents, _ = medusa_tree(levels)
         logits = torch.randn(len(tokens) + 1, 6, generator=g) * 2.5
         draft = DraftTree(tokens, parents, [1.0] * len(tokens), None, mode="point")
-        verdict = verify_typical(logits, draft, typical, config, [0])
+        verdict = typical.verify(logits, draft, [0], g)
         path, next_token = authors_typical_choice(logits, tokens, parents, temperature, 0.09, 0.3)
         assert (verdict.path, verdict.bonus_token) == (path, next_token)
         assert verdict.u == [None] * len(tokens) and verdict.details["acceptance"] == "typical"
@@ -264,21 +259,21 @@ def test_medusa_typical_acceptance_is_lossy_where_exact_rejection_is_not():
     the point-mass candidate with the same generator draws u = 0.50 > 0.2 and rejects it; p(y) = 0.05 at a peaked
     row falls short of the bar, yet exact sampling accepts it whenever u < 0.05."""
     config = SpeculativeConfig(rule="sampling")
-    typical = TypicalAcceptance(0.09, 0.3)
+    typical = TypicalAcceptance(0.09, 0.3, config)
     p = torch.tensor([0.2, 0.3, 0.25, 0.25])
     logits = torch.log(torch.stack([p, p]))
     draft = DraftTree.chain([0])
     draft.mode = "point"
     rng = torch.Generator().manual_seed(0)
-    exact = verify_tree(logits, draft, "sampling", config, [1], rng)
+    exact = RejectionSampling(config).verify(logits, draft, [1], rng)
     assert exact.u[0] > 0.2 and exact.node_verdicts == ["rejected"]
-    lossy = verify_typical(logits, draft, typical, config, [1])
+    lossy = typical.verify(logits, draft, [1], rng)
     assert lossy.node_verdicts == ["accepted"] and lossy.path == [0] and lossy.bonus_token == 1  # then the argmax
     threshold = float(lossy.details["typical_threshold"])
     entropy = -float((p * p.log()).sum())
     assert threshold == pytest.approx(min(0.09, 0.3 * math.exp(-entropy))) and lossy.p[0] == pytest.approx(0.2)
     peaked = torch.tensor([0.05, 0.9, 0.05])
-    rejected = verify_typical(torch.log(torch.stack([peaked, peaked])), draft, typical, config, [1])
+    rejected = typical.verify(torch.log(torch.stack([peaked, peaked])), draft, [1], rng)
     assert rejected.accepted_count == 0 and rejected.bonus_token == 1 and rejected.bonus_kind == "correction"
     assert float(rejected.details["typical_threshold"]) == pytest.approx(0.09)  # here the hard threshold binds
 

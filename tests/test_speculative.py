@@ -12,20 +12,12 @@ from explorer.events import DraftRound, TokenStep
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import make_config
+from explorer.strategies.acceptance import RejectionSampling, accept_probability, residual
 from explorer.strategies.draft_models import ModelDrafter, layer_skip_view, parse_layers
-from explorer.strategies.draft_verify import (
-    DraftLength,
-    DraftTree,
-    SpeculativeConfig,
-    Verdict,
-    accept_probability,
-    draft_verify,
-    residual,
-    verify_rollback,
-    verify_tree,
-)
+from explorer.strategies.draft_verify import DraftLength, DraftTree, SpeculativeConfig, Verdict, draft_verify
 from explorer.strategies.prompt_lookup import find_continuation
 from explorer.strategies.self_speculative import clasp_search, most_skippable
+from explorer.strategies.speculative import Rollback
 from explorer.testing import save_tiny_model, tiny_model
 from tests.fakes import FakeLM
 
@@ -133,7 +125,7 @@ def test_verify_one_step_frequencies_match_p_for_a_chain():
     for _ in range(n):
         x = int(torch.multinomial(q, 1, generator=g))
         draft = DraftTree.chain([x], [float(q[x])], q.unsqueeze(0))
-        verdict = verify_tree(p_logits, draft, "sampling", config, [0], g)
+        verdict = RejectionSampling(config).verify(p_logits, draft, [0], g)
         first = x if verdict.accepted_count else verdict.bonus_token
         counts[first] += 1
     target = torch.softmax(p_logits[0], 0)
@@ -316,12 +308,12 @@ def test_bild_rollback_keeps_tokens_up_to_the_first_distant_one():
     draft = DraftTree.chain(drafted)
     config = SpeculativeConfig()
     rng = torch.Generator().manual_seed(0)
-    verdict = verify_rollback(logits, draft, 1.0, "greedy", config, [], rng)
+    verdict = Rollback(1.0, config).verify(logits, draft, [], rng)
     assert verdict.accepted_count == 2 and verdict.node_verdicts == ["accepted", "accepted", "rejected", "unreached"]
     assert verdict.bonus_token == int(logits[2].argmax()) and verdict.bonus_kind == "correction"
-    verdict = verify_rollback(logits, draft, 2.5, "greedy", config, [], rng)  # nothing is far enough
+    verdict = Rollback(2.5, config).verify(logits, draft, [], rng)  # nothing is far enough
     assert verdict.accepted_count == 4 and verdict.bonus_token == 5 and verdict.bonus_kind == "bonus"
-    verdict = verify_rollback(logits, draft, 0.05, "greedy", config, [], rng)
+    verdict = Rollback(0.05, config).verify(logits, draft, [], rng)
     assert verdict.accepted_count == 0
 
 

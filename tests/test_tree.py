@@ -10,15 +10,8 @@ from explorer.events import PoolUpdate, TokenStep
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import make_config
-from explorer.strategies.draft_verify import (
-    DraftTree,
-    SpeculativeConfig,
-    Verdict,
-    accept_probability,
-    draft_verify,
-    residual,
-    verify_tree,
-)
+from explorer.strategies.acceptance import GreedyMatch, RejectionSampling, accept_probability, residual
+from explorer.strategies.draft_verify import DraftTree, SpeculativeConfig, Verdict, draft_verify
 from explorer.strategies.lookahead import LookaheadConfig, LookaheadDrafter, hits, prefix_tree
 from explorer.strategies.tree_speculative import TreeDrafter, gumbel_top_k
 from explorer.testing import tiny_model
@@ -66,12 +59,12 @@ def test_greedy_tree_verification_follows_the_argmax_path():
         logits[row, best] = 5.0
     # root -> {2 (node 0), 1 (node 1)}; node 0 -> {4 (node 2), 3 (node 3)}; node 3 -> {1 (node 4)}
     draft = DraftTree([2, 1, 4, 3, 1], [-1, -1, 0, 0, 3], [1.0] * 5, None, mode="point")
-    verdict = verify_tree(logits, draft, "greedy", SpeculativeConfig(), [0], torch.Generator())
+    verdict = GreedyMatch().verify(logits, draft, [0], torch.Generator())
     assert verdict.path == [0, 3, 4] and verdict.bonus_token == 4 and verdict.bonus_kind == "bonus"
     assert verdict.node_verdicts == ["accepted", "rejected", "rejected", "accepted", "accepted"]
     logits[5] = 0.0
     logits[1, 2] = 9.0  # now node 0's best child is token 2, which was not drafted: a correction
-    verdict = verify_tree(logits, draft, "greedy", SpeculativeConfig(), [0], torch.Generator())
+    verdict = GreedyMatch().verify(logits, draft, [0], torch.Generator())
     assert verdict.path == [0] and verdict.bonus_token == 2 and verdict.bonus_kind == "correction"
 
 
@@ -136,7 +129,7 @@ def test_verify_tree_frequencies_match_p(mode):
         else:
             kids = gumbel_top_k(q.log(), 2, g)
         draft = DraftTree(kids, [-1, -1], [float(q[t]) for t in kids], q.expand(2, -1), mode=mode)
-        verdict = verify_tree(logits, draft, "sampling", SpeculativeConfig(rule="sampling"), [0], g)
+        verdict = RejectionSampling(SpeculativeConfig(rule="sampling")).verify(logits, draft, [0], g)
         first = kids[verdict.path[0]] if verdict.path else verdict.bonus_token
         counts[first] += 1
     target = torch.softmax(p_logits, 0)
@@ -212,8 +205,8 @@ def test_lookahead_verification_branch_is_a_prefix_tree():
     logits = torch.full((len(tokens) + 1, 10), -5.0)
     for row, best in [(0, 4), (4, 6), (6, 8)]:  # target: 4, then 6... row = node + 1
         logits[row, best] = 5.0
-    verdict = verify_tree(logits, DraftTree(tokens, parents, [1.0] * len(tokens), None, mode="point"), "greedy",
-                          SpeculativeConfig(), [], torch.Generator())
+    verdict = GreedyMatch().verify(logits, DraftTree(tokens, parents, [1.0] * len(tokens), None, mode="point"), [],
+                                   torch.Generator())
     assert verdict.path == [3, 5] and hits(3, verdict.node_verdicts) == (0, 2)
 
 

@@ -17,34 +17,100 @@ committed token):
    - typical (Sec. 2.3.1, the paper's choice for sampling; LOSSY): x passes if p(x) > min(epsilon, delta *
      exp(-H(p))) (epsilon = `posterior_threshold`, delta = `posterior_alpha`, the authors' 0.09 and 0.3), the
      longest passing path wins (ties: the more likely), and the token after it is the target's argmax (the
-     paper's greedy first token). draft_verify.verify_typical; each round records the thresholds.
+     paper's greedy first token). `TypicalAcceptance` below; each round records the thresholds.
 Departures: the widths are uniform per depth (Medusa ships hand-tuned sparse trees of 64 nodes); heads predict
 over a reduced draft vocabulary V_d (their output rows start as the LM head's rows for V_d).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from explorer.events import Event
+from explorer.events import Detail, Event
 from explorer.heads import resolve_head
 from explorer.params import param
+from explorer.sampling import SamplingFilters
+from explorer.strategies.acceptance import Acceptance, DraftTree, Verdict
 from explorer.strategies.base import register, tree_prepare
-from explorer.strategies.draft_verify import (
-    Drafter,
-    DraftTree,
-    SpeculativeConfig,
-    TypicalAcceptance,
-    Verdict,
-    draft_verify,
-)
-from explorer.trees import parse_widths, uniform_tree_size
+from explorer.strategies.draft_verify import Drafter, SpeculativeConfig, draft_verify
+from explorer.trees import children, parse_widths, path_to, uniform_tree_size
 
 ACCEPTANCES = ("exact", "typical")
+
+
+def typical_threshold(p: torch.Tensor, posterior_threshold: float, posterior_alpha: float) -> float:
+    """The bar a drafted token's p must clear: min(epsilon, delta * exp(-H(p))), H in nats (0 log 0 = 0; the
+    authors' code takes log(p + 1e-5), a guard that shifts H by at most ~1e-5 per vocabulary entry)."""
+    logp = torch.log(p.clamp_min(1e-300))
+    entropy = float(-(p * logp).sum())
+    return min(posterior_threshold, posterior_alpha * math.exp(-entropy))
+
+
+@dataclass(frozen=True)
+class TypicalAcceptance(Acceptance):
+    """Medusa's typical acceptance (Cai et al. 2024, arXiv:2401.10774, Sec. 2.3.1; FasterDecoding/Medusa:
+    medusa/model/utils.py: evaluate_posterior): a hard threshold epsilon (`posterior_threshold`) and an
+    entropy-scaled one delta (`posterior_alpha`), on p filtered by `filters`. It searches every path of the tree
+    rather than walking one (see `verify`)."""
+
+    posterior_threshold: float
+    posterior_alpha: float
+    filters: SamplingFilters
+    name = "typical"
+    lossless = False
+
+    def verify(self, logits: torch.Tensor, draft: DraftTree, context: Sequence[int], rng: torch.Generator,
+               hidden_states: torch.Tensor | None = None) -> Verdict:
+        """Medusa's typical acceptance on a tree, LOSSY (the output is not distributed as p): node i, whose token
+        follows its parent's position, passes if p(x_i) > typical_threshold(p) there, p = the filtered softmax at
+        that position (the authors: softmax(logits / T)); a path is accepted up to its first failing node. Among
+        all root-to-node paths the longest accepted one wins, ties broken by the higher sum of log p over it
+        (`evaluate_posterior`), exact ties by the first node; the token after it is the target's argmax (the
+        paper takes the first token greedily so that every round makes progress). No uniform draw is used (u is
+        None); the threshold of every reached node is recorded in `details["typical_threshold"]` (comma-separated,
+        empty where unreached)."""
+        n = len(draft.tokens)
+        kids_of = children(draft.parents)
+        p_list: list[float | None] = [None] * n
+        thresholds: list[float | None] = [None] * n
+        verdicts = ["unreached"] * n
+        # walk down from the root through passing nodes only; rank each passing node's path by (length, sum of
+        # log p, earlier node): the authors' longest accepted candidate, then the most likely
+        best, best_key = -1, (0, 0.0, 1)
+        stack: list[tuple[int, list[int], int, float]] = [(-1, [], 0, 0.0)]  # (node, its path's tokens, depth, log p)
+        while stack:
+            node, tokens, depth, loglik = stack.pop()
+            kids = kids_of.get(node, [])
+            if not kids:
+                continue
+            p = torch.softmax(self.filters.apply(logits[node + 1], [*context, *tokens]), dim=-1)  # (vocab,)
+            bar = typical_threshold(p, self.posterior_threshold, self.posterior_alpha)
+            for kid in kids:
+                token = draft.tokens[kid]
+                p_list[kid], thresholds[kid] = float(p[token]), bar
+                if float(p[token]) <= bar:
+                    verdicts[kid] = "rejected"
+                    continue
+                verdicts[kid] = "passed"
+                key = (depth + 1, loglik + float(torch.log(p[token])), -kid)
+                if key > best_key:
+                    best, best_key = kid, key
+                stack.append((kid, [*tokens, token], depth + 1, key[1]))
+        path = path_to(draft.parents, best)
+        on_path = set(path)
+        verdicts = ["accepted" if i in on_path else "rejected" if v == "passed" else v for i, v in enumerate(verdicts)]
+        bonus = int(logits[best + 1].argmax())
+        kind = "bonus" if not kids_of.get(best) else "correction"
+        details: dict[str, Detail] = {
+            "acceptance": "typical",
+            "typical_threshold": ",".join("" if t is None else f"{t:.6g}" for t in thresholds)}
+        return Verdict(len(path), bonus, kind, p_list, [float(x) for x in draft.draft_probs], [None] * n, verdicts,
+                       logits.argmax(dim=-1).tolist(), hidden_states, path, details)
 
 
 @dataclass(frozen=True)
@@ -71,7 +137,7 @@ class MedusaConfig(SpeculativeConfig):
         """The typical-acceptance thresholds, or None for exact acceptance."""
         if self.acceptance != "typical":
             return None
-        return TypicalAcceptance(self.posterior_threshold, self.posterior_alpha)
+        return TypicalAcceptance(self.posterior_threshold, self.posterior_alpha, self)
 
     def draft_nodes(self) -> int:
         return uniform_tree_size(parse_widths(self.widths))
@@ -152,4 +218,4 @@ def prepare(model: Any, config: MedusaConfig) -> None:
           ))
 def run(model: Any, prompt_ids: Sequence[int], config: MedusaConfig, rng: torch.Generator) -> Iterator[Event]:
     drafter = MedusaDrafter(resolve_head(model, config.drafter, "medusa"), config)
-    yield from draft_verify(model, prompt_ids, drafter, config, rng, typical=config.typical())
+    yield from draft_verify(model, prompt_ids, drafter, config, rng, acceptance=config.typical())

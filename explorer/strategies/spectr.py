@@ -9,7 +9,7 @@ acceptance slack, beta(rho) = sum_x min(q(x), p(x)/rho).
 2. Verify all of it in one tree-masked target pass.
 3. Select with K-SEQ (the paper's (1 - 1/e)-optimal transport plan, Algorithm 2): at each depth the m draws that
    agree with the accepted prefix are tested in turn, draw x accepted with probability min(1, p(x)/(rho q(x)));
-   if none is accepted the correction comes from the residual p_res (draft_verify.kseq_residual). The output
+   if none is accepted the correction comes from the residual p_res (kseq_residual below). The output
    is distributed exactly as p (tested on a toy vocabulary). With k = 1, rho = 1: plain speculative sampling.
 The comparison the paper is about, recorded every round on the same drafts: the chance that the root's k draws
 yield an accepted token under K-SEQ (1 - (1 - beta)^k) and under recursive rejection sampling
@@ -20,7 +20,7 @@ Under the greedy rule the trie is verified by exact match (token-identical to gr
 the tree). Departures: the paper's drafts come from a separate small model; offline the default drafter is the
 target with its middle layers skipped (any same-vocabulary model id works). rho* is the root of
 1 - (1 - beta(rho))^k = rho beta(rho) in [1, k] (the smallest valid rho, hence the largest acceptance), found by
-bisection to ~1e-12 (draft_verify.kseq_rho; a test pins it against a closed form and a grid scan).
+bisection to ~1e-12 (kseq_rho; a test pins it against a closed form and a grid scan).
 """
 
 from __future__ import annotations
@@ -33,18 +33,20 @@ import torch
 
 from explorer.events import Event
 from explorer.params import param
+from explorer.strategies.acceptance import (
+    MULTISET,
+    Acceptance,
+    DraftTree,
+    GreedyMatch,
+    Judgement,
+    NodeRule,
+    Walk,
+    accept_probability,
+    residual,
+)
 from explorer.strategies.base import register, tree_prepare
 from explorer.strategies.draft_models import DraftCache, load_draft_model, shares_weights
-from explorer.strategies.draft_verify import (
-    Drafter,
-    DraftTree,
-    SpeculativeConfig,
-    draft_verify,
-    kseq_beta,
-    kseq_rho,
-    rrs_root_acceptance,
-    verify_multiset,
-)
+from explorer.strategies.draft_verify import Drafter, SpeculativeConfig, draft_verify
 from explorer.trees import path_to
 
 SELECTIONS = ("kseq", "multiset")
@@ -62,6 +64,104 @@ class SpecTrConfig(SpeculativeConfig):
 
     def draft_nodes(self) -> int:
         return self.drafts * self.draft_length
+
+
+# ------------------------------------------------------------------------------------------- K-SEQ
+def kseq_beta(p: torch.Tensor, q: torch.Tensor, rho: float) -> float:
+    """SpecTr's beta_{p,q}(rho) = sum_x min(q(x), p(x) / rho): the chance that one draw is accepted."""
+    return float(torch.minimum(q, p / rho).sum())
+
+
+def kseq_rho(p: torch.Tensor, q: torch.Tensor, k: int) -> float:
+    """The smallest rho in [1, k] with rho * beta(rho) >= 1 - (1 - beta(rho))^k (Sun et al. 2023, K-SEQ): the
+    largest acceptance for which the residual below stays a distribution. rho * beta grows and 1 - (1 - beta)^k
+    falls with rho, so a bisection finds it; k = 1 gives rho = 1 (plain speculative sampling)."""
+    if k <= 1:
+        return 1.0
+    low, high = 1.0, float(k)
+    for _ in range(40):
+        mid = 0.5 * (low + high)
+        beta = kseq_beta(p, q, mid)
+        if mid * beta >= 1.0 - (1.0 - beta) ** k:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def kseq_accept(p: torch.Tensor, q: torch.Tensor, rho: float) -> torch.Tensor:
+    """K-SEQ's acceptance probability of a draw x: min(1, p(x) / (rho q(x)))."""
+    return accept_probability(p / rho, q)
+
+
+def kseq_residual(p: torch.Tensor, q: torch.Tensor, rho: float, k: int) -> torch.Tensor:
+    """Where K-SEQ draws when all k draws are rejected: p_res = (p - min(q, p / rho) (1 - (1 - beta)^k) / beta)
+    / (1 - beta)^k, so that acceptance and residual together give exactly p."""
+    beta = kseq_beta(p, q, rho)
+    rejected_all = (1.0 - beta) ** k
+    if rejected_all < 1e-12 or beta <= 0:
+        return p
+    mass = torch.clamp(p - torch.minimum(q, p / rho) * (1.0 - rejected_all) / beta, min=0.0)
+    return mass / mass.sum() if mass.sum() > 0 else p
+
+
+def rrs_root_acceptance(p: torch.Tensor, q: torch.Tensor, k: int) -> float:
+    """Recursive rejection sampling's chance of accepting one of k i.i.d. draws from q: draw i is accepted with
+    probability sum_x min(q, p_{i-1}), p_i = residual(p_{i-1}, q) (deterministic, whatever was drawn)."""
+    none = 1.0
+    for _ in range(k):
+        none *= 1.0 - float(torch.minimum(q, p).sum())
+        p = residual(p, q)
+    return 1.0 - none
+
+
+@dataclass
+class TrieSelection(NodeRule):
+    """Judges the trie of k i.i.d. draft chains (a multiset draft: node i stands for `multiplicity[i]` draws of
+    its token from q at its parent) under the sampling rule. At each node the m draws below it are tested one by
+    one in a uniformly random order (the order of i.i.d. draws; grouping equal tokens would bias the result):
+    - selection "kseq" (K-SEQ, the paper's Algorithm 2): draw x is accepted with probability
+      min(1, p(x) / (rho q(x))), rho = kseq_rho(p, q, m); if all m are rejected the token is drawn from
+      kseq_residual(p, q, rho, m);
+    - selection "multiset" (recursive rejection sampling over the same draws): min(1, p(x) / q(x)), and after
+      each rejection p <- residual(p, q).
+    After an acceptance of token x the chains that drew x go on: their next tokens are i.i.d. from q(. | x), so
+    the walk repeats with m = multiplicity of x. Both give exactly p."""
+
+    filters: SpeculativeConfig
+    selection: str = "kseq"
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.selection
+
+    def judge(self, row: torch.Tensor, kids: list[int], draft: DraftTree, history: list[int],
+              rng: torch.Generator, walk: Walk) -> Judgement:
+        p = torch.softmax(self.filters.apply(row, history), dim=-1)
+        if not kids:
+            return Judgement(token=int(torch.multinomial(p, 1, generator=rng)))
+        q = draft.q_dists[kids[0]]  # every draw under one node comes from the same q
+        draws = [kid for kid in kids for _ in range(draft.multiplicity[kid])]
+        order = torch.randperm(len(draws), generator=rng, device=rng.device).tolist()
+        kseq = self.selection == "kseq"
+        rho = kseq_rho(p, q, len(draws)) if kseq else 1.0
+        chances = kseq_accept(p, q, rho)  # (vocab,): recomputed only when p changes (RRS)
+        for index in order:
+            kid = draws[index]
+            token = draft.tokens[kid]
+            u = float(torch.rand((), generator=rng, device=rng.device))
+            if walk.p[kid] is None:
+                walk.p[kid], walk.q[kid], walk.u[kid] = float(p[token]), float(q[token]), u
+            if u < float(chances[token]):
+                for other in kids:
+                    walk.verdicts[other] = "accepted" if other == kid else "rejected"
+                return Judgement(child=kid)
+            walk.verdicts[kid] = "rejected"
+            if not kseq:
+                p = residual(p, q)
+                chances = kseq_accept(p, q, rho)
+        left = kseq_residual(p, q, rho, len(draws)) if kseq else p
+        return Judgement(token=int(torch.multinomial(left, 1, generator=rng)))
 
 
 def group_draws(draws: Sequence[int]) -> list[tuple[int, int]]:
@@ -113,9 +213,8 @@ class SpecTrDrafter(Drafter):
             frontier = [(node, q_of(logits[j], [*context, *(tokens[i] for i in path_to(parents, node))]),
                          counts[node]) for j, node in enumerate(new)]
         self.cache.finish()
-        mode = self.config.selection if self.config.rule == "sampling" else "iid"
         draft = DraftTree(tokens, parents, [float(rows[i][t]) for i, t in enumerate(tokens)], torch.stack(rows),
-                          mode=mode, multiplicity=counts)
+                          mode=MULTISET, multiplicity=counts)
         draft.details.update(nodes=float(len(tokens)), drafts=float(self.config.drafts),
                              draft_forward_passes=float(self.lm.forward_passes - passes))
         self._draft, self._context = draft, list(context)
@@ -133,14 +232,18 @@ class SpecTrDrafter(Drafter):
         k = self.config.drafts
         rho = kseq_rho(p, q, k)
         beta = kseq_beta(p, q, rho)
-        shadow = DraftTree(draft.tokens, draft.parents, draft.draft_probs, draft.q_dists, mode="multiset",
-                           multiplicity=draft.multiplicity)
-        rrs = verify_multiset(logits, shadow, self.config, self._context, self.shadow_rng)
+        rrs = TrieSelection(self.config, "multiset").verify(logits, draft, self._context, self.shadow_rng)
         self._details = {"kseq_root_accept": 1.0 - (1.0 - beta) ** k, "rrs_root_accept": rrs_root_acceptance(p, q, k),
                          "rho": rho, "rrs_accepted": float(rrs.accepted_count)}
 
     def round_details(self) -> dict[str, float | str]:
         return dict(self._details)
+
+
+def spectr_acceptance(config: SpecTrConfig) -> Acceptance:
+    """The rule for SpecTr's drafts: K-SEQ (or RRS over the same draws, `selection`) under the sampling rule,
+    exact match under the greedy rule."""
+    return TrieSelection(config, config.selection) if config.rule == "sampling" else GreedyMatch()
 
 
 def spectr_drafter(model: Any, config: SpecTrConfig, rng: torch.Generator) -> SpecTrDrafter:
@@ -163,4 +266,5 @@ def prepare(model: Any, config: SpecTrConfig) -> None:
               "model (draft_model names one with the target's vocabulary)",
           ))
 def run(model: Any, prompt_ids: Sequence[int], config: SpecTrConfig, rng: torch.Generator) -> Iterator[Event]:
-    yield from draft_verify(model, prompt_ids, spectr_drafter(model, config, rng), config, rng)
+    yield from draft_verify(model, prompt_ids, spectr_drafter(model, config, rng), config, rng,
+                            acceptance=spectr_acceptance(config))

@@ -9,7 +9,7 @@ the accepted count + 1 after a rejection.
 Big Little Decoder (BiLD; Kim et al. 2023, arXiv:2302.07863): the fallback policy stops drafting when the draft's
 top probability is below `fallback_threshold` (alpha_FB), handing the step to the target. With `rollback` = 0
 (default) the drafts are then verified exactly as above (the output is unchanged by the fallback); with
-`rollback` = alpha_RB > 0 they are verified by BiLD's rollback policy instead (draft_verify.verify_rollback):
+`rollback` = alpha_RB > 0 they are verified by BiLD's rollback policy instead (`Rollback` below):
 keep the small model's tokens up to the first whose cross-entropy -ln p(x) under the large model exceeds
 alpha_RB, where the large model's token replaces it. That is BiLD's lossy trade-off: a larger alpha_RB keeps
 more of the small model's tokens. Departure: BiLD lets the small model run until it falls back or reaches
@@ -42,6 +42,7 @@ from explorer.draft_source import AUTO, EAGLE_HEAD, DraftSource
 from explorer.events import Event
 from explorer.heads import resolve_head, shipped_head
 from explorer.params import param
+from explorer.strategies.acceptance import DraftTree, Judgement, NodeRule, Walk
 from explorer.strategies.base import register
 from explorer.strategies.draft_models import (
     ChainDraftConfig,
@@ -51,7 +52,7 @@ from explorer.strategies.draft_models import (
     same_vocabulary,
     shares_weights,
 )
-from explorer.strategies.draft_verify import draft_verify
+from explorer.strategies.draft_verify import SpeculativeConfig, draft_verify
 from explorer.strategies.eagle_drafter import EagleDrafter
 
 
@@ -70,6 +71,47 @@ class DraftModelConfig(ChainDraftConfig):
     def bild(self) -> bool:
         """Whether a BiLD setting (fallback or rollback) is on: both need a draft model's distributions."""
         return bool(self.rollback or self.fallback_threshold)
+
+
+@dataclass
+class Rollback(NodeRule):
+    """BiLD's rollback policy (Kim et al. 2023, arXiv:2302.07863, Sec. 3.3; kssteven418/BigLittleDecoder:
+    `T5BiLDModel._greedy_search_body`), lossy by design, on a chain: the large model's logits `(n + 1, vocab)`
+    over the small model's n tokens; roll back at the first token x_i whose distance d = -ln p_i(x_i)
+    (cross-entropy of the small model's token under the large model) exceeds alpha_RB, and put the large model's
+    own token there instead; with no rollback, the large model's token after the last one follows. The large
+    model's token is its argmax (greedy rule) or a draw from its filtered p (sampling rule). With
+    alpha_RB < ln 2 every kept token has p > 1/2, so the greedy rule stays exact. Records `rolled_back`, the
+    number of draft tokens dropped."""
+
+    alpha: float
+    config: SpeculativeConfig
+    name = "rollback"
+    lossless = False
+
+    def verify(self, logits: torch.Tensor, draft: DraftTree, context: Sequence[int], rng: torch.Generator,
+               hidden_states: torch.Tensor | None = None) -> Any:
+        if not draft.is_chain:
+            raise ValueError("the rollback policy verifies chains only")
+        return super().verify(logits, draft, context, rng, hidden_states)
+
+    def judge(self, row: torch.Tensor, kids: list[int], draft: DraftTree, history: list[int],
+              rng: torch.Generator, walk: Walk) -> Judgement:
+        if kids:
+            (kid,) = kids
+            logp = torch.log_softmax(row, dim=-1)[draft.tokens[kid]]
+            walk.p[kid] = float(logp.exp())
+            if -float(logp) <= self.alpha:
+                walk.verdicts[kid] = "accepted"
+                return Judgement(child=kid)
+            walk.verdicts[kid] = "rejected"
+        if self.config.rule == "greedy":
+            return Judgement(token=int(row.argmax()))
+        p = torch.softmax(self.config.apply(row, history), dim=-1)
+        return Judgement(token=int(torch.multinomial(p, 1, generator=rng)))
+
+    def details(self, draft: DraftTree, walk: Walk) -> dict[str, float]:
+        return {"rolled_back": float(len(draft.tokens) - len(walk.path))}
 
 
 def drafts_with_head(model: Any, config: DraftModelConfig) -> bool:
@@ -133,4 +175,5 @@ def run(model: Any, prompt_ids: Sequence[int], config: DraftModelConfig, rng: to
         return
     drafter = ModelDrafter(draft, config, rng, f"draft model {draft.info.model_id}", config.fallback_threshold,
                            shared=shares_weights(model, draft))
-    yield from draft_verify(model, prompt_ids, drafter, config, rng, rollback=config.rollback)
+    acceptance = Rollback(config.rollback, config) if config.rollback else None  # None: exact
+    yield from draft_verify(model, prompt_ids, drafter, config, rng, acceptance=acceptance)
