@@ -142,9 +142,9 @@ def measure(shape: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     # decode: ms per token, forward only (argmax stays on the device).
     def decode() -> None:
         session = lm.session()
-        token = session.forward(prompt_ids, all_logits=False)[-1].argmax().reshape(1)
+        token = session.forward(prompt_ids, all_logits=False).logits[-1].argmax().reshape(1)
         for _ in range(n):
-            token = session.forward(token, all_logits=False)[-1].argmax().reshape(1)
+            token = session.forward(token, all_logits=False).logits[-1].argmax().reshape(1)
 
     def prefill_only() -> None:
         lm.session().forward(prompt_ids, all_logits=False)
@@ -173,7 +173,7 @@ def measure(shape: str, args, device: torch.device, dtype: torch.dtype) -> dict:
         row["chain"][k], row["tree"][k] = times["chain"] / times["one"], times["tree"] / times["one"]
 
     # recording alone: the TokenStep of one step (stats on the device, one transfer, the pieces' texts).
-    logits = session.forward(block[:1])[-1]
+    logits = session.forward(block[:1]).logits[-1]
     session.crop(base)
     token = int(logits.argmax())
     row["record_ms"] = timed(lambda: commit_token(lm, 0, base, token, logits), device, inner=200) * 1000
@@ -188,9 +188,9 @@ def measure(shape: str, args, device: torch.device, dtype: torch.dtype) -> dict:
 
     def bare() -> None:
         session = lm.session()
-        token = int(session.forward(prompt_ids, all_logits=False)[-1].argmax())
+        token = int(session.forward(prompt_ids, all_logits=False).logits[-1].argmax())
         for _ in range(n - 1):
-            token = int(session.forward([token], all_logits=False)[-1].argmax())
+            token = int(session.forward([token], all_logits=False).logits[-1].argmax())
 
     request = RunRequest.build("greedy", {}, prompt_text, chat=False, max_new_tokens=n)
 

@@ -1,13 +1,16 @@
 """Command line: `python -m explorer run|branch|runs|show|strategies|export|import|figure|sweep|report|
-drafter-data|train-drafter`.
+drafter-data|train-drafter|check`.
 
 run decodes one prompt and stores its trace; branch continues a stored run from a step with another token;
 runs lists stored runs and show prints one's per-step table;
 strategies lists the strategies and their parameters; export writes runs as CSV, Parquet, JSONL or bundles, and
 import loads a bundle; figure exports a view for a paper; sweep runs prompts x strategies x seeds (resumable)
 and report writes its tables and figures; drafter-data writes a draft head's training data (the model's own answers)
-and train-drafter trains an EAGLE or Medusa head on it. Bad input exits with status 2 and one line saying what to
-fix; a run that fails is stored as failed and exits with status 1.
+and train-drafter trains an EAGLE or Medusa head on it; check runs the tests' harness on a strategy (explorer/check.py)
+and prints a verdict table (status 1 when a check fails). Bad input exits with status 2 and one line saying what to
+fix; a run that fails is stored as failed and exits with status 1. Plugins (explorer/plugins.py: the global
+`--plugin PATH_OR_MODULE`, $DECODING_EXPLORER_PLUGINS, installed entry points) load before the command; one that
+fails is one warning line, and the command goes on.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m explorer", description=__doc__.splitlines()[0])
+    parser.add_argument("--plugin", action="append", default=[], metavar="PATH_OR_MODULE",
+                        help="load a plugin (a .py file or a module) before the command, after those "
+                             "$DECODING_EXPLORER_PLUGINS names (repeatable; give it before the command)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="decode one prompt with one strategy and store the trace")
@@ -194,12 +200,32 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--db", default=None)
     report.add_argument("--out", required=True, help="output directory")
     report.add_argument("--formats", default="svg,pdf,png", help="figure formats, comma-separated")
+
+    check = sub.add_parser("check", help="check a strategy's claims with the tests' harness: parameter bounds, "
+                                         "greedy identity, exact sampling, store round trip")
+    check.add_argument("--strategy", required=True, help="registry name (a plugin's too), see `strategies`")
+    check.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="a strategy parameter (repeatable)")
+    check.add_argument("--lossless", action="store_true",
+                       help="claim: under the greedy rule its tokens equal greedy decoding's")
+    check.add_argument("--exact-sampling", action="store_true",
+                       help="claim: under the sampling rule its output is distributed as the target's")
+    check.add_argument("--model", default=None,
+                       help="with --lossless: the real model to check on (default: the embedded model, if installed)")
+    check.add_argument("--architectures", default=None,
+                       help="with --lossless: tiny model families, comma-separated (default: llama, mistral, qwen3, "
+                            "gemma3_text, gpt2, gpt_neox)")
+    check.add_argument("--runs", type=int, default=2000, help="with --exact-sampling: seeds sampled")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    from explorer.plugins import load_plugins, specs_from_env
+
+    for failure in load_plugins([*specs_from_env(), *args.plugin]):  # one line each; the command goes on
+        print(f"warning: {one_line(failure)}", file=sys.stderr)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is enough
@@ -212,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {"run": cmd_run, "runs": cmd_runs, "show": cmd_show, "strategies": cmd_strategies,
                     "export": cmd_export, "import": cmd_import, "figure": cmd_figure, "sweep": cmd_sweep,
                     "report": cmd_report, "branch": cmd_branch, "train-drafter": cmd_train_drafter,
-                    "drafter-data": cmd_drafter_data}
+                    "drafter-data": cmd_drafter_data, "check": cmd_check}
         return commands[args.command](args)
     except ValueError as error:
         print(f"error: {one_line(str(error))}", file=sys.stderr)
@@ -454,7 +480,7 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     if args.markdown:
         raise ValueError("--markdown goes with --fidelity")
     for name, spec in sorted(REGISTRY.items()):
-        print(f"{name}: {spec.summary}")
+        print(f"{name}: {spec.summary}" + (f" (plugin {spec.plugin})" if spec.plugin else ""))
         for field in dataclasses.fields(spec.config):
             print(f"    {field.name} = {field.default!r}  {field.metadata.get('help', '')}")
     return 0
@@ -564,6 +590,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for what, error in report.failed:
         print(f"failed: {what}: {error}", file=sys.stderr)
     return 1 if report.failed else 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from explorer.check import check, verdict_table
+
+    options = {"architectures": [a.strip() for a in args.architectures.split(",")]} if args.architectures else {}
+    results = check(args.strategy, lossless=args.lossless, exact_sampling=args.exact_sampling, model=args.model,
+                    params=_parse_params(args.param), runs=args.runs, **options)
+    for line in verdict_table(results).splitlines():
+        print(one_line(line))
+    return 1 if any(result.passed is False for result in results) else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

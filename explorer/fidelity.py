@@ -1,6 +1,7 @@
-"""The fidelity ledger: for every registered strategy, the paper, the authors' code it follows, and each way it
-departs from them, generated from the registry (`register(..., paper=, reference_code=, departures=)`), never kept
-by hand. The strategy docstrings stay the source of the reasoning; the registry carries the structured part.
+"""The fidelity ledger: for every built-in strategy (not a plugin's), the paper, the authors' code it follows, and
+each way it departs from them, generated from the registry (`register(..., paper=, reference_code=, departures=)`),
+never kept by hand. The strategy docstrings stay the source of the reasoning; the registry carries the structured
+part.
 
 Shown by `python -m explorer strategies --fidelity`, in the app (a lane's description line ends in its status,
 which opens its entry), and in README.md between the `fidelity-ledger` markers (`python -m explorer.fidelity`
@@ -45,10 +46,10 @@ class Entry:
 
 
 def ledger() -> list[Entry]:
-    """Every registered strategy's entry, by family then name."""
+    """Every built-in strategy's entry, by family then name (a plugin's strategies are not this project's)."""
     from explorer.strategies.base import FAMILIES
 
-    specs = sorted(REGISTRY.values(), key=lambda s: (FAMILIES.index(s.family), s.name))
+    specs = sorted((s for s in REGISTRY.values() if not s.plugin), key=lambda s: (FAMILIES.index(s.family), s.name))
     return [Entry(s.name, s.family, s.paper, s.reference_code, s.departures) for s in specs]
 
 
@@ -61,7 +62,7 @@ def entry(name: str) -> Entry:
     for item in ledger():
         if item.name == name:
             return item
-    raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(sorted(REGISTRY))}")
+    raise ValueError(f"no ledger entry for {name!r}: choose one of {', '.join(e.name for e in ledger())}")
 
 
 def _cell(text: str) -> str:

@@ -58,10 +58,9 @@ class Probe:
     def _feed(self, token_ids: list[int]) -> None:
         out = self.session.forward(token_ids, all_logits=False, hidden_states=self.lens, attentions=self.attention)
         if self.lens:
-            logits, hidden = out
-            self._logits, self._hidden = logits[-1], hidden[1:, -1]  # (vocab,), (layers, hidden)
+            self._logits, self._hidden = out.logits[-1], out.hidden[1:, -1]  # (vocab,), (layers, hidden)
         if self.attention:
-            self._weights = self.session.attentions[:, :, -1]  # (layers, heads, kv)
+            self._weights = out.attentions[:, :, -1]  # (layers, heads, kv)
 
     def observe(self, step: TokenStep) -> list[Any]:
         """The records of `step` (from the states before it), then the probe takes the token in."""

@@ -11,7 +11,8 @@ leaves every run that came back stored.
 Ray is an optional extra: `pip install "decoding-explorer[ray]"`. Without an address a local Ray starts with
 `num_cpus = workers` (`ray.init(num_cpus=...)`); with one (`ray start --head` on the head node, then
 `--ray HOST:6379` or `--ray auto`), the cluster's nodes need this package and the model (a Hub id in their cache
-or a path they can read).
+or a path they can read), and the plugins the driver loaded (each worker loads the same files or modules, and
+finds its own entry points): a plugin file by the same absolute path.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from explorer.plugins import sources as plugin_sources
 from explorer.recorder import Recorder
 from explorer.sweep import Cell, SweepReport, run_cell, stored_answers
 
@@ -36,9 +38,14 @@ class CellResult:
 class SweepWorker:
     """One loaded model; runs cells. (Made a Ray actor by `ray.remote` in `run_sweep_on_ray`.)"""
 
-    def __init__(self, model_id: str | None, dtype: str, device: str):
+    def __init__(self, model_id: str | None, dtype: str, device: str, plugins: Sequence[str] = ()):
         from explorer.models import load_model
+        from explorer.plugins import load_plugins
 
+        # The driver's plugins, loaded before any cell arrives: a cell's config unpickles from its plugin module.
+        failures = load_plugins(plugins)
+        if failures:
+            raise ValueError("; ".join(failures))
         self.model = load_model(model_id, dtype=dtype, device=device)
 
     def model_id(self) -> str:
@@ -91,7 +98,7 @@ def run_sweep_on_ray(model_id: str | None, cells: Sequence[Cell], store: Any, *,
         # A worker that dies comes back (its model loaded again) for the next cells; the cell it was on is not
         # retried: it is reported as failed.
         actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_restarts=2, max_task_retries=0)(SweepWorker)
-        pool_actors = [actor.remote(model_id, dtype, device) for _ in range(workers)]
+        pool_actors = [actor.remote(model_id, dtype, device, plugin_sources()) for _ in range(workers)]
         keys_model = ray.get(pool_actors[0].model_id.remote())  # the id the sweep keys use (as a local sweep's)
         todo = []
         for cell in cells:

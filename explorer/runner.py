@@ -182,7 +182,7 @@ def _branch_events(model: Any, prompt_ids: list[int], prefix: list[int], events:
     from explorer.strategies.base import commit_token
 
     try:
-        logits = model.session().forward(prompt_ids + prefix[:-1], all_logits=True)[len(prompt_ids) - 1:]
+        logits = model.session().forward(prompt_ids + prefix[:-1], all_logits=True).logits[len(prompt_ids) - 1:]
         for index, token in enumerate(prefix):
             yield commit_token(model, index, len(prompt_ids) + index, token, logits[index],
                                origin="forced" if index == len(prefix) - 1 else "prefix")

@@ -1,6 +1,6 @@
 """What a server (the app, a public Space) lets its visitors ask for: per-request limits, the models it may load,
-and whether visitors see each other's runs. Set by the operator through the environment; checked here, before
-anything runs.
+and whether visitors see each other's runs (the `Viewer` a request gets: `ServerPolicy.viewer`; the rule itself is in
+explorer/viewer.py). Set by the operator through the environment; checked here, before anything runs.
 
 Environment: DECODING_EXPLORER_MAX_NEW_TOKENS (512), DECODING_EXPLORER_MAX_PROMPT_TOKENS (2048),
 DECODING_EXPLORER_TIME_LIMIT_S (300: compute seconds per run; a run past it is stopped and stored as
@@ -20,13 +20,14 @@ import dataclasses
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from explorer.draft_source import DraftSource
 from explorer.params import MAX_TREE_NODES
 from explorer.request import MAX_NEW_TOKENS_LIMIT, RunRequest
+from explorer.viewer import Viewer
 
 MAX_LANES = 4  # lanes the page has
 MAX_BEAMS = 16  # the beam strategies' own ceiling
@@ -143,6 +144,10 @@ class ServerPolicy:
                 raise ValueError(f"{spec.name} would let this run see what other visitors' runs left behind: it is "
                                  "off on this server")
         return request.replace(max_prompt_tokens=self.max_prompt_tokens, time_limit_s=self.time_limit_s)
+
+    def viewer(self, owner: str, shared: Iterable[str] = ()) -> Viewer:
+        """The `Viewer` of a request from `owner`, with the runs `shared` with it, under this server's gallery."""
+        return Viewer(owner, frozenset(shared), gallery=self.public_gallery)
 
     def check_lanes(self, count: int) -> None:
         if count > self.max_lanes:

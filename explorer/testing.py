@@ -130,6 +130,34 @@ def tiny_architecture(name: str, seed: int = 0, scale: float = 8.0) -> LanguageM
     return LanguageModel(model=model, tokenizer=tokenizer, info=info)
 
 
+TOY_LETTERS = "abc"
+
+
+def toy_model(seed: int = 0, *, layers: int = 2, scale: float = 8.0) -> LanguageModel:
+    """A 2-layer Llama over a toy vocabulary: the three letters a, b, c and nothing else (no end token, so every
+    run goes on to its budget). A run's first three tokens take 27 values, few enough to enumerate their exact
+    probabilities (`explorer.check`); the model is still a real transformer with a KV cache, layers to skip and
+    hidden states, so strategies that need those run on it. `scale` sets how peaked its distributions are."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab={letter: i for i, letter in enumerate(TOY_LETTERS)}))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    config = LlamaConfig(vocab_size=len(TOY_LETTERS), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(seed)  # weight initialisation only
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    model.generation_config.eos_token_id = None
+    info = ModelInfo(model_id="toy-abc-llama", weights_hash=f"toy:{layers}:seed:{seed}", dtype="float32",
+                     device="cpu")
+    return LanguageModel(model=model, tokenizer=tokenizer, info=info)
+
+
 def save_retokenised_copy(lm: LanguageModel, path: str | Path) -> Path:
     """Save `lm` with the reversed tokenizer and its embedding and output rows moved to match: a model that
     computes exactly what `lm` computes, in another vocabulary (a draft with a different tokenizer that agrees

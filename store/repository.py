@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from explorer.events import STATUS_INTERRUPTED, STATUS_RUNNING, RunFinished, RunStarted, TokenStep, from_dict, to_dict
 from explorer.paths import cache_root
 from explorer.trace import Trace
+from explorer.viewer import Viewer
 from store.codec import decode, dumps, encode
 from store.tables import SCHEMA_VERSION, Base, EventRow, MetaRow, RunRow
 
@@ -125,6 +127,13 @@ def _load(session: Session, run_id: str) -> Trace:
     return trace
 
 
+def _seen_by(viewer: Viewer | None, query: Any) -> Any:
+    """`query` narrowed to the runs `viewer` may see: `Viewer.may_see` in SQL (every run for None)."""
+    if viewer is None or viewer.gallery:
+        return query
+    return query.where(or_(RunRow.owner == viewer.owner, RunRow.id.in_(sorted(viewer.shared))))
+
+
 # -------------------------------------------------------------------------------------------- Store
 class Store:
     """The repository: an engine plus one transaction per call. `Store()` opens the default database."""
@@ -219,12 +228,10 @@ class Store:
             return [_load(session, run_id) for run_id in run_ids]
 
     def list_runs(self, *, strategy: str | None = None, model: str | None = None, text: str | None = None,
-                  limit: int = 100, owner: str | None = None, shared: Sequence[str] = ()) -> list[RunSummary]:
-        """Newest first, filtered by strategy, by a substring of the model id, and by text in prompt or output.
-        With `owner`, only that owner's runs and the runs in `shared`."""
-        query = select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id).limit(limit)
-        if owner is not None:
-            query = query.where(or_(RunRow.owner == owner, RunRow.id.in_(list(shared))))
+                  limit: int = 100, viewer: Viewer | None = None) -> list[RunSummary]:
+        """Newest first, filtered by strategy, by a substring of the model id, and by text in prompt or output;
+        with a `viewer`, only the runs it may see."""
+        query = _seen_by(viewer, select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id).limit(limit))
         if strategy:
             query = query.where(RunRow.strategy == strategy)
         if model:
@@ -236,26 +243,21 @@ class Store:
         with self._tx() as session:
             return [_summary(row) for row in session.scalars(query)]
 
-    def delete_run(self, run_id: str, owner: str | None = None) -> bool:
-        """Delete a run (with `owner`: only if it is that owner's); whether one was deleted."""
+    def delete_run(self, run_id: str, viewer: Viewer | None = None) -> bool:
+        """Delete a run (with a `viewer`: only one it may delete); whether one was deleted."""
         with self._tx() as session:
             run = session.get(RunRow, run_id)
-            if run is None or (owner is not None and run.owner != owner):
+            if run is None or (viewer is not None and not viewer.may_delete(run.owner)):
                 return False
             session.execute(delete(EventRow).where(EventRow.run_id == run_id))
             return session.execute(delete(RunRow).where(RunRow.id == run_id)).rowcount > 0
 
-    def family(self, run_ids: Iterable[str], *, owner: str | None = None, shared: Sequence[str] = (),
-               limit: int = 32) -> list[str]:
+    def family(self, run_ids: Iterable[str], *, viewer: Viewer | None = None, limit: int = 32) -> list[str]:
         """The branch families of these runs: each one's root (following parent links up), then every branch
-        below it, oldest first, at most `limit`. With `owner`, only that owner's runs and those in `shared`
-        (a link to a run one may not see is not followed)."""
+        below it, oldest first, at most `limit`. With a `viewer`, only the runs it may see (a link to a run it
+        may not see is not followed)."""
+        visible = partial(_seen_by, viewer)
         with self._tx() as session:
-            def visible(query: Any) -> Any:
-                if owner is None:
-                    return query
-                return query.where(or_(RunRow.owner == owner, RunRow.id.in_(list(shared))))
-
             roots: list[str] = []
             for run_id in run_ids:
                 seen = {run_id}

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from explorer.models import ModelInfo
+from explorer.models import ModelInfo, Pass
 
 
 class FakeSession:
@@ -19,7 +19,7 @@ class FakeSession:
         return len(self.tokens)
 
     def forward(self, token_ids: Sequence[int], *, parents=None, tree_base=None, all_logits: bool = True,
-                hidden_states=False):
+                hidden_states=False) -> Pass:
         rows = []
         if parents is None:
             for token in token_ids:
@@ -37,7 +37,7 @@ class FakeSession:
             self.tokens.extend(int(t) for t in token_ids)
         self.lm.forward_passes += 1
         logits = torch.stack(rows)
-        return logits if all_logits else logits[-1:]
+        return Pass(logits if all_logits else logits[-1:])
 
     def crop(self, length: int) -> None:
         del self.tokens[length:]

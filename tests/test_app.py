@@ -30,12 +30,12 @@ def test_import_builds_blocks_without_loading_weights():
 def test_every_strategy_but_greedy_draws_its_controls_with_the_values_chosen():
     import gradio as gr
 
-    import app
+    from explorer.ui import compare
 
     with gr.Blocks():
-        drawn = {name: app.strategy_controls(REGISTRY[name].config) for name in app.STRATEGY_NAMES}
-        chosen = app.strategy_controls(REGISTRY["speculative"].config, {"draft_length": 7, "rule": "sampling"})
-    assert {name for name, controls in drawn.items() if controls} == set(app.STRATEGY_NAMES) - {"greedy"}
+        drawn = {name: compare.strategy_controls(REGISTRY[name].config) for name in compare.strategy_names()}
+        chosen = compare.strategy_controls(REGISTRY["speculative"].config, {"draft_length": 7, "rule": "sampling"})
+    assert {name for name, controls in drawn.items() if controls} == set(compare.strategy_names()) - {"greedy"}
     assert set(drawn["mirostat"]) == {"tau", "eta", "temperature", "version"}
     assert chosen["draft_length"].value == 7
     assert chosen["temperature"].interactive  # the sampling rule enables the filters
@@ -44,10 +44,11 @@ def test_every_strategy_but_greedy_draws_its_controls_with_the_values_chosen():
 
 def test_lane_specs_come_from_the_lane_state():
     import app
+    from explorer.ui.compare import remember
 
     first, second = app.PAGE.lanes[:2]
-    set_top_p = app.remember("sample", "top_p")
-    chosen = app.remember("mirostat", "tau")(set_top_p({}, 0.5), 4.0)  # two controls changed, in two strategies
+    set_top_p = remember("sample", "top_p")
+    chosen = remember("mirostat", "tau")(set_top_p({}, 0.5), 4.0)  # two controls changed, in two strategies
     values = {first.strategy: "sample", first.chosen: chosen, second.strategy: "mirostat", second.chosen: None}
     assert first.params(values) == ("sample", {"top_p": 0.5})  # the other strategy's values stay aside
     assert second.params(values) == ("mirostat", {})  # nothing set: the config's defaults
@@ -59,29 +60,31 @@ def test_every_handler_writes_only_what_its_event_lists(tiny, monkeypatch):
     """The events' output lists are derived from the Page: each handler's keys are among them (Gradio refuses a
     key that is not an output of the event)."""
     import app
+    from explorer.serving import Viewer
+    from explorer.ui import compare
 
     page = app.PAGE
     traces = [run_to_end(tiny, RunRequest.build(name, {}, "Hi", max_new_tokens=3)) for name in ("greedy", "sample")]
-    monkeypatch.setattr(app, "render_views", lambda traces, view_lane, owner=None: [None] * app.VIEW_COUNT)
-    finished = {**page.render_lanes(traces, "probability"), **page.views_of(traces, "1", "o"),
+    monkeypatch.setattr(compare, "render_views", lambda traces, view_lane, viewer=None: [None] * len(compare.VIEWS))
+    finished = {**page.render_lanes(traces, "probability"), **page.views_of(traces, "1", Viewer("o")),
                 **page.render_summary(traces), page.traces: traces, page.link: ""}
     assert set(finished) <= set(page.run_outputs)
     assert set(page.show_lanes(3, "1")) <= set(page.lane_controls)
-    opened = page.opened(traces, "probability", "1", "o")
+    opened = page.opened(traces, "probability", "1", Viewer("o"))
     assert set(opened) <= set(page.opened_outputs)
     assert set(page.lanes[0].restored("sample", {"top_p": 0.5})) <= set(page.opened_outputs)
     assert set(page.run_outputs) <= set(page.branch_outputs) and set(page.lane_controls) <= set(page.branch_outputs)
 
 
 def test_render_views_fills_every_tab(tiny_flat):
-    import app
+    from explorer.ui import compare
 
     traces = [run_to_end(tiny_flat, RunRequest.build(name, {}, "Hi", max_new_tokens=6))
               for name in ("beam", "prompt_lookup", "jacobi", "momentum")]
-    figures = app.render_views(traces, "1")
-    assert len(figures) == app.VIEW_COUNT == len(app.VIEW_NAMES)
-    assert figures[app.BEAM_VIEW].layout.title.text.startswith("Beam tree")
-    shown = dict(zip(app.VIEW_NAMES, app.render_views(traces, "2"), strict=True))
+    figures = compare.render_views(traces, "1")
+    assert len(figures) == len(compare.VIEWS) == len(compare.VIEW_NAMES)
+    assert figures[compare.BEAM_VIEW].layout.title.text.startswith("Beam tree")
+    shown = dict(zip(compare.VIEW_NAMES, compare.render_views(traces, "2"), strict=True))
     assert "— 2: prompt_lookup" in shown["heatmap"].layout.title.text  # the lane shown, not always "1:"
     assert "— 2: prompt_lookup" in shown["acceptance"].layout.title.text
     assert "— 3: jacobi" in shown["jacobi-grid"].layout.title.text  # the first lane the view applies to
@@ -471,7 +474,7 @@ def test_browser_strategy_choice_is_explained_and_filters_follow_the_rule(server
 
 
 def test_a_lane_description_carries_its_fidelity_status():
-    from app import strategy_about
+    from explorer.ui.compare import strategy_about
 
     eagle = strategy_about("eagle")
     assert f"<summary>fidelity: {len(REGISTRY['eagle'].departures)} departures (its ledger entry)</summary>" in eagle
@@ -676,12 +679,15 @@ def test_browser_beam_tree_and_draft_lanes(server, browser):
 def test_the_branch_tree_draws_the_stored_branches_of_the_open_runs(tiny, tmp_path, monkeypatch):
     """The tree grows as a visitor explores: with only the parent open, its stored branches (this session's)
     are drawn too, grey; another session's branch of the same run is not."""
-    import app
+    from types import SimpleNamespace
+
     from explorer.branch import branch_request
+    from explorer.ui import compare, context
 
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    monkeypatch.setattr(app, "_STORE", store)
-    monkeypatch.setattr(app, "POLICY", dataclasses.replace(app.POLICY, public_gallery=False))
+    monkeypatch.setattr(context, "_STORE", store)
+    monkeypatch.setattr(context, "POLICY", dataclasses.replace(context.POLICY, public_gallery=False))
+    me, stranger = (context.viewer_of(SimpleNamespace(session_hash=s)) for s in ("me", "stranger"))  # requests
 
     def stored(request, owner):
         return run_to_end(tiny, request, recorder=Recorder(store, owner=owner))
@@ -690,31 +696,31 @@ def test_the_branch_tree_draws_the_stored_branches_of_the_open_runs(tiny, tmp_pa
     for step in (2, 5):
         stored(branch_request(tiny, parent, step, parent.token_steps[step].top_ids[1]), "session:me")
     stored(branch_request(tiny, parent, 3, parent.token_steps[3].top_ids[1]), "session:someone")
-    tree = app.render_views([parent], "1", "session:me")[app.BRANCH_VIEW]
+    tree = compare.render_views([parent], "1", me)[compare.BRANCH_VIEW]
     assert tree.layout.title.text == "Branch tree (3 runs; 2 stored, not open: grey)"
     names = [t.name for t in tree.data if t.name]
     assert names[0].startswith("1: greedy") and sum(n.startswith("run ") for n in names) == 2
-    alone = app.render_views([parent], "1", "session:stranger")[app.BRANCH_VIEW]
+    alone = compare.render_views([parent], "1", stranger)[compare.BRANCH_VIEW]
     assert not alone.data  # nothing of theirs branches from it: the placeholder
 
 
 def test_export_handlers_write_files(tiny_flat, tmp_path, monkeypatch):
     import zipfile
 
-    import app
+    from explorer.ui import compare, context, history
 
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    monkeypatch.setattr(app, "_STORE", store)
+    monkeypatch.setattr(context, "_STORE", store)
     traces = [run_to_end(tiny_flat, RunRequest.build("greedy", {}, "Hi", max_new_tokens=5),
                          recorder=Recorder(store)) for _ in range(2)]
     ids = ",".join(t.run_id for t in traces)
-    assert app.export_runs(ids, "CSV")[0].endswith("steps.csv")
-    assert len(app.export_runs(ids, "Bundle")) == 2
-    archive = app.export_views(traces, "1", "two")
+    assert history.export_runs(ids, "CSV")[0].endswith("steps.csv")
+    assert len(history.export_runs(ids, "Bundle")) == 2
+    archive = compare.export_views(traces, "1", "two")
     names = zipfile.ZipFile(archive).namelist()
     from viz.theme import has_data
 
-    with_data = [name for name, figure in zip(app.VIEW_NAMES, app.render_views(traces, "1"), strict=True)
+    with_data = [name for name, figure in zip(compare.VIEW_NAMES, compare.render_views(traces, "1"), strict=True)
                  if has_data(figure)]
     assert "heatmap" in with_data and "beam-tree" not in with_data  # greedy lanes: no beam tree to draw
     assert {f"{v}.{fmt}" for v in with_data for fmt in ("svg", "pdf", "png")} == set(names)

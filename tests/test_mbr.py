@@ -136,7 +136,7 @@ def test_exact_extract_scores_every_span_exactly_and_commits_the_best(tiny):
                 assert spans.log_probs[row][length - 1] == float("-inf")
                 continue
             span = ids[start:start + length]
-            logits = tiny.session().forward(ids + span)  # (prompt + span, vocab)
+            logits = tiny.session().forward(ids + span).logits  # (prompt + span, vocab)
             logp = torch.log_softmax(logits.float(), dim=-1)
             expected = sum(float(logp[len(ids) - 1 + k, t]) for k, t in enumerate(span))
             expected += float(torch.logsumexp(logp[len(ids) - 1 + length, eos], dim=-1))
@@ -162,8 +162,8 @@ def test_instructive_decoding_takes_the_argmax_of_the_contrast(tiny):
     ids, noisy = trace.started.prompt_ids, noisy_context(tiny, trace.started.prompt_ids, "opposite")
     for step in trace.token_steps:  # the reference: two fresh teacher-forced passes per step
         done = trace.token_ids[:step.step]
-        z = tiny.session().forward(ids + done)[-1]
-        z_noisy = tiny.session().forward(noisy + done)[-1]
+        z = tiny.session().forward(ids + done).logits[-1]
+        z_noisy = tiny.session().forward(noisy + done).logits[-1]
         assert step.token_id == int(torch.argmax(contrast(z, z_noisy, 1.0)))
         assert step.details["flipped"] == float(step.token_id != int(torch.argmax(z)))
     assert sum(s.details["flipped"] for s in trace.token_steps) > 0  # the contrast did change tokens here

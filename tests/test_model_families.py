@@ -6,6 +6,7 @@ and beam search equals transformers' beam search."""
 import pytest
 import torch
 
+from explorer.check import greedy_mismatch
 from explorer.events import BeamResult
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
@@ -45,23 +46,23 @@ def test_greedy_equals_transformers_generate(arch):
 
 @pytest.mark.parametrize("name, params", DRAFT_METHODS)
 def test_greedy_rule_draft_verify_is_token_identical(arch, name, params):
-    trace = run_to_end(arch, RunRequest.build(name, params, PROMPT, max_new_tokens=24, chat=False))
-    assert trace.token_ids == greedy(arch).token_ids, (arch.info.model_id, name, params)
+    assert greedy_mismatch(arch, name, params, [PROMPT], max_new_tokens=24, chat=False) is None, \
+        (arch.info.model_id, name, params)
 
 
 def test_kv_rollback_and_tree_keep_match_a_fresh_pass(arch):
     prompt = arch.encode_prompt(PROMPT)
-    fresh = arch.session().forward([*prompt, 7, 8, 9])[-1]
+    fresh = arch.session().forward([*prompt, 7, 8, 9]).logits[-1]
     session = arch.session()
     session.forward(prompt)
     session.forward([20, 21, 22, 23])  # a rejected draft
     session.crop(len(prompt))
-    torch.testing.assert_close(session.forward([7, 8, 9])[-1], fresh, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(session.forward([7, 8, 9]).logits[-1], fresh, rtol=1e-4, atol=1e-4)
     tree = arch.session()
     tree.forward(prompt)
     tree.forward([7, 30, 8, 31, 9], parents=[-1, -1, 0, 0, 2])  # 7 -> 8 -> 9 among siblings
     tree.keep([*range(len(prompt)), len(prompt), len(prompt) + 2, len(prompt) + 4])
-    torch.testing.assert_close(tree.forward([10])[-1], arch.session().forward([*prompt, 7, 8, 9, 10])[-1],
+    torch.testing.assert_close(tree.forward([10]).logits[-1], arch.session().forward([*prompt, 7, 8, 9, 10]).logits[-1],
                                rtol=1e-4, atol=1e-4)
 
 
@@ -99,7 +100,7 @@ def test_layer_skip_view_of_a_mixed_attention_model_keeps_each_layers_type(name)
 
 
 def test_a_model_that_ignores_tree_masks_is_refused_with_the_reason(monkeypatch):
-    from explorer import models
+    from explorer.models.lm import _TREE_SUPPORT
 
     lm = tiny_architecture("llama", seed=9)
     original = lm.model.forward
@@ -110,11 +111,11 @@ def test_a_model_that_ignores_tree_masks_is_refused_with_the_reason(monkeypatch)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(lm.model, "forward", ignores_masks)
-    models._TREE_SUPPORT.clear()
+    _TREE_SUPPORT.clear()
     with pytest.raises(ValueError, match="does not honour a custom tree mask"):
         run_to_end(lm, RunRequest.build("tree_speculative", {"draft_model": "target"}, PROMPT, max_new_tokens=8,
                                         chat=False))
     trace = run_to_end(lm, RunRequest.build("speculative", {"draft_model": "target"}, PROMPT, max_new_tokens=8,
                                             chat=False))
     assert trace.token_ids  # chain methods still run
-    models._TREE_SUPPORT.clear()
+    _TREE_SUPPORT.clear()

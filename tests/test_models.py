@@ -11,14 +11,14 @@ PREFIX = [5, 40, 41, 42, 17, 23]
 
 
 def fresh_logits(lm, tokens):
-    return lm.session().forward(tokens)
+    return lm.session().forward(tokens).logits
 
 
 def test_incremental_forward_equals_one_pass(tiny):
     whole = fresh_logits(tiny, PREFIX + [50, 51, 52])
     session = tiny.session()
     session.forward(PREFIX)
-    stepped = torch.cat([session.forward([t]) for t in [50, 51, 52]])
+    stepped = torch.cat([session.forward([t]).logits for t in [50, 51, 52]])
     torch.testing.assert_close(stepped, whole[-3:], atol=1e-5, rtol=1e-5)
 
 
@@ -28,7 +28,7 @@ def test_crop_rolls_back_to_a_fresh_state(tiny):
     session.forward([60, 61, 62, 63])  # a rejected draft
     session.crop(len(PREFIX))
     assert session.length == len(PREFIX)
-    after = session.forward([70, 71])
+    after = session.forward([70, 71]).logits
     torch.testing.assert_close(after, fresh_logits(tiny, PREFIX + [70, 71])[-2:], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="cannot crop"):
         session.crop(100)
@@ -40,7 +40,7 @@ def test_tree_logits_equal_each_root_to_node_path(tiny):
     tokens = [30, 31, 32, 33, 34, 35, 36]
     session = tiny.session()
     session.forward(PREFIX)
-    tree_logits = session.forward(tokens, parents=parents)
+    tree_logits = session.forward(tokens, parents=parents).logits
     for node in range(len(tokens)):
         path, cursor = [], node
         while cursor >= 0:
@@ -55,7 +55,7 @@ def test_tree_then_crop_then_continue(tiny):
     session.forward(PREFIX)
     session.forward([30, 31, 32], parents=[-1, -1, 1])
     session.crop(len(PREFIX))
-    torch.testing.assert_close(session.forward([9]), fresh_logits(tiny, PREFIX + [9])[-1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(session.forward([9]).logits, fresh_logits(tiny, PREFIX + [9])[-1:], atol=1e-5, rtol=1e-5)
 
 
 def test_ancestor_mask_and_depths():
@@ -113,9 +113,9 @@ def test_tree_grown_level_by_level_equals_each_path(tiny):
     session = tiny.session()
     session.forward(PREFIX)
     base = session.length
-    first = session.forward(tokens[:2], parents=parents[:2], tree_base=base)
-    second = session.forward(tokens[2:5], parents=parents[:5], tree_base=base)
-    third = session.forward(tokens[5:], parents=parents, tree_base=base)
+    first = session.forward(tokens[:2], parents=parents[:2], tree_base=base).logits
+    second = session.forward(tokens[2:5], parents=parents[:5], tree_base=base).logits
+    third = session.forward(tokens[5:], parents=parents, tree_base=base).logits
     rows = torch.cat([first, second, third])
     for node in range(len(tokens)):
         path, cursor = [], node
@@ -124,7 +124,7 @@ def test_tree_grown_level_by_level_equals_each_path(tiny):
             cursor = parents[cursor]
         torch.testing.assert_close(rows[node], fresh_logits(tiny, PREFIX + path[::-1])[-1], atol=1e-4, rtol=1e-4)
     session.keep([*range(base), base + 0, base + 2, base + 5])  # compact to the path 30 -> 32 -> 35
-    torch.testing.assert_close(session.forward([9]), fresh_logits(tiny, PREFIX + [30, 32, 35, 9])[-1:],
+    torch.testing.assert_close(session.forward([9]).logits, fresh_logits(tiny, PREFIX + [30, 32, 35, 9])[-1:],
                                atol=1e-4, rtol=1e-4)
 
 

@@ -113,7 +113,7 @@ def test_diverse_beam_n_best_reports_plain_model_logprobs(tiny_flat):
     prompt = trace.started.prompt_ids
     for hypothesis, logprob, score, group in zip(result.hypotheses, result.logprobs, result.scores, result.groups,
                                                  strict=True):
-        logits = tiny_flat.session().forward([*prompt, *hypothesis])  # teacher-forced: (n, vocab)
+        logits = tiny_flat.session().forward([*prompt, *hypothesis]).logits  # teacher-forced: (n, vocab)
         logp = torch.log_softmax(logits.double(), dim=-1)
         expected = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(hypothesis))
         assert logprob == pytest.approx(expected, abs=1e-4)
@@ -134,13 +134,14 @@ def reference_contrastive(lm, prompt, k, alpha, steps):
     fresh forward pass over the whole sequence."""
     tokens = list(prompt)
     for _ in range(steps):
-        logits, hidden = lm.session().forward(tokens, hidden_states=True)
+        out = lm.session().forward(tokens, hidden_states=True)
+        logits, hidden = out.logits, out.hidden
         probs = torch.softmax(logits[-1].double(), dim=-1)
         top_p, top_ids = torch.topk(probs, k)
         context = hidden[-1].double()  # (t, hidden): the last layer's states of x_<t
         best, best_score = None, -float("inf")
         for p, v in zip(top_p.tolist(), top_ids.tolist(), strict=True):
-            h_v = lm.session().forward([*tokens, v], hidden_states=True)[1][-1][-1].double()
+            h_v = lm.session().forward([*tokens, v], hidden_states=True).hidden[-1][-1].double()
             similarity = max(float(torch.nn.functional.cosine_similarity(h_v, h_j, dim=0)) for h_j in context)
             score = (1 - alpha) * p - alpha * similarity
             if score > best_score:

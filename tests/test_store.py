@@ -14,6 +14,7 @@ from explorer.events import TokenStep
 from explorer.recorder import Recorder
 from explorer.request import RunRequest
 from explorer.runner import run_strategy, run_to_end
+from explorer.viewer import Viewer
 from store import Store
 from store.codec import decode, encode
 from store.tables import SCHEMA_VERSION
@@ -191,3 +192,25 @@ def test_two_processes_append_runs_at_once(db_url, tiny, tmp_path):
 def test_sqlite_uses_wal(store):
     with store.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_the_store_shows_a_viewer_exactly_what_viewer_may_see(any_store, tiny):
+    """The store's SQL filter is `Viewer.may_see`, and it deletes only what `Viewer.may_delete` allows: both
+    asked of the same runs give the same answers (None: a trusted caller, every run)."""
+    store = any_store
+    owners = {}
+    for owner in ("a", "a", "b", None):  # None: an imported run, nobody's
+        trace = run_to_end(tiny, RunRequest.build("greedy", {}, "Hi", max_new_tokens=2),
+                           recorder=Recorder(store, owner=owner))
+        owners[trace.run_id] = owner
+    b_run = next(run_id for run_id, owner in owners.items() if owner == "b")
+    viewers = [Viewer("a"), Viewer("a", frozenset([b_run])), Viewer("b"), Viewer("c"), Viewer("c", gallery=True)]
+    for viewer, count in zip(viewers, (2, 3, 1, 0, 4), strict=True):
+        expected = {run_id for run_id, owner in owners.items() if viewer.may_see(owner, run_id)}
+        assert len(expected) == count, viewer
+        assert {r.run_id for r in store.list_runs(viewer=viewer)} == expected, viewer
+        assert viewer.visible(store.owners(owners), owners) == [r for r in owners if r in expected]
+    assert {r.run_id for r in store.list_runs()} == set(owners)
+    for run_id, owner in owners.items():
+        assert store.delete_run(run_id, Viewer("a", frozenset(owners), gallery=True)) is (owner == "a")
+    assert store.count_runs() == 2

@@ -113,7 +113,7 @@ def test_one_hot_superposition_is_the_token_itself(tiny):
     plain.forward(ids[:-1])
     superposed_session.forward(ids[:-1])
     vector = tiny.model.get_input_embeddings()(torch.tensor([ids[-1]]))[0]
-    torch.testing.assert_close(superposed_session.forward_embedding(vector), plain.forward([ids[-1]])[-1],
+    torch.testing.assert_close(superposed_session.forward_embedding(vector).logits, plain.forward([ids[-1]]).logits[-1],
                                atol=1e-4, rtol=1e-4)
 
 

@@ -6,6 +6,7 @@ import itertools
 import pytest
 import torch
 
+from explorer.check import exact_distribution, total_variation
 from explorer.events import PoolUpdate, TokenStep
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
@@ -157,14 +158,8 @@ def test_monte_carlo_tree_sampling_keeps_the_joint_distribution(mode):
         steps = (e for e in events if isinstance(e, TokenStep))
         key = tuple(s.token_id for s in itertools.islice(steps, 3))
         counts[key] = counts.get(key, 0) + 1
-    tv = 0.0
-    for seq in itertools.product(range(3), repeat=3):
-        prob, last = 1.0, 0
-        for token in seq:
-            prob *= float(torch.softmax(table[last], 0)[token])
-            last = token
-        tv += abs(counts.get(seq, 0) / runs - prob)
-    assert tv / 2 < 0.06
+    exact = exact_distribution(lambda seq: torch.softmax(table[seq[-1] if seq else 0], 0), 3)
+    assert total_variation(counts, exact) < 0.06
 
 
 def test_pools_record_what_they_learn(tiny):

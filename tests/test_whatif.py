@@ -11,6 +11,7 @@ from explorer.recorder import Recorder
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import get_strategy, make_config
+from explorer.viewer import Viewer
 from store import Store
 
 PROMPT = "the cat sat on the mat. the cat"
@@ -279,10 +280,11 @@ def test_the_store_finds_a_runs_whole_branch_family_that_its_owner_may_see(tiny,
     second = stored(branch_request(tiny, root, 4, root.token_steps[4].top_ids[2]), "a")
     strangers = stored(branch_request(tiny, root, 1, root.token_steps[1].top_ids[1]), "b")
     family = [root.run_id, first.run_id, deeper.run_id, second.run_id]
-    assert store.family([deeper.run_id], owner="a") == family
-    assert store.family([root.run_id, second.run_id], owner="a") == family
+    a, b, b_shared = Viewer("a"), Viewer("b"), Viewer("b", frozenset([root.run_id]))  # b_shared opened the root
+    assert store.family([deeper.run_id], viewer=a) == family
+    assert store.family([root.run_id, second.run_id], viewer=a) == family
     assert store.family([deeper.run_id]) == sorted([*family, strangers.run_id],
                                                    key=lambda r: store.load_trace(r).started.created_at)
-    assert store.family([strangers.run_id], owner="b") == [strangers.run_id]  # a's root is not b's to see
-    assert store.family([strangers.run_id], owner="b", shared=[root.run_id]) == [root.run_id, strangers.run_id]
-    assert len(store.family([root.run_id], owner="a", limit=2)) == 2
+    assert store.family([strangers.run_id], viewer=b) == [strangers.run_id]  # a's root is not b's to see
+    assert store.family([strangers.run_id], viewer=b_shared) == [root.run_id, strangers.run_id]
+    assert len(store.family([root.run_id], viewer=a, limit=2)) == 2

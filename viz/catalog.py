@@ -2,7 +2,7 @@
 
 `render(traces, lane)` gets all lanes' traces and the index of the lane chosen for per-lane views; a per-lane
 view falls back to the first lane it applies to. The app builds its tabs from this list and the CLI's
-`figure` command exports any entry by name."""
+`figure` command exports any entry by name. A plugin adds its own with `register_view(View(...))`."""
 
 from __future__ import annotations
 
@@ -105,6 +105,11 @@ def _candidates(feature_name: str) -> Callable[[Trace], bool]:
 
 @dataclass(frozen=True)
 class View:
+    """A view: `name` (unique: the CLI's `figure --view NAME`), the app `tab` it sits in (a new name opens a new
+    tab), its `label`, and `render(traces, lane)`, all lanes' traces (None for an empty lane) and the index of the
+    lane chosen for per-lane views, to a plotly figure. It must draw something for any traces: an empty figure
+    with a note when none of them holds its data."""
+
     name: str
     tab: str
     label: str
@@ -193,6 +198,25 @@ VIEWS = [
                                                                              _kinds("cache_drift"))),
 ]
 VIEW_NAMES = [view.name for view in VIEWS]
+
+
+def register_view(view: View) -> View:
+    """Add a view to the catalog (a plugin's: explorer/plugins.py), after the built-in ones: the app shows it in its
+    tab, the CLI's `figure --view` and the paper export take it. Register before the app builds its page (a plugin
+    does so when it is loaded, at start)."""
+    if not isinstance(view, View):
+        raise ValueError(f"register_view takes a View(name, tab, label, render), got {type(view).__name__}")
+    if view.name in VIEW_NAMES:
+        raise ValueError(f"view {view.name!r} is already registered: give this one another name")
+    VIEWS.append(view)
+    VIEW_NAMES.append(view.name)
+    return view
+
+
+def unregister_view(name: str) -> None:
+    """Remove a registered view (a plugin that failed half-way, a test's plugin)."""
+    index = VIEW_NAMES.index(name)
+    del VIEWS[index], VIEW_NAMES[index]
 
 
 def get_view(name: str) -> View:

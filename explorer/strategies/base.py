@@ -29,12 +29,19 @@ class StrategySpec:
     summary: str
     needs_budget: bool = False  # search strategies get `max_new_tokens=` (they commit only at the end)
     prepare: Callable[[Any, Any], None] | None = None  # checks (model, config) before the run is stored
-    family: str = "other"  # sampling, search, speed-up: draft-verify, speed-up: model-free
+    family: str = "other"  # one of FAMILIES: decides how lists group it and (diffusion) how the runner runs it
     paper: str = ""  # the paper(s) it implements: "Authors year, name, arXiv:id"
     # The fidelity ledger (`fidelity_ledger`): the authors' code this follows ("owner/repo: path: function", or
     # "none public"), and each way this implementation departs from the paper and that code, one line each.
     reference_code: str = ""
     departures: tuple[str, ...] = ()
+    plugin: str = ""  # the plugin that registered it (explorer/plugins.py sets it), "" for a built-in
+
+    @property
+    def group(self) -> str:
+        """Where lists show it: its family, or "plugins" for every strategy a plugin added (the family still
+        decides how it runs: a plugin's "diffusion" strategy runs on a canvas)."""
+        return "plugins" if self.plugin else self.family
 
     @property
     def fidelity(self) -> str:
@@ -42,7 +49,8 @@ class StrategySpec:
         return "departures" if self.departures else "faithful"
 
 
-FAMILIES = ("sampling", "search", "speed-up: draft-verify", "speed-up: model-free", "diffusion", "other")
+FAMILIES = ("sampling", "search", "speed-up: draft-verify", "speed-up: model-free", "diffusion", "other",
+            "plugins")
 REGISTRY: dict[str, StrategySpec] = {}
 
 
@@ -54,7 +62,7 @@ def register(name: str, config: type, summary: str, *, needs_budget: bool = Fals
 
     def decorate(run: Callable) -> Callable:
         if name in REGISTRY:
-            raise ValueError(f"strategy {name!r} is registered twice")
+            raise ValueError(f"strategy {name!r} is already registered: give this one another name")
         REGISTRY[name] = StrategySpec(name, run, config, summary, needs_budget, prepare, family, paper,
                                       reference_code, tuple(departures))
         return run
@@ -150,7 +158,7 @@ def autoregressive(
 ) -> Iterator[TokenStep]:
     """One token per forward pass: `choose(logits (vocab,), context_ids)` picks each next token."""
     session = model.session()
-    logits = session.forward(list(prompt_ids), all_logits=False)[-1]  # (vocab,)
+    logits = session.forward(list(prompt_ids), all_logits=False).logits[-1]  # (vocab,)
     context = list(prompt_ids)
     step = 0
     while True:
@@ -159,4 +167,4 @@ def autoregressive(
                            details=choice.details)
         context.append(choice.token_id)
         step += 1
-        logits = session.forward([choice.token_id])[-1]
+        logits = session.forward([choice.token_id]).logits[-1]

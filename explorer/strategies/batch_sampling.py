@@ -32,7 +32,7 @@ def sample_rows(model: Any, prompt_ids: Sequence[int], rows: int, temperature: f
     batched forward pass per step; with `stop_at_first`, the batch stops as soon as one sampled row ends."""
     eos = model.eos_token_ids
     session = model.session()
-    logits = session.forward(list(prompt_ids), all_logits=False)[-1:].expand(rows, -1)  # (rows, vocab)
+    logits = session.forward(list(prompt_ids), all_logits=False).logits[-1:].expand(rows, -1)  # (rows, vocab)
     session.repeat(rows)
     out = Samples([[] for _ in range(rows)], [[] for _ in range(rows)], [0.0] * rows, [None] * rows)
     first = 1 if greedy_row else 0
@@ -57,5 +57,5 @@ def sample_rows(model: Any, prompt_ids: Sequence[int], rows: int, temperature: f
         if all(f is not None for f in out.finished_at) or (stop_at_first and any(sampled_done)):
             break
         if step + 1 < max_new_tokens:
-            logits = session.forward_rows(feed)
+            logits = session.forward_rows(feed).logits
     return out

@@ -149,7 +149,7 @@ def beam_loop(model: Any, prompt_ids: Sequence[int], groups: list[BeamGroup], ma
     n-best BeamResult and the best hypothesis as TokenSteps. With `diversity` > 0, each group's log-probs are
     lowered by diversity x (how often previous groups chose the token at this step): Hamming diversity."""
     session = model.session()
-    first = session.forward(list(prompt_ids), all_logits=False)  # (1, vocab)
+    first = session.forward(list(prompt_ids), all_logits=False).logits  # (1, vocab)
     rows = sum(g.width for g in groups)
     session.repeat(rows)
     logits = first.expand(rows, -1)
@@ -174,7 +174,7 @@ def beam_loop(model: Any, prompt_ids: Sequence[int], groups: list[BeamGroup], ma
             break
         session.reorder(order)
         tokens = [0 if group.done else group.running[slot][-1] for group in groups for slot in range(group.width)]
-        logits = session.forward_rows(tokens)
+        logits = session.forward_rows(tokens).logits
     best = sorted(((h, g.group) for g in groups for h in g.hypotheses()), key=lambda x: -x[0].score)[:num_return]
     yield BeamResult(
         hypotheses=[h.tokens for h, _ in best], texts=[model.decode(h.tokens) for h, _ in best],

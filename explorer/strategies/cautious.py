@@ -89,7 +89,7 @@ def ends_trial(text: str) -> bool:
           ))
 def run(model: Any, prompt_ids: Sequence[int], config: CautiousConfig, rng: torch.Generator) -> Iterator[Event]:
     session = model.session()
-    logits = session.forward(list(prompt_ids), all_logits=False)[-1]
+    logits = session.forward(list(prompt_ids), all_logits=False).logits[-1]
     eos = model.eos_token_ids
     context = list(prompt_ids)
 
@@ -109,7 +109,7 @@ def run(model: Any, prompt_ids: Sequence[int], config: CautiousConfig, rng: torc
             yield commit_token(model, step, len(context), token, logits, kept, details={"entropy_trigger": 0.0})
             context.append(token)
             step += 1
-            logits = session.forward([token])[-1]
+            logits = session.forward([token]).logits[-1]
             continue
         base = session.length
         trials: list[tuple[list[int], list[StepStats], float]] = []
@@ -119,7 +119,7 @@ def run(model: Any, prompt_ids: Sequence[int], config: CautiousConfig, rng: torc
                 token, kept = draw(raw)
                 tokens.append(token)
                 stats.append(step_stats(raw, kept, token, RECORD_TOP_K))
-                raw = session.forward([token])[-1]
+                raw = session.forward([token]).logits[-1]
                 if token in eos or ends_trial(model.piece(token)):
                     break
             # departure: raw-model log-probs; the authors' code scores the processed (temperature-scaled) ones
@@ -131,7 +131,7 @@ def run(model: Any, prompt_ids: Sequence[int], config: CautiousConfig, rng: torc
         yield TrialBranch(step=step, position=len(context), entropy=step_entropy, trials=[t[0] for t in trials],
                           trial_texts=[model.decode(t[0]) for t in trials], perplexities=[t[2] for t in trials],
                           chosen=chosen)
-        logits = session.forward(tokens)[-1]  # rebuild the cache along the chosen trial
+        logits = session.forward(tokens).logits[-1]  # rebuild the cache along the chosen trial
         for token, token_stats in zip(tokens, stats, strict=True):
             yield commit_token(model, step, len(context), token, stats=token_stats, details={"entropy_trigger": 1.0})
             context.append(token)

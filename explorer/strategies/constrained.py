@@ -123,7 +123,7 @@ def run(model: Any, prompt_ids: Sequence[int], config: ConstrainedConfig, rng: t
     constraint = GrammarConstraint(model.tokenizer, config.kind, config.pattern)
     vocab = model.model.config.vocab_size
     session = model.session()
-    logits = session.forward(list(prompt_ids), all_logits=False)[-1]  # (vocab,)
+    logits = session.forward(list(prompt_ids), all_logits=False).logits[-1]  # (vocab,)
     context, total = list(prompt_ids), 0.0
     for step in itertools.count():
         logp = torch.log_softmax(logits.float() / config.temperature, dim=-1)
@@ -153,4 +153,4 @@ def run(model: Any, prompt_ids: Sequence[int], config: ConstrainedConfig, rng: t
         kept = logits.float() / config.temperature
         yield commit_token(model, step, len(context), token, logits, kept, details=details)
         context.append(token)
-        logits = session.forward([token])[-1]
+        logits = session.forward([token]).logits[-1]

@@ -49,17 +49,17 @@ def degeneration_penalty(candidates: torch.Tensor, context: torch.Tensor) -> tor
           ))
 def run(model: Any, prompt_ids: Sequence[int], config: ContrastiveConfig, rng: torch.Generator) -> Iterator[Event]:
     session = model.session()
-    logits, hidden = session.forward(list(prompt_ids), hidden_states=True)
-    context_hidden = hidden[-1]  # (t, hidden): last layer
-    logits = logits[-1]
+    prompt_pass = session.forward(list(prompt_ids), hidden_states=True)
+    context_hidden = prompt_pass.hidden[-1]  # (t, hidden): last layer
+    logits = prompt_pass.logits[-1]
     position = len(prompt_ids)
     for step in itertools.count():
         probs = torch.softmax(logits, dim=-1)
         top_p, top_ids = torch.topk(probs, min(config.top_k, probs.shape[-1]))
         k = len(top_ids)
         # all k candidates in one pass as siblings: (k, vocab) next logits, (k, hidden) their states
-        cand_logits, cand_hidden = session.forward(top_ids.tolist(), parents=[-1] * k, hidden_states=True)
-        similarity = degeneration_penalty(cand_hidden[-1], context_hidden)
+        candidates = session.forward(top_ids.tolist(), parents=[-1] * k, hidden_states=True)
+        similarity = degeneration_penalty(candidates.hidden[-1], context_hidden)
         scores = (1 - config.alpha) * top_p - config.alpha * similarity
         chosen = int(torch.argmax(scores))
         token = int(top_ids[chosen])
@@ -71,6 +71,6 @@ def run(model: Any, prompt_ids: Sequence[int], config: ContrastiveConfig, rng: t
         yield commit_token(model, step, position, token, logits,
                            details={"degeneration_penalty": float(similarity[chosen])})
         session.keep([*range(position), position + chosen])  # drop the other candidates' KV
-        context_hidden = torch.cat([context_hidden, cand_hidden[-1][chosen:chosen + 1]])
-        logits = cand_logits[chosen]
+        context_hidden = torch.cat([context_hidden, candidates.hidden[-1][chosen:chosen + 1]])
+        logits = candidates.logits[chosen]
         position += 1

@@ -71,7 +71,7 @@ def sync_cache(session: Any, cached: list[int], context: Sequence[int]) -> torch
     run the rest, and return the draft's next-token logits `(vocab,)`. `cached` becomes the context."""
     keep = min(common_prefix(cached, context), len(context) - 1)
     session.crop(keep)
-    logits = session.forward(list(context[keep:]), all_logits=False)[-1]
+    logits = session.forward(list(context[keep:]), all_logits=False).logits[-1]
     cached[:] = context
     return logits
 
@@ -113,7 +113,7 @@ class DraftCache:
             raise RuntimeError("a shared draft cache needs bind(target session) before the first round")
         self.base = self.target.length  # every committed token but the last
         self.session = self.target.view(self.lm)
-        return self.session.forward([context[-1]], all_logits=False)[-1]
+        return self.session.forward([context[-1]], all_logits=False).logits[-1]
 
     def finish(self) -> None:
         """After drafting: a shared cache drops every position it wrote; an own cache drops a tree's nodes (a
@@ -213,7 +213,7 @@ class ModelDrafter(Drafter):
             draft_probs.append(float(q[token]))
             rows.append(q)
             if i + 1 < gamma:
-                logits = self.cache.session.forward([token])[-1]
+                logits = self.cache.session.forward([token]).logits[-1]
                 self.cache.cached.append(token)
         self.cache.finish()
         self._drafted = len(tokens)
@@ -269,7 +269,7 @@ class UniversalDrafter(Drafter):
                 token = int(logits.argmax())
             drafted.append(token)
             if i + 1 < gamma:
-                logits = self.session.forward([token])[-1]
+                logits = self.session.forward([token]).logits[-1]
                 self.cached.append(token)
         prefix = draft_tok.decode(draft_context, skip_special_tokens=False)
         full = draft_tok.decode([*draft_context, *drafted], skip_special_tokens=False)
@@ -361,7 +361,7 @@ class EarlyExitDrafter(Drafter):
         inputs = [context[-1]]
         for i, count in enumerate(depths):
             session = self.target.view(self.view(count), length=base + i)
-            logits = session.forward(inputs, all_logits=False)[-1]
+            logits = session.forward(inputs, all_logits=False).logits[-1]
             passes += 1
             q = self.config.draft_distribution(logits, [*context, *tokens])
             if self.confidence and tokens and float(q.max()) < self.confidence:

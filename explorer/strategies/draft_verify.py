@@ -131,11 +131,11 @@ def draft_verify(model: Any, prompt_ids: Sequence[int], drafter: Drafter, config
     if len(context) > 1:  # the last prompt token goes in with the first draft
         hidden = drafter.wants_prefill_hidden_states
         out = session.forward(context[:-1], all_logits=drafter.watches_logits or hidden, hidden_states=hidden)
-        prefill = out[0] if hidden else out
+        prefill = out.logits
         if drafter.watches_logits:
             drafter.observe_logits(context[:-1], prefill, None)
         if hidden:
-            drafter.observe_prefill(context[:-1], prefill, out[1])
+            drafter.observe_prefill(context[:-1], prefill, out.hidden)
     step = 0
     for round_index in itertools.count():
         t0 = time.perf_counter()
@@ -175,7 +175,7 @@ def target_pass(session: Any, last_token: int, draft: DraftTree, drafter: Drafte
     parents = None if draft.is_chain else [-1] + [parent + 1 for parent in draft.parents]
     inputs = [last_token, *draft.tokens]
     out = session.forward(inputs, parents=parents, hidden_states=wants_hidden)
-    logits, hidden = out if wants_hidden else (out, None)
+    logits, hidden = out.logits, out.hidden
     if drafter.watches_logits:
         drafter.observe_logits(inputs, logits, parents)
     return logits, hidden

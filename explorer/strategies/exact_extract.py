@@ -88,7 +88,7 @@ def run(model: Any, prompt_ids: Sequence[int], config: ExactExtractConfig, rng: 
     for chunk in range(0, len(starts), BATCH):
         group = starts[chunk:chunk + BATCH]
         session = model.session()
-        last = session.forward(prompt, all_logits=False)[-1]  # (vocab,): the first span token's distribution
+        last = session.forward(prompt, all_logits=False).logits[-1]  # (vocab,): the first span token's distribution
         first = torch.log_softmax(last.float(), dim=-1)
         session.repeat(len(group))
         scores = torch.zeros(len(group))
@@ -97,7 +97,7 @@ def run(model: Any, prompt_ids: Sequence[int], config: ExactExtractConfig, rng: 
         for k in range(length):
             tokens = [prompt[s + k] if k < room else prompt[s] for s, room in group]  # padding: ignored
             scores += torch.tensor([float(logp[r, t]) for r, t in enumerate(tokens)])
-            logits = session.forward_rows(tokens)  # (rows, vocab): after x_i..x_{i+k}
+            logits = session.forward_rows(tokens).logits  # (rows, vocab): after x_i..x_{i+k}
             logp = torch.log_softmax(logits.float(), dim=-1)
             ending = torch.logsumexp(logp[:, eos], dim=-1) if eos else torch.zeros(len(group))
             for r, (_, room) in enumerate(group):
@@ -108,17 +108,17 @@ def run(model: Any, prompt_ids: Sequence[int], config: ExactExtractConfig, rng: 
     start = starts[row][0]
     span = prompt[start:start + size]
     greedy, session = [], model.session()
-    logits = session.forward(prompt, all_logits=False)[-1]
+    logits = session.forward(prompt, all_logits=False).logits[-1]
     for _ in range(min(max_new_tokens, 64)):  # the free greedy answer, for comparison
         token = int(torch.argmax(logits))
         greedy.append(token)
         if token in model.eos_token_ids:
             break
-        logits = session.forward([token])[-1]
+        logits = session.forward([token]).logits[-1]
     yield ExtractSpans(starts=[s for s, _ in starts], log_probs=table, best_start=start, best_length=size,
                        best_text=model.decode(span), greedy_ids=greedy, greedy_text=model.decode(greedy))
     # commit the span with the distributions it was scored under: one teacher-forced pass over prompt + span
-    rows = model.session().forward(prompt + span)[len(prompt) - 1:]  # (len(span) + 1, vocab)
+    rows = model.session().forward(prompt + span).logits[len(prompt) - 1:]  # (len(span) + 1, vocab)
     for step, token in enumerate(span):
         yield commit_token(model, step, len(prompt) + step, token, rows[step])
     if eos and len(span) < max_new_tokens:

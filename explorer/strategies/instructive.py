@@ -63,8 +63,8 @@ def contrast(real: torch.Tensor, noisy: torch.Tensor, epsilon: float) -> torch.T
 def run(model: Any, prompt_ids: Sequence[int], config: InstructiveConfig, rng: torch.Generator
         ) -> Iterator[Event]:
     real, noisy = model.session(), model.session()
-    z = real.forward(list(prompt_ids), all_logits=False)[-1]  # (vocab,)
-    z_noisy = noisy.forward(noisy_context(model, prompt_ids, config.noisy), all_logits=False)[-1]
+    z = real.forward(list(prompt_ids), all_logits=False).logits[-1]  # (vocab,)
+    z_noisy = noisy.forward(noisy_context(model, prompt_ids, config.noisy), all_logits=False).logits[-1]
     position = len(prompt_ids)
     for step in range(1_000_000):  # the runner stops it
         contrasted = contrast(z, z_noisy, config.epsilon)
@@ -72,4 +72,4 @@ def run(model: Any, prompt_ids: Sequence[int], config: InstructiveConfig, rng: t
         plain = int(torch.argmax(z))
         yield commit_token(model, step, position + step, token, z, contrasted,
                            details={"flipped": token != plain, "plain_top": plain})
-        z, z_noisy = real.forward([token])[-1], noisy.forward([token])[-1]
+        z, z_noisy = real.forward([token]).logits[-1], noisy.forward([token]).logits[-1]

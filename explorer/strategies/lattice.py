@@ -255,7 +255,7 @@ def build_lattice(model: Any, prompt_ids: Sequence[int], config: LatticeConfig, 
         session.crop(base)
         inputs = [prompt[-1], *lattice.main_path(node)]
         while calls < config.expansions:
-            logp = torch.log_softmax(session.forward(inputs, all_logits=False)[-1].float(), dim=-1)  # (vocab,)
+            logp = torch.log_softmax(session.forward(inputs, all_logits=False).logits[-1].float(), dim=-1)  # (vocab,)
             calls += 1
             top = torch.topk(logp, min(config.branching + 1, logp.shape[-1]))
             ids, values = top.indices.tolist(), top.values.tolist()
@@ -313,7 +313,7 @@ def run(model: Any, prompt_ids: Sequence[int], config: LatticeConfig, rng: torch
                         path_count=lattice.path_count(), merges=merges, chosen=chosen, greedy=greedy_nodes)
     tokens = [lattice.tokens[n] for n in chosen]
     session = model.session()  # commit the chosen path with the distributions it is scored under
-    logits = session.forward([*prompt_ids, *tokens], all_logits=True)  # (prompt + path, vocab)
+    logits = session.forward([*prompt_ids, *tokens], all_logits=True).logits  # (prompt + path, vocab)
     rows = logits[len(prompt_ids) - 1:]
     for step, token in enumerate(tokens):
         yield commit_token(model, step, len(prompt_ids) + step, token, rows[step])

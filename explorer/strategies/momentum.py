@@ -96,7 +96,7 @@ def resistance(length: int, config: MomentumConfig) -> float:
 def run(model: Any, prompt_ids: Sequence[int], config: MomentumConfig, rng: torch.Generator) -> Iterator[Event]:
     session = model.session()
     graph = NgramGraph(prompt_ids, config.max_ngram)
-    logits = session.forward(list(prompt_ids), all_logits=False)[-1]
+    logits = session.forward(list(prompt_ids), all_logits=False).logits[-1]
     position = len(prompt_ids)
     for step in itertools.count():
         probs = torch.softmax(logits, dim=-1)
@@ -114,5 +114,5 @@ def run(model: Any, prompt_ids: Sequence[int], config: MomentumConfig, rng: torc
         details = {"loop_length": float(lengths[chosen]), "resistance": penalties[chosen]}
         yield commit_token(model, step, position, token, logits, details=details)
         graph.add(token)
-        logits = session.forward([token])[-1]
+        logits = session.forward([token]).logits[-1]
         position += 1

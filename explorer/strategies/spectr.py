@@ -209,7 +209,7 @@ class SpecTrDrafter(Drafter):
                     new.append(len(tokens) - 1)
             if level + 1 == self.config.draft_length:
                 break
-            logits = self.cache.session.forward([tokens[i] for i in new], parents=parents, tree_base=base)
+            logits = self.cache.session.forward([tokens[i] for i in new], parents=parents, tree_base=base).logits
             frontier = [(node, q_of(logits[j], [*context, *(tokens[i] for i in path_to(parents, node))]),
                          counts[node]) for j, node in enumerate(new)]
         self.cache.finish()

@@ -161,13 +161,13 @@ def run(model: Any, prompt_ids: Sequence[int], config: SuperposedConfig, rng: to
     for step in range(max_new_tokens):
         if step == 0:
             weights = [1.0]
-            logits = session.forward(list(prompt_ids), all_logits=False)[-1]  # (vocab,)
+            logits = session.forward(list(prompt_ids), all_logits=False).logits[-1]  # (vocab,)
         else:
             weights = superposition_weights([d.score for d in alive])  # 1.
             ids = torch.tensor([d.tokens[-1] for d in alive], device=model.device)
             with torch.inference_mode():
                 vector = (torch.tensor(weights, device=model.device).unsqueeze(1) * embed(ids).float()).sum(0)
-            logits = session.forward_embedding(vector)  # (vocab,)
+            logits = session.forward_embedding(vector).logits  # (vocab,)
         tokens, model_probs = model_distribution(logits, config.temperature, config.sampled_tokens)  # 2.
         candidates = expand(alive, prompt_ids, tokens, model_probs, ngram, config)
         grown = [Draft([*alive[c.draft].tokens, c.token], c.score) for c in candidates[:2 * k]]  # 3.
@@ -192,6 +192,6 @@ def run(model: Any, prompt_ids: Sequence[int], config: SuperposedConfig, rng: to
     # Departure: the authors return all k drafts; we commit the best, re-scored by a plain teacher-forced pass
     # (its recorded log-probabilities are the model's own, not the superposed ones).
     best = drafts[0].tokens
-    logits = model.session().forward([*prompt_ids, *best], all_logits=True)[len(prompt_ids) - 1:]  # (len, vocab)
+    logits = model.session().forward([*prompt_ids, *best], all_logits=True).logits[len(prompt_ids) - 1:]  # (len, vocab)
     for i, token in enumerate(best):
         yield commit_token(model, i, len(prompt_ids) + i, token, logits[i])

@@ -140,7 +140,7 @@ class TreeDrafter(Drafter):
                     new.append(len(tokens) - 1)
             if level + 1 == config.depth or not new:
                 break
-            logits = self.session.forward([tokens[i] for i in new], parents=parents, tree_base=base)  # one pass
+            logits = self.session.forward([tokens[i] for i in new], parents=parents, tree_base=base).logits  # one pass
             frontier = [(node, self.config.draft_distribution(logits[j], [*context,
                                                                           *self._path_tokens(parents, tokens, node)]))
                         for j, node in enumerate(new)]
@@ -179,7 +179,7 @@ class TreeDrafter(Drafter):
             waves += 1
             if len(tokens) >= config.budget:
                 break
-            logits = self.session.forward([tokens[i] for i in new], parents=parents, tree_base=base)  # one pass
+            logits = self.session.forward([tokens[i] for i in new], parents=parents, tree_base=base).logits  # one pass
             for j, node in enumerate(new):
                 q = self.config.draft_distribution(logits[j], [*context, *self._path_tokens(parents, tokens, node)])
                 q_of[node], left[node] = q, q.clone()

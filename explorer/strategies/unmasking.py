@@ -16,7 +16,7 @@ Recorded: an UnmaskStep per denoising step (every masked position's proposal, sc
 was committed and why), and a TokenStep per position once it and every position before it are committed, with
 the raw distribution it was committed from (origin "unmasked", `details` = the step and the score then).
 
-Caches (`cache`; CanvasKV in explorer/models.py holds the K/V). Notation: a step at which the canvas is x_t
+Caches (`cache`; CanvasKV in explorer/models/canvas.py holds the K/V). Notation: a step at which the canvas is x_t
 recomputes the positions C_t (their queries, keys, values) on the stored K/V of the others, computed at the step
 s < t they were last recomputed, when the canvas was x_s. On a bidirectional mask predictor (an AR-to-diffusion
 model, or a causal LM read with attention=bidirectional) a reused K/V is stale wherever the positions it attended
