@@ -14,6 +14,8 @@ A plugin is a Python file or module that imports from here and registers what it
   acceptance=...)`. `GreedyMatch` and `RejectionSampling` are the exact rules.
 - a diffusion schedule: a `Schedule` subclass (`decide(StepView) -> Decision`, `block_end`, `counts`,
   `recompute`) and `register_diffusion(name, Config, summary, paper=..., schedule=...)`.
+- a logits processor of your own for the `logits_processor` lane: `register_logits_processor(cls)` on a subclass
+  of transformers' `LogitsProcessor` (named "module.ClassName" in the lane's `processor` parameter).
 - a view: `register_view(View(name, tab, label, render))`, `render(traces, lane) -> plotly Figure` over `Trace`s
   (`pick` chooses the lane a per-lane view draws); `empty_figure(note)` where no lane holds its data (the app then
   knows it has nothing to show), `base_layout` and `lane_color` for the app's theme.
@@ -63,16 +65,17 @@ from explorer.strategies.acceptance import (
 )
 from explorer.strategies.base import Choice, autoregressive, commit_token, register
 from explorer.strategies.draft_verify import Drafter, SpeculativeConfig, draft_verify
+from explorer.strategies.logits_processor import register_logits_processor
 from explorer.strategies.unmasking import Decision, Schedule, StepView, UnmaskingConfig, register_diffusion
 from explorer.trace import Trace
 from viz.catalog import View, pick, register_view
 from viz.theme import base_layout, empty_figure, lane_color
 
-__version__ = "1.0"
+__version__ = "1.1"
 
 __all__ = [
     # registering
-    "register", "register_diffusion", "register_view",
+    "register", "register_diffusion", "register_view", "register_logits_processor",
     # configs
     "param", "Checked", "SamplingFilters", "SpeculativeConfig", "UnmaskingConfig",
     # one token per pass

@@ -107,9 +107,10 @@ def _load(spec: str, key: str, source: str, entry: importlib.metadata.EntryPoint
     if key in _LOADED:
         return ""
     from explorer.strategies.base import REGISTRY
+    from explorer.strategies.logits_processor import PLUGIN_PROCESSORS
     from viz.catalog import VIEW_NAMES, unregister_view
 
-    strategies_before, views_before = set(REGISTRY), set(VIEW_NAMES)
+    strategies_before, views_before, processors_before = set(REGISTRY), set(VIEW_NAMES), set(PLUGIN_PROCESSORS)
     module = entry.module if entry is not None else _file_module(Path(source)) if _is_path(spec) else spec
     try:
         if entry is not None:
@@ -125,6 +126,8 @@ def _load(spec: str, key: str, source: str, entry: importlib.metadata.EntryPoint
             del REGISTRY[name]
         for name in [v for v in VIEW_NAMES if v not in views_before]:
             unregister_view(name)
+        for name in set(PLUGIN_PROCESSORS) - processors_before:
+            del PLUGIN_PROCESSORS[name]
         for name in [m for m in sys.modules if m == module or m.startswith(f"{module}.")]:
             del sys.modules[name]  # so that the plugin, fixed, can be loaded again
         return f"plugin {spec}: {_cause(error)}"

@@ -140,6 +140,9 @@ class ServerPolicy:
             value = getattr(request.config, spec.name)
             if spec.metadata.get("model") and not DraftSource.parse(value).builtin:
                 self.check_model(value)
+            if spec.metadata.get("runs_code") and value:
+                raise ValueError(f"{spec.name} names code to run (a custom_generate recipe): that runs only from the "
+                                 "CLI or Python, never on a server")
             if spec.metadata.get("crosses_runs") and value and not self.shared_state:
                 raise ValueError(f"{spec.name} would let this run see what other visitors' runs left behind: it is "
                                  "off on this server")

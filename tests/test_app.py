@@ -54,6 +54,8 @@ def test_lane_specs_come_from_the_lane_state():
     assert second.params(values) == ("mirostat", {})  # nothing set: the config's defaults
     restored = first.restored("sample", {"top_p": 0.25, "not_a_field": 1})
     assert restored[first.chosen] == {"sample": {"top_p": 0.25}} and restored[first.redraw] > 0
+    # a run of a strategy this server lacks (a recorded generate call, a plugin not loaded) opens as stored
+    assert first.restored("transformers.generate", {"do_sample": False}) == {}
 
 
 def test_every_handler_writes_only_what_its_event_lists(tiny, monkeypatch):
@@ -72,6 +74,9 @@ def test_every_handler_writes_only_what_its_event_lists(tiny, monkeypatch):
     assert set(page.show_lanes(3, "1")) <= set(page.lane_controls)
     opened = page.opened(traces, "probability", "1", Viewer("o"))
     assert set(opened) <= set(page.opened_outputs)
+    foreign = dataclasses.replace(traces[0].started, strategy="transformers.generate")
+    recorded = dataclasses.replace(traces[0], started=foreign)
+    assert page.opened([recorded], "probability", "1", Viewer("o"))[page.traces] == [recorded]
     assert set(page.lanes[0].restored("sample", {"top_p": 0.5})) <= set(page.opened_outputs)
     assert set(page.run_outputs) <= set(page.branch_outputs) and set(page.lane_controls) <= set(page.branch_outputs)
 

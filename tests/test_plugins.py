@@ -27,7 +27,7 @@ NSIGMA, PERIOD = EXAMPLES / "top_nsigma.py", EXAMPLES / "period_drafter.py"
 REPEATING = "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2"
 
 API_NAMES = {
-    "register", "register_diffusion", "register_view",
+    "register", "register_diffusion", "register_view", "register_logits_processor",
     "param", "Checked", "SamplingFilters", "SpeculativeConfig", "UnmaskingConfig",
     "Choice", "commit_token", "autoregressive",
     "Drafter", "DraftTree", "Verdict", "draft_verify",
@@ -68,7 +68,7 @@ def test_the_api_names_are_pinned_and_versioned():
 
     assert set(api.__all__) == API_NAMES and len(api.__all__) == len(API_NAMES)
     assert all(getattr(api, name) is not None for name in api.__all__)
-    assert api.__version__ == "1.0"
+    assert api.__version__ == "1.1"
     assert f"## explorer.api {api.__version__}" in (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     assert all(getattr(api, cls.__name__) is cls for cls in api.EVENT_TYPES.values())  # every event type
 

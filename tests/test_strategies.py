@@ -14,6 +14,7 @@ from explorer.strategies.mirostat import mirostat_truncate, surprise_bits, zipf_
 from explorer.strategies.top_h import top_h_filter
 from explorer.testing import tiny_model
 from tests.fakes import FakeLM, fixed, zipf_logits
+from tests.recipes import write_recipe
 
 PROMPTS = ["Hello world", "The cat sat on", "1 + 1 = "]
 
@@ -179,6 +180,8 @@ def trained_heads(tiny_flat, tmp_path_factory):
         directory = tmp_path_factory.mktemp(kind)
         train(tiny_flat, directory, kind=kind, corpus_tokens=1500, steps=10, vocab=32, save_every=10, progress=False)
         params[kind] = {"drafter": str(directory)}
+    recipe = write_recipe(tmp_path_factory.mktemp("recipe"))  # custom_generate runs a local recipe, when trusted
+    params["custom_generate"] = {"repo": str(recipe), "trust_remote_code": True}
     return params
 
 

@@ -266,7 +266,11 @@ class Lane:
         return strategy, dict((values[self.chosen] or {}).get(strategy, {}))
 
     def restored(self, strategy: str, config: dict[str, Any]) -> dict[Any, Any]:
-        """The lane set to `strategy` with the parameters of a stored run's `config`, its controls redrawn."""
+        """The lane set to `strategy` with the parameters of a stored run's `config`, its controls redrawn. A run
+        of a strategy this server does not have (a recorded `generate` call, a plugin not loaded here) is shown
+        as stored, and the lane's controls stay as they are."""
+        if strategy not in REGISTRY:
+            return {}
         fields = {f.name for f in dataclasses.fields(REGISTRY[strategy].config)}
         return {self.strategy: gr.update(value=strategy),
                 self.chosen: {strategy: {k: v for k, v in config.items() if k in fields}},
