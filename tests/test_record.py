@@ -233,7 +233,7 @@ def test_a_trusted_local_recipe_runs_as_a_lane_and_is_recorded(tiny, tmp_path, s
 
 @pytest.mark.parametrize("params, message", [
     ({"trust_remote_code": False}, "switch trust_remote_code on"),
-    ({"repo": "someone/recipe"}, "must be a local directory"),
+    ({"repo": "no/such/recipe/dir"}, "must be a local directory"),
     ({"repo": ""}, "must be a local directory"),
 ])
 def test_a_recipe_runs_only_trusted_and_local(tiny, tmp_path, store, params, message):
@@ -241,6 +241,26 @@ def test_a_recipe_runs_only_trusted_and_local(tiny, tmp_path, store, params, mes
     with pytest.raises(ValueError, match=message) as error:
         run_to_end(tiny, RunRequest.build("custom_generate", settings, PROMPT, max_new_tokens=4))
     assert "\n" not in str(error.value) and store.count_runs() == 0
+
+
+def test_a_recipe_from_the_hub_is_fetched_first_and_fails_in_one_line_offline(tiny, tmp_path, store, monkeypatch):
+    from explorer.strategies import custom_generate
+
+    def offline(repo_id):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(custom_generate, "fetch_recipe", offline)
+    settings = {"repo": "someone/recipe", "trust_remote_code": True}
+    with pytest.raises(ValueError, match="cannot fetch the recipe 'someone/recipe'") as error:
+        run_to_end(tiny, RunRequest.build("custom_generate", settings, PROMPT, max_new_tokens=4))
+    assert "\n" not in str(error.value) and store.count_runs() == 0
+    fetched = write_recipe(tmp_path / "fetched")  # where the Hub is reachable: its fetched copy runs
+    monkeypatch.setattr(custom_generate, "fetch_recipe", lambda repo_id: fetched)
+    trace = run_to_end(tiny, RunRequest.build("custom_generate", settings, PROMPT, max_new_tokens=4, chat=False))
+    assert len(trace.token_ids) == 4
+    monkeypatch.setattr(custom_generate, "fetch_recipe", lambda repo_id: tmp_path / "empty")
+    with pytest.raises(ValueError, match="has no custom_generate/generate.py"):
+        run_to_end(tiny, RunRequest.build("custom_generate", settings, PROMPT, max_new_tokens=4))
 
 
 def test_a_server_never_runs_a_recipe(tmp_path):
