@@ -18,6 +18,7 @@ from store import Store
 from tests.test_viz import hostile_trace
 
 ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = ROOT / "examples" / "plugins" / "top_nsigma.py"
 
 
 def test_import_builds_blocks_without_loading_weights():
@@ -106,7 +107,8 @@ def server(tiny_dir, tiny_draft_dir, tmp_path_factory):
     env = {**os.environ, "DECODING_EXPLORER_MODEL": model, "DECODING_EXPLORER_DB": db,
            "DECODING_EXPLORER_MAX_NEW_TOKENS": "2000", "DECODING_EXPLORER_PUBLIC_GALLERY": "0",
            "DECODING_EXPLORER_PAIRS": f"tiny pair={model}+{tiny_draft_dir}",
-           "DECODING_EXPLORER_ALLOWED_MODELS": f"embedded,{model},{tiny_draft_dir}"}
+           "DECODING_EXPLORER_ALLOWED_MODELS": f"embedded,{model},{tiny_draft_dir}",
+           "DECODING_EXPLORER_PLUGINS": str(PLUGIN)}  # the server's owner loads a plugin (README, "Your own method")
     with running_app(env, tmp_path_factory.mktemp("applog") / "app.log") as url:
         yield url, db
 
@@ -451,6 +453,25 @@ def choose_strategy(page, lane: int, name: str) -> None:
     summary = REGISTRY[name].summary[:30].replace("'", "\\'")  # the lane has switched to its controls
     page.wait_for_function(f"document.querySelector('#lane{lane}-about').textContent.includes('{summary}')",
                            timeout=20_000)
+
+
+@pytest.mark.browser
+def test_browser_a_plugin_strategy_runs_in_a_lane_and_draws_its_own_view(server, browser):
+    """The server loaded examples/plugins/top_nsigma.py (DECODING_EXPLORER_PLUGINS), a file nothing in the app
+    imports: its strategy is listed under plugins, runs in a lane, is stored, and its own view draws."""
+    url, db = server
+    page = open_page(browser, url, "Once upon a time")
+    page.locator("#lane1-strategy input").click()
+    page.locator("#lane1-strategy").get_by_role("option", name="top_nsigma · plugins", exact=True).click()
+    page.wait_for_function("document.querySelector('#lane1-about').textContent.includes('keep the tokens within')",
+                           timeout=20_000)
+    set_number(page, "max new tokens", "12")
+    page.locator("#run").click()
+    page.wait_for_selector("#permalink a", timeout=90_000)
+    stored = permalink_runs(page, db)
+    assert stored[0].started.strategy == "top_nsigma" and stored[0].status == "ok" and stored[0].token_ids
+    page.get_by_role("tab", name="Sampling").click()
+    page.wait_for_selector("#top-nsigma .js-plotly-plot", timeout=30_000)
 
 
 @pytest.mark.browser

@@ -18,6 +18,19 @@ PROMPTS = [
 ]
 
 
+_GREEDY: dict[tuple[str, int], list[int]] = {}
+
+
+def greedy_tokens(embedded, prompt: str, max_new_tokens: int) -> list[int]:
+    """Greedy's tokens for `prompt`, decoded once per test session (greedy is deterministic): the reference every
+    token-identity test below compares with, shared instead of recomputed by each method's test."""
+    key = (prompt, max_new_tokens)
+    if key not in _GREEDY:
+        request = RunRequest.build("greedy", {}, prompt, chat=True, max_new_tokens=max_new_tokens)
+        _GREEDY[key] = run_to_end(embedded, request).token_ids
+    return _GREEDY[key]
+
+
 def test_embedded_model_identity(embedded):
     assert embedded.info.model_id == EMBEDDED_MODEL_ID
     assert len(embedded.info.weights_hash) == 64  # sha256 of the GGUF file
@@ -57,9 +70,8 @@ COPY_PROMPT = ("Repeat this sentence exactly, then say why it is true: The quick
 ])
 def test_draft_verify_methods_are_token_identical_to_greedy(embedded, name, params):
     for prompt in (COPY_PROMPT, PROMPTS[1]):
-        reference = run_to_end(embedded, RunRequest.build("greedy", {}, prompt, chat=True, max_new_tokens=48))
         trace = run_to_end(embedded, RunRequest.build(name, params, prompt, chat=True, max_new_tokens=48))
-        assert trace.token_ids == reference.token_ids, (name, prompt)
+        assert trace.token_ids == greedy_tokens(embedded, prompt, 48), (name, prompt)
         assert trace.rounds, "no verification round ran"
 
 
@@ -97,6 +109,5 @@ def test_beam_search_matches_transformers(embedded, beams, length_penalty):
 ])
 def test_tree_methods_are_token_identical_to_greedy(embedded, name, params):
     for prompt in (COPY_PROMPT, PROMPTS[1]):
-        reference = run_to_end(embedded, RunRequest.build("greedy", {}, prompt, chat=True, max_new_tokens=40))
         trace = run_to_end(embedded, RunRequest.build(name, params, prompt, chat=True, max_new_tokens=40))
-        assert trace.token_ids == reference.token_ids, (name, prompt)
+        assert trace.token_ids == greedy_tokens(embedded, prompt, 40), (name, prompt)
