@@ -32,6 +32,14 @@ def check_prompt(prompt: str) -> None:
         raise ValueError("the prompt is not valid UTF-8 text") from None
 
 
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An error from code we do not own (a plugin, a processor, the Hub) as one line for the user: its type and
+    the first line of its message, at most `limit` characters, control characters blanked."""
+    first = (str(error).strip().splitlines() or [""])[0][:limit]
+    text = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
 def _number(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 

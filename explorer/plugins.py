@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from explorer.params import one_line
+
 ENV = "DECODING_EXPLORER_PLUGINS"
 ENTRY_POINT_GROUP = "decoding_explorer.plugins"
 
@@ -130,7 +132,7 @@ def _load(spec: str, key: str, source: str, entry: importlib.metadata.EntryPoint
             del PLUGIN_PROCESSORS[name]
         for name in [m for m in sys.modules if m == module or m.startswith(f"{module}.")]:
             del sys.modules[name]  # so that the plugin, fixed, can be loaded again
-        return f"plugin {spec}: {_cause(error)}"
+        return f"plugin {spec}: {one_line(error)}"
     added = tuple(name for name in REGISTRY if name not in strategies_before)
     for name in added:
         REGISTRY[name] = dataclasses.replace(REGISTRY[name], plugin=spec)
@@ -158,8 +160,3 @@ def _file_module(path: Path) -> str:
     stem, digest = re.sub(r"\W", "_", path.stem), hashlib.sha1(str(path).encode()).hexdigest()[:8]
     return f"decoding_explorer_plugin_{stem}_{digest}"
 
-
-def _cause(error: Exception) -> str:
-    """An error as one line: its type and message, control characters escaped."""
-    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    return "".join(c if c.isprintable() else " " for c in text)

@@ -17,6 +17,7 @@ reproducible and the global state is left as it was.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from explorer.events import Event
-from explorer.params import Checked, param
+from explorer.params import Checked, one_line, param
 from explorer.strategies.base import register
 from explorer.strategies.generate_tap import GenerateTap, generate_events
 
@@ -34,8 +35,10 @@ RECIPE_FILE = Path("custom_generate") / "generate.py"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 
 
+@functools.lru_cache(maxsize=8)
 def fetch_recipe(repo_id: str) -> Path:
-    """The local folder of a Hub repository's `custom_generate/` (downloaded once into the Hub cache)."""
+    """The local folder of a Hub repository's `custom_generate/` (downloaded once into the Hub cache, looked up
+    once per process: `prepare` and the run share it)."""
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(repo_id, allow_patterns=["custom_generate/*"]))
@@ -50,8 +53,8 @@ def recipe_dir(repo: str) -> Path:
         try:
             fetched = fetch_recipe(repo)
         except Exception as error:  # offline, unknown repo, no access: one line, nothing stored
-            cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"cannot fetch the recipe {repo!r} from the Hugging Face Hub: {cause}") from None
+            raise ValueError(f"cannot fetch the recipe {repo!r} from the Hugging Face Hub: {one_line(error)}"
+                             ) from None
         if (fetched / RECIPE_FILE).is_file():
             return fetched
         raise ValueError(f"the Hub repository {repo!r} has no {RECIPE_FILE.as_posix()}")
@@ -68,9 +71,14 @@ class CustomGenerateConfig(Checked):
 def prepare(model: Any, config: CustomGenerateConfig) -> None:
     """Refuse, before the run is stored, a recipe that is not trusted, or neither a local directory with the file
     nor a Hub repository that can be fetched."""
+    trusted_recipe(config)
+
+
+def trusted_recipe(config: CustomGenerateConfig) -> Path:
+    """The recipe's local directory, once trust is switched on; ValueError otherwise."""
     if not config.trust_remote_code:
         raise ValueError("custom_generate runs the directory's own code: switch trust_remote_code on if you trust it")
-    recipe_dir(config.repo)
+    return recipe_dir(config.repo)
 
 
 @register("custom_generate", CustomGenerateConfig,
@@ -84,8 +92,7 @@ def prepare(model: Any, config: CustomGenerateConfig) -> None:
                       "prompt + output (the raw logits), not from its own loop"))
 def run(model: Any, prompt_ids: Sequence[int], config: CustomGenerateConfig, rng: torch.Generator, *,
         max_new_tokens: int) -> Iterator[Event]:
-    prepare(model, config)
-    recipe = recipe_dir(config.repo)
+    recipe = trusted_recipe(config)
     ids = torch.tensor([list(prompt_ids)], device=model.device)  # (1, prompt)
     seed = int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device))
     devices = [model.device] if model.device.type == "cuda" else []

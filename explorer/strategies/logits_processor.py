@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from explorer.events import Event
-from explorer.params import param
+from explorer.params import one_line, param
 from explorer.sampling import SamplingFilters, sample
 from explorer.strategies.base import Choice, autoregressive, register
 
@@ -130,11 +130,7 @@ def build_processor(processor: str, processor_kwargs: str, device: str | torch.d
             kwargs["device"] = str(device)
         return cls(**kwargs)
     except Exception as error:  # TypeError (missing, unknown arguments), ValueError (out of range), ...
-        raise ValueError(f"{cls.__name__} refused these arguments: {_first_line(error)}") from None
-
-
-def _first_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+        raise ValueError(f"{cls.__name__} refused these arguments: {one_line(error, 160)}") from None
 
 
 @dataclass(frozen=True)
@@ -162,7 +158,7 @@ def prepare(model: Any, config: LogitsProcessorConfig) -> None:
         out = processor(ids, torch.zeros((1, vocab), device=model.device))
     except Exception as error:
         raise ValueError(f"{type(processor).__name__} cannot run on one sequence with these arguments: "
-                         f"{_first_line(error)}") from None
+                         f"{one_line(error, 160)}") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, vocab):
         raise ValueError(f"{type(processor).__name__} must return scores of shape (1, vocab)")
 
