@@ -541,12 +541,19 @@ def test_browser_target_and_draft_preset_sets_the_model_and_every_draft(server, 
     page.locator("#pair").get_by_role("option", name="tiny pair", exact=True).click()
     page.wait_for_function("document.querySelector('#pair input').value === 'tiny pair'")
     for lane in (1, 2):
-        draft_model_box(page, lane)
-        # the controls are redrawn with the preset's draft: look the box up afresh until it shows it
-        page.wait_for_function("([lane, want]) => [...document.querySelectorAll(`#lane${lane} label`)].some("
-                               "l => l.textContent.includes('draft_model') && l.querySelector('textarea') && "
-                               "l.querySelector('textarea').value === want)", arg=[lane, str(tiny_draft_dir)],
-                               timeout=30_000)
+        # the controls are redrawn with the preset's draft, and a redraw that lands after the parameters were
+        # opened draws them closed: open them again while the box is missing, until it shows the preset's draft
+        shows = ("([lane, want]) => [...document.querySelectorAll(`#lane${lane} label`)].some("
+                 "l => l.textContent.includes('draft_model') && l.querySelector('textarea') && "
+                 "l.querySelector('textarea').value === want)")
+        missing = ("(lane) => ![...document.querySelectorAll(`#lane${lane} label`)].some("
+                   "l => l.textContent.includes('draft_model') && l.querySelector('textarea'))")
+        deadline = time.time() + 30
+        while not page.evaluate(shows, [lane, str(tiny_draft_dir)]):
+            assert time.time() < deadline, f"lane {lane} never showed the preset's draft model"
+            if page.evaluate(missing, lane):
+                page.locator(f"#lane{lane}").get_by_text("parameters", exact=True).click()
+            page.wait_for_timeout(500)
     page.locator("#run").click()
     page.wait_for_selector("#permalink a", timeout=60_000)
     stored = permalink_runs(page, db)
