@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -108,17 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--markdown", action="store_true", help="with --fidelity: as one Markdown table")
 
     export = sub.add_parser("export", help="export runs: per-step table (csv, parquet), events (jsonl), bundles, "
-                                           "Spec-Bench answer files (specbench)")
+                                           "Spec-Bench answer files (specbench), the engines' per-request records "
+                                           "(vllm, sglang, aiperf), a Hugging Face dataset folder (hf-dataset)")
     export.add_argument("run_ids", nargs="*", help="run ids (default with --all: every stored run)")
     export.add_argument("--all", action="store_true", help="export every stored run")
     export.add_argument("--format", required=True, choices=["csv", "parquet", "jsonl", "bundle", "specbench", "lens",
-                                                            "attention", "unmask"])
+                                                            "attention", "unmask", "vllm", "sglang", "aiperf",
+                                                            "hf-dataset"])
     export.add_argument("--out", required=True,
-                        help="output file (a directory for several bundles and for Spec-Bench answer files)")
+                        help="output file (a directory for several bundles, Spec-Bench answer files and hf-dataset)")
+    export.add_argument("--push-to-hub", default=None, metavar="REPO",
+                        help="hf-dataset: also upload the folder to this Hub dataset repository (a token from the "
+                             "environment, e.g. HF_TOKEN; never stored)")
     export.add_argument("--db", default=None)
 
-    imp = sub.add_parser("import", help="load a run bundle (zip) into a database")
-    imp.add_argument("bundle")
+    imp = sub.add_parser("import", help="load a run bundle (zip), or an engine's per-request records (vllm, sglang, "
+                                        "aiperf) or Spec-Bench answers as external runs, into a database")
+    imp.add_argument("bundle", metavar="FILE")
+    imp.add_argument("--format", default="bundle", choices=["bundle", "vllm", "sglang", "aiperf", "specbench"],
+                     help="bundle (default): a run exported with --format bundle; the others: an engine's records")
+    imp.add_argument("--method", default=None, help="label the imported runs (default: the engine's name; "
+                                                   "Spec-Bench: the answer file's method)")
+    imp.add_argument("--model", default=None, help="the model id, where the records do not name it")
     imp.add_argument("--db", default=None)
 
     figure = sub.add_parser("figure", help="export a view of stored runs as SVG, PDF or PNG (paper theme)")
@@ -131,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser("sweep", help="run prompts x strategies x seeds into a database (resumable)")
     sweep.add_argument("--prompts", default=None,
-                       help="JSON lines {category, name, prompt}, a Spec-Bench question file, or one prompt per line "
+                       help="JSON lines {category, name, prompt}, a Spec-Bench or SPEED-Bench question file (JSON "
+                            "lines, or SPEED-Bench's .parquet), or one prompt per line "
                             "(default: ../shared/spec_bench/question.jsonl beside the repository, when there)")
     sweep.add_argument("--per-category", type=int, default=None, metavar="N",
                        help="only the first N prompts of each category (a stratified subset)")
@@ -221,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed (a dataset card names it)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     from explorer.plugins import load_plugins, specs_from_env
 
@@ -496,7 +510,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     traces = store.load_traces(ids)
     out = Path(args.out)
     try:
-        paths = _write_export(args.format, traces, out)
+        paths = _write_export(args.format, traces, out, args.push_to_hub, args.argv)
     except OSError as error:
         raise ValueError(f"cannot write {out}: {error.strerror or error}") from None
     for path in paths:
@@ -504,9 +518,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_export(kind: str, traces: list[Any], out: Path) -> list[Path]:
+def _write_export(kind: str, traces: list[Any], out: Path, push_to_hub: str | None = None,
+                  argv: Sequence[str] = ()) -> list[Path]:
     from explorer import export
 
+    if push_to_hub and kind != "hf-dataset":
+        raise ValueError("--push-to-hub goes with --format hf-dataset")
+    if kind == "hf-dataset":
+        from explorer.dataset import push_to_hub as push
+        from explorer.dataset import write_dataset
+
+        paths = write_dataset(traces, out, command=shlex.join(["python", "-m", "explorer", *argv]))
+        if push_to_hub:
+            print(f"uploaded to {push(out, push_to_hub)}")
+        return paths
+    if kind in ("vllm", "sglang", "aiperf"):
+        from explorer.engine_records import write_records
+
+        return [write_records(kind, traces, out)]
     if kind in ("csv", "parquet", "jsonl") and out.is_dir():
         raise ValueError(f"{out} is a directory: give a file name for the {kind} export")
     if kind == "specbench":
@@ -528,6 +557,17 @@ def cmd_import(args: argparse.Namespace) -> int:
     from explorer.export import read_bundle
     from store import Store
 
+    if args.format != "bundle":
+        from explorer.engine_records import read_records
+
+        traces = read_records(args.format, args.bundle, method=args.method, model=args.model)  # all read, then
+        store = Store(args.db)
+        store.save_traces(traces)  # stored in one transaction: a bad file stores nothing
+        print(f"imported {len(traces)} {args.format} records as external runs into {store.url}: "
+              f"{', '.join(t.run_id for t in traces[:10])}{' ...' if len(traces) > 10 else ''}")
+        return 0
+    if args.method or args.model:
+        raise ValueError("--method and --model go with an engine's records (--format vllm|sglang|aiperf|specbench)")
     trace = read_bundle(args.bundle)
     store = Store(args.db)
     if trace.run_id in set(store.run_ids()):

@@ -421,14 +421,44 @@ class SuperposedResult:
     chosen: int
 
 
+@dataclass(frozen=True)
+class EngineRecord:
+    """What an inference engine reported about one request (a run imported with `import --format vllm|sglang|
+    aiperf|specbench`, RunStarted.strategy == "external"): per verification step, the draft tokens proposed
+    (`per_step_drafted`; a tree counts every node), the draft positions proposed (`per_step_depth`, a chain's
+    length) and the draft tokens accepted (`per_step_accepted`, the bonus token excluded), where the engine gives
+    them; otherwise only the totals. `accepted_per_position[i]` = steps whose draft position i was accepted;
+    `drafted_per_position[i]` = steps that proposed position i (empty where not reported). `reported` keeps the
+    engine's own numbers under its own names. None / [] = not reported (the views that need it say so)."""
+
+    kind: ClassVar[str] = "engine_record"
+    engine: str
+    request_id: str
+    steps: int | None  # verification passes (every decode step of a speculative engine)
+    draft_steps: int | None  # steps that proposed at least one draft token
+    drafted_tokens: int | None
+    accepted_tokens: int | None
+    output_tokens: int | None
+    per_step_drafted: list[int] = field(default_factory=list)
+    per_step_depth: list[int] = field(default_factory=list)
+    per_step_accepted: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: list[int] = field(default_factory=list)
+    acceptance_histogram: list[int] = field(default_factory=list)  # [j]: drafting steps that accepted exactly j
+    time_to_first_token_s: float | None = None
+    latency_s: float | None = None
+    token_ids: list[int] = field(default_factory=list)  # the output's token ids, where the record gives them
+    reported: dict[str, Detail] = field(default_factory=dict)
+
+
 Event = (RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch
          | PoolUpdate | LensStep | AttentionStep | UnmaskStep | CacheDrift | MbrResult
-         | FinishRace | ExtractSpans | LatticeResult | SuperposedStep | SuperposedResult)
+         | FinishRace | ExtractSpans | LatticeResult | SuperposedStep | SuperposedResult | EngineRecord)
 EVENT_TYPES: dict[str, type] = {
     cls.kind: cls
     for cls in (RunStarted, TokenStep, RunFinished, DraftRound, BeamStep, BeamResult, CandidateStep, TrialBranch,
                 PoolUpdate, LensStep, AttentionStep, UnmaskStep, CacheDrift, MbrResult, FinishRace,
-                ExtractSpans, LatticeResult, SuperposedStep, SuperposedResult)
+                ExtractSpans, LatticeResult, SuperposedStep, SuperposedResult, EngineRecord)
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from explorer.events import RUN_ID, RunStarted, from_dict, to_dict
-from explorer.metrics import SamplingTable, SpeedTable
+from explorer.metrics import AcceptanceMatrix, SamplingTable, SpeedTable
 from explorer.trace import Trace
 from explorer.trees import node_positions
 
@@ -314,6 +314,37 @@ def specbench_markdown(speed: SpeedTable) -> str:
                  f"{_fmt(per.get(c, (math.nan, math.nan))[1], '.2f')}" for c in categories]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def acceptance_matrix_latex(matrix: AcceptanceMatrix) -> str:
+    """SPEED-Bench's matrix: per method and category, vLLM's mean acceptance length (bonus included) and, in
+    brackets, the draft acceptance rate, pooled over the runs (explorer.metrics.acceptance_matrix)."""
+    categories, table = matrix
+    percent = r"\%"
+    lines = [rf"\begin{{tabular}}{{l{'r' * len(categories)}}}", r"\toprule",
+             "Method & " + " & ".join(latex_escape(c) for c in categories) + r" \\",
+             " & " + " & ".join([r"MAL (accept \%)"] * len(categories)) + r" \\", r"\midrule"]
+    for method, per in table.items():
+        cells = [f"{_fmt(per[c].mean_acceptance_length, '.2f')} ({_rate(per[c].draft_acceptance_rate, percent)})"
+                 if c in per else "--" for c in categories]
+        lines.append(latex_escape(method) + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def acceptance_matrix_markdown(matrix: AcceptanceMatrix) -> str:
+    categories, table = matrix
+    lines = ["| method | " + " | ".join(f"{c}: MAL, accept %, runs" for c in categories) + " |",
+             "|---|" + "---:|" * len(categories)]
+    for method, per in table.items():
+        cells = [f"{_fmt(per[c].mean_acceptance_length, '.2f')}, {_rate(per[c].draft_acceptance_rate, '%')}, "
+                 f"{per[c].runs}" if c in per else "--" for c in categories]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _rate(value: float | None, percent: str) -> str:
+    return _fmt(None if value is None else 100 * value, ".1f", percent)
 
 
 SAMPLING_COLUMNS = [("runs", "runs", "d"), ("entropy", "mean entropy", ".3f"), ("perplexity", "perplexity", ".2f"),

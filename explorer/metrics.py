@@ -1,6 +1,7 @@
 """Metrics across runs, computed once per table: the Spec-Bench-style speed table (speedup and mean accepted
-tokens per method and prompt category) and the sampling-quality table. Plain list code, no torch: the LaTeX and
-Markdown writers (explorer.export) and the report figures (viz.report) take these tables, not traces.
+tokens per method and prompt category), SPEED-Bench's per-category acceptance matrix and the sampling-quality
+table. Plain list code, no torch: the LaTeX and Markdown writers (explorer.export) and the report figures
+(viz.report) take these tables, not traces.
 
 Metric names follow the field: mean accepted tokens per verification step (1.0 for plain decoding), speedup =
 baseline wall time / method wall time on the same prompt, seed and model, in the same sweep.
@@ -15,12 +16,44 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from explorer.engines import SpecSteps, spec_steps, vllm_metrics
 from explorer.trace import Trace
 
 # (categories, {method: {category: (speedup, mean accepted tokens)}})
 SpeedTable = tuple[list[str], dict[str, dict[str, tuple[float, float]]]]
 # {method: {"runs", "entropy", "perplexity", "repetition", "distinct_2"}}
 SamplingTable = dict[str, dict[str, float]]
+OVERALL = "overall"  # the acceptance matrix's last column: every category of the method pooled
+
+
+@dataclass(frozen=True)
+class AcceptanceCell:
+    """The verification steps of one method's runs in one category, pooled (summed before dividing): `runs`,
+    `drafts` (steps that proposed a draft: vLLM's num_drafts), `draft_tokens` and `accepted_tokens` (the bonus
+    token excluded; draft_tokens None where a run's engine did not report it)."""
+
+    runs: int
+    drafts: int
+    draft_tokens: int | None
+    accepted_tokens: int
+
+    def _vllm(self) -> dict[str, Any]:
+        return vllm_metrics(SpecSteps(steps=None, draft_steps=self.drafts, drafted_tokens=self.draft_tokens,
+                                      accepted_tokens=self.accepted_tokens, output_tokens=None, per_step=False))
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        """vLLM's: 1 + accepted / drafts (the bonus token as the 1); None without drafts."""
+        return self._vllm()["mean_acceptance_length"]
+
+    @property
+    def draft_acceptance_rate(self) -> float | None:
+        """vLLM's: accepted / draft tokens, a fraction."""
+        return self._vllm()["draft_acceptance_rate"]
+
+
+# (categories with OVERALL last, {method: {category: AcceptanceCell}})
+AcceptanceMatrix = tuple[list[str], dict[str, dict[str, AcceptanceCell]]]
 
 
 def finite_mean(values: Sequence[float | None]) -> float:
@@ -66,6 +99,43 @@ def specbench_table(traces: Sequence[Trace], baseline: str = "greedy") -> SpeedT
         for method, per in sorted(cells.items())
     }
     return categories, table
+
+
+def _pool(steps: Sequence[SpecSteps]) -> AcceptanceCell:
+    drafted = [s.drafted_tokens for s in steps]
+    return AcceptanceCell(runs=len(steps), drafts=sum(s.draft_steps or 0 for s in steps),
+                          draft_tokens=None if None in drafted else sum(d or 0 for d in drafted),
+                          accepted_tokens=sum(s.accepted_tokens or 0 for s in steps))
+
+
+def acceptance_matrix(traces: Sequence[Trace]) -> AcceptanceMatrix:
+    """Method x prompt category (SPEED-Bench's per-category acceptance matrix, with an OVERALL column): each
+    cell pools the verification steps (explorer.engines.spec_steps: our draft rounds or an imported engine's
+    record) of the method's finished runs in that category and takes vLLM's definitions of the pooled counts:
+    mean acceptance length = 1 + accepted / drafts, the bonus token included as the 1 and steps that drafted
+    nothing left out; draft acceptance rate = accepted / draft tokens.
+
+    Pooled, i.e. step-weighted, not a mean of per-run ratios: that is how vLLM's counters aggregate over
+    requests and how AIPerf's speed-bench-report builds SPEED-Bench's matrix from them, so a short run does
+    not weigh as much as a long one (specdec_bench's Category_AL averages per-request lengths instead). Runs
+    without drafts (plain decoding) have no steps, and a method none of whose runs drafted is left out; so is
+    an imported run that reports neither drafts nor accepted tokens."""
+    cells: dict[str, dict[str, list[SpecSteps]]] = defaultdict(lambda: defaultdict(list))
+    for trace in traces:
+        if trace.status != "ok":
+            continue
+        steps = spec_steps(trace)
+        if steps is None or steps.draft_steps is None or steps.accepted_tokens is None:
+            continue
+        cells[method_label(trace)][trace.started.tags.get("category", "all")].append(steps)
+    matrix = {}
+    for method, per in sorted(cells.items()):
+        pooled = {category: _pool(runs) for category, runs in per.items()}
+        overall = _pool([s for runs in per.values() for s in runs])
+        if overall.drafts:
+            matrix[method] = pooled | {OVERALL: overall}
+    categories = sorted({c for per in matrix.values() for c in per} - {OVERALL})
+    return categories + [OVERALL] if matrix else [], matrix
 
 
 def sampling_table(traces: Sequence[Trace]) -> SamplingTable:

@@ -49,7 +49,10 @@ def default_question_file() -> Path | None:
 def accept_lengths(trace: Trace) -> list[int]:
     """Tokens committed by each verification step, in order: accepted drafts + 1 for a draft round, 1 for a
     plain step. A round cut short by a stop condition counts only the tokens it committed. They sum to the
-    run's new tokens, and their mean is `Trace.mean_accepted_tokens`."""
+    run's new tokens, and their mean is `Trace.mean_accepted_tokens`. An imported run: as its record gives them."""
+    record = trace.engine_record
+    if record is not None:
+        return [a + 1 for a in record.per_step_accepted]
     lengths: list[int] = []
     round_end = -1  # the last position committed by the current round
     for event in trace.events:
@@ -109,7 +112,7 @@ def _answer(stem: str, question: int, choices: list[tuple[int, list[Trace]]]) ->
             "index": seed,
             "turns": [t.text.strip() for t in conversation],
             "decoding_steps": [len(accept_lengths(t)) for t in conversation],
-            "new_tokens": [len(t.token_steps) for t in conversation],
+            "new_tokens": [t.new_tokens for t in conversation],
             "wall_time": [t.finished.wall_time_s for t in conversation],
             "accept_lengths": [n for t in conversation for n in accept_lengths(t)],
         } for seed, conversation in choices],

@@ -2,11 +2,15 @@
 
 A prompt file is JSON lines (`{"category": ..., "name": ..., "prompt": ...}`), a Spec-Bench question file
 (`{"question_id": ..., "category": ..., "turns": [...]}`: the turns run as one conversation through the chat
-template, each answer in the context of the next turn, one run per turn), or plain text (one prompt per
-line). A strategy spec lists strategies separated by ';', each with optional parameters:
+template, each answer in the context of the next turn, one run per turn), SPEED-Bench's questions (NVIDIA,
+Hub dataset nvidia/SPEED-Bench: `question_id` (a string), `category`, `sub_category`, `turns`, `source`,
+`src_id`, `difficulty`, `multiturn`; as JSON lines or a local copy of one of its Parquet files, its turns
+resolved by its own prepare step: the Hub copy ships a placeholder for most prompts), or plain text (one prompt
+per line). A strategy spec lists strategies separated by ';', each with optional parameters:
 `greedy; sample:top_p=0.9,temperature=0.8; prompt_lookup:min_ngram=1`. Each run is tagged with its prompt's
 category and a sweep key (a hash of model, prompt, strategy, parameters, seed, length, chat), so a sweep that
-is started again skips what already finished ok.
+is started again skips what already finished ok; a SPEED-Bench question's run also with its id
+(`speed_bench_id`), `sub_category`, `difficulty`, `source` and `src_id`, so that reports group by them.
 """
 
 from __future__ import annotations
@@ -23,20 +27,35 @@ from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import config_dict, make_config
 
+# SPEED-Bench's question fields (its Hub dataset card): the ones only it has tell its records from Spec-Bench's.
+SPEED_BENCH_ONLY = ("sub_category", "source", "src_id", "difficulty", "multiturn")
+SPEED_BENCH_TAGS = ("sub_category", "difficulty", "source", "src_id")  # kept on every run of the question
+SPEED_BENCH_ID = "speed_bench_id"  # its question id is a string: a tag of its own (Spec-Bench's int: question_id)
+# What the Hub copy has in place of the prompts its license does not let it ship (specdec_bench's prepare step
+# fetches them from their sources).
+SPEED_BENCH_PLACEHOLDER = "FULL BENCHMARK DATA SHOULD BE FETCHED FROM THE SOURCE"
+
 
 @dataclass(frozen=True)
 class PromptItem:
-    """A prompt, or a conversation of several user turns (a Spec-Bench question, with its id)."""
+    """A prompt, or a conversation of several user turns (a Spec-Bench question, with its id; a SPEED-Bench
+    question, its string id and its own fields in `tags`, which every run of it carries)."""
 
     category: str
     name: str
     prompt: str
     turns: tuple[str, ...] = ()
     question_id: int | None = None
+    tags: dict[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if not self.turns:
             object.__setattr__(self, "turns", (self.prompt,))
+
+    @property
+    def is_question(self) -> bool:
+        """A benchmark question: its runs say which of its turns each one is."""
+        return self.question_id is not None or SPEED_BENCH_ID in self.tags
 
 
 @dataclass(frozen=True)
@@ -55,11 +74,21 @@ class SweepReport:
 
 
 def load_prompts(path: str | Path) -> list[PromptItem]:
+    """The prompts of a JSON-lines, plain-text or (SPEED-Bench's local copy) Parquet file, in file order; a bad
+    record is refused with one line naming the file, its line (or row) and what is wrong."""
     path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        items = [_record_item(row, f"{path}:row {number}", number)
+                 for number, row in enumerate(_parquet_rows(path), start=1)]
+        if not items:
+            raise ValueError(f"{path} has no prompts")
+        return items
     try:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as error:
         raise ValueError(f"cannot read the prompt file {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: a prompt file is JSON lines, plain text or .parquet") from None
     items = []
     for number, line in enumerate(lines, start=1):
         if line.lstrip().startswith("{"):
@@ -71,9 +100,32 @@ def load_prompts(path: str | Path) -> list[PromptItem]:
     return items
 
 
+def _parquet_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"reading {path.name} needs pyarrow: pip install pyarrow") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as error:  # a missing file; pyarrow's ArrowInvalid (not Parquet) is a ValueError
+        raise ValueError(f"cannot read {path} as Parquet: {str(error).splitlines()[0][:200]}") from None
+
+
 def _prompt_item(line: str, where: str, number: int) -> PromptItem:
     try:
         data = json.loads(line)
+    except json.JSONDecodeError:
+        data = None
+    return _record_item(data, where, number)
+
+
+def _record_item(data: Any, where: str, number: int) -> PromptItem:
+    """One record: a prompt, a Spec-Bench question, or a SPEED-Bench question (its own fields, or a string id)."""
+    string_id = isinstance(data, dict) and isinstance(data.get("question_id"), str) and not (
+        data["question_id"].strip().isdigit())
+    if isinstance(data, dict) and "turns" in data and (string_id or any(key in data for key in SPEED_BENCH_ONLY)):
+        return _speed_bench_item(data, where)
+    try:
         if not isinstance(data, dict):
             raise ValueError
         category = str(data.get("category", "all"))
@@ -84,9 +136,34 @@ def _prompt_item(line: str, where: str, number: int) -> PromptItem:
                 raise ValueError
             return PromptItem(category, f"q{question_id}", turns[0], turns, question_id)
         return PromptItem(category, str(data.get("name", f"p{number}")), str(data["prompt"]))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):
         raise ValueError(f'{where}: expected a JSON object with a "prompt" field, or a Spec-Bench question '
                          'with "question_id" and "turns"') from None
+
+
+def _speed_bench_item(data: dict[str, Any], where: str) -> PromptItem:
+    """A SPEED-Bench question: its turns run as one conversation, like Spec-Bench's (an empty turn is dropped,
+    as AIPerf's SPEED-Bench loader drops it); its string id names the item and is kept in the tags with its
+    sub_category, difficulty, source and src_id."""
+    missing = [key for key in ("question_id", "category", "turns") if data.get(key) in (None, "", [])]
+    if missing:
+        raise ValueError(f"{where}: a SPEED-Bench question needs {', '.join(missing)}: "
+                         f"this record has no {' and no '.join(missing)}")
+    turns = data["turns"]
+    if not isinstance(turns, list) or not all(isinstance(turn, str) for turn in turns):
+        raise ValueError(f"{where}: a SPEED-Bench question's turns must be a list of strings")
+    turns = [turn for turn in turns if turn.strip()]
+    question_id = str(data["question_id"]).strip()
+    if not turns:
+        raise ValueError(f"{where}: SPEED-Bench question {question_id} has only empty turns")
+    if any(turn.startswith(SPEED_BENCH_PLACEHOLDER) for turn in turns):
+        raise ValueError(f"{where}: SPEED-Bench question {question_id} holds the Hub copy's placeholder, not its "
+                         "prompt: resolve the turns first (specdec_bench's prepare_data.py, NVIDIA Model-Optimizer)")
+    if not isinstance(data.get("multiturn", False), bool):
+        raise ValueError(f"{where}: a SPEED-Bench question's multiturn must be true or false")
+    tags = {SPEED_BENCH_ID: question_id}
+    tags |= {key: str(data[key]) for key in SPEED_BENCH_TAGS if data.get(key) not in (None, "")}
+    return PromptItem(str(data["category"]), question_id, turns[0], tuple(turns), tags=tags)
 
 
 def per_category(items: Sequence[PromptItem], count: int) -> list[PromptItem]:
@@ -154,14 +231,18 @@ def sweep_cells(items: Sequence[PromptItem], methods: Sequence[MethodSpec], seed
 
 def turn_request(model_id: str, cell: Cell, turn: int, history: Sequence[tuple[str, str]], max_new_tokens: int,
                  chat: bool | None) -> tuple[RunRequest, str]:
-    """The request of one turn of a cell (tagged with its category, method and sweep key) and its sweep key."""
+    """The request of one turn of a cell (tagged with its category, method, sweep key and, for a benchmark's
+    question, its id, its fields and the turn) and its sweep key."""
     item, method = cell.item, cell.method
     request = RunRequest(method.strategy, method.config, item.turns[turn], chat=chat, max_new_tokens=max_new_tokens,
                          seed=cell.seed, history=tuple(history))
     key = sweep_key(model_id, request)
-    tags = {"category": item.category, "prompt_name": item.name, "method": method.label, "sweep_key": key}
+    tags = {**item.tags, "category": item.category, "prompt_name": item.name, "method": method.label,
+            "sweep_key": key}
     if item.question_id is not None:
-        tags |= {"question_id": str(item.question_id), "turn": str(turn), "turns": str(len(item.turns))}
+        tags["question_id"] = str(item.question_id)
+    if item.is_question:
+        tags |= {"turn": str(turn), "turns": str(len(item.turns))}
     return request.replace(tags=tags), key
 
 
@@ -216,12 +297,20 @@ def run_sweep(model: Any, items: Sequence[PromptItem], methods: Sequence[MethodS
 
 
 def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] = ("svg", "pdf", "png")) -> list[Path]:
-    """Tables (LaTeX and Markdown) and figures of the given runs into `out`; each table is computed once."""
-    from explorer.export import sampling_latex, sampling_markdown, specbench_latex, specbench_markdown
-    from explorer.metrics import sampling_table, specbench_table
+    """Tables (LaTeX and Markdown) and figures of the given runs into `out`; each table is computed once. Where
+    any run drafted: SPEED-Bench's per-category acceptance matrix too (acceptance.md, .tex and a heatmap)."""
+    from explorer.export import (
+        acceptance_matrix_latex,
+        acceptance_matrix_markdown,
+        sampling_latex,
+        sampling_markdown,
+        specbench_latex,
+        specbench_markdown,
+    )
+    from explorer.metrics import acceptance_matrix, sampling_table, specbench_table
     from explorer.specbench import answers, baseline_stem, leaderboard_markdown
     from viz.paper import save_figure
-    from viz.report import quality_figure, speedup_figure
+    from viz.report import acceptance_matrix_figure, quality_figure, speedup_figure
 
     if not traces:
         raise ValueError("no runs to report on: run a sweep first")
@@ -230,6 +319,10 @@ def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] 
     speed, sampling = specbench_table(traces), sampling_table(traces)
     tables = [("specbench.tex", specbench_latex(speed)), ("specbench.md", specbench_markdown(speed)),
               ("sampling.tex", sampling_latex(sampling)), ("sampling.md", sampling_markdown(sampling))]
+    acceptance = acceptance_matrix(traces)
+    if acceptance[1]:  # some method drafted: its acceptance per category, as SPEED-Bench reports it
+        tables += [("acceptance.tex", acceptance_matrix_latex(acceptance)),
+                   ("acceptance.md", acceptance_matrix_markdown(acceptance))]
     found = answers(traces)
     if found:  # runs over Spec-Bench's questions: its own metrics, per task, and its equality check
         tables.append(("leaderboard.md", leaderboard_markdown(found, baseline_stem(found))))
@@ -237,7 +330,9 @@ def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] 
     for name, content in tables:
         (out / name).write_text(content, encoding="utf-8")
         written.append(out / name)
-    figures = (("speedup", speedup_figure(speed), "two"), ("quality", quality_figure(sampling), "one"))
+    figures = [("speedup", speedup_figure(speed), "two"), ("quality", quality_figure(sampling), "one")]
+    if acceptance[1]:
+        figures.append(("acceptance", acceptance_matrix_figure(acceptance), "two"))
     for name, figure, width in figures:
         for fmt in formats:
             written.append(save_figure(figure, out / f"{name}.{fmt}", width=width))

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from explorer.events import BRANCH_ORIGINS, DraftRound, RunFinished, RunStarted, TokenStep
+from explorer.events import BRANCH_ORIGINS, DraftRound, EngineRecord, RunFinished, RunStarted, TokenStep
 from explorer.trees import tree_depths
 
 
@@ -46,7 +46,23 @@ class Trace:
 
     @property
     def token_ids(self) -> list[int]:
+        record = self.engine_record
+        if record is not None:
+            return list(record.token_ids)
         return [s.token_id for s in self.token_steps]
+
+    @property
+    def engine_record(self) -> EngineRecord | None:
+        """What an inference engine reported, for a run imported from its records (None for our own runs)."""
+        return next((e for e in self.events if isinstance(e, EngineRecord)), None)
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens the run produced (an imported run: as its engine counted them)."""
+        record = self.engine_record
+        if record is not None:
+            return record.output_tokens or (self.finished.new_tokens if self.finished else 0)
+        return len(self.token_steps)
 
     @property
     def text(self) -> str:
@@ -84,18 +100,34 @@ class Trace:
 
     @property
     def verification_rounds(self) -> int:
-        """Target verification passes that committed tokens: draft rounds plus plain one-token steps."""
+        """Target verification passes that committed tokens: draft rounds plus plain one-token steps (an imported
+        run: its engine's count, 0 where it gave none)."""
+        record = self.engine_record
+        if record is not None:
+            return record.steps or 0
         return len(self.rounds) + sum(1 for s in self.token_steps if s.origin == "plain")
 
     @property
     def mean_accepted_tokens(self) -> float:
         """Committed tokens per verification round, bonus included (1.0 for plain decoding; a branch's prefix and
-        forced token are not the strategy's and do not count)."""
+        forced token are not the strategy's and do not count). SGLang's `spec_accept_length` is the same ratio."""
         rounds = self.verification_rounds
-        return len(self.decoded_steps) / rounds if rounds else float("nan")
+        decoded = self.new_tokens if self.engine_record is not None else len(self.decoded_steps)
+        return decoded / rounds if rounds else float("nan")
 
     def acceptance_by_depth(self) -> list[float]:
         """Per-position acceptance rate: accepted draft tokens at depth d / rounds that drafted depth d."""
+        record = self.engine_record
+        if record is not None:  # as reported; per step where the engine gave the steps
+            if record.drafted_per_position:
+                return [a / d if d else math.nan
+                        for a, d in zip(record.accepted_per_position, record.drafted_per_position, strict=False)]
+            depths = record.per_step_depth or record.per_step_drafted
+            if depths and record.per_step_accepted:
+                width = max(depths, default=0)
+                return [sum(a > i for a in record.per_step_accepted) / max(1, sum(d > i for d in depths))
+                        for i in range(width)]
+            return []
         drafted: list[int] = []
         accepted: list[int] = []
         for round_ in self.rounds:
@@ -158,7 +190,7 @@ class Trace:
 
     def metrics(self) -> dict[str, Any]:
         finished = self.finished
-        new_tokens = len(self.token_steps)
+        new_tokens = self.new_tokens
         passes = finished.target_forward_passes if finished else 0
         return {
             "status": self.status,
@@ -171,7 +203,7 @@ class Trace:
             "perplexity": self.perplexity,
             "mean_accepted_tokens": self.mean_accepted_tokens,
             "verification_rounds": self.verification_rounds,
-            "draft_rounds": len(self.rounds),
+            "draft_rounds": len(self.rounds) if self.engine_record is None else self.engine_record.draft_steps,
             "acceptance_by_position": self.acceptance_by_depth(),
             "repetition_2": self.repetition_rate(2),
             "repetition_4": self.repetition_rate(4),

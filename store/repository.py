@@ -212,12 +212,17 @@ class Store:
 
     def save_trace(self, trace: Trace) -> None:
         """Insert a whole trace (e.g. an imported one) in one transaction."""
+        self.save_traces([trace])
+
+    def save_traces(self, traces: Sequence[Trace]) -> None:
+        """Insert whole traces in one transaction: all of them or, if the database refuses one, none."""
         with self._tx() as session:
-            session.add(_run_row(trace.started))
-            session.flush()
-            _add_events(session, trace.run_id, 0, trace.events, trace.finished)
-            if trace.finished is None:
-                session.get(RunRow, trace.run_id).new_tokens = len(trace.token_steps)
+            for trace in traces:
+                session.add(_run_row(trace.started))
+                session.flush()
+                _add_events(session, trace.run_id, 0, trace.events, trace.finished)
+                if trace.finished is None:
+                    session.get(RunRow, trace.run_id).new_tokens = len(trace.token_steps)
 
     def load_trace(self, run_id: str) -> Trace:
         with self._tx() as session:

@@ -13,8 +13,8 @@ from explorer.recorder import Recorder
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
 from explorer.strategies import REGISTRY
-from explorer.ui.compare import NO_PAIR
 from explorer.testing import running_app
+from explorer.ui.compare import NO_PAIR
 from store import Store
 from tests.test_viz import hostile_trace
 

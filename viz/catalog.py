@@ -80,7 +80,8 @@ def pick(traces: Sequence[Trace | None], lane: int, wanted: Callable[[Trace], bo
 # its figure draws), never by the strategy's name: a renamed strategy, or a new one that records the same data,
 # gets the view without a change here.
 def _drafted(t: Trace) -> bool:
-    return bool(t.rounds)
+    """Our draft rounds, or an imported engine's record of them."""
+    return bool(t.rounds) or (t.engine_record is not None and bool(t.engine_record.steps))
 
 
 def _kinds(*kinds: str) -> Callable[[Trace], bool]:

@@ -17,6 +17,9 @@ def lane_name(trace: Trace, index: int) -> str:
     """'2: sample (top_p=0.9)': the lane number, the strategy, and only the parameters changed from their
     defaults (for runs stored before defaults were recorded: those that are not a neutral sampling value)."""
     started = trace.started
+    if "external" in started.tags:  # an imported engine record: its method label and engine
+        method, engine = started.tags.get("method", ""), started.tags["external"]
+        return html.escape(f"{index + 1}: {method} ({engine})" if method != engine else f"{index + 1}: {engine}")
     changed = {k: v for k, v in started.config.items()
                if (started.defaults.get(k, _MISSING) != v if started.defaults else not _is_default_like(k, v))}
     config = html.escape(", ".join(f"{k}={_short(v)}" for k, v in changed.items()))  # values may be typed text

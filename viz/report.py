@@ -1,5 +1,5 @@
 """Figures across many runs (a sweep), drawn from the tables of explorer.metrics: speedup per method and prompt
-category, and a quality map."""
+category, SPEED-Bench's acceptance matrix, and a quality map."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 
 import plotly.graph_objects as go
 
-from explorer.metrics import SamplingTable, SpeedTable
-from viz.theme import base_layout, empty_figure, lane_color, lane_dash
+from explorer.metrics import AcceptanceMatrix, SamplingTable, SpeedTable
+from viz.theme import SEQUENTIAL, base_layout, empty_figure, lane_color, lane_dash
 
 
 def speedup_figure(speed: SpeedTable) -> go.Figure:
@@ -24,6 +24,33 @@ def speedup_figure(speed: SpeedTable) -> go.Figure:
     figure.add_hline(y=1.0, line=dict(color="#000000", dash="dot"))
     figure.update_layout(barmode="group")
     return base_layout(figure, "Speedup over greedy by prompt category", "prompt category", "speedup (x)")
+
+
+def acceptance_matrix_figure(matrix: AcceptanceMatrix) -> go.Figure:
+    """Method x category heatmap of vLLM's mean acceptance length (bonus included, pooled over the runs), each
+    cell annotated with its value; Cividis (colour-blind safe, monotone in lightness), from 1 (nothing accepted)
+    up. Hover adds the draft acceptance rate and the runs and drafts pooled."""
+    categories, table = matrix
+    if not table:
+        return empty_figure("No run drafted: run a speculative method to see its acceptance per category.")
+    methods = list(table)
+    cells = [[table[m].get(c) for c in categories] for m in methods]
+    z = [[cell.mean_acceptance_length if cell else None for cell in row] for row in cells]
+    text = [[f"{v:.2f}" if v is not None else "" for v in row] for row in z]
+    hover = [[f"{m} / {c}<br>mean acceptance length {cell.mean_acceptance_length:.2f}<br>draft acceptance "
+              + (f"{cell.draft_acceptance_rate:.1%}" if cell.draft_acceptance_rate is not None else "n/a")
+              + f"<br>{cell.runs} runs, {cell.drafts} drafts"
+              if cell and cell.mean_acceptance_length is not None else f"{m} / {c}: no drafts"
+              for c, cell in zip(categories, row, strict=True)] for m, row in zip(methods, cells, strict=True)]
+    top = max((v for row in z for v in row if v is not None), default=1.0)
+    figure = go.Figure(go.Heatmap(
+        z=z, x=categories, y=methods, text=text, texttemplate="%{text}", hovertext=hover, hoverinfo="text",
+        colorscale=SEQUENTIAL, zmin=1.0, zmax=max(top, 1.0 + 1e-9), xgap=2, ygap=2,
+        colorbar=dict(title="mean acc. length"),
+    ))
+    figure.update_yaxes(autorange="reversed")
+    return base_layout(figure, "Mean acceptance length per method and prompt category (vLLM's, bonus included)",
+                       "prompt category", "method", height=max(260, 60 * len(methods) + 160))
 
 
 def quality_figure(table: SamplingTable) -> go.Figure:

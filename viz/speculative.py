@@ -3,6 +3,7 @@ time, layer-skip agreement, and Jacobi's iteration x position grid with its conv
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import networkx as nx
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from explorer.engines import acceptance_histogram, marginal_rate_by_position
 from explorer.trace import Trace
 from explorer.trees import tree_depths
 from viz.labels import lane_name, show_token
@@ -24,12 +26,26 @@ def _has_rounds(trace: Trace | None) -> bool:
     return trace is not None and bool(trace.rounds)
 
 
+def _speculative(trace: Trace | None) -> bool:
+    """Our draft rounds, or an engine's record of them (an imported run)."""
+    return _has_rounds(trace) or (trace is not None and trace.engine_record is not None
+                                  and bool(trace.engine_record.steps))
+
+
+def _engine_name(trace: Trace) -> str:
+    return str(trace.started.tags.get("external", "the engine"))
+
+
 def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
 def acceptance_heatmap(trace: Trace | None, max_rounds: int = 150, lane: int = 0) -> go.Figure:
-    """Round x draft position: accepted (blue), rejected (red), not reached (grey); hover gives p, q, u."""
+    """Round x draft position: accepted (blue), rejected (red), not reached (grey); hover gives p, q, u. An
+    imported engine record: per step as reported (a chain: accepted, then the first rejected, then not reached;
+    no tokens), where the engine reports per-step counts."""
+    if trace is not None and not _has_rounds(trace) and trace.engine_record is not None:
+        return _reported_rounds(trace, max_rounds, lane)
     if not _has_rounds(trace):
         return empty_figure("Run a draft-verify strategy (speculative, prompt_lookup, jacobi, ...) to see rounds.")
     rounds = trace.rounds[:max_rounds]
@@ -43,42 +59,81 @@ def acceptance_heatmap(trace: Trace | None, max_rounds: int = 150, lane: int = 0
                 z[row][depth] = VERDICT_VALUE.get(verdict, 0.5)
                 hover[row][depth] = (f"round {round_.round}, position {depth}: {round_.draft_texts[i]!r} {verdict}"
                                      f"<br>p = {_fmt(round_.p[i])}, q = {_fmt(round_.q[i])}, u = {_fmt(round_.u[i])}")
+    return _verdict_heatmap(z, hover, [r.round for r in rounds], f"Acceptance per round — {lane_name(trace, lane)}")
+
+
+def _reported_rounds(trace: Trace, max_rounds: int, lane: int) -> go.Figure:
+    record = trace.engine_record
+    engine = _engine_name(trace)
+    accepted = record.per_step_accepted[:max_rounds]
+    if not accepted:
+        return empty_figure(f"{engine} reported totals only for this request (no per-step acceptance): see the "
+                            "accepted-lengths and per-position views.")
+    drafted = record.per_step_depth[:max_rounds] or record.per_step_drafted[:max_rounds]
+    width = max([*(drafted or []), *(a + 1 for a in accepted)], default=1)
+    z = [[None] * width for _ in accepted]
+    hover = [[""] * width for _ in accepted]
+    for row, a in enumerate(accepted):
+        proposed = drafted[row] if drafted else None
+        for depth in range(width if proposed is None else proposed):
+            if depth < a:
+                verdict = "accepted"
+            elif depth == a:
+                verdict = "rejected" if proposed is not None else "rejected or not drafted"
+            else:
+                verdict = "unreached"
+            if depth > a and proposed is None:
+                break
+            z[row][depth] = VERDICT_VALUE.get(verdict, 0.0 if verdict.startswith("rejected") else 0.5)
+            hover[row][depth] = f"step {row}, position {depth}: {verdict} (as {engine} reported it; no tokens)"
+    return _verdict_heatmap(z, hover, list(range(len(accepted))),
+                            f"Acceptance per step, as {engine} reported it — {lane_name(trace, lane)}")
+
+
+def _verdict_heatmap(z: list[list[float | None]], hover: list[list[str]], rows: list[int], title: str) -> go.Figure:
     colorscale = [[0.0, REJECTED], [0.33, REJECTED], [0.33, UNREACHED], [0.67, UNREACHED], [0.67, ACCEPTED],
                   [1.0, ACCEPTED]]
     figure = go.Figure(go.Heatmap(
-        z=z, x=list(range(width)), y=[r.round for r in rounds], hovertext=hover, hoverinfo="text",
+        z=z, x=list(range(len(z[0]) if z else 0)), y=rows, hovertext=hover, hoverinfo="text",
         colorscale=colorscale, zmin=0, zmax=1, xgap=1, ygap=1,
         colorbar=dict(title="verdict", tickvals=[0, 0.5, 1], ticktext=["rejected", "not reached", "accepted"]),
     ))
     figure.update_yaxes(autorange="reversed", type="category")
     figure.update_xaxes(dtick=1)
-    return base_layout(figure, f"Acceptance per round — {lane_name(trace, lane)}", "draft position", "round",
-                       height=min(900, 200 + 8 * len(rounds)))
+    return base_layout(figure, title, "draft position", "round", height=min(900, 200 + 8 * len(rows)))
 
 
 def accepted_length_histogram(traces: Sequence[Trace]) -> go.Figure:
-    lanes = [(i, t) for i, t in enumerate(traces) if _has_rounds(t)]
+    """Drafting steps by accepted draft tokens (vLLM's acceptance histogram, bonus excluded): our rounds, and
+    imported engine records beside them."""
+    lanes = [(i, t, h) for i, t in enumerate(traces) if _speculative(t) and (h := acceptance_histogram(t))]
     if not lanes:
-        return empty_figure("No draft-verify lanes yet.")
+        return empty_figure("No draft-verify lanes yet (or their engines reported no histogram).")
     figure = go.Figure()
-    for index, trace in lanes:
-        figure.add_trace(go.Histogram(x=[r.accepted_count for r in trace.rounds], name=lane_name(trace, index),
-                                      marker_color=lane_color(index), opacity=0.75, xbins=dict(size=1),
-                                      hovertemplate="accepted %{x}: %{y} rounds"))
+    for index, trace, counts in lanes:
+        figure.add_trace(go.Bar(x=list(range(len(counts))), y=counts, name=lane_name(trace, index),
+                                marker_color=lane_color(index), opacity=0.75,
+                                hovertemplate="accepted %{x}: %{y} rounds"))
     figure.update_layout(barmode="group")
     return base_layout(figure, "Accepted draft tokens per round", "accepted tokens", "rounds")
 
 
 def acceptance_by_position_figure(traces: Sequence[Trace]) -> go.Figure:
-    lanes = [(i, t) for i, t in enumerate(traces) if _has_rounds(t)]
+    """Per-position acceptance: accepted at i / rounds that drafted i; for an imported record that does not say
+    which positions each step drafted, vLLM's marginal rate (accepted at i / drafting steps), dashed and so named."""
+    lanes = [(i, t) for i, t in enumerate(traces) if _speculative(t)]
     if not lanes:
         return empty_figure("No draft-verify lanes yet.")
     figure = go.Figure()
     for index, trace in lanes:
-        rates = trace.acceptance_by_depth()
-        name = f"{lane_name(trace, index)} (MAT {trace.mean_accepted_tokens:.2f})"
+        rates, dash, note = trace.acceptance_by_depth(), None, ""
+        if not rates and trace.engine_record is not None:
+            rates, dash = marginal_rate_by_position(trace), "dash"
+            note = f", marginal: {_engine_name(trace)} does not report the positions drafted"
+        mat = trace.mean_accepted_tokens
+        name = f"{lane_name(trace, index)} (MAT {mat:.2f}{note})" if math.isfinite(mat) else lane_name(trace, index)
         figure.add_trace(go.Scatter(x=list(range(len(rates))), y=rates, mode="lines+markers", name=name,
-                                    line=dict(color=lane_color(index)),
+                                    line=dict(color=lane_color(index), dash=dash),
                                     hovertemplate="position %{x}: %{y:.1%} accepted"))
     figure.update_yaxes(range=[0, 1.02], tickformat=".0%")
     return base_layout(figure, "Per-position acceptance rate (accepted at i / rounds that drafted i)",
@@ -86,6 +141,8 @@ def acceptance_by_position_figure(traces: Sequence[Trace]) -> go.Figure:
 
 
 def round_timeline(trace: Trace | None, max_rounds: int = 200, lane: int = 0) -> go.Figure:
+    if trace is not None and not _has_rounds(trace) and trace.engine_record is not None:
+        return empty_figure(f"{_engine_name(trace)} does not report draft and verify time per round.")
     if not _has_rounds(trace):
         return empty_figure("Run a draft-verify strategy to see draft and verify time per round.")
     rounds = trace.rounds[:max_rounds]
