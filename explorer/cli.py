@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--method", default=None, help="label the imported runs (default: the engine's name; "
                                                    "Spec-Bench: the answer file's method)")
     imp.add_argument("--model", default=None, help="the model id, where the records do not name it")
+    imp.add_argument("--category", default=None, help="the prompt category of every record in the file (e.g. one "
+                                                     "SPEED-Bench category per AIPerf run), for the report's matrix")
     imp.add_argument("--db", default=None)
 
     figure = sub.add_parser("figure", help="export a view of stored runs as SVG, PDF or PNG (paper theme)")
@@ -466,8 +468,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise ValueError(f"no run with id {args.run_id!r}: {error}") from None
     trace = store.load_trace(args.run_id)
     if args.json:
-        print(json.dumps({"run_id": trace.run_id, "metrics": jsonable(trace.metrics()), "steps": trace.table()},
-                         ensure_ascii=False))
+        from explorer.engines import engine_metrics
+
+        print(json.dumps({"run_id": trace.run_id, "metrics": jsonable(trace.metrics()), "steps": trace.table(),
+                          "engines": engine_metrics(trace)}, ensure_ascii=False))
         return 0
     started = trace.started
     print(one_line(f"run {trace.run_id}: {started.strategy} {started.config} on {started.model_id}, "
@@ -560,14 +564,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.format != "bundle":
         from explorer.engine_records import read_records
 
-        traces = read_records(args.format, args.bundle, method=args.method, model=args.model)  # all read, then
+        traces = read_records(args.format, args.bundle, method=args.method, model=args.model,
+                              category=args.category)  # all read, then
         store = Store(args.db)
         store.save_traces(traces)  # stored in one transaction: a bad file stores nothing
         print(f"imported {len(traces)} {args.format} records as external runs into {store.url}: "
               f"{', '.join(t.run_id for t in traces[:10])}{' ...' if len(traces) > 10 else ''}")
         return 0
-    if args.method or args.model:
-        raise ValueError("--method and --model go with an engine's records (--format vllm|sglang|aiperf|specbench)")
+    if args.method or args.model or args.category:
+        raise ValueError("--method, --model and --category go with an engine's records (--format vllm|sglang|aiperf|specbench)")
     trace = read_bundle(args.bundle)
     store = Store(args.db)
     if trace.run_id in set(store.run_ids()):

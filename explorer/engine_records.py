@@ -158,14 +158,16 @@ class RecordError(ValueError):
     """A record that cannot be read, with where it is."""
 
 
-def read_records(kind: str, path: str | Path, method: str | None = None, model: str | None = None) -> list[Trace]:
+def read_records(kind: str, path: str | Path, method: str | None = None, model: str | None = None,
+                 category: str | None = None) -> list[Trace]:
     """Every record of an engine's file as an external run (nothing is stored here: the caller stores all or
     none). `method` labels them (default: the engine's name, or the answer file's method for Spec-Bench);
-    `model` overrides the model id the record names."""
+    `model` overrides the model id the record names; `category` tags every record with a prompt category."""
     if kind not in IMPORT_FORMATS:
         raise ValueError(f"unknown record format {kind!r}: one of {', '.join(IMPORT_FORMATS)}")
-    if method is not None and not LABEL.fullmatch(method):
-        raise ValueError("--method must be a short label (letters, digits, . _ : / = + -)")
+    for name, value in (("--method", method), ("--category", category)):
+        if value is not None and not LABEL.fullmatch(value):
+            raise ValueError(f"{name} must be a short label (letters, digits, . _ : / = + -)")
     path = Path(path)
     objects = _json_objects(path)
     reader = {"vllm": _from_vllm, "sglang": _from_sglang, "aiperf": _from_aiperf, "specbench": _from_specbench}[kind]
@@ -178,6 +180,9 @@ def read_records(kind: str, path: str | Path, method: str | None = None, model: 
             raise RecordError(f"{path.name}:{number}: not a {kind} record ({detail})") from None
     if not traces:
         raise ValueError(f"{path.name} holds no {kind} records")
+    if category is not None:
+        for trace in traces:
+            trace.started.tags["category"] = category
     return traces
 
 

@@ -802,3 +802,43 @@ def test_browser_eagle_lane_uses_the_shipped_head_on_the_embedded_model(server, 
 def test_browser_no_page_outlives_its_test(browser):
     """Runs after the module's other browser tests: the pages they opened (several each) were all closed."""
     assert browser.contexts == []
+
+
+@pytest.mark.browser
+def test_browser_an_engines_record_shows_beside_a_recorded_run(server, browser, tmp_path):
+    """Issue 30: a vLLM response imported with the CLI opens in a lane beside one of ours (permalink): its text as
+    text, its mean accepted tokens in the lane and the summary, its steps in the accepted-lengths and per-position
+    views; the timeline says what vLLM does not report."""
+    from explorer.cli import main
+    from tests.test_engines import ADAPTIVE, run
+
+    url, db = server
+    ours = run(ADAPTIVE)
+    Store(db).save_trace(ours)
+    before = set(Store(db).run_ids())
+    assert main(["import", "--format", "vllm", str(Path(__file__).parent / "data" / "engines" /
+                                                 "vllm_responses.jsonl"), "--method", "eagle3", "--db", db]) == 0
+    imported = [t for t in Store(db).load_traces(set(Store(db).run_ids()) - before)
+                if t.engine_record.per_step_accepted]
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(f"{url}?compare={ours.run_id},{imported[0].run_id}")
+        page.wait_for_function("(() => { const o = document.querySelector('#lane2-output');"
+                               " return o && o.innerText.includes('imported from vllm'); })()", timeout=30_000)
+        assert "The sea is wide and <b>grey</b>." in page.locator("#lane2-output").inner_text()
+        page.wait_for_function("document.querySelector('#lane2-about').innerText.includes('Imported from vllm')",
+                               timeout=10_000)
+        assert page.locator("#lane2-output b").count() == 0  # the record's text is text
+        assert "mean accepted" in page.locator("#lane2-metrics").inner_text()
+        assert "eagle3 (vllm)" in page.locator("#lane-summary").inner_text()
+        page.get_by_role("tab", name="Speculative").click()
+        page.wait_for_function("(() => { const p = document.querySelector('#accepted-lengths .js-plotly-plot');"
+                               " return p && p.data && p.data.length === 2; })()", timeout=30_000)
+        names = page.evaluate("document.querySelector('#by-position .js-plotly-plot').data.map(d => d.name)")
+        assert any("eagle3 (vllm)" in name for name in names), names
+        page.screenshot(path=str(tmp_path / "engine-beside-ours.png"), full_page=True)
+        if os.environ.get("DECODING_EXPLORER_SCREENSHOTS"):
+            page.screenshot(path=str(Path(os.environ["DECODING_EXPLORER_SCREENSHOTS"]) / "engine-record.png"),
+                            full_page=True)
+    finally:
+        page.close()

@@ -193,3 +193,16 @@ def test_export_in_the_engines_shapes_and_as_a_dataset_from_the_cli(tmp_path, ca
     assert main(["export", "--all", "--format", "csv", "--out", str(tmp_path / "x.csv"), "--push-to-hub", "a/b",
                  "--db", db]) == 2
     assert "--push-to-hub goes with --format hf-dataset" in capsys.readouterr().err
+
+
+def test_the_report_puts_imported_records_in_the_category_matrix_beside_ours(tmp_path):
+    from explorer.sweep import write_report
+
+    ours = run(ADAPTIVE)
+    ours.started.tags.update({"category": "coding", "method": "ours"})
+    theirs = read_records("aiperf", DATA / "aiperf_profile_export.jsonl", method="eagle3", category="coding")
+    written = write_report([ours, *theirs], tmp_path / "report", formats=("svg",))
+    assert tmp_path / "report" / "acceptance.md" in written
+    table = (tmp_path / "report" / "acceptance.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("|")}
+    assert "3.12" in rows["eagle3"] and "2.33" in rows["ours"]  # 1 + 34/16 and 1 + 4/3, vLLM's definition

@@ -52,7 +52,8 @@ def summary_rows(traces: Sequence[Trace | None]) -> list[dict[str, Any]]:
             "speedup": speedup_against(trace, baseline), "mean_accepted": m["mean_accepted_tokens"],
             "passes_per_token": m["forward_passes_per_token"], "mean_entropy": m["mean_entropy"],
             "perplexity": m["perplexity"],
-            "diverges_at": "—" if trace is reference else _divergence_label(trace, reference, divergence),
+            "diverges_at": "—" if trace is reference or not (trace.token_steps and reference.token_steps)
+            else _divergence_label(trace, reference, divergence),  # an imported record has no tokens to compare
         })
     return rows
 

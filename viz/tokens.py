@@ -58,6 +58,11 @@ def tokens_html(trace: Trace | None, color_by: str = "probability", popovers: bo
     open while it has focus, so it can be read, copied and used on touch screens."""
     if color_by not in COLOR_MODES:
         raise ValueError(f"color_by must be one of {', '.join(COLOR_MODES)}")
+    if trace is not None and trace.engine_record is not None:  # an imported record: its text, no distributions
+        engine = html.escape(str(trace.started.tags.get("external", "an engine")))
+        text = html.escape(trace.text).replace("\n", "↵<br>") or "<i>(the record holds no text)</i>"
+        return (f'<div class="run-status">imported from {engine}: the text only (engines report no per-token '
+                f'distributions)</div><div class="tokens" style="white-space: pre-wrap">{text}</div>')
     if trace is None or not trace.token_steps:
         return '<div class="tokens empty">No tokens yet.</div>'
     steps = trace.token_steps
@@ -121,7 +126,7 @@ def metrics_html(trace: Trace | None, baseline: Trace | None = None, live: tuple
     ]
     if trace.finished is None:
         cells.insert(0, ("step", f"{m['new_tokens']} / {trace.started.max_new_tokens}"))
-    if trace.rounds:
+    if trace.rounds or (trace.engine_record is not None and trace.engine_record.steps):
         cells.append(("mean accepted", number(m["mean_accepted_tokens"], ".2f")))
     speedup = speedup_against(trace, baseline)
     if speedup is not None:

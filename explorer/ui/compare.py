@@ -10,7 +10,9 @@ The `Page` names every component the handlers read or write; each event's input 
 from __future__ import annotations
 
 import dataclasses
+import html
 import math
+import re
 import shutil
 import tempfile
 import threading
@@ -152,6 +154,22 @@ def strategy_choices() -> list[tuple[str, str]]:
     return [(f"{name} · {REGISTRY[name].group}", name) for name in names]
 
 
+def escape_markdown(text: str) -> str:
+    """Stored text as literal Markdown: HTML escaped, every Markdown mark backslashed, one line, bounded."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", html.escape(" ".join(str(text).split())[:120]))
+
+
+def foreign_about(strategy: str, tags: dict[str, str] | None) -> str:
+    """What a lane says of a stored run whose strategy this server does not have: an engine's imported record,
+    a recorded `generate` call, a plugin not loaded here (the strategy dropdown stays as it was)."""
+    tags = tags or {}
+    if "external" in tags:
+        return (f"**Imported from {escape_markdown(tags['external'])}** ({escape_markdown(tags.get('method', ''))}, "
+                f"from {escape_markdown(tags.get('source', 'a file'))}): what the engine reported — text, token "
+                "counts, per-step acceptance where given. Not rerun here.")
+    return f"**A stored run of `{escape_markdown(strategy)}`**, which this server does not have: shown as stored."
+
+
 def strategy_about(name: str) -> str:
     """The lane's description line: what the strategy does, its paper, and its fidelity status, which opens the
     strategy's ledger entry in place (the whole ledger: README, `python -m explorer strategies --fidelity`)."""
@@ -265,12 +283,12 @@ class Lane:
         strategy = values[self.strategy]
         return strategy, dict((values[self.chosen] or {}).get(strategy, {}))
 
-    def restored(self, strategy: str, config: dict[str, Any]) -> dict[Any, Any]:
+    def restored(self, strategy: str, config: dict[str, Any], tags: dict[str, str] | None = None) -> dict[Any, Any]:
         """The lane set to `strategy` with the parameters of a stored run's `config`, its controls redrawn. A run
         of a strategy this server does not have (a recorded `generate` call, a plugin not loaded here) is shown
         as stored, and the lane's controls stay as they are."""
         if strategy not in REGISTRY:
-            return {}
+            return {self.about: foreign_about(strategy, tags)}
         fields = {f.name for f in dataclasses.fields(REGISTRY[strategy].config)}
         return {self.strategy: gr.update(value=strategy),
                 self.chosen: {strategy: {k: v for k, v in config.items() if k in fields}},
@@ -391,7 +409,7 @@ class Page:
                   self.seed: started.seed, self.max_new: min(started.max_new_tokens, MAX_NEW_TOKENS_CAP),
                   self.model_id: "embedded" if started.model_id.startswith("embedded") else started.model_id}
         for lane, trace in zip(self.lanes, traces, strict=False):
-            inputs |= lane.restored(trace.started.strategy, trace.started.config)
+            inputs |= lane.restored(trace.started.strategy, trace.started.config, trace.started.tags)
         return {**self.render_lanes(traces, color_by), **self.views_of(traces, view_lane, viewer), self.traces: traces,
                 **self.render_summary(traces), self.link: permalink(traces), **self.show_lanes(len(traces), view_lane),
                 **inputs, self.tabs: gr.Tabs(selected="compare")}
@@ -559,7 +577,7 @@ class Page:
     def opened_outputs(self) -> list[Any]:
         """Stored runs opened: what a run sets but the buttons, the lanes' controls, the tabs and the inputs."""
         return [*[c for c in self.run_outputs if c not in (self.run_btn, self.stop_btn)],
-                *(lane.strategy for lane in self.lanes), *self.lane_controls, self.tabs,
+                *(c for lane in self.lanes for c in (lane.strategy, lane.about)), *self.lane_controls, self.tabs,
                 self.prompt, self.chat, self.system, self.seed, self.max_new, self.model_id,
                 *(c for lane in self.lanes for c in (lane.chosen, lane.redraw))]
 
