@@ -36,6 +36,7 @@ from explorer.events import (
     CandidateStep,
     Detail,
     DraftRound,
+    EngineRecord,
     Event,
     ExtractSpans,
     FinishRace,
@@ -71,7 +72,7 @@ from explorer.trace import Trace
 from viz.catalog import View, pick, register_view
 from viz.theme import base_layout, empty_figure, lane_color
 
-__version__ = "1.1"
+__version__ = "1.2"
 
 __all__ = [
     # registering
@@ -89,6 +90,7 @@ __all__ = [
     "Event", "Detail", "EVENT_TYPES", "RunStarted", "TokenStep", "RunFinished", "DraftRound", "BeamStep",
     "BeamResult", "CandidateStep", "TrialBranch", "PoolUpdate", "LensStep", "AttentionStep", "UnmaskStep",
     "CacheDrift", "MbrResult", "FinishRace", "ExtractSpans", "LatticeResult", "SuperposedStep", "SuperposedResult",
+    "EngineRecord",
     # views
     "View", "Trace", "pick", "empty_figure", "base_layout", "lane_color",
 ]

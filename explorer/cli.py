@@ -572,7 +572,8 @@ def cmd_import(args: argparse.Namespace) -> int:
               f"{', '.join(t.run_id for t in traces[:10])}{' ...' if len(traces) > 10 else ''}")
         return 0
     if args.method or args.model or args.category:
-        raise ValueError("--method, --model and --category go with an engine's records (--format vllm|sglang|aiperf|specbench)")
+        raise ValueError("--method, --model and --category go with an engine's records "
+                         "(--format vllm|sglang|aiperf|specbench)")
     trace = read_bundle(args.bundle)
     store = Store(args.db)
     if trace.run_id in set(store.run_ids()):

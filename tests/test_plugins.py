@@ -36,7 +36,7 @@ API_NAMES = {
     "Event", "Detail", "EVENT_TYPES", "RunStarted", "TokenStep", "RunFinished", "DraftRound", "BeamStep",
     "BeamResult", "CandidateStep", "TrialBranch", "PoolUpdate", "LensStep", "AttentionStep", "UnmaskStep",
     "CacheDrift", "MbrResult", "FinishRace", "ExtractSpans", "LatticeResult", "SuperposedStep", "SuperposedResult",
-    "View", "Trace", "pick", "empty_figure", "base_layout", "lane_color",
+    "EngineRecord", "View", "Trace", "pick", "empty_figure", "base_layout", "lane_color",
 }
 
 
@@ -68,7 +68,7 @@ def test_the_api_names_are_pinned_and_versioned():
 
     assert set(api.__all__) == API_NAMES and len(api.__all__) == len(API_NAMES)
     assert all(getattr(api, name) is not None for name in api.__all__)
-    assert api.__version__ == "1.1"
+    assert api.__version__ == "1.2"
     assert f"## explorer.api {api.__version__}" in (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     assert all(getattr(api, cls.__name__) is cls for cls in api.EVENT_TYPES.values())  # every event type
 
