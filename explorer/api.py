@@ -44,6 +44,7 @@ from explorer.events import (
     LensStep,
     MbrResult,
     PoolUpdate,
+    QualityProbe,
     RunFinished,
     RunStarted,
     SuperposedResult,
@@ -90,7 +91,7 @@ __all__ = [
     "Event", "Detail", "EVENT_TYPES", "RunStarted", "TokenStep", "RunFinished", "DraftRound", "BeamStep",
     "BeamResult", "CandidateStep", "TrialBranch", "PoolUpdate", "LensStep", "AttentionStep", "UnmaskStep",
     "CacheDrift", "MbrResult", "FinishRace", "ExtractSpans", "LatticeResult", "SuperposedStep", "SuperposedResult",
-    "EngineRecord",
+    "EngineRecord", "QualityProbe",
     # views
     "View", "Trace", "pick", "empty_figure", "base_layout", "lane_color",
 ]

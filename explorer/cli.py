@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: ../shared/spec_bench/question.jsonl beside the repository, when there)")
     sweep.add_argument("--per-category", type=int, default=None, metavar="N",
                        help="only the first N prompts of each category (a stratified subset)")
+    sweep.add_argument("--task", default=None, metavar="NAME|FILE",
+                       help="instead of --prompts, a task checked offline (explorer/tasks.py): arithmetic, extract, "
+                            "json or code (built in), or a GSM8K-style JSON-lines file of {question, answer}; "
+                            "prints accuracy per method at the end, and `report` writes tasks.md")
+    sweep.add_argument("--limit", type=int, default=None, metavar="N", help="with --task: its first N items")
     sweep.add_argument("--strategies", required=True, help="e.g. 'greedy; sample:top_p=0.9; prompt_lookup'")
     sweep.add_argument("--seeds", type=int, default=1)
     sweep.add_argument("--model", default=None)
@@ -469,8 +474,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     trace = store.load_trace(args.run_id)
     if args.json:
         from explorer.engines import engine_metrics
+        from explorer.quality import run_quality
 
-        print(json.dumps({"run_id": trace.run_id, "metrics": jsonable(trace.metrics()), "steps": trace.table(),
+        print(json.dumps({"run_id": trace.run_id, "metrics": jsonable(trace.metrics()),
+                          "quality": jsonable(run_quality(trace)), "steps": trace.table(),
                           "engines": engine_metrics(trace)}, ensure_ascii=False))
         return 0
     started = trace.started
@@ -607,13 +614,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from explorer.models import load_model
     from explorer.request import check_max_new_tokens
     from explorer.specbench import default_question_file
-    from explorer.sweep import load_prompts, parse_strategies, per_category, run_sweep, sweep_cells
+    from explorer.sweep import load_prompts, parse_strategies, per_category, run_sweep, sweep_cells, task_items
     from store import Store
 
-    prompts = args.prompts or default_question_file()
-    if prompts is None:
+    task = _sweep_task(args)
+    prompts = args.prompts or (default_question_file() if task is None else None)
+    if prompts is None and task is None:
         raise ValueError("give a prompt file with --prompts (Spec-Bench's question.jsonl, see the README)")
-    items, methods = load_prompts(prompts), parse_strategies(args.strategies)
+    items = task_items(task) if task is not None else load_prompts(prompts)
+    methods = parse_strategies(args.strategies)
     if args.per_category is not None:
         items = per_category(items, args.per_category)
     check_max_new_tokens(args.max_new_tokens)  # before a model is loaded
@@ -628,14 +637,41 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                       max_new_tokens=args.max_new_tokens, chat=args.chat,
                                       progress=lambda what: bar.update(1))
         else:
-            report = run_sweep(load_model(args.model, device=args.device), items, methods, args.seeds, store,
-                               max_new_tokens=args.max_new_tokens, chat=args.chat,
-                               progress=lambda what: bar.update(1))
+            model = load_model(args.model, device=args.device)
+            report = run_sweep(model, items, methods, args.seeds, store, max_new_tokens=args.max_new_tokens,
+                               chat=args.chat, progress=lambda what: bar.update(1))
     print(f"sweep: {report.done} runs done, {report.skipped} already done (skipped), {len(report.failed)} failed; "
           f"stored in {store.url}")
     for what, error in report.failed:
         print(f"failed: {what}: {error}", file=sys.stderr)
+    if task is not None:
+        _print_task_accuracy(store, task, [m.label for m in methods], args,
+                             None if args.ray is not None else model.info.model_id)
     return 1 if report.failed else 0
+
+
+def _sweep_task(args: argparse.Namespace) -> Any:
+    """The sweep's task (--task, cut to --limit), or None; refused with --prompts."""
+    if args.task is None:
+        if args.limit is not None:
+            raise ValueError("--limit goes with --task (for a prompt file: --per-category)")
+        return None
+    if args.prompts is not None:
+        raise ValueError("give --task or --prompts, not both")
+    from explorer.tasks import load_task
+
+    return load_task(args.task, args.limit)
+
+
+def _print_task_accuracy(store: Any, task: Any, methods: list[str], args: argparse.Namespace,
+                         model_id: str | None) -> None:
+    """Accuracy per method over this sweep's runs of the task (the latest ok run of each cell), checked now."""
+    from explorer.tasks import summary_lines, task_report, task_runs
+
+    traces = task_runs(store.load_traces(store.run_ids(sweep_only=True)), task, methods, args.seeds,
+                       args.max_new_tokens, model_id)
+    for line in summary_lines(task_report(traces)) or [f"task {task.name}: no run finished ok"]:
+        print(one_line(line))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

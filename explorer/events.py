@@ -451,14 +451,27 @@ class EngineRecord:
     reported: dict[str, Detail] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class QualityProbe:
+    """Quality numbers that need the model, measured once the run has ended (one extra forward pass over prompt
+    + output, outside the run's timing and pass count): `coherence` = cosine of the mean hidden states (layer
+    `layer`) of the prompt and of the continuation (explorer.quality.coherence); None where it does not apply."""
+
+    kind: ClassVar[str] = "quality_probe"
+    coherence: float | None
+    layer: int
+
+
 Event = (RunStarted | TokenStep | RunFinished | DraftRound | BeamStep | BeamResult | CandidateStep | TrialBranch
          | PoolUpdate | LensStep | AttentionStep | UnmaskStep | CacheDrift | MbrResult
-         | FinishRace | ExtractSpans | LatticeResult | SuperposedStep | SuperposedResult | EngineRecord)
+         | FinishRace | ExtractSpans | LatticeResult | SuperposedStep | SuperposedResult | EngineRecord
+         | QualityProbe)
 EVENT_TYPES: dict[str, type] = {
     cls.kind: cls
     for cls in (RunStarted, TokenStep, RunFinished, DraftRound, BeamStep, BeamResult, CandidateStep, TrialBranch,
                 PoolUpdate, LensStep, AttentionStep, UnmaskStep, CacheDrift, MbrResult, FinishRace,
-                ExtractSpans, LatticeResult, SuperposedStep, SuperposedResult, EngineRecord)
+                ExtractSpans, LatticeResult, SuperposedStep, SuperposedResult, EngineRecord,
+                QualityProbe)
 }
 
 

@@ -76,9 +76,11 @@ def method_label(trace: Trace) -> str:
 
 
 def distinct_n(trace: Trace, n: int) -> float:
-    ids = trace.token_ids
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else float("nan")
+    """explorer.quality's distinct-n of the run's tokens (NaN where it has fewer than n)."""
+    from explorer.quality import distinct_n as distinct
+
+    value = distinct(trace.token_ids, n)
+    return float("nan") if value is None else value
 
 
 def specbench_table(traces: Sequence[Trace], baseline: str = "greedy") -> SpeedTable:

@@ -68,6 +68,7 @@ class RunRequest:
     history: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) turns: the prompt is the next user turn
     max_prompt_tokens: int | None = None  # per-request limits a server sets (None: only the hard ceilings)
     time_limit_s: float | None = None  # compute time after which the run is stopped and stored as "stopped"
+    quality: bool = True  # once it ends, measure what needs the model (coherence: one extra pass, not timed)
     # A branch ("what if"): the first generated tokens are forced (a parent run's tokens up to a step, then the
     # token chosen instead of the parent's there); the strategy decodes on from them.
     prefix: tuple[int, ...] = ()

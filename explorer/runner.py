@@ -27,6 +27,7 @@ from explorer.events import (
     STATUS_OK,
     STATUS_STOPPED,
     Event,
+    QualityProbe,
     RunFinished,
     TokenStep,
 )
@@ -119,6 +120,8 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
     else:
         events = spec.run(model, prompt_ids, config, rng, **budget)
 
+    passes: list[int] = []  # the run's forward passes, fixed before the quality probe's own pass
+
     def finish() -> RunFinished:
         finished = RunFinished(
             status=status,
@@ -128,7 +131,7 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
             new_tokens=len(generated),
             wall_time_s=clock.busy_s,
             prefill_time_s=clock.prefill_s,
-            target_forward_passes=model.forward_passes,
+            target_forward_passes=passes[0] if passes else model.forward_passes,
         )
         recorder.finish(finished)
         return finished
@@ -171,7 +174,28 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
         raise
     finally:
         events.close()
+    passes.append(model.forward_passes)
+    if status == STATUS_OK and request.quality and spec.family != "diffusion":
+        probe_event = quality_probe(model, prompt_ids, generated)
+        recorder.observe(probe_event)
+        try:
+            yield probe_event
+        except (GeneratorExit, KeyboardInterrupt):  # the run itself had ended: store it as it ended
+            finish()
+            raise
     yield finish()
+
+
+def quality_probe(model: Any, prompt_ids: list[int], generated: list[int]) -> QualityProbe:
+    """What needs the model once a run has ended (explorer.quality): coherence. Outside the run's timing and pass
+    count; a model that cannot give hidden states records None."""
+    from explorer.quality import coherence
+
+    try:
+        value = coherence(model, prompt_ids, generated)
+    except Exception:  # noqa: BLE001 - e.g. a wrapped model without hidden states: the run stands without it
+        value = None
+    return QualityProbe(coherence=value, layer=-1)
 
 
 def _branch_events(model: Any, prompt_ids: list[int], prefix: list[int], events: Iterator[Event]

@@ -11,7 +11,8 @@ DECODING_EXPLORER_MAX_MODEL_GB (2: weight size a Hub id may have, read from the 
 DECODING_EXPLORER_PUBLIC_GALLERY (1: everyone's runs are listed in History; default 1 locally, 0 on a Space),
 DECODING_EXPLORER_MAX_TREE_NODES (128, the hard ceiling: draft nodes verified per round),
 DECODING_EXPLORER_MAX_LANES (4: lanes per Run), DECODING_EXPLORER_MAX_BEAMS (16: beams of a beam search),
-DECODING_EXPLORER_MAX_RUNS_PER_VISITOR (1: Runs and API calls one visitor may have going at once; 0 = no limit).
+DECODING_EXPLORER_MAX_RUNS_PER_VISITOR (1: Runs and API calls one visitor may have going at once; 0 = no limit),
+DECODING_EXPLORER_MAX_SEEDS (5: runs of each lane's config with successive seeds, for mean and interval).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from explorer.draft_source import DraftSource
 from explorer.params import MAX_TREE_NODES
@@ -31,6 +33,7 @@ from explorer.viewer import Viewer
 
 MAX_LANES = 4  # lanes the page has
 MAX_BEAMS = 16  # the beam strategies' own ceiling
+MAX_SEEDS = 10  # the page's ceiling on seeds per lane
 _RUNNING: dict[str, int] = {}  # visitor -> runs going now (the app's Run and API calls)
 _RUNNING_LOCK = threading.Lock()
 # A small public masked diffusion LM (a ModernBERT-base fine-tuned to chat by MDLM, 0.2 B parameters, from the
@@ -79,6 +82,7 @@ class ServerPolicy:
     max_lanes: int = MAX_LANES
     max_beams: int = MAX_BEAMS
     max_runs_per_visitor: int = 1
+    max_seeds: int = 5
     weight_bytes: Callable[[str], int] = hub_weight_bytes
 
     @classmethod
@@ -101,6 +105,7 @@ class ServerPolicy:
                 max_lanes=max(1, min(int(env.get("DECODING_EXPLORER_MAX_LANES", str(MAX_LANES))), MAX_LANES)),
                 max_beams=max(1, min(int(env.get("DECODING_EXPLORER_MAX_BEAMS", str(MAX_BEAMS))), MAX_BEAMS)),
                 max_runs_per_visitor=max(0, int(env.get("DECODING_EXPLORER_MAX_RUNS_PER_VISITOR", "1"))),
+                max_seeds=max(1, min(int(env.get("DECODING_EXPLORER_MAX_SEEDS", "5")), MAX_SEEDS)),
             )
         except ValueError as error:
             raise ValueError(f"a DECODING_EXPLORER_* setting is not a number: {error}") from None
@@ -156,6 +161,16 @@ class ServerPolicy:
         if count > self.max_lanes:
             raise ValueError(f"at most {self.max_lanes} lanes run at once here: remove a lane")
 
+    def check_seeds(self, seeds: Any) -> int:
+        """Runs per lane (the lane's config with seeds s, s + 1, ...): a whole number from 1 to max_seeds."""
+        try:
+            count = int(seeds if seeds is not None else 1)
+        except (TypeError, ValueError):
+            count = 0
+        if not 1 <= count <= self.max_seeds or (isinstance(seeds, float) and not seeds.is_integer()):
+            raise ValueError(f"seeds per lane must be a whole number from 1 to {self.max_seeds} here")
+        return count
+
     @contextmanager
     def visitor_run(self, visitor: str):
         """Hold one of the visitor's concurrent-run slots while the block runs; ValueError when none is free."""
@@ -179,7 +194,8 @@ class ServerPolicy:
                 "visitor" if self.max_runs_per_visitor else "")
         return (f"Limits here: prompts up to {self.max_prompt_tokens} tokens, up to {self.max_new_tokens} new tokens "
                 f"and {self.time_limit_s:g} s of compute per run, up to {self.max_lanes} lanes, "
-                f"{self.max_beams} beams, draft trees up to {self.max_tree_nodes} nodes{runs}; "
+                f"{self.max_beams} beams, draft trees up to {self.max_tree_nodes} nodes, {self.max_seeds} seeds per "
+                f"lane{runs}; "
                 f"models: {', '.join(self.allowed_models)}{any_model}; "
                 + ("History lists everyone's runs." if self.public_gallery else
                    "History lists your runs and the ones shared with you by permalink."))

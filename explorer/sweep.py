@@ -166,6 +166,14 @@ def _speed_bench_item(data: dict[str, Any], where: str) -> PromptItem:
     return PromptItem(str(data["category"]), question_id, turns[0], tuple(turns), tags=tags)
 
 
+def task_items(task: Any) -> list[PromptItem]:
+    """An explorer.tasks.Task's items as prompts, in the task's category, each run tagged with the task, item,
+    checker and reference (explorer.tasks.item_tags) so that the report checks it from the stored run alone."""
+    from explorer.tasks import item_tags
+
+    return [PromptItem(task.name, item.id, item.prompt, tags=item_tags(task, item)) for item in task.items]
+
+
 def per_category(items: Sequence[PromptItem], count: int) -> list[PromptItem]:
     """A stratified subset: the first `count` items of each category, in file order."""
     if count < 1:
@@ -298,7 +306,8 @@ def run_sweep(model: Any, items: Sequence[PromptItem], methods: Sequence[MethodS
 
 def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] = ("svg", "pdf", "png")) -> list[Path]:
     """Tables (LaTeX and Markdown) and figures of the given runs into `out`; each table is computed once. Where
-    any run drafted: SPEED-Bench's per-category acceptance matrix too (acceptance.md, .tex and a heatmap)."""
+    any run drafted: SPEED-Bench's per-category acceptance matrix too (acceptance.md, .tex and a heatmap); where
+    runs carry a task (explorer.tasks): accuracy per task and method with its interval (tasks.md, .tex)."""
     from explorer.export import (
         acceptance_matrix_latex,
         acceptance_matrix_markdown,
@@ -309,6 +318,7 @@ def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] 
     )
     from explorer.metrics import acceptance_matrix, sampling_table, specbench_table
     from explorer.specbench import answers, baseline_stem, leaderboard_markdown
+    from explorer.tasks import task_report, tasks_latex, tasks_markdown
     from viz.paper import save_figure
     from viz.report import acceptance_matrix_figure, quality_figure, speedup_figure
 
@@ -326,6 +336,9 @@ def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] 
     found = answers(traces)
     if found:  # runs over Spec-Bench's questions: its own metrics, per task, and its equality check
         tables.append(("leaderboard.md", leaderboard_markdown(found, baseline_stem(found))))
+    accuracy = task_report(traces)
+    if accuracy:  # runs over a checkable task (explorer.tasks): accuracy per method, checked now
+        tables += [("tasks.tex", tasks_latex(accuracy)), ("tasks.md", tasks_markdown(accuracy))]
     written = []
     for name, content in tables:
         (out / name).write_text(content, encoding="utf-8")

@@ -143,10 +143,12 @@ class Trace:
         return [a / d for a, d in zip(accepted, drafted, strict=True)]
 
     def repetition_rate(self, n: int) -> float:
-        """Share of the output's n-grams that repeat an earlier n-gram of the output (0 = none repeat)."""
-        ids = self.token_ids
-        grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-        return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+        """Share of the output's n-grams that repeat an earlier n-gram of the output (0 = none repeat):
+        explorer.quality's rep-n, 0 for an output shorter than n."""
+        from explorer.quality import rep_n
+
+        value = rep_n(self.token_ids, n)
+        return 0.0 if value is None else value
 
     def table(self) -> list[dict[str, Any]]:
         """One row per committed token: the per-step table."""

@@ -36,7 +36,7 @@ API_NAMES = {
     "Event", "Detail", "EVENT_TYPES", "RunStarted", "TokenStep", "RunFinished", "DraftRound", "BeamStep",
     "BeamResult", "CandidateStep", "TrialBranch", "PoolUpdate", "LensStep", "AttentionStep", "UnmaskStep",
     "CacheDrift", "MbrResult", "FinishRace", "ExtractSpans", "LatticeResult", "SuperposedStep", "SuperposedResult",
-    "EngineRecord", "View", "Trace", "pick", "empty_figure", "base_layout", "lane_color",
+    "EngineRecord", "QualityProbe", "View", "Trace", "pick", "empty_figure", "base_layout", "lane_color",
 }
 
 

@@ -100,7 +100,7 @@ def test_writes_are_batched(any_store, tiny, monkeypatch):
     original = store.append_events
     monkeypatch.setattr(store, "append_events", lambda *a, **k: (calls.append(len(a[2])), original(*a, **k)))
     run_to_end(tiny, RunRequest.build("greedy", {}, "batch", max_new_tokens=20), recorder=Recorder(store, 8))
-    assert calls == [8, 8, 4]
+    assert calls == [8, 8, 5]  # 20 tokens and the quality probe
 
 
 def test_a_running_run_is_visible_with_its_steps_so_far(any_store, tiny):

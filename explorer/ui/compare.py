@@ -314,11 +314,13 @@ class Page:
     system: gr.Textbox
     model_id: gr.Textbox
     seed: gr.Number
+    seeds: gr.Number
     max_new: gr.Slider
     color_by: gr.Radio
     view_lane: gr.Radio
     lane_count: gr.State
     traces: gr.State
+    repeats: gr.State  # {lane index: [run ids]} of the extra seeds of the last Run (seeds per lane > 1)
     link: gr.Markdown
     tabs: gr.Tabs
     add_btn: gr.Button
@@ -347,7 +349,7 @@ class Page:
 
     @property
     def run_inputs(self) -> set[Any]:
-        return {self.prompt, self.chat, self.system, self.model_id, self.seed, self.max_new, self.color_by,
+        return {self.prompt, self.chat, self.system, self.model_id, self.seed, self.seeds, self.max_new, self.color_by,
                 self.view_lane, self.lane_count, *self.probes.values(),
                 *(c for lane in self.lanes for c in lane.inputs)}
 
@@ -355,7 +357,7 @@ class Page:
     def run_outputs(self) -> list[Any]:
         """What a run (and Stop) sets: the lanes, the views, the summary, the permalink, the buttons."""
         return [*self.lane_outputs, *self.views, self.traces, self.link, self.run_btn, self.stop_btn, self.summary,
-                self.summary_markdown, self.summary_latex]
+                self.summary_markdown, self.summary_latex, self.repeats]
 
     @property
     def branch_outputs(self) -> list[Any]:
@@ -373,9 +375,10 @@ class Page:
             out |= lane.render(traces[lane.index] if shown else None, color_by, baseline, live)
         return out
 
-    def render_summary(self, traces: list[Any]) -> dict[Any, Any]:
-        """The cross-lane table, and the same as Markdown and LaTeX to copy."""
-        rows = summary_rows(traces)
+    def render_summary(self, traces: list[Any], groups: dict[int, list[Any]] | None = None) -> dict[Any, Any]:
+        """The cross-lane table (with `groups`, each lane's runs over seeds: mean ± interval), and the same as
+        Markdown and LaTeX to copy."""
+        rows = summary_rows(traces, groups)
         return {self.summary: summary_html(rows), self.summary_markdown: summary_markdown(rows) if rows else "",
                 self.summary_latex: summary_latex(rows) if rows else ""}
 
@@ -428,13 +431,54 @@ class Page:
                 strategy, params = lane.params(values)
                 requests.append(POLICY.limit(RunRequest.build(strategy, params, **shared)))
             model_id = POLICY.check_model(values[self.model_id] or DEFAULT_MODEL)
+            seeds = POLICY.check_seeds(values[self.seeds])
             viewer = viewer_of(request)
             with POLICY.visitor_run(viewer.owner):  # one slot of this visitor's, held until the lanes end or Stop
-                yield from self.stream(self.decode(model_id, requests, viewer.owner), viewer, color_by, view_lane,
-                                       any(r.strategy in BEAM_STRATEGIES for r in requests))
+                done: dict[Any, Any] = {}
+                for update in self.stream(self.decode(model_id, requests, viewer.owner), viewer, color_by, view_lane,
+                                          any(r.strategy in BEAM_STRATEGIES for r in requests)):
+                    if self.link in update:  # the lanes ended (not stopped)
+                        done = update
+                        if seeds > 1:  # the other seeds run next: the buttons stay as they are
+                            update = {k: v for k, v in update.items() if k not in (self.run_btn, self.stop_btn)}
+                    yield update
+                if seeds > 1 and done:
+                    yield from self.run_seeds(model_id, requests, done[self.traces], seeds, viewer)
         except ValueError as error:  # one message; the lanes keep what they showed
             gr.Warning(str(error))
             yield {self.run_btn: gr.Button(interactive=True), self.stop_btn: gr.Button(interactive=False)}
+
+    def run_seeds(self, model_id: str, requests: list[RunRequest], first: list[Any], seeds: int,
+                  viewer: Viewer) -> Iterator[dict[Any, Any]]:
+        """Each lane's config again with seeds s + 1 ... s + seeds - 1 (stored, tagged with the lane's first run),
+        then the summary as mean ± 95 % interval over the seeds. The lanes and views keep the first seed's run."""
+        extra = [dataclasses.replace(r, seed=r.seed + k, tags={**r.tags, "seed_of": t.run_id, "seeds": str(seeds)})
+                 for k in range(1, seeds) for r, t in zip(requests, first, strict=True)]
+        lanes = self.decode(model_id, extra, viewer.owner)
+        stop = threading.Event()
+        with _ACTIVE_LOCK:
+            _ACTIVE[viewer.owner] = (lanes, stop)
+        results, last = [], 0.0
+        for results in lanes:
+            if stop.is_set():
+                lanes.close()
+                return
+            if time.perf_counter() - last >= STREAM_EVERY_S:
+                last = time.perf_counter()
+                done = sum(r.trace is not None and r.trace.finished is not None for r in results)
+                yield {self.summary: summary_html(summary_rows(first)) + (
+                    f'<div class="run-status">seeds: {done} of {len(extra)} more runs done</div>')}
+        with _ACTIVE_LOCK:
+            _ACTIVE.pop(viewer.owner, None)
+        groups = {i: [t] for i, t in enumerate(first)}
+        for result in results:
+            trace = result.trace
+            lane = next((i for i, t in enumerate(first) if t.run_id == trace.started.tags.get("seed_of")), None)
+            if lane is not None:
+                groups[lane].append(trace)
+        yield {**self.render_summary(first, groups), self.repeats: {i: [t.run_id for t in g[1:]]
+                                                                    for i, g in groups.items()},
+               self.run_btn: gr.Button(interactive=True), self.stop_btn: gr.Button(interactive=False)}
 
     def probe_options(self, values: dict[Any, Any]) -> dict[str, Any]:
         return {"lens": bool(values[self.probes["lens"]]), "attention": bool(values[self.probes["attention"]]),
@@ -601,6 +645,9 @@ def compare_tab(tabs: gr.Tabs, blocks: gr.Blocks, decode: Decode) -> Page:
                            visible=bool(PAIRS), min_width=200, elem_id="pair",
                            info="sets the model and every lane's draft_model (the Hub must be reachable)")
         seed = gr.Number(value=0, label="seed", precision=0, minimum=0, min_width=120)
+        seeds = gr.Number(value=1, label="seeds per lane", precision=0, minimum=1, maximum=POLICY.max_seeds,
+                          min_width=120, elem_id="seeds",
+                          info="runs each lane with seeds s, s+1, ...: the summary shows mean ± 95 % interval")
         max_new = gr.Slider(1, MAX_NEW_TOKENS_CAP, value=min(64, MAX_NEW_TOKENS_CAP), step=1, label="max new tokens",
                             min_width=240)
     with gr.Row():
@@ -651,8 +698,9 @@ def compare_tab(tabs: gr.Tabs, blocks: gr.Blocks, decode: Decode) -> Page:
         with gr.Tab(tab):
             plots |= {v.name: gr.Plot(label=v.label, show_label=False, elem_id=v.name) for v in VIEWS if v.tab == tab}
     views = [plots[v.name] for v in VIEWS]  # in the catalog's order, whatever order the tabs lay them out in
-    page = Page(decode=decode, prompt=prompt, chat=chat, system=system, model_id=model_id, seed=seed, max_new=max_new,
-                color_by=color_by, view_lane=view_lane, lane_count=gr.State(len(first_lanes)), traces=gr.State([]),
+    page = Page(decode=decode, prompt=prompt, chat=chat, system=system, model_id=model_id, seed=seed, seeds=seeds,
+                max_new=max_new, color_by=color_by, view_lane=view_lane, lane_count=gr.State(len(first_lanes)),
+                traces=gr.State([]), repeats=gr.State({}),
                 link=link, tabs=tabs, add_btn=add_btn, remove_btn=remove_btn, baseline_btn=baseline_btn,
                 run_btn=run_btn, stop_btn=stop_btn, summary=summary, summary_markdown=summary_markdown,
                 summary_latex=summary_latex, lanes=lanes, views=views,
