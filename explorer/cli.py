@@ -220,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--db", default=None)
     report.add_argument("--out", required=True, help="output directory")
     report.add_argument("--formats", default="svg,pdf,png", help="figure formats, comma-separated")
+    report.add_argument("--mauve-reference", default=None, metavar="FILE",
+                        help="reference texts (one JSON string or {\"text\": ...} per line, or plain lines) to "
+                             "score each method's outputs against with MAUVE, on the features of --model")
+    report.add_argument("--model", default=None, help="with --mauve-reference: the model whose features MAUVE "
+                                                      "compares (default: the embedded model)")
 
     check = sub.add_parser("check", help="check a strategy's claims with the tests' harness: parameter bounds, "
                                          "greedy identity, exact sampling, store round trip")
@@ -692,7 +697,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     store = Store(args.db, create=False)
     traces = store.load_traces(store.run_ids(sweep_only=True))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    for path in write_report(traces, args.out, formats):
+    reference, model = None, None
+    if args.mauve_reference:
+        from explorer.models import load_model
+        from explorer.quality import load_reference_texts
+
+        reference = load_reference_texts(args.mauve_reference)
+        model = load_model(args.model)
+    elif args.model:
+        raise ValueError("--model goes with --mauve-reference")
+    for path in write_report(traces, args.out, formats, reference_texts=reference, model=model):
         print(path)
     return 0
 

@@ -368,3 +368,44 @@ def sampling_markdown(table: SamplingTable) -> str:
         lines.append(f"| {method} | " + " | ".join(_fmt(values[key], spec) for key, _, spec in SAMPLING_COLUMNS)
                      + " |")
     return "\n".join(lines) + "\n"
+
+
+QUALITY_COLUMNS = [("runs", "runs", "d"), ("distinct_2", "distinct-2", ".3f"), ("distinct_4", "distinct-4", ".3f"),
+                   ("rep_4", "rep-4", ".3f"), ("diversity", "diversity", ".3f"),
+                   ("ngram_entropy", "Ent-4", ".2f"), ("coherence", "coherence", ".3f"),
+                   ("perplexity", "perplexity", ".2f"), ("self_bleu_4", "self-BLEU-4", ".3f"),
+                   ("mauve", "MAUVE", ".3f"),
+                   ("tokens_per_s", "tok/s", ".1f"), ("passes_per_token", "passes / token", ".2f")]
+
+
+def _interval_cell(value: Any, spec: str, plus_minus: str = "±") -> str:
+    """A (mean, low, high) as 'mean ± half-width' (the 95 % interval over runs); a number as it is."""
+    if isinstance(value, tuple):
+        mean, low, high = value
+        if high - low <= 0:
+            return _fmt(mean, spec)
+        return f"{_fmt(mean, spec)} {plus_minus} {_fmt((high - low) / 2, spec)}"
+    if value is None:
+        return "--"
+    return str(value) if spec == "d" else _fmt(value, spec)
+
+
+def quality_markdown(table: dict[str, dict[str, Any]]) -> str:
+    """Method x quality metrics and speed, mean ± 95 % interval over runs."""
+    lines = ["| method | " + " | ".join(title for _, title, _ in QUALITY_COLUMNS) + " |",
+             "|---|" + "---:|" * len(QUALITY_COLUMNS)]
+    for method, row in table.items():
+        cells = [_interval_cell(row.get(key), spec) for key, _, spec in QUALITY_COLUMNS]
+        lines.append(f"| {method.replace('|', '/')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def quality_latex(table: dict[str, dict[str, Any]]) -> str:
+    lines = [r"\begin{tabular}{l" + "r" * len(QUALITY_COLUMNS) + "}", r"\toprule",
+             "method & " + " & ".join(latex_escape(title) for _, title, _ in QUALITY_COLUMNS) + r" \\",
+             r"\midrule"]
+    for method, row in table.items():
+        cells = [_interval_cell(row.get(key), spec, r"$\pm$") for key, _, spec in QUALITY_COLUMNS]
+        lines.append(latex_escape(method) + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"

@@ -158,6 +158,35 @@ def sampling_table(traces: Sequence[Trace]) -> SamplingTable:
     }
 
 
+# {method: {"runs", "strategy", "temperature", and (mean, low, high) or None per quality key and speed key}}
+QualityTable = dict[str, dict[str, Any]]
+QUALITY_SPEED_KEYS = ("tokens_per_s", "passes_per_token")
+
+
+def quality_table(traces: Sequence[Trace], reference_texts: Sequence[str] | None = None,
+                  model: Any = None) -> QualityTable:
+    """Method x the per-run quality metrics (explorer.quality.run_quality) and speed, each as mean and 95 %
+    Student-t interval over the method's finished runs (its seeds and prompts), plus self-BLEU-4 among its runs
+    and, given reference texts and a model, MAUVE of its outputs against them (explorer.quality.group_quality).
+    A method is one configuration: a sweep's label (temperature included)."""
+    from explorer.quality import group_quality, mean_interval
+
+    grouped: dict[str, list[Trace]] = defaultdict(list)
+    for trace in traces:
+        if trace.status == "ok" and trace.token_steps:
+            grouped[method_label(trace)].append(trace)
+    table: QualityTable = {}
+    for method, runs in sorted(grouped.items()):
+        first = runs[0].started
+        row = group_quality(runs, reference_texts, model)
+        row |= {"strategy": first.strategy, "temperature": first.config.get("temperature"),
+                "tokens_per_s": mean_interval([t.tokens_per_s for t in runs]),
+                "passes_per_token": mean_interval([m for t in runs
+                                                   if (m := t.metrics()["forward_passes_per_token"]) is not None])}
+        table[method] = row
+    return table
+
+
 # Logit rounding of each dtype, in nats: two candidates closer than this at the argmax are a tie that the dtype
 # cannot order reliably (a verification pass over k tokens and a one-token pass may round them apart).
 TIE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}

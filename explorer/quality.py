@@ -32,6 +32,7 @@ import math
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -473,3 +474,35 @@ def group_quality(traces: Sequence[Trace], reference_texts: Sequence[str] | None
         generated = features_of(model, [list(t.started.prompt_ids) + t.token_ids for t in traces])
         numbers["mauve"] = mauve(features_of(model, reference_texts), generated)
     return numbers
+
+
+MAX_REFERENCES = 5000
+
+
+def load_reference_texts(path: str | Path) -> list[str]:
+    """MAUVE's reference texts from a file: JSON lines (a string, or an object with "text"), else one text per
+    line; blank lines skipped, at most MAX_REFERENCES. Bad input: one-line ValueError."""
+    import json
+
+    path = Path(path)
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read the reference file {path}: {getattr(error, 'strerror', None) or error}"
+                         ) from None
+    texts = []
+    for number, line in enumerate(lines[:MAX_REFERENCES], start=1):
+        if line.lstrip().startswith(("{", '"')):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path.name}:{number}: not JSON ({error.msg})") from None
+            value = value.get("text") if isinstance(value, dict) else value
+            if not isinstance(value, str):
+                raise ValueError(f'{path.name}:{number}: expected a string or an object with a "text" string')
+            texts.append(value)
+        else:
+            texts.append(line)
+    if len(texts) < 2:
+        raise ValueError(f"{path.name}: MAUVE needs at least two reference texts")
+    return texts

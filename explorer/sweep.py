@@ -304,23 +304,35 @@ def run_sweep(model: Any, items: Sequence[PromptItem], methods: Sequence[MethodS
     return report
 
 
-def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] = ("svg", "pdf", "png")) -> list[Path]:
+def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] = ("svg", "pdf", "png"), *,
+                 reference_texts: Sequence[str] | None = None, model: Any = None) -> list[Path]:
     """Tables (LaTeX and Markdown) and figures of the given runs into `out`; each table is computed once. Where
     any run drafted: SPEED-Bench's per-category acceptance matrix too (acceptance.md, .tex and a heatmap); where
-    runs carry a task (explorer.tasks): accuracy per task and method with its interval (tasks.md, .tex)."""
+    runs carry a task (explorer.tasks): accuracy per task and method with its interval (tasks.md, .tex). Always:
+    the quality metrics per method with 95 % intervals (quality_metrics.md, .tex), quality vs speed with the
+    Pareto front (quality_speed), quality vs compute (quality_compute), and the samplers' diversity vs quality
+    across temperatures (diversity_quality)."""
     from explorer.export import (
         acceptance_matrix_latex,
         acceptance_matrix_markdown,
+        quality_latex,
+        quality_markdown,
         sampling_latex,
         sampling_markdown,
         specbench_latex,
         specbench_markdown,
     )
-    from explorer.metrics import acceptance_matrix, sampling_table, specbench_table
+    from explorer.metrics import acceptance_matrix, quality_table, sampling_table, specbench_table
     from explorer.specbench import answers, baseline_stem, leaderboard_markdown
     from explorer.tasks import task_report, tasks_latex, tasks_markdown
     from viz.paper import save_figure
-    from viz.report import acceptance_matrix_figure, quality_figure, speedup_figure
+    from viz.report import (
+        acceptance_matrix_figure,
+        diversity_quality_figure,
+        quality_figure,
+        quality_speed_figure,
+        speedup_figure,
+    )
 
     if not traces:
         raise ValueError("no runs to report on: run a sweep first")
@@ -329,6 +341,8 @@ def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] 
     speed, sampling = specbench_table(traces), sampling_table(traces)
     tables = [("specbench.tex", specbench_latex(speed)), ("specbench.md", specbench_markdown(speed)),
               ("sampling.tex", sampling_latex(sampling)), ("sampling.md", sampling_markdown(sampling))]
+    quality = quality_table(traces, reference_texts, model)  # MAUVE per method when references are given
+    tables += [("quality_metrics.tex", quality_latex(quality)), ("quality_metrics.md", quality_markdown(quality))]
     acceptance = acceptance_matrix(traces)
     if acceptance[1]:  # some method drafted: its acceptance per category, as SPEED-Bench reports it
         tables += [("acceptance.tex", acceptance_matrix_latex(acceptance)),
@@ -343,7 +357,10 @@ def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] 
     for name, content in tables:
         (out / name).write_text(content, encoding="utf-8")
         written.append(out / name)
-    figures = [("speedup", speedup_figure(speed), "two"), ("quality", quality_figure(sampling), "one")]
+    figures = [("speedup", speedup_figure(speed), "two"), ("quality", quality_figure(sampling), "one"),
+               ("quality_speed", quality_speed_figure(quality), "two"),
+               ("quality_compute", quality_speed_figure(quality, speed="passes_per_token"), "two"),
+               ("diversity_quality", diversity_quality_figure(quality), "one")]
     if acceptance[1]:
         figures.append(("acceptance", acceptance_matrix_figure(acceptance), "two"))
     for name, figure, width in figures:

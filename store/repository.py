@@ -329,9 +329,11 @@ class Store:
         return found
 
     def run_ids(self, *, sweep_only: bool = False) -> list[str]:
+        """Every run's id, oldest first; `sweep_only`: the runs of sweeps and the imported engine records that
+        a report puts beside them."""
         query = select(RunRow.id).order_by(RunRow.created_at, RunRow.id)
         if sweep_only:
-            query = query.where(RunRow.sweep_key.is_not(None))
+            query = query.where(RunRow.sweep_key.is_not(None) | (RunRow.strategy == "external"))
         with self._tx() as session:
             return list(session.scalars(query))
 

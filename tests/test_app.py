@@ -842,3 +842,31 @@ def test_browser_an_engines_record_shows_beside_a_recorded_run(server, browser, 
                             full_page=True)
     finally:
         page.close()
+
+
+@pytest.mark.browser
+def test_browser_seeds_per_lane_give_mean_and_interval(server, browser):
+    """Issue 31: seeds per lane = 3 runs each lane's config with seeds s, s+1, s+2 once the lanes end; the
+    summary shows mean ± interval over them and the quality columns; the extra runs are stored, tagged."""
+    url, db = server
+    page = open_page(browser, url, "Once upon a time")
+    try:
+        set_number(page, "max new tokens", "6")
+        seeds = page.locator("#seeds input")
+        seeds.fill("3")
+        seeds.press("Tab")
+        page.wait_for_function("document.querySelector('#seeds input').value === '3'")
+        page.locator("#run").click()
+        page.wait_for_function("document.querySelector('#lane-summary').innerText.includes('3 seeds')",
+                               timeout=120_000)
+        summary = page.locator("#lane-summary").inner_text()
+        assert "±" in summary and "coherence" in summary and "distinct-2" in summary
+        page.wait_for_function("!document.querySelector('#run').disabled", timeout=30_000)
+        first = permalink_runs(page, db)
+        store = Store(db)
+        extra = [t for t in store.load_traces(store.run_ids())
+                 if t.started.tags.get("seed_of") in {f.run_id for f in first}]
+        assert sorted(t.started.seed for t in extra) == [1, 1, 2, 2] and all(t.status == "ok" for t in extra)
+        assert all(any(e.kind == "quality_probe" for e in t.events) for t in first + extra)
+    finally:
+        page.close()
