@@ -484,12 +484,10 @@ def load_reference_texts(path: str | Path) -> list[str]:
     line; blank lines skipped, at most MAX_REFERENCES. Bad input: one-line ValueError."""
     import json
 
+    from explorer.paths import read_lines
+
     path = Path(path)
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read the reference file {path}: {getattr(error, 'strerror', None) or error}"
-                         ) from None
+    lines = [line for line in read_lines(path, "reference file", "JSON lines or one text per line") if line.strip()]
     texts = []
     for number, line in enumerate(lines[:MAX_REFERENCES], start=1):
         if line.lstrip().startswith(("{", '"')):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from explorer.paths import read_lines
 from explorer.recorder import Recorder
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
@@ -83,12 +84,7 @@ def load_prompts(path: str | Path) -> list[PromptItem]:
         if not items:
             raise ValueError(f"{path} has no prompts")
         return items
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError as error:
-        raise ValueError(f"cannot read the prompt file {path}: {error.strerror}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text: a prompt file is JSON lines, plain text or .parquet") from None
+    lines = [line for line in read_lines(path, "prompt file", "JSON lines, plain text or .parquet") if line.strip()]
     items = []
     for number, line in enumerate(lines, start=1):
         if line.lstrip().startswith("{"):

@@ -62,6 +62,7 @@ from typing import Any
 
 from explorer.export import latex_escape
 from explorer.metrics import method_label
+from explorer.paths import read_lines
 from explorer.quality import mean_interval
 from explorer.trace import Trace
 
@@ -505,12 +506,7 @@ def load_task_file(path: str | Path) -> Task:
     in "#### N" or a bare number. The task is named after the file; item ids are "line-N". A bad line is refused
     with one line naming the file and line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise ValueError(f"cannot read the task file {path}: {error.strerror}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text: a task file is JSON lines with question and answer") from None
+    lines = read_lines(path, "task file", "JSON lines with question and answer")
     items = []
     for number, line in enumerate(lines, start=1):
         if line.strip():
