@@ -25,6 +25,7 @@ import yaml
 
 from explorer.events import STATUSES, DraftRound, to_dict
 from explorer.export import STEP_SCHEMA, UNMASK_SCHEMA, reproduce_command, step_rows, unmask_rows
+from explorer.params import one_line
 from explorer.trace import Trace
 
 DATASET_FORMAT = "decoding-explorer-dataset/1"
@@ -356,11 +357,6 @@ def dataset_card(traces: list[Trace], counts: dict[str, int], command: str | Non
 
 
 # ----------------------------------------------------------------------------------------------- the Hub
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text[:300] + ("..." if len(text) > 300 else "")
-
-
 def push_to_hub(out_dir: str | Path, repo_id: str) -> str:
     """Upload a folder written by `write_dataset` to the Hub dataset repository `repo_id` (created if missing) and
     return its URL. The token is huggingface_hub's own (HF_TOKEN, or `hf auth login`); nothing here stores it."""
@@ -400,7 +396,7 @@ def push_to_hub(out_dir: str | Path, repo_id: str) -> str:
         if status in (401, 403):
             raise RuntimeError(f"the Hub refused the token for {repo_id} (HTTP {status}): set HF_TOKEN to a token "
                                "with write access to it") from None
-        raise RuntimeError(f"the Hub refused the upload: {_one_line(error)}") from None
+        raise RuntimeError(f"the Hub refused the upload: {one_line(error, 300)}") from None
     except (OfflineModeIsEnabled, OSError, transport_error) as error:
-        raise RuntimeError(f"the Hub cannot be reached: {_one_line(error)}") from None
+        raise RuntimeError(f"the Hub cannot be reached: {one_line(error, 300)}") from None
     return str(url)
