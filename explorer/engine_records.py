@@ -96,6 +96,8 @@ def aiperf_record(trace: Trace) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "input_sequence_length": {"value": _prompt_tokens(trace), "unit": "tokens"},
         "request_latency": {"value": 1000 * wall, "unit": "ms"},
+        "time_to_first_token": {"value": 1000 * (trace.finished.prefill_time_s if trace.finished else 0.0),
+                                "unit": "ms"},  # compute seconds to the first token
         "output_token_count": {"value": trace.new_tokens, "unit": "tokens"},
         "output_sequence_length": {"value": trace.new_tokens, "unit": "tokens"},
     }
