@@ -26,7 +26,7 @@ from explorer.paths import read_lines
 from explorer.recorder import Recorder
 from explorer.request import RunRequest
 from explorer.runner import run_to_end
-from explorer.strategies import config_dict, make_config
+from explorer.strategies import REGISTRY, config_dict, make_config
 
 # SPEED-Bench's question fields (its Hub dataset card): the ones only it has tell its records from Spec-Bench's.
 SPEED_BENCH_ONLY = ("sub_category", "source", "src_id", "difficulty", "multiturn")
@@ -300,6 +300,11 @@ def run_sweep(model: Any, items: Sequence[PromptItem], methods: Sequence[MethodS
     return report
 
 
+def samplers() -> frozenset[str]:
+    """The sampling family's strategies (the diversity-vs-quality figure draws those), plugins' included."""
+    return frozenset(name for name, spec in REGISTRY.items() if spec.family == "sampling")
+
+
 def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] = ("svg", "pdf", "png"), *,
                  reference_texts: Sequence[str] | None = None, model: Any = None) -> list[Path]:
     """Tables (LaTeX and Markdown) and figures of the given runs into `out`; each table is computed once. Where
@@ -356,7 +361,7 @@ def write_report(traces: Sequence[Any], out: str | Path, formats: Sequence[str] 
     figures = [("speedup", speedup_figure(speed), "two"), ("quality", quality_figure(sampling), "one"),
                ("quality_speed", quality_speed_figure(quality), "two"),
                ("quality_compute", quality_speed_figure(quality, speed="passes_per_token"), "two"),
-               ("diversity_quality", diversity_quality_figure(quality), "one")]
+               ("diversity_quality", diversity_quality_figure(quality, strategies=samplers()), "two")]
     if acceptance[1]:
         figures.append(("acceptance", acceptance_matrix_figure(acceptance), "two"))
     for name, figure, width in figures:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 
 import plotly.graph_objects as go
 
@@ -109,10 +110,12 @@ def quality_speed_figure(table: QualityTable, quality: str = "coherence", speed:
     figure = go.Figure()
     for index, method in enumerate(methods):
         row = table[method]
+        labelled = index in front or len(methods) <= 8  # many labels would overlap: the legend names them all
         figure.add_trace(go.Scatter(
-            x=[points[index][0]], y=[points[index][1]], mode="markers+text", name=method, text=[method],
-            textposition="top center", error_x=dict(type="data", array=[_half(row[speed])], visible=True),
-            error_y=dict(type="data", array=[_half(row[quality])], visible=True),
+            x=[points[index][0]], y=[points[index][1]], mode="markers+text" if labelled else "markers",
+            name=method, text=[method if labelled else ""], textposition="top center",
+            error_x=dict(type="data", array=[_half(row[speed])], visible=True, thickness=1, width=2),
+            error_y=dict(type="data", array=[_half(row[quality])], visible=True, thickness=1, width=2),
             marker=dict(size=12 if index in front else 8, color=lane_color(index), line=dict(width=2 if index in
                         front else 0, color="#000000"), symbol=["circle", "square", "diamond", "triangle-up", "x",
                                                                 "cross", "star", "hexagon"][index % 8]),
@@ -132,26 +135,35 @@ def _without_temperature(method: str) -> str:
     return label.replace(",)", ")").replace("()", "")
 
 
-def diversity_quality_figure(table: QualityTable, quality: str = "coherence", diversity: str = "diversity"
-                             ) -> go.Figure:
+def diversity_quality_figure(table: QualityTable, quality: str = "coherence", diversity: str = "diversity",
+                             strategies: Collection[str] | None = None) -> go.Figure:
     """The samplers' trade-off as their papers draw it (Top-H, min-p, Mirostat): for each sampling strategy, its
-    configurations ordered by temperature at (diversity, quality), joined, each point labelled T = ..."""
+    configurations ordered by temperature at (diversity, quality), joined (the marker grows with the temperature;
+    each point labelled T = ... where few lines are drawn). `strategies`: only these (e.g. the sampling family)."""
     by_strategy: dict[str, list[str]] = {}
     for method, row in table.items():
-        if row.get("temperature") is not None and math.isfinite(_mean(row.get(quality))) and math.isfinite(
-                _mean(row.get(diversity))):
+        if (row.get("temperature") is not None and (strategies is None or row.get("strategy") in strategies)
+                and math.isfinite(_mean(row.get(quality))) and math.isfinite(_mean(row.get(diversity)))):
             by_strategy.setdefault(_without_temperature(method), []).append(method)
     if not by_strategy:
         return empty_figure("No sampling runs with a temperature: sweep samplers at several temperatures.")
     figure = go.Figure()
     for index, (strategy, methods) in enumerate(sorted(by_strategy.items())):
         methods.sort(key=lambda m: float(table[m]["temperature"]))
+        labelled = len(by_strategy) <= 3  # more lines: the marker size says the temperature (hover names it)
+        temperatures = [float(table[m]["temperature"]) for m in methods]
         figure.add_trace(go.Scatter(
             x=[_mean(table[m][diversity]) for m in methods], y=[_mean(table[m][quality]) for m in methods],
-            error_x=dict(type="data", array=[_half(table[m][diversity]) for m in methods], visible=True),
-            error_y=dict(type="data", array=[_half(table[m][quality]) for m in methods], visible=True),
+            error_x=dict(type="data", array=[_half(table[m][diversity]) for m in methods], visible=True,
+                         thickness=1, width=2),
+            error_y=dict(type="data", array=[_half(table[m][quality]) for m in methods], visible=True,
+                         thickness=1, width=2),
             text=[f"T={table[m]['temperature']}" for m in methods], textposition="top center",
-            mode="lines+markers+text", name=strategy, line=dict(color=lane_color(index), dash=lane_dash(index)),
+            marker=dict(size=[6 + 6 * (t - min(temperatures)) / max(1e-9, max(temperatures) - min(temperatures))
+                              for t in temperatures]),
+            mode="lines+markers+text" if labelled else "lines+markers", name=strategy,
+            line=dict(color=lane_color(index), dash=lane_dash(index)),
             hovertemplate=f"{strategy} %{{text}}<br>{diversity} %{{x:.3f}}<br>{quality} %{{y:.3f}}<extra></extra>"))
+    figure.update_layout(legend_title_text="marker size: temperature")
     return base_layout(figure, "Diversity vs quality across temperatures", QUALITY_LABELS.get(diversity, diversity),
                        QUALITY_LABELS.get(quality, quality))
