@@ -57,7 +57,11 @@ def test_lane_specs_come_from_the_lane_state():
     restored = first.restored("sample", {"top_p": 0.25, "not_a_field": 1})
     assert restored[first.chosen] == {"sample": {"top_p": 0.25}} and restored[first.redraw] > 0
     # a run of a strategy this server lacks (a recorded generate call, a plugin not loaded) opens as stored
-    assert first.restored("transformers.generate", {"do_sample": False}) == {}
+    # (the controls stay as they are; the lane's about line says what it shows)
+    foreign = first.restored("transformers.generate", {"do_sample": False})
+    assert list(foreign) == [first.about] and "does not have" in foreign[first.about]
+    imported = first.restored("external", {}, {"external": "vllm", "method": "eagle3", "source": "r.jsonl"})
+    assert "Imported from vllm" in imported[first.about] and "eagle3" in imported[first.about]
 
 
 def test_every_handler_writes_only_what_its_event_lists(tiny, monkeypatch):
