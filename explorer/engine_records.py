@@ -41,10 +41,6 @@ LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/=+-]{0,63}")
 
 
 # ------------------------------------------------------------------------------------------------- out
-def _steps(trace: Trace) -> SpecSteps | None:
-    return spec_steps(trace)
-
-
 def _finish_reason(trace: Trace) -> str:
     reason = trace.finished.stop_reason if trace.finished else "running"
     return {"eos": "stop", "stop_string": "stop", "length": "length"}.get(reason, reason)
@@ -57,7 +53,7 @@ def _prompt_tokens(trace: Trace) -> int:
 def vllm_record(trace: Trace) -> dict[str, Any]:
     """The run as a vLLM completion response; `metrics.speculative_decoding` only for a run that drafted (vLLM
     writes nothing there without speculative decoding)."""
-    steps = _steps(trace)
+    steps = spec_steps(trace)
     completion = trace.new_tokens
     record: dict[str, Any] = {
         "id": f"cmpl-{trace.run_id}", "object": "text_completion",
@@ -77,7 +73,7 @@ def vllm_record(trace: Trace) -> dict[str, Any]:
 def sglang_record(trace: Trace) -> dict[str, Any]:
     """The run as an SGLang /generate response: text, output ids, meta_info (spec fields only for a run that
     drafted: SGLang writes none without a verify pass)."""
-    steps = _steps(trace)
+    steps = spec_steps(trace)
     meta: dict[str, Any] = {
         "id": trace.run_id, "finish_reason": {"type": _finish_reason(trace)},
         "prompt_tokens": _prompt_tokens(trace), "completion_tokens": trace.new_tokens, "cached_tokens": 0,
@@ -90,7 +86,7 @@ def sglang_record(trace: Trace) -> dict[str, Any]:
 
 def aiperf_record(trace: Trace) -> dict[str, Any]:
     """The run as one line of AIPerf's profile_export.jsonl (times in ns and ms as AIPerf writes them)."""
-    steps = _steps(trace)
+    steps = spec_steps(trace)
     start = datetime.fromisoformat(trace.started.created_at).timestamp()
     wall = trace.finished.wall_time_s if trace.finished else 0.0
     metrics: dict[str, Any] = {
@@ -275,13 +271,6 @@ def _reported(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _from_histogram(histogram: list[int]) -> tuple[list[int], list[int]]:
-    """Per-position accepted counts from an acceptance histogram (h[j] steps accepted exactly j): position i is
-    accepted by the steps that accepted more than i."""
-    width = len(histogram) - 1
-    return [sum(histogram[j] for j in range(i + 1, len(histogram))) for i in range(width)], []
-
-
 def _check_histogram(histogram: list[int], steps: int | None, accepted: int | None, name: str) -> None:
     """AIPerf's invariants of an acceptance record: the histogram counts every step once and sums to the
     accepted tokens."""
@@ -301,18 +290,15 @@ def _engine_record(engine: str, request_id: str, *, steps: int | None, draft_ste
         raise ValueError(f"{accepted} accepted draft tokens of {drafted} proposed")
     if per_step_accepted and per_step_drafted and len(per_step_accepted) != len(per_step_drafted):
         raise ValueError("per_step_accepted and per_step_drafted differ in length")
+    drafted_per_position: list[int] = []
     if per_step_accepted and per_step_drafted:
-        SpecSteps.of_steps(per_step_drafted, per_step_drafted, per_step_accepted)  # checks every step
-        accepted_per_position = list(SpecSteps.of_steps(per_step_drafted, per_step_drafted,
-                                                        per_step_accepted).accepted_per_position)
-        drafted_per_position = [sum(d > i for d in per_step_drafted) for i in range(max(per_step_drafted,
-                                                                                        default=0))]
+        counted = SpecSteps.of_steps(per_step_drafted, per_step_drafted, per_step_accepted)  # checks every step
+        accepted_per_position = list(counted.accepted_per_position)
+        drafted_per_position = list(counted.drafted_per_position or ())
     elif per_step_accepted:
-        width = max(per_step_accepted, default=0)
-        accepted_per_position = [sum(a > i for a in per_step_accepted) for i in range(width)]
-        drafted_per_position = []
-    else:
-        accepted_per_position, drafted_per_position = _from_histogram(histogram) if histogram else ([], [])
+        accepted_per_position = [sum(a > i for a in per_step_accepted) for i in range(max(per_step_accepted))]
+    else:  # from the histogram (h[j] steps accepted exactly j): position i by the steps that accepted more than i
+        accepted_per_position = [sum(histogram[i + 1:]) for i in range(len(histogram) - 1)]
     return EngineRecord(engine=engine, request_id=request_id[:128], steps=steps, draft_steps=draft_steps,
                         drafted_tokens=drafted, accepted_tokens=accepted, output_tokens=output,
                         per_step_drafted=per_step_drafted, per_step_depth=list(per_step_drafted),

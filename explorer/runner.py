@@ -120,9 +120,8 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
     else:
         events = spec.run(model, prompt_ids, config, rng, **budget)
 
-    passes: list[int] = []  # the run's forward passes, fixed before the quality probe's own pass
-
-    def finish() -> RunFinished:
+    def finish(passes: int | None = None) -> RunFinished:
+        """The run's end, stored; `passes`: its forward passes counted before the quality probe's own."""
         finished = RunFinished(
             status=status,
             stop_reason=stop_reason,
@@ -131,7 +130,7 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
             new_tokens=len(generated),
             wall_time_s=clock.busy_s,
             prefill_time_s=clock.prefill_s,
-            target_forward_passes=passes[0] if passes else model.forward_passes,
+            target_forward_passes=model.forward_passes if passes is None else passes,
         )
         recorder.finish(finished)
         return finished
@@ -174,16 +173,16 @@ def run_strategy(model: Any, request: RunRequest, *, recorder: Recorder | None =
         raise
     finally:
         events.close()
-    passes.append(model.forward_passes)
+    passes = model.forward_passes
     if status == STATUS_OK and request.quality and spec.family != "diffusion":
         probe_event = quality_probe(model, prompt_ids, generated)
         recorder.observe(probe_event)
         try:
             yield probe_event
         except (GeneratorExit, KeyboardInterrupt):  # the run itself had ended: store it as it ended
-            finish()
+            finish(passes)
             raise
-    yield finish()
+    yield finish(passes)
 
 
 def quality_probe(model: Any, prompt_ids: list[int], generated: list[int]) -> QualityProbe:

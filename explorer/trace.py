@@ -118,16 +118,9 @@ class Trace:
     def acceptance_by_depth(self) -> list[float]:
         """Per-position acceptance rate: accepted draft tokens at depth d / rounds that drafted depth d."""
         record = self.engine_record
-        if record is not None:  # as reported; per step where the engine gave the steps
-            if record.drafted_per_position:
-                return [a / d if d else math.nan
-                        for a, d in zip(record.accepted_per_position, record.drafted_per_position, strict=False)]
-            depths = record.per_step_depth or record.per_step_drafted
-            if depths and record.per_step_accepted:
-                width = max(depths, default=0)
-                return [sum(a > i for a in record.per_step_accepted) / max(1, sum(d > i for d in depths))
-                        for i in range(width)]
-            return []
+        if record is not None:  # as reported: only where the engine says which positions each step drafted
+            return [a / d if d else math.nan
+                    for a, d in zip(record.accepted_per_position, record.drafted_per_position, strict=False)]
         drafted: list[int] = []
         accepted: list[int] = []
         for round_ in self.rounds:

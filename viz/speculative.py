@@ -70,20 +70,16 @@ def _reported_rounds(trace: Trace, max_rounds: int, lane: int) -> go.Figure:
         return empty_figure(f"{engine} reported totals only for this request (no per-step acceptance): see the "
                             "accepted-lengths and per-position views.")
     drafted = record.per_step_depth[:max_rounds] or record.per_step_drafted[:max_rounds]
-    width = max([*(drafted or []), *(a + 1 for a in accepted)], default=1)
+    width = max([*drafted, *(a + 1 for a in accepted)], default=1)
     z = [[None] * width for _ in accepted]
     hover = [[""] * width for _ in accepted]
     for row, a in enumerate(accepted):
-        proposed = drafted[row] if drafted else None
-        for depth in range(width if proposed is None else proposed):
-            if depth < a:
-                verdict = "accepted"
-            elif depth == a:
-                verdict = "rejected" if proposed is not None else "rejected or not drafted"
-            else:
-                verdict = "unreached"
-            if depth > a and proposed is None:
-                break
+        # a chain: accepted up to a, then rejected, then not reached; without the drafted counts, the position
+        # after the accepted ones is "rejected or not drafted" and nothing is drawn past it
+        drawn = drafted[row] if drafted else a + 1
+        for depth in range(drawn):
+            verdict = ("accepted" if depth < a else "unreached" if depth > a
+                       else "rejected" if drafted else "rejected or not drafted")
             z[row][depth] = VERDICT_VALUE.get(verdict, 0.0 if verdict.startswith("rejected") else 0.5)
             hover[row][depth] = f"step {row}, position {depth}: {verdict} (as {engine} reported it; no tokens)"
     return _verdict_heatmap(z, hover, list(range(len(accepted))),
